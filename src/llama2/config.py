@@ -1,0 +1,80 @@
+"""Model and generation configuration: every default lives here, in exactly one place.
+
+A ModelConfig is built from a checkpoint's header (or a config.json), never from a file name.
+"""
+
+from dataclasses import dataclass, field
+
+from .errors import FormatError
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    vocab_size: int
+    seq_len: int
+    shared_classifier: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    bos_id: int = 1
+    eos_id: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.head_dim * self.n_kv_heads
+
+    def validate(self, source="checkpoint"):
+        """Reject non-positive or inconsistent dimensions with one line naming the field."""
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise FormatError(f"{source}: {name} must be a positive integer, got {value}")
+        if self.dim % self.n_heads:
+            raise FormatError(f"{source}: dim {self.dim} is not a multiple of n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise FormatError(
+                f"{source}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise FormatError(f"{source}: head size {self.head_dim} must be even for RoPE")
+        if not self.rope_theta > 0:
+            raise FormatError(f"{source}: rope_theta must be positive, got {self.rope_theta}")
+        return self
+
+
+# Named presets: the published llama2.c / Llama 2 shapes. Used by the benchmark and by training.
+PRESETS = {
+    "stories260K": ModelConfig(dim=64, hidden_dim=172, n_layers=5, n_heads=8, n_kv_heads=4,
+                               vocab_size=512, seq_len=512),
+    "stories15M": ModelConfig(dim=288, hidden_dim=768, n_layers=6, n_heads=6, n_kv_heads=6,
+                              vocab_size=32000, seq_len=256),
+    "stories42M": ModelConfig(dim=512, hidden_dim=1376, n_layers=8, n_heads=8, n_kv_heads=8,
+                              vocab_size=32000, seq_len=1024),
+    "stories110M": ModelConfig(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12,
+                               vocab_size=32000, seq_len=1024),
+    "llama2-7b": ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32,
+                             vocab_size=32000, seq_len=4096),
+}
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Sampling and CLI defaults, as llama2.c's run.c has them."""
+    temperature: float = 1.0
+    top_p: float = 0.9
+    steps: int = 256
+    seed: int = 0  # 0 or negative: seed from the clock, as run.c
+    mode: str = "generate"
+
+
+DEFAULT_MODEL = "stories15M.bin"
+DEFAULT_TOKENIZER = "tokenizer.bin"
+DEFAULT_PROMPT = "Once upon a time"
+GENERATION = GenerationConfig()
