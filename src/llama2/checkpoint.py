@@ -26,7 +26,7 @@ EXT_VERSION = 3
 EXT_HEADER = struct.Struct("<Ii7iBBBxiii4xdd")
 DTYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3}  # dtype byte (offset 37) of version 3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "q8_0": 1}
-CHAT_TEMPLATES = (None, "llama2", "chatml", "zephyr")  # chat template byte (offset 38) of version 3
+CHAT_TEMPLATES = (None, "llama2", "chatml")  # chat template byte (offset 38) of version 3
 
 # Tensor names in a checkpoint, with shapes in terms of the config; "L" stacked layers.
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -97,13 +97,22 @@ class Checkpoint:
     path: str
     group_size: int = 0  # Q8_0 group size when the matrices are QuantizedTensor lists, else 0
     dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16 or q8_0
-    tokenizer: object = None  # a tokenizer_export.Vocab when the model carries its vocabulary
-    chat_template: str = None  # "llama2", "chatml", "zephyr" when the model says which, else None
+    vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
+    chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
 
     @property
     def quantized(self) -> bool:
         return self.group_size > 0
+
+    @property
+    def tokenizer(self):
+        """The model's own tokenizer (a llama2.tokenizer.Tokenizer), or None if it has no vocabulary."""
+        if self.vocab is None:
+            return None
+        from .tokenizer import Tokenizer
+        v = self.vocab
+        return Tokenizer(v.bin_pieces(), v.scores, bos_id=v.bos_id, eos_id=v.eos_id)
 
     def dense(self, name) -> np.ndarray:
         """A tensor as float32 (dequantized if stored as int8)."""

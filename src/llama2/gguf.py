@@ -209,7 +209,7 @@ def load(path) -> Checkpoint:
         infos[NAMES["wq"].format(0)][0], "fp32")
     template_text = meta.get("tokenizer.chat_template")
     return Checkpoint(config, w, 3 if quantized else 1, str(path), Q8_BLOCK if quantized else 0,
-                      dtype=dtype, tokenizer=vocab_from_metadata(meta),
+                      dtype=dtype, vocab=vocab_from_metadata(meta),
                       chat_template=templates.detect(template_text) if template_text else None,
                       format="gguf")
 
