@@ -86,9 +86,9 @@ def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
         config = replace(config, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
     if fmt == "gguf":
         from . import gguf
-        if vocab is None:
-            warn("llama2: warning: no tokenizer given (--tokenizer); the GGUF will have no vocabulary")
         gguf.write(out, config, source.tensor, vocab, dtype, template)
+        if vocab is None:
+            warn("llama2: warning: no tokenizer given (--tokenizer): the GGUF has no vocabulary")
         return
     if version in (0, 1) and dtype != "fp32":
         raise FormatError(f"--version {version} stores fp32 only; use --version 3 for {dtype}")
