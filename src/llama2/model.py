@@ -75,32 +75,52 @@ class Transformer:
     def forward(self, tokens, cache: KVCache, slot: int = 0, all_logits: bool = False) -> np.ndarray:
         """Run `tokens` [T] of one sequence from its cached position on; returns logits [T, V]
         (or [1, V] for the last position only, the default) and advances the slot's position."""
+        return self.forward_batch([(slot, tokens)], cache, all_logits)
+
+    def forward_batch(self, segments, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+        """One pass for several sequences: `segments` is a list of (slot, tokens); each segment's
+        tokens continue its slot's sequence. All rows share the matrix products; attention runs per
+        segment over its own cache. Returns logits [len(segments), V] of each segment's last token,
+        or [total tokens, V] with `all_logits`. A segment's result does not depend on the others."""
         c = self.config
-        tokens = np.asarray(tokens, dtype=np.int64)
-        T = len(tokens)
-        start = int(cache.pos[slot])
-        if T == 0:
-            raise ValueError("forward needs at least one token")
-        if start + T > cache.seq_len:
-            raise Llama2Error(f"context is full: {start + T} positions exceed seq_len {cache.seq_len}")
-        if tokens.min() < 0 or tokens.max() >= c.vocab_size:
-            raise Llama2Error(f"token id out of range for a vocabulary of {c.vocab_size}")
         D, KV, hd = c.dim, c.kv_dim, c.head_dim
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
-        x = self.embedding[tokens].astype(np.float32)  # [T, D]
+        spans, rows, start_row = [], [], 0
+        if len({slot for slot, _ in segments}) != len(segments):
+            raise ValueError("a slot may appear only once in a batch")
+        for slot, tokens in segments:
+            tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+            T, start = len(tokens), int(cache.pos[slot])
+            if T == 0:
+                raise ValueError("forward needs at least one token per sequence")
+            if start + T > cache.seq_len:
+                raise Llama2Error(f"context is full: {start + T} positions exceed seq_len {cache.seq_len}")
+            if tokens.min() < 0 or tokens.max() >= c.vocab_size:
+                raise Llama2Error(f"token id out of range for a vocabulary of {c.vocab_size}")
+            spans.append((slot, start, start_row, T))
+            rows.append(tokens)
+            start_row += T
+        tokens = np.concatenate(rows)
+        N = len(tokens)
+        positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
+        cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
+        x = self.embedding[tokens].astype(np.float32)  # [N, D]
+        att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
-            qkv = K.linear(h, layer.wqkv)  # [T, D + 2*KV]
-            q = K.rope(qkv[:, :D].reshape(T, c.n_heads, hd), cos, sin)
-            k = K.rope(qkv[:, D:D + KV].reshape(T, c.n_kv_heads, hd), cos, sin)
-            kc, vc = cache.k[l, slot], cache.v[l, slot]  # [KVH, seq_len, hd]
-            kc[:, start:start + T] = k.transpose(1, 0, 2)
-            vc[:, start:start + T] = qkv[:, D + KV:].reshape(T, c.n_kv_heads, hd).transpose(1, 0, 2)
-            att = K.attention(q, kc[:, :start + T], vc[:, :start + T], start)
+            qkv = K.linear(h, layer.wqkv)  # [N, D + 2*KV]
+            q = K.rope(qkv[:, :D].reshape(N, c.n_heads, hd), cos, sin)
+            k = K.rope(qkv[:, D:D + KV].reshape(N, c.n_kv_heads, hd), cos, sin)
+            v = qkv[:, D + KV:].reshape(N, c.n_kv_heads, hd)
+            for slot, st, r, T in spans:
+                kc, vc = cache.k[l, slot], cache.v[l, slot]  # [KVH, seq_len, hd]
+                kc[:, st:st + T] = k[r:r + T].transpose(1, 0, 2)
+                vc[:, st:st + T] = v[r:r + T].transpose(1, 0, 2)
+                att[r:r + T] = K.attention(q[r:r + T], kc[:, :st + T], vc[:, :st + T], st)
             x = x + K.linear(att, layer.wo)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + K.linear(K.swiglu(K.linear(h, layer.w13), c.hidden_dim), layer.w2)
-        cache.pos[slot] = start + T
+        for slot, st, _, T in spans:
+            cache.pos[slot] = st + T
         if not all_logits:
-            x = x[-1:]
+            x = x[[r + T - 1 for _, _, r, T in spans]]
         return K.linear(K.rmsnorm(x, self.rms_final, c.norm_eps), self.classifier)
