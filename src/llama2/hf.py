@@ -6,8 +6,9 @@ layout that llama2.c uses. References: transformers' convert_llama_weights_to_hf
 undone here), the safetensors format (8-byte header length, JSON header, raw little-endian data).
 """
 
+import contextlib
 import json
-import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -53,22 +54,29 @@ def permute(w: np.ndarray, n_heads: int) -> np.ndarray:  # the inverse of unperm
 
 
 class SafetensorsFile:
-    """One .safetensors file, memory-mapped; `get(name)` returns a float32 array (a view if F32)."""
+    """One .safetensors file; `get(name)` reads one tensor (pread, not mmap: the bytes of tensors
+    already converted are freed, so a streaming export never holds the whole file) as float32."""
 
     def __init__(self, path):
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
-                self.buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except (OSError, ValueError) as e:
-            raise FormatError(f"{self.path}: cannot open safetensors file ({e})") from None
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        self.size = os.fstat(self.fd).st_size
         try:
-            (n,) = struct.unpack_from("<Q", self.buf, 0)
-            self.header = json.loads(bytes(self.buf[8:8 + n]))
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n > self.size - 8:
+                raise ValueError
+            self.header = json.loads(os.pread(self.fd, n, 8))
         except (struct.error, ValueError):
             raise FormatError(f"{self.path}: not a safetensors file (bad header)") from None
         self.header.pop("__metadata__", None)
         self.data = 8 + n
+
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self.fd)
 
     def get(self, name) -> np.ndarray:
         info = self.header[name]
@@ -79,10 +87,13 @@ class SafetensorsFile:
         begin, end = info["data_offsets"]
         shape = tuple(info["shape"])
         count = int(np.prod(shape))
-        if end - begin != count * np.dtype(dtype).itemsize or self.data + end > len(self.buf):
+        if end - begin != count * np.dtype(dtype).itemsize or self.data + end > self.size:
             raise FormatError(f"{self.path}: tensor {name} has {end - begin} bytes at offset "
                               f"{self.data + begin}, which does not fit shape {list(shape)}")
-        arr = np.frombuffer(self.buf, dtype, count, self.data + begin).reshape(shape)
+        raw = bytearray(end - begin)  # writable, so the float32 case needs no further copy
+        if os.preadv(self.fd, [raw], self.data + begin) != len(raw):
+            raise FormatError(f"{self.path}: truncated at tensor {name}")
+        arr = np.frombuffer(raw, dtype, count).reshape(shape)
         if info["dtype"] == "BF16":
             return bf16_to_f32(arr)
         return arr if info["dtype"] == "F32" else arr.astype(np.float32)
