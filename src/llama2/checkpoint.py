@@ -299,12 +299,15 @@ def _rope_tables(c: ModelConfig):
     return np.cos(angles), np.sin(angles)
 
 
-def _f32(a) -> bytes:
-    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+def _f32(a) -> np.ndarray:
+    """A little-endian float32 C-contiguous array: file.write() takes its buffer without a copy."""
+    return np.ascontiguousarray(a, dtype="<f4")
 
 
 def bf16_to_f32(u16: np.ndarray) -> np.ndarray:  # uint16 [...] -> float32 [...] (exact)
-    return (np.asarray(u16, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+    out = np.asarray(u16, dtype="<u2").astype(np.uint32)
+    out <<= 16  # in place: one float32-sized buffer, no temporaries
+    return out.view(np.float32)
 
 
 def f32_to_bf16(a: np.ndarray) -> np.ndarray:  # float32 [...] -> uint16 [...], round to nearest even
@@ -376,11 +379,11 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
         if not quantize or dtype == "fp32":
             return [_f32(arr)]
         if dtype == "fp16":
-            return [np.ascontiguousarray(arr, dtype="<f2").tobytes()]
+            return [np.ascontiguousarray(arr, dtype="<f2")]
         if dtype == "bf16":
-            return [f32_to_bf16(arr).tobytes()]
+            return [f32_to_bf16(arr)]
         qt = quantize_q80(arr, group_size)
-        return [qt.q.astype(np.int8).tobytes(), _f32(qt.s)]
+        return [np.ascontiguousarray(qt.q, dtype=np.int8), _f32(qt.s)]
 
     with atomic_write(path) as f:
         if version == 0:

@@ -240,13 +240,13 @@ def _pack_value(value):
     raise TypeError(f"unsupported metadata value {value!r}")
 
 
-def _encode(arr, kind):  # float32 [rows, cols] -> bytes in ggml type `kind`
+def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml type `kind`'s bytes
     if kind == F32:
-        return np.ascontiguousarray(arr, "<f4").tobytes()
+        return np.ascontiguousarray(arr, "<f4")
     if kind == F16:
-        return np.ascontiguousarray(arr, "<f2").tobytes()
+        return np.ascontiguousarray(arr, "<f2")
     if kind == BF16:
-        return f32_to_bf16(arr).tobytes()
+        return f32_to_bf16(arr)
     blocks = np.ascontiguousarray(arr, np.float32).reshape(-1, Q8_BLOCK)
     # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from zero
     d = (np.abs(blocks).max(axis=1) / np.float32(127.0)).astype(np.float32)
@@ -255,7 +255,7 @@ def _encode(arr, kind):  # float32 [rows, cols] -> bytes in ggml type `kind`
     qs = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)
     out = np.empty(len(blocks), np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)]))
     out["d"], out["qs"] = d.astype(np.float16), qs
-    return out.tobytes()
+    return out
 
 
 def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", chat_template=None,
@@ -324,5 +324,5 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
             if arr.shape != tuple(want):
                 raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "
                                   f"expected {want}")
-            raw = _encode(arr, kind_of(name))
-            f.write(raw + b"\0" * (-size % ALIGNMENT))
+            f.write(_encode(arr, kind_of(name)))
+            f.write(b"\0" * (-size % ALIGNMENT))
