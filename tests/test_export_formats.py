@@ -185,3 +185,11 @@ def test_gguf_types_round_trip(tmp_path, dtype):
     if dtype == "q8_0":  # our Q8_0 blocks dequantize as ggml's do
         t = next(t for t in gguf_pkg.GGUFReader(str(out)).tensors if t.name == "blk.1.attn_q.weight")
         np.testing.assert_array_equal(gguf_pkg.dequantize(t.data, t.tensor_type).reshape(wq.shape), wq)
+
+
+def test_quantize_in_chunks_equals_at_once():
+    w = np.random.default_rng(0).standard_normal((13, 172)).astype(np.float32)
+    whole = checkpoint.quantize_q80(w, 8, chunk_values=1 << 20)
+    parts = checkpoint.quantize_q80(w, 8, chunk_values=40)  # 5 groups per chunk, tail group last
+    np.testing.assert_array_equal(whole.q, parts.q)
+    np.testing.assert_array_equal(whole.s, parts.s)

@@ -75,17 +75,25 @@ def n_groups(numel: int, group_size: int) -> int:
     return -(-numel // group_size)
 
 
-def quantize_q80(w: np.ndarray, group_size: int) -> QuantizedTensor:
-    """Symmetric int8 quantization over groups of the flattened tensor, tail group included."""
+def quantize_q80(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> QuantizedTensor:
+    """Symmetric int8 quantization over groups of the flattened tensor, tail group included.
+    Works through `chunk_values` values at a time so temporaries stay small for big tensors."""
     flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     ng = n_groups(flat.size, group_size)
-    padded = np.zeros(ng * group_size, np.float32)
-    padded[: flat.size] = flat
-    groups = padded.reshape(ng, group_size)
-    scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    q = np.round(groups / safe[:, None]).astype(np.int8)
-    return QuantizedTensor(q.reshape(-1)[: flat.size].reshape(w.shape), scale, group_size)
+    q = np.empty(ng * group_size, np.int8)
+    scale = np.empty(ng, np.float32)
+    step = max(1, chunk_values // group_size)  # groups per chunk
+    for g0 in range(0, ng, step):
+        g1 = min(ng, g0 + step)
+        chunk = flat[g0 * group_size: g1 * group_size]
+        if chunk.size < (g1 - g0) * group_size:  # the short tail group, padded with zeros
+            chunk = np.concatenate([chunk, np.zeros((g1 - g0) * group_size - chunk.size, np.float32)])
+        groups = chunk.reshape(g1 - g0, group_size)
+        s = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        safe = np.where(s > 0, s, np.float32(1.0))
+        q[g0 * group_size: g1 * group_size] = np.round(groups / safe[:, None]).astype(np.int8).reshape(-1)
+        scale[g0:g1] = s
+    return QuantizedTensor(q[: flat.size].reshape(w.shape), scale, group_size)
 
 
 @dataclass
