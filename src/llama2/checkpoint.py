@@ -367,6 +367,8 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
         raise FormatError(f"cannot write {path}: unknown chat template {chat_template!r}")
     if dtype == "q8_0" and group_size <= 0:
         raise FormatError(f"cannot write {path}: group size must be positive, got {group_size}")
+    if dtype != "q8_0":
+        group_size = 0  # only Q8_0 has groups; the header says 0 otherwise
     config.validate("config")
     c = config
     shapes = tensor_shapes(c)

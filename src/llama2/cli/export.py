@@ -3,6 +3,7 @@ model to a llama2.c checkpoint (--version 0, 1, 2 exactly as llama2.c writes the
 our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
 """
 
+from ..chat import TEMPLATES
 from ..export import DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, VERSIONS
 
 
@@ -29,7 +30,7 @@ def register(sub):
     p.add_argument("--tokenizer", metavar="PATH",
                    help="vocabulary to embed in a GGUF (tokenizer.model, tokenizer.json or "
                         "tokenizer.bin); default: the model's own")
-    p.add_argument("--chat-template", choices=("llama2", "chatml"),
+    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="record this chat template (default: the model's own, if it says)")
     p.add_argument("--seq-len", type=int, help="context length, for Meta checkpoints whose "
                    "params.json does not give max_seq_len")
