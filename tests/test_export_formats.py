@@ -193,3 +193,17 @@ def test_quantize_in_chunks_equals_at_once():
     parts = checkpoint.quantize_q80(w, 8, chunk_values=40)  # 5 groups per chunk, tail group last
     np.testing.assert_array_equal(whole.q, parts.q)
     np.testing.assert_array_equal(whole.s, parts.s)
+
+
+def test_run_gguf_and_exported_files_like_bin(tmp_path, monkeypatch):
+    """`llama2 run model.gguf` takes the vocabulary from the GGUF and prints what the .bin prints."""
+    monkeypatch.chdir(tmp_path)
+    flags = ["-t", "0", "-n", "60", "-i", "Once upon a time"]
+    out, err = io.BytesIO(), io.StringIO()
+    assert main(["run", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")), *flags],
+                stdout=out, stderr=err) == 0, err.getvalue()
+    v3 = export(tmp_path / "v3.bin", asset("stories260K.bin"), "--dtype", "fp32")
+    for model, extra in ((asset("stories260K.gguf"), []), (v3, ["-z", str(asset("tok512.bin"))])):
+        got, err = io.BytesIO(), io.StringIO()
+        assert main(["run", str(model), *extra, *flags], stdout=got, stderr=err) == 0, err.getvalue()
+        assert got.getvalue() == out.getvalue()

@@ -25,12 +25,12 @@ def run_cli(argv):
     return code, err.getvalue()
 
 
-def tiny_hf(tmp_path, kv_heads=4, theta=10000.0, tie=True, seed=0, dtype=None, **save):
+def tiny_hf(tmp_path, kv_heads=4, theta=10000.0, tie=True, seed=0, dtype=None, vocab=VOCAB, **save):
     """A random LlamaForCausalLM saved to tmp_path/"hf"; returns (directory, model)."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=kv_heads, vocab_size=VOCAB, max_position_embeddings=64,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=64,
         rope_theta=theta, tie_word_embeddings=tie, rms_norm_eps=1e-5, initializer_range=0.2)
     model = transformers.LlamaForCausalLM(config).eval()
     with torch.no_grad():  # norms away from 1 so a swapped norm would show
@@ -147,3 +147,21 @@ def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
     assert checkpoint.load(out).chat_template == "chatml"
     assert run_cli(["export", str(out), "--hf", str(directory), "--chat-template", "llama2"])[0] == 0
     assert checkpoint.load(out).chat_template == "llama2"
+
+
+def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
+    """`llama2 run DIR` with the tokenizer in DIR: the same bytes as its exported .bin."""
+    directory, _ = tiny_hf(tmp_path, kv_heads=2, vocab=512)
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
+    (tmp_path / "tok.bin").write_bytes(asset("tok512.bin").read_bytes())
+    results = []
+    for argv in (["run", str(directory)], ["run", str(out), "-z", str(tmp_path / "tok.bin")]):
+        stdout, err = io.BytesIO(), io.StringIO()
+        code = main(argv + ["-t", "1", "-s", "3", "-n", "40", "-i", "Once upon a time"],
+                    stdout=stdout, stderr=err, stdin=io.StringIO(""))
+        assert code == 0, err.getvalue()
+        results.append(stdout.getvalue())
+    assert results[0] == results[1] and results[0].startswith(b"Once upon a time")
