@@ -101,7 +101,7 @@ class Checkpoint:
     """A loaded model file: its config, tensors (numpy views of the mmap where possible), version."""
     config: ModelConfig
     weights: dict  # name -> float32 array (stacked) or list of QuantizedTensor per layer
-    version: int
+    version: int  # llama2.c layout version 0-3; 1 for models from other formats (see `format`)
     path: str
     group_size: int = 0  # Q8_0 group size when the matrices are QuantizedTensor lists, else 0
     dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16 or q8_0

@@ -208,7 +208,7 @@ def load(path) -> Checkpoint:
     dtype = "q8_0" if quantized else {F32: "fp32", F16: "fp16", BF16: "bf16"}.get(
         infos[NAMES["wq"].format(0)][0], "fp32")
     template_text = meta.get("tokenizer.chat_template")
-    return Checkpoint(config, w, 3 if quantized else 1, str(path), Q8_BLOCK if quantized else 0,
+    return Checkpoint(config, w, 1, str(path), Q8_BLOCK if quantized else 0,
                       dtype=dtype, vocab=vocab_from_metadata(meta),
                       chat_template=templates.detect(template_text) if template_text else None,
                       format="gguf")

@@ -7,6 +7,7 @@ undone here), the safetensors format (8-byte header length, JSON header, raw lit
 """
 
 import contextlib
+import dataclasses
 import json
 import os
 import struct
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import chat_template as templates
-from .checkpoint import bf16_to_f32
+from .checkpoint import bf16_to_f32, tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
 from . import tokenizer_export
@@ -134,6 +135,9 @@ def _read_json(path, what):
 def read_config(directory) -> ModelConfig:
     """A ModelConfig from config.json, rejecting the Llama variants our forward pass does not do."""
     path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: no such directory (models are not downloaded here: fetch one "
+                          f"with `huggingface-cli download REPO --local-dir DIR` and pass DIR)")
     if not path.is_file():
         raise FormatError(f"{directory}: no config.json (expected a Hugging Face model directory with "
                           "config.json and model.safetensors)")
@@ -198,7 +202,7 @@ class HFModel:
         self.where = self._index()  # HF tensor name -> file name
         if not self.config.shared_classifier and NAMES["wcls"] not in self.where:
             # some exports tie the classifier without saying so
-            self.config = _replace(self.config, shared_classifier=True)
+            self.config = dataclasses.replace(self.config, shared_classifier=True)
         self.vocab = self._vocab()
         self.chat_template = self._template()
 
@@ -232,7 +236,6 @@ class HFModel:
         if hf_name not in self.where:
             raise FormatError(f"{self.dir}: tensor {hf_name} not found")
         arr = self._open(self.where[hf_name]).get(hf_name)
-        from .checkpoint import tensor_shapes
         shape = tensor_shapes(c)[name]
         want = shape[1:] if layer is not None else shape
         if arr.shape != tuple(want):
@@ -262,11 +265,6 @@ class HFModel:
         if tc.is_file():
             return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
         return None
-
-
-def _replace(config, **changes):
-    from dataclasses import replace
-    return replace(config, **changes)
 
 
 def load(directory):

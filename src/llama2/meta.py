@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
 
@@ -95,7 +96,6 @@ class MetaModel:
         except RuntimeError:
             shapes = ", ".join(str(list(p.shape)) for p in parts)
             raise FormatError(f"{self.source}: shards of {key} do not fit together ({shapes})") from None
-        from .checkpoint import tensor_shapes
         shape = tensor_shapes(self.config)[name]
         want = shape[1:] if layer is not None else shape
         if tuple(t.shape) != tuple(want):
