@@ -2,7 +2,10 @@
 int8 error bounds, and the extended header's documented byte offsets."""
 
 import io
+import json
 import struct
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from llama2.checkpoint import QuantizedTensor
 from llama2.cli import main
 from llama2.config import ModelConfig
 from llama2.loader import load_checkpoint
+from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 
 PROMPT_IDS = [1, 403, 407, 261, 378, 383, 286, 300, 270, 290, 281, 320]
 
@@ -207,3 +211,20 @@ def test_run_gguf_and_exported_files_like_bin(tmp_path, monkeypatch):
         got, err = io.BytesIO(), io.StringIO()
         assert main(["run", str(model), *extra, *flags], stdout=got, stderr=err) == 0, err.getvalue()
         assert got.getvalue() == out.getvalue()
+
+
+def test_loading_needs_no_heavy_dependencies(tmp_path):
+    """GGUF and Hugging Face safetensors load with numpy alone: no torch, gguf or safetensors."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(HF_CONFIG))
+    write_safetensors(hf / "model.safetensors", hf_tensors(HF_CONFIG))
+    code = ("import sys; from llama2.loader import load_checkpoint; "
+            f"load_checkpoint({str(asset('stories260K.gguf'))!r}); load_checkpoint({str(hf)!r}); "
+            "heavy = {'torch', 'gguf', 'safetensors', 'sentencepiece', 'transformers'} & "
+            "{m.split('.')[0] for m in sys.modules}; print(sorted(heavy))")
+    src = str(checkpoint.__file__).rsplit("/llama2/", 1)[0]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -81,8 +81,13 @@ class _Reader:
 def read(path):
     """Parse a GGUF file: (metadata dict, {name: (ggml type, numpy shape, absolute offset)}, buffer)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) < 24:
+                raise FormatError(f"{path}: too short to be a GGUF file")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
     r = _Reader(buf, path)
     if buf[:4] != MAGIC:
         raise FormatError(f"{path}: not a GGUF file (magic at byte 0 is {bytes(buf[:4])!r})")
