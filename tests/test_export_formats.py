@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import TINY, asset, random_weights
+from conftest import TINY, asset, byte_tokenizer, random_weights
 from llama2 import Llama, checkpoint, gguf
 from llama2.checkpoint import QuantizedTensor
 from llama2.cli import main
@@ -228,3 +228,25 @@ def test_loading_needs_no_heavy_dependencies(tmp_path):
                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
+    """A Q8_0 GGUF stays int8 (group 32) in memory and in a version-3 export made from it."""
+    src = tmp_path / "tiny.bin"
+    checkpoint.write(src, TINY, random_weights(TINY), version=1)
+    q8 = tmp_path / "tiny.gguf"
+    assert run_cli(["export", str(q8), "--from", str(src), "--format", "gguf", "--version", "2"])[0] == 0
+    g = load_checkpoint(q8)
+    assert g.quantized and g.group_size == 32 and g.dtype == "q8_0"
+    v3 = export(tmp_path / "v3.bin", q8, "--dtype", "q8_0", "--group-size", "32")
+    b = checkpoint.load(v3)
+    for name in ("token_embedding", "wq", "w2"):
+        x = g.weights[name][1] if name != "token_embedding" else g.weights[name]
+        y = b.weights[name][1] if name != "token_embedding" else b.weights[name]
+        np.testing.assert_array_equal(x.q, y.q)
+        np.testing.assert_array_equal(x.s, y.s)
+    tok = byte_tokenizer(TINY.vocab_size)
+    ids = list(range(3, 40))
+    a = Llama.load(q8, tokenizer=tok).logits(ids)
+    np.testing.assert_allclose(a, Llama.load(v3, tokenizer=tok).logits(ids), atol=1e-5)
+    np.testing.assert_allclose(a, Llama.load(src, tokenizer=tok).logits(ids), atol=0.1)  # int8 vs fp32

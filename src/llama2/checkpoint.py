@@ -103,8 +103,8 @@ class Checkpoint:
     weights: dict  # name -> float32 array (stacked) or list of QuantizedTensor per layer
     version: int  # llama2.c layout version 0-3; 1 for models from other formats (see `format`)
     path: str
-    group_size: int = 0  # Q8_0 group size when the matrices are QuantizedTensor lists, else 0
-    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16 or q8_0
+    group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
+    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0 (or mixed: GGUF)
     vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
     chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
@@ -127,8 +127,8 @@ class Checkpoint:
         w = self.weights[name]
         if isinstance(w, QuantizedTensor):
             return w.dequantize()
-        if isinstance(w, list):
-            return np.stack([t.dequantize() for t in w])
+        if isinstance(w, list):  # per layer: QuantizedTensor or float arrays (GGUF may mix them)
+            return np.stack([t.dequantize() if isinstance(t, QuantizedTensor) else t for t in w])
         return w
 
     @property
