@@ -120,3 +120,8 @@ def test_bad_tokenizer_file(tmp_path):
     out = tmp_path / "bad.bin"
     code, err = run_cli(["tokenizer", "export", str(bad)])
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+
+
+def test_gguf_needs_an_output_name(tmp_path):
+    code, err = run_cli(["tokenizer", "export", str(asset("stories260K.gguf"))])
+    assert code == 2 and "-o OUT" in err and err.count("\n") == 1

@@ -10,7 +10,8 @@ def register(actions):
     p.add_argument("tokenizer", metavar="TOKENIZER",
                    help="tokenizer.model, tokenizer.json, or a .gguf model carrying a vocabulary")
     p.add_argument("-o", "--output", metavar="OUT",
-                   help="where to write (default: TOKENIZER with the suffix .bin, as tokenizer.py)")
+                   help="where to write (default: TOKENIZER with the suffix .bin, as tokenizer.py; "
+                        "required for a .gguf)")
     p.set_defaults(func=run)
 
 
@@ -19,10 +20,13 @@ def run(args, io) -> int:
     from ..tokenizer_export import load_vocab, write_bin
 
     src = Path(args.tokenizer)
+    is_gguf = src.is_file() and src.open("rb").read(4) == b"GGUF"
+    if is_gguf and not args.output:  # model.gguf -> model.bin could be taken for a checkpoint
+        raise UsageError(f"{src}: pass -o OUT for the tokenizer.bin to write")
     out = Path(args.output) if args.output else src.with_suffix(".bin")
     if out.resolve() == src.resolve():
         raise UsageError(f"{src}: output would overwrite the input; pass -o OUT")
-    if src.is_file() and src.open("rb").read(4) == b"GGUF":
+    if is_gguf:
         from ..gguf import read, vocab_from_metadata
         vocab = vocab_from_metadata(read(src)[0])
         if vocab is None:
