@@ -165,3 +165,11 @@ def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
         assert code == 0, err.getvalue()
         results.append(stdout.getvalue())
     assert results[0] == results[1] and results[0].startswith(b"Once upon a time")
+
+
+def test_unpermute_inverts_the_hf_permutation():
+    from llama2.hf import permute, unpermute
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8, 3 columns
+    assert np.array_equal(unpermute(permute(w, 4), 4), w)
+    # HF's rows of one head: the first halves of RoPE pairs, then the second halves
+    assert permute(w, 4)[:8, 0].tolist() == w[[0, 2, 4, 6, 1, 3, 5, 7], 0].tolist()

@@ -1,7 +1,8 @@
-"""llama2.c checkpoint files: read by mmap (versions 0, 1 and 2) and write (atomically).
+"""llama2.c checkpoint files: read by mmap (versions 0-3) and written tensor by tensor (atomically).
 
-Layouts follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
-version2_export. Tensors are stacked per layer; int8 (Q8_0) tensors are kept quantized.
+Layouts 0-2 follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
+version2_export exactly; version 3 is our extended header (docs/format.md). Tensors are stacked per
+layer; int8 (Q8_0) tensors are kept quantized.
 """
 
 import mmap
@@ -385,8 +386,8 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
                               f"expected {want}")
         return arr
 
-    def encode(arr, quantize):
-        if not quantize or dtype == "fp32":
+    def encode(arr):  # one matrix in the file's dtype, as buffers to write
+        if dtype == "fp32":
             return [_f32(arr)]
         if dtype == "fp16":
             return [np.ascontiguousarray(arr, dtype="<f2")]
@@ -414,7 +415,7 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
                 f.write(_f32(get(name, layer)))
         for name in (*MATRICES, *([] if c.shared_classifier else ["wcls"])):
             for layer in layers(name):
-                for chunk in encode(get(name, layer), True):
+                for chunk in encode(get(name, layer)):
                     f.write(chunk)
 
 
