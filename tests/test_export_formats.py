@@ -250,3 +250,10 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
     a = Llama.load(q8, tokenizer=tok).logits(ids)
     np.testing.assert_allclose(a, Llama.load(v3, tokenizer=tok).logits(ids), atol=1e-5)
     np.testing.assert_allclose(a, Llama.load(src, tokenizer=tok).logits(ids), atol=0.1)  # int8 vs fp32
+
+
+def test_gguf_q8_0_encoding_in_chunks(monkeypatch):
+    w = np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
+    whole = gguf._encode(w, gguf.Q8_0).tobytes()
+    monkeypatch.setattr(gguf, "Q8_CHUNK", 7)
+    assert gguf._encode(w, gguf.Q8_0).tobytes() == whole

@@ -23,6 +23,8 @@ MAGIC = b"GGUF"
 ALIGNMENT = 32
 F32, F16, Q8_0, BF16 = 0, 1, 8, 30
 Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
+Q8_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)])  # one block, 34 bytes
+Q8_CHUNK = 1 << 15  # blocks quantized at once when writing
 TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", BF16: "BF16"}
 FILE_TYPES = {"fp32": 0, "fp16": 1, "q8_0": 7, "bf16": 32}  # general.file_type ("mostly ...")
 GGML_TYPES = {"fp32": F32, "fp16": F16, "q8_0": Q8_0, "bf16": BF16}
@@ -133,8 +135,7 @@ def _tensor(buf, path, name, kind, shape, offset):
         return np.frombuffer(buf, "<f2", numel, offset).astype(np.float32).reshape(shape)
     if kind == BF16:
         return bf16_to_f32(np.frombuffer(buf, "<u2", numel, offset)).reshape(shape)
-    blocks = np.frombuffer(buf, np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)]), numel // Q8_BLOCK,
-                           offset)
+    blocks = np.frombuffer(buf, Q8_DTYPE, numel // Q8_BLOCK, offset)
     return QuantizedTensor(blocks["qs"].reshape(shape), blocks["d"].astype(np.float32), Q8_BLOCK)
 
 
@@ -272,13 +273,15 @@ def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml ty
     if kind == BF16:
         return f32_to_bf16(arr)
     blocks = np.ascontiguousarray(arr, np.float32).reshape(-1, Q8_BLOCK)
-    # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from zero
-    d = (np.abs(blocks).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
-    x = blocks * inv[:, None]
-    qs = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)
-    out = np.empty(len(blocks), np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)]))
-    out["d"], out["qs"] = d.astype(np.float16), qs
+    out = np.empty(len(blocks), Q8_DTYPE)
+    for b0 in range(0, len(blocks), Q8_CHUNK):  # a chunk at a time keeps temporaries small
+        chunk = blocks[b0:b0 + Q8_CHUNK]
+        # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from 0
+        d = (np.abs(chunk).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+        x = chunk * inv[:, None]
+        out["qs"][b0:b0 + Q8_CHUNK] = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+        out["d"][b0:b0 + Q8_CHUNK] = d
     return out
 
 
