@@ -52,7 +52,7 @@ class Dense:
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul_f32(x, self.w, out)
+            jit.matmul_f32(self.w.size * len(x), x, self.w, out)
             return out
         return x @ self.w.T
 
@@ -70,7 +70,7 @@ class Q8:
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul_q8(x, self.q, self.s, self.gs, out)
+            jit.matmul_q8(self.q.size * len(x), x, self.q, self.s, self.gs, out)
             return out
         return x @ self.dense().T
 
@@ -113,10 +113,11 @@ class Layer:
         if N > SMALL_BATCH or type(wq) is not type(wk) or type(wk) is not type(wv):
             return wq(h), wk(h), wv(h)
         q, k, v = _empty(N, wq.shape[0]), _empty(N, wk.shape[0]), _empty(N, wv.shape[0])
+        work = N * h.shape[1] * (q.shape[1] + 2 * k.shape[1])
         if isinstance(wq, Dense):
-            jit.qkv_f32(h, wq.w, wk.w, wv.w, q, k, v)
+            jit.qkv_f32(work, h, wq.w, wk.w, wv.w, q, k, v)
         else:
-            jit.qkv_q8(h, wq.q, wq.s, wk.q, wk.s, wv.q, wv.s, wq.gs, q, k, v)
+            jit.qkv_q8(work, h, wq.q, wq.s, wk.q, wk.s, wv.q, wv.s, wq.gs, q, k, v)
         return q, k, v
 
     def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
@@ -125,10 +126,11 @@ class Layer:
         if N > SMALL_BATCH or type(w1) is not type(w3):
             return self.w2(K.silu(w1(h)) * w3(h))
         g = _empty(N, w1.shape[0])
+        work = 2 * N * h.shape[1] * g.shape[1]
         if isinstance(w1, Dense):
-            jit.ffn_f32(h, w1.w, w3.w, g)
+            jit.ffn_f32(work, h, w1.w, w3.w, g)
         else:
-            jit.ffn_q8(h, w1.q, w1.s, w3.q, w3.s, w1.gs, g)
+            jit.ffn_q8(work, h, w1.q, w1.s, w3.q, w3.s, w1.gs, g)
         return self.w2(g)
 
 
@@ -210,7 +212,8 @@ class Transformer:
                 att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
             if decode:
                 out = np.empty((len(decode), D), np.float32)
-                jit.attention_decode(np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
+                work = 2 * c.dim * int(dec_pos.sum() + len(decode))
+                jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
                 att[dec_rows] = out
             x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)

@@ -40,12 +40,12 @@ def register(sub):
     p.add_argument("--model", help="the model file (default %s)" % DEFAULT_MODEL)
     p.add_argument("--mode", choices=MODES, help="generate (default) or chat")
     p.add_argument("-y", "--system", help="system prompt, chat mode")
-    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
-                   help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=("q8_0",), default=None,
                    help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
+                   help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     p.set_defaults(func=run)
 
 
