@@ -258,3 +258,12 @@ def test_gguf_q8_0_encoding_in_chunks(monkeypatch):
     whole = gguf._encode(w, gguf.Q8_0).tobytes()
     monkeypatch.setattr(gguf, "Q8_CHUNK", 7)
     assert gguf._encode(w, gguf.Q8_0).tobytes() == whole
+
+
+def test_bf16_rounding():
+    x = np.array([1.0, 1.00390625, 1.01171875, -2.5e-3, np.inf, np.nan, 3.0e38], np.float32)
+    got = checkpoint.bf16_to_f32(checkpoint.f32_to_bf16(x, chunk=3))
+    # 1 + 2^-8 is halfway between bf16 neighbours: to even (1.0); 1 + 3*2^-8 rounds up to 1 + 2^-6
+    assert got[:2].tolist() == [1.0, 1.0] and got[2] == np.float32(1.015625)
+    assert abs(got[3] / x[3] - 1) <= 2 ** -9 and got[4] == np.inf and np.isnan(got[5])
+    assert np.isfinite(got[6])
