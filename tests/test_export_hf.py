@@ -173,3 +173,18 @@ def test_unpermute_inverts_the_hf_permutation():
     assert np.array_equal(unpermute(permute(w, 4), 4), w)
     # HF's rows of one head: the first halves of RoPE pairs, then the second halves
     assert permute(w, 4)[:8, 0].tolist() == w[[0, 2, 4, 6, 1, 3, 5, 7], 0].tolist()
+
+
+def test_padded_embedding_and_tokenizer_bin_inside_the_directory(tmp_path, monkeypatch):
+    """600 embedding rows, a 512-token tokenizer.model: ids past the tokenizer get placeholders.
+    Without tokenizer files, the directory's own tokenizer.bin is used."""
+    directory, _ = tiny_hf(tmp_path, kv_heads=2, vocab=600)
+    monkeypatch.chdir(tmp_path)
+    (directory / "tokenizer.bin").write_bytes(asset("tok512.bin").read_bytes())
+    with pytest.raises(Exception, match=r"hf/tokenizer\.bin: tokenizer has 512 tokens"):
+        Llama.load(directory)
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    llama = Llama.load(directory)
+    assert llama.tokenizer.vocab_size == 600 and llama.tokenizer.pieces[599] == b"<unused599>"
+    from llama2.tokenizer import Tokenizer
+    assert llama.tokenizer.pieces[:512] == Tokenizer.load(asset("tok512.bin")).pieces

@@ -253,13 +253,21 @@ class HFModel:
         return arr
 
     def _vocab(self):
-        """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json."""
+        """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
+        embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
+        placeholder pieces so every id the model can produce decodes to something."""
         if (self.dir / "tokenizer.model").is_file():
-            return tokenizer_export.from_sentencepiece(self.dir / "tokenizer.model")
-        if (self.dir / "tokenizer.json").is_file():
-            return tokenizer_export.from_tokenizer_json(self.dir / "tokenizer.json",
-                                                        self.config.bos_id, self.config.eos_id)
-        return None
+            vocab = tokenizer_export.from_sentencepiece(self.dir / "tokenizer.model")
+        elif (self.dir / "tokenizer.json").is_file():
+            vocab = tokenizer_export.from_tokenizer_json(self.dir / "tokenizer.json",
+                                                         self.config.bos_id, self.config.eos_id)
+        else:
+            return None
+        for i in range(len(vocab), self.config.vocab_size):
+            vocab.pieces.append(f"<unused{i}>")
+            vocab.scores.append(0.0)
+            vocab.types.append(tokenizer_export.UNUSED)
+        return vocab
 
     def _template(self):
         jinja = self.dir / "chat_template.jinja"
