@@ -188,3 +188,19 @@ def test_padded_embedding_and_tokenizer_bin_inside_the_directory(tmp_path, monke
     assert llama.tokenizer.vocab_size == 600 and llama.tokenizer.pieces[599] == b"<unused599>"
     from llama2.tokenizer import Tokenizer
     assert llama.tokenizer.pieces[:512] == Tokenizer.load(asset("tok512.bin")).pieces
+
+
+def test_sharded_pytorch_model_bin(tmp_path):
+    directory, model = tiny_hf(tmp_path, kv_heads=1, theta=1e6, tie=False)
+    (directory / "model.safetensors").unlink()
+    state = model.state_dict()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, directory / shard)
+        weight_map |= {n: shard for n in part}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = token_ids()
+    got = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
+    np.testing.assert_allclose(got, reference_logits(model, ids), atol=1e-4, rtol=0)
