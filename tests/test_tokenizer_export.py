@@ -143,3 +143,13 @@ def test_byte_level_tokenizer_json_is_refused(tmp_path):
                                 "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
     code, err = run_cli(["tokenizer", "export", str(path)])
     assert code == 1 and "byte-level" in err and err.count("\n") == 1
+
+
+def test_model_directory(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    assert run_cli(["tokenizer", "export", str(tmp_path)])[0] == 0
+    assert (tmp_path / "tokenizer.bin").read_bytes() == asset("tok512.bin").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(["tokenizer", "export", str(empty)])
+    assert code == 1 and "no tokenizer.model" in err
