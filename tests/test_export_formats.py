@@ -16,6 +16,7 @@ from llama2.checkpoint import QuantizedTensor
 from llama2.cli import main
 from llama2.config import ModelConfig
 from llama2.loader import load_checkpoint
+from llama2.tokenizer import Tokenizer
 from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 
 PROMPT_IDS = [1, 403, 407, 261, 378, 383, 286, 300, 270, 290, 281, 320]
@@ -153,14 +154,25 @@ def test_gguf_export_equals_reference(tmp_path):
 
 
 def test_gguf_loads_in_llama_cpp(tmp_path):
+    """llama.cpp runs our GGUF exactly as it runs the published one (same tensors, same vocabulary),
+    and agrees with our engine up to its float16 KV cache."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     out = tmp_path / "s.gguf"
     assert run_cli(["export", str(out), "--from", str(asset("stories260K.bin")), "--format", "gguf",
                     "--tokenizer", str(asset("tok512.bin"))])[0] == 0
-    model = llama_cpp.Llama(model_path=str(out), n_ctx=64, logits_all=True, verbose=False)
-    model.eval(PROMPT_IDS)
-    got = np.asarray(model.scores[: len(PROMPT_IDS)])
-    np.testing.assert_allclose(got, logits(asset("stories260K.bin")), atol=1e-3)
+
+    def run(path):
+        model = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_threads=1, logits_all=True,
+                                verbose=False)
+        text = "Once upon a time, there was a little girl"
+        assert model.tokenize(text.encode()) == Tokenizer.load(asset("tok512.bin")).encode(text)
+        model.eval(PROMPT_IDS)
+        return np.array(model.scores[: len(PROMPT_IDS)])
+
+    ours = run(out)
+    np.testing.assert_array_equal(ours, run(asset("stories260K.gguf")))
+    np.testing.assert_allclose(ours, logits(asset("stories260K.bin")), atol=0.05)
+    assert (ours.argmax(-1) == logits(asset("stories260K.bin")).argmax(-1)).all()
 
 
 def test_gguf_direct_load_matches_bin():
@@ -267,3 +279,46 @@ def test_bf16_rounding():
     assert got[:2].tolist() == [1.0, 1.0] and got[2] == np.float32(1.015625)
     assert abs(got[3] / x[3] - 1) <= 2 ** -9 and got[4] == np.inf and np.isnan(got[5])
     assert np.isfinite(got[6])
+
+
+def test_gguf_fp16_runs_in_llama_cpp(tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    src, tok = tmp_path / "tiny.bin", tmp_path / "tok.bin"
+    checkpoint.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
+    byte_tokenizer(TINY.vocab_size).save(tok)
+    out = tmp_path / "tiny.gguf"
+    assert run_cli(["export", str(out), "--from", str(src), "--format", "gguf", "--dtype", "fp16",
+                    "--tokenizer", str(tok)])[0] == 0
+    ids = [1] + list(range(40, 60))
+    model = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
+    model.eval(ids)
+    theirs = np.array(model.scores[: len(ids)])
+    ours = Llama.load(out, tokenizer=tok).logits(ids)
+    np.testing.assert_allclose(theirs, ours, atol=0.05 * np.abs(ours).max())
+
+
+def test_gguf_q8_0_equals_llama_cpp_quantizer(tmp_path):
+    """Our Q8_0 GGUF holds the same bytes as llama.cpp's own quantizer makes from our F32 GGUF.
+    (Running tiny Q8_0 models in this llama-cpp-python build crashes inside libggml-cpu, for its
+    own quantized file as well, so this checks the bytes rather than the logits.)"""
+    import ctypes
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    src, tok = tmp_path / "tiny.bin", tmp_path / "tok.bin"
+    checkpoint.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
+    byte_tokenizer(TINY.vocab_size).save(tok)
+    f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "q8.gguf", tmp_path / "ref.gguf"
+    for out, dtype in ((f32, "fp32"), (ours, "q8_0")):
+        assert run_cli(["export", str(out), "--from", str(src), "--format", "gguf", "--dtype", dtype,
+                        "--tokenizer", str(tok)])[0] == 0
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = 7  # LLAMA_FTYPE_MOSTLY_Q8_0
+    assert llama_cpp.llama_model_quantize(str(f32).encode(), str(theirs).encode(),
+                                          ctypes.byref(params)) == 0
+    _, a, abuf = gguf.read(ours)
+    _, b, bbuf = gguf.read(theirs)
+    assert set(a) == set(b)
+    for name, (kind, shape, offset) in a.items():
+        bkind, bshape, boffset = b[name]
+        assert (kind, shape) == (bkind, bshape), name
+        size = int(np.prod(shape)) // 32 * 34 if kind == gguf.Q8_0 else 4 * int(np.prod(shape))
+        assert abuf[offset:offset + size] == bbuf[boffset:boffset + size], name
