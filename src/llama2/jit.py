@@ -186,6 +186,28 @@ def _attention_decode(q, kc, vc, slots, pos, out):
                 out[b, o + d] += a * vc[sl, kv, t, d]
 
 
+def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..start+t
+    """Scaled scores to probabilities, row by row, over each query's causal window; keys past the
+    window get probability 0."""
+    R, T, S = scores.shape
+    for rt in prange(R * T):
+        r, t = rt // T, rt % T
+        n = min(start + t + 1, S)
+        mx = np.float32(-np.inf)
+        for j in range(n):
+            mx = max(mx, scores[r, t, j])
+        total = np.float32(0.0)
+        for j in range(n):
+            e = np.float32(math.exp(scores[r, t, j] - mx))
+            scores[r, t, j] = e
+            total += e
+        inv = np.float32(1.0) / total
+        for j in range(n):
+            scores[r, t, j] *= inv
+        for j in range(n, S):
+            scores[r, t, j] = np.float32(0.0)
+
+
 matmul_f32 = _compile(_matmul_f32)
 matmul_q8 = _compile(_matmul_q8)
 qkv_f32 = _compile(_qkv_f32)
@@ -193,3 +215,4 @@ qkv_q8 = _compile(_qkv_q8)
 ffn_f32 = _compile(_ffn_f32)
 ffn_q8 = _compile(_ffn_q8)
 attention_decode = _compile(_attention_decode)
+causal_softmax = _compile(_causal_softmax)

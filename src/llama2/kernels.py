@@ -6,6 +6,8 @@ SiLU-gated FFN) but work on whole matrices: a prompt goes through as one [T, dim
 
 import numpy as np
 
+from . import jit
+
 F32 = np.float32
 
 
@@ -33,26 +35,17 @@ def rope(x, cos, sin):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
     return out
 
 
-def softmax(x, axis=-1):  # [..., n] -> [..., n], float32, stable for huge logits
-    e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
-
-
 def attention(q, k, v, start):  # [T, H, hd], [KVH, S, hd], [KVH, S, hd], int -> [T, H*hd]
     """Causal grouped-query attention of T new queries at positions start..start+T-1 over the S =
-    start+T cached keys and values; query head h reads kv head h // (H // KVH)."""
+    start+T cached keys and values; query head h reads kv head h // (H // KVH). The two products
+    are BLAS batched matmuls; the causal softmax is a compiled kernel that skips masked keys."""
     T, H, hd = q.shape
     KVH, S, _ = k.shape
     g = H // KVH
-    qh = q.reshape(T, KVH, g, hd).transpose(1, 2, 0, 3)  # [KVH, g, T, hd]
-    kh = k.transpose(0, 2, 1)[:, None]  # [KVH, 1, hd, S]
-    vh = v[:, None]  # [KVH, 1, S, hd]
-    scores = np.matmul(qh, kh) / np.sqrt(F32(hd))  # [KVH, g, T, S]
-    if T > 1:
-        # query t sees keys 0..start+t
-        mask = np.arange(S)[None, :] > (start + np.arange(T))[:, None]  # [T, S]
-        scores[..., mask] = -np.inf
-    out = np.matmul(softmax(scores), vh)  # [KVH, g, T, hd]
+    qh = np.ascontiguousarray(q.reshape(T, KVH, g, hd).transpose(1, 2, 0, 3))  # [KVH, g, T, hd]
+    scores = np.matmul(qh, k.transpose(0, 2, 1)[:, None]) / np.sqrt(F32(hd))  # [KVH, g, T, S]
+    jit.causal_softmax(KVH * g * T * S, scores.reshape(KVH * g, T, S), start)
+    out = np.matmul(scores, v[:, None])  # [KVH, g, T, hd]
     return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
 
 

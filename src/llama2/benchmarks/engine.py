@@ -53,6 +53,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
     "gguf-int8", "tokenizer"} paths. Weights are N(0, 0.02) from a fixed seed; stories260K is real."""
     from .. import checkpoint
     from ..export import CheckpointSource, export
+    from ..errors import FormatError
     from ..hub import resolve
     from ..tokenizer_export import load_vocab
 
@@ -84,8 +85,11 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
         if fmt == "llama2c":
             export(files[key], source, fmt="llama2c", version=2, group_size=GROUP)
         else:
-            export(files[key], source, fmt="gguf", dtype=dtype,
-                   vocab=load_vocab(tok, ckpt.config.vocab_size), warn=lambda text: None)
+            try:
+                export(files[key], source, fmt="gguf", dtype=dtype,
+                       vocab=load_vocab(tok, ckpt.config.vocab_size), warn=lambda text: None)
+            except FormatError:  # GGUF Q8_0 needs rows of whole 32-blocks (not stories260K's 172)
+                files[key] = None
     return files
 
 
@@ -125,15 +129,30 @@ def child_ours(path, threads, spawned):
     return ttft, decode, prefill, ids
 
 
-def child_llama_cpp(path, threads, spawned):
+def child_llama_cpp(path, threads, spawned, extra_bufts=True):
+    import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
+
+    if not extra_bufts:
+        # llama.cpp's AMX int8 path (an "extra buffer type") crashes with SIGSEGV on batches of more
+        # than one token on machines whose kernel does not grant AMX tile state (seen in our VMs,
+        # also with a Q8_0 file from llama.cpp's own quantizer); without extra buffer types it runs
+        # its regular AVX-512/VNNI Q8_0 kernels.
+        default_params = lc.llama_model_default_params
+
+        def params():
+            p = default_params()
+            p.use_extra_bufts = False
+            return p
+
+        lc.llama_model_default_params = params
 
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                 n_threads_batch=threads, logits_all=False, verbose=False)
     vocab = llm.n_vocab()
 
-    def last_logits():
-        return llm.scores[llm.n_tokens - 1]
+    def last_logits():  # eval() keeps no scores without logits_all: read the context's last row
+        return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
 
     llm.reset()
     llm.eval(_prompt(SHORT_PROMPT, vocab))
@@ -160,8 +179,10 @@ def child_llama_cpp(path, threads, spawned):
 
 def child_main(argv):
     impl, path, threads, spawned = argv[0], argv[1], int(argv[2]), float(argv[3])
-    run = child_ours if impl == "ours" else child_llama_cpp
-    ttft, decode, prefill, ids = run(path, threads, spawned)
+    if impl == "ours":
+        ttft, decode, prefill, ids = child_ours(path, threads, spawned)
+    else:
+        ttft, decode, prefill, ids = child_llama_cpp(path, threads, spawned, extra_bufts=impl == "llama_cpp")
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"ttft": ttft, "decode": decode, "prefill128": prefill[128],
                       "prefill512": prefill[512], "rss": rss_mb, "ids": ids}))
@@ -241,17 +262,19 @@ def run_bench(shapes, threads_list, weights_list, reps, with_peer, directory, as
                 case = Case(shape, weights, threads)
                 ours_path = files["fp32" if weights == "fp32" else "int8"]
                 peer_path = files["gguf-fp32" if weights == "fp32" else "gguf-int8"]
+                peer_here = with_peer and peer_path is not None
+                peer_impl = "llama_cpp" if weights == "fp32" else "llama_cpp_no_extra_bufts"
                 run_child("ours", ours_path, threads)  # warm-up (compiled-kernel cache, page cache)
-                if with_peer:
-                    run_child("llama_cpp", peer_path, threads)
+                if peer_here:
+                    run_child(peer_impl, peer_path, threads)
                 samples = {"ours": [], "peer": []}
                 for _ in range(reps):  # interleaved
                     samples["ours"].append(run_child("ours", ours_path, threads))
-                    if with_peer:
-                        samples["peer"].append(run_child("llama_cpp", peer_path, threads))
+                    if peer_here:
+                        samples["peer"].append(run_child(peer_impl, peer_path, threads))
                 for metric in METRICS:
                     ours = statistics.median(s[metric] for s in samples["ours"])
-                    peer = statistics.median(s[metric] for s in samples["peer"]) if with_peer else None
+                    peer = statistics.median(s[metric] for s in samples["peer"]) if peer_here else None
                     rows.append({"model": shape, "metric": metric, "weights": weights, "threads": threads,
                                  "ours": round(ours, 4), "peer": None if peer is None else round(peer, 4),
                                  "ratio": None if peer is None else round(ratio(metric, ours, peer), 3)})
