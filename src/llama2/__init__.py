@@ -8,3 +8,8 @@ from .errors import FormatError, Llama2Error, UsageError
 
 __version__ = "0.1.0"
 __all__ = ["ModelConfig", "Llama2Error", "UsageError", "FormatError", "__version__"]
+
+from .llama import Llama  # noqa: E402
+from .tokenizer import Tokenizer  # noqa: E402
+
+__all__ += ["Llama", "Tokenizer"]

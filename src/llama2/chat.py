@@ -1,0 +1,72 @@
+"""Multi-turn chat over one KV cache, with the Llama 2 chat template as llama2.c's run.c renders it.
+
+Each turn is rendered, encoded with BOS and appended to the conversation already in the cache; the
+assistant's turn ends at EOS, which is fed back before the next turn (as run.c does). Running out of
+positions ends the conversation with finish reason "length".
+"""
+
+from .generate import Event, resolve_steps
+from .sampler import Sampler
+from .tokenizer import StreamDecoder
+
+
+def render_llama2(user: str, system: str = "") -> str:
+    """run.c's templates: the system prompt only on the first turn, and only when non-empty."""
+    if system:
+        return f"[INST] <<SYS>>\n{system}\n<</SYS>>\n\n{user} [/INST]"
+    return f"[INST] {user} [/INST]"
+
+
+def render_chatml(user: str, system: str = "") -> str:
+    """ChatML (TinyLlama-chat style models): one block per message, then the assistant's header."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
+TEMPLATES = {"llama2": render_llama2, "chatml": render_chatml}
+
+
+class ChatSession:
+    """A conversation: `turn(user, system)` yields the assistant's Events for one user message."""
+
+    def __init__(self, llama, sampler: Sampler, steps: int = 0, template: str = "llama2"):
+        self.llama = llama
+        self.model = llama.model
+        self.tokenizer = llama.tokenizer
+        self.sampler = sampler
+        self.steps = resolve_steps(steps, self.model.config.seq_len)
+        self.render = TEMPLATES[template]
+        self.cache = self.model.new_cache()
+        self.pos = 0  # positions run so far
+        self._pending = []  # the EOS that closed the last reply, fed with the next turn
+
+    def turn(self, user: str, system: str = ""):
+        cfg = self.model.config
+        text = self.render(user, system if self.pos == 0 and not self._pending else "")
+        tokens = self._pending + self.tokenizer.encode(text, bos=True)
+        if self.pos + len(tokens) > self.steps:
+            yield Event(None, b"", "", finish_reason="length")
+            return
+        self._pending = []
+        # run.c samples after every position, prompt included: keep its coins in step.
+        if self.sampler.temperature != 0:
+            for _ in range(len(tokens) - 1):
+                self.sampler.rng.f32()
+        logits = self.model.forward(tokens, self.cache)[-1]
+        self.pos += len(tokens)
+        stream = StreamDecoder(self.tokenizer)
+        token = tokens[-1]
+        while True:
+            nxt = self.sampler.sample(logits)
+            if nxt == cfg.eos_id:
+                self._pending = [nxt]
+                yield Event(None, b"", stream.flush(), finish_reason="stop")
+                return
+            raw, piece = stream.push(token, nxt)
+            yield Event(nxt, raw, piece)
+            token = nxt
+            if self.pos >= self.steps:
+                yield Event(None, b"", stream.flush(), finish_reason="length")
+                return
+            logits = self.model.forward([token], self.cache)[-1]
+            self.pos += 1

@@ -1,0 +1,145 @@
+"""`llama2 run`: generate or chat, taking both the short form and llama2.c run.c's flags.
+
+    llama2 run                                   # stories15M.bin, "Once upon a time"
+    llama2 run 'Long long ago'                   # default model, this prompt
+    llama2 run -m stories42M.bin 'Long long ago'
+    llama2 run CHECKPOINT [-t T] [-p P] [-s SEED] [-n STEPS] [-i PROMPT] [-z TOKENIZER]
+               [-m generate|chat] [-y SYSTEM]    # exactly as run.c; the prompt defaults to ""
+
+stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
+"""
+
+import time
+from pathlib import Path
+
+from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
+from ..errors import UsageError
+
+MODES = ("generate", "chat")
+MODEL_SUFFIXES = (".bin", ".gguf", ".safetensors")
+
+
+def register(sub):
+    p = sub.add_parser("run", help="generate a story or chat with a model",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("words", nargs="*", metavar="[CHECKPOINT] [PROMPT]",
+                   help="a model file (run.c style, first) and/or a prompt")
+    p.add_argument("-t", "--temperature", type=float, default=GENERATION.temperature,
+                   help=f"sampling temperature, 0 = greedy (default {GENERATION.temperature})")
+    p.add_argument("-p", "--top-p", type=float, default=GENERATION.top_p,
+                   help=f"top-p (nucleus) sampling in [0, 1]; 0 or 1 disables it (default {GENERATION.top_p})")
+    p.add_argument("-s", "--seed", type=int, default=GENERATION.seed,
+                   help="random seed; 0 or less means from the clock (default)")
+    p.add_argument("-n", "--steps", type=int, default=GENERATION.steps,
+                   help=f"positions to run, prompt included; 0 = the whole context (default {GENERATION.steps})")
+    p.add_argument("-i", "--prompt", help="the prompt")
+    p.add_argument("-z", "--tokenizer", help="tokenizer.bin to use (default: tokenizer.bin)")
+    p.add_argument("-m", dest="m", metavar="MODE|MODEL",
+                   help="'generate' or 'chat' (as run.c), or else a model file")
+    p.add_argument("--model", help="the model file (default %s)" % DEFAULT_MODEL)
+    p.add_argument("--mode", choices=MODES, help="generate (default) or chat")
+    p.add_argument("-y", "--system", help="system prompt, chat mode")
+    p.set_defaults(func=run)
+
+
+def _looks_like_model(word: str) -> bool:
+    path = Path(word)
+    return path.suffix in MODEL_SUFFIXES or path.is_dir() or path.is_file()
+
+
+def parse(args):
+    """Resolve the two CLI styles into (model, prompt, mode, prompt_given)."""
+    mode, model = args.mode, args.model
+    if args.m is not None:
+        if args.m in MODES:
+            mode = mode or args.m
+        elif model is None:
+            model = args.m
+        else:
+            raise UsageError(f"-m {args.m!r}: expected 'generate' or 'chat' (the model is given by --model)")
+    words = list(args.words)
+    positional_model = False
+    if model is None and words and (len(words) >= 2 or _looks_like_model(words[0])):
+        model, positional_model = words.pop(0), True
+    if len(words) > 1:
+        raise UsageError(f"unexpected argument {words[1]!r}: quote a prompt of several words")
+    if words and args.prompt is not None:
+        raise UsageError(f"prompt given twice: {words[0]!r} and -i {args.prompt!r}")
+    prompt = words[0] if words else args.prompt
+    given = prompt is not None
+    if prompt is None:
+        prompt = "" if positional_model else DEFAULT_PROMPT
+    if args.temperature < 0:
+        raise UsageError(f"-t {args.temperature}: temperature must be >= 0")
+    if not 0 <= args.top_p <= 1:
+        raise UsageError(f"-p {args.top_p}: top-p must be in [0, 1]")
+    if args.steps < 0:
+        raise UsageError(f"-n {args.steps}: steps must be >= 0")
+    return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
+
+
+def run(args, io) -> int:
+    from ..llama import Llama
+    from ..sampler import Sampler
+
+    model_path, prompt, mode, prompt_given = parse(args)
+    llama = Llama.load(model_path, args.tokenizer)
+    sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
+    if mode == "chat":
+        return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io)
+    from ..generate import generate
+
+    start, count = None, 0
+    for event in generate(llama.model, llama.tokenizer, sampler, llama.encode(prompt), args.steps):
+        if event.raw:
+            io.out(event.raw)
+        if event.token is not None:
+            count += 1
+            if start is None:
+                start = time.perf_counter()
+    io.out(b"\n")
+    if start is not None and count > 1:
+        io.err(f"achieved tok/s: {(count - 1) / (time.perf_counter() - start):f}\n")
+    return 0
+
+
+def _readline(io, guide: str):
+    """run.c's read_stdin: print the guide, read one line; None at end of input."""
+    io.out(guide.encode())
+    line = io.stdin.readline()
+    if not line:
+        return None
+    return line[:-1] if line.endswith("\n") else line
+
+
+def _chat(llama, sampler, user_prompt, system_prompt, steps, io) -> int:
+    from ..chat import ChatSession
+
+    session = ChatSession(llama, sampler, steps)
+    first = True
+    while True:
+        if first and system_prompt is None:
+            system_prompt = _readline(io, "Enter system prompt (optional): ")
+            if system_prompt is None:
+                break
+        if first and user_prompt is not None:
+            user = user_prompt
+        else:
+            user = _readline(io, "User: ")
+            if user is None:
+                break
+        io.out(b"Assistant: ")
+        finish = None
+        for event in session.turn(user, system_prompt if first else ""):
+            if event.raw:
+                io.out(event.raw)
+            finish = event.finish_reason
+        first = False
+        if finish == "stop":
+            io.out(b"\n")
+        elif finish == "length":
+            io.out(b"\n")
+            io.err(f"llama2: the conversation reached its {session.steps}-position limit (-n)\n")
+            break
+    io.out(b"\n")
+    return 0

@@ -1,0 +1,84 @@
+"""Where models and tokenizers come from: a path as given, else the cache folder, else a download.
+
+The cache folder is `$LLAMA2_HOME` or `~/.cache/llama2`. Known files (karpathy's tinyllamas on the
+Hugging Face hub, llama2.c's tokenizer.bin) are fetched on first use with a progress bar; offline,
+the error says what to download and where to put it.
+"""
+
+import os
+import shutil
+import sys
+import urllib.request
+from pathlib import Path
+
+from .errors import Llama2Error
+
+# file name -> (Hugging Face repo, file in the repo) or a direct URL
+KNOWN_FILES = {
+    "stories15M.bin": ("karpathy/tinyllamas", "stories15M.bin"),
+    "stories42M.bin": ("karpathy/tinyllamas", "stories42M.bin"),
+    "stories110M.bin": ("karpathy/tinyllamas", "stories110M.bin"),
+    "stories260K.bin": ("karpathy/tinyllamas", "stories260K/stories260K.bin"),
+    "tok512.bin": ("karpathy/tinyllamas", "stories260K/tok512.bin"),
+    "tokenizer.bin": "https://github.com/karpathy/llama2.c/raw/master/tokenizer.bin",
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LLAMA2_HOME") or Path.home() / ".cache" / "llama2")
+
+
+def _source(name) -> str:
+    src = KNOWN_FILES[name]
+    return src if isinstance(src, str) else f"https://huggingface.co/{src[0]}/resolve/main/{src[1]}"
+
+
+def resolve(name, what="model", download=True) -> Path:
+    """Find `name` as given, then in the cache folder; download it there if it is a known file."""
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    cached = cache_dir() / path.name
+    if path.name == str(name) and cached.exists():
+        return cached
+    if path.name == str(name) and name in KNOWN_FILES and download:
+        return fetch(name)
+    hint = f" (or put it in {cache_dir()})" if path.name == str(name) else ""
+    raise Llama2Error(f"{name}: no such {what} file{hint}")
+
+
+def fetch(name) -> Path:
+    """Download a known file into the cache folder (atomically), with a progress bar on stderr."""
+    dest = cache_dir() / name
+    url = _source(name)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    try:
+        _download(url, part)
+        os.replace(part, dest)
+    except Exception as e:  # any network failure: say what to fetch and where to put it
+        part.unlink(missing_ok=True)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise Llama2Error(f"cannot download {name} ({reason}): download {url} and put it at {dest}") from None
+    return dest
+
+
+def _download(url, dest: Path):
+    if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("LLAMA2_OFFLINE"):
+        raise ConnectionError("offline mode is set")
+    src = KNOWN_FILES.get(dest.name[: -len(".part")])
+    if isinstance(src, tuple):
+        from huggingface_hub import hf_hub_download  # its own progress bar and retries
+
+        got = hf_hub_download(repo_id=src[0], filename=src[1], local_dir=dest.parent / ".hub")
+        shutil.move(got, dest)
+        return
+    from tqdm import tqdm
+
+    with urllib.request.urlopen(url, timeout=30) as r, open(dest, "wb") as f:
+        total = int(r.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name[: -len(".part")],
+                  file=sys.stderr) as bar:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+                bar.update(len(chunk))

@@ -1,0 +1,89 @@
+"""Token sampling exactly as llama2.c's run.c: xorshift64* coins, temperature, top-p (nucleus).
+
+Order of operations (run.c `sample`): temperature 0 means greedy argmax. Otherwise the logits are
+divided by the temperature, turned into probabilities by a float32 softmax, one coin is drawn per
+sampled token, and the token is drawn from the full distribution when top_p <= 0 or top_p >= 1, else
+from the smallest set of most-likely tokens whose cumulative probability exceeds top_p.
+"""
+
+import time
+
+import numpy as np
+
+_MASK64 = (1 << 64) - 1
+
+
+class Rng:
+    """run.c's xorshift64* generator; the state is a uint64 seeded with the seed itself."""
+
+    def __init__(self, seed: int):
+        self.state = seed & _MASK64
+
+    def u32(self) -> int:
+        s = self.state
+        s ^= s >> 12
+        s ^= (s << 25) & _MASK64
+        s ^= s >> 27
+        self.state = s
+        return ((s * 0x2545F4914F6CDD1D) & _MASK64) >> 32
+
+    def f32(self) -> float:
+        """A float32 in [0, 1): the top 24 bits of a u32."""
+        return float(np.float32(self.u32() >> 8) / np.float32(16777216.0))
+
+
+def resolve_seed(seed) -> int:
+    """run.c: a seed of 0 or less (or none) means "from the clock"."""
+    if seed is None or seed <= 0:
+        return int(time.time())
+    return int(seed)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:  # [n] float32 -> [n] float32
+    e = np.exp(x - x.max(), dtype=np.float32)
+    total = np.cumsum(e, dtype=np.float32)[-1]  # a sequential sum, as run.c's loop
+    return e / total
+
+
+def sample_multinomial(probs: np.ndarray, coin: float) -> int:  # [n], coin in [0,1)
+    """First index whose cumulative probability exceeds the coin (run.c sample_mult)."""
+    cdf = np.cumsum(probs, dtype=np.float32)
+    i = int(np.searchsorted(cdf, np.float32(coin), side="right"))
+    return min(i, len(probs) - 1)
+
+
+def sample_top_p(probs: np.ndarray, top_p: float, coin: float) -> int:  # [n], p, coin -> index
+    """Nucleus sampling as run.c sample_topp: tokens below (1-p)/(n-1) are dropped up front (they
+    cannot be in the nucleus), the rest sorted by descending probability and cut where the
+    cumulative probability first exceeds p; the coin is scaled by the kept mass."""
+    n = len(probs)
+    cutoff = (np.float32(1.0) - np.float32(top_p)) / np.float32(n - 1)
+    idx = np.flatnonzero(probs >= cutoff)
+    order = idx[np.argsort(-probs[idx], kind="stable")]
+    cum = np.cumsum(probs[order], dtype=np.float32)
+    over = np.flatnonzero(cum > np.float32(top_p))
+    last = int(over[0]) if len(over) else len(order) - 1
+    r = np.float32(coin) * cum[last]
+    j = int(np.searchsorted(cum[: last + 1], r, side="right"))
+    return int(order[min(j, last)])
+
+
+class Sampler:
+    """Owns its RNG. `sample(logits)` returns a token id; the logits array is not modified."""
+
+    def __init__(self, vocab_size: int, temperature: float = 1.0, top_p: float = 0.9, seed=None):
+        self.vocab_size = vocab_size
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.seed = resolve_seed(seed)
+        self.rng = Rng(self.seed)
+
+    def sample(self, logits: np.ndarray) -> int:  # [vocab] float32
+        if self.temperature == 0.0:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float32) / np.float32(self.temperature)
+        probs = softmax(scaled)
+        coin = self.rng.f32()
+        if self.top_p <= 0 or self.top_p >= 1:
+            return sample_multinomial(probs, coin)
+        return sample_top_p(probs, self.top_p, coin)

@@ -1,0 +1,201 @@
+"""The llama2.c tokenizer (`tokenizer.bin`): BPE encode, decode and streaming text, as run.c does them.
+
+File format (llama2.c tokenizer.py export): uint32 max_token_length, then per token float32 score,
+int32 byte length, bytes. Encoding follows run.c's `encode` exactly (dummy prefix, code-point lookup,
+byte fallback +3, greedy merge of the best-scoring adjacent pair, leftmost on ties).
+"""
+
+import re
+import struct
+from pathlib import Path
+
+from .errors import FormatError
+
+_BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{1,2})")
+# C's isprint / isspace in the "C" locale, for run.c's safe_printf.
+_PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\v\f\r ")
+
+
+class Tokenizer:
+    """A vocabulary of byte pieces with merge scores. Ids are positions in the vocabulary."""
+
+    def __init__(self, pieces, scores, max_token_length=None, bos_id=1, eos_id=2):
+        if len(pieces) != len(scores):
+            raise ValueError("pieces and scores differ in length")
+        self.pieces = [bytes(p) for p in pieces]
+        self.scores = [float(s) for s in scores]
+        self.max_token_length = max_token_length or max((len(p) for p in self.pieces), default=0)
+        self.bos_id, self.eos_id = bos_id, eos_id
+        # run.c looks pieces up as C strings with bsearch over a sorted copy; for duplicate pieces
+        # the first id wins here (real vocabularies have none).
+        self._ids = {}
+        for i, p in enumerate(self.pieces):
+            self._ids.setdefault(p.split(b"\0", 1)[0], i)
+        self._decoded = [self._piece_bytes(p) for p in self.pieces]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.pieces)
+
+    @classmethod
+    def load(cls, path, vocab_size=None) -> "Tokenizer":
+        """Read a llama2.c tokenizer.bin. With `vocab_size`, take exactly that many entries (as run.c
+        does) and fail if the file has fewer."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise FormatError(f"{path}: no such tokenizer file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{path}: is a directory, expected a tokenizer.bin file") from None
+        if len(data) < 4:
+            raise FormatError(f"{path}: too short to be a tokenizer.bin ({len(data)} bytes)")
+        (max_len,) = struct.unpack_from("<I", data, 0)
+        off, pieces, scores = 4, [], []
+        while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
+            if off + 8 > len(data):
+                raise FormatError(f"{path}: truncated token entry {len(pieces)} at byte {off}")
+            score, n = struct.unpack_from("<fi", data, off)
+            if n < 0 or off + 8 + n > len(data):
+                raise FormatError(f"{path}: token {len(pieces)} at byte {off} has a bad length {n}")
+            pieces.append(data[off + 8: off + 8 + n])
+            scores.append(score)
+            off += 8 + n
+        if vocab_size is not None and len(pieces) < vocab_size:
+            raise FormatError(f"{path}: tokenizer has {len(pieces)} tokens but the model's vocabulary "
+                              f"has {vocab_size}; use the tokenizer the model was trained with (-z)")
+        if not pieces:
+            raise FormatError(f"{path}: tokenizer has no tokens")
+        return cls(pieces, scores, max_len)
+
+    def save(self, path):
+        from .fileio import atomic_write
+        with atomic_write(path) as f:
+            f.write(struct.pack("<I", self.max_token_length))
+            for piece, score in zip(self.pieces, self.scores):
+                f.write(struct.pack("<fi", score, len(piece)))
+                f.write(piece)
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
+        """run.c's encode(): BPE over UTF-8 code points with byte fallback."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        data = data.split(b"\0", 1)[0]  # run.c reads the text as a C string
+        ids = self._ids
+        tokens = [self.bos_id] if bos else []
+        if data:
+            tokens.append(ids.get(b" ", -1))  # the dummy-prefix space
+        # One token per code point (run.c groups a lead byte with up to 3 continuation bytes).
+        i, n = 0, len(data)
+        while i < n:
+            j = i + 1
+            while j < n and (data[j] & 0xC0) == 0x80 and j - i < 4:
+                j += 1
+            tid = ids.get(data[i:j], -1)
+            if tid != -1:
+                tokens.append(tid)
+            else:
+                tokens.extend(b + 3 for b in data[i:j])
+            i = j
+        self._merge(tokens)
+        if eos:
+            tokens.append(self.eos_id)
+        return tokens
+
+    def _merge(self, tokens):
+        """Repeatedly merge the adjacent pair whose merged piece has the highest score."""
+        pieces, scores, ids = self.pieces, self.scores, self._ids
+        # Cache pair lookups: each round only the pairs around the merge point change.
+        pair = [ids.get(pieces[a] + pieces[b], -1) for a, b in zip(tokens, tokens[1:])]
+        while True:
+            best_score, best_idx = -1e10, -1
+            for k, pid in enumerate(pair):
+                if pid != -1 and scores[pid] > best_score:
+                    best_score, best_idx = scores[pid], k
+            if best_idx == -1:
+                return tokens
+            tokens[best_idx] = pair[best_idx]
+            del tokens[best_idx + 1]
+            del pair[best_idx]
+            if best_idx < len(pair):
+                pair[best_idx] = ids.get(pieces[tokens[best_idx]] + pieces[tokens[best_idx + 1]], -1)
+            if best_idx > 0:
+                pair[best_idx - 1] = ids.get(pieces[tokens[best_idx - 1]] + pieces[tokens[best_idx]], -1)
+
+    # -- decoding ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _piece_bytes(piece: bytes) -> bytes:
+        m = _BYTE_PIECE.match(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        return piece.split(b"\0", 1)[0]  # printed with %s: stops at a NUL
+
+    def piece(self, prev_token: int, token: int) -> bytes:
+        """run.c's decode(): the bytes of `token` given the previous token (BOS strips a space)."""
+        raw = self.pieces[token]
+        if prev_token == self.bos_id and raw[:1] == b" ":
+            raw = raw[1:]
+            return self._piece_bytes(raw)
+        return self._decoded[token]
+
+    def printable(self, prev_token: int, token: int) -> bytes:
+        """The bytes run.c's safe_printf prints for `token`: a lone unprintable byte prints nothing."""
+        b = self.piece(prev_token, token)
+        if len(b) == 1 and b[0] not in _PRINTABLE:
+            return b""
+        return b
+
+    def decode_bytes(self, ids, prev_token=None) -> bytes:
+        """The bytes run.c would print for `ids` (each decoded after its predecessor)."""
+        out = []
+        prev = self.bos_id if prev_token is None else prev_token
+        for t in ids:
+            if t == self.bos_id:
+                prev = t
+                continue
+            out.append(self.printable(prev, t))
+            prev = t
+        return b"".join(out)
+
+    def decode(self, ids) -> str:
+        """Text of `ids` as run.c prints it; a trailing incomplete UTF-8 sequence is replaced."""
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+
+class StreamDecoder:
+    """Turns a stream of tokens into text pieces that never split a UTF-8 character.
+
+    `push(prev, token)` returns the bytes run.c would print for this token (`raw`) and the text that
+    is complete so far (`text`); `flush()` returns what is left when the stream ends.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._pending = b""
+
+    def push(self, prev_token: int, token: int) -> tuple:
+        raw = self.tokenizer.printable(prev_token, token)
+        data = self._pending + raw
+        cut = _complete_prefix(data)
+        self._pending = data[cut:]
+        return raw, data[:cut].decode("utf-8", errors="replace")
+
+    def flush(self) -> str:
+        data, self._pending = self._pending, b""
+        return data.decode("utf-8", errors="replace")
+
+
+def _complete_prefix(data: bytes) -> int:
+    """Length of the longest prefix of `data` that does not end inside a UTF-8 sequence."""
+    n = len(data)
+    for back in range(1, min(4, n) + 1):
+        b = data[n - back]
+        if b & 0xC0 == 0x80:
+            continue  # continuation byte: keep looking for the lead byte
+        if b & 0x80 == 0:
+            return n
+        need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+        return n if back >= need else n - back
+    return n

@@ -1,0 +1,70 @@
+"""Shared test fixtures: where the shared assets are, and small random models made on the spot."""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama2 import checkpoint
+from llama2.config import ModelConfig
+from llama2.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parent.parent
+ASSETS = Path(os.environ.get("LLAMA2_ASSETS", REPO.parent / "shared" / "assets"))
+GOLDEN = Path(os.environ.get("LLAMA2_GOLDEN", ASSETS.parent / "golden"))
+
+
+def asset(name) -> Path:
+    """Path of a shared asset, or skip the test saying what is missing."""
+    path = ASSETS / name
+    if not path.exists():
+        pytest.skip(f"shared asset {name} not found in {ASSETS} (set LLAMA2_ASSETS)")
+    return path
+
+
+def golden(name) -> Path:
+    path = GOLDEN / name
+    if not path.exists():
+        pytest.skip(f"golden file {name} not found in {GOLDEN} (set LLAMA2_GOLDEN)")
+    return path
+
+
+def random_weights(config: ModelConfig, seed=0, scale=0.1) -> dict:
+    rng = np.random.default_rng(seed)
+    weights = {}
+    for name, shape in checkpoint.tensor_shapes(config).items():
+        if name.startswith("rms"):
+            weights[name] = (1.0 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            weights[name] = (scale * rng.standard_normal(shape)).astype(np.float32)
+    return weights
+
+
+def byte_tokenizer(vocab_size: int) -> Tokenizer:
+    """A tokenizer like llama2.c's exports: <unk>, BOS, EOS, 256 byte pieces, then merges."""
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
+    scores = [0.0] * len(pieces)
+    letters = b" abcdefghijklmnopqrstuvwxyz"
+    k = 0
+    while len(pieces) < vocab_size:
+        a, b = letters[k % len(letters)], letters[(k // len(letters)) % len(letters)]
+        piece = bytes([a]) if k < len(letters) else bytes([b, a])
+        if piece not in pieces:
+            pieces.append(piece)
+            scores.append(-float(len(pieces)))
+        k += 1
+    return Tokenizer(pieces, scores)
+
+
+TINY = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=320, seq_len=64)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    """A random-weight v1 checkpoint and a matching tokenizer in a temp folder."""
+    ckpt = tmp_path / "tiny.bin"
+    checkpoint.write(ckpt, TINY, random_weights(TINY), version=1)
+    tok = tmp_path / "tok.bin"
+    byte_tokenizer(TINY.vocab_size).save(tok)
+    return ckpt, tok
