@@ -92,14 +92,14 @@ def parse_bool(text) -> bool:
     raise ValueError(f"expected true or false, got {text!r}")
 
 
-def _field_type(f) -> type:
+def field_type(f) -> type:
     return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
                                                                else f.type.__name__]
 
 
 def coerce(name, f, value, source):
     """Check a value from a config file against the option's type; one-line error naming the key."""
-    kind = _field_type(f)
+    kind = field_type(f)
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, int) and not isinstance(value, bool) if kind is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else

@@ -53,7 +53,7 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
         try:
             spm.SentencePieceTrainer.train(
                 input=str(text_path), model_prefix=str(prefix), model_type="bpe",
-                vocab_size=vocab_size, self_test_sample_size=0, input_format="text",
+                vocab_size=vocab_size, input_format="text",
                 character_coverage=1.0, num_threads=threads or os.cpu_count() or 1,
                 split_digits=True, allow_whitespace_only_pieces=True, byte_fallback=True,
                 unk_surface=r" \342\201\207 ", normalization_rule_name="identity",
