@@ -61,8 +61,9 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
                 minloglevel=2)
         except RuntimeError as e:
             # e.g. "Vocabulary size is too high (1000). Please set it to a value <= 700."
+            reason = str(e).strip().splitlines()[0].rsplit("] ", 1)[-1]  # drop the C++ source location
             raise Llama2Error(f"sentencepiece could not train a {vocab_size}-piece vocabulary: "
-                              f"{str(e).strip().splitlines()[-1]}") from None
+                              f"{reason}") from None
         with atomic_write(model_path) as f:
             f.write((Path(tmp) / "tok.model").read_bytes())
     export_bin(model_path, bin_path)
