@@ -53,6 +53,7 @@ def resolve(args) -> tuple:
     if args.resume:
         values["init_from"] = "resume"
     if values.get("init_from") == "resume":
+        _need_torch()
         from ..train.trainer import read_checkpoint
         out_dir = values.get("out_dir", options.TrainOptions.out_dir)
         saved = read_checkpoint(out_dir)["options"]
@@ -69,14 +70,18 @@ def resolve(args) -> tuple:
         raise UsageError(str(e)) from None
 
 
-def run(args, io) -> int:
+def _need_torch():
     try:
         import torch  # noqa: F401
     except ImportError:
         raise Llama2Error("training needs PyTorch: pip install torch") from None
+
+
+def run(args, io) -> int:
+    model_opts, train_opts = resolve(args)
+    _need_torch()
     from ..train.trainer import train
 
-    model_opts, train_opts = resolve(args)
     result = train(model_opts, train_opts, log=lambda line: io.err(line + "\n"))
     if result.evals:
         io.err(f"best val loss {result.best_val_loss:.4f} after {result.iter_num} iterations\n")

@@ -5,6 +5,7 @@ come from the defaults, then a TOML (or YAML) file, then command-line flags; not
 """
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -70,9 +71,22 @@ class TrainOptions:
     seed: int = 1337
     device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU
+    num_threads: int = 0  # CPU threads for torch; 0: torch's default (tiny models run best on 1)
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
+
+    def lr_at(self, it: int) -> float:
+        """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+        if not self.decay_lr:
+            return self.learning_rate
+        if it < self.warmup_iters:
+            return self.learning_rate * (it + 1) / (self.warmup_iters + 1)
+        decay_iters = self.lr_decay_iters or self.max_iters
+        if it >= decay_iters:
+            return self.min_lr
+        ratio = (it - self.warmup_iters) / max(1, decay_iters - self.warmup_iters)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (self.learning_rate - self.min_lr)
 
 
 SECTIONS = {"model": ModelOptions, "train": TrainOptions}
@@ -169,7 +183,7 @@ def check(model: ModelOptions, train: TrainOptions):
                           "gradient_accumulation_steps", "eval_interval", "log_interval") and value <= 0:
                 raise UsageError(f"--{f.name} must be positive, got {value}")
             if f.name in ("n_kv_heads", "hidden_dim", "vocab_size", "max_iters", "eval_iters",
-                          "warmup_iters", "lr_decay_iters") and value < 0:
+                          "warmup_iters", "lr_decay_iters", "num_threads") and value < 0:
                 raise UsageError(f"--{f.name} must not be negative, got {value}")
     if not 0.0 <= model.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {model.dropout}")

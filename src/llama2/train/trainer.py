@@ -54,19 +54,6 @@ class Result:
     losses: list = field(default_factory=list)  # dicts: iter, loss, lr, tokens_per_s, mfu
 
 
-def lr_at(it: int, t: opts.TrainOptions) -> float:
-    """Linear warmup over warmup_iters, then cosine decay to min_lr at lr_decay_iters, then min_lr."""
-    if not t.decay_lr:
-        return t.learning_rate
-    if it < t.warmup_iters:
-        return t.learning_rate * (it + 1) / (t.warmup_iters + 1)
-    decay_iters = t.lr_decay_iters or t.max_iters
-    if it >= decay_iters:
-        return t.min_lr
-    ratio = (it - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.learning_rate - t.min_lr)
-
-
 def read_checkpoint(out_dir) -> dict:
     path = Path(out_dir) / CKPT
     if not path.exists():
@@ -75,6 +62,15 @@ def read_checkpoint(out_dir) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged or foreign file: torch raises many kinds
         raise Llama2Error(f"{path}: cannot read checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def load_model(out_dir) -> Transformer:
+    """The model of OUT_DIR/ckpt.pt, on the CPU in eval mode (for export, scoring and tests)."""
+    ckpt = read_checkpoint(out_dir)
+    model_opts, _ = opts.from_dict(ckpt["options"])
+    model = Transformer(model_opts.model_config(), model_opts.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
 
 
 def _device(t: opts.TrainOptions, dist: Dist) -> str:
@@ -148,6 +144,8 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         raise Llama2Error(f"{data.dir}: no validation tokens; prepare with --val-fraction > 0 or "
                           "--val FILE, or train with --eval_iters 0")
 
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
     torch.manual_seed(t.seed)  # the same initial weights in every process
     model = Transformer(config, model_opts.dropout).to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -257,7 +255,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         if iter_num >= t.max_iters or t.eval_only:
             break
 
-        lr = lr_at(iter_num, t)
+        lr = t.lr_at(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), device=device)
