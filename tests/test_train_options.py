@@ -75,3 +75,20 @@ def test_lr_schedule():
     assert t.lr_at(60) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 2)))
     assert t.lr_at(110) == t.lr_at(500) == 0.1
     assert options.TrainOptions(decay_lr=False, learning_rate=0.3).lr_at(5) == 0.3
+
+
+def test_cli_works_without_torch(tmp_path):
+    """Inference and data preparation never import torch; training says it needs it in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import io, llama2, llama2.cli, llama2.train.data, llama2.evaluate\n"
+            "err = io.StringIO()\n"
+            "rc = llama2.cli.main(['train', '--data', 'x'], stdout=io.BytesIO(), stderr=err)\n"
+            "print(rc, err.getvalue().strip())\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={"PYTHONPATH": str(src), "PATH": ""}, timeout=120)
+    assert out.stdout.strip() == "1 llama2: error: training needs PyTorch: pip install torch", out.stderr

@@ -234,7 +234,11 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     bar = tqdm(total=t.max_iters, initial=iter_num, unit="it", dynamic_ncols=True, leave=False,
                disable=(None if progress is None else not progress) if dist.master else True)
     result = Result(iter_num, best_val)
-    say = bar.write if not bar.disable else log
+    def say(line):  # above the progress bar when there is one
+        if bar.disable:
+            log(line)
+        else:
+            bar.write(line, file=bar.fp)
     model.train()
     started = time.perf_counter()
     while True:
@@ -294,9 +298,8 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
             if dist.master:
                 record(entry)
-                if bar.disable:
-                    log(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, {tps:,.0f} tokens/s, "
-                        f"mfu {100 * mfu:.2f}%")
+                say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, {tps:,.0f} tokens/s, "
+                    f"mfu {100 * mfu:.2f}%")
     bar.close()
     return result
 
