@@ -167,12 +167,9 @@ def test_resume_is_bit_exact(prepared):
     assert (straight / "model.bin").read_bytes() == (split / "model.bin").read_bytes()
 
 
-def test_resume_cannot_change_the_model(prepared):
-    out = prepared / "straight"  # from test_resume_is_bit_exact, or missing
-    if not (out / "ckpt.pt").exists():
-        pytest.skip("needs test_resume_is_bit_exact's checkpoint")
-    code, _, err = run_cli(["train", "--resume", "--out_dir", out, "--dim", "48"])
-    assert code == 1 and "--dim 48 differs from the checkpoint's 32" in err
+def test_resume_cannot_change_the_model(trained):
+    code, _, err = run_cli(["train", "--resume", "--out_dir", trained, "--dim", "48"])
+    assert code == 1 and "--dim 48 differs from the checkpoint's 64" in err
 
 
 def test_ddp_matches_single_process(prepared):
