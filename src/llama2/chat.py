@@ -5,6 +5,8 @@ assistant's turn ends at EOS, which is fed back before the next turn (as run.c d
 positions ends the conversation with finish reason "length".
 """
 
+import re
+
 from .generate import Event, resolve_steps
 from .sampler import Sampler
 from .tokenizer import StreamDecoder
@@ -24,6 +26,29 @@ def render_chatml(user: str, system: str = "") -> str:
 
 
 TEMPLATES = {"llama2": render_llama2, "chatml": render_chatml}
+# Markers a template uses that models keep as single special tokens (Hugging Face "added tokens"):
+# when the vocabulary has one as a whole piece it is fed as that id, not spelled out by BPE. The
+# last marker of a template also ends the assistant's turn, as EOS does.
+MARKERS = {"llama2": (), "chatml": ("<|im_start|>", "<|im_end|>")}
+
+
+def marker_ids(tokenizer, template) -> dict:
+    """marker text -> id, for the template's markers that are single pieces of this vocabulary."""
+    pieces = {p: i for i, p in enumerate(tokenizer.pieces)}
+    return {m: pieces[m.encode()] for m in MARKERS[template] if m.encode() in pieces}
+
+
+def encode_turn(tokenizer, text, markers: dict) -> list:
+    """BOS, then `text` encoded as run.c does, except that each marker in `markers` is its id."""
+    if not markers:
+        return tokenizer.encode(text, bos=True)
+    tokens = [tokenizer.bos_id]
+    for part in re.split("(" + "|".join(map(re.escape, markers)) + ")", text):
+        if part in markers:
+            tokens.append(markers[part])
+        elif part:
+            tokens.extend(tokenizer.encode(part, bos=False))
+    return tokens
 
 
 class ChatSession:
@@ -36,6 +61,9 @@ class ChatSession:
         self.sampler = sampler
         self.steps = resolve_steps(steps, self.model.config.seq_len)
         self.render = TEMPLATES[template]
+        self.markers = marker_ids(self.tokenizer, template)
+        end = MARKERS[template][-1:]
+        self.stop_ids = {self.model.config.eos_id} | {self.markers[m] for m in end if m in self.markers}
         self.cache = self.model.new_cache()
         self.pos = 0  # positions run so far
         self._pending = []  # the EOS that closed the last reply, fed with the next turn
@@ -43,7 +71,7 @@ class ChatSession:
     def turn(self, user: str, system: str = ""):
         cfg = self.model.config
         text = self.render(user, system if self.pos == 0 and not self._pending else "")
-        tokens = self._pending + self.tokenizer.encode(text, bos=True)
+        tokens = self._pending + encode_turn(self.tokenizer, text, self.markers)
         if self.pos + len(tokens) > self.steps:
             yield Event(None, b"", "", finish_reason="length")
             return
@@ -58,7 +86,7 @@ class ChatSession:
         token = tokens[-1]
         while True:
             nxt = self.sampler.sample(logits)
-            if nxt == cfg.eos_id:
+            if nxt in self.stop_ids:
                 self._pending = [nxt]
                 yield Event(None, b"", stream.flush(), finish_reason="stop")
                 return

@@ -12,6 +12,7 @@ stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 import time
 from pathlib import Path
 
+from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import UsageError
 
@@ -39,6 +40,12 @@ def register(sub):
     p.add_argument("--model", help="the model file (default %s)" % DEFAULT_MODEL)
     p.add_argument("--mode", choices=MODES, help="generate (default) or chat")
     p.add_argument("-y", "--system", help="system prompt, chat mode")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every kernel, BLAS included (default: the cores available)")
+    p.add_argument("--quantize", choices=("q8_0",), default=None,
+                   help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
+                   help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     p.set_defaults(func=run)
 
 
@@ -75,6 +82,8 @@ def parse(args):
         raise UsageError(f"-p {args.top_p}: top-p must be in [0, 1]")
     if args.steps < 0:
         raise UsageError(f"-n {args.steps}: steps must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected at least 1")
     return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
 
 
@@ -83,10 +92,12 @@ def run(args, io) -> int:
     from ..sampler import Sampler
 
     model_path, prompt, mode, prompt_given = parse(args)
-    llama = Llama.load(model_path, args.tokenizer)
+    llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
-        return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io)
+        template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"
+        return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
+                     template)
     from ..generate import generate
 
     start, count = None, 0
@@ -112,10 +123,10 @@ def _readline(io, guide: str):
     return line[:-1] if line.endswith("\n") else line
 
 
-def _chat(llama, sampler, user_prompt, system_prompt, steps, io) -> int:
+def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2") -> int:
     from ..chat import ChatSession
 
-    session = ChatSession(llama, sampler, steps)
+    session = ChatSession(llama, sampler, steps, template)
     first = True
     while True:
         if first and system_prompt is None:

@@ -5,7 +5,6 @@ normalization); the export follows llama2.c's tokenizer.py, so tok512.model expo
 """
 
 import os
-import struct
 import tempfile
 from pathlib import Path
 
@@ -71,30 +70,11 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
 
 
 def export_bin(model_path, bin_path):
-    """Write a sentencepiece model as llama2.c tokenizer.bin: uint32 max_token_length, then per
-    token float32 score, int32 byte length, bytes. BOS/EOS become "\\n<s>\\n" / "\\n</s>\\n", "▁"
-    becomes a space, byte pieces stay "<0xHH>" (run.c decodes them)."""
-    spm = _sentencepiece()
-    sp = spm.SentencePieceProcessor()
-    try:
-        sp.Load(str(model_path))
-    except (OSError, RuntimeError):
-        raise Llama2Error(f"{model_path}: not a sentencepiece model") from None
-    tokens, scores = [], []
-    for i in range(sp.GetPieceSize()):
-        if i == sp.bos_id():
-            piece = "\n<s>\n"
-        elif i == sp.eos_id():
-            piece = "\n</s>\n"
-        else:
-            piece = sp.IdToPiece(i).replace("\u2581", " ")
-        tokens.append(piece.encode("utf-8"))
-        scores.append(sp.GetScore(i))
-    with atomic_write(bin_path) as f:
-        f.write(struct.pack("<I", max(len(t) for t in tokens)))
-        for token, score in zip(tokens, scores):
-            f.write(struct.pack("<fi", score, len(token)))
-            f.write(token)
+    """Write a sentencepiece model as llama2.c tokenizer.bin (llama2.tokenizer_export does the work:
+    BOS/EOS become "\\n<s>\\n" / "\\n</s>\\n", "▁" a space, byte pieces stay "<0xHH>")."""
+    from ..tokenizer_export import from_sentencepiece, write_bin
+
+    write_bin(bin_path, from_sentencepiece(model_path))
     return bin_path
 
 
