@@ -190,6 +190,12 @@ def test_offline_hub_is_one_line_error(tmp_path):
     assert "llama2 data prepare TinyStories-train.txt --val TinyStories-valid.txt" in err
 
 
+def test_offline_mode_does_not_touch_the_network(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = prepare_cli(tmp_path, "tinystories", extra=["--cache-dir", str(tmp_path / "c")])
+    assert "offline mode is set" in one_line_error(code, err)
+
+
 @contextlib.contextmanager
 def serve(root: Path):
     handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(root))  # noqa: E731

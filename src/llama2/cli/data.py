@@ -44,7 +44,8 @@ def register(sub):
                       help=f"field holding the text in .jsonl/.json records (default {TEXT_FIELD!r})")
     prep.add_argument("--hub-url", default=d["hub_url"], help="Hugging Face hub address")
     prep.add_argument("--cache-dir", default=None,
-                      help="where 'tinystories' is downloaded (default DIR/download)")
+                      help="where 'tinystories' is downloaded (default: the llama2 cache folder, "
+                         "$LLAMA2_HOME or ~/.cache/llama2, under datasets/TinyStories)")
     prep.set_defaults(func=prepare)
     p.set_defaults(func=lambda args, io: _missing_action(p))
 

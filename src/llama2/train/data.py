@@ -185,6 +185,8 @@ def download_tinystories(cache_dir, hub_url=HUB, progress=None) -> dict:
             continue
         url = f"{hub_url.rstrip('/')}/datasets/{TINYSTORIES}/resolve/main/{name}"
         try:
+            if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("LLAMA2_OFFLINE"):
+                raise urllib.error.URLError("offline mode is set")  # as llama2.hub honours them
             with urllib.request.urlopen(url, timeout=30) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
                 with atomic_write(path) as f, tqdm(total=total, desc=name, unit="B", unit_scale=True,
@@ -282,7 +284,10 @@ def prepare(inputs, out_dir, tokenizer, *, val_inputs=(), val_fraction=0.01, eos
     sources = []  # (path, split or None for the fraction rule)
     for item in inputs:
         if str(item).lower() == "tinystories" and not Path(item).exists():
-            files = download_tinystories(Path(cache_dir or out_dir / "download"), hub_url, progress)
+            if cache_dir is None:
+                from ..hub import cache_dir as llama2_cache
+                cache_dir = llama2_cache() / "datasets" / "TinyStories"
+            files = download_tinystories(Path(cache_dir), hub_url, progress)
             sources += [(files["train"], "train"), (files["val"], "val")]
         else:
             sources.append((Path(item), None))
