@@ -201,3 +201,12 @@ def test_grad_accumulation_must_divide_among_processes(prepared):
     m, t = options.build({"data": str(prepared / "data"), "gradient_accumulation_steps": 4})
     with pytest.raises(Llama2Error, match="multiple of the number of processes"):
         trainer._train(m, t, trainer.Dist(rank=0, local_rank=0, world=3), print, False)
+
+
+def test_without_evaluation_every_interval_is_saved(prepared):
+    out = prepared / "noeval"
+    code, _, err = run_cli(["train", "--data", prepared / "data", *SMALL, "--eval_iters", "0",
+                            "--max_iters", "4", "--eval_interval", "2", "--out_dir", out])
+    assert code == 0, err
+    assert err.count("saved ") == 2 and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
+    assert (out / "model.bin").exists() and (out / "tokenizer.bin").exists()

@@ -242,20 +242,22 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     model.train()
     started = time.perf_counter()
     while True:
-        if t.eval_iters and (iter_num % t.eval_interval == 0 or iter_num >= t.max_iters or t.eval_only):
-            losses = evaluate()
-            entry = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
-            result.evals.append(entry)
-            say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            improved = losses["val"] < best_val
-            if improved or t.always_save_checkpoint:
+        if iter_num % t.eval_interval == 0 or iter_num >= t.max_iters or t.eval_only:
+            improved = True  # without evaluation (--eval_iters 0), every interval is saved
+            if t.eval_iters:
+                losses = evaluate()
+                entry = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                result.evals.append(entry)
+                say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if dist.master:
+                    record(entry)
+                improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 result.best_val_loss = best_val
-                if iter_num > 0 and dist.master and not t.eval_only:
+            if (improved or t.always_save_checkpoint) and iter_num > 0 and not t.eval_only:
+                if dist.master:
                     save(iter_num)
                     say(f"saved {out_dir / CKPT} and {out_dir / MODEL_BIN}")
-            if dist.master:
-                record(entry)
         if iter_num >= t.max_iters or t.eval_only:
             break
 
