@@ -240,7 +240,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         else:
             bar.write(line, file=bar.fp)
     model.train()
-    started = time.perf_counter()
+    step_time, steps_timed = 0.0, 0  # seconds spent in training steps since the last log line
     while True:
         if iter_num % t.eval_interval == 0 or iter_num >= t.max_iters or t.eval_only:
             improved = True  # without evaluation (--eval_iters 0), every interval is saved
@@ -261,6 +261,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         if iter_num >= t.max_iters or t.eval_only:
             break
 
+        step_start = time.perf_counter()  # evaluation and saving are not counted in tokens/s
         lr = t.lr_at(iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -284,15 +285,16 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         iter_num += 1
         bar.update(1)
         result.iter_num = iter_num
+        steps_timed += 1
 
         if iter_num % t.log_interval == 0 or iter_num == t.max_iters:
             if dist.enabled:
                 torch.distributed.all_reduce(loss_sum)
                 loss_sum /= dist.world
             loss = float(loss_sum)  # synchronizes with the device, so the timing below is honest
-            now = time.perf_counter()
-            dt = (now - started) / t.log_interval
-            started = now
+            step_time += time.perf_counter() - step_start
+            dt = step_time / steps_timed
+            step_time, steps_timed = 0.0, 0
             tps = tokens_per_iter / dt
             mfu = flops_per_iter / dt / t.peak_flops
             entry = {"iter": iter_num, "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
@@ -302,6 +304,8 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
                 record(entry)
                 say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, {tps:,.0f} tokens/s, "
                     f"mfu {100 * mfu:.2f}%")
+        else:
+            step_time += time.perf_counter() - step_start
     bar.close()
     return result
 
