@@ -16,7 +16,7 @@ def register(sub):
     d = _defaults()
     p = sub.add_parser("data", help="prepare training data",
                        description="Prepare training data for `llama2 train`.")
-    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True, parser_class=type(p))
     prep = actions.add_parser(
         "prepare", help="tokenize stories into token shards",
         description="Tokenize stories into uint16 (or uint32) token shards with a train/val split. "
@@ -47,11 +47,6 @@ def register(sub):
                       help="where 'tinystories' is downloaded (default: the llama2 cache folder, "
                          "$LLAMA2_HOME or ~/.cache/llama2, under datasets/TinyStories)")
     prep.set_defaults(func=prepare)
-    p.set_defaults(func=lambda args, io: _missing_action(p))
-
-
-def _missing_action(parser):
-    raise UsageError("data: choose an action: prepare")
 
 
 def prepare(args, io) -> int:
