@@ -210,3 +210,13 @@ def test_without_evaluation_every_interval_is_saved(prepared):
     assert code == 0, err
     assert err.count("saved ") == 2 and torch.load(out / "ckpt.pt", weights_only=True)["iter_num"] == 4
     assert (out / "model.bin").exists() and (out / "tokenizer.bin").exists()
+
+
+def test_eval_only_reports_the_checkpoint(trained, tmp_path):
+    import shutil
+    shutil.copy(trained / "ckpt.pt", tmp_path / "ckpt.pt")
+    code, _, err = run_cli(["train", "--resume", "--eval_only", "--out_dir", tmp_path])
+    assert code == 0, err
+    _, evals = read_log(trained)
+    assert "iter 300: train loss" in err and f"val loss {evals[-1][1]:.4f}" in err
+    assert "saved" not in err
