@@ -155,9 +155,12 @@ def test_interrupted_prepare_leaves_nothing_readable(tmp_path, monkeypatch):
     assert list(out.glob("train_*.bin"))  # shards that were finished stay, but are not data
     with pytest.raises(Llama2Error, match="interrupted"):
         data.TokenData(out)
-    # a shard cut short after the fact is caught by its size in meta.json
+    # a prepare killed outright leaves its temporary file; the next prepare removes it
+    (out / ".train_0003.bin.abc123.part").write_bytes(b"\0" * 1000)
     monkeypatch.setattr(data, "read_stories", real)
     data.prepare([src], out, asset("tok512.model"), workers=1, shard_tokens=50_000)
+    assert not list(out.glob(".*"))
+    # a shard cut short after the fact is caught by its size in meta.json
     shard = out / "train_0001.bin"
     shard.write_bytes(shard.read_bytes()[:1000])
     with pytest.raises(Llama2Error, match="train_0001.bin: shard is 1000 bytes"):

@@ -259,10 +259,11 @@ def _remove_previous(out_dir):
     leaves a directory that is never read as complete."""
     with contextlib.suppress(FileNotFoundError):
         os.unlink(out_dir / META)
-    for split in SPLITS:
-        for old in out_dir.glob(f"{split}_[0-9][0-9][0-9][0-9].bin"):
-            with contextlib.suppress(FileNotFoundError):
-                old.unlink()
+    for split in SPLITS:  # old shards, and temporary files of a prepare that was killed
+        for pattern in (f"{split}_[0-9][0-9][0-9][0-9].bin", f".{split}_[0-9][0-9][0-9][0-9].bin.*.part"):
+            for old in out_dir.glob(pattern):
+                with contextlib.suppress(FileNotFoundError):
+                    old.unlink()
 
 
 def prepare(inputs, out_dir, tokenizer, *, val_inputs=(), val_fraction=0.01, eos=False, workers=0,
