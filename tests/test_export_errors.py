@@ -154,3 +154,15 @@ def test_gguf_q8_needs_multiples_of_32(tmp_path):
 def test_usage_errors(tmp_path, argv):
     code, err = run_cli(["export", str(tmp_path / "x.bin"), *argv])
     assert code == 2 and err.count("\n") == 1
+
+
+def test_index_naming_a_tensor_its_shard_lacks(tmp_path):
+    d = hf_dir(tmp_path)
+    tensors = hf_tensors(HF_CONFIG)
+    weight_map = {n: "model.safetensors" for n in tensors}
+    weight_map["model.layers.1.mlp.up_proj.weight"] = "model.safetensors"
+    (d / "model.safetensors").unlink()
+    write_safetensors(d / "model.safetensors",
+                      {n: t for n, t in tensors.items() if n != "model.layers.1.mlp.up_proj.weight"})
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert_one_line_failure(tmp_path, ["--hf", str(d)], "up_proj")

@@ -165,3 +165,42 @@ def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
         assert code == 0, err.getvalue()
         results.append(stdout.getvalue())
     assert results[0] == results[1] and results[0].startswith(b"Once upon a time")
+
+
+def test_unpermute_inverts_the_hf_permutation():
+    from llama2.hf import permute, unpermute
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8, 3 columns
+    assert np.array_equal(unpermute(permute(w, 4), 4), w)
+    # HF's rows of one head: the first halves of RoPE pairs, then the second halves
+    assert permute(w, 4)[:8, 0].tolist() == w[[0, 2, 4, 6, 1, 3, 5, 7], 0].tolist()
+
+
+def test_padded_embedding_and_tokenizer_bin_inside_the_directory(tmp_path, monkeypatch):
+    """600 embedding rows, a 512-token tokenizer.model: ids past the tokenizer get placeholders.
+    Without tokenizer files, the directory's own tokenizer.bin is used."""
+    directory, _ = tiny_hf(tmp_path, kv_heads=2, vocab=600)
+    monkeypatch.chdir(tmp_path)
+    (directory / "tokenizer.bin").write_bytes(asset("tok512.bin").read_bytes())
+    with pytest.raises(Exception, match=r"hf/tokenizer\.bin: tokenizer has 512 tokens"):
+        Llama.load(directory)
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    llama = Llama.load(directory)
+    assert llama.tokenizer.vocab_size == 600 and llama.tokenizer.pieces[599] == b"<unused599>"
+    from llama2.tokenizer import Tokenizer
+    assert llama.tokenizer.pieces[:512] == Tokenizer.load(asset("tok512.bin")).pieces
+
+
+def test_sharded_pytorch_model_bin(tmp_path):
+    directory, model = tiny_hf(tmp_path, kv_heads=1, theta=1e6, tie=False)
+    (directory / "model.safetensors").unlink()
+    state = model.state_dict()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, directory / shard)
+        weight_map |= {n: shard for n in part}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = token_ids()
+    got = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
+    np.testing.assert_allclose(got, reference_logits(model, ids), atol=1e-4, rtol=0)

@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from conftest import byte_tokenizer
+from conftest import asset, byte_tokenizer
 from llama2 import Llama
+from llama2.tokenizer import Tokenizer
 from llama2.cli import main
 
 torch = pytest.importorskip("torch", reason="Meta checkpoints are PyTorch files")
@@ -111,6 +112,17 @@ def test_meta_checkpoint_matches_reference(tmp_path, n_shards):
     assert (c.hidden_dim, c.seq_len, c.rope_theta, c.n_kv_heads) == (HIDDEN, 64, 1e6, 2)
     ids = np.random.default_rng(0).integers(0, PARAMS["vocab_size"], 32).tolist()
     np.testing.assert_allclose(llama.logits(ids), reference_logits(sd, PARAMS, ids), atol=1e-4, rtol=0)
+
+
+def test_meta_tokenizer_beside_the_checkpoint_goes_into_gguf(tmp_path):
+    params = PARAMS | {"vocab_size": 512}
+    write_meta(tmp_path / "meta", meta_state_dict(params), params, 2)
+    (tmp_path / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    out = tmp_path / "meta.gguf"
+    code, err = run_cli(["export", str(out), "--meta-llama", str(tmp_path / "meta"), "--format", "gguf"])
+    assert code == 0 and "warning" not in err, err
+    llama = Llama.load(out)  # the vocabulary travels in the GGUF
+    assert llama.tokenizer.pieces == Tokenizer.load(asset("tok512.bin")).pieces
 
 
 def test_meta_without_max_seq_len_needs_seq_len(tmp_path):

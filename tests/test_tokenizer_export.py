@@ -120,3 +120,36 @@ def test_bad_tokenizer_file(tmp_path):
     out = tmp_path / "bad.bin"
     code, err = run_cli(["tokenizer", "export", str(bad)])
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+
+
+def test_gguf_needs_an_output_name(tmp_path):
+    code, err = run_cli(["tokenizer", "export", str(asset("stories260K.gguf"))])
+    assert code == 2 and "-o OUT" in err and err.count("\n") == 1
+
+
+def test_tokenizer_bin_whose_first_byte_looks_like_protobuf(tmp_path):
+    """max_token_length 10 makes a tokenizer.bin start with 0x0a, as a sentencepiece model does."""
+    tok = Tokenizer([b"<unk>", b"\n<s>\n", b"\n</s>\n", b"abcdefghij"], [0.0, 0.0, 0.0, -1.0])
+    path = tmp_path / "tok.bin"
+    tok.save(path)
+    assert path.read_bytes()[:1] == b"\x0a"
+    vocab = tokenizer_export.load_vocab(path)
+    assert vocab.to_bin() == path.read_bytes() and (vocab.bos_id, vocab.eos_id) == (1, 2)
+
+
+def test_byte_level_tokenizer_json_is_refused(tmp_path):
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps({"pre_tokenizer": {"type": "ByteLevel"},
+                                "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))
+    code, err = run_cli(["tokenizer", "export", str(path)])
+    assert code == 1 and "byte-level" in err and err.count("\n") == 1
+
+
+def test_model_directory(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    assert run_cli(["tokenizer", "export", str(tmp_path)])[0] == 0
+    assert (tmp_path / "tokenizer.bin").read_bytes() == asset("tok512.bin").read_bytes()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    code, err = run_cli(["tokenizer", "export", str(empty)])
+    assert code == 1 and "no tokenizer.model" in err

@@ -1,7 +1,8 @@
-"""llama2.c checkpoint files: read by mmap (versions 0, 1 and 2) and write (atomically).
+"""llama2.c checkpoint files: read by mmap (versions 0-3) and written tensor by tensor (atomically).
 
-Layouts follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
-version2_export. Tensors are stacked per layer; int8 (Q8_0) tensors are kept quantized.
+Layouts 0-2 follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
+version2_export exactly; version 3 is our extended header (docs/format.md). Tensors are stacked per
+layer; int8 (Q8_0) tensors are kept quantized.
 """
 
 import mmap
@@ -103,8 +104,8 @@ class Checkpoint:
     weights: dict  # name -> float32 array (stacked) or list of QuantizedTensor per layer
     version: int  # llama2.c layout version 0-3; 1 for models from other formats (see `format`)
     path: str
-    group_size: int = 0  # Q8_0 group size when the matrices are QuantizedTensor lists, else 0
-    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16 or q8_0
+    group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
+    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0 (or mixed: GGUF)
     vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
     chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
@@ -127,8 +128,8 @@ class Checkpoint:
         w = self.weights[name]
         if isinstance(w, QuantizedTensor):
             return w.dequantize()
-        if isinstance(w, list):
-            return np.stack([t.dequantize() for t in w])
+        if isinstance(w, list):  # per layer: QuantizedTensor or float arrays (GGUF may mix them)
+            return np.stack([t.dequantize() if isinstance(t, QuantizedTensor) else t for t in w])
         return w
 
     @property
@@ -318,9 +319,18 @@ def bf16_to_f32(u16: np.ndarray) -> np.ndarray:  # uint16 [...] -> float32 [...]
     return out.view(np.float32)
 
 
-def f32_to_bf16(a: np.ndarray) -> np.ndarray:  # float32 [...] -> uint16 [...], round to nearest even
-    u = np.ascontiguousarray(a, dtype="<f4").view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
+def f32_to_bf16(a: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:  # float32 [...] -> uint16 [...]
+    """Round to nearest even (NaN stays NaN), `chunk` values at a time to keep temporaries small."""
+    f = np.ascontiguousarray(a, dtype="<f4").reshape(-1)
+    u = f.view(np.uint32)
+    out = np.empty(u.size, "<u2")
+    for i in range(0, u.size, chunk):
+        x = u[i:i + chunk]
+        out[i:i + chunk] = (x + (np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1)))) >> 16
+        nan = np.isnan(f[i:i + chunk])
+        if nan.any():
+            out[i:i + chunk][nan] = (x[nan] >> 16) | np.uint32(0x40)  # keep it a quiet NaN
+    return out.reshape(np.shape(a))
 
 
 # The order tensors follow on disk, per layout. Stacked names are written layer by layer.
@@ -385,8 +395,8 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
                               f"expected {want}")
         return arr
 
-    def encode(arr, quantize):
-        if not quantize or dtype == "fp32":
+    def encode(arr):  # one matrix in the file's dtype, as buffers to write
+        if dtype == "fp32":
             return [_f32(arr)]
         if dtype == "fp16":
             return [np.ascontiguousarray(arr, dtype="<f2")]
@@ -414,7 +424,7 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
                 f.write(_f32(get(name, layer)))
         for name in (*MATRICES, *([] if c.shared_classifier else ["wcls"])):
             for layer in layers(name):
-                for chunk in encode(get(name, layer), True):
+                for chunk in encode(get(name, layer)):
                     f.write(chunk)
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 
 from . import chat_template as templates
-from .checkpoint import Checkpoint, QuantizedTensor, bf16_to_f32, f32_to_bf16, tensor_shapes
+from .checkpoint import (LAYER_MATRICES, Checkpoint, QuantizedTensor, bf16_to_f32, f32_to_bf16,
+                         tensor_shapes)
 from .config import ModelConfig
 from .errors import FormatError
 from .fileio import atomic_write
@@ -22,6 +23,8 @@ MAGIC = b"GGUF"
 ALIGNMENT = 32
 F32, F16, Q8_0, BF16 = 0, 1, 8, 30
 Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
+Q8_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)])  # one block, 34 bytes
+Q8_CHUNK = 1 << 15  # blocks quantized at once when writing
 TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", BF16: "BF16"}
 FILE_TYPES = {"fp32": 0, "fp16": 1, "q8_0": 7, "bf16": 32}  # general.file_type ("mostly ...")
 GGML_TYPES = {"fp32": F32, "fp16": F16, "q8_0": Q8_0, "bf16": BF16}
@@ -132,8 +135,7 @@ def _tensor(buf, path, name, kind, shape, offset):
         return np.frombuffer(buf, "<f2", numel, offset).astype(np.float32).reshape(shape)
     if kind == BF16:
         return bf16_to_f32(np.frombuffer(buf, "<u2", numel, offset)).reshape(shape)
-    blocks = np.frombuffer(buf, np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)]), numel // Q8_BLOCK,
-                           offset)
+    blocks = np.frombuffer(buf, Q8_DTYPE, numel // Q8_BLOCK, offset)
     return QuantizedTensor(blocks["qs"].reshape(shape), blocks["d"].astype(np.float32), Q8_BLOCK)
 
 
@@ -154,69 +156,87 @@ def vocab_from_metadata(meta):
                  int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
 
 
-def load(path) -> Checkpoint:
-    """A Llama GGUF as a Checkpoint: all-Q8_0 matrices stay quantized, anything else is float32."""
-    meta, infos, buf = read(path)
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+class GGUFModel:
+    """A Llama GGUF file as a tensor source (export.py): config and vocabulary from its metadata,
+    tensors read on demand from the memory map."""
 
-    def key(name, default=None):
-        value = meta.get(f"llama.{name}", default)
-        if value is None:
-            raise FormatError(f"{path}: GGUF metadata lacks llama.{name}")
-        return value
+    def __init__(self, path):
+        self.path = path
+        meta, self.infos, self.buf = read(path)
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
 
-    if "token_embd.weight" not in infos:
-        raise FormatError(f"{path}: GGUF has no tensor token_embd.weight")
-    heads = int(key("attention.head_count"))
-    dim = int(key("embedding_length"))
-    vocab = infos["token_embd.weight"][1][0]
-    config = ModelConfig(
-        dim=dim, hidden_dim=int(key("feed_forward_length")), n_layers=int(key("block_count")),
-        n_heads=heads, n_kv_heads=int(key("attention.head_count_kv", heads)), vocab_size=vocab,
-        seq_len=int(key("context_length")), shared_classifier="output.weight" not in infos,
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
-        eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
-    config.validate(str(path))
-    if int(key("rope.dimension_count", config.head_dim)) != config.head_dim:
-        raise FormatError(f"{path}: partial rotary embeddings (llama.rope.dimension_count "
-                          f"{meta['llama.rope.dimension_count']} != head size {config.head_dim}) "
-                          "are not supported")
-    shapes = tensor_shapes(config)
+        def key(name, default=None):
+            value = meta.get(f"llama.{name}", default)
+            if value is None:
+                raise FormatError(f"{path}: GGUF metadata lacks llama.{name}")
+            return value
 
-    def get(name, layer=None):
+        if "token_embd.weight" not in self.infos:
+            raise FormatError(f"{path}: GGUF has no tensor token_embd.weight")
+        heads = int(key("attention.head_count"))
+        self.config = ModelConfig(
+            dim=int(key("embedding_length")), hidden_dim=int(key("feed_forward_length")),
+            n_layers=int(key("block_count")), n_heads=heads,
+            n_kv_heads=int(key("attention.head_count_kv", heads)),
+            vocab_size=self.infos["token_embd.weight"][1][0], seq_len=int(key("context_length")),
+            shared_classifier="output.weight" not in self.infos,
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
+        self.config.validate(str(path))
+        if int(key("rope.dimension_count", self.config.head_dim)) != self.config.head_dim:
+            raise FormatError(f"{path}: partial rotary embeddings (llama.rope.dimension_count "
+                              f"{meta['llama.rope.dimension_count']} != head size "
+                              f"{self.config.head_dim}) are not supported")
+        self.shapes = tensor_shapes(self.config)
+        self.vocab = vocab_from_metadata(meta)
+        text = meta.get("tokenizer.chat_template")
+        self.chat_template = templates.detect(text) if text else None
+
+    def kind(self, name, layer=None) -> int:
         gname = NAMES[name].format(layer)
-        if gname not in infos:
-            raise FormatError(f"{path}: GGUF is missing tensor {gname}")
-        kind, shape, offset = infos[gname]
-        want = shapes[name][1:] if layer is not None else shapes[name]
-        if tuple(shape) != tuple(want):
-            raise FormatError(f"{path}: tensor {gname} has shape {list(shape)}, expected {list(want)}")
-        return _tensor(buf, path, gname, kind, shape, offset)
+        if gname not in self.infos:
+            raise FormatError(f"{self.path}: GGUF is missing tensor {gname}")
+        return self.infos[gname][0]
 
-    names = list(shapes)
-    matrices = [n for n in names if not n.startswith("rms")]
-    kinds = {infos.get(NAMES[n].format(0), (None,))[0] for n in matrices}
-    quantized = kinds == {Q8_0}
+    def raw(self, name, layer=None):
+        """The tensor as stored: float32 (a view of the map for F32) or QuantizedTensor (Q8_0)."""
+        self.kind(name, layer)  # present?
+        gname = NAMES[name].format(layer)
+        kind, shape, offset = self.infos[gname]
+        want = self.shapes[name][1:] if layer is not None else self.shapes[name]
+        if tuple(shape) != tuple(want):
+            raise FormatError(f"{self.path}: tensor {gname} has shape {list(shape)}, "
+                              f"expected {list(want)}")
+        return _tensor(self.buf, self.path, gname, kind, shape, offset)
+
+    def tensor(self, name, layer=None) -> np.ndarray:
+        return _dense(self.raw(name, layer))
+
+
+def load(path) -> Checkpoint:
+    """A Llama GGUF as a Checkpoint. Each matrix keeps its stored form: Q8_0 as int8 (group 32),
+    F32 as a view of the file, F16/BF16 widened to float32; per-layer lists, norms stacked."""
+    m = GGUFModel(path)
+    c = m.config
     w = {}
-    for name in names:
-        if name in ("token_embedding", "rms_final", "wcls"):
-            t = get(name)
-            w[name] = t if quantized and name != "rms_final" else _dense(t)
-        elif quantized and name not in ("rms_att", "rms_ffn"):
-            w[name] = [get(name, i) for i in range(config.n_layers)]
+    for name in m.shapes:
+        if name in ("rms_att", "rms_ffn"):
+            w[name] = np.stack([m.tensor(name, i) for i in range(c.n_layers)])
+        elif name in LAYER_MATRICES:
+            w[name] = [m.raw(name, i) for i in range(c.n_layers)]
         else:
-            w[name] = np.stack([_dense(get(name, i)) for i in range(config.n_layers)])
-    dtype = "q8_0" if quantized else {F32: "fp32", F16: "fp16", BF16: "bf16"}.get(
-        infos[NAMES["wq"].format(0)][0], "fp32")
-    template_text = meta.get("tokenizer.chat_template")
-    return Checkpoint(config, w, 1, str(path), Q8_BLOCK if quantized else 0,
-                      dtype=dtype, vocab=vocab_from_metadata(meta),
-                      chat_template=templates.detect(template_text) if template_text else None,
-                      format="gguf")
+            w[name] = m.raw(name) if name != "rms_final" else m.tensor(name)
+    kinds = {m.kind(n, i if n in LAYER_MATRICES else None)
+             for n in m.shapes if not n.startswith("rms")
+             for i in (range(c.n_layers) if n in LAYER_MATRICES else [None])}
+    dtype = {F32: "fp32", F16: "fp16", BF16: "bf16", Q8_0: "q8_0"}[m.kind("wq", 0)] \
+        if len(kinds) == 1 else "mixed"
+    return Checkpoint(c, w, 1, str(path), Q8_BLOCK if Q8_0 in kinds else 0, dtype=dtype,
+                      vocab=m.vocab, chat_template=m.chat_template, format="gguf")
 
 
 # --- writing ------------------------------------------------------------------------------------
@@ -253,13 +273,15 @@ def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml ty
     if kind == BF16:
         return f32_to_bf16(arr)
     blocks = np.ascontiguousarray(arr, np.float32).reshape(-1, Q8_BLOCK)
-    # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from zero
-    d = (np.abs(blocks).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
-    x = blocks * inv[:, None]
-    qs = (np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))).astype(np.int8)
-    out = np.empty(len(blocks), np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)]))
-    out["d"], out["qs"] = d.astype(np.float16), qs
+    out = np.empty(len(blocks), Q8_DTYPE)
+    for b0 in range(0, len(blocks), Q8_CHUNK):  # a chunk at a time keeps temporaries small
+        chunk = blocks[b0:b0 + Q8_CHUNK]
+        # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from 0
+        d = (np.abs(chunk).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+        x = chunk * inv[:, None]
+        out["qs"][b0:b0 + Q8_CHUNK] = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+        out["d"][b0:b0 + Q8_CHUNK] = d
     return out
 
 

@@ -73,6 +73,7 @@ class SafetensorsFile:
         except (struct.error, ValueError):
             raise FormatError(f"{self.path}: not a safetensors file (bad header)") from None
         self.header.pop("__metadata__", None)
+        self.names = list(self.header)
         self.data = 8 + n
 
     def __del__(self):
@@ -80,7 +81,9 @@ class SafetensorsFile:
             os.close(self.fd)
 
     def get(self, name) -> np.ndarray:
-        info = self.header[name]
+        info = self.header.get(name)
+        if info is None:
+            raise FormatError(f"{self.path}: has no tensor {name}")
         dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
             raise FormatError(f"{self.path}: tensor {name} has dtype {info['dtype']}; supported: "
@@ -114,9 +117,11 @@ class TorchFile:
             self.state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises many types for a bad file
             raise FormatError(f"{self.path}: cannot read PyTorch file ({str(e).splitlines()[0]})") from None
-        self.header = self.state
+        self.names = list(self.state)
 
     def get(self, name) -> np.ndarray:
+        if name not in self.state:
+            raise FormatError(f"{self.path}: has no tensor {name}")
         t = self.state[name]
         if not t.is_floating_point():
             raise FormatError(f"{self.path}: tensor {name} has dtype {t.dtype}; expected a float type")
@@ -221,7 +226,7 @@ class HFModel:
         for single, opener in (("model.safetensors", SafetensorsFile), ("pytorch_model.bin", TorchFile)):
             if (self.dir / single).is_file():
                 self.opener = opener
-                return {name: single for name in self._open(single).header}
+                return {name: single for name in self._open(single).names}
         raise FormatError(f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
                           "pytorch_model.bin")
 
@@ -248,6 +253,9 @@ class HFModel:
         return arr
 
     def _vocab(self):
+        """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
+        embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
+        placeholder pieces so every id the model can produce decodes to something."""
         if (self.dir / "tokenizer.model").is_file():
             vocab = tokenizer_export.from_sentencepiece(self.dir / "tokenizer.model")
         elif (self.dir / "tokenizer.json").is_file():
@@ -255,6 +263,10 @@ class HFModel:
                                                          self.config.bos_id, self.config.eos_id)
         else:
             return None
+        for i in range(len(vocab), self.config.vocab_size):
+            vocab.pieces.append(f"<unused{i}>")
+            vocab.scores.append(0.0)
+            vocab.types.append(tokenizer_export.UNUSED)
         return vocab
 
     def _template(self):

@@ -10,16 +10,37 @@ from . import checkpoint
 from .errors import FormatError
 
 
-def load_checkpoint(path) -> checkpoint.Checkpoint:
+def model_kind(path) -> str:
+    """"hf", "gguf" or "llama2c", from what the path holds."""
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file")
     if path.is_dir():
+        return "hf"
+    with open(path, "rb") as f:
+        return "gguf" if f.read(4) == b"GGUF" else "llama2c"
+
+
+def load_checkpoint(path) -> checkpoint.Checkpoint:
+    """The whole model, ready for the forward pass."""
+    kind = model_kind(path)
+    if kind == "hf":
         from . import hf
         return hf.load(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if kind == "gguf":
         from . import gguf
         return gguf.load(path)
     return checkpoint.load(path)
+
+
+def open_source(path):
+    """The model as a tensor source for export.py, read one tensor at a time."""
+    kind = model_kind(path)
+    if kind == "hf":
+        from .hf import HFModel
+        return HFModel(path)
+    if kind == "gguf":
+        from .gguf import GGUFModel
+        return GGUFModel(path)
+    from .export import CheckpointSource
+    return CheckpointSource(checkpoint.load(path))

@@ -14,6 +14,7 @@ import numpy as np
 from .checkpoint import tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
+from .tokenizer_export import from_sentencepiece
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
 NAMES = {
@@ -105,7 +106,8 @@ class MetaModel:
 
 
 def open_meta(directory, seq_len=None) -> MetaModel:
-    """A Meta Llama directory: params.json and consolidated.00.pth ... consolidated.NN.pth."""
+    """A Meta Llama directory: params.json and consolidated.00.pth ... consolidated.NN.pth, and the
+    vocabulary of a tokenizer.model in it or beside it."""
     directory = Path(directory)
     params_path = directory / "params.json"
     if not params_path.is_file():
@@ -121,7 +123,13 @@ def open_meta(directory, seq_len=None) -> MetaModel:
         if path.name != f"consolidated.{i:02d}.pth":
             raise FormatError(f"{directory / f'consolidated.{i:02d}.pth'}: shard missing "
                               f"(found {', '.join(p.name for p in paths)})")
-    return MetaModel([_load(p) for p in paths], params, str(directory), seq_len)
+    model = MetaModel([_load(p) for p in paths], params, str(directory), seq_len)
+    # Meta's downloads keep tokenizer.model beside the model folders, or inside one
+    for candidate in (directory / "tokenizer.model", directory.parent / "tokenizer.model"):
+        if candidate.is_file():
+            model.vocab = from_sentencepiece(candidate)
+            break
+    return model
 
 
 def open_train_checkpoint(path, seq_len=None) -> MetaModel:

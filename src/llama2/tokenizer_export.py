@@ -166,8 +166,9 @@ def from_llama2c(path, vocab_size=None) -> Vocab:
         types.append(kind)
     if vocab_size is not None and len(pieces) < vocab_size:
         raise FormatError(f"{path}: has {len(pieces)} tokens, the model needs {vocab_size}")
-    bos = types.index(CONTROL) if CONTROL in types else 1
-    return Vocab(pieces, scores, types, bos, bos + 1)
+    bos = pieces.index("<s>") if "<s>" in pieces else 1
+    eos = pieces.index("</s>") if "</s>" in pieces else 2
+    return Vocab(pieces, scores, types, bos, eos)
 
 
 # --- Hugging Face tokenizer.json ----------------------------------------------------------------
@@ -184,6 +185,9 @@ def from_tokenizer_json(path, bos_id=None, eos_id=None) -> Vocab:
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise FormatError(f"{path}: only BPE tokenizer.json files are supported "
                           f"(found model type {model.get('type')!r})")
+    if "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]):
+        raise FormatError(f"{path}: byte-level BPE (GPT-2 / Llama 3 style) is not supported; "
+                          "expected a sentencepiece-style vocabulary with byte fallback")
     vocab = dict(model["vocab"])
     for tok in spec.get("added_tokens") or []:
         vocab[tok["content"]] = tok["id"]
@@ -222,6 +226,8 @@ def load_vocab(path, vocab_size=None) -> Vocab:
         raise FormatError(f"{path}: cannot read tokenizer ({e.strerror})") from None
     if head.lstrip()[:1] == b"{":
         return from_tokenizer_json(path)
-    if head[:1] == b"\x0a":  # protobuf field 1, length-delimited: ModelProto.pieces
+    # protobuf field 1, length-delimited (ModelProto.pieces), whose message starts with a tag;
+    # a tokenizer.bin starts with a small uint32 max_token_length, so bytes 2-3 are zero there
+    if head[:1] == b"\x0a" and head[2:4] != b"\0\0":
         return from_sentencepiece(path)
     return from_llama2c(path, vocab_size)

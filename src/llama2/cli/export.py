@@ -48,9 +48,8 @@ def open_source(args):
     if args.checkpoint is not None:
         from ..meta import open_train_checkpoint
         return open_train_checkpoint(args.checkpoint, args.seq_len)
-    from ..export import CheckpointSource
-    from ..loader import load_checkpoint
-    return CheckpointSource(load_checkpoint(args.source))
+    from ..loader import open_source as open_model
+    return open_model(args.source)
 
 
 def run(args, io) -> int:
