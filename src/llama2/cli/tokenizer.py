@@ -3,11 +3,11 @@ package with `register(actions)`, so actions are added without touching each oth
 
 import importlib
 
-ACTIONS = ("export",)
+ACTIONS = ("export", "train")
 
 
 def register(sub):
-    p = sub.add_parser("tokenizer", help="tokenizer files: export",
+    p = sub.add_parser("tokenizer", help="tokenizer files: export, train",
                        description="Work with tokenizer files.")
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True,
                                parser_class=type(p))

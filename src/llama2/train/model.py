@@ -1,0 +1,171 @@
+"""The Llama 2 transformer in PyTorch, for training: the same math as our numpy engine and run.c.
+
+RMSNorm, rotary embeddings on adjacent pairs (x[2i], x[2i+1]) as run.c rotates them, grouped-query
+attention, SwiGLU feed-forward, classifier tied to the token embedding. No KV cache: training and
+teacher-forced scoring only (generation here is a slow reference that recomputes the prefix).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # [..., D] -> [..., D], computed in float32 for stability under autocast
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float):  # -> cos, sin: float32 [seq_len, head_dim/2]
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def apply_rope(x, cos, sin):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd lanes, [B, T, H, hd/2]
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: ModelConfig, dropout: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = nn.Linear(c.dim, c.dim, bias=False)
+        self.wk = nn.Linear(c.dim, c.kv_dim, bias=False)
+        self.wv = nn.Linear(c.dim, c.kv_dim, bias=False)
+        self.wo = nn.Linear(c.dim, c.dim, bias=False)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin):  # [B, T, D] -> [B, T, D]
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
+        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
+            group = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.resid_dropout(self.wo(y))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, c: ModelConfig, dropout: float):
+        super().__init__()
+        self.w1 = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.w2 = nn.Linear(c.hidden_dim, c.dim, bias=False)
+        self.w3 = nn.Linear(c.dim, c.hidden_dim, bias=False)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):  # [B, T, D] -> [B, T, D]
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: ModelConfig, dropout: float):
+        super().__init__()
+        self.attention_norm = RMSNorm(c.dim, c.norm_eps)
+        self.attention = Attention(c, dropout)
+        self.ffn_norm = RMSNorm(c.dim, c.norm_eps)
+        self.feed_forward = FeedForward(c, dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, dropout: float = 0.0):
+        super().__init__()
+        if not config.shared_classifier:
+            raise ValueError("training supports the shared (tied) classifier only")
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
+        cos, sin = rope_tables(config.head_dim, config.seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """Normal(0, 0.02) weights; the projections that write into the residual stream (wo, w2)
+        scaled down by sqrt(2 * n_layers) so the stream's variance does not grow with depth (GPT-2)."""
+        residual_std = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, residual_std)
+            else:
+                nn.init.normal_(p, 0.0, 0.02)
+
+    def forward(self, tokens, targets=None):
+        """tokens int64 [B, T] -> logits [B, T, V]; with targets [B, T] -> (logits, mean loss)."""
+        T = tokens.shape[1]
+        x = self.dropout(self.tok_embeddings(tokens))
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+        return logits, loss
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied weight counts once
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 per parameter plus attention's 12 * L * D * T (PaLM, app. B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layers * c.dim * c.seq_len
+
+    @torch.no_grad()
+    def generate_greedy(self, ids, steps):  # list[int] -> list[int] of the `steps` next tokens
+        out = list(ids)
+        for _ in range(steps):
+            window = torch.tensor([out[-self.config.seq_len:]], dtype=torch.long,
+                                  device=self.tok_embeddings.weight.device)
+            out.append(int(self(window)[0, -1].argmax()))
+        return out[len(ids):]
+
+    # ---- conversion to and from our checkpoint format (llama2.c .bin) ----
+
+    def export_weights(self) -> dict:
+        """name -> float32 numpy array in checkpoint.write's layout (stacked per layer, [out, in])."""
+        def stack(get):
+            return torch.stack([get(b).detach().float().cpu() for b in self.layers]).numpy()
+
+        return {
+            "token_embedding": self.tok_embeddings.weight.detach().float().cpu().numpy(),
+            "rms_att": stack(lambda b: b.attention_norm.weight),
+            "wq": stack(lambda b: b.attention.wq.weight),
+            "wk": stack(lambda b: b.attention.wk.weight),
+            "wv": stack(lambda b: b.attention.wv.weight),
+            "wo": stack(lambda b: b.attention.wo.weight),
+            "rms_ffn": stack(lambda b: b.ffn_norm.weight),
+            "w1": stack(lambda b: b.feed_forward.w1.weight),
+            "w2": stack(lambda b: b.feed_forward.w2.weight),
+            "w3": stack(lambda b: b.feed_forward.w3.weight),
+            "rms_final": self.norm.weight.detach().float().cpu().numpy(),
+        }

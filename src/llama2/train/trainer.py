@@ -1,0 +1,326 @@
+"""The training loop: AdamW with warmup and cosine decay, gradient accumulation, autocast on GPU,
+evaluation, checkpoints (`ckpt.pt`) and export (`model.bin`), resume, and DDP under torchrun.
+
+Reproducibility: a micro-batch's windows depend only on (seed, iteration, micro-step), the schedule
+only on the iteration, and ckpt.pt carries optimizer and RNG state, so on CPU a resumed run equals an
+uninterrupted one bit for bit, and N processes see exactly the batches one process would.
+"""
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .. import checkpoint
+from ..errors import Llama2Error
+from ..fileio import atomic_write
+from . import options as opts
+from .data import TokenData
+from .model import Transformer
+
+CKPT = "ckpt.pt"
+MODEL_BIN = "model.bin"
+TOKENIZER_BIN = "tokenizer.bin"
+LOG = "log.jsonl"
+TRAIN, EVAL_TRAIN, EVAL_VAL = 0, 1, 2  # the "purpose" part of a batch's random seed
+
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+    rank: int = 0
+    local_rank: int = 0
+    world: int = 1
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class Result:
+    iter_num: int
+    best_val_loss: float
+    evals: list = field(default_factory=list)  # dicts: iter, train_loss, val_loss
+    losses: list = field(default_factory=list)  # dicts: iter, loss, lr, tokens_per_s, mfu
+
+
+def read_checkpoint(out_dir) -> dict:
+    path = Path(out_dir) / CKPT
+    if not path.exists():
+        raise Llama2Error(f"{path}: no checkpoint to resume from")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged or foreign file: torch raises many kinds
+        raise Llama2Error(f"{path}: cannot read checkpoint: {str(e).splitlines()[0]}") from None
+
+
+def load_model(out_dir) -> Transformer:
+    """The model of OUT_DIR/ckpt.pt, on the CPU in eval mode (for export, scoring and tests)."""
+    ckpt = read_checkpoint(out_dir)
+    model_opts, _ = opts.from_dict(ckpt["options"])
+    model = Transformer(model_opts.model_config(), model_opts.dropout)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def _device(t: opts.TrainOptions, dist: Dist) -> str:
+    device = t.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and dist.enabled:
+        device = f"cuda:{dist.local_rank}"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise Llama2Error(f"--device {t.device}: CUDA is not available (torch {torch.__version__})")
+    return device
+
+
+def _dtype(t: opts.TrainOptions, device: str):
+    name = t.dtype
+    if name == "auto":
+        if not device.startswith("cuda"):
+            name = "float32"
+        else:
+            name = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _init_dist(t: opts.TrainOptions) -> Dist:
+    """torchrun announces a job through RANK / LOCAL_RANK / WORLD_SIZE (its launch protocol)."""
+    if "RANK" not in os.environ:
+        return Dist()
+    dist = Dist(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                int(os.environ["WORLD_SIZE"]))
+    backend = t.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() and t.device in ("auto", "cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(dist.local_rank)
+    torch.distributed.init_process_group(backend=backend)
+    return dist
+
+
+def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progress=None) -> Result:
+    """Train (or resume, or evaluate only) as the options say; returns the losses seen by this process."""
+    dist = _init_dist(t)
+    try:
+        return _train(model_opts, t, dist, log if dist.master else (lambda line: None), progress)
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def _train(model_opts, t, dist: Dist, log, progress) -> Result:
+    if not t.data:
+        raise Llama2Error("--data is required: a directory written by `llama2 data prepare`")
+    if t.gradient_accumulation_steps % dist.world:
+        raise Llama2Error(f"--gradient_accumulation_steps {t.gradient_accumulation_steps} must be a "
+                          f"multiple of the number of processes ({dist.world})")
+    data = TokenData(t.data)
+    out_dir = Path(t.out_dir)
+    resume = t.init_from == "resume"
+    ckpt = read_checkpoint(out_dir) if resume else None
+    if model_opts.vocab_size == 0:
+        model_opts.vocab_size = data.vocab_size
+    if model_opts.vocab_size < data.vocab_size:
+        raise Llama2Error(f"--vocab_size {model_opts.vocab_size} is smaller than the data's vocabulary "
+                          f"({data.vocab_size}, {data.dir})")
+    config = model_opts.model_config()
+    device = _device(t, dist)
+    dtype = _dtype(t, device)
+    seq_len = config.seq_len
+    train_batches = data.batches("train", seq_len)
+    val_batches = data.batches("val", seq_len) if data.tokens("val") else None
+    if val_batches is None and t.eval_iters:
+        raise Llama2Error(f"{data.dir}: no validation tokens; prepare with --val-fraction > 0 or "
+                          "--val FILE, or train with --eval_iters 0")
+
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    torch.manual_seed(t.seed)  # the same initial weights in every process
+    model = Transformer(config, model_opts.dropout).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.learning_rate, betas=(t.beta1, t.beta2), **({"fused": True} if device.startswith("cuda")
+                                                          else {}))
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    iter_num, best_val = 0, math.inf
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if "scaler" in ckpt:
+            scaler.load_state_dict(ckpt["scaler"])
+        iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if device.startswith("cuda") and "cuda" in ckpt["rng"]:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+        log(f"resuming from {out_dir / CKPT} at iteration {iter_num} (best val loss {best_val:.4f})")
+    else:
+        torch.manual_seed(t.seed + dist.rank)  # dropout differs between processes
+
+    if dist.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_tokenizer(t, data, out_dir, log)
+        if not resume:
+            with contextlib.suppress(FileNotFoundError):
+                (out_dir / LOG).unlink()
+    raw_model = model
+    if t.compile:
+        log("compiling the model (torch.compile)...")
+        model = torch.compile(model)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.startswith("cuda")
+                                        else None)
+    autocast = (torch.autocast(device_type="cuda", dtype=dtype) if dtype != torch.float32
+                else contextlib.nullcontext())
+    local_steps = t.gradient_accumulation_steps // dist.world
+    tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * seq_len
+    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}; device {device}, "
+        f"{str(dtype).removeprefix('torch.')}, {dist.world} process(es); "
+        f"{tokens_per_iter} tokens per iteration")
+
+    def to_device(x, y):
+        x, y = torch.from_numpy(x), torch.from_numpy(y)
+        if device.startswith("cuda"):
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    @torch.no_grad()
+    def evaluate():
+        """Mean loss over eval_iters fixed batches per split, shared out between processes."""
+        model.eval()
+        out = {}
+        for name, batches, purpose in (("train", train_batches, EVAL_TRAIN), ("val", val_batches, EVAL_VAL)):
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for k in range(dist.rank, t.eval_iters, dist.world):
+                x, y = to_device(*batches.sample(t.batch_size, t.seed, purpose, 0, k))
+                with autocast:
+                    _, loss = raw_model(x, y)
+                total += loss.double()
+            if dist.enabled:
+                torch.distributed.all_reduce(total)
+            out[name] = float(total) / t.eval_iters
+        model.train()
+        return out
+
+    def save(it):
+        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "options": opts.to_dict(model_opts, t),
+                 "iter_num": it, "best_val_loss": best_val,
+                 "rng": {"torch": torch.get_rng_state(),
+                         **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}}
+        with atomic_write(out_dir / CKPT) as f:
+            torch.save(state, f)
+        checkpoint.write(out_dir / MODEL_BIN, config, raw_model.export_weights(), version=1)
+
+    def record(entry):
+        with open(out_dir / LOG, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    from tqdm import tqdm
+    bar = tqdm(total=t.max_iters, initial=iter_num, unit="it", dynamic_ncols=True, leave=False,
+               disable=(None if progress is None else not progress) if dist.master else True)
+    result = Result(iter_num, best_val)
+    def say(line):  # above the progress bar when there is one
+        if bar.disable:
+            log(line)
+        else:
+            bar.write(line, file=bar.fp)
+    model.train()
+    step_time, steps_timed = 0.0, 0  # seconds spent in training steps since the last log line
+    while True:
+        if iter_num % t.eval_interval == 0 or iter_num >= t.max_iters or t.eval_only:
+            improved = True  # without evaluation (--eval_iters 0), every interval is saved
+            if t.eval_iters:
+                losses = evaluate()
+                entry = {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"]}
+                result.evals.append(entry)
+                say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                if dist.master:
+                    record(entry)
+                improved = losses["val"] < best_val
+                best_val = min(best_val, losses["val"])
+                result.best_val_loss = best_val
+            if (improved or t.always_save_checkpoint) and iter_num > 0 and not t.eval_only:
+                if dist.master:
+                    save(iter_num)
+                    say(f"saved {out_dir / CKPT} and {out_dir / MODEL_BIN}")
+        if iter_num >= t.max_iters or t.eval_only:
+            break
+
+        step_start = time.perf_counter()  # evaluation and saving are not counted in tokens/s
+        lr = t.lr_at(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for j in range(local_steps):
+            micro = j * dist.world + dist.rank  # this process's share of the global batch
+            x, y = to_device(*train_batches.sample(t.batch_size, t.seed, TRAIN, iter_num, micro))
+            if dist.enabled:  # all-reduce the gradients only after the last micro-step
+                model.require_backward_grad_sync = j == local_steps - 1
+            with autocast:
+                _, loss = model(x, y)
+                loss = loss / local_steps
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach().float()
+        if t.grad_clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        bar.update(1)
+        result.iter_num = iter_num
+        steps_timed += 1
+
+        if iter_num % t.log_interval == 0 or iter_num == t.max_iters:
+            if dist.enabled:
+                torch.distributed.all_reduce(loss_sum)
+                loss_sum /= dist.world
+            loss = float(loss_sum)  # synchronizes with the device, so the timing below is honest
+            step_time += time.perf_counter() - step_start
+            dt = step_time / steps_timed
+            step_time, steps_timed = 0.0, 0
+            tps = tokens_per_iter / dt
+            mfu = flops_per_iter / dt / t.peak_flops
+            entry = {"iter": iter_num, "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
+            result.losses.append(entry)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
+            if dist.master:
+                record(entry)
+                say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, {tps:,.0f} tokens/s, "
+                    f"mfu {100 * mfu:.2f}%")
+        else:
+            step_time += time.perf_counter() - step_start
+    bar.close()
+    return result
+
+
+def _write_tokenizer(t, data, out_dir, log):
+    """Put the tokenizer beside model.bin as llama2.c tokenizer.bin, so `llama2 run` works at once."""
+    from .tokenizer import Encoder
+
+    source = t.tokenizer or data.meta.get("tokenizer", "")
+    if not source or not Path(source).exists():
+        log(f"no tokenizer to copy to {out_dir / TOKENIZER_BIN} (pass --tokenizer)")
+        return
+    enc = Encoder(source)
+    if enc.vocab_size != data.vocab_size:
+        raise Llama2Error(f"{source}: tokenizer has {enc.vocab_size} tokens but {data.dir} was prepared "
+                          f"with {data.vocab_size}")
+    if Path(source).resolve() != (out_dir / TOKENIZER_BIN).resolve():
+        enc.write_bin(out_dir / TOKENIZER_BIN)
