@@ -74,6 +74,7 @@ class GenerationConfig:
     mode: str = "generate"
 
 
+Q8_GROUP_SIZE = 32  # --quantize q8_0 at load: values per scale, as llama.cpp's Q8_0
 DEFAULT_MODEL = "stories15M.bin"
 DEFAULT_TOKENIZER = "tokenizer.bin"
 DEFAULT_PROMPT = "Once upon a time"

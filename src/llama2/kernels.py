@@ -58,11 +58,3 @@ def attention(q, k, v, start):  # [T, H, hd], [KVH, S, hd], [KVH, S, hd], int ->
 
 def silu(x):  # [...] -> [...]
     return x * (F32(1.0) / (F32(1.0) + np.exp(-x)))
-
-
-def swiglu(h13, hidden):  # [T, 2*hidden] (w1 rows then w3 rows) -> [T, hidden]
-    return silu(h13[:, :hidden]) * h13[:, hidden:]
-
-
-def linear(x, w):  # [T, in], [out, in] -> [T, out]
-    return x @ w.T

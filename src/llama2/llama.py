@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hub
+from . import hub, jit
 from .config import DEFAULT_TOKENIZER, GENERATION
 from .errors import FormatError
 from .generate import Event, generate
@@ -35,9 +35,12 @@ class Llama:
         self.config = model.config
 
     @classmethod
-    def load(cls, checkpoint, tokenizer=None) -> "Llama":
+    def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
-        Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin)."""
+        Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
+        `quantize="q8_0"` runs float weights as int8; `threads` (default: all cores) applies to
+        every kernel, BLAS included."""
+        jit.set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
         vocab = ckpt.config.vocab_size
@@ -50,7 +53,7 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        return cls(Transformer(ckpt), tok, ckpt)
+        return cls(Transformer(ckpt, quantize=quantize), tok, ckpt)
 
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)

@@ -1,17 +1,18 @@
 """The Llama 2 transformer forward pass in numpy float32, over an explicit KV cache.
 
-Weights come from a `Checkpoint` (any source the loader reads). Q, K and V projections are fused into
-one matrix, as are W1 and W3, so each layer makes four matrix products. A prompt runs as one [T, dim]
-block (batched prefill); decoding feeds one token per sequence. Reference: llama2.c run.c `forward`.
+Weights come from a `Checkpoint` (any source the loader reads) and are used in place: float32 views
+of the memory-mapped file, or int8 with group scales. A prompt runs as one [T, dim] block through
+BLAS (batched prefill); a decode step (a few rows) runs on compiled kernels that read each weight
+once for all rows. Reference: llama2.c run.c `forward`.
 """
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels as K
-from .checkpoint import Checkpoint
-from .config import ModelConfig
+from . import jit, kernels as K
+from .checkpoint import LAYER_MATRICES, Checkpoint, QuantizedTensor, quantize_q80
+from .config import Q8_GROUP_SIZE, ModelConfig
 from .errors import Llama2Error
 
 
@@ -36,37 +37,96 @@ class KVCache:
         self.pos[slot] = 0
 
 
+# Up to this many rows a matrix product runs in our compiled kernels (weights read once for all
+# rows, no BLAS call overhead); above it, BLAS gemm (int8 weights are dequantized for it).
+SMALL_BATCH = 8
+
+
+class Dense:
+    """A float32 weight matrix, used in place (a view of the memory-mapped file where possible)."""
+
+    def __init__(self, w):
+        self.w = w  # [out, in] float32
+        self.shape = w.shape
+
+    def __call__(self, x):  # [N, in] -> [N, out]
+        if len(x) <= SMALL_BATCH:
+            out = np.empty((len(x), self.shape[0]), np.float32)
+            jit.matmul_f32(x, self.w, out)
+            return out
+        return x @ self.w.T
+
+    def rows(self, ids):  # [R] -> [R, in]
+        return np.asarray(self.w[ids], dtype=np.float32)
+
+
+class Q8:
+    """An int8 weight matrix with Q8_0 group scales over the flattened matrix (QuantizedTensor)."""
+
+    def __init__(self, qt: QuantizedTensor):
+        self.q, self.s, self.gs = qt.q, qt.s, qt.group_size
+        self.shape = qt.q.shape
+        self.aligned = self.shape[1] % self.gs == 0
+
+    def __call__(self, x):  # [N, in] -> [N, out]
+        if len(x) <= SMALL_BATCH:
+            out = np.empty((len(x), self.shape[0]), np.float32)
+            kernel = jit.matmul_q8_aligned if self.aligned else jit.matmul_q8
+            kernel(x, self.q, self.s, self.gs, out)
+            return out
+        return x @ self.dense().T
+
+    def dense(self):  # -> [out, in] float32
+        return QuantizedTensor(self.q, self.s, self.gs).dequantize()
+
+    def rows(self, ids):  # [R] -> [R, in]
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        jit.dequantize_rows(self.q, self.s, self.gs, np.asarray(ids, np.int64), out)
+        return out
+
+
+def _matrix(w, quantize_group: int):
+    if isinstance(w, QuantizedTensor):
+        return Q8(w)
+    if quantize_group:
+        return Q8(quantize_q80(w, quantize_group))
+    return Dense(w)
+
+
 @dataclass
 class Layer:
     rms_att: np.ndarray  # [D]
-    wqkv: np.ndarray  # [D + 2*KV, D]
-    wo: np.ndarray  # [D, D]
+    wq: object  # [D, D]  (Dense or Q8)
+    wk: object  # [KV, D]
+    wv: object  # [KV, D]
+    wo: object  # [D, D]
     rms_ffn: np.ndarray  # [D]
-    w13: np.ndarray  # [2*H, D]
-    w2: np.ndarray  # [D, H]
+    w1: object  # [H, D]
+    w2: object  # [D, H]
+    w3: object  # [H, D]
 
 
 class Transformer:
-    """Prepared weights plus `forward`. Stateless between calls: the KVCache holds the state."""
+    """Prepared weights plus `forward`. Stateless between calls: the KVCache holds the state.
 
-    def __init__(self, ckpt: Checkpoint):
+    `quantize="q8_0"` turns float weights into int8 at load (groups of `group_size`); int8 (version 2)
+    files always run on the int8 kernels. Float weights are used in place, without copies.
+    """
+
+    def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE):
         c = self.config = ckpt.config
-        dense = ckpt.dense
-
-        def per_layer(name):
-            return dense(name)
-
-        wq, wk, wv, wo = (per_layer(n) for n in ("wq", "wk", "wv", "wo"))
-        w1, w2, w3 = (per_layer(n) for n in ("w1", "w2", "w3"))
-        rms_att, rms_ffn = dense("rms_att"), dense("rms_ffn")
+        if quantize not in (None, "q8_0"):
+            raise Llama2Error(f"--quantize {quantize!r}: expected q8_0")
+        gs = group_size if quantize else 0
+        w = ckpt.weights
         self.layers = [
-            Layer(rms_att=rms_att[l], wqkv=np.concatenate([wq[l], wk[l], wv[l]]), wo=np.asarray(wo[l]),
-                  rms_ffn=rms_ffn[l], w13=np.concatenate([w1[l], w3[l]]), w2=np.asarray(w2[l]))
+            Layer(rms_att=w["rms_att"][l], rms_ffn=w["rms_ffn"][l],
+                  **{name: _matrix(w[name][l], gs) for name in LAYER_MATRICES})
             for l in range(c.n_layers)
         ]
-        self.embedding = dense("token_embedding")  # [V, D]
-        self.rms_final = dense("rms_final")  # [D]
-        self.classifier = self.embedding if c.shared_classifier else dense("wcls")  # [V, D]
+        self.embedding = _matrix(w["token_embedding"], gs)  # [V, D]
+        self.rms_final = w["rms_final"]  # [D]
+        self.classifier = self.embedding if c.shared_classifier else _matrix(w["wcls"], gs)  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
 
     def new_cache(self, slots: int = 1) -> KVCache:
@@ -103,24 +163,33 @@ class Transformer:
         N = len(tokens)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
-        x = self.embedding[tokens].astype(np.float32)  # [N, D]
+        decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
+        dec_rows = np.array([spans[i][2] for i in decode], np.int64)
+        dec_slots = np.array([spans[i][0] for i in decode], np.int64)
+        dec_pos = np.array([spans[i][1] for i in decode], np.int64)
+        prefill = [span for span in spans if span[3] > 1]
+        x = self.embedding.rows(tokens)  # [N, D]
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
-            qkv = K.linear(h, layer.wqkv)  # [N, D + 2*KV]
-            q = K.rope(qkv[:, :D].reshape(N, c.n_heads, hd), cos, sin)
-            k = K.rope(qkv[:, D:D + KV].reshape(N, c.n_kv_heads, hd), cos, sin)
-            v = qkv[:, D + KV:].reshape(N, c.n_kv_heads, hd)
+            q = K.rope(layer.wq(h).reshape(N, c.n_heads, hd), cos, sin)
+            k = K.rope(layer.wk(h).reshape(N, c.n_kv_heads, hd), cos, sin)
+            v = layer.wv(h).reshape(N, c.n_kv_heads, hd)
+            kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
             for slot, st, r, T in spans:
-                kc, vc = cache.k[l, slot], cache.v[l, slot]  # [KVH, seq_len, hd]
-                kc[:, st:st + T] = k[r:r + T].transpose(1, 0, 2)
-                vc[:, st:st + T] = v[r:r + T].transpose(1, 0, 2)
-                att[r:r + T] = K.attention(q[r:r + T], kc[:, :st + T], vc[:, :st + T], st)
-            x = x + K.linear(att, layer.wo)
+                kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
+                vc[slot, :, st:st + T] = v[r:r + T].transpose(1, 0, 2)
+            for slot, st, r, T in prefill:
+                att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
+            if decode:
+                out = np.empty((len(decode), D), np.float32)
+                jit.attention_decode(np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
+                att[dec_rows] = out
+            x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
-            x = x + K.linear(K.swiglu(K.linear(h, layer.w13), c.hidden_dim), layer.w2)
+            x = x + layer.w2(K.silu(layer.w1(h)) * layer.w3(h))
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
         if not all_logits:
             x = x[[r + T - 1 for _, _, r, T in spans]]
-        return K.linear(K.rmsnorm(x, self.rms_final, c.norm_eps), self.classifier)
+        return self.classifier(K.rmsnorm(x, self.rms_final, c.norm_eps))

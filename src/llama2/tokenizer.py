@@ -167,8 +167,10 @@ class Tokenizer:
 class StreamDecoder:
     """Turns a stream of tokens into text pieces that never split a UTF-8 character.
 
-    `push(prev, token)` returns the bytes run.c would print for this token (`raw`) and the text that
-    is complete so far (`text`); `flush()` returns what is left when the stream ends.
+    `push(prev, token)` returns the bytes run.c would print for this token (`raw`, its safe_printf
+    rules applied: a lone byte token of a multi-byte character prints nothing) and the text that is
+    complete so far (`text`, where byte tokens are reassembled into their characters); `flush()`
+    returns what is left when the stream ends.
     """
 
     def __init__(self, tokenizer: Tokenizer):
@@ -177,7 +179,7 @@ class StreamDecoder:
 
     def push(self, prev_token: int, token: int) -> tuple:
         raw = self.tokenizer.printable(prev_token, token)
-        data = self._pending + raw
+        data = self._pending + self.tokenizer.piece(prev_token, token)
         cut = _complete_prefix(data)
         self._pending = data[cut:]
         return raw, data[:cut].decode("utf-8", errors="replace")

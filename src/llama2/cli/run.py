@@ -39,6 +39,10 @@ def register(sub):
     p.add_argument("--model", help="the model file (default %s)" % DEFAULT_MODEL)
     p.add_argument("--mode", choices=MODES, help="generate (default) or chat")
     p.add_argument("-y", "--system", help="system prompt, chat mode")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every kernel, BLAS included (default: the cores available)")
+    p.add_argument("--quantize", choices=("q8_0",), default=None,
+                   help="run float weights as int8 (Q8_0) kernels")
     p.set_defaults(func=run)
 
 
@@ -75,6 +79,8 @@ def parse(args):
         raise UsageError(f"-p {args.top_p}: top-p must be in [0, 1]")
     if args.steps < 0:
         raise UsageError(f"-n {args.steps}: steps must be >= 0")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: expected at least 1")
     return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
 
 
@@ -83,7 +89,7 @@ def run(args, io) -> int:
     from ..sampler import Sampler
 
     model_path, prompt, mode, prompt_given = parse(args)
-    llama = Llama.load(model_path, args.tokenizer)
+    llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
         return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io)
