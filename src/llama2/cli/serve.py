@@ -8,16 +8,13 @@ Requests run in one batching scheduler (see docs/server.md). SIGTERM or Ctrl-C s
 connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits.
 """
 
-import os
 import signal
 import socket
-import sys
 from pathlib import Path
 
 from ..errors import Llama2Error, UsageError
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
-THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
 def register(sub):
@@ -35,28 +32,14 @@ def register(sub):
                    help=f"sequences decoded together, one KV-cache slot each (default {d.max_batch})")
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests waiting for a slot before 503 (default {d.max_queue})")
-    p.add_argument("--threads", type=int, help="compute threads (default: the libraries' own choice)")
+    p.add_argument("--threads", type=int, help="threads for every kernel, BLAS included (default: the cores available)")
+    p.add_argument("--quantize", choices=("q8_0",), help="run float weights as int8 (Q8_0) kernels")
     p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
     p.add_argument("--chat-template", default=d.chat_template,
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
     p.add_argument("--max-body", type=int, default=d.max_body,
                    help=f"largest request body in bytes (default {d.max_body})")
     p.set_defaults(func=run)
-
-
-def set_threads(n: int):
-    """Before numpy is imported the BLAS reads these variables; numba can be told at any time."""
-    for name in THREAD_VARIABLES:
-        os.environ[name] = str(n)
-    if "numpy" in sys.modules:
-        try:
-            import threadpoolctl
-            threadpoolctl.threadpool_limits(n)
-        except ImportError:
-            pass
-    if "numba" in sys.modules:
-        import numba
-        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -76,8 +59,6 @@ def run(args, io) -> int:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
-    if args.threads:
-        set_threads(args.threads)
     from ..chat import TEMPLATES
 
     if args.chat_template not in TEMPLATES:
@@ -92,7 +73,7 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..server.config import ServerConfig
 
-    llama = Llama.load(args.model, args.tokenizer)
+    llama = Llama.load(args.model, args.tokenizer, quantize=args.quantize, threads=args.threads)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           chat_template=args.chat_template)

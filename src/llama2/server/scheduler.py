@@ -11,6 +11,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from .. import jit
 from ..generate import Event
 from ..sampler import Sampler
 from ..tokenizer import StreamDecoder
@@ -137,6 +138,7 @@ class Scheduler:
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.cache = model.new_cache(slots=max_batch)
+        self.threads = jit.threads()  # numba's thread count is per thread: carry the caller's over
         self._cond = threading.Condition()
         self._waiting = deque()
         self._active = {}  # slot -> _Sequence
@@ -148,6 +150,11 @@ class Scheduler:
     # -- any thread ---------------------------------------------------------------------------
 
     def start(self):
+        """Compile and touch every kernel once (a prefill and a decode step), then start the loop."""
+        bos = self.model.config.bos_id
+        self.model.forward_batch([(0, [bos, bos])], self.cache)
+        self.model.forward_batch([(0, [bos])], self.cache)
+        self.cache.reset(0)
         self._thread.start()
 
     def submit(self, params: Params, sink) -> Job:
@@ -191,6 +198,7 @@ class Scheduler:
     # -- the scheduler thread -----------------------------------------------------------------
 
     def _run(self):
+        jit.set_threads(self.threads)
         while True:
             with self._cond:
                 self._retire_cancelled()
