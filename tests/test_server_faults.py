@@ -155,3 +155,42 @@ def test_sigterm_finishes_requests_in_flight():
         assert "Traceback" not in s.stderr and "stopped" in s.stderr
     finally:
         s.terminate()
+
+
+def test_client_leaving_a_plain_request_cancels_it(server, http):
+    page = http.get("/metrics").text
+    cancelled = metric(page, 'llama2_requests_total{endpoint="scheduler",outcome="cancelled"}')
+    generated = metric(page, "llama2_generated_tokens_total")
+    with pytest.raises(httpx.TimeoutException):  # gives up and closes the connection
+        http.post("/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=0.2))
+    server.wait_idle(http)
+    page = http.get("/metrics").text
+    assert metric(page, 'llama2_requests_total{endpoint="scheduler",outcome="cancelled"}') == cancelled + 1
+    assert metric(page, "llama2_generated_tokens_total") - generated < LONG["max_tokens"]
+    ok(http)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--max-batch", "0"], "--max-batch 0"),
+    (["--max-queue", "-1"], "--max-queue -1"),
+    (["--threads", "0"], "--threads 0"),
+    (["--chat-template", "nope"], "--chat-template 'nope'"),
+])
+def test_serve_usage_errors(flags, message):
+    import io
+    from conftest import asset
+    from llama2.cli import main
+    err = io.StringIO()
+    assert main(["serve", str(asset("stories260K.bin")), *flags], stdout=io.BytesIO(), stderr=err) == 2
+    assert message in err.getvalue() and "Traceback" not in err.getvalue()
+
+
+def test_port_in_use_is_one_line(server):
+    import io
+    from conftest import asset
+    from llama2.cli import main
+    port = server.base.rsplit(":", 1)[1]
+    err = io.StringIO()
+    code = main(["serve", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")), "--port", port],
+                stdout=io.BytesIO(), stderr=err)
+    assert code == 1 and f"--port {port}: cannot listen there" in err.getvalue()
