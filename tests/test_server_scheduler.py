@@ -137,3 +137,34 @@ def test_encode_dialog(llama):
         with pytest.raises(ValueError) as e:
             encode_dialog(tok, bad)
         assert str(e.value).startswith(where + ":")
+
+
+def test_a_failing_pass_fails_its_requests_only(llama):
+    class Flaky:  # the real model, whose next pass raises once
+        config = llama.model.config
+        fail = False
+
+        def new_cache(self, slots):
+            return llama.model.new_cache(slots)
+
+        def forward_batch(self, segments, cache):
+            if self.fail and len(segments[0][1]) == 1:  # fail at the first decode step
+                self.fail = False
+                raise RuntimeError("boom")
+            return llama.model.forward_batch(segments, cache)
+
+    model = Flaky()
+    sched = Scheduler(model, llama.tokenizer, max_batch=2, max_queue=2)
+    sched.start()
+    model.fail = True
+    try:
+        q = queue.Queue()
+        sched.submit(params(llama, "Lily", 5, temperature=0), q.put)
+        events, err = collect(q)
+        assert isinstance(err, RuntimeError) and len(events) == 1
+        sched.submit(params(llama, "Lily", 5, temperature=0), q.put)
+        events, err = collect(q)
+        assert err is None and len(events) == 6  # 5 tokens, then the end
+        assert sched.load() == (0, 0)
+    finally:
+        sched.stop(TIMEOUT_S)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 
 from starlette.applications import Starlette
@@ -20,6 +21,8 @@ from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
 from .scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("llama2.server")
 
 
 def _json(obj) -> bytes:
@@ -148,6 +151,10 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
             except P.APIError as e:
                 metrics.request(name, str(e.status))
                 return error_response(e)
+            except Exception as e:  # a bug: log it, answer in OpenAI's shape, keep serving
+                log.exception("%s: unexpected error", name)
+                metrics.request(name, "500")
+                return error_response(P.APIError(500, f"internal error: {e!r}", code="server_error"))
         return wrapped
 
     def submit(params) -> Generation:

@@ -7,6 +7,7 @@ Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt forced, t
 until BOS/EOS or `max_tokens`. No HTTP here: the server and the tests drive it the same way.
 """
 
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
@@ -15,6 +16,8 @@ from .. import jit
 from ..generate import Event
 from ..sampler import Sampler
 from ..tokenizer import StreamDecoder
+
+log = logging.getLogger("llama2.server")
 
 
 class QueueFull(Exception):
@@ -220,6 +223,7 @@ class Scheduler:
             try:
                 logits = self.model.forward_batch(segments, self.cache)  # [len(batch), vocab]
             except Exception as e:  # a bug, not a user error: fail this batch, keep serving
+                log.exception("forward pass failed for %d sequences", len(batch))
                 with self._cond:
                     for seq in batch:
                         self._finish(seq, e)
@@ -231,6 +235,7 @@ class Scheduler:
                 try:
                     events = seq.advance(row)
                 except Exception as e:
+                    log.exception("sampling failed")
                     with self._cond:
                         self._finish(seq, e)
                     continue
