@@ -36,7 +36,7 @@ def add_arguments(p):
     p.add_argument("--max-tokens", type=int, default=128, help="completion tokens per request (default 128)")
     p.add_argument("--repeats", type=int, default=3, help="rounds per stream count (default 3)")
     p.add_argument("--prompt", default=PROMPT, help=f"the prompt (default {PROMPT!r})")
-    p.add_argument("--threads", type=int, help="compute threads for both servers (default: their own)")
+    p.add_argument("--threads", type=int, help="compute threads for both servers (default: the cores available)")
     p.add_argument("--no-peer", action="store_true", help="measure only llama2 serve")
     p.add_argument("--json", action="store_true", help="print one JSON object per result instead of a table")
     p.add_argument("--quick", action="store_true", help="a smoke test: 1 and 2 streams, 8 tokens, 1 round")
@@ -151,19 +151,18 @@ def _ours(args, max_streams, port):
     src = str(Path(__file__).resolve().parents[2])  # run this checkout's code, as the CLI does
     env = dict(os.environ, PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
     argv = [sys.executable, "-m", "llama2", "serve", args.model, "--port", str(port),
-            "--max-batch", str(max_streams), "--max-queue", str(max_streams)]
+            "--max-batch", str(max_streams), "--max-queue", str(max_streams), "--threads", str(args.threads)]
     if args.tokenizer:
         argv += ["-z", args.tokenizer]
-    if args.threads:
-        argv += ["--threads", str(args.threads)]
     return _Process("llama2 serve", argv, port, env)
 
 
-def _peer(args, gguf, port):
+def _peer(args, gguf, port, n_ctx):
+    """llama-cpp-python's server as its users run it, with two settings for a fair race: it must
+    not interrupt a stream when another request arrives (its default), and it gets our context."""
     argv = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--host", "127.0.0.1",
-            "--port", str(port)]
-    if args.threads:
-        argv += ["--n_threads", str(args.threads)]
+            "--port", str(port), "--n_ctx", str(n_ctx), "--interrupt_requests", "false",
+            "--verbose", "false", "--n_threads", str(args.threads), "--n_threads_batch", str(args.threads)]
     return _Process("llama-cpp-python", argv, port)
 
 
@@ -193,6 +192,9 @@ def run(args, io) -> int:
         raise UsageError("--streams, --max-tokens and --repeats must be positive")
     if not Path(args.model).is_file():
         raise Llama2Error(f"{args.model}: no such model file")
+    if args.threads is None:  # the same for both servers (llama-cpp-python would take half the cores)
+        from ..jit import available_cores
+        args.threads = available_cores()
     servers = [("llama2 serve", lambda port: _ours(args, levels[-1], port))]
     gguf = args.gguf or str(Path(args.model).with_suffix(".gguf"))
     if args.no_peer:
@@ -201,7 +203,9 @@ def run(args, io) -> int:
         why = why or f"{gguf}: no such GGUF file (--gguf)"
         io.err(f"bench serve: skipping llama-cpp-python's server: {why}\n")
     else:
-        servers.append(("llama-cpp-python", lambda port: _peer(args, gguf, port)))
+        from ..loader import load_checkpoint
+        n_ctx = load_checkpoint(args.model).config.seq_len
+        servers.append(("llama-cpp-python", lambda port: _peer(args, gguf, port, n_ctx)))
 
     results = []
     for name, start in servers:
@@ -225,7 +229,7 @@ def run(args, io) -> int:
 
 def table(results, args) -> str:
     lines = [f"bench serve: prompt {args.prompt!r}, {args.max_tokens} tokens greedy, "
-             f"{args.repeats} rounds, threads {args.threads or 'default'}",
+             f"{args.repeats} rounds, {args.threads} threads per server",
              f"{'server':<18} {'streams':>7} {'agg tok/s':>10} {'stream tok/s':>12} "
              f"{'TTFT p50 ms':>11} {'TTFT p95 ms':>11}"]
     for r in results:
