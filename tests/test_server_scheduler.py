@@ -3,11 +3,13 @@ cancellation, shutdown; stop strings; the chat dialog encoder."""
 
 import queue
 
+import numpy as np
 import pytest
 
 from conftest import asset
 from llama2.chat import encode_dialog, render_llama2
 from llama2.generate import generate
+from llama2.model import SMALL_BATCH
 from llama2.sampler import Sampler
 from llama2.server.scheduler import Cancelled, Params, QueueFull, Scheduler, StopStrings
 
@@ -43,14 +45,57 @@ def reference(llama, p: Params):
     return [(e.token, e.text, e.finish_reason) for e in events if not e.is_prompt]
 
 
-def test_sequences_equal_generate_whatever_the_batch(llama):
-    """Seeded sampling, 12 requests through 3 slots: admitted and retired at different steps."""
-    sched = Scheduler(llama.model, llama.tokenizer, max_batch=3, max_queue=20)
+@pytest.mark.parametrize("slots", [3, 12])
+def test_sequences_equal_generate_whatever_the_batch(llama, slots):
+    """Seeded sampling, 24 requests through 3 or 12 slots (more than one decode group): admitted and
+    retired at different steps, each gives exactly generate()'s tokens."""
+    sched = Scheduler(llama.model, llama.tokenizer, max_batch=slots, max_queue=30)
     sched.start()
     try:
         prompts = ["Once upon a time", "Lily", "", "The dog ran", "Tom"]
         ps = [params(llama, prompts[i % len(prompts)], 5 + 9 * i % 40, seed=100 + i,
-                     temperature=[1.0, 0.7, 0.0][i % 3], top_p=[0.9, 0.0, 0.5][i % 3]) for i in range(12)]
+                     temperature=[1.0, 0.7, 0.0][i % 3], top_p=[0.9, 0.0, 0.5][i % 3]) for i in range(24)]
+        queues = [queue.Queue() for _ in ps]
+        for p, q in zip(ps, queues):
+            sched.submit(p, q.put)
+        for p, q in zip(ps, queues):
+            events, err = collect(q)
+            assert err is None
+            assert [(e.token, e.text, e.finish_reason) for e in events] == reference(llama, p)
+    finally:
+        sched.stop(TIMEOUT_S)
+
+
+def test_decode_rows_do_not_depend_on_each_other(llama):
+    """What the invariant scheduler relies on: a prompt prefilled alone, then decode rows in passes
+    of up to SMALL_BATCH, give bit for bit the logits of the sequence run alone."""
+    m = llama.model
+    prompts = [llama.encode(p) for p in ["Once upon a time", "Lily", "", "The dog ran", "Tom"]]
+
+    def alone(p, steps):
+        cache = m.new_cache(1)
+        out = [m.forward(p, cache)[-1]]
+        for _ in range(steps):
+            out.append(m.forward([int(out[-1].argmax())], cache)[-1])
+        return np.array(out)
+
+    g = SMALL_BATCH
+    cache = m.new_cache(g)
+    rows = [[m.forward(prompts[i % len(prompts)], cache, slot=i)[-1]] for i in range(g)]
+    for _ in range(12):
+        logits = m.forward_batch([(i, [int(rows[i][-1].argmax())]) for i in range(g)], cache)
+        for i in range(g):
+            rows[i].append(logits[i])
+    for i in range(g):
+        assert np.array_equal(np.array(rows[i]), alone(prompts[i % len(prompts)], 12)), i
+
+
+def test_one_pass_mode_greedy(llama):
+    """invariant=False: everything in one pass; greedy text on prompts without near-ties agrees."""
+    sched = Scheduler(llama.model, llama.tokenizer, max_batch=12, max_queue=0, invariant=False)
+    sched.start()
+    try:
+        ps = [params(llama, p, 20, temperature=0) for p in ["Once upon a time", "Lily", "The sun", "Tom"] * 3]
         queues = [queue.Queue() for _ in ps]
         for p, q in zip(ps, queues):
             sched.submit(p, q.put)

@@ -39,6 +39,9 @@ def register(sub):
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
     p.add_argument("--max-body", type=int, default=d.max_body,
                    help=f"largest request body in bytes (default {d.max_body})")
+    p.add_argument("--one-pass", action="store_true",
+                   help="run each step's prefills and decodes in a single forward pass: fewer passes, "
+                        "but a request's logits may then differ in the last bits from it run alone")
     p.set_defaults(func=run)
 
 
@@ -76,7 +79,7 @@ def run(args, io) -> int:
     llama = Llama.load(args.model, args.tokenizer, quantize=args.quantize, threads=args.threads)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
-                          chat_template=args.chat_template)
+                          chat_template=args.chat_template, invariant=not args.one_pass)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"

@@ -107,7 +107,8 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     """The ASGI app serving `llama` (a loaded llama2.Llama). The scheduler thread runs while the
     app's lifespan does; `on_ready(app)` is called once it is running."""
     metrics = Metrics()
-    scheduler = Scheduler(llama.model, llama.tokenizer, config.max_batch, config.max_queue, metrics)
+    scheduler = Scheduler(llama.model, llama.tokenizer, config.max_batch, config.max_queue, metrics,
+                          invariant=config.invariant)
     tokenizer, model_config = llama.tokenizer, llama.config
     started = int(time.time())
     key = config.api_key.encode() if config.api_key else None

@@ -12,3 +12,4 @@ class ServerConfig:
     max_body: int = 1 << 20  # request body bytes; beyond: 413
     chat_template: str = "llama2"  # a key of llama2.chat.TEMPLATES
     retry_after_s: int = 1  # the Retry-After of a 503
+    invariant: bool = True  # passes that keep each request's logits bit-identical to it run alone

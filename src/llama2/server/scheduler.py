@@ -1,10 +1,12 @@
-"""Continuous batching: one thread owns the model and runs every active sequence in one forward pass.
+"""Continuous batching: one thread owns the model and runs the active sequences together.
 
-Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots (their whole
-prompts go into the same pass as everyone else's next token), run `Transformer.forward_batch` once,
-sample each sequence's next token with its own Sampler, and hand the events to the request's sink.
-Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt forced, then sampled tokens
-until BOS/EOS or `max_tokens`. No HTTP here: the server and the tests drive it the same way.
+Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
+`Transformer.forward_batch` over the active sequences, sample each sequence's next token with its
+own Sampler, and hand the events to the request's sink. By default a step is a few passes chosen so
+that results are bit for bit those of the sequence alone (each new prompt prefilled in a pass of its
+own, as `generate` does; decodes in groups the engine computes row by row); `invariant=False` makes
+it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
+forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here.
 """
 
 import logging
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 
 from .. import jit
 from ..generate import Event
+from ..model import SMALL_BATCH
 from ..sampler import Sampler
 from ..tokenizer import StreamDecoder
 
@@ -103,6 +106,7 @@ class _Sequence:
             for _ in range(p.skip_coins):
                 self.sampler.rng.f32()
         self.feed = list(p.prompt)  # tokens of the next pass: the prompt, then one token at a time
+        self.prefilled = False
         self.last = p.prompt[-1]
         self.generated = 0
         self.decoder = StreamDecoder(tokenizer)
@@ -112,6 +116,7 @@ class _Sequence:
         """Sample from this step's logits; returns the events, the last with a finish_reason when
         the sequence is done (else the sampled token is fed next step)."""
         p = self.job.params
+        self.prefilled = True
         nxt = self.sampler.sample(logits)
         if nxt in p.stop_tokens:
             return [self._end("stop")]
@@ -134,12 +139,15 @@ class _Sequence:
 class Scheduler:
     """Owns the model and a KV cache of `max_batch` slots; `submit` from any thread, `start` once."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics=None):
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics=None,
+                 invariant: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
+        self.invariant = invariant
+        self.decode_group = SMALL_BATCH  # rows the engine's decode kernels take in one call
         self.cache = model.new_cache(slots=max_batch)
         self.threads = jit.threads()  # numba's thread count is per thread: carry the caller's over
         self._cond = threading.Condition()
@@ -218,35 +226,54 @@ class Scheduler:
                     continue
                 batch = list(self._active.values())
                 waiting = len(self._waiting)
-            segments = [(seq.slot, seq.feed) for seq in batch]
-            prefilled = sum(len(seq.feed) for seq in batch if seq.generated == 0)
-            try:
-                logits = self.model.forward_batch(segments, self.cache)  # [len(batch), vocab]
-            except Exception as e:  # a bug, not a user error: fail this batch, keep serving
-                log.exception("forward pass failed for %d sequences", len(batch))
-                with self._cond:
-                    for seq in batch:
-                        self._finish(seq, e)
+            for group in self._passes(batch):
+                self._pass([seq for seq in group if not seq.job.cancelled], waiting)
+
+    def _passes(self, batch) -> list:
+        """How this step's sequences share forward passes. One pass for all of them, or, when
+        `invariant`: each new prompt in a pass of its own (as `generate` prefills it) and the decoding
+        sequences in passes of at most `decode_group` rows, which the engine computes row by row
+        in a fixed order, so every logit is bit for bit what the sequence alone would get."""
+        if not self.invariant:
+            return [batch]
+        fresh = [[seq] for seq in batch if not seq.prefilled]
+        decoding = [seq for seq in batch if seq.prefilled]
+        g = self.decode_group
+        return fresh + [decoding[i:i + g] for i in range(0, len(decoding), g)]
+
+    def _pass(self, group, waiting: int):
+        """One forward pass for `group`; sample each sequence and hand out its events."""
+        if not group:
+            return
+        segments = [(seq.slot, seq.feed) for seq in group]
+        prefilled = sum(len(seq.feed) for seq in group if not seq.prefilled)
+        try:
+            logits = self.model.forward_batch(segments, self.cache)  # [len(group), vocab]
+        except Exception as e:  # a bug, not a user error: fail these requests, keep serving
+            log.exception("forward pass failed for %d sequences", len(group))
+            with self._cond:
+                for seq in group:
+                    self._finish(seq, e)
+            return
+        generated = 0
+        for seq, row in zip(group, logits):
+            if seq.job.cancelled:
                 continue
-            generated = 0
-            for seq, row in zip(batch, logits):
-                if seq.job.cancelled:
-                    continue
-                try:
-                    events = seq.advance(row)
-                except Exception as e:
-                    log.exception("sampling failed")
-                    with self._cond:
-                        self._finish(seq, e)
-                    continue
-                generated += sum(ev.token is not None for ev in events)
-                if events[-1].finish_reason is not None:
-                    with self._cond:  # done before the last event is out: a late cancel is a no-op
-                        self._finish(seq)
-                for ev in events:
-                    self._deliver(seq.job, ev)
-            if self.metrics is not None:
-                self.metrics.step(len(batch), prefilled, generated, waiting)
+            try:
+                events = seq.advance(row)
+            except Exception as e:
+                log.exception("sampling failed")
+                with self._cond:
+                    self._finish(seq, e)
+                continue
+            generated += sum(ev.token is not None for ev in events)
+            if events[-1].finish_reason is not None:
+                with self._cond:  # done before the last event is out: a late cancel is a no-op
+                    self._finish(seq)
+            for ev in events:
+                self._deliver(seq.job, ev)
+        if self.metrics is not None:
+            self.metrics.step(len(group), prefilled, generated, waiting)
 
     def _deliver(self, job: Job, item):
         try:
