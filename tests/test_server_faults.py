@@ -82,6 +82,8 @@ def test_bad_json_unknown_model_big_body(http):
     r = http.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]})
     assert error(r, 404)["code"] == "model_not_found"
     assert error(http.get("/v1/models/gpt-4"), 404)["param"] == "model"
+    assert error(http.get("/v1/engines"), 404)["code"] == "not_found"
+    assert error(http.get("/v1/completions"), 405)
     big = {"model": MODEL, "prompt": "x" * 5000}
     assert error(http.post("/v1/completions", json=big), 413)["code"] == "request_too_large"
 

@@ -14,6 +14,7 @@ import logging
 import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -273,6 +274,10 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         Route("/health", endpoint("health", health, auth=False), methods=["GET"]),
         Route("/metrics", endpoint("metrics", prometheus), methods=["GET"]),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def not_routed(request, exc: HTTPException):  # unknown path, wrong method: same error shape
+        return error_response(P.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                          code="not_found" if exc.status_code == 404 else None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed})
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
     return app
