@@ -76,6 +76,11 @@ def test_bad_chat_fields(http, messages, param):
     assert error(r, 400)["param"] == param
 
 
+def test_non_finite_numbers(http):
+    body = b'{"model": "%s", "prompt": "a", "temperature": NaN}' % MODEL.encode()
+    assert error(http.post("/v1/completions", content=body), 400)["param"] == "temperature"
+
+
 def test_bad_json_unknown_model_big_body(http):
     assert error(http.post("/v1/completions", content=b"{not json"), 400)["param"] == "body"
     assert error(http.post("/v1/completions", content=b"[1, 2]"), 400)["param"] == "body"

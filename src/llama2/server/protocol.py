@@ -7,6 +7,7 @@ Sampling defaults are the CLI's (config.GENERATION), so a request and `llama2 ru
 settings agree; a request without a seed gets a random one.
 """
 
+import math
 import secrets
 import time
 import uuid
@@ -57,6 +58,8 @@ def _number(body, name, default, lo=None, hi=None):
         return default
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise bad(name, f"expected a number, got {type(v).__name__}")
+    if not math.isfinite(v):
+        raise bad(name, f"expected a finite number, got {v}")
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         raise bad(name, f"{v} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
     return float(v)
