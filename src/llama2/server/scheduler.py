@@ -132,8 +132,11 @@ class _Sequence:
         return [event]
 
     def _end(self, reason: str) -> Event:
+        """The last event: the text still held back (cut at a stop string it completes)."""
         text, hit = self.stops.push(self.decoder.flush())
-        return Event(None, b"", text if hit else text + self.stops.flush(), finish_reason=reason)
+        if hit:
+            return Event(None, b"", text, finish_reason="stop")
+        return Event(None, b"", text + self.stops.flush(), finish_reason=reason)
 
 
 class Scheduler:
