@@ -10,7 +10,7 @@ import time
 
 from conftest import REPO, asset
 
-START_TIMEOUT_S = 60
+START_TIMEOUT_S = 120  # the first server may compile the engine's kernels
 READY = re.compile(r"at (http://127\.0\.0\.1:(\d+)/v1)")
 
 
