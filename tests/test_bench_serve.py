@@ -26,8 +26,9 @@ def test_bench_serve_quick():
     assert "skipping llama-cpp-python" in err.getvalue()
 
 
-def test_bench_needs_an_action():
+def test_bench_serve_usage_error():
     from llama2.cli import main
     err = io.StringIO()
-    assert main(["bench"], stdout=io.BytesIO(), stderr=err) == 2
-    assert "ACTION" in err.getvalue()
+    code = main(["bench", "serve", str(asset("stories260K.bin")), "--streams", "a,b"],
+                stdout=io.BytesIO(), stderr=err)
+    assert code == 2 and "--streams 'a,b'" in err.getvalue()

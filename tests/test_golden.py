@@ -24,11 +24,13 @@ def run_cli(argv, stdin=""):
     return code, out.getvalue(), err.getvalue()
 
 
+@pytest.mark.parametrize("threads", [None, 1])
 @pytest.mark.parametrize("case", _cases("runc.jsonl"))
-def test_runc_golden(case, monkeypatch, tmp_path):
+def test_runc_golden(case, threads, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no stray tokenizer.bin in the working folder
     model, tok = asset(case["model"]), asset(case["tokenizer"])
-    code, out, err = run_cli(["run", str(model), "-z", str(tok), *case["args"]])
+    extra = [] if threads is None else ["--threads", str(threads)]
+    code, out, err = run_cli(["run", str(model), "-z", str(tok), *case["args"], *extra])
     assert code == 0, err
     assert out == bytes.fromhex(case["stdout_hex"])
 

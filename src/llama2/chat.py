@@ -5,6 +5,8 @@ assistant's turn ends at EOS, which is fed back before the next turn (as run.c d
 positions ends the conversation with finish reason "length".
 """
 
+import re
+
 from .generate import Event, resolve_steps
 from .sampler import Sampler
 from .tokenizer import StreamDecoder
@@ -24,6 +26,29 @@ def render_chatml(user: str, system: str = "") -> str:
 
 
 TEMPLATES = {"llama2": render_llama2, "chatml": render_chatml}
+# Markers a template uses that models keep as single special tokens (Hugging Face "added tokens"):
+# when the vocabulary has one as a whole piece it is fed as that id, not spelled out by BPE. The
+# last marker of a template also ends the assistant's turn, as EOS does.
+MARKERS = {"llama2": (), "chatml": ("<|im_start|>", "<|im_end|>")}
+
+
+def marker_ids(tokenizer, template) -> dict:
+    """marker text -> id, for the template's markers that are single pieces of this vocabulary."""
+    pieces = {p: i for i, p in enumerate(tokenizer.pieces)}
+    return {m: pieces[m.encode()] for m in MARKERS[template] if m.encode() in pieces}
+
+
+def encode_turn(tokenizer, text, markers: dict) -> list:
+    """BOS, then `text` encoded as run.c does, except that each marker in `markers` is its id."""
+    if not markers:
+        return tokenizer.encode(text, bos=True)
+    tokens = [tokenizer.bos_id]
+    for part in re.split("(" + "|".join(map(re.escape, markers)) + ")", text):
+        if part in markers:
+            tokens.append(markers[part])
+        elif part:
+            tokens.extend(tokenizer.encode(part, bos=False))
+    return tokens
 
 ROLES = ("system", "user", "assistant")
 
@@ -37,7 +62,7 @@ def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
     `<s>[INST] {user} [/INST] {assistant} </s>` (BOS and EOS ids, the reply stripped, as Meta does),
     the system prompt folded into the first user message, and the last user message as run.c
     renders a turn: a one-turn dialog gives exactly the tokens of run.c's chat mode. ChatML renders
-    every message in one block, encoded with BOS as ChatSession does.
+    every message in one block, encoded as ChatSession encodes a turn (BOS, markers as their ids).
     """
     messages = list(messages)
     system = ""
@@ -59,7 +84,7 @@ def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         for role, content in messages:
             text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-        return tokenizer.encode(text + "<|im_start|>assistant\n", bos=True)
+        return encode_turn(tokenizer, text + "<|im_start|>assistant\n", marker_ids(tokenizer, template))
     if template != "llama2":
         raise ValueError(f"unknown chat template {template!r}")
     tokens = []
@@ -68,6 +93,13 @@ def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
         tokens += tokenizer.encode(f"{turn} {messages[k + 1][1].strip()} ", bos=True, eos=True)
     return tokens + tokenizer.encode(render_llama2(messages[-1][1], system if len(messages) == 1 else ""),
                                      bos=True)
+
+
+def reply_end_ids(tokenizer, template: str, eos_id: int) -> frozenset:
+    """Token ids that end the assistant's reply: EOS, and the template's closing marker when the
+    vocabulary has it as one piece (as ChatSession stops)."""
+    markers = marker_ids(tokenizer, template)
+    return frozenset({eos_id} | {markers[m] for m in MARKERS[template][-1:] if m in markers})
 
 
 class ChatSession:
@@ -80,6 +112,9 @@ class ChatSession:
         self.sampler = sampler
         self.steps = resolve_steps(steps, self.model.config.seq_len)
         self.render = TEMPLATES[template]
+        self.markers = marker_ids(self.tokenizer, template)
+        end = MARKERS[template][-1:]
+        self.stop_ids = {self.model.config.eos_id} | {self.markers[m] for m in end if m in self.markers}
         self.cache = self.model.new_cache()
         self.pos = 0  # positions run so far
         self._pending = []  # the EOS that closed the last reply, fed with the next turn
@@ -87,7 +122,7 @@ class ChatSession:
     def turn(self, user: str, system: str = ""):
         cfg = self.model.config
         text = self.render(user, system if self.pos == 0 and not self._pending else "")
-        tokens = self._pending + self.tokenizer.encode(text, bos=True)
+        tokens = self._pending + encode_turn(self.tokenizer, text, self.markers)
         if self.pos + len(tokens) > self.steps:
             yield Event(None, b"", "", finish_reason="length")
             return
@@ -102,7 +137,7 @@ class ChatSession:
         token = tokens[-1]
         while True:
             nxt = self.sampler.sample(logits)
-            if nxt == cfg.eos_id:
+            if nxt in self.stop_ids:
                 self._pending = [nxt]
                 yield Event(None, b"", stream.flush(), finish_reason="stop")
                 return

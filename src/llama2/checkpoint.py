@@ -1,7 +1,8 @@
-"""llama2.c checkpoint files: read by mmap (versions 0, 1 and 2) and write (atomically).
+"""llama2.c checkpoint files: read by mmap (versions 0-3) and written tensor by tensor (atomically).
 
-Layouts follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
-version2_export. Tensors are stacked per layer; int8 (Q8_0) tensors are kept quantized.
+Layouts 0-2 follow karpathy/llama2.c run.c (version 0), export.py legacy_export / version1_export /
+version2_export exactly; version 3 is our extended header (docs/format.md). Tensors are stacked per
+layer; int8 (Q8_0) tensors are kept quantized.
 """
 
 import mmap
@@ -20,6 +21,13 @@ HEADER_BYTES = 256  # versions 1 and 2
 V0_HEADER = struct.Struct("<7i")
 V1_HEADER = struct.Struct("<Ii7iB")  # magic, version, 7 params, shared_classifier
 V2_HEADER = struct.Struct("<Ii7iBi")  # ... plus group_size at byte 37
+# Version 3 is our extension (docs/format.md): v1's first 37 bytes, then dtype, chat template,
+# group_size, BOS/EOS ids, rope_theta and norm_eps. llama2.c's readers reject it, as they should.
+EXT_VERSION = 3
+EXT_HEADER = struct.Struct("<Ii7iBBBxiii4xdd")
+DTYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3}  # dtype byte (offset 37) of version 3
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "q8_0": 1}
+CHAT_TEMPLATES = (None, "llama2", "chatml")  # chat template byte (offset 38) of version 3
 
 # Tensor names in a checkpoint, with shapes in terms of the config; "L" stacked layers.
 LAYER_MATRICES = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -68,17 +76,25 @@ def n_groups(numel: int, group_size: int) -> int:
     return -(-numel // group_size)
 
 
-def quantize_q80(w: np.ndarray, group_size: int) -> QuantizedTensor:
-    """Symmetric int8 quantization over groups of the flattened tensor, tail group included."""
+def quantize_q80(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> QuantizedTensor:
+    """Symmetric int8 quantization over groups of the flattened tensor, tail group included.
+    Works through `chunk_values` values at a time so temporaries stay small for big tensors."""
     flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
     ng = n_groups(flat.size, group_size)
-    padded = np.zeros(ng * group_size, np.float32)
-    padded[: flat.size] = flat
-    groups = padded.reshape(ng, group_size)
-    scale = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scale > 0, scale, np.float32(1.0))
-    q = np.round(groups / safe[:, None]).astype(np.int8)
-    return QuantizedTensor(q.reshape(-1)[: flat.size].reshape(w.shape), scale, group_size)
+    q = np.empty(ng * group_size, np.int8)
+    scale = np.empty(ng, np.float32)
+    step = max(1, chunk_values // group_size)  # groups per chunk
+    for g0 in range(0, ng, step):
+        g1 = min(ng, g0 + step)
+        chunk = flat[g0 * group_size: g1 * group_size]
+        if chunk.size < (g1 - g0) * group_size:  # the short tail group, padded with zeros
+            chunk = np.concatenate([chunk, np.zeros((g1 - g0) * group_size - chunk.size, np.float32)])
+        groups = chunk.reshape(g1 - g0, group_size)
+        s = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        safe = np.where(s > 0, s, np.float32(1.0))
+        q[g0 * group_size: g1 * group_size] = np.round(groups / safe[:, None]).astype(np.int8).reshape(-1)
+        scale[g0:g1] = s
+    return QuantizedTensor(q[: flat.size].reshape(w.shape), scale, group_size)
 
 
 @dataclass
@@ -86,21 +102,34 @@ class Checkpoint:
     """A loaded model file: its config, tensors (numpy views of the mmap where possible), version."""
     config: ModelConfig
     weights: dict  # name -> float32 array (stacked) or list of QuantizedTensor per layer
-    version: int
+    version: int  # llama2.c layout version 0-3; 1 for models from other formats (see `format`)
     path: str
-    group_size: int = 0  # Q8_0 group size for version 2, else 0
+    group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
+    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0 (or mixed: GGUF)
+    vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
+    chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
+    format: str = "llama2c"  # llama2c, gguf, hf
 
     @property
     def quantized(self) -> bool:
-        return self.version == 2
+        return self.group_size > 0
+
+    @property
+    def tokenizer(self):
+        """The model's own tokenizer (a llama2.tokenizer.Tokenizer), or None if it has no vocabulary."""
+        if self.vocab is None:
+            return None
+        from .tokenizer import Tokenizer
+        v = self.vocab
+        return Tokenizer(v.bin_pieces(), v.scores, bos_id=v.bos_id, eos_id=v.eos_id)
 
     def dense(self, name) -> np.ndarray:
         """A tensor as float32 (dequantized if stored as int8)."""
         w = self.weights[name]
         if isinstance(w, QuantizedTensor):
             return w.dequantize()
-        if isinstance(w, list):
-            return np.stack([t.dequantize() for t in w])
+        if isinstance(w, list):  # per layer: QuantizedTensor or float arrays (GGUF may mix them)
+            return np.stack([t.dequantize() if isinstance(t, QuantizedTensor) else t for t in w])
         return w
 
     @property
@@ -128,23 +157,29 @@ class _Cursor:
         self.offset += nbytes
 
 
-def _expected_size(c: ModelConfig, version: int, group_size: int) -> int:
+def _expected_size(c: ModelConfig, version: int, group_size: int, dtype: str = "fp32") -> int:
     shapes = tensor_shapes(c)
     if version == 0:
         floats = sum(int(np.prod(s)) for s in shapes.values()) + c.seq_len * c.head_dim
         return V0_HEADER.size + 4 * floats
-    if version == 1:
-        return HEADER_BYTES + 4 * sum(int(np.prod(s)) for s in shapes.values())
     size = HEADER_BYTES
     for name, shape in shapes.items():
         if name.startswith("rms"):
             size += 4 * int(np.prod(shape))
-        else:
-            per = shape[1:] if name in LAYER_MATRICES else shape
-            count = shape[0] if name in LAYER_MATRICES else 1
-            numel = int(np.prod(per))
-            size += count * (numel + 4 * n_groups(numel, group_size))
+            continue
+        per = shape[1:] if name in LAYER_MATRICES else shape
+        count = shape[0] if name in LAYER_MATRICES else 1
+        numel = int(np.prod(per))
+        scales = 4 * n_groups(numel, group_size) if dtype == "q8_0" else 0
+        size += count * (numel * DTYPE_BYTES[dtype] + scales)
     return size
+
+
+def file_dtype(buf, version) -> str:
+    """How a file stores its matrices: fp32 (versions 0, 1), q8_0 (version 2), or byte 37 of v3."""
+    if version == EXT_VERSION:
+        return {v: k for k, v in DTYPES.items()}[buf[37]]
+    return "q8_0" if version == 2 else "fp32"
 
 
 def read_header(path, buf) -> tuple:
@@ -158,14 +193,26 @@ def read_header(path, buf) -> tuple:
         version = struct.unpack_from("<i", buf, 4)[0]
         if version == 1:
             _, _, *params, shared = V1_HEADER.unpack_from(buf, 0)
-            group_size = 0
+            group_size, extra = 0, {}
         elif version == 2:
             _, _, *params, shared, group_size = V2_HEADER.unpack_from(buf, 0)
+            extra = {}
             if group_size <= 0:
                 raise FormatError(f"{path}: group_size at byte 37 must be positive, got {group_size}")
+        elif version == EXT_VERSION:
+            (_, _, *params, shared, dtype_code, template_code, group_size, bos, eos, theta,
+             eps) = EXT_HEADER.unpack_from(buf, 0)
+            if dtype_code not in DTYPES.values():
+                raise FormatError(f"{path}: unknown dtype {dtype_code} at byte 37 (expected 0-3)")
+            if template_code >= len(CHAT_TEMPLATES):
+                raise FormatError(f"{path}: unknown chat template {template_code} at byte 38")
+            if (dtype_code == DTYPES["q8_0"]) != (group_size > 0):
+                raise FormatError(f"{path}: group_size at byte 40 is {group_size}, which does not "
+                                  f"fit dtype {dtype_code}")
+            extra = dict(rope_theta=theta, norm_eps=eps, bos_id=bos, eos_id=eos)
         else:
             raise FormatError(f"{path}: unsupported checkpoint version {version} at byte 4 "
-                              "(expected 1 or 2)")
+                              "(expected 1, 2 or 3)")
         if shared not in (0, 1):
             raise FormatError(f"{path}: shared_classifier byte at offset 36 must be 0 or 1, got {shared}")
         dim, hidden, layers, heads, kv_heads, vocab, seq_len = params
@@ -173,6 +220,7 @@ def read_header(path, buf) -> tuple:
     else:
         dim, hidden, layers, heads, kv_heads, vocab, seq_len = V0_HEADER.unpack_from(buf, 0)
         version, group_size, offset = 0, 0, V0_HEADER.size
+        extra = {}
         # Legacy convention: a negative vocab_size means the classifier is stored separately.
         shared = vocab > 0
         vocab = abs(vocab)
@@ -181,7 +229,7 @@ def read_header(path, buf) -> tuple:
                               "and no plausible version-0 header)")
     config = ModelConfig(dim=dim, hidden_dim=hidden, n_layers=layers, n_heads=heads,
                          n_kv_heads=kv_heads, vocab_size=vocab, seq_len=seq_len,
-                         shared_classifier=bool(shared))
+                         shared_classifier=bool(shared), **extra)
     config.validate(str(path))
     return config, version, group_size, offset
 
@@ -202,10 +250,14 @@ def _map(path):
 
 
 def load(path) -> Checkpoint:
-    """Memory-map a llama2.c checkpoint (version 0, 1 or 2) and validate its length."""
+    """Memory-map a checkpoint (llama2.c version 0, 1 or 2, or our version 3) and validate its length.
+
+    fp32 and int8 tensors are views of the map; fp16/bf16 matrices (version 3) are widened to float32.
+    """
     buf = _map(path)
     config, version, group_size, offset = read_header(path, buf)
-    expected = _expected_size(config, version, group_size)
+    dtype = file_dtype(buf, version)
+    expected = _expected_size(config, version, group_size, dtype)
     if len(buf) != expected:
         raise FormatError(f"{path}: file is {len(buf)} bytes but its version-{version} header implies "
                           f"{expected} bytes ({'truncated' if len(buf) < expected else 'trailing data'})")
@@ -213,33 +265,37 @@ def load(path) -> Checkpoint:
     shapes = tensor_shapes(config)
     w = {}
     if version == 0:
-        for name in ("token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
-                     "rms_final"):
+        for name in V0_ORDER:
             w[name] = cur.take(np.float32, shapes[name])
         cur.skip(4 * config.seq_len * config.head_dim)  # legacy freq_cis_real and freq_cis_imag
         if not config.shared_classifier:
             w["wcls"] = cur.take(np.float32, shapes["wcls"])
-    elif version == 1:
-        for name in ("rms_att", "rms_ffn", "rms_final", "token_embedding", *LAYER_MATRICES):
-            w[name] = cur.take(np.float32, shapes[name])
-        if not config.shared_classifier:
-            w["wcls"] = cur.take(np.float32, shapes["wcls"])
-    else:
-        for name in ("rms_att", "rms_ffn", "rms_final"):
-            w[name] = cur.take(np.float32, shapes[name])
+        return Checkpoint(config, w, version, str(path), group_size)
+    for name in NORMS:
+        w[name] = cur.take(np.float32, shapes[name])
 
-        def qt(shape):
-            numel = int(np.prod(shape))
-            q = cur.take(np.int8, shape)
-            s = cur.take(np.float32, (n_groups(numel, group_size),))
-            return QuantizedTensor(q, s, group_size)
+    def qt(shape):
+        numel = int(np.prod(shape))
+        q = cur.take(np.int8, shape)
+        s = cur.take(np.float32, (n_groups(numel, group_size),))
+        return QuantizedTensor(q, s, group_size)
 
-        w["token_embedding"] = qt(shapes["token_embedding"])
-        for name in LAYER_MATRICES:
+    def matrix(shape):
+        if dtype == "fp16":
+            return cur.take("<f2", shape).astype(np.float32)
+        if dtype == "bf16":
+            return bf16_to_f32(cur.take("<u2", shape))
+        return cur.take(np.float32, shape)
+
+    for name in (*MATRICES, *([] if config.shared_classifier else ["wcls"])):
+        if dtype != "q8_0":
+            w[name] = matrix(shapes[name])
+        elif name in LAYER_MATRICES:
             w[name] = [qt(shapes[name][1:]) for _ in range(config.n_layers)]
-        if not config.shared_classifier:
-            w["wcls"] = qt(shapes["wcls"])
-    return Checkpoint(config, w, version, str(path), group_size)
+        else:
+            w[name] = qt(shapes[name])
+    template = CHAT_TEMPLATES[buf[38]] if version == EXT_VERSION else None
+    return Checkpoint(config, w, version, str(path), group_size, dtype=dtype, chat_template=template)
 
 
 def _rope_tables(c: ModelConfig):
@@ -252,62 +308,139 @@ def _rope_tables(c: ModelConfig):
     return np.cos(angles), np.sin(angles)
 
 
-def _f32(a) -> bytes:
-    return np.ascontiguousarray(a, dtype="<f4").tobytes()
+def _f32(a) -> np.ndarray:
+    """A little-endian float32 C-contiguous array: file.write() takes its buffer without a copy."""
+    return np.ascontiguousarray(a, dtype="<f4")
 
 
-def write(path, config: ModelConfig, weights: dict, version: int = 1, group_size: int = 64):
-    """Write a llama2.c checkpoint of `version` 0, 1 or 2 (Q8_0, `group_size`) atomically.
+def bf16_to_f32(u16: np.ndarray) -> np.ndarray:  # uint16 [...] -> float32 [...] (exact)
+    out = np.asarray(u16, dtype="<u2").astype(np.uint32)
+    out <<= 16  # in place: one float32-sized buffer, no temporaries
+    return out.view(np.float32)
 
-    `weights` maps the names of tensor_shapes() to float32 arrays of those shapes (stacked per layer)
-    or to per-layer lists of arrays. Files are exactly what llama2.c's readers expect.
+
+def f32_to_bf16(a: np.ndarray, chunk: int = 1 << 20) -> np.ndarray:  # float32 [...] -> uint16 [...]
+    """Round to nearest even (NaN stays NaN), `chunk` values at a time to keep temporaries small."""
+    f = np.ascontiguousarray(a, dtype="<f4").reshape(-1)
+    u = f.view(np.uint32)
+    out = np.empty(u.size, "<u2")
+    for i in range(0, u.size, chunk):
+        x = u[i:i + chunk]
+        out[i:i + chunk] = (x + (np.uint32(0x7FFF) + ((x >> 16) & np.uint32(1)))) >> 16
+        nan = np.isnan(f[i:i + chunk])
+        if nan.any():
+            out[i:i + chunk][nan] = (x[nan] >> 16) | np.uint32(0x40)  # keep it a quiet NaN
+    return out.reshape(np.shape(a))
+
+
+# The order tensors follow on disk, per layout. Stacked names are written layer by layer.
+V0_ORDER = ("token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3",
+            "rms_final")
+NORMS = ("rms_att", "rms_ffn", "rms_final")
+MATRICES = ("token_embedding", *LAYER_MATRICES)
+STACKED = ("rms_att", "rms_ffn", *LAYER_MATRICES)
+
+
+def _header_bytes(c: ModelConfig, version: int, group_size: int, dtype: str, chat_template) -> bytes:
+    params = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len)
+    if version == 1:
+        header = V1_HEADER.pack(MAGIC, 1, *params, int(c.shared_classifier))
+    elif version == 2:
+        header = V2_HEADER.pack(MAGIC, 2, *params, int(c.shared_classifier), group_size)
+    else:
+        header = EXT_HEADER.pack(MAGIC, EXT_VERSION, *params, int(c.shared_classifier), DTYPES[dtype],
+                                 CHAT_TEMPLATES.index(chat_template), group_size, c.bos_id, c.eos_id,
+                                 c.rope_theta, c.norm_eps)
+    return header + b"\0" * (HEADER_BYTES - len(header))
+
+
+def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size: int = 64,
+                 dtype: str = "fp32", chat_template=None):
+    """Write a checkpoint atomically, asking `tensor(name, layer)` for one layer at a time.
+
+    `tensor(name, layer)` returns a float32 array of tensor_shapes(config)[name] without the layer
+    axis (layer is None for unstacked tensors). Only one layer is held at once, so peak memory is one
+    tensor plus its encoded bytes. `version` 0, 1 and 2 are exactly llama2.c's layouts; version 3 is
+    our extended header (docs/format.md) with `dtype` fp32, fp16, bf16 or q8_0.
     """
+    if version not in (0, 1, 2, EXT_VERSION):
+        raise FormatError(f"cannot write {path}: unknown version {version} (expected 0, 1, 2 or 3)")
+    if version == 2:
+        dtype = "q8_0"
+    elif version in (0, 1) and dtype != "fp32":
+        raise FormatError(f"cannot write {path}: version {version} stores fp32 only, not {dtype} "
+                          "(use version 3 for fp16/bf16)")
+    if dtype not in DTYPES:
+        raise FormatError(f"cannot write {path}: unknown dtype {dtype!r} (expected one of "
+                          f"{', '.join(DTYPES)})")
+    if chat_template not in CHAT_TEMPLATES:
+        raise FormatError(f"cannot write {path}: unknown chat template {chat_template!r}")
+    if dtype == "q8_0" and group_size <= 0:
+        raise FormatError(f"cannot write {path}: group size must be positive, got {group_size}")
+    if dtype != "q8_0":
+        group_size = 0  # only Q8_0 has groups; the header says 0 otherwise
     config.validate("config")
-    shapes = tensor_shapes(config)
+    c = config
+    shapes = tensor_shapes(c)
 
-    def get(name):
-        if name not in weights:
-            raise FormatError(f"cannot write {path}: missing tensor {name}")
-        value = weights[name]
-        arr = np.stack([np.asarray(x) for x in value]) if isinstance(value, list) else np.asarray(value)
-        if arr.shape != shapes[name]:
-            raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "
-                              f"expected {shapes[name]}")
+    def layers(name):
+        return range(c.n_layers) if name in STACKED else [None]
+
+    def get(name, layer):
+        arr = np.asarray(tensor(name, layer))
+        want = shapes[name][1:] if layer is not None else shapes[name]
+        if arr.shape != want:
+            where = f"{name}" if layer is None else f"{name} of layer {layer}"
+            raise FormatError(f"cannot write {path}: tensor {where} has shape {arr.shape}, "
+                              f"expected {want}")
         return arr
 
-    if version not in (0, 1, 2):
-        raise FormatError(f"cannot write {path}: unknown version {version} (expected 0, 1 or 2)")
-    if version == 2 and group_size <= 0:
-        raise FormatError(f"cannot write {path}: group size must be positive, got {group_size}")
-    c = config
-    params = (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads)
+    def encode(arr):  # one matrix in the file's dtype, as buffers to write
+        if dtype == "fp32":
+            return [_f32(arr)]
+        if dtype == "fp16":
+            return [np.ascontiguousarray(arr, dtype="<f2")]
+        if dtype == "bf16":
+            return [f32_to_bf16(arr)]
+        qt = quantize_q80(arr, group_size)
+        return [np.ascontiguousarray(qt.q, dtype=np.int8), _f32(qt.s)]
+
     with atomic_write(path) as f:
         if version == 0:
             vocab = c.vocab_size if c.shared_classifier else -c.vocab_size
-            f.write(V0_HEADER.pack(*params, vocab, c.seq_len))
-            for name in ("token_embedding", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2",
-                         "w3", "rms_final"):
-                f.write(_f32(get(name)))
+            f.write(V0_HEADER.pack(c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, vocab,
+                                   c.seq_len))
+            for name in V0_ORDER:
+                for layer in layers(name):
+                    f.write(_f32(get(name, layer)))
             for table in _rope_tables(c):
                 f.write(_f32(table))
             if not c.shared_classifier:
-                f.write(_f32(get("wcls")))
+                f.write(_f32(get("wcls", None)))
             return
-        if version == 1:
-            header = V1_HEADER.pack(MAGIC, 1, *params, c.vocab_size, c.seq_len, int(c.shared_classifier))
-        else:
-            header = V2_HEADER.pack(MAGIC, 2, *params, c.vocab_size, c.seq_len,
-                                    int(c.shared_classifier), group_size)
-        f.write(header + b"\0" * (HEADER_BYTES - len(header)))
-        for name in ("rms_att", "rms_ffn", "rms_final"):
-            f.write(_f32(get(name)))
-        names = ["token_embedding", *LAYER_MATRICES] + ([] if c.shared_classifier else ["wcls"])
-        for name in names:
-            arr = get(name)
-            if version == 1:
-                f.write(_f32(arr))
-                continue
-            for layer in (arr if name in LAYER_MATRICES else [arr]):
-                qt = quantize_q80(layer, group_size)
-                f.write(qt.q.astype(np.int8).tobytes())
-                f.write(_f32(qt.s))
+        f.write(_header_bytes(c, version, group_size, dtype, chat_template))
+        for name in NORMS:  # norms stay float32 in every layout
+            for layer in layers(name):
+                f.write(_f32(get(name, layer)))
+        for name in (*MATRICES, *([] if c.shared_classifier else ["wcls"])):
+            for layer in layers(name):
+                for chunk in encode(get(name, layer)):
+                    f.write(chunk)
+
+
+def write(path, config: ModelConfig, weights: dict, version: int = 1, group_size: int = 64,
+          dtype: str = "fp32", chat_template=None):
+    """Write a checkpoint from in-memory tensors: `weights` maps the names of tensor_shapes() to
+    float32 arrays (stacked per layer), per-layer lists of arrays, or lists of QuantizedTensor."""
+
+    def tensor(name, layer):
+        if name not in weights:
+            raise FormatError(f"cannot write {path}: missing tensor {name}")
+        value = weights[name]
+        if layer is not None:
+            value = value[layer]
+        if isinstance(value, QuantizedTensor):
+            value = value.dequantize()
+        return value
+
+    write_stream(path, config, tensor, version, group_size, dtype, chat_template)

@@ -15,6 +15,22 @@ from numba import get_num_threads, njit, prange, set_num_threads
 FASTMATH = {"reassoc", "contract", "nsz"}
 
 
+# Below this many multiply-adds a kernel runs on one thread: waking the others costs more.
+PARALLEL_MIN = 1 << 16
+
+
+def _compile(fn):
+    """A kernel in two builds, parallel over its outer loop and serial; `fn(work, *args)` picks."""
+    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(fn)
+    serial = njit(parallel=False, fastmath=FASTMATH, cache=True)(fn)
+
+    def run(work, *args):
+        (parallel if work >= PARALLEL_MIN and get_num_threads() > 1 else serial)(*args)
+
+    run.__name__, run.__doc__ = fn.__name__.lstrip("_"), fn.__doc__
+    return run
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -45,59 +61,85 @@ def threads() -> int:
     return get_num_threads()
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_f32(x, w, out):  # [B, n], [m, n] -> out [B, m]
-    B, n = x.shape
-    m = w.shape[0]
-    for i in prange(m):
-        for b in range(B):
-            acc = np.float32(0.0)
-            for j in range(n):
-                acc += w[i, j] * x[b, j]
-            out[b, i] = acc
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _dot_f32(w, i, x, b):  # row i of w [m, n] . row b of x [B, n]
+    acc = np.float32(0.0)
+    for j in range(w.shape[1]):
+        acc += w[i, j] * x[b, j]
+    return acc
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_q8(x, q, s, gs, out):  # [B, n], int8 [m, n], f32 [ceil(m*n/gs)], int -> out [B, m]
-    """Q8_0 weights with groups over the flattened matrix (rows may straddle groups): each row is
-    dequantized once into a float32 buffer, then dotted with every input row."""
-    B, n = x.shape
-    m = q.shape[0]
-    for i in prange(m):
-        row = np.empty(n, np.float32)
-        j = 0
-        base = i * n
-        while j < n:
-            g = (base + j) // gs
-            end = min(n, (g + 1) * gs - base)
-            scale = s[g]
-            for k in range(j, end):
-                row[k] = np.float32(q[i, k]) * scale
-            j = end
-        for b in range(B):
-            acc = np.float32(0.0)
-            for k in range(n):
-                acc += row[k] * x[b, k]
-            out[b, i] = acc
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _dot_q8(q, s, gs, i, x, b):  # row i of Q8_0 (q [m, n] int8, s [groups]) . row b of x [B, n]
+    """Groups run over the flattened matrix, so a row may start or end inside a group: the row is
+    walked in segments that each lie in one group, every segment scaled once."""
+    n = q.shape[1]
+    base = i * n
+    acc = np.float32(0.0)
+    j = 0
+    while j < n:
+        g = (base + j) // gs
+        end = min(n, (g + 1) * gs - base)
+        part = np.float32(0.0)
+        for k in range(j, end):
+            part += np.float32(q[i, k]) * x[b, k]
+        acc += part * s[g]
+        j = end
+    return acc
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def matmul_q8_aligned(x, q, s, gs, out):  # [B, n], int8 [m, n], f32 [m*n/gs], int -> out [B, m]
-    """Q8_0 when every row holds whole groups (n % gs == 0): per group, an integer-free float dot of
-    the int8 values with x, scaled once per group."""
-    B, n = x.shape
-    m = q.shape[0]
-    ng = n // gs
-    for i in prange(m):
-        for b in range(B):
-            acc = np.float32(0.0)
-            for g in range(ng):
-                part = np.float32(0.0)
-                o = g * gs
-                for k in range(gs):
-                    part += np.float32(q[i, o + k]) * x[b, o + k]
-                acc += part * s[i * ng + g]
-            out[b, i] = acc
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _silu(a):
+    return a / (np.float32(1.0) + np.exp(-a))
+
+
+def _matmul_f32(x, w, out):  # [B, n], [m, n] -> out [B, m]
+    for i in prange(w.shape[0]):
+        for b in range(x.shape[0]):
+            out[b, i] = _dot_f32(w, i, x, b)
+
+
+def _matmul_q8(x, q, s, gs, out):  # [B, n], int8 [m, n], f32 [ceil(m*n/gs)], int -> out [B, m]
+    for i in prange(q.shape[0]):
+        for b in range(x.shape[0]):
+            out[b, i] = _dot_q8(q, s, gs, i, x, b)
+
+
+def _qkv_f32(x, wq, wk, wv, q, k, v):  # [B, D], [D, D], [KV, D], [KV, D] -> q [B, D], k, v [B, KV]
+    """The three attention projections in one parallel pass over their rows."""
+    mq, mk = wq.shape[0], wk.shape[0]
+    for r in prange(mq + 2 * mk):
+        for b in range(x.shape[0]):
+            if r < mq:
+                q[b, r] = _dot_f32(wq, r, x, b)
+            elif r < mq + mk:
+                k[b, r - mq] = _dot_f32(wk, r - mq, x, b)
+            else:
+                v[b, r - mq - mk] = _dot_f32(wv, r - mq - mk, x, b)
+
+
+def _qkv_q8(x, qq, sq, qk, sk, qv, sv, gs, q, k, v):  # as qkv_f32, with Q8_0 weights
+    mq, mk = qq.shape[0], qk.shape[0]
+    for r in prange(mq + 2 * mk):
+        for b in range(x.shape[0]):
+            if r < mq:
+                q[b, r] = _dot_q8(qq, sq, gs, r, x, b)
+            elif r < mq + mk:
+                k[b, r - mq] = _dot_q8(qk, sk, gs, r - mq, x, b)
+            else:
+                v[b, r - mq - mk] = _dot_q8(qv, sv, gs, r - mq - mk, x, b)
+
+
+def _ffn_f32(x, w1, w3, out):  # [B, D], [H, D], [H, D] -> out [B, H] = silu(x w1^T) * (x w3^T)
+    for i in prange(w1.shape[0]):
+        for b in range(x.shape[0]):
+            out[b, i] = _silu(_dot_f32(w1, i, x, b)) * _dot_f32(w3, i, x, b)
+
+
+def _ffn_q8(x, q1, s1, q3, s3, gs, out):  # as ffn_f32, with Q8_0 weights
+    for i in prange(q1.shape[0]):
+        for b in range(x.shape[0]):
+            out[b, i] = _silu(_dot_q8(q1, s1, gs, i, x, b)) * _dot_q8(q3, s3, gs, i, x, b)
 
 
 @njit(cache=True)
@@ -109,8 +151,7 @@ def dequantize_rows(q, s, gs, rows, out):  # int8 [m, n], f32 [groups], int, int
             out[r, k] = np.float32(q[rows[r], k]) * s[(base + k) // gs]
 
 
-@njit(parallel=True, fastmath=FASTMATH, cache=True)
-def attention_decode(q, kc, vc, slots, pos, out):
+def _attention_decode(q, kc, vc, slots, pos, out):
     """One new query per sequence over its cached keys/values (the new key already written).
     q [B, H, hd], kc/vc [slots, KVH, seq_len, hd], slots [B], pos [B] (position of the query)
     -> out [B, H*hd]."""
@@ -143,3 +184,12 @@ def attention_decode(q, kc, vc, slots, pos, out):
             a = att[t] * inv
             for d in range(hd):
                 out[b, o + d] += a * vc[sl, kv, t, d]
+
+
+matmul_f32 = _compile(_matmul_f32)
+matmul_q8 = _compile(_matmul_q8)
+qkv_f32 = _compile(_qkv_f32)
+qkv_q8 = _compile(_qkv_q8)
+ffn_f32 = _compile(_ffn_f32)
+ffn_q8 = _compile(_ffn_q8)
+attention_decode = _compile(_attention_decode)

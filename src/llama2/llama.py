@@ -16,10 +16,13 @@ from .tokenizer import Tokenizer
 
 def find_tokenizer(checkpoint_path, name=None) -> Path:
     """The tokenizer to use: `name` as given or cached; without one, `tokenizer.bin` in the current
-    folder (as run.c), beside the checkpoint, or in the cache (downloaded on first use)."""
+    folder (as run.c), beside the checkpoint (inside it for a model directory), or in the cache
+    (downloaded on first use)."""
     if name is not None:
         return hub.resolve(name, what="tokenizer")
-    for candidate in (Path(DEFAULT_TOKENIZER), Path(checkpoint_path).parent / DEFAULT_TOKENIZER):
+    path = Path(checkpoint_path)
+    folder = path if path.is_dir() else path.parent  # a model directory holds its own files
+    for candidate in (Path(DEFAULT_TOKENIZER), folder / DEFAULT_TOKENIZER):
         if candidate.is_file():
             return candidate
     return hub.resolve(DEFAULT_TOKENIZER, what="tokenizer")

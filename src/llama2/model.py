@@ -52,7 +52,7 @@ class Dense:
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul_f32(x, self.w, out)
+            jit.matmul_f32(self.w.size * len(x), x, self.w, out)
             return out
         return x @ self.w.T
 
@@ -66,13 +66,11 @@ class Q8:
     def __init__(self, qt: QuantizedTensor):
         self.q, self.s, self.gs = qt.q, qt.s, qt.group_size
         self.shape = qt.q.shape
-        self.aligned = self.shape[1] % self.gs == 0
 
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            kernel = jit.matmul_q8_aligned if self.aligned else jit.matmul_q8
-            kernel(x, self.q, self.s, self.gs, out)
+            jit.matmul_q8(self.q.size * len(x), x, self.q, self.s, self.gs, out)
             return out
         return x @ self.dense().T
 
@@ -93,6 +91,10 @@ def _matrix(w, quantize_group: int):
     return Dense(w)
 
 
+def _empty(rows, cols):
+    return np.empty((rows, cols), np.float32)
+
+
 @dataclass
 class Layer:
     rms_att: np.ndarray  # [D]
@@ -104,6 +106,32 @@ class Layer:
     w1: object  # [H, D]
     w2: object  # [D, H]
     w3: object  # [H, D]
+
+    def qkv(self, h):  # [N, D] -> q [N, D], k [N, KV], v [N, KV]
+        wq, wk, wv = self.wq, self.wk, self.wv
+        N = len(h)
+        if N > SMALL_BATCH or type(wq) is not type(wk) or type(wk) is not type(wv):
+            return wq(h), wk(h), wv(h)
+        q, k, v = _empty(N, wq.shape[0]), _empty(N, wk.shape[0]), _empty(N, wv.shape[0])
+        work = N * h.shape[1] * (q.shape[1] + 2 * k.shape[1])
+        if isinstance(wq, Dense):
+            jit.qkv_f32(work, h, wq.w, wk.w, wv.w, q, k, v)
+        else:
+            jit.qkv_q8(work, h, wq.q, wq.s, wk.q, wk.s, wv.q, wv.s, wq.gs, q, k, v)
+        return q, k, v
+
+    def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
+        w1, w3 = self.w1, self.w3
+        N = len(h)
+        if N > SMALL_BATCH or type(w1) is not type(w3):
+            return self.w2(K.silu(w1(h)) * w3(h))
+        g = _empty(N, w1.shape[0])
+        work = 2 * N * h.shape[1] * g.shape[1]
+        if isinstance(w1, Dense):
+            jit.ffn_f32(work, h, w1.w, w3.w, g)
+        else:
+            jit.ffn_q8(work, h, w1.q, w1.s, w3.q, w3.s, w1.gs, g)
+        return self.w2(g)
 
 
 class Transformer:
@@ -172,9 +200,10 @@ class Transformer:
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
-            q = K.rope(layer.wq(h).reshape(N, c.n_heads, hd), cos, sin)
-            k = K.rope(layer.wk(h).reshape(N, c.n_kv_heads, hd), cos, sin)
-            v = layer.wv(h).reshape(N, c.n_kv_heads, hd)
+            q, k, v = layer.qkv(h)
+            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin)
+            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin)
+            v = v.reshape(N, c.n_kv_heads, hd)
             kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
             for slot, st, r, T in spans:
                 kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
@@ -183,11 +212,12 @@ class Transformer:
                 att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
             if decode:
                 out = np.empty((len(decode), D), np.float32)
-                jit.attention_decode(np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
+                work = 2 * c.dim * int(dec_pos.sum() + len(decode))
+                jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
                 att[dec_rows] = out
             x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
-            x = x + layer.w2(K.silu(layer.w1(h)) * layer.w3(h))
+            x = x + layer.ffn(h)
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
         if not all_logits:

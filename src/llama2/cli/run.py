@@ -12,6 +12,7 @@ stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 import time
 from pathlib import Path
 
+from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import UsageError
 
@@ -43,6 +44,8 @@ def register(sub):
                    help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=("q8_0",), default=None,
                    help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
+                   help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     p.set_defaults(func=run)
 
 
@@ -92,7 +95,9 @@ def run(args, io) -> int:
     llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
-        return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io)
+        template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"
+        return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
+                     template)
     from ..generate import generate
 
     start, count = None, 0
@@ -118,10 +123,10 @@ def _readline(io, guide: str):
     return line[:-1] if line.endswith("\n") else line
 
 
-def _chat(llama, sampler, user_prompt, system_prompt, steps, io) -> int:
+def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2") -> int:
     from ..chat import ChatSession
 
-    session = ChatSession(llama, sampler, steps)
+    session = ChatSession(llama, sampler, steps, template)
     first = True
     while True:
         if first and system_prompt is None:

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from ..chat import ROLES, encode_dialog
+from ..chat import ROLES, encode_dialog, reply_end_ids
 from ..config import GENERATION
 from .scheduler import Params
 
@@ -220,9 +220,10 @@ def parse_chat(body: dict, tokenizer, config, template: str) -> Request:
         param = str(e).split(":", 1)[0]
         raise APIError(400, str(e), param=param, code="invalid_value") from None
     stream, usage = _stream(body)
-    # run.c's chat mode: EOS ends the reply; it draws a coin at every prompt position but the last.
+    # run.c's chat mode: EOS (or the template's end marker) ends the reply; it draws a coin at every
+    # prompt position but the last.
     params = _sampling(body, ids, None, config.seq_len, "messages",
-                       stop_tokens=frozenset((config.eos_id,)), skip_coins=len(ids) - 1)
+                       stop_tokens=reply_end_ids(tokenizer, template, config.eos_id), skip_coins=len(ids) - 1)
     return Request(params, stream, usage)
 
 

@@ -1,0 +1,71 @@
+"""`llama2 export OUT --hf DIR | --meta-llama DIR | --checkpoint CKPT.pt | --from MODEL`: convert a
+model to a llama2.c checkpoint (--version 0, 1, 2 exactly as llama2.c writes them; 3, the default,
+our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
+"""
+
+from ..chat import TEMPLATES
+from ..export import DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, VERSIONS
+
+
+def register(sub):
+    p = sub.add_parser("export", help="convert a Meta, Hugging Face, GGUF or llama2.c model",
+                       description=__doc__.split("\n\n")[0].replace("`", ""))
+    p.add_argument("out", metavar="OUT", help="the file to write (atomically)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (config.json, "
+                     "safetensors or pytorch_model.bin)")
+    src.add_argument("--meta-llama", metavar="DIR", help="a Meta checkpoint directory (params.json, "
+                     "consolidated.NN.pth)")
+    src.add_argument("--checkpoint", metavar="CKPT.pt", help="a llama2.c training checkpoint")
+    src.add_argument("--from", dest="source", metavar="MODEL",
+                     help="any model llama2 runs: .bin (versions 0-3), .gguf, a Hugging Face directory")
+    p.add_argument("--format", choices=FORMATS, default="llama2c", help="output format (default llama2c)")
+    p.add_argument("--version", type=int, choices=VERSIONS, default=DEFAULT_VERSION,
+                   help="llama2c layout: 0 legacy, 1 fp32, 2 int8 Q8_0 (llama2.c's own); "
+                        f"3 extended header (default {DEFAULT_VERSION}); for GGUF, 2 means Q8_0")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32",
+                   help="matrix type for --version 3 and GGUF (default fp32)")
+    p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                   help=f"Q8_0 group size for llama2c files (default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="vocabulary to embed in a GGUF (tokenizer.model, tokenizer.json or "
+                        "tokenizer.bin); default: the model's own")
+    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
+                   help="record this chat template (default: the model's own, if it says)")
+    p.add_argument("--seq-len", type=int, help="context length, for Meta checkpoints whose "
+                   "params.json does not give max_seq_len")
+    p.set_defaults(func=run)
+
+
+def open_source(args):
+    """The tensor source the flags name."""
+    if args.hf is not None:
+        from ..hf import HFModel
+        return HFModel(args.hf)
+    if args.meta_llama is not None:
+        from ..meta import open_meta
+        return open_meta(args.meta_llama, args.seq_len)
+    if args.checkpoint is not None:
+        from ..meta import open_train_checkpoint
+        return open_train_checkpoint(args.checkpoint, args.seq_len)
+    from ..loader import open_source as open_model
+    return open_model(args.source)
+
+
+def run(args, io) -> int:
+    from ..errors import UsageError
+    from ..export import export
+
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise UsageError(f"--seq-len {args.seq_len}: must be positive")
+    if args.group_size <= 0:
+        raise UsageError(f"--group-size {args.group_size}: must be positive")
+    vocab = None
+    if args.tokenizer is not None:
+        from ..tokenizer_export import load_vocab
+        vocab = load_vocab(args.tokenizer)
+    source = open_source(args)
+    export(args.out, source, args.format, args.version, args.dtype, args.group_size, vocab,
+           args.chat_template, warn=lambda text: io.err(text + "\n"))
+    io.err(f"wrote {args.out}\n")
+    return 0

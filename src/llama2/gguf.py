@@ -1,0 +1,355 @@
+"""GGUF files (llama.cpp): read a Llama model into a Checkpoint by mmap, and write one tensor by tensor.
+
+Format: github.com/ggml-org/ggml docs/gguf.md (version 3). Only the "llama" architecture with F32,
+F16, BF16 and Q8_0 tensors is supported. GGUF keeps Meta's interleaved q/k layout, as llama2.c does,
+so tensors map one to one. Written from the spec with numpy only; the `gguf` package is not needed.
+"""
+
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from . import chat_template as templates
+from .checkpoint import (LAYER_MATRICES, Checkpoint, QuantizedTensor, bf16_to_f32, f32_to_bf16,
+                         tensor_shapes)
+from .config import ModelConfig
+from .errors import FormatError
+from .fileio import atomic_write
+from .tokenizer_export import Vocab
+
+MAGIC = b"GGUF"
+ALIGNMENT = 32
+F32, F16, Q8_0, BF16 = 0, 1, 8, 30
+Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
+Q8_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)])  # one block, 34 bytes
+Q8_CHUNK = 1 << 15  # blocks quantized at once when writing
+TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", BF16: "BF16"}
+FILE_TYPES = {"fp32": 0, "fp16": 1, "q8_0": 7, "bf16": 32}  # general.file_type ("mostly ...")
+GGML_TYPES = {"fp32": F32, "fp16": F16, "q8_0": Q8_0, "bf16": BF16}
+
+# metadata value types
+U8, I8, U16, I16, U32, I32, F32V, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
+_SCALARS = {U8: "<B", I8: "<b", U16: "<H", I16: "<h", U32: "<I", I32: "<i", F32V: "<f", BOOL: "<?",
+            U64: "<Q", I64: "<q", F64: "<d"}
+
+# our tensor name -> GGUF name ("{}" is the block index)
+NAMES = {
+    "token_embedding": "token_embd.weight", "rms_final": "output_norm.weight", "wcls": "output.weight",
+    "wq": "blk.{}.attn_q.weight", "wk": "blk.{}.attn_k.weight", "wv": "blk.{}.attn_v.weight",
+    "wo": "blk.{}.attn_output.weight", "rms_att": "blk.{}.attn_norm.weight",
+    "w1": "blk.{}.ffn_gate.weight", "w2": "blk.{}.ffn_down.weight", "w3": "blk.{}.ffn_up.weight",
+    "rms_ffn": "blk.{}.ffn_norm.weight",
+}
+BLOCK_ORDER = ("wq", "wk", "wv", "wo", "rms_att", "w1", "w2", "w3", "rms_ffn")
+
+
+class _Reader:
+    def __init__(self, buf, path):
+        self.buf, self.pos, self.path = buf, 0, path
+
+    def unpack(self, fmt):
+        size = struct.calcsize(fmt)
+        if self.pos + size > len(self.buf):
+            raise FormatError(f"{self.path}: truncated GGUF header at byte {self.pos}")
+        (value,) = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += size
+        return value
+
+    def string(self):
+        n = self.unpack("<Q")
+        raw = self.buf[self.pos:self.pos + n]
+        if len(raw) != n:
+            raise FormatError(f"{self.path}: truncated GGUF string at byte {self.pos}")
+        self.pos += n
+        return raw.decode("utf-8", errors="replace")
+
+    def value(self, kind):
+        if kind in _SCALARS:
+            return self.unpack(_SCALARS[kind])
+        if kind == STRING:
+            return self.string()
+        if kind == ARRAY:
+            item, count = self.unpack("<I"), self.unpack("<Q")
+            if item in _SCALARS:  # read numeric arrays in one go
+                dt = np.dtype(_SCALARS[item])
+                arr = np.frombuffer(self.buf, dt, count, self.pos)
+                self.pos += count * dt.itemsize
+                return arr.tolist()
+            return [self.value(item) for _ in range(count)]
+        raise FormatError(f"{self.path}: unknown GGUF metadata type {kind} at byte {self.pos}")
+
+
+def read(path):
+    """Parse a GGUF file: (metadata dict, {name: (ggml type, numpy shape, absolute offset)}, buffer)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if f.seek(0, 2) < 24:
+                raise FormatError(f"{path}: too short to be a GGUF file")
+            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    r = _Reader(buf, path)
+    if buf[:4] != MAGIC:
+        raise FormatError(f"{path}: not a GGUF file (magic at byte 0 is {bytes(buf[:4])!r})")
+    r.pos = 4
+    version = r.unpack("<I")
+    if version not in (2, 3):
+        raise FormatError(f"{path}: unsupported GGUF version {version} at byte 4 (expected 2 or 3)")
+    n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+    meta = {}
+    for _ in range(n_kv):
+        key = r.string()
+        meta[key] = r.value(r.unpack("<I"))
+    infos = {}
+    for _ in range(n_tensors):
+        name = r.string()
+        dims = [r.unpack("<Q") for _ in range(r.unpack("<I"))]
+        kind, offset = r.unpack("<I"), r.unpack("<Q")
+        infos[name] = (kind, tuple(reversed(dims)), offset)  # GGUF lists the fastest axis first
+    align = int(meta.get("general.alignment", ALIGNMENT))
+    data = -(-r.pos // align) * align
+    for name, (kind, shape, offset) in infos.items():
+        infos[name] = (kind, shape, data + offset)
+    return meta, infos, buf
+
+
+def _tensor(buf, path, name, kind, shape, offset):
+    """A float32 array (F32 is a view of the map) or a QuantizedTensor (Q8_0, group 32)."""
+    numel = int(np.prod(shape))
+    if kind == Q8_0:
+        if shape[-1] % Q8_BLOCK:
+            raise FormatError(f"{path}: Q8_0 tensor {name} has rows of {shape[-1]}, not a multiple of 32")
+        nbytes = numel // Q8_BLOCK * 34
+    elif kind in (F32, F16, BF16):
+        nbytes = numel * (4 if kind == F32 else 2)
+    else:
+        raise FormatError(f"{path}: tensor {name} has ggml type {kind}; supported: F32, F16, BF16, Q8_0")
+    if offset + nbytes > len(buf):
+        raise FormatError(f"{path}: tensor {name} at byte {offset} runs past the end of the file")
+    if kind == F32:
+        return np.frombuffer(buf, "<f4", numel, offset).reshape(shape)
+    if kind == F16:
+        return np.frombuffer(buf, "<f2", numel, offset).astype(np.float32).reshape(shape)
+    if kind == BF16:
+        return bf16_to_f32(np.frombuffer(buf, "<u2", numel, offset)).reshape(shape)
+    blocks = np.frombuffer(buf, Q8_DTYPE, numel // Q8_BLOCK, offset)
+    return QuantizedTensor(blocks["qs"].reshape(shape), blocks["d"].astype(np.float32), Q8_BLOCK)
+
+
+def _dense(t):
+    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+
+
+def vocab_from_metadata(meta):
+    """The tokenizer a GGUF carries, when it is sentencepiece-style ("llama"); else None."""
+    if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.tokens" not in meta:
+        return None
+    tokens = meta["tokenizer.ggml.tokens"]
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    return Vocab(list(tokens), [float(s) for s in scores], list(types),
+                 int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+                 int(meta.get("tokenizer.ggml.eos_token_id", 2)),
+                 int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
+
+
+class GGUFModel:
+    """A Llama GGUF file as a tensor source (export.py): config and vocabulary from its metadata,
+    tensors read on demand from the memory map."""
+
+    def __init__(self, path):
+        self.path = path
+        meta, self.infos, self.buf = read(path)
+        arch = meta.get("general.architecture")
+        if arch != "llama":
+            raise FormatError(f"{path}: GGUF architecture {arch!r} is not supported (expected 'llama')")
+
+        def key(name, default=None):
+            value = meta.get(f"llama.{name}", default)
+            if value is None:
+                raise FormatError(f"{path}: GGUF metadata lacks llama.{name}")
+            return value
+
+        if "token_embd.weight" not in self.infos:
+            raise FormatError(f"{path}: GGUF has no tensor token_embd.weight")
+        heads = int(key("attention.head_count"))
+        self.config = ModelConfig(
+            dim=int(key("embedding_length")), hidden_dim=int(key("feed_forward_length")),
+            n_layers=int(key("block_count")), n_heads=heads,
+            n_kv_heads=int(key("attention.head_count_kv", heads)),
+            vocab_size=self.infos["token_embd.weight"][1][0], seq_len=int(key("context_length")),
+            shared_classifier="output.weight" not in self.infos,
+            rope_theta=float(key("rope.freq_base", 10000.0)),
+            norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
+            eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
+        self.config.validate(str(path))
+        if int(key("rope.dimension_count", self.config.head_dim)) != self.config.head_dim:
+            raise FormatError(f"{path}: partial rotary embeddings (llama.rope.dimension_count "
+                              f"{meta['llama.rope.dimension_count']} != head size "
+                              f"{self.config.head_dim}) are not supported")
+        self.shapes = tensor_shapes(self.config)
+        self.vocab = vocab_from_metadata(meta)
+        text = meta.get("tokenizer.chat_template")
+        self.chat_template = templates.detect(text) if text else None
+
+    def kind(self, name, layer=None) -> int:
+        gname = NAMES[name].format(layer)
+        if gname not in self.infos:
+            raise FormatError(f"{self.path}: GGUF is missing tensor {gname}")
+        return self.infos[gname][0]
+
+    def raw(self, name, layer=None):
+        """The tensor as stored: float32 (a view of the map for F32) or QuantizedTensor (Q8_0)."""
+        self.kind(name, layer)  # present?
+        gname = NAMES[name].format(layer)
+        kind, shape, offset = self.infos[gname]
+        want = self.shapes[name][1:] if layer is not None else self.shapes[name]
+        if tuple(shape) != tuple(want):
+            raise FormatError(f"{self.path}: tensor {gname} has shape {list(shape)}, "
+                              f"expected {list(want)}")
+        return _tensor(self.buf, self.path, gname, kind, shape, offset)
+
+    def tensor(self, name, layer=None) -> np.ndarray:
+        return _dense(self.raw(name, layer))
+
+
+def load(path) -> Checkpoint:
+    """A Llama GGUF as a Checkpoint. Each matrix keeps its stored form: Q8_0 as int8 (group 32),
+    F32 as a view of the file, F16/BF16 widened to float32; per-layer lists, norms stacked."""
+    m = GGUFModel(path)
+    c = m.config
+    w = {}
+    for name in m.shapes:
+        if name in ("rms_att", "rms_ffn"):
+            w[name] = np.stack([m.tensor(name, i) for i in range(c.n_layers)])
+        elif name in LAYER_MATRICES:
+            w[name] = [m.raw(name, i) for i in range(c.n_layers)]
+        else:
+            w[name] = m.raw(name) if name != "rms_final" else m.tensor(name)
+    kinds = {m.kind(n, i if n in LAYER_MATRICES else None)
+             for n in m.shapes if not n.startswith("rms")
+             for i in (range(c.n_layers) if n in LAYER_MATRICES else [None])}
+    dtype = {F32: "fp32", F16: "fp16", BF16: "bf16", Q8_0: "q8_0"}[m.kind("wq", 0)] \
+        if len(kinds) == 1 else "mixed"
+    return Checkpoint(c, w, 1, str(path), Q8_BLOCK if Q8_0 in kinds else 0, dtype=dtype,
+                      vocab=m.vocab, chat_template=m.chat_template, format="gguf")
+
+
+# --- writing ------------------------------------------------------------------------------------
+
+def _pack_string(s):
+    raw = s.encode("utf-8")
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _pack_value(value):
+    """(type, bytes) of a metadata value; ints are written as uint32, floats as float32."""
+    if isinstance(value, str):
+        return STRING, _pack_string(value)
+    if isinstance(value, bool):
+        return BOOL, struct.pack("<?", value)
+    if isinstance(value, int):
+        return U32, struct.pack("<I", value)
+    if isinstance(value, float):
+        return F32V, struct.pack("<f", value)
+    if isinstance(value, tuple):  # (item type, list)
+        item, items = value
+        head = struct.pack("<IQ", item, len(items))
+        if item == STRING:
+            return ARRAY, head + b"".join(_pack_string(s) for s in items)
+        return ARRAY, head + np.asarray(items, dtype=_SCALARS[item]).tobytes()
+    raise TypeError(f"unsupported metadata value {value!r}")
+
+
+def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml type `kind`'s bytes
+    if kind == F32:
+        return np.ascontiguousarray(arr, "<f4")
+    if kind == F16:
+        return np.ascontiguousarray(arr, "<f2")
+    if kind == BF16:
+        return f32_to_bf16(arr)
+    blocks = np.ascontiguousarray(arr, np.float32).reshape(-1, Q8_BLOCK)
+    out = np.empty(len(blocks), Q8_DTYPE)
+    for b0 in range(0, len(blocks), Q8_CHUNK):  # a chunk at a time keeps temporaries small
+        chunk = blocks[b0:b0 + Q8_CHUNK]
+        # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from 0
+        d = (np.abs(chunk).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
+        x = chunk * inv[:, None]
+        out["qs"][b0:b0 + Q8_CHUNK] = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
+        out["d"][b0:b0 + Q8_CHUNK] = d
+    return out
+
+
+def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", chat_template=None,
+          name="llama"):
+    """Write a GGUF v3 file asking `tensor(name, layer)` (our names, float32) for one tensor at a
+    time. Norms stay F32; matrices are F32, F16, BF16 or Q8_0 (rows must be a multiple of 32).
+    The classifier is always written as output.weight, as llama.cpp's own converters do."""
+    if dtype not in GGML_TYPES:
+        raise FormatError(f"cannot write {path}: GGUF dtype {dtype!r} is not one of "
+                          f"{', '.join(GGML_TYPES)}")
+    c = config
+    shapes = tensor_shapes(c)
+    shapes.setdefault("wcls", shapes["token_embedding"])
+    order = [("token_embedding", None), ("rms_final", None), ("wcls", None)]
+    order += [(n, i) for i in range(c.n_layers) for n in BLOCK_ORDER]
+
+    def kind_of(name):
+        return F32 if name.startswith("rms") else GGML_TYPES[dtype]
+
+    if dtype == "q8_0" and (c.dim % Q8_BLOCK or c.hidden_dim % Q8_BLOCK):
+        raise FormatError(f"cannot write {path}: GGUF Q8_0 needs dim ({c.dim}) and hidden_dim "
+                          f"({c.hidden_dim}) to be multiples of 32; use --dtype fp16 or fp32")
+    meta = {
+        "general.architecture": "llama", "general.name": name,
+        "general.file_type": FILE_TYPES[dtype],
+        "llama.context_length": c.seq_len, "llama.embedding_length": c.dim,
+        "llama.feed_forward_length": c.hidden_dim, "llama.attention.head_count": c.n_heads,
+        "llama.attention.head_count_kv": c.n_kv_heads, "llama.block_count": c.n_layers,
+        "llama.rope.dimension_count": c.head_dim, "llama.rope.freq_base": float(c.rope_theta),
+        "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+    }
+    if vocab is not None:
+        meta.update({
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": (STRING, vocab.pieces),
+            "tokenizer.ggml.scores": (F32V, vocab.scores),
+            "tokenizer.ggml.token_type": (I32, vocab.types),
+            "tokenizer.ggml.bos_token_id": vocab.bos_id, "tokenizer.ggml.eos_token_id": vocab.eos_id,
+            "tokenizer.ggml.unknown_token_id": vocab.unk_id,
+        })
+    if chat_template is not None:
+        meta["tokenizer.chat_template"] = templates.JINJA[chat_template]
+
+    parts = [MAGIC, struct.pack("<IQQ", 3, len(order), len(meta))]
+    for key, value in meta.items():
+        kind, raw = _pack_value(value)
+        parts += [_pack_string(key), struct.pack("<I", kind), raw]
+    offset, sizes = 0, []
+    for name, layer in order:
+        shape = shapes[name][1:] if layer is not None else shapes[name]
+        kind = kind_of(name)
+        numel = int(np.prod(shape))
+        size = numel // Q8_BLOCK * 34 if kind == Q8_0 else numel * (4 if kind == F32 else 2)
+        dims = list(reversed(shape))
+        parts += [_pack_string(NAMES[name].format(layer)), struct.pack("<I", len(dims)),
+                  struct.pack(f"<{len(dims)}Q", *dims), struct.pack("<IQ", kind, offset)]
+        sizes.append(size)
+        offset += -(-size // ALIGNMENT) * ALIGNMENT
+    header = b"".join(parts)
+    with atomic_write(path) as f:
+        f.write(header + b"\0" * (-len(header) % ALIGNMENT))
+        for (name, layer), size in zip(order, sizes):
+            src = "token_embedding" if name == "wcls" and c.shared_classifier else name
+            arr = np.asarray(tensor(src, layer), dtype=np.float32)
+            want = shapes[name][1:] if layer is not None else shapes[name]
+            if arr.shape != tuple(want):
+                raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "
+                                  f"expected {want}")
+            f.write(_encode(arr, kind_of(name)))
+            f.write(b"\0" * (-size % ALIGNMENT))

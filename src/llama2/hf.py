@@ -1,0 +1,286 @@
+"""Hugging Face Llama model directories: config.json, safetensors (or pytorch_model.bin), tokenizer.
+
+Tensors are read one at a time (safetensors by mmap with numpy, here; pytorch_model.bin through torch,
+imported only then), converted to float32 and, for q/k, un-permuted back to Meta's interleaved RoPE
+layout that llama2.c uses. References: transformers' convert_llama_weights_to_hf.py (the permutation
+undone here), the safetensors format (8-byte header length, JSON header, raw little-endian data).
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from . import chat_template as templates
+from .checkpoint import bf16_to_f32, tensor_shapes
+from .config import ModelConfig
+from .errors import FormatError
+from . import tokenizer_export
+
+# our name -> Hugging Face name ("{}" is the layer)
+NAMES = {
+    "token_embedding": "model.embed_tokens.weight",
+    "rms_att": "model.layers.{}.input_layernorm.weight",
+    "wq": "model.layers.{}.self_attn.q_proj.weight",
+    "wk": "model.layers.{}.self_attn.k_proj.weight",
+    "wv": "model.layers.{}.self_attn.v_proj.weight",
+    "wo": "model.layers.{}.self_attn.o_proj.weight",
+    "rms_ffn": "model.layers.{}.post_attention_layernorm.weight",
+    "w1": "model.layers.{}.mlp.gate_proj.weight",
+    "w2": "model.layers.{}.mlp.down_proj.weight",
+    "w3": "model.layers.{}.mlp.up_proj.weight",
+    "rms_final": "model.norm.weight",
+    "wcls": "lm_head.weight",
+}
+SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+MODEL_TYPES = ("llama", "mistral")
+
+
+def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*hd, D] -> [n_heads*hd, D]
+    """Undo HF's q/k permutation: per head, HF puts the real halves of the RoPE pairs first and the
+    imaginary halves second ("rotate half"); Meta and llama2.c interleave them (x0, y0, x1, y1...)."""
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, 2, hd // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+def permute(w: np.ndarray, n_heads: int) -> np.ndarray:  # the inverse of unpermute (Meta -> HF)
+    rows, cols = w.shape
+    hd = rows // n_heads
+    return w.reshape(n_heads, hd // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
+
+
+class SafetensorsFile:
+    """One .safetensors file; `get(name)` reads one tensor (pread, not mmap: the bytes of tensors
+    already converted are freed, so a streaming export never holds the whole file) as float32."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise FormatError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        self.size = os.fstat(self.fd).st_size
+        try:
+            (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            if n > self.size - 8:
+                raise ValueError
+            self.header = json.loads(os.pread(self.fd, n, 8))
+        except (struct.error, ValueError):
+            raise FormatError(f"{self.path}: not a safetensors file (bad header)") from None
+        self.header.pop("__metadata__", None)
+        self.names = list(self.header)
+        self.data = 8 + n
+
+    def __del__(self):
+        with contextlib.suppress(AttributeError, OSError):
+            os.close(self.fd)
+
+    def get(self, name) -> np.ndarray:
+        info = self.header.get(name)
+        if info is None:
+            raise FormatError(f"{self.path}: has no tensor {name}")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise FormatError(f"{self.path}: tensor {name} has dtype {info['dtype']}; supported: "
+                              f"{', '.join(SAFETENSORS_DTYPES)}")
+        begin, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        count = int(np.prod(shape))
+        if end - begin != count * np.dtype(dtype).itemsize or self.data + end > self.size:
+            raise FormatError(f"{self.path}: tensor {name} has {end - begin} bytes at offset "
+                              f"{self.data + begin}, which does not fit shape {list(shape)}")
+        raw = bytearray(end - begin)  # writable, so the float32 case needs no further copy
+        if os.preadv(self.fd, [raw], self.data + begin) != len(raw):
+            raise FormatError(f"{self.path}: truncated at tensor {name}")
+        arr = np.frombuffer(raw, dtype, count).reshape(shape)
+        if info["dtype"] == "BF16":
+            return bf16_to_f32(arr)
+        return arr if info["dtype"] == "F32" else arr.astype(np.float32)
+
+
+class TorchFile:
+    """A pytorch_model.bin shard, loaded lazily by mmap through torch (imported only here)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            import torch
+        except ImportError:
+            raise FormatError(f"{self.path}: reading pytorch_model.bin needs torch "
+                              "(pip install torch), or convert the model to safetensors") from None
+        try:
+            self.state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # torch raises many types for a bad file
+            raise FormatError(f"{self.path}: cannot read PyTorch file ({str(e).splitlines()[0]})") from None
+        self.names = list(self.state)
+
+    def get(self, name) -> np.ndarray:
+        if name not in self.state:
+            raise FormatError(f"{self.path}: has no tensor {name}")
+        t = self.state[name]
+        if not t.is_floating_point():
+            raise FormatError(f"{self.path}: tensor {name} has dtype {t.dtype}; expected a float type")
+        return t.float().numpy()
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing {what}") from None
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read {what} ({e})") from None
+
+
+def read_config(directory) -> ModelConfig:
+    """A ModelConfig from config.json, rejecting the Llama variants our forward pass does not do."""
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: no such directory (models are not downloaded here: fetch one "
+                          f"with `huggingface-cli download REPO --local-dir DIR` and pass DIR)")
+    if not path.is_file():
+        raise FormatError(f"{directory}: no config.json (expected a Hugging Face model directory with "
+                          "config.json and model.safetensors)")
+    cfg = _read_json(path, "config.json")
+    model_type = cfg.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise FormatError(f"{path}: model_type {model_type!r} is not supported (expected one of "
+                          f"{', '.join(MODEL_TYPES)})")
+    try:
+        dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        config = ModelConfig(
+            dim=dim, hidden_dim=int(cfg["intermediate_size"]), n_layers=int(cfg["num_hidden_layers"]),
+            n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            vocab_size=int(cfg["vocab_size"]), seq_len=int(cfg["max_position_embeddings"]),
+            shared_classifier=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=float(_rope(cfg, path).get("rope_theta", 10000.0)),
+            norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            bos_id=_first(cfg.get("bos_token_id"), 1), eos_id=_first(cfg.get("eos_token_id"), 2))
+    except KeyError as e:
+        raise FormatError(f"{path}: missing field {e.args[0]}") from None
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"{path}: bad field value ({e})") from None
+    config.validate(str(path))
+    if cfg.get("head_dim") not in (None, config.head_dim):
+        raise FormatError(f"{path}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
+                          f"({config.head_dim}) is not supported")
+    for flag in ("attention_bias", "mlp_bias"):
+        if cfg.get(flag):
+            raise FormatError(f"{path}: {flag} is true; biases are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise FormatError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (expected silu)")
+    window = cfg.get("sliding_window")
+    if window is not None and window < config.seq_len:
+        raise FormatError(f"{path}: sliding_window attention ({window}) is not supported")
+    return config
+
+
+def _rope(cfg, path) -> dict:
+    """RoPE settings: transformers 5 keeps them in rope_parameters, older versions at the top level."""
+    rope = dict(cfg.get("rope_parameters") or {})
+    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise FormatError(f"{path}: RoPE scaling {kind!r} is not supported")
+    return rope
+
+
+def _first(value, default) -> int:
+    if isinstance(value, list):
+        value = value[0] if value else None
+    return default if value is None else int(value)
+
+
+class HFModel:
+    """A Hugging Face directory as a tensor source: `tensor(name, layer)` -> float32, our layout."""
+
+    def __init__(self, directory):
+        self.dir = Path(directory)
+        self.config = read_config(self.dir)
+        self.files = {}  # file name -> opened SafetensorsFile / TorchFile
+        self.where = self._index()  # HF tensor name -> file name
+        if not self.config.shared_classifier and NAMES["wcls"] not in self.where:
+            # some exports tie the classifier without saying so
+            self.config = dataclasses.replace(self.config, shared_classifier=True)
+        self.vocab = self._vocab()
+        self.chat_template = self._template()
+
+    def _index(self) -> dict:
+        for index, opener in (("model.safetensors.index.json", SafetensorsFile),
+                              ("pytorch_model.bin.index.json", TorchFile)):
+            if (self.dir / index).is_file():
+                weight_map = _read_json(self.dir / index, "index file").get("weight_map")
+                if not isinstance(weight_map, dict):
+                    raise FormatError(f"{self.dir / index}: no weight_map")
+                for shard in sorted(set(weight_map.values())):
+                    if not (self.dir / shard).is_file():
+                        raise FormatError(f"{self.dir / shard}: shard listed in {index} is missing")
+                self.opener = opener
+                return weight_map
+        for single, opener in (("model.safetensors", SafetensorsFile), ("pytorch_model.bin", TorchFile)):
+            if (self.dir / single).is_file():
+                self.opener = opener
+                return {name: single for name in self._open(single).names}
+        raise FormatError(f"{self.dir}: no model.safetensors, model.safetensors.index.json or "
+                          "pytorch_model.bin")
+
+    def _open(self, name):
+        if name not in self.files:
+            self.files[name] = self.opener(self.dir / name)
+        return self.files[name]
+
+    def tensor(self, name, layer=None) -> np.ndarray:
+        c = self.config
+        hf_name = NAMES[name].format(layer)
+        if hf_name not in self.where:
+            raise FormatError(f"{self.dir}: tensor {hf_name} not found")
+        arr = self._open(self.where[hf_name]).get(hf_name)
+        shape = tensor_shapes(c)[name]
+        want = shape[1:] if layer is not None else shape
+        if arr.shape != tuple(want):
+            raise FormatError(f"{self.dir}: tensor {hf_name} has shape {list(arr.shape)}, "
+                              f"config.json implies {list(want)}")
+        if name == "wq":
+            arr = unpermute(arr, c.n_heads)
+        elif name == "wk":
+            arr = unpermute(arr, c.n_kv_heads)
+        return arr
+
+    def _vocab(self):
+        """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
+        embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
+        placeholder pieces so every id the model can produce decodes to something."""
+        if (self.dir / "tokenizer.model").is_file():
+            vocab = tokenizer_export.from_sentencepiece(self.dir / "tokenizer.model")
+        elif (self.dir / "tokenizer.json").is_file():
+            vocab = tokenizer_export.from_tokenizer_json(self.dir / "tokenizer.json",
+                                                         self.config.bos_id, self.config.eos_id)
+        else:
+            return None
+        for i in range(len(vocab), self.config.vocab_size):
+            vocab.pieces.append(f"<unused{i}>")
+            vocab.scores.append(0.0)
+            vocab.types.append(tokenizer_export.UNUSED)
+        return vocab
+
+    def _template(self):
+        jinja = self.dir / "chat_template.jinja"
+        if jinja.is_file():
+            return templates.detect(jinja.read_text(encoding="utf-8"))
+        tc = self.dir / "tokenizer_config.json"
+        if tc.is_file():
+            return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
+        return None
+
+
+def load(directory):
+    """A Hugging Face model directory as a Checkpoint (float32 tensors, stacked per layer)."""
+    from .export import materialize
+    model = HFModel(directory)
+    return materialize(model, str(directory), "hf")

@@ -1,0 +1,233 @@
+"""Vocabularies from wherever a model keeps them, and llama2.c's tokenizer.bin written from them.
+
+Sources: a sentencepiece `.model` (parsed here from its protobuf, no sentencepiece needed), a llama2.c
+`tokenizer.bin`, a Hugging Face `tokenizer.json` (BPE with byte fallback), GGUF metadata (gguf.py).
+`Vocab.to_bin()` follows llama2.c's tokenizer.py export byte for byte.
+"""
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import FormatError
+from .fileio import atomic_write
+
+# sentencepiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+SPACE = "\u2581"  # sentencepiece's visible space
+
+
+@dataclass
+class Vocab:
+    """A vocabulary in sentencepiece terms: pieces with "▁" for space, scores, piece types."""
+    pieces: list  # str per id
+    scores: list  # float per id (higher merges first)
+    types: list  # int per id (NORMAL, CONTROL, BYTE, ...)
+    bos_id: int = 1
+    eos_id: int = 2
+    unk_id: int = 0
+
+    def __len__(self):
+        return len(self.pieces)
+
+    def bin_pieces(self) -> list:
+        """Pieces as llama2.c's tokenizer.bin has them: "▁" -> " ", BOS/EOS as "\\n<s>\\n"/"\\n</s>\\n"."""
+        out = []
+        for i, piece in enumerate(self.pieces):
+            if i == self.bos_id:
+                piece = "\n<s>\n"
+            elif i == self.eos_id:
+                piece = "\n</s>\n"
+            out.append(piece.replace(SPACE, " ").encode("utf-8"))
+        return out
+
+    def to_bin(self) -> bytes:
+        """llama2.c tokenizer.bin: uint32 max_token_length, then per token: float32 score,
+        uint32 length, the piece's bytes."""
+        pieces = self.bin_pieces()
+        parts = [struct.pack("<I", max(len(p) for p in pieces))]
+        for piece, score in zip(pieces, self.scores):
+            parts.append(struct.pack("<fI", score, len(piece)))
+            parts.append(piece)
+        return b"".join(parts)
+
+
+def write_bin(path, vocab: Vocab):
+    with atomic_write(path) as f:
+        f.write(vocab.to_bin())
+
+
+# --- sentencepiece .model: a protobuf ModelProto, read with a minimal wire-format decoder ---------
+
+def _varint(buf, pos):
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise ValueError("truncated varint")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf):
+    """Yield (field number, wire type, value) of one protobuf message; value is int or bytes."""
+    pos = 0
+    while pos < len(buf):
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos)
+        elif wire == 1:
+            value, pos = buf[pos:pos + 8], pos + 8
+        elif wire == 2:
+            n, pos = _varint(buf, pos)
+            value, pos = buf[pos:pos + n], pos + n
+        elif wire == 5:
+            value, pos = buf[pos:pos + 4], pos + 4
+        else:
+            raise ValueError(f"unsupported wire type {wire}")
+        if pos > len(buf):
+            raise ValueError("truncated field")
+        yield number, wire, value
+
+
+def _int32(v):  # protobuf int32 varints are 64-bit two's complement when negative
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def from_sentencepiece(path) -> Vocab:
+    """Read a sentencepiece model file: ModelProto.pieces (1) and TrainerSpec (2) unk/bos/eos ids."""
+    path = Path(path)
+    try:
+        buf = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read sentencepiece model ({e.strerror})") from None
+    pieces, scores, types = [], [], []
+    ids = {"unk": 0, "bos": 1, "eos": 2}
+    try:
+        for number, wire, value in _fields(buf):
+            if number == 1 and wire == 2:
+                piece, score, kind = "", 0.0, NORMAL
+                for n, w, v in _fields(value):
+                    if n == 1 and w == 2:
+                        piece = v.decode("utf-8")
+                    elif n == 2 and w == 5:
+                        (score,) = struct.unpack("<f", v)
+                    elif n == 3 and w == 0:
+                        kind = v
+                pieces.append(piece)
+                scores.append(score)
+                types.append(kind)
+            elif number == 2 and wire == 2:
+                for n, w, v in _fields(value):
+                    if w == 0 and n in (40, 41, 42):
+                        ids[{40: "unk", 41: "bos", 42: "eos"}[n]] = _int32(v)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{path}: not a sentencepiece model ({e})") from None
+    if not pieces:
+        raise FormatError(f"{path}: not a sentencepiece model (no pieces)")
+    return Vocab(pieces, scores, types, ids["bos"], ids["eos"], ids["unk"])
+
+
+# --- llama2.c tokenizer.bin ---------------------------------------------------------------------
+
+def from_llama2c(path, vocab_size=None) -> Vocab:
+    """Read a tokenizer.bin back into sentencepiece terms (types inferred: <0xNN> bytes, BOS/EOS)."""
+    path = Path(path)
+    try:
+        buf = path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    pieces, scores, types = [], [], []
+    pos = 4
+    while pos < len(buf) and (vocab_size is None or len(pieces) < vocab_size):
+        if pos + 8 > len(buf):
+            raise FormatError(f"{path}: truncated token record at byte {pos}")
+        score, n = struct.unpack_from("<fI", buf, pos)
+        raw = buf[pos + 8:pos + 8 + n]
+        if len(raw) != n:
+            raise FormatError(f"{path}: truncated token record at byte {pos}")
+        pos += 8 + n
+        text = raw.decode("utf-8", errors="surrogateescape")
+        if text == "\n<s>\n":
+            text, kind = "<s>", CONTROL
+        elif text == "\n</s>\n":
+            text, kind = "</s>", CONTROL
+        elif len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
+            kind = BYTE
+        else:
+            kind = UNKNOWN if text == "<unk>" else NORMAL
+        pieces.append(text.replace(" ", SPACE))
+        scores.append(score)
+        types.append(kind)
+    if vocab_size is not None and len(pieces) < vocab_size:
+        raise FormatError(f"{path}: has {len(pieces)} tokens, the model needs {vocab_size}")
+    bos = pieces.index("<s>") if "<s>" in pieces else 1
+    eos = pieces.index("</s>") if "</s>" in pieces else 2
+    return Vocab(pieces, scores, types, bos, eos)
+
+
+# --- Hugging Face tokenizer.json ----------------------------------------------------------------
+
+def from_tokenizer_json(path, bos_id=None, eos_id=None) -> Vocab:
+    """A BPE tokenizer.json (Llama style: byte fallback, "▁" spaces). Scores are minus the rank of
+    the merge that makes each token, which is how a sentencepiece BPE model orders its pieces."""
+    path = Path(path)
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FormatError(f"{path}: cannot read tokenizer.json ({e})") from None
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
+        raise FormatError(f"{path}: only BPE tokenizer.json files are supported "
+                          f"(found model type {model.get('type')!r})")
+    if "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]):
+        raise FormatError(f"{path}: byte-level BPE (GPT-2 / Llama 3 style) is not supported; "
+                          "expected a sentencepiece-style vocabulary with byte fallback")
+    vocab = dict(model["vocab"])
+    for tok in spec.get("added_tokens") or []:
+        vocab[tok["content"]] = tok["id"]
+    size = max(vocab.values()) + 1
+    pieces = [f"<unused{i}>" for i in range(size)]
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    scores = [0.0] * size
+    for rank, merge in enumerate(model.get("merges") or []):
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        i = vocab.get(a + b)
+        if i is not None and scores[i] == 0.0:
+            scores[i] = -float(rank + 1)
+    special = {tok["id"] for tok in spec.get("added_tokens") or [] if tok.get("special")}
+    types = []
+    for i, piece in enumerate(pieces):
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            types.append(BYTE)
+        elif piece == model.get("unk_token"):
+            types.append(UNKNOWN)
+        else:
+            types.append(CONTROL if i in special else NORMAL)
+    unk = vocab.get(model.get("unk_token"), 0)
+    bos = vocab.get("<s>", 1) if bos_id is None else bos_id
+    eos = vocab.get("</s>", 2) if eos_id is None else eos_id
+    return Vocab(pieces, scores, types, bos, eos, unk)
+
+
+def load_vocab(path, vocab_size=None) -> Vocab:
+    """Any tokenizer file: sentencepiece .model, tokenizer.json or llama2.c tokenizer.bin,
+    told apart by content (JSON text, protobuf pieces, or a llama2.c header)."""
+    path = Path(path)
+    try:
+        head = path.open("rb").read(64)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    if head.lstrip()[:1] == b"{":
+        return from_tokenizer_json(path)
+    # protobuf field 1, length-delimited (ModelProto.pieces), whose message starts with a tag;
+    # a tokenizer.bin starts with a small uint32 max_token_length, so bytes 2-3 are zero there
+    if head[:1] == b"\x0a" and head[2:4] != b"\0\0":
+        return from_sentencepiece(path)
+    return from_llama2c(path, vocab_size)

@@ -1,0 +1,33 @@
+"""`llama2 bench` runs end to end (ours only, the smallest model) and writes the documented JSON."""
+
+import io
+import json
+
+from conftest import ASSETS, asset
+from llama2.cli import main
+
+
+def test_bench_smoke_writes_rows(tmp_path, monkeypatch):
+    asset("stories260K.bin")
+    monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))
+    out, err = io.BytesIO(), io.StringIO()
+    code = main(["bench", "--models", "stories260K", "--threads", "1", "--reps", "1", "--no-peer",
+                 "--dir", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")],
+                stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    info = json.loads((tmp_path / "bench.json").read_text())
+    assert set(info) == {"machine", "versions", "rows"}
+    assert info["machine"]["cores"] >= 1 and "numba" in info["versions"]
+    metrics = {(r["weights"], r["metric"]) for r in info["rows"]}
+    assert metrics == {(w, m) for w in ("fp32", "int8")
+                       for m in ("decode", "prefill128", "prefill512", "ttft", "rss")}
+    for row in info["rows"]:
+        assert row["model"] == "stories260K" and row["threads"] == 1
+        assert row["ours"] > 0 and row["peer"] is None and row["ratio"] is None
+    assert "| stories260K | fp32 | 1 | decode |" in out.getvalue().decode()
+
+
+def test_bench_rejects_unknown_model():
+    err = io.StringIO()
+    assert main(["bench", "--models", "stories7B", "--no-peer"], stdout=io.BytesIO(), stderr=err) == 2
+    assert "unknown shape 'stories7B'" in err.getvalue()

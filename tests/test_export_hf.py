@@ -1,0 +1,206 @@
+"""Hugging Face models against transformers itself (litgpt's pattern): tiny random LlamaForCausalLM
+configs saved with save_pretrained, loaded directly and exported, give the same logits."""
+
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+
+from conftest import asset, byte_tokenizer
+from llama2 import Llama, checkpoint
+from llama2.cli import main
+
+torch = pytest.importorskip("torch", reason="the Hugging Face tests need torch")
+transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers")
+
+VOCAB = 320
+POSITIONS = 32
+
+
+def run_cli(argv):
+    out, err = io.BytesIO(), io.StringIO()
+    code = main(argv, stdout=out, stderr=err, stdin=io.StringIO(""))
+    return code, err.getvalue()
+
+
+def tiny_hf(tmp_path, kv_heads=4, theta=10000.0, tie=True, seed=0, dtype=None, vocab=VOCAB, **save):
+    """A random LlamaForCausalLM saved to tmp_path/"hf"; returns (directory, model)."""
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=64,
+        rope_theta=theta, tie_word_embeddings=tie, rms_norm_eps=1e-5, initializer_range=0.2)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # norms away from 1 so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    directory = tmp_path / "hf"
+    if dtype is None:
+        model.save_pretrained(directory, **save)
+        return directory, model
+    with torch.no_grad():  # round the weights through dtype, keep float32 buffers (RoPE inv_freq)
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    copy.deepcopy(model).to(dtype).save_pretrained(directory, **save)  # .to() works in place
+    return directory, model
+
+
+def reference_logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def token_ids(seed=1):
+    return np.random.default_rng(seed).integers(0, VOCAB, POSITIONS).tolist()
+
+
+CASES = [  # (kv heads, rope theta, tied embeddings)
+    pytest.param(4, 10000.0, True, id="mha-theta1e4-tied"),
+    pytest.param(2, 1e6, False, id="gqa-theta1e6-untied"),
+    pytest.param(1, 10000.0, False, id="mqa-theta1e4-untied"),
+    pytest.param(2, 1e6, True, id="gqa-theta1e6-tied"),
+]
+
+
+@pytest.mark.parametrize("kv_heads,theta,tie", CASES)
+def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, tie):
+    directory, model = tiny_hf(tmp_path, kv_heads, theta, tie)
+    ids = token_ids()
+    ref = reference_logits(model, ids)
+    tok = byte_tokenizer(VOCAB)
+
+    direct = Llama.load(directory, tokenizer=tok)
+    assert direct.config.rope_theta == theta and direct.config.n_kv_heads == kv_heads
+    assert direct.config.shared_classifier == tie
+    np.testing.assert_allclose(direct.logits(ids), ref, atol=1e-4, rtol=0)
+
+    out = tmp_path / "model.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
+    exported = Llama.load(out, tokenizer=tok)
+    assert exported.config == direct.config  # version 3 keeps rope_theta, eps, BOS/EOS
+    np.testing.assert_allclose(exported.logits(ids), ref, atol=1e-4, rtol=0)
+
+    legacy = tmp_path / "legacy.bin"  # llama2.c's version 1 holds the weights exactly
+    code, err = run_cli(["export", str(legacy), "--hf", str(directory), "--version", "1"])
+    assert code == 0
+    assert ("rope_theta" in err) == (theta != 10000.0)  # warns what v1 cannot record
+    v1 = checkpoint.load(legacy)
+    for name, w in v1.weights.items():
+        np.testing.assert_array_equal(w, exported.checkpoint.weights[name])
+
+
+def test_bf16_sharded_safetensors(tmp_path):
+    directory, model = tiny_hf(tmp_path, kv_heads=2, theta=1e6, tie=False, dtype=torch.bfloat16,
+                               max_shard_size="100KB")
+    assert (directory / "model.safetensors.index.json").is_file()
+    assert len(list(directory.glob("model-*.safetensors"))) > 1
+    ids = token_ids()
+    ref = reference_logits(model, ids)  # the bf16 weights, widened exactly to float32
+    tok = byte_tokenizer(VOCAB)
+    np.testing.assert_allclose(Llama.load(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    out = tmp_path / "bf16.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "bf16"])[0] == 0
+    ckpt = checkpoint.load(out)
+    assert ckpt.dtype == "bf16"
+    np.testing.assert_allclose(Llama.load(out, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    # bf16 on disk, as the source: no wider than the safetensors shards (plus a header)
+    assert out.stat().st_size <= sum(p.stat().st_size for p in directory.glob("*.safetensors"))
+
+
+def test_fp16_export_and_pytorch_model_bin(tmp_path):
+    directory, model = tiny_hf(tmp_path, kv_heads=2, tie=False)
+    # the older pytorch_model.bin layout, written by hand
+    (directory / "model.safetensors").unlink()
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    ids = token_ids()
+    ref = reference_logits(model, ids)
+    tok = byte_tokenizer(VOCAB)
+    np.testing.assert_allclose(Llama.load(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    out = tmp_path / "fp16.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "fp16"])[0] == 0
+    assert checkpoint.load(out).dtype == "fp16"
+    np.testing.assert_allclose(Llama.load(out, tokenizer=tok).logits(ids), ref, atol=2e-2, rtol=0)
+
+
+def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
+    directory, _ = tiny_hf(tmp_path, kv_heads=2)
+    # a 512-token model needs a 512-token vocabulary: re-save with tok512's size
+    cfg = json.loads((directory / "config.json").read_text())
+    assert cfg["vocab_size"] == VOCAB
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    (directory / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                          "<|im_end|>\n{% endfor %}"}))
+    from llama2.loader import load_checkpoint
+    loaded = load_checkpoint(directory)
+    assert loaded.chat_template == "chatml"
+    assert loaded.vocab is not None and len(loaded.vocab) == 512
+    # the vocabulary is larger than this model's 320 rows: Llama.load accepts it
+    llama = Llama.load(directory)
+    assert llama.tokenizer.pieces == llama.checkpoint.tokenizer.pieces
+    # export keeps the template in the version-3 header, --chat-template overrides it
+    out = tmp_path / "chat.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
+    assert checkpoint.load(out).chat_template == "chatml"
+    assert run_cli(["export", str(out), "--hf", str(directory), "--chat-template", "llama2"])[0] == 0
+    assert checkpoint.load(out).chat_template == "llama2"
+
+
+def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
+    """`llama2 run DIR` with the tokenizer in DIR: the same bytes as its exported .bin."""
+    directory, _ = tiny_hf(tmp_path, kv_heads=2, vocab=512)
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "m.bin"
+    assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
+    (tmp_path / "tok.bin").write_bytes(asset("tok512.bin").read_bytes())
+    results = []
+    for argv in (["run", str(directory)], ["run", str(out), "-z", str(tmp_path / "tok.bin")]):
+        stdout, err = io.BytesIO(), io.StringIO()
+        code = main(argv + ["-t", "1", "-s", "3", "-n", "40", "-i", "Once upon a time"],
+                    stdout=stdout, stderr=err, stdin=io.StringIO(""))
+        assert code == 0, err.getvalue()
+        results.append(stdout.getvalue())
+    assert results[0] == results[1] and results[0].startswith(b"Once upon a time")
+
+
+def test_unpermute_inverts_the_hf_permutation():
+    from llama2.hf import permute, unpermute
+    w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8, 3 columns
+    assert np.array_equal(unpermute(permute(w, 4), 4), w)
+    # HF's rows of one head: the first halves of RoPE pairs, then the second halves
+    assert permute(w, 4)[:8, 0].tolist() == w[[0, 2, 4, 6, 1, 3, 5, 7], 0].tolist()
+
+
+def test_padded_embedding_and_tokenizer_bin_inside_the_directory(tmp_path, monkeypatch):
+    """600 embedding rows, a 512-token tokenizer.model: ids past the tokenizer get placeholders.
+    Without tokenizer files, the directory's own tokenizer.bin is used."""
+    directory, _ = tiny_hf(tmp_path, kv_heads=2, vocab=600)
+    monkeypatch.chdir(tmp_path)
+    (directory / "tokenizer.bin").write_bytes(asset("tok512.bin").read_bytes())
+    with pytest.raises(Exception, match=r"hf/tokenizer\.bin: tokenizer has 512 tokens"):
+        Llama.load(directory)
+    (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
+    llama = Llama.load(directory)
+    assert llama.tokenizer.vocab_size == 600 and llama.tokenizer.pieces[599] == b"<unused599>"
+    from llama2.tokenizer import Tokenizer
+    assert llama.tokenizer.pieces[:512] == Tokenizer.load(asset("tok512.bin")).pieces
+
+
+def test_sharded_pytorch_model_bin(tmp_path):
+    directory, model = tiny_hf(tmp_path, kv_heads=1, theta=1e6, tie=False)
+    (directory / "model.safetensors").unlink()
+    state = model.state_dict()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+        shard = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({n: state[n] for n in part}, directory / shard)
+        weight_map |= {n: shard for n in part}
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    ids = token_ids()
+    got = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
+    np.testing.assert_allclose(got, reference_logits(model, ids), atol=1e-4, rtol=0)
