@@ -111,8 +111,12 @@ def _unsupported(body):
             raise bad(name, "penalties are not supported")
     if body.get("logit_bias"):
         raise bad("logit_bias", "logit_bias is not supported")
-    if body.get("tools"):
-        raise bad("tools", "tool calls are not supported")
+    for name in ("tools", "functions"):
+        if body.get(name):
+            raise bad(name, "tool and function calls are not supported")
+    fmt = body.get("response_format")
+    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
+        raise bad("response_format", "only {\"type\": \"text\"} is supported")
     if body.get("suffix"):
         raise bad("suffix", "suffix (insertion) is not supported")
 
