@@ -8,6 +8,7 @@ Requests run in one batching scheduler (see docs/server.md). SIGTERM or Ctrl-C s
 connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits.
 """
 
+import ipaddress
 import signal
 import socket
 from pathlib import Path
@@ -87,6 +88,9 @@ def run(args, io) -> int:
     def ready(app):
         io.err(f"llama2 serve: {config.model_name} at {url} (max batch {config.max_batch}, "
                f"max queue {config.max_queue})\n")
+        if not config.api_key and not ipaddress.ip_address(host).is_loopback:
+            io.err(f"llama2 serve: warning: listening on {host} without --api-key: anyone who can "
+                   "reach this port can use the model\n")
 
     app = create_app(llama, config, on_ready=ready)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
