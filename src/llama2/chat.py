@@ -50,6 +50,57 @@ def encode_turn(tokenizer, text, markers: dict) -> list:
             tokens.extend(tokenizer.encode(part, bos=False))
     return tokens
 
+ROLES = ("system", "user", "assistant")
+
+
+def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
+    """Token ids of a whole conversation, ending where the assistant's next reply begins.
+
+    `messages` is a list of (role, content) pairs: an optional system message first, then user and
+    assistant messages alternating, ending with a user message (ValueError otherwise, naming the
+    index). Llama 2 (Meta's chat_completion): each finished exchange is encoded on its own as
+    `<s>[INST] {user} [/INST] {assistant} </s>` (BOS and EOS ids, the reply stripped, as Meta does),
+    the system prompt folded into the first user message, and the last user message as run.c
+    renders a turn: a one-turn dialog gives exactly the tokens of run.c's chat mode. ChatML renders
+    every message in one block, encoded as ChatSession encodes a turn (BOS, markers as their ids).
+    """
+    messages = list(messages)
+    system = ""
+    if messages and messages[0][0] == "system":
+        system = messages.pop(0)[1]
+        offset = 1
+    else:
+        offset = 0
+    if not messages:
+        raise ValueError(f"messages[{offset}]: expected a user message")
+    for i, (role, _) in enumerate(messages):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if role != expected:
+            raise ValueError(f"messages[{i + offset}]: expected role {expected!r}, got {role!r}"
+                             " (an optional system message first, then user and assistant alternate)")
+    if len(messages) % 2 == 0:
+        raise ValueError(f"messages[{len(messages) + offset - 1}]: the last message must be from the user")
+    if template == "chatml":
+        text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+        for role, content in messages:
+            text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
+        return encode_turn(tokenizer, text + "<|im_start|>assistant\n", marker_ids(tokenizer, template))
+    if template != "llama2":
+        raise ValueError(f"unknown chat template {template!r}")
+    tokens = []
+    for k in range(0, len(messages) - 1, 2):
+        turn = render_llama2(messages[k][1], system if k == 0 else "")
+        tokens += tokenizer.encode(f"{turn} {messages[k + 1][1].strip()} ", bos=True, eos=True)
+    return tokens + tokenizer.encode(render_llama2(messages[-1][1], system if len(messages) == 1 else ""),
+                                     bos=True)
+
+
+def reply_end_ids(tokenizer, template: str, eos_id: int) -> frozenset:
+    """Token ids that end the assistant's reply: EOS, and the template's closing marker when the
+    vocabulary has it as one piece (as ChatSession stops)."""
+    markers = marker_ids(tokenizer, template)
+    return frozenset({eos_id} | {markers[m] for m in MARKERS[template][-1:] if m in markers})
+
 
 class ChatSession:
     """A conversation: `turn(user, system)` yields the assistant's Events for one user message."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from ..errors import Llama2Error, UsageError
 
 # Subcommand modules, in the order `llama2 --help` lists them.
-COMMANDS = ("run", "tokenize", "export", "tokenizer", "data", "train", "eval", "bench")
+COMMANDS = ("run", "tokenize", "export", "tokenizer", "data", "train", "eval", "serve", "bench")
 
 
 @dataclass

@@ -25,6 +25,14 @@ def register(sub):
     p.add_argument("--dir", metavar="DIR", help="where the benchmark models are kept "
                                                 "(default $LLAMA2_HOME/bench)")
     p.set_defaults(func=run)
+    # `llama2 bench serve ...`: the server benchmark (its flags come after the action)
+    from ..benchmarks import serve  # imports only the standard library at the top
+
+    actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
+    a = actions.add_parser("serve", help="llama2 serve vs llama-cpp-python's server under concurrent streams",
+                           description=serve.__doc__.split("\n\n")[0])
+    serve.add_arguments(a)
+    a.set_defaults(func=serve.run)
 
 
 def _list(text, flag, cast=str):

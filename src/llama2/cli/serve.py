@@ -1,0 +1,107 @@
+"""`llama2 serve MODEL`: an OpenAI-compatible HTTP server (Starlette + uvicorn) on loopback.
+
+    llama2 serve stories15M.bin                      # http://127.0.0.1:8000/v1
+    llama2 serve model.bin -z tok.bin --port 0       # any free port; the address goes to stderr
+    llama2 serve model.bin --host 0.0.0.0 --api-key KEY
+
+Requests run in one batching scheduler (see docs/server.md). SIGTERM or Ctrl-C stops accepting
+connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits.
+"""
+
+import ipaddress
+import signal
+import socket
+from pathlib import Path
+
+from ..errors import Llama2Error, UsageError
+
+SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
+
+
+def register(sub):
+    from ..server.config import ServerConfig
+
+    d = ServerConfig()
+    p = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API",
+                       description=__doc__.split("\n\n")[0])
+    p.add_argument("model", metavar="MODEL", help="the model file")
+    p.add_argument("-z", "--tokenizer", help="tokenizer.bin to use (default: tokenizer.bin)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-batch", type=int, default=d.max_batch,
+                   help=f"sequences decoded together, one KV-cache slot each (default {d.max_batch})")
+    p.add_argument("--max-queue", type=int, default=d.max_queue,
+                   help=f"requests waiting for a slot before 503 (default {d.max_queue})")
+    p.add_argument("--threads", type=int, help="threads for every kernel, BLAS included (default: the cores available)")
+    p.add_argument("--quantize", choices=("q8_0",), help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
+    p.add_argument("--chat-template", default=d.chat_template,
+                   help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
+    p.add_argument("--max-body", type=int, default=d.max_body,
+                   help=f"largest request body in bytes (default {d.max_body})")
+    p.add_argument("--one-pass", action="store_true",
+                   help="run each step's prefills and decodes in a single forward pass: fewer passes, "
+                        "but a request's logits may then differ in the last bits from it run alone")
+    p.set_defaults(func=run)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as e:
+        raise Llama2Error(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
+
+
+def run(args, io) -> int:
+    if args.max_batch < 1:
+        raise UsageError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.max_queue < 0:
+        raise UsageError(f"--max-queue {args.max_queue}: must be 0 or more")
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads {args.threads}: must be at least 1")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port {args.port}: must be in 0..65535")
+    from ..chat import TEMPLATES
+
+    if args.chat_template not in TEMPLATES:
+        raise UsageError(f"--chat-template {args.chat_template!r}: expected one of {', '.join(TEMPLATES)}")
+    try:
+        import uvicorn
+
+        from ..server.app import create_app
+    except ImportError as e:
+        raise Llama2Error(f"llama2 serve needs starlette and uvicorn ({e}); "
+                          "pip install 'llama2[serve]'") from None
+    from ..llama import Llama
+    from ..server.config import ServerConfig
+
+    llama = Llama.load(args.model, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
+                          max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
+                          chat_template=args.chat_template, invariant=not args.one_pass)
+    sock = bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
+
+    def ready(app):
+        io.err(f"llama2 serve: {config.model_name} at {url} (max batch {config.max_batch}, "
+               f"max queue {config.max_queue})\n")
+        if not config.api_key and not ipaddress.ip_address(host).is_loopback:
+            io.err(f"llama2 serve: warning: listening on {host} without --api-key: anyone who can "
+                   "reach this port can use the model\n")
+
+    app = create_app(llama, config, on_ready=ready)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+    # uvicorn re-raises the signal that stopped it once it has shut down: let that one pass, so a
+    # SIGTERM ends in a clean exit (0) rather than death by the default handler.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        sock.close()
+    io.err("llama2 serve: stopped\n")
+    return 0

@@ -1,0 +1,283 @@
+"""The HTTP layer: a Starlette app with OpenAI's endpoints in front of the batching Scheduler.
+
+Requests are parsed and validated here (protocol.py), queued into the scheduler, and answered as
+JSON or as server-sent events. The scheduler thread hands events to the request's asyncio queue;
+a task per request watches for the client going away and cancels its job, which frees the slot
+before the next step. References: OpenAI API reference; Starlette and ASGI (http.disconnect).
+"""
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from . import protocol as P
+from .config import ServerConfig
+from .metrics import Metrics
+from .scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
+
+log = logging.getLogger("llama2.server")
+
+
+def _json(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _sse(obj) -> bytes:
+    return b"data: " + (obj if isinstance(obj, bytes) else _json(obj)) + b"\n\n"
+
+
+def error_response(e: P.APIError) -> Response:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def _until_disconnect(receive):
+    """Returns when the client closes the connection (the request body is already read)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+class Generation:
+    """One submitted job as seen from the event loop: an asyncio queue fed by the scheduler."""
+
+    def __init__(self, scheduler: Scheduler, params):
+        loop = asyncio.get_running_loop()
+        self.queue = asyncio.Queue()
+        self.job = scheduler.submit(params, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
+        self.prompt_tokens = len(params.prompt)
+        self.completion_tokens = 0
+
+    async def events(self):
+        """Yield Events until the last one (with its finish_reason); raise the job's error."""
+        while True:
+            item = await self.queue.get()
+            if isinstance(item, Cancelled):
+                raise P.APIError(503, str(item), code="shutting_down")
+            if isinstance(item, Exception):
+                raise P.APIError(500, f"generation failed: {item}", code="server_error")
+            if item.token is not None:
+                self.completion_tokens += 1
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def usage(self) -> dict:
+        return P.usage(self.prompt_tokens, self.completion_tokens)
+
+
+class EventStream(Response):
+    """Server-sent events from an async iterator of bytes; a client that goes away cancels `job`."""
+
+    def __init__(self, chunks, job):
+        self.status_code = 200
+        self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
+                            (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+        self.background = None
+        self.chunks, self.job = chunks, job
+
+    async def __call__(self, scope, receive, send):
+        async def pump():
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            async for chunk in self.chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(_until_disconnect(receive))]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self.job.cancel()  # a no-op when it finished
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks[0] in done and not tasks[0].cancelled() and tasks[0].exception() is not None:
+            raise tasks[0].exception()
+
+
+def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> Starlette:
+    """The ASGI app serving `llama` (a loaded llama2.Llama). The scheduler thread runs while the
+    app's lifespan does; `on_ready(app)` is called once it is running."""
+    metrics = Metrics()
+    scheduler = Scheduler(llama.model, llama.tokenizer, config.max_batch, config.max_queue, metrics,
+                          invariant=config.invariant)
+    tokenizer, model_config = llama.tokenizer, llama.config
+    started = int(time.time())
+    key = config.api_key.encode() if config.api_key else None
+
+    def authorize(request):
+        if key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+            raise P.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
+                             code="invalid_api_key")
+
+    async def read_json(request) -> dict:
+        length = request.headers.get("content-length")
+        too_big = P.APIError(413, f"request body is larger than {config.max_body} bytes",
+                             code="request_too_large")
+        if length is not None and length.isdigit() and int(length) > config.max_body:
+            raise too_big
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > config.max_body:
+                raise too_big
+        try:
+            body = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise P.APIError(400, f"body: not valid JSON ({e})", param="body", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise P.APIError(400, "body: expected a JSON object", param="body", code="invalid_json")
+        return body
+
+    def endpoint(name, handler, auth=True):
+        async def wrapped(request):
+            try:
+                if auth:
+                    authorize(request)
+                response = await handler(request)
+                metrics.request(name, "ok" if response.status_code < 400 else str(response.status_code))
+                return response
+            except P.APIError as e:
+                metrics.request(name, str(e.status))
+                return error_response(e)
+            except Exception as e:  # a bug: log it, answer in OpenAI's shape, keep serving
+                log.exception("%s: unexpected error", name)
+                metrics.request(name, "500")
+                return error_response(P.APIError(500, f"internal error: {e!r}", code="server_error"))
+        return wrapped
+
+    def submit(params) -> Generation:
+        try:
+            return Generation(scheduler, params)
+        except QueueFull as e:
+            raise P.APIError(503, f"server busy: {e}; retry later", code="server_busy",
+                             headers={"Retry-After": str(config.retry_after_s)}) from None
+        except ShuttingDown as e:
+            raise P.APIError(503, str(e), code="shutting_down") from None
+
+    async def answer(request, gen: Generation, make):
+        """A non-streamed answer; if the client leaves first, cancel the job."""
+        async def collect():
+            finish, pieces = None, []
+            async for ev in gen.events():
+                pieces.append(ev.text)
+                finish = ev.finish_reason
+            return "".join(pieces), finish
+
+        tasks = [asyncio.ensure_future(collect()), asyncio.ensure_future(_until_disconnect(request.receive))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gen.job.cancel()
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if not tasks[0].done() or tasks[0].cancelled():
+            return Response(status_code=499)  # nobody is listening
+        text, finish = tasks[0].result()  # raises the job's APIError
+        return JSONResponse(make(text, finish, gen.usage()))
+
+    def stream(gen: Generation, first, piece, last, include_usage, usage_object):
+        async def chunks():
+            try:
+                for obj in first:
+                    yield _sse(obj)
+                async for ev in gen.events():
+                    if ev.text:
+                        yield _sse(piece(ev.text))
+                    if ev.finish_reason is not None:
+                        yield _sse(last(ev.finish_reason))
+                if include_usage:
+                    yield _sse(usage_object(gen.usage()))
+            except P.APIError as e:
+                yield _sse(e.body())
+            yield _sse(b"[DONE]")
+        return EventStream(chunks(), gen.job)
+
+    async def completions(request):
+        body = await read_json(request)
+        P.check_model(body, config.model_name)
+        req = P.parse_completion(body, tokenizer, model_config)
+        gen, id, name = submit(req.params), P.new_id("cmpl"), config.model_name
+        prefix = req.prompt_text if req.echo else ""
+        if not req.stream:
+            return await answer(request, gen, lambda text, finish, use: P.completion(
+                id, name, prefix + text, finish, use))
+        return stream(gen, [P.completion_chunk(id, name, prefix)] if prefix else [],
+                      lambda text: P.completion_chunk(id, name, text),
+                      lambda finish: P.completion_chunk(id, name, "", finish),
+                      req.include_usage, lambda use: P.usage_chunk(id, name, "text_completion", use))
+
+    async def chat(request):
+        body = await read_json(request)
+        P.check_model(body, config.model_name)
+        req = P.parse_chat(body, tokenizer, model_config, config.chat_template)
+        gen, id, name = submit(req.params), P.new_id("chatcmpl"), config.model_name
+        if not req.stream:
+            return await answer(request, gen, lambda text, finish, use: P.chat_completion(
+                id, name, text, finish, use))
+        return stream(gen, [P.chat_chunk(id, name, {"role": "assistant", "content": ""})],
+                      lambda text: P.chat_chunk(id, name, {"content": text}),
+                      lambda finish: P.chat_chunk(id, name, {}, finish),
+                      req.include_usage, lambda use: P.usage_chunk(id, name, "chat.completion.chunk", use))
+
+    def model_object():
+        return {"id": config.model_name, "object": "model", "created": started, "owned_by": "llama2"}
+
+    async def models(request):
+        return JSONResponse({"object": "list", "data": [model_object()]})
+
+    async def model(request):
+        if request.path_params["model"] != config.model_name:
+            raise P.APIError(404, f"The model {request.path_params['model']!r} does not exist",
+                             param="model", code="model_not_found")
+        return JSONResponse(model_object())
+
+    async def health(request):
+        active, waiting = scheduler.load()
+        return JSONResponse({"status": "ok", "model": config.model_name, "active": active,
+                             "waiting": waiting, "max_batch": config.max_batch,
+                             "max_queue": config.max_queue})
+
+    async def prometheus(request):
+        return PlainTextResponse(metrics.render(*scheduler.load()),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        if on_ready is not None:
+            on_ready(app)
+        try:
+            yield
+        finally:
+            await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
+
+    routes = [
+        Route("/v1/models", endpoint("models", models), methods=["GET"]),
+        Route("/v1/models/{model:path}", endpoint("models", model), methods=["GET"]),
+        Route("/v1/completions", endpoint("completions", completions), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("chat", chat), methods=["POST"]),
+        Route("/health", endpoint("health", health, auth=False), methods=["GET"]),
+        Route("/metrics", endpoint("metrics", prometheus), methods=["GET"]),
+    ]
+    async def not_routed(request, exc: HTTPException):  # unknown path, wrong method: same error shape
+        return error_response(P.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
+                                          code="not_found" if exc.status_code == 404 else None))
+
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed})
+    app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
+    return app

@@ -1,0 +1,15 @@
+"""The server's settings and their defaults (read by `llama2 serve` for its flags)."""
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str = "llama2"  # the model's id in the API
+    api_key: str = None  # when set, every endpoint but /health needs 'Authorization: Bearer KEY'
+    max_batch: int = 8  # active sequences (KV-cache slots)
+    max_queue: int = 64  # requests waiting for a slot; beyond: 503
+    max_body: int = 1 << 20  # request body bytes; beyond: 413
+    chat_template: str = "llama2"  # a key of llama2.chat.TEMPLATES
+    retry_after_s: int = 1  # the Retry-After of a 503
+    invariant: bool = True  # passes that keep each request's logits bit-identical to it run alone

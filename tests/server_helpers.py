@@ -1,0 +1,75 @@
+"""Start `llama2 serve` as a subprocess on a free loopback port, for the server tests."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import REPO, asset
+
+START_TIMEOUT_S = 120  # the first server may compile the engine's kernels
+READY = re.compile(r"at (http://127\.0\.0\.1:(\d+)/v1)")
+
+
+class Server:
+    """A running server: `url` is its /v1 base URL, `base` the root; `stderr` what it printed."""
+
+    def __init__(self, *flags, model="stories260K.bin", tokenizer="tok512.bin"):
+        env = dict(os.environ, PYTHONPATH=str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        argv = [sys.executable, "-m", "llama2", "serve", str(asset(model)), "-z", str(asset(tokenizer)),
+                "--port", "0", *flags]
+        self.proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines = []
+        self._ready = threading.Event()
+        self.url = None
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT_S) or self.url is None:
+            self.proc.kill()
+            raise RuntimeError("server did not start:\n" + self.stderr)
+        self.base = self.url[:-len("/v1")]
+
+    def _read(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            m = READY.search(line)
+            if m and self.url is None:
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()  # it exited
+
+    @property
+    def stderr(self) -> str:
+        return "".join(self.lines)
+
+    def terminate(self, timeout=60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise
+
+    def wait_idle(self, client, timeout=30.0) -> dict:
+        """Poll /health until nothing is active or waiting (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            health = client.get(self.base + "/health").json()
+            if health["active"] == 0 and health["waiting"] == 0:
+                return health
+            if time.monotonic() > deadline:
+                raise AssertionError(f"server still busy after {timeout} s: {health}")
+            time.sleep(0.02)
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line `name value` (labels included in `name`) of a /metrics page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
