@@ -114,3 +114,32 @@ def test_agrees_with_sentencepiece(name):
             continue
         assert squeezes and _collapse_spaces(text) != text, f"differs from sentencepiece: {text!r}"
         assert tok.encode(_collapse_spaces(text), bos=True) == theirs, text
+
+
+def _run_c_merge(tok, tokens):
+    """run.c's merge loop verbatim: rescan all pairs, merge the best (leftmost on ties)."""
+    tokens = list(tokens)
+    while True:
+        best_score, best_id, best_idx = -1e10, -1, -1
+        for i in range(len(tokens) - 1):
+            tid = tok._ids.get(tok.pieces[tokens[i]] + tok.pieces[tokens[i + 1]], -1)
+            if tid != -1 and tok.scores[tid] > best_score:
+                best_score, best_id, best_idx = tok.scores[tid], tid, i
+        if best_idx == -1:
+            return tokens
+        tokens[best_idx] = best_id
+        del tokens[best_idx + 1]
+
+
+@pytest.mark.parametrize("name", ["tokenizer.bin", "tok512.bin"])
+def test_heap_merge_equals_run_c_loop(name):
+    import random
+    tok = Tokenizer.load(asset(name))
+    rng = random.Random(0)
+    alphabet = "aaabbbeeelllnnoorsstt  ,.!é你🦙\n"
+    for _ in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 60)))
+        start = [tok._ids[b" "]] + [tok._ids.get(ch.encode(), -1) for ch in text]
+        if -1 in start:
+            continue
+        assert tok._merge(list(start)) == _run_c_merge(tok, start), text

@@ -5,6 +5,7 @@ int32 byte length, bytes. Encoding follows run.c's `encode` exactly (dummy prefi
 byte fallback +3, greedy merge of the best-scoring adjacent pair, leftmost on ties).
 """
 
+import heapq
 import re
 import struct
 from pathlib import Path
@@ -104,24 +105,46 @@ class Tokenizer:
         return tokens
 
     def _merge(self, tokens):
-        """Repeatedly merge the adjacent pair whose merged piece has the highest score."""
+        """Repeatedly merge the adjacent pair whose merged piece scores highest, leftmost on ties,
+        until no pair is in the vocabulary: run.c's loop, with a heap instead of a rescan per merge
+        (O(n log n), so long texts encode quickly). Tokens form a linked list; heap entries are
+        (-score, position of the left token, left token, right token) and stale ones are skipped."""
         pieces, scores, ids = self.pieces, self.scores, self._ids
-        # Cache pair lookups: each round only the pairs around the merge point change.
-        pair = [ids.get(pieces[a] + pieces[b], -1) for a, b in zip(tokens, tokens[1:])]
-        while True:
-            best_score, best_idx = -1e10, -1
-            for k, pid in enumerate(pair):
-                if pid != -1 and scores[pid] > best_score:
-                    best_score, best_idx = scores[pid], k
-            if best_idx == -1:
-                return tokens
-            tokens[best_idx] = pair[best_idx]
-            del tokens[best_idx + 1]
-            del pair[best_idx]
-            if best_idx < len(pair):
-                pair[best_idx] = ids.get(pieces[tokens[best_idx]] + pieces[tokens[best_idx + 1]], -1)
-            if best_idx > 0:
-                pair[best_idx - 1] = ids.get(pieces[tokens[best_idx - 1]] + pieces[tokens[best_idx]], -1)
+        n = len(tokens)
+        if n < 2:
+            return tokens
+        nxt = list(range(1, n + 1))
+        prv = list(range(-1, n - 1))
+        alive = [True] * n
+        heap = []
+
+        def push(i):
+            j = nxt[i]
+            if j < n:
+                pid = ids.get(pieces[tokens[i]] + pieces[tokens[j]], -1)
+                if pid != -1 and scores[pid] > -1e10:  # run.c's initial best_score
+                    heap.append((-scores[pid], i, tokens[i], tokens[j], pid))
+
+        for i in range(n - 1):
+            push(i)
+        heapq.heapify(heap)
+        while heap:
+            _, i, left, right, pid = heapq.heappop(heap)
+            j = nxt[i]
+            if not alive[i] or j >= n or tokens[i] != left or tokens[j] != right:
+                continue  # stale: one side was merged away or changed since this entry was made
+            tokens[i] = pid
+            alive[j] = False
+            nxt[i] = nxt[j]
+            if nxt[j] < n:
+                prv[nxt[j]] = i
+            for k in (prv[i], i):
+                if k >= 0 and nxt[k] < n:
+                    pair = ids.get(pieces[tokens[k]] + pieces[tokens[nxt[k]]], -1)
+                    if pair != -1 and scores[pair] > -1e10:
+                        heapq.heappush(heap, (-scores[pair], k, tokens[k], tokens[nxt[k]], pair))
+        tokens[:] = [t for t, keep in zip(tokens, alive) if keep]
+        return tokens
 
     # -- decoding ---------------------------------------------------------------------------------
 
