@@ -8,6 +8,7 @@ parallel over output rows (or heads), so `set_threads` applies to all of them.
 
 import math
 import os
+import types
 
 import numpy as np
 from numba import get_num_threads, njit, prange, set_num_threads
@@ -19,10 +20,20 @@ FASTMATH = {"reassoc", "contract", "nsz"}
 PARALLEL_MIN = 1 << 16
 
 
+def _renamed(fn, suffix):
+    """A copy of `fn` under another name: numba's on-disk cache is keyed by the function's name,
+    so the parallel and serial builds of one kernel must not share it (the second would load the
+    first's machine code)."""
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + suffix, fn.__defaults__,
+                              fn.__closure__)
+    copy.__qualname__ = fn.__qualname__ + suffix
+    return copy
+
+
 def _compile(fn):
     """A kernel in two builds, parallel over its outer loop and serial; `fn(work, *args)` picks."""
-    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(fn)
-    serial = njit(parallel=False, fastmath=FASTMATH, cache=True)(fn)
+    parallel = njit(parallel=True, fastmath=FASTMATH, cache=True)(_renamed(fn, "_parallel"))
+    serial = njit(parallel=False, fastmath=FASTMATH, cache=True)(_renamed(fn, "_serial"))
 
     def run(work, *args):
         (parallel if work >= PARALLEL_MIN and get_num_threads() > 1 else serial)(*args)
