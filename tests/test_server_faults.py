@@ -174,7 +174,7 @@ def test_client_leaving_a_plain_request_cancels_it(server, http):
     cancelled = metric(page, 'llama2_requests_total{endpoint="scheduler",outcome="cancelled"}')
     generated = metric(page, "llama2_generated_tokens_total")
     with pytest.raises(httpx.TimeoutException):  # gives up and closes the connection
-        http.post("/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=0.2))
+        http.post("/v1/completions", json=LONG, timeout=httpx.Timeout(60, read=0.02))  # well before 500 tokens
     server.wait_idle(http)
     page = http.get("/metrics").text
     assert metric(page, 'llama2_requests_total{endpoint="scheduler",outcome="cancelled"}') == cancelled + 1
