@@ -110,3 +110,14 @@ def test_context_full_is_a_clear_error():
 def test_no_float64_in_outputs():
     _, model = make(TINY)
     assert model.forward([1, 2, 3], model.new_cache()).dtype == np.float32
+
+
+def test_inplace_rope_kernel_equals_reference():
+    from llama2 import jit
+    cos, sin = K.rope_tables(8, 16, 10000.0)
+    x = np.random.default_rng(3).standard_normal((5, 3, 8)).astype(np.float32)
+    pos = np.array([0, 3, 7, 8, 15])
+    y = x.copy()
+    jit.rope_(y, cos[pos], sin[pos])
+    np.testing.assert_allclose(y, K.rope(x, cos[pos], sin[pos]), rtol=1e-6, atol=1e-6)
+

@@ -198,8 +198,8 @@ def _attention_decode(q, kc, vc, slots, pos, out):
 
 
 def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..start+t
-    """Scaled scores to probabilities, row by row, over each query's causal window; keys past the
-    window get probability 0."""
+    """Scores to probabilities, row by row, over each query's causal window; keys past the window
+    get probability 0."""
     R, T, S = scores.shape
     for rt in prange(R * T):
         r, t = rt // T, rt % T
@@ -219,6 +219,19 @@ def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..
             scores[r, t, j] = np.float32(0.0)
 
 
+@njit(fastmath=FASTMATH, cache=True)
+def rope_(x, cos, sin):  # [N, H, hd] in place, [N, hd/2], [N, hd/2]
+    """Rotate each (even, odd) pair of every head of row n by row n's angle (kernels.rope, in place)."""
+    N, H, hd = x.shape
+    for n in range(N):
+        for h in range(H):
+            for i in range(hd // 2):
+                x0, x1 = x[n, h, 2 * i], x[n, h, 2 * i + 1]
+                c, s = cos[n, i], sin[n, i]
+                x[n, h, 2 * i] = x0 * c - x1 * s
+                x[n, h, 2 * i + 1] = x0 * s + x1 * c
+
+
 matmul_f32 = _compile(_matmul_f32)
 matmul_q8 = _compile(_matmul_q8)
 qkv_f32 = _compile(_qkv_f32)
@@ -226,4 +239,10 @@ qkv_q8 = _compile(_qkv_q8)
 ffn_f32 = _compile(_ffn_f32)
 ffn_q8 = _compile(_ffn_q8)
 attention_decode = _compile(_attention_decode)
-causal_softmax = _compile(_causal_softmax)
+_causal_softmax_kernel = _compile(_causal_softmax)
+
+
+def causal_softmax(scores, start):  # [R, T, S] in place
+    R, T, S = scores.shape
+    _causal_softmax_kernel(R * T * S, scores, start)
+

@@ -37,16 +37,26 @@ def rope(x, cos, sin):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
 
 def attention(q, k, v, start):  # [T, H, hd], [KVH, S, hd], [KVH, S, hd], int -> [T, H*hd]
     """Causal grouped-query attention of T new queries at positions start..start+T-1 over the S =
-    start+T cached keys and values; query head h reads kv head h // (H // KVH). The two products
-    are BLAS batched matmuls; the causal softmax is a compiled kernel that skips masked keys."""
+    start+T cached keys and values; query head h reads kv head h // (H // KVH). Both products are
+    batched BLAS matmuls; the causal softmax is a compiled kernel that skips masked keys."""
     T, H, hd = q.shape
     KVH, S, _ = k.shape
     g = H // KVH
     qh = np.ascontiguousarray(q.reshape(T, KVH, g, hd).transpose(1, 2, 0, 3))  # [KVH, g, T, hd]
-    scores = np.matmul(qh, k.transpose(0, 2, 1)[:, None]) / np.sqrt(F32(hd))  # [KVH, g, T, S]
-    jit.causal_softmax(KVH * g * T * S, scores.reshape(KVH * g, T, S), start)
+    scores = np.matmul(qh, k.transpose(0, 2, 1)[:, None])  # [KVH, g, T, S]
+    scores /= np.sqrt(F32(hd))
+    jit.causal_softmax(scores.reshape(KVH * g, T, S), start)
     out = np.matmul(scores, v[:, None])  # [KVH, g, T, hd]
     return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+
+
+def silu_mul(a, b):  # [N, H], [N, H] -> [N, H]: silu(a) * b, computed in place in `a`
+    t = np.negative(a)
+    np.exp(t, out=t)
+    t += F32(1.0)
+    np.divide(a, t, out=a)
+    a *= b
+    return a
 
 
 def silu(x):  # [...] -> [...]

@@ -124,7 +124,7 @@ class Layer:
         w1, w3 = self.w1, self.w3
         N = len(h)
         if N > SMALL_BATCH or type(w1) is not type(w3):
-            return self.w2(K.silu(w1(h)) * w3(h))
+            return self.w2(K.silu_mul(w1(h), w3(h)))
         g = _empty(N, w1.shape[0])
         work = 2 * N * h.shape[1] * g.shape[1]
         if isinstance(w1, Dense):
@@ -201,9 +201,10 @@ class Transformer:
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
-            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin)
-            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin)
-            v = v.reshape(N, c.n_kv_heads, hd)
+            q, k, v = (q.reshape(N, c.n_heads, hd), k.reshape(N, c.n_kv_heads, hd),
+                       v.reshape(N, c.n_kv_heads, hd))
+            jit.rope_(q, cos, sin)
+            jit.rope_(k, cos, sin)
             kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
             for slot, st, r, T in spans:
                 kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
