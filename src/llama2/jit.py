@@ -11,7 +11,14 @@ import os
 import types
 
 import numpy as np
-from numba import get_num_threads, njit, prange, set_num_threads
+
+# OpenMP workers spin-wait after each parallel region before sleeping. libgomp's default spin is
+# long enough that, on a 2-core machine, the idle workers hold the cores while BLAS runs a prefill
+# (half the speed); a short spin still covers the gaps between a decode step's kernels. Read once,
+# when numba first starts its OpenMP pool; a value the user set wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from numba import get_num_threads, njit, prange, set_num_threads  # noqa: E402
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -83,17 +90,30 @@ def _dot_f32(w, i, x, b):  # row i of w [m, n] . row b of x [B, n]
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def _dot_q8(q, s, gs, i, x, b):  # row i of Q8_0 (q [m, n] int8, s [groups]) . row b of x [B, n]
     """Groups run over the flattened matrix, so a row may start or end inside a group: the row is
-    walked in segments that each lie in one group, every segment scaled once."""
+    walked in segments that each lie in one group, every segment scaled once. Segments are slices,
+    so loop indices stay non-negative and the inner loops vectorize."""
     n = q.shape[1]
-    base = i * n
+    qrow, xrow = q[i], x[b]
     acc = np.float32(0.0)
+    if n % gs == 0:  # every row holds whole groups
+        ng = n // gs
+        srow = s[i * ng:(i + 1) * ng]
+        for g in range(ng):
+            qs, xs = qrow[g * gs:(g + 1) * gs], xrow[g * gs:(g + 1) * gs]
+            part = np.float32(0.0)
+            for k in range(gs):
+                part += np.float32(qs[k]) * xs[k]
+            acc += part * srow[g]
+        return acc
+    base = i * n
     j = 0
     while j < n:
         g = (base + j) // gs
         end = min(n, (g + 1) * gs - base)
+        qs, xs = qrow[j:end], xrow[j:end]
         part = np.float32(0.0)
-        for k in range(j, end):
-            part += np.float32(q[i, k]) * x[b, k]
+        for k in range(end - j):
+            part += np.float32(qs[k]) * xs[k]
         acc += part * s[g]
         j = end
     return acc

@@ -177,13 +177,22 @@ def child_llama_cpp(path, threads, spawned, extra_bufts=True):
     return ttft, decode, prefill, ids
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM). getrusage's ru_maxrss would not do: Linux keeps it
+    across exec, so a child would report its parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child_main(argv):
     impl, path, threads, spawned = argv[0], argv[1], int(argv[2]), float(argv[3])
     if impl == "ours":
         ttft, decode, prefill, ids = child_ours(path, threads, spawned)
     else:
         ttft, decode, prefill, ids = child_llama_cpp(path, threads, spawned, extra_bufts=impl == "llama_cpp")
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    rss_mb = peak_rss_mb()
     print(json.dumps({"ttft": ttft, "decode": decode, "prefill128": prefill[128],
                       "prefill512": prefill[512], "rss": rss_mb, "ids": ids}))
     return 0
