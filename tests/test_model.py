@@ -121,3 +121,11 @@ def test_inplace_rope_kernel_equals_reference():
     jit.rope_(y, cos[pos], sin[pos])
     np.testing.assert_allclose(y, K.rope(x, cos[pos], sin[pos]), rtol=1e-6, atol=1e-6)
 
+
+
+def test_compiled_rmsnorm_equals_reference():
+    from llama2 import jit
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 40)).astype(np.float32)
+    w = rng.standard_normal(40).astype(np.float32)
+    np.testing.assert_allclose(jit.rmsnorm(x, w, 1e-5), K.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)

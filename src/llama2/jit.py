@@ -240,6 +240,20 @@ def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..
 
 
 @njit(fastmath=FASTMATH, cache=True)
+def rmsnorm(x, weight, eps):  # [N, D], [D], float -> [N, D] (kernels.rmsnorm, compiled)
+    N, D = x.shape
+    out = np.empty_like(x)
+    for n in range(N):
+        ss = np.float32(0.0)
+        for d in range(D):
+            ss += x[n, d] * x[n, d]
+        inv = np.float32(1.0) / np.sqrt(ss / np.float32(D) + np.float32(eps))
+        for d in range(D):
+            out[n, d] = weight[d] * (inv * x[n, d])
+    return out
+
+
+@njit(fastmath=FASTMATH, cache=True)
 def rope_(x, cos, sin):  # [N, H, hd] in place, [N, hd/2], [N, hd/2]
     """Rotate each (even, odd) pair of every head of row n by row n's angle (kernels.rope, in place)."""
     N, H, hd = x.shape

@@ -199,7 +199,7 @@ class Transformer:
         x = self.embedding.rows(tokens)  # [N, D]
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
-            h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
+            h = jit.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
             q, k, v = (q.reshape(N, c.n_heads, hd), k.reshape(N, c.n_kv_heads, hd),
                        v.reshape(N, c.n_kv_heads, hd))
@@ -217,10 +217,10 @@ class Transformer:
                 jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
                 att[dec_rows] = out
             x = x + layer.wo(att)
-            h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
+            h = jit.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
         if not all_logits:
             x = x[[r + T - 1 for _, _, r, T in spans]]
-        return self.classifier(K.rmsnorm(x, self.rms_final, c.norm_eps))
+        return self.classifier(jit.rmsnorm(x, self.rms_final, c.norm_eps))
