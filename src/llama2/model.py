@@ -196,6 +196,7 @@ class Transformer:
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
         dec_pos = np.array([spans[i][1] for i in decode], np.int64)
         prefill = [span for span in spans if span[3] > 1]
+        work = 2 * c.dim * int(dec_pos.sum() + len(decode))  # attention multiply-adds of decode rows
         x = self.embedding.rows(tokens)  # [N, D]
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
@@ -206,16 +207,21 @@ class Transformer:
             jit.rope_(q, cos, sin)
             jit.rope_(k, cos, sin)
             kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
-            for slot, st, r, T in spans:
-                kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
-                vc[slot, :, st:st + T] = v[r:r + T].transpose(1, 0, 2)
-            for slot, st, r, T in prefill:
-                att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
-            if decode:
-                out = np.empty((len(decode), D), np.float32)
-                work = 2 * c.dim * int(dec_pos.sum() + len(decode))
-                jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots, dec_pos, out)
-                att[dec_rows] = out
+            if not prefill:  # a decode step: one row per sequence, no per-sequence Python loop
+                kc[dec_slots, :, dec_pos] = k
+                vc[dec_slots, :, dec_pos] = v
+                jit.attention_decode(work, q, kc, vc, dec_slots, dec_pos, att)
+            else:
+                for slot, st, r, T in spans:
+                    kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
+                    vc[slot, :, st:st + T] = v[r:r + T].transpose(1, 0, 2)
+                for slot, st, r, T in prefill:
+                    att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
+                if decode:
+                    out = np.empty((len(decode), D), np.float32)
+                    jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots,
+                                         dec_pos, out)
+                    att[dec_rows] = out
             x = x + layer.wo(att)
             h = jit.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
