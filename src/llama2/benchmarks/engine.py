@@ -100,6 +100,29 @@ def _prompt(n, vocab, seed=7):
     return [1] + [int(t) for t in rng.integers(3, vocab, n - 1)]
 
 
+def _measure(vocab, spawned, start, step, prefill):
+    """The child's measurements, for any engine given as three functions: `start(prompt)` runs a
+    prompt on a fresh context and returns the greedy token, `step(token)` feeds one token and returns
+    the next greedy one, `prefill(prompt)` runs a prompt on a fresh context."""
+    token = start(_prompt(SHORT_PROMPT, vocab))
+    ttft = time.time() - spawned
+    ids = [token]
+    begin = time.perf_counter()
+    for _ in range(DECODE_TOKENS - 1):
+        token = step(token)
+        ids.append(token)
+    decode = (DECODE_TOKENS - 1) / (time.perf_counter() - begin)
+    rates = {}
+    for n in (128, 512):
+        prompt = _prompt(n, vocab, seed=n)
+        for _ in range(2):  # the second run is timed
+            begin = time.perf_counter()
+            prefill(prompt)
+            took = time.perf_counter() - begin
+        rates[n] = n / took
+    return ttft, decode, rates, ids
+
+
 def child_ours(path, threads, spawned):
     from .. import jit
     from ..loader import load_checkpoint
@@ -107,26 +130,16 @@ def child_ours(path, threads, spawned):
 
     jit.set_threads(threads)
     model = Transformer(load_checkpoint(path))
-    vocab = model.config.vocab_size
     cache = model.new_cache()
-    token = int(np.argmax(model.forward(_prompt(SHORT_PROMPT, vocab), cache)[-1]))
-    ttft = time.time() - spawned
-    ids = [token]
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS - 1):
-        token = int(np.argmax(model.forward([token], cache)[-1]))
-        ids.append(token)
-    decode = (DECODE_TOKENS - 1) / (time.perf_counter() - start)
-    prefill = {}
-    for n in (128, 512):
-        prompt = _prompt(n, vocab, seed=n)
-        for _ in range(2):
-            cache.reset()
-            start = time.perf_counter()
-            model.forward(prompt, cache)
-            took = time.perf_counter() - start
-        prefill[n] = n / took
-    return ttft, decode, prefill, ids
+
+    def start(prompt):
+        cache.reset()
+        return int(np.argmax(model.forward(prompt, cache)[-1]))
+
+    def step(token):
+        return int(np.argmax(model.forward([token], cache)[-1]))
+
+    return _measure(model.config.vocab_size, spawned, start, step, start)
 
 
 def child_llama_cpp(path, threads, spawned, extra_bufts=True):
@@ -146,7 +159,6 @@ def child_llama_cpp(path, threads, spawned, extra_bufts=True):
             return p
 
         lc.llama_model_default_params = params
-
     llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_ubatch=512, n_threads=threads,
                 n_threads_batch=threads, logits_all=False, verbose=False)
     vocab = llm.n_vocab()
@@ -154,27 +166,16 @@ def child_llama_cpp(path, threads, spawned, extra_bufts=True):
     def last_logits():  # eval() keeps no scores without logits_all: read the context's last row
         return np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(vocab,))
 
-    llm.reset()
-    llm.eval(_prompt(SHORT_PROMPT, vocab))
-    token = int(np.argmax(last_logits()))
-    ttft = time.time() - spawned
-    ids = [token]
-    start = time.perf_counter()
-    for _ in range(DECODE_TOKENS - 1):
+    def start(prompt):
+        llm.reset()
+        llm.eval(prompt)
+        return int(np.argmax(last_logits()))
+
+    def step(token):
         llm.eval([token])
-        token = int(np.argmax(last_logits()))
-        ids.append(token)
-    decode = (DECODE_TOKENS - 1) / (time.perf_counter() - start)
-    prefill = {}
-    for n in (128, 512):
-        prompt = _prompt(n, vocab, seed=n)
-        for _ in range(2):
-            llm.reset()
-            start = time.perf_counter()
-            llm.eval(prompt)
-            took = time.perf_counter() - start
-        prefill[n] = n / took
-    return ttft, decode, prefill, ids
+        return int(np.argmax(last_logits()))
+
+    return _measure(vocab, spawned, start, step, start)
 
 
 def peak_rss_mb() -> float:
