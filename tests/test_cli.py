@@ -158,3 +158,31 @@ def test_python_dash_m_entry_point(tmp_path):
     assert p.returncode == 0 and p.stdout.startswith(b"Once upon a time")
     p = subprocess.run([sys.executable, "-m", "llama2", "run", "-t", "x"], capture_output=True, env=env)
     assert p.returncode == 2 and b"Traceback" not in p.stderr and p.stderr.count(b"\n") == 1
+
+
+def test_first_use_download_into_cache(tmp_path, monkeypatch):
+    """A known file is fetched over HTTP into the cache folder (atomically), then found there."""
+    import functools
+    import http.server
+    import threading
+
+    from llama2 import hub
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "tok512.bin").write_bytes(asset("tok512.bin").read_bytes())
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("LLAMA2_HOME", str(tmp_path / "home"))
+        monkeypatch.delenv("LLAMA2_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setitem(hub.KNOWN_FILES, "tok512.bin", f"http://127.0.0.1:{httpd.server_port}/tok512.bin")
+        monkeypatch.chdir(tmp_path)
+        path = hub.resolve("tok512.bin", what="tokenizer")
+        assert path == tmp_path / "home" / "tok512.bin"
+        assert path.read_bytes() == asset("tok512.bin").read_bytes()
+        assert not list((tmp_path / "home").glob("*.part"))
+    finally:
+        httpd.shutdown()

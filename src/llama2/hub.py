@@ -6,7 +6,6 @@ the error says what to download and where to put it.
 """
 
 import os
-import shutil
 import sys
 import urllib.request
 from pathlib import Path
@@ -58,21 +57,16 @@ def fetch(name) -> Path:
         os.replace(part, dest)
     except Exception as e:  # any network failure: say what to fetch and where to put it
         part.unlink(missing_ok=True)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = getattr(e, "reason", None) or e
         raise Llama2Error(f"cannot download {name} ({reason}): download {url} and put it at {dest}") from None
     return dest
 
 
 def _download(url, dest: Path):
+    """One plain HTTPS GET (the hub's resolve URLs redirect to its CDN): it fails at once when the
+    network is unreachable, instead of retrying with backoff."""
     if os.environ.get("HF_HUB_OFFLINE") or os.environ.get("LLAMA2_OFFLINE"):
         raise ConnectionError("offline mode is set")
-    src = KNOWN_FILES.get(dest.name[: -len(".part")])
-    if isinstance(src, tuple):
-        from huggingface_hub import hf_hub_download  # its own progress bar and retries
-
-        got = hf_hub_download(repo_id=src[0], filename=src[1], local_dir=dest.parent / ".hub")
-        shutil.move(got, dest)
-        return
     from tqdm import tqdm
 
     with urllib.request.urlopen(url, timeout=30) as r, open(dest, "wb") as f:
