@@ -88,6 +88,20 @@ def _dot_f32(w, i, x, b):  # row i of w [m, n] . row b of x [B, n]
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
+def _dot4_f32(w, i, x, b):  # rows i..i+3 of w [m, n] . row b of x [B, n] -> four floats
+    w0, w1, w2, w3 = w[i], w[i + 1], w[i + 2], w[i + 3]
+    xr = x[b]
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for j in range(xr.shape[0]):
+        xv = xr[j]
+        a0 += w0[j] * xv
+        a1 += w1[j] * xv
+        a2 += w2[j] * xv
+        a3 += w3[j] * xv
+    return a0, a1, a2, a3
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
 def _dot_q8(q, s, gs, i, x, b):  # row i of Q8_0 (q [m, n] int8, s [groups]) . row b of x [B, n]
     """Groups run over the flattened matrix, so a row may start or end inside a group: the row is
     walked in segments that each lie in one group, every segment scaled once. Segments are slices,
@@ -125,9 +139,17 @@ def _silu(a):
 
 
 def _matmul_f32(x, w, out):  # [B, n], [m, n] -> out [B, m]
-    for i in prange(w.shape[0]):
+    """Rows four at a time (more loads in flight when the weights stream from memory: ~10%)."""
+    m = w.shape[0]
+    if m % 4:
+        for i in prange(m):
+            for b in range(x.shape[0]):
+                out[b, i] = _dot_f32(w, i, x, b)
+        return
+    for blk in prange(m // 4):
+        i = 4 * blk
         for b in range(x.shape[0]):
-            out[b, i] = _dot_f32(w, i, x, b)
+            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dot4_f32(w, i, x, b)
 
 
 def _matmul_q8(x, q, s, gs, out):  # [B, n], int8 [m, n], f32 [ceil(m*n/gs)], int -> out [B, m]
@@ -166,22 +188,46 @@ def _matmul_q8(x, q, s, gs, out):  # [B, n], int8 [m, n], f32 [ceil(m*n/gs)], in
 
 
 def _qkv_f32(x, wq, wk, wv, q, k, v):  # [B, D], [D, D], [KV, D], [KV, D] -> q [B, D], k, v [B, KV]
-    """The three attention projections in one parallel pass over their rows."""
+    """The three attention projections in one parallel pass over their rows, four at a time."""
     mq, mk = wq.shape[0], wk.shape[0]
-    for r in prange(mq + 2 * mk):
+    if mq % 4 or mk % 4:
+        for r in prange(mq + 2 * mk):
+            for b in range(x.shape[0]):
+                if r < mq:
+                    q[b, r] = _dot_f32(wq, r, x, b)
+                elif r < mq + mk:
+                    k[b, r - mq] = _dot_f32(wk, r - mq, x, b)
+                else:
+                    v[b, r - mq - mk] = _dot_f32(wv, r - mq - mk, x, b)
+        return
+    nq, nk = mq // 4, mk // 4
+    for blk in prange(nq + 2 * nk):
         for b in range(x.shape[0]):
-            if r < mq:
-                q[b, r] = _dot_f32(wq, r, x, b)
-            elif r < mq + mk:
-                k[b, r - mq] = _dot_f32(wk, r - mq, x, b)
+            if blk < nq:
+                i = 4 * blk
+                q[b, i], q[b, i + 1], q[b, i + 2], q[b, i + 3] = _dot4_f32(wq, i, x, b)
+            elif blk < nq + nk:
+                i = 4 * (blk - nq)
+                k[b, i], k[b, i + 1], k[b, i + 2], k[b, i + 3] = _dot4_f32(wk, i, x, b)
             else:
-                v[b, r - mq - mk] = _dot_f32(wv, r - mq - mk, x, b)
+                i = 4 * (blk - nq - nk)
+                v[b, i], v[b, i + 1], v[b, i + 2], v[b, i + 3] = _dot4_f32(wv, i, x, b)
 
 
 def _ffn_f32(x, w1, w3, out):  # [B, D], [H, D], [H, D] -> out [B, H] = silu(x w1^T) * (x w3^T)
-    for i in prange(w1.shape[0]):
+    H = w1.shape[0]
+    if H % 4:
+        for i in prange(H):
+            for b in range(x.shape[0]):
+                out[b, i] = _silu(_dot_f32(w1, i, x, b)) * _dot_f32(w3, i, x, b)
+        return
+    for blk in prange(H // 4):
+        i = 4 * blk
         for b in range(x.shape[0]):
-            out[b, i] = _silu(_dot_f32(w1, i, x, b)) * _dot_f32(w3, i, x, b)
+            a0, a1, a2, a3 = _dot4_f32(w1, i, x, b)
+            c0, c1, c2, c3 = _dot4_f32(w3, i, x, b)
+            out[b, i], out[b, i + 1] = _silu(a0) * c0, _silu(a1) * c1
+            out[b, i + 2], out[b, i + 3] = _silu(a2) * c2, _silu(a3) * c3
 
 
 @njit(cache=True)
