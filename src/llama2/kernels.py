@@ -57,7 +57,3 @@ def silu_mul(a, b):  # [N, H], [N, H] -> [N, H]: silu(a) * b, computed in place 
     np.divide(a, t, out=a)
     a *= b
     return a
-
-
-def silu(x):  # [...] -> [...]
-    return x * (F32(1.0) / (F32(1.0) + np.exp(-x)))
