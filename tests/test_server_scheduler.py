@@ -45,6 +45,17 @@ def reference(llama, p: Params):
     return [(e.token, e.text, e.finish_reason) for e in events if not e.is_prompt]
 
 
+def assert_all_equal_reference(llama, sched, ps):
+    """Submit every request at once; each one's events equal generate()'s for it alone."""
+    queues = [queue.Queue() for _ in ps]
+    for p, q in zip(ps, queues):
+        sched.submit(p, q.put)
+    for p, q in zip(ps, queues):
+        events, err = collect(q)
+        assert err is None
+        assert [(e.token, e.text, e.finish_reason) for e in events] == reference(llama, p)
+
+
 @pytest.mark.parametrize("slots", [3, 12])
 def test_sequences_equal_generate_whatever_the_batch(llama, slots):
     """Seeded sampling, 24 requests through 3 or 12 slots (more than one decode group): admitted and
@@ -55,13 +66,7 @@ def test_sequences_equal_generate_whatever_the_batch(llama, slots):
         prompts = ["Once upon a time", "Lily", "", "The dog ran", "Tom"]
         ps = [params(llama, prompts[i % len(prompts)], 5 + 9 * i % 40, seed=100 + i,
                      temperature=[1.0, 0.7, 0.0][i % 3], top_p=[0.9, 0.0, 0.5][i % 3]) for i in range(24)]
-        queues = [queue.Queue() for _ in ps]
-        for p, q in zip(ps, queues):
-            sched.submit(p, q.put)
-        for p, q in zip(ps, queues):
-            events, err = collect(q)
-            assert err is None
-            assert [(e.token, e.text, e.finish_reason) for e in events] == reference(llama, p)
+        assert_all_equal_reference(llama, sched, ps)
     finally:
         sched.stop(TIMEOUT_S)
 
@@ -96,13 +101,7 @@ def test_one_pass_mode_greedy(llama):
     sched.start()
     try:
         ps = [params(llama, p, 20, temperature=0) for p in ["Once upon a time", "Lily", "The sun", "Tom"] * 3]
-        queues = [queue.Queue() for _ in ps]
-        for p, q in zip(ps, queues):
-            sched.submit(p, q.put)
-        for p, q in zip(ps, queues):
-            events, err = collect(q)
-            assert err is None
-            assert [(e.token, e.text, e.finish_reason) for e in events] == reference(llama, p)
+        assert_all_equal_reference(llama, sched, ps)
     finally:
         sched.stop(TIMEOUT_S)
 

@@ -37,13 +37,13 @@ def resolve(name, what="model", download=True) -> Path:
     path = Path(name).expanduser()
     if path.exists():
         return path
-    cached = cache_dir() / path.name
-    if path.name == str(name) and cached.exists():
-        return cached
-    if path.name == str(name) and name in KNOWN_FILES and download:
+    if path.name != str(name):  # a path with folders is taken as given, never looked up elsewhere
+        raise Llama2Error(f"{name}: no such {what} file")
+    if (cache_dir() / path.name).exists():
+        return cache_dir() / path.name
+    if name in KNOWN_FILES and download:
         return fetch(name)
-    hint = f" (or put it in {cache_dir()})" if path.name == str(name) else ""
-    raise Llama2Error(f"{name}: no such {what} file{hint}")
+    raise Llama2Error(f"{name}: no such {what} file (or put it in {cache_dir()})")
 
 
 def fetch(name) -> Path:
