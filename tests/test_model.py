@@ -129,3 +129,24 @@ def test_compiled_rmsnorm_equals_reference():
     x = rng.standard_normal((3, 40)).astype(np.float32)
     w = rng.standard_normal(40).astype(np.float32)
     np.testing.assert_allclose(jit.rmsnorm(x, w, 1e-5), K.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m, n, group_size", [
+    (64, 96, 32),  # whole groups per row, four rows at a time, the unrolled 32 build
+    (68, 128, 64),  # the unrolled 64 build
+    (20, 48, 16),  # the generic group-size build
+    (13, 40, 8),  # a leftover row after the blocks of four
+    (10, 30, 8),  # rows straddle groups: the segment walk
+])
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_int8_matmul_equals_dequantized(m, n, group_size, batch):
+    from llama2 import jit
+    from llama2.checkpoint import quantize_q80
+    rng = np.random.default_rng(5)
+    qt = quantize_q80(rng.standard_normal((m, n)).astype(np.float32), group_size)
+    x = rng.standard_normal((batch, n)).astype(np.float32)
+    ref = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
+    for work in (0, 1 << 30):  # the serial and the parallel build
+        out = np.full((batch, m), np.nan, np.float32)
+        jit.matmul_q8(work, x, qt.q, qt.s, group_size, out)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
