@@ -148,5 +148,18 @@ def test_int8_matmul_equals_dequantized(m, n, group_size, batch):
     ref = x.astype(np.float64) @ qt.dequantize().astype(np.float64).T
     for work in (0, 1 << 30):  # the serial and the parallel build
         out = np.full((batch, m), np.nan, np.float32)
-        jit.matmul_q8(work, x, qt.q, qt.s, group_size, out)
+        jit.matmul(work, x, qt.q, qt.s, group_size, out)
         np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("tile", [1 << 22, 200])  # one tile, or several column blocks of the product
+def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
+    from llama2 import model as M
+    from llama2.checkpoint import quantize_q80
+    monkeypatch.setattr(M, "DEQUANT_TILE", tile)
+    rng = np.random.default_rng(6)
+    qt = quantize_q80(rng.standard_normal((37, 30)).astype(np.float32), 8)  # rows straddle groups
+    x = rng.standard_normal((M.SMALL_BATCH + 5, 30)).astype(np.float32)
+    np.testing.assert_allclose(M.Q8(qt)(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-5)
+    ids = [36, 0, 5]
+    np.testing.assert_array_equal(M.Q8(qt).rows(ids), qt.dequantize()[ids])

@@ -86,7 +86,7 @@ def threads() -> int:
 def _dot_f32(w, i, x, b):  # row i of w [m, n] . row b of x [B, n]
     acc = np.float32(0.0)
     for j in range(w.shape[1]):
-        acc += w[i, j] * x[b, j]
+        acc += np.float32(w[i, j]) * x[b, j]
     return acc
 
 
@@ -97,10 +97,10 @@ def _dot4_f32(w, i, x, b):  # rows i..i+3 of w [m, n] . row b of x [B, n] -> fou
     a0 = a1 = a2 = a3 = np.float32(0.0)
     for j in range(xr.shape[0]):
         xv = xr[j]
-        a0 += w0[j] * xv
-        a1 += w1[j] * xv
-        a2 += w2[j] * xv
-        a3 += w3[j] * xv
+        a0 += np.float32(w0[j]) * xv
+        a1 += np.float32(w1[j]) * xv
+        a2 += np.float32(w2[j]) * xv
+        a3 += np.float32(w3[j]) * xv
     return a0, a1, a2, a3
 
 
@@ -141,20 +141,6 @@ def _silu(a):
     return a / (np.float32(1.0) + np.exp(-a))
 
 
-def _matmul_f32(x, w, out):  # [B, n], [m, n] -> out [B, m]
-    """Rows four at a time (more loads in flight when the weights stream from memory: ~10%)."""
-    m = w.shape[0]
-    if m % 4:
-        for i in prange(m):
-            for b in range(x.shape[0]):
-                out[b, i] = _dot_f32(w, i, x, b)
-        return
-    for blk in prange(m // 4):
-        i = 4 * blk
-        for b in range(x.shape[0]):
-            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = _dot4_f32(w, i, x, b)
-
-
 # How far ahead (bytes) the int8 kernel asks for its weights. One core's hardware prefetcher stops at
 # each 4 KiB page and keeps too few lines in flight while the core also converts int8 to float:
 # prefetching this far ahead took a 110M-shaped model's int8 products from 9 to 15 GB/s (2 cores).
@@ -177,24 +163,111 @@ def _prefetch(typingctx, arr, index):
     return nbtypes.void(arr, index), codegen
 
 
+def _vector_dot4_q8(group):
+    """An intrinsic computing rows i..i+3 of Q8_0 . row b of x for one literal group size, written
+    in LLVM vector IR: numba's loops reduce every group's products to a scalar before scaling it (a
+    horizontal sum per group and row), while here each row keeps a 16-lane float accumulator across
+    its groups, so the group's products fold into it with one multiply-add by the scale and the
+    only horizontal sum is at the row's end (2x faster once the weights are in cache). LLVM picks
+    the instructions (AVX-512, AVX2 or SSE), so it is as portable as the loops it replaces.
+    Requires whole groups per row and rows of q and x contiguous; `fetch` prefetches as _dot4_q8."""
+    lanes = min(group, 16)
+
+    @intrinsic
+    def dot4(typingctx, q, s, i, x, b, fetch):
+        sig = nbtypes.UniTuple(nbtypes.float32, 4)(q, s, i, x, b, fetch)
+
+        def unreachable(context, builder, signature, args):  # float weights never take this path
+            zero = context.get_constant(nbtypes.float32, 0.0)
+            return context.make_tuple(builder, signature.return_type, [zero] * 4)
+
+        def codegen(context, builder, signature, args):
+            qa = context.make_array(signature.args[0])(context, builder, args[0])
+            sa = context.make_array(signature.args[1])(context, builder, args[1])
+            xa = context.make_array(signature.args[3])(context, builder, args[3])
+            intp = context.get_value_type(nbtypes.intp)
+            row = context.cast(builder, args[2], signature.args[2], nbtypes.intp)
+            b = context.cast(builder, args[4], signature.args[4], nbtypes.intp)
+            fetch = context.cast(builder, args[5], signature.args[5], nbtypes.boolean)
+            n = cgutils.unpack_tuple(builder, qa.shape, 2)[1]
+            q_stride = cgutils.unpack_tuple(builder, qa.strides, 2)[0]
+            x_stride = cgutils.unpack_tuple(builder, xa.strides, 2)[0]
+            groups = builder.sdiv(n, ir.Constant(intp, group))
+            i8, f32, i32 = ir.IntType(8), ir.FloatType(), ir.IntType(32)
+            bytes_of = ir.VectorType(i8, group)
+            floats_of = ir.VectorType(f32, group)
+            acc_type = ir.VectorType(f32, lanes)
+            flags = ("reassoc", "contract", "nsz")
+            xrow = builder.gep(builder.bitcast(xa.data, i8.as_pointer()), [builder.mul(b, x_stride)])
+            qbase = builder.bitcast(qa.data, i8.as_pointer())
+            rows, scales, accs = [], [], []
+            for r in range(4):
+                ri = builder.add(row, ir.Constant(intp, r))
+                rows.append(builder.gep(qbase, [builder.mul(ri, q_stride)]))
+                scales.append(builder.gep(sa.data, [builder.mul(ri, groups)]))
+                accs.append(cgutils.alloca_once_value(builder, ir.Constant(acc_type, None)))
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
+                "llvm.prefetch.p0" if str(i8.as_pointer()) == "ptr" else "llvm.prefetch.p0i8")
+            with cgutils.for_range(builder, groups) as loop:
+                start = builder.mul(loop.index, ir.Constant(intp, group))
+                xp = builder.gep(xrow, [builder.mul(start, ir.Constant(intp, 4))])
+                xv = builder.load(builder.bitcast(xp, floats_of.as_pointer()), align=4)
+                with builder.if_then(fetch):
+                    for r in range(4):
+                        ahead = builder.gep(rows[r], [builder.add(start, ir.Constant(intp, PREFETCH_AHEAD))])
+                        builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                for r in range(4):
+                    wp = builder.bitcast(builder.gep(rows[r], [start]), bytes_of.as_pointer())
+                    prod = builder.fmul(builder.sitofp(builder.load(wp, align=1), floats_of), xv, flags=flags)
+                    width = group
+                    while width > lanes:  # fold the group's products to 16 lanes
+                        half = width // 2
+                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
+                        prod, width = builder.fadd(lo, hi, flags=flags), half
+                    scale = builder.load(builder.gep(scales[r], [loop.index]))
+                    splat = builder.insert_element(ir.Constant(acc_type, None), scale, ir.Constant(i32, 0))
+                    splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
+                    acc = builder.fadd(builder.load(accs[r]), builder.fmul(prod, splat, flags=flags), flags=flags)
+                    builder.store(acc, accs[r])
+            sums = []
+            for r in range(4):
+                v, width = builder.load(accs[r]), lanes
+                while width > 1:
+                    half = width // 2
+                    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+                    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
+                    v, width = builder.fadd(lo, hi, flags=flags), half
+                sums.append(builder.extract_element(v, ir.Constant(i32, 0)))
+            return context.make_tuple(builder, signature.return_type, sums)
+
+        return sig, (codegen if q.dtype == nbtypes.int8 else unreachable)
+
+    return dot4
+
+
+_dot4_q8_32 = _vector_dot4_q8(32)
+_dot4_q8_64 = _vector_dot4_q8(64)
+
+
 @njit(fastmath=FASTMATH, cache=True, inline="always")
 def _dot4_q8(q, s, gs, i, x, b, fetch):  # rows i..i+3 of Q8_0 (whole groups per row) . row b of x
     """Four rows at a time, group by group: each group's integer products are summed as floats, then
     scaled once. `gs` is a literal where the caller can make it one (fully unrolled groups: ~10%).
-    With `fetch`, ask for the weights PREFETCH_AHEAD bytes on, once per 64-byte line of each row."""
-    n = q.shape[1]
-    ng = n // gs
-    flat = q.reshape(-1)
+    With `fetch`, ask for the weights PREFETCH_AHEAD bytes on, once per 64-byte line of each row
+    (a hint: past the matrix's end it fetches nothing useful but cannot fault)."""
+    ng = q.shape[1] // gs
     q0, q1, q2, q3, xrow = q[i], q[i + 1], q[i + 2], q[i + 3], x[b]
-    ahead, end = i * n + PREFETCH_AHEAD, flat.shape[0]
     a0 = a1 = a2 = a3 = np.float32(0.0)
     for g in range(ng):
         lo = g * gs
         if fetch and (lo & 63) < gs:
-            for r in range(4):
-                at = ahead + r * n + lo
-                if at < end:
-                    _prefetch(flat, at)
+            ahead = lo + PREFETCH_AHEAD
+            _prefetch(q0, ahead)
+            _prefetch(q1, ahead)
+            _prefetch(q2, ahead)
+            _prefetch(q3, ahead)
         xs = xrow[lo:lo + gs]
         r0, r1, r2, r3 = q0[lo:lo + gs], q1[lo:lo + gs], q2[lo:lo + gs], q3[lo:lo + gs]
         p0 = p1 = p2 = p3 = np.float32(0.0)
@@ -211,114 +284,186 @@ def _dot4_q8(q, s, gs, i, x, b, fetch):  # rows i..i+3 of Q8_0 (whole groups per
     return a0, a1, a2, a3
 
 
-def _matmul_q8(x, q, s, gs, out):  # [B, n], int8 [m, n] C-order, f32 [ceil(m*n/gs)], int -> out [B, m]
-    """Rows of whole groups go four at a time (four independent dot products per group keep more
-    loads in flight: 1.5x faster when the weights come from memory); other rows one by one. The
-    first batch row prefetches; the others find the weights in cache."""
-    m, n = q.shape
-    blocks = m // 4 if n % gs == 0 else 0
-    for blk in prange(blocks + (m - 4 * blocks)):
-        if blk >= blocks:  # a leftover row, or any row when rows straddle groups
-            i = 4 * blocks + (blk - blocks)
-            for b in range(x.shape[0]):
-                out[b, i] = _dot_q8(q, s, gs, i, x, b)
-            continue
-        i = 4 * blk
+# A weight matrix reaches the kernels below as (w, s, gs): float32 w [m, n] with gs == 0 (s unused),
+# or Q8_0: int8 w [m, n] with scales s [ceil(m*n/gs)] over groups of gs along the flattened matrix.
+NO_SCALES = np.zeros(0, np.float32)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _row(w, s, gs, i, x, b):  # row i of W . row b of x [B, n] -> float
+    if gs == 0:
+        return _dot_f32(w, i, x, b)
+    return _dot_q8(w, s, gs, i, x, b)
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _rows4(w, s, gs, i, x, b):  # rows i..i+3 of W (whole groups per row) . row b of x -> four floats
+    if gs == 0:
+        return _dot4_f32(w, i, x, b)
+    fetch = b == 0  # later rows of x find the weights in cache
+    contiguous = w.strides[1] == 1 and x.strides[1] == 4
+    if gs == 32 and contiguous:
+        return _dot4_q8_32(w, s, i, x, b, fetch)
+    if gs == 64 and contiguous:
+        return _dot4_q8_64(w, s, i, x, b, fetch)
+    return _dot4_q8(w, s, gs, i, x, b, fetch)
+
+
+@njit(cache=True, inline="always")
+def _units(w, gs):  # -> (units, four): rows go four at a time when every block of four holds whole groups
+    m, n = w.shape
+    four = m % 4 == 0 and (gs == 0 or n % gs == 0)
+    return (m // 4 if four else m), four
+
+
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _unit(w, s, gs, four, u, x, b, out, col, add):
+    """Rows of unit u of W (rows 4u..4u+3 when `four`, else row u) . row b of x, stored at (or, with
+    `add`, added to) out[b, col + row]."""
+    if four:
+        i = 4 * u
+        a0, a1, a2, a3 = _rows4(w, s, gs, i, x, b)
+        if add:
+            a0, a1 = a0 + out[b, col + i], a1 + out[b, col + i + 1]
+            a2, a3 = a2 + out[b, col + i + 2], a3 + out[b, col + i + 3]
+        out[b, col + i], out[b, col + i + 1], out[b, col + i + 2], out[b, col + i + 3] = a0, a1, a2, a3
+    else:
+        a = _row(w, s, gs, u, x, b)
+        out[b, col + u] = a + out[b, col + u] if add else a
+
+
+def _matmul(x, w, s, gs, out):  # [B, n], W [m, n] -> out [B, m]
+    """Four rows at a time where they hold whole groups (more loads in flight when the weights
+    stream from memory: 10-50%), else row by row."""
+    units, four = _units(w, gs)
+    for u in prange(units):
         for b in range(x.shape[0]):
-            if gs == 32:
-                a0, a1, a2, a3 = _dot4_q8(q, s, 32, i, x, b, b == 0)
-            elif gs == 64:
-                a0, a1, a2, a3 = _dot4_q8(q, s, 64, i, x, b, b == 0)
-            else:
-                a0, a1, a2, a3 = _dot4_q8(q, s, gs, i, x, b, b == 0)
-            out[b, i], out[b, i + 1], out[b, i + 2], out[b, i + 3] = a0, a1, a2, a3
+            _unit(w, s, gs, four, u, x, b, out, 0, False)
 
 
-def _qkv_f32(x, wq, wk, wv, q, k, v):  # [B, D], [D, D], [KV, D], [KV, D] -> q [B, D], k, v [B, KV]
-    """The three attention projections in one parallel pass over their rows, four at a time."""
-    mq, mk = wq.shape[0], wk.shape[0]
-    if mq % 4 or mk % 4:
-        for r in prange(mq + 2 * mk):
-            for b in range(x.shape[0]):
-                if r < mq:
-                    q[b, r] = _dot_f32(wq, r, x, b)
-                elif r < mq + mk:
-                    k[b, r - mq] = _dot_f32(wk, r - mq, x, b)
-                else:
-                    v[b, r - mq - mk] = _dot_f32(wv, r - mq - mk, x, b)
-        return
-    nq, nk = mq // 4, mk // 4
-    for blk in prange(nq + 2 * nk):
-        for b in range(x.shape[0]):
-            if blk < nq:
-                i = 4 * blk
-                q[b, i], q[b, i + 1], q[b, i + 2], q[b, i + 3] = _dot4_f32(wq, i, x, b)
-            elif blk < nq + nk:
-                i = 4 * (blk - nq)
-                k[b, i], k[b, i + 1], k[b, i + 2], k[b, i + 3] = _dot4_f32(wk, i, x, b)
-            else:
-                i = 4 * (blk - nq - nk)
-                v[b, i], v[b, i + 1], v[b, i + 2], v[b, i + 3] = _dot4_f32(wv, i, x, b)
-
-
-def _ffn_f32(x, w1, w3, out):  # [B, D], [H, D], [H, D] -> out [B, H] = silu(x w1^T) * (x w3^T)
-    H = w1.shape[0]
-    if H % 4:
-        for i in prange(H):
-            for b in range(x.shape[0]):
-                out[b, i] = _silu(_dot_f32(w1, i, x, b)) * _dot_f32(w3, i, x, b)
-        return
-    for blk in prange(H // 4):
-        i = 4 * blk
-        for b in range(x.shape[0]):
-            a0, a1, a2, a3 = _dot4_f32(w1, i, x, b)
-            c0, c1, c2, c3 = _dot4_f32(w3, i, x, b)
-            out[b, i], out[b, i + 1] = _silu(a0) * c0, _silu(a1) * c1
-            out[b, i + 2], out[b, i + 3] = _silu(a2) * c2, _silu(a3) * c3
-
-
-@njit(cache=True)
-def dequantize_rows(q, s, gs, rows, out):  # int8 [m, n], f32 [groups], int, int [R] -> out [R, n]
-    n = q.shape[1]
-    for r in range(len(rows)):
-        base = rows[r] * n
-        for k in range(n):
-            out[r, k] = np.float32(q[rows[r], k]) * s[(base + k) // gs]
+@njit(fastmath=FASTMATH, cache=True, inline="always")
+def _attend(q, kc, vc, r, h, slot, n, out):
+    """Query head h of row r (q [N, H, hd]) over the first n cached positions of `slot` (kc/vc
+    [slots, KVH, seq_len, hd]) -> out[r, h*hd:(h+1)*hd]. Scores go four keys at a time and the
+    weighted sum of values builds in a local vector (3x faster than one key at a time into `out`)."""
+    hd = q.shape[2]
+    root = np.float32(math.sqrt(hd))
+    qv = q[r, h]
+    keys, vals = kc[slot, h // (q.shape[1] // kc.shape[1])], vc[slot, h // (q.shape[1] // kc.shape[1])]
+    att = np.empty(n, np.float32)
+    t = 0
+    while t + 4 <= n:
+        k0, k1, k2, k3 = keys[t], keys[t + 1], keys[t + 2], keys[t + 3]
+        a0 = a1 = a2 = a3 = np.float32(0.0)
+        for d in range(hd):
+            qd = qv[d]
+            a0 += qd * k0[d]
+            a1 += qd * k1[d]
+            a2 += qd * k2[d]
+            a3 += qd * k3[d]
+        att[t], att[t + 1], att[t + 2], att[t + 3] = a0 / root, a1 / root, a2 / root, a3 / root
+        t += 4
+    for t in range(t, n):
+        acc = np.float32(0.0)
+        for d in range(hd):
+            acc += qv[d] * keys[t, d]
+        att[t] = acc / root
+    mx = att.max()
+    total = np.float32(0.0)
+    for t in range(n):
+        e = np.float32(math.exp(att[t] - mx))
+        att[t] = e
+        total += e
+    inv = np.float32(1.0) / total
+    o = np.zeros(hd, np.float32)
+    for t in range(n):
+        a = att[t] * inv
+        for d in range(hd):
+            o[d] += a * vals[t, d]
+    out[r, h * hd:(h + 1) * hd] = o
 
 
 def _attention_decode(q, kc, vc, slots, pos, out):
     """One new query per sequence over its cached keys/values (the new key already written).
     q [B, H, hd], kc/vc [slots, KVH, seq_len, hd], slots [B], pos [B] (position of the query)
     -> out [B, H*hd]."""
-    B, H, hd = q.shape
-    KVH = kc.shape[1]
-    g = H // KVH
-    root = np.float32(math.sqrt(hd))
+    B, H = q.shape[0], q.shape[1]
     for bh in prange(B * H):
         b, h = bh // H, bh % H
-        kv, sl, n = h // g, slots[b], pos[b] + 1
-        att = np.empty(n, np.float32)
-        mx = np.float32(-np.inf)
-        for t in range(n):
-            acc = np.float32(0.0)
-            for d in range(hd):
-                acc += q[b, h, d] * kc[sl, kv, t, d]
-            acc /= root
-            att[t] = acc
-            mx = max(mx, acc)
-        total = np.float32(0.0)
-        for t in range(n):
-            e = np.float32(math.exp(att[t] - mx))
-            att[t] = e
-            total += e
-        inv = np.float32(1.0) / total
-        o = h * hd
-        for d in range(hd):
-            out[b, o + d] = 0.0
-        for t in range(n):
-            a = att[t] * inv
-            for d in range(hd):
-                out[b, o + d] += a * vc[sl, kv, t, d]
+        _attend(q, kc, vc, b, h, slots[b], pos[b] + 1, out)
+
+
+def _layer(x, rms_att, rms_ffn, wq, sq, wk, sk, wv, sv, wo, so, w1, s1, w2, s2, w3, s3, gs,
+           kc, vc, slots, pos, cos, sin, eps, n_heads):
+    """One transformer layer for a few rows, updating the residual stream x [N, D] in place; each
+    weight is read once for all rows and no row's result depends on the others. Row r is the token
+    at position pos[r] of the sequence in cache slot slots[r] (a prompt's rows in order). kc/vc
+    [slots, KVH, seq_len, hd] are this layer's cache; cos/sin [N, hd/2] each row's rotation.
+    Matrices are (w, s, gs) as above, all of one kind. Same arithmetic as the per-operation path."""
+    N, D = x.shape
+    KV, hd = wk.shape[0], D // n_heads
+    h = rmsnorm(x, rms_att, eps)
+    q, k, v = np.empty((N, D), np.float32), np.empty((N, KV), np.float32), np.empty((N, KV), np.float32)
+    nq, four = _units(wq, gs)
+    nk, _ = _units(wk, gs)
+    for u in prange(nq + 2 * nk):  # the three projections in one parallel pass over their rows
+        for b in range(N):
+            if u < nq:
+                _unit(wq, sq, gs, four, u, h, b, q, 0, False)
+            elif u < nq + nk:
+                _unit(wk, sk, gs, four, u - nq, h, b, k, 0, False)
+            else:
+                _unit(wv, sv, gs, four, u - nq - nk, h, b, v, 0, False)
+    q3, k3, v3 = q.reshape((N, n_heads, hd)), k.reshape((N, KV // hd, hd)), v.reshape((N, KV // hd, hd))
+    rope_(q3, cos, sin)
+    rope_(k3, cos, sin)
+    for r in range(N):  # every row's key and value go in before any row attends
+        kc[slots[r], :, pos[r]] = k3[r]
+        vc[slots[r], :, pos[r]] = v3[r]
+    att = np.empty((N, D), np.float32)
+    for rh in prange(N * n_heads):
+        r = rh // n_heads
+        _attend(q3, kc, vc, r, rh % n_heads, slots[r], pos[r] + 1, att)
+    units, four = _units(wo, gs)
+    for u in prange(units):
+        for b in range(N):
+            _unit(wo, so, gs, four, u, att, b, x, 0, True)
+    h = rmsnorm(x, rms_ffn, eps)
+    H = w1.shape[0]
+    g = np.empty((N, H), np.float32)
+    units, four = _units(w1, gs)
+    for u in prange(units):  # g = silu(w1 h) * (w3 h), both matrices in one pass
+        for b in range(N):
+            if four:
+                i = 4 * u
+                a0, a1, a2, a3 = _rows4(w1, s1, gs, i, h, b)
+                c0, c1, c2, c3 = _rows4(w3, s3, gs, i, h, b)
+                g[b, i], g[b, i + 1] = _silu(a0) * c0, _silu(a1) * c1
+                g[b, i + 2], g[b, i + 3] = _silu(a2) * c2, _silu(a3) * c3
+            else:
+                g[b, u] = _silu(_row(w1, s1, gs, u, h, b)) * _row(w3, s3, gs, u, h, b)
+    units, four = _units(w2, gs)
+    for u in prange(units):
+        for b in range(N):
+            _unit(w2, s2, gs, four, u, g, b, x, 0, True)
+
+
+def _dequantize_rows(q, s, gs, rows, out):  # int8 [m, n], f32 [groups], int, int [R] -> out [R, n]
+    """Rows of a Q8_0 matrix as float32, walked in segments that each lie in one group (a row may
+    start or end inside a group), so the inner loop is a plain vectorized scale."""
+    n = q.shape[1]
+    for r in prange(len(rows)):
+        base = rows[r] * n
+        qrow, orow = q[rows[r]], out[r]
+        j = 0
+        while j < n:
+            g = (base + j) // gs
+            end = min(n, (g + 1) * gs - base)
+            scale = s[g]
+            qs, os = qrow[j:end], orow[j:end]
+            for k in range(end - j):
+                os[k] = np.float32(qs[k]) * scale
+            j = end
 
 
 def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..start+t
@@ -370,11 +515,10 @@ def rope_(x, cos, sin):  # [N, H, hd] in place, [N, hd/2], [N, hd/2]
                 x[n, h, 2 * i + 1] = x0 * s + x1 * c
 
 
-matmul_f32 = _compile(_matmul_f32)
-matmul_q8 = _compile(_matmul_q8)
-qkv_f32 = _compile(_qkv_f32)
-ffn_f32 = _compile(_ffn_f32)
+matmul = _compile(_matmul)
 attention_decode = _compile(_attention_decode)
+layer = _compile(_layer)
+dequantize_rows = _compile(_dequantize_rows)
 _causal_softmax_kernel = _compile(_causal_softmax)
 
 

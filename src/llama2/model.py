@@ -37,9 +37,16 @@ class KVCache:
         self.pos[slot] = 0
 
 
-# Up to this many rows a matrix product runs in our compiled kernels (weights read once for all
-# rows, no BLAS call overhead); above it, BLAS gemm (int8 weights are dequantized for it).
+# Up to this many rows a pass runs on our compiled kernels, one call per layer (weights read once for
+# all rows, no BLAS or Python overhead); above it, matrix products go to BLAS gemm (int8 weights are
+# dequantized for it).
 SMALL_BATCH = 8
+
+# Above SMALL_BATCH rows, an int8 matrix is dequantized into a scratch tile of at most this many
+# float32 values (16 MiB: a whole matrix of the small models) and BLAS writes each tile's columns of
+# the product in place. One tile per matrix measured fastest here: the compiled dequantization and
+# BLAS take turns on the cores, and each turn costs a hand-over.
+DEQUANT_TILE = 1 << 22
 
 
 class Dense:
@@ -48,11 +55,12 @@ class Dense:
     def __init__(self, w):
         self.w = w  # [out, in] float32
         self.shape = w.shape
+        self.kernel_args = (w, jit.NO_SCALES, 0)  # (w, s, gs) as the compiled kernels take a matrix
 
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul_f32(self.w.size * len(x), x, self.w, out)
+            jit.matmul(self.w.size * len(x), x, *self.kernel_args, out)
             return out
         return x @ self.w.T
 
@@ -66,20 +74,27 @@ class Q8:
     def __init__(self, qt: QuantizedTensor):
         self.q, self.s, self.gs = qt.q, qt.s, qt.group_size
         self.shape = qt.q.shape
+        self.kernel_args = (self.q, self.s, self.gs)
 
     def __call__(self, x):  # [N, in] -> [N, out]
         if len(x) <= SMALL_BATCH:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul_q8(self.q.size * len(x), x, self.q, self.s, self.gs, out)
+            jit.matmul(self.q.size * len(x), x, *self.kernel_args, out)
             return out
-        return x @ self.dense().T
-
-    def dense(self):  # -> [out, in] float32
-        return QuantizedTensor(self.q, self.s, self.gs).dequantize()
+        m, n = self.shape
+        step = max(4, DEQUANT_TILE // n)
+        tile = np.empty((min(step, m), n), np.float32)
+        out = np.empty((len(x), m), np.float32)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            jit.dequantize_rows(tile.size, self.q, self.s, self.gs, np.arange(r0, r1), tile)
+            np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])  # BLAS writes the column block in place
+        return out
 
     def rows(self, ids):  # [R] -> [R, in]
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        jit.dequantize_rows(self.q, self.s, self.gs, np.asarray(ids, np.int64), out)
+        ids = np.asarray(ids, np.int64)
+        jit.dequantize_rows(out.size, self.q, self.s, self.gs, ids, out)
         return out
 
 
@@ -108,24 +123,22 @@ class Layer:
     w3: object  # [H, D]
 
     def qkv(self, h):  # [N, D] -> q [N, D], k [N, KV], v [N, KV]
-        wq, wk, wv = self.wq, self.wk, self.wv
-        N = len(h)
-        if N > SMALL_BATCH or not (type(wq) is type(wk) is type(wv) is Dense):
-            return wq(h), wk(h), wv(h)  # int8: separate kernels measured faster than a fused one
-        q, k, v = _empty(N, wq.shape[0]), _empty(N, wk.shape[0]), _empty(N, wv.shape[0])
-        work = N * h.shape[1] * (q.shape[1] + 2 * k.shape[1])
-        jit.qkv_f32(work, h, wq.w, wk.w, wv.w, q, k, v)
-        return q, k, v
+        return self.wq(h), self.wk(h), self.wv(h)
 
     def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
-        w1, w3 = self.w1, self.w3
-        N = len(h)
-        if N > SMALL_BATCH or not (type(w1) is type(w3) is Dense):
-            return self.w2(K.silu_mul(w1(h), w3(h)))
-        g = _empty(N, w1.shape[0])
-        work = 2 * N * h.shape[1] * g.shape[1]
-        jit.ffn_f32(work, h, w1.w, w3.w, g)
-        return self.w2(g)
+        return self.w2(K.silu_mul(self.w1(h), self.w3(h)))
+
+    def kernel_args(self):
+        """This layer's weights as `jit.layer` takes them, or None when its matrices are not all of
+        one kind (float32, or int8 with one group size)."""
+        mats = [self.wq, self.wk, self.wv, self.wo, self.w1, self.w2, self.w3]
+        if len({(type(m), m.kernel_args[2]) for m in mats}) != 1:
+            return None
+        pairs = [a for m in mats for a in m.kernel_args[:2]]
+        return (self.rms_att, self.rms_ffn, *pairs, mats[0].kernel_args[2])
+
+    def size(self) -> int:  # multiply-adds per row
+        return sum(int(np.prod(m.shape)) for m in (self.wq, self.wk, self.wv, self.wo, self.w1, self.w2, self.w3))
 
 
 class Transformer:
@@ -150,6 +163,8 @@ class Transformer:
         self.rms_final = w["rms_final"]  # [D]
         self.classifier = self.embedding if c.shared_classifier else _matrix(w["wcls"], gs)  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
+        self.layer_args = [layer.kernel_args() for layer in self.layers]
+        self.compiled_layers = all(a is not None for a in self.layer_args)
 
     def new_cache(self, slots: int = 1) -> KVCache:
         return KVCache.create(self.config, slots)
@@ -185,13 +200,19 @@ class Transformer:
         N = len(tokens)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
+        x = self.embedding.rows(tokens)  # [N, D]
+        if N <= SMALL_BATCH and self.compiled_layers:  # one compiled call per layer
+            row_slots = np.concatenate([np.full(T, slot, np.int64) for slot, _, _, T in spans])
+            for l, layer in enumerate(self.layers):
+                jit.layer(N * layer.size(), x, *self.layer_args[l], cache.k[l], cache.v[l], row_slots,
+                          positions, cos, sin, c.norm_eps, c.n_heads)
+            return self._finish(x, spans, cache, all_logits)
         decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
         dec_rows = np.array([spans[i][2] for i in decode], np.int64)
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
         dec_pos = np.array([spans[i][1] for i in decode], np.int64)
         prefill = [span for span in spans if span[3] > 1]
         work = 2 * c.dim * int(dec_pos.sum() + len(decode))  # attention multiply-adds of decode rows
-        x = self.embedding.rows(tokens)  # [N, D]
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
             h = jit.rmsnorm(x, layer.rms_att, c.norm_eps)
@@ -219,8 +240,11 @@ class Transformer:
             x = x + layer.wo(att)
             h = jit.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
+        return self._finish(x, spans, cache, all_logits)
+
+    def _finish(self, x, spans, cache, all_logits):  # the final norm and classifier; advance the slots
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
         if not all_logits:
             x = x[[r + T - 1 for _, _, r, T in spans]]
-        return self.classifier(jit.rmsnorm(x, self.rms_final, c.norm_eps))
+        return self.classifier(jit.rmsnorm(x, self.rms_final, self.config.norm_eps))
