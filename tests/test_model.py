@@ -163,3 +163,38 @@ def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
     np.testing.assert_allclose(M.Q8(qt)(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-5)
     ids = [36, 0, 5]
     np.testing.assert_array_equal(M.Q8(qt).rows(ids), qt.dequantize()[ids])
+
+
+@pytest.mark.parametrize("m, n, group_size", [(12, 64, 32), (37, 30, 8)])  # whole groups; straddling
+def test_int8_dequantized_the_same_with_or_without_compiled_kernels(monkeypatch, m, n, group_size):
+    # A prompt dequantizes with numpy until the compiled kernels load: the values must not change.
+    from llama2 import model as M
+    from llama2.checkpoint import quantize_q80
+    w = M.Q8(quantize_q80(np.random.default_rng(7).standard_normal((m, n)).astype(np.float32), group_size))
+    ids = np.array([m - 1, 0, 3, 3])
+    compiled = w.rows(ids)
+    monkeypatch.setattr(M, "_jit_loaded", lambda: False)
+    np.testing.assert_array_equal(w.rows(ids), compiled)
+
+
+def test_a_prompt_needs_no_compiled_kernels(tmp_path):
+    # The first token of a cold process comes from numpy and BLAS; numba loads with the first decode.
+    import subprocess
+    import sys
+    path = tmp_path / "m.bin"
+    checkpoint.write(path, TINY, random_weights(TINY), version=1)
+    code = (f"import sys; from llama2 import checkpoint; from llama2.model import Transformer;"
+            f"m = Transformer(checkpoint.load({str(path)!r})); c = m.new_cache();"
+            f"m.forward([1, 5, 9], c); print('numba' in sys.modules, end=' ');"
+            f"m.forward([3], c); print('numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]
+
+
+def test_warm_up_leaves_results_unchanged():
+    w, model = make(TINY)
+    cache = model.new_cache()
+    before = model.forward([1, 2, 3], cache)
+    model.warm_up()
+    cache.reset()
+    np.testing.assert_array_equal(model.forward([1, 2, 3], cache), before)

@@ -2,6 +2,7 @@
 cancellation, shutdown; stop strings; the chat dialog encoder."""
 
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -127,9 +128,16 @@ def test_cancel_running_and_stop(llama):
     events, err = collect(second)
     assert err is None and events[-1].finish_reason in ("length", "stop")
     third = queue.Queue()
-    sched.submit(params(llama, "Tom", 400, temperature=0), third.put)
+
+    def held(event):  # the scheduler thread stays in this callback until stop() has begun
+        third.put(event)
+        deadline = time.monotonic() + TIMEOUT_S
+        while not sched._stop and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    sched.submit(params(llama, "Tom", 400, temperature=0), held)
     third.get(timeout=TIMEOUT_S)
-    sched.stop(TIMEOUT_S)
+    sched.stop(TIMEOUT_S)  # however fast the engine, the request is still running here
     events, err = collect(third)
     assert isinstance(err, Cancelled)
     assert sched.load() == (0, 0)
@@ -190,6 +198,9 @@ def test_a_failing_pass_fails_its_requests_only(llama):
 
         def new_cache(self, slots):
             return llama.model.new_cache(slots)
+
+        def warm_up(self):
+            llama.model.warm_up()
 
         def forward_batch(self, segments, cache):
             if self.fail and len(segments[0][1]) == 1:  # fail at the first decode step

@@ -1,9 +1,10 @@
 """Compiled kernels (numba) for the few rows of a decode step, where numpy's per-call overhead and
-single-row BLAS calls would dominate. Shapes are written beside each kernel.
+single-row BLAS calls would dominate. Shapes are written beside each kernel. Imported on first use
+(see `threads`): prompts run on numpy and BLAS alone.
 
 Reductions may be reassociated (fastmath 'reassoc'/'contract': SIMD sums and fused multiply-adds),
 as run.c compiled with -Ofast does; no approximate math functions are allowed. Every kernel is
-parallel over output rows (or heads), so `set_threads` applies to all of them.
+parallel over output rows (or heads), so `threads.set_threads` applies to all of them.
 """
 
 import math
@@ -22,6 +23,8 @@ from llvmlite import ir  # noqa: E402
 from numba import get_num_threads, njit, prange, set_num_threads, types as nbtypes  # noqa: E402
 from numba.core import cgutils  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
+
+from .threads import threads  # noqa: E402
 
 FASTMATH = {"reassoc", "contract", "nsz"}
 
@@ -52,34 +55,11 @@ def _compile(fn):
     return run
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def set_threads(n: int = None):
-    """Use `n` threads (default: the cores this process may run on) in our kernels and in BLAS."""
-    n = n or available_cores()
-    set_num_threads(min(n, _max_threads()))
-    try:
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(n)
-    except ImportError:  # BLAS keeps its own default
-        pass
-    return n
-
-
-def _max_threads() -> int:
+def apply_threads(n: int):
+    """Run the parallel kernels on `n` threads (at most numba's pool) in the calling thread."""
     from numba import config
 
-    return config.NUMBA_NUM_THREADS
-
-
-def threads() -> int:
-    return get_num_threads()
+    set_num_threads(max(1, min(n, config.NUMBA_NUM_THREADS)))
 
 
 @njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -466,28 +446,6 @@ def _dequantize_rows(q, s, gs, rows, out):  # int8 [m, n], f32 [groups], int, in
             j = end
 
 
-def _causal_softmax(scores, start):  # [R, T, S] in place; query t sees keys 0..start+t
-    """Scores to probabilities, row by row, over each query's causal window; keys past the window
-    get probability 0."""
-    R, T, S = scores.shape
-    for rt in prange(R * T):
-        r, t = rt // T, rt % T
-        n = min(start + t + 1, S)
-        mx = np.float32(-np.inf)
-        for j in range(n):
-            mx = max(mx, scores[r, t, j])
-        total = np.float32(0.0)
-        for j in range(n):
-            e = np.float32(math.exp(scores[r, t, j] - mx))
-            scores[r, t, j] = e
-            total += e
-        inv = np.float32(1.0) / total
-        for j in range(n):
-            scores[r, t, j] *= inv
-        for j in range(n, S):
-            scores[r, t, j] = np.float32(0.0)
-
-
 @njit(fastmath=FASTMATH, cache=True)
 def rmsnorm(x, weight, eps):  # [N, D], [D], float -> [N, D] (kernels.rmsnorm, compiled)
     N, D = x.shape
@@ -519,10 +477,6 @@ matmul = _compile(_matmul)
 attention_decode = _compile(_attention_decode)
 layer = _compile(_layer)
 dequantize_rows = _compile(_dequantize_rows)
-_causal_softmax_kernel = _compile(_causal_softmax)
 
 
-def causal_softmax(scores, start):  # [R, T, S] in place
-    R, T, S = scores.shape
-    _causal_softmax_kernel(R * T * S, scores, start)
-
+apply_threads(threads())  # the setting made before numba loaded

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import hub, jit
+from . import hub
+from .threads import set_threads
 from .config import DEFAULT_TOKENIZER, GENERATION
 from .errors import FormatError
 from .generate import Event, generate
@@ -43,7 +44,7 @@ class Llama:
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
         `quantize="q8_0"` runs float weights as int8; `threads` (default: all cores) applies to
         every kernel, BLAS included."""
-        jit.set_threads(threads)
+        set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
         vocab = ckpt.config.vocab_size

@@ -1,19 +1,38 @@
 """The Llama 2 transformer forward pass in numpy float32, over an explicit KV cache.
 
 Weights come from a `Checkpoint` (any source the loader reads) and are used in place: float32 views
-of the memory-mapped file, or int8 with group scales. A prompt runs as one [T, dim] block through
-BLAS (batched prefill); a decode step (a few rows) runs on compiled kernels that read each weight
-once for all rows. Reference: llama2.c run.c `forward`.
+of the memory-mapped file, or int8 with group scales. A pass that holds a prompt runs as one
+[T, dim] block through numpy and BLAS (batched prefill); a decode step (one token for each of up to
+SMALL_BATCH sequences) runs on compiled kernels, one call per layer, that read each weight once for
+all rows. The compiled kernels (numba) load with the first decode step, so a cold process computes
+its first token without paying numba's start-up. Which path a pass takes depends only on its shape,
+never on what has loaded, so results are reproducible. Reference: llama2.c run.c `forward`.
 """
+
+import sys
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import jit, kernels as K
+from . import kernels as K
 from .checkpoint import LAYER_MATRICES, Checkpoint, QuantizedTensor, quantize_q80
 from .config import Q8_GROUP_SIZE, ModelConfig
 from .errors import Llama2Error
+
+
+def _jit():
+    """The compiled kernels, imported on first use: numba takes about 0.4 s to import and start."""
+    from . import jit
+
+    return jit
+
+
+def _jit_loaded() -> bool:
+    return __package__ + ".jit" in sys.modules
+
+
+NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the compiled kernels
 
 
 @dataclass
@@ -37,9 +56,9 @@ class KVCache:
         self.pos[slot] = 0
 
 
-# Up to this many rows a pass runs on our compiled kernels, one call per layer (weights read once for
-# all rows, no BLAS or Python overhead); above it, matrix products go to BLAS gemm (int8 weights are
-# dequantized for it).
+# Up to this many decode rows a pass runs on our compiled kernels, one call per layer (weights read
+# once for all rows, no BLAS or Python overhead); more rows, or any prompt, go to BLAS gemm (int8
+# weights dequantized for it).
 SMALL_BATCH = 8
 
 # Above SMALL_BATCH rows, an int8 matrix is dequantized into a scratch tile of at most this many
@@ -55,14 +74,13 @@ class Dense:
     def __init__(self, w):
         self.w = w  # [out, in] float32
         self.shape = w.shape
-        self.kernel_args = (w, jit.NO_SCALES, 0)  # (w, s, gs) as the compiled kernels take a matrix
+        self.kernel_args = (w, NO_SCALES, 0)  # (w, s, gs) as the compiled kernels take a matrix
 
-    def __call__(self, x):  # [N, in] -> [N, out]
-        if len(x) <= SMALL_BATCH:
-            out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul(self.w.size * len(x), x, *self.kernel_args, out)
-            return out
+    def __call__(self, x):  # [N, in] -> [N, out] (BLAS)
         return x @ self.w.T
+
+    def small(self, x):  # [N <= SMALL_BATCH, in] -> [N, out] (compiled)
+        return _small_product(self, x)
 
     def rows(self, ids):  # [R] -> [R, in]
         return np.asarray(self.w[ids], dtype=np.float32)
@@ -76,26 +94,46 @@ class Q8:
         self.shape = qt.q.shape
         self.kernel_args = (self.q, self.s, self.gs)
 
-    def __call__(self, x):  # [N, in] -> [N, out]
-        if len(x) <= SMALL_BATCH:
-            out = np.empty((len(x), self.shape[0]), np.float32)
-            jit.matmul(self.q.size * len(x), x, *self.kernel_args, out)
-            return out
+    def __call__(self, x):  # [N, in] -> [N, out] (dequantized tiles, BLAS)
         m, n = self.shape
         step = max(4, DEQUANT_TILE // n)
         tile = np.empty((min(step, m), n), np.float32)
         out = np.empty((len(x), m), np.float32)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            jit.dequantize_rows(tile.size, self.q, self.s, self.gs, np.arange(r0, r1), tile)
+            self._dequantize(np.arange(r0, r1), tile)
             np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])  # BLAS writes the column block in place
         return out
 
+    def small(self, x):  # [N <= SMALL_BATCH, in] -> [N, out] (compiled, int8 in place)
+        return _small_product(self, x)
+
     def rows(self, ids):  # [R] -> [R, in]
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        ids = np.asarray(ids, np.int64)
-        jit.dequantize_rows(out.size, self.q, self.s, self.gs, ids, out)
+        self._dequantize(np.asarray(ids, np.int64), out)
         return out
+
+    def _dequantize(self, rows, out):  # [R] -> out[:R] float32
+        """Compiled when the kernels have loaded, else numpy: both compute each value as one float32
+        product q * scale, so the results are identical either way."""
+        m, n = self.shape
+        if _jit_loaded():
+            _jit().dequantize_rows(len(rows) * n, self.q, self.s, self.gs, rows, out)
+        elif n % self.gs == 0:  # whole groups per row
+            groups = n // self.gs
+            q = self.q[rows].reshape(len(rows), groups, self.gs)
+            s = self.s.reshape(m, groups)[rows][:, :, None]
+            np.multiply(q, s, out=out[:len(rows)].reshape(len(rows), groups, self.gs))
+        else:  # rows straddle groups: the scale of every value
+            for i, r in enumerate(rows):
+                a = int(r) * n
+                np.multiply(self.q[r], self.s[np.arange(a, a + n) // self.gs], out=out[i])
+
+
+def _small_product(matrix, x):  # Dense or Q8, [N, in] -> [N, out] on the compiled kernel
+    out = np.empty((len(x), matrix.shape[0]), np.float32)
+    _jit().matmul(matrix.shape[0] * matrix.shape[1] * len(x), x, *matrix.kernel_args, out)
+    return out
 
 
 def _matrix(w, quantize_group: int):
@@ -104,10 +142,6 @@ def _matrix(w, quantize_group: int):
     if quantize_group:
         return Q8(quantize_q80(w, quantize_group))
     return Dense(w)
-
-
-def _empty(rows, cols):
-    return np.empty((rows, cols), np.float32)
 
 
 @dataclass
@@ -163,7 +197,7 @@ class Transformer:
         self.rms_final = w["rms_final"]  # [D]
         self.classifier = self.embedding if c.shared_classifier else _matrix(w["wcls"], gs)  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
-        self.layer_args = [layer.kernel_args() for layer in self.layers]
+        self.layer_args = [layer.kernel_args() for layer in self.layers]  # for jit.layer
         self.compiled_layers = all(a is not None for a in self.layer_args)
 
     def new_cache(self, slots: int = 1) -> KVCache:
@@ -201,50 +235,53 @@ class Transformer:
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
         x = self.embedding.rows(tokens)  # [N, D]
-        if N <= SMALL_BATCH and self.compiled_layers:  # one compiled call per layer
-            row_slots = np.concatenate([np.full(T, slot, np.int64) for slot, _, _, T in spans])
+        prefill = [span for span in spans if span[3] > 1]
+        if not prefill and N <= SMALL_BATCH and self.compiled_layers:  # one compiled call per layer
+            jit = _jit()
+            slots = np.array([slot for slot, _, _, _ in spans], np.int64)
             for l, layer in enumerate(self.layers):
-                jit.layer(N * layer.size(), x, *self.layer_args[l], cache.k[l], cache.v[l], row_slots,
+                jit.layer(N * layer.size(), x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
                           positions, cos, sin, c.norm_eps, c.n_heads)
-            return self._finish(x, spans, cache, all_logits)
+            logits = self.classifier.small(jit.rmsnorm(x, self.rms_final, c.norm_eps))
+            return self._advance(spans, cache, logits)
         decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
         dec_rows = np.array([spans[i][2] for i in decode], np.int64)
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
         dec_pos = np.array([spans[i][1] for i in decode], np.int64)
-        prefill = [span for span in spans if span[3] > 1]
         work = 2 * c.dim * int(dec_pos.sum() + len(decode))  # attention multiply-adds of decode rows
         att = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
-            h = jit.rmsnorm(x, layer.rms_att, c.norm_eps)
+            h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
-            q, k, v = (q.reshape(N, c.n_heads, hd), k.reshape(N, c.n_kv_heads, hd),
-                       v.reshape(N, c.n_kv_heads, hd))
-            jit.rope_(q, cos, sin)
-            jit.rope_(k, cos, sin)
+            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin)
+            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin)
+            v = v.reshape(N, c.n_kv_heads, hd)
             kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
-            if not prefill:  # a decode step: one row per sequence, no per-sequence Python loop
-                kc[dec_slots, :, dec_pos] = k
-                vc[dec_slots, :, dec_pos] = v
-                jit.attention_decode(work, q, kc, vc, dec_slots, dec_pos, att)
-            else:
-                for slot, st, r, T in spans:
-                    kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
-                    vc[slot, :, st:st + T] = v[r:r + T].transpose(1, 0, 2)
-                for slot, st, r, T in prefill:
-                    att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
-                if decode:
-                    out = np.empty((len(decode), D), np.float32)
-                    jit.attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots,
-                                         dec_pos, out)
-                    att[dec_rows] = out
+            for slot, st, r, T in spans:
+                kc[slot, :, st:st + T] = k[r:r + T].transpose(1, 0, 2)
+                vc[slot, :, st:st + T] = v[r:r + T].transpose(1, 0, 2)
+            for slot, st, r, T in prefill:
+                att[r:r + T] = K.attention(q[r:r + T], kc[slot, :, :st + T], vc[slot, :, :st + T], st)
+            if decode:  # many decode rows, or decode rows riding along with a prompt
+                out = np.empty((len(decode), D), np.float32)
+                _jit().attention_decode(work, np.ascontiguousarray(q[dec_rows]), kc, vc, dec_slots,
+                                        dec_pos, out)
+                att[dec_rows] = out
             x = x + layer.wo(att)
-            h = jit.rmsnorm(x, layer.rms_ffn, c.norm_eps)
+            h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
-        return self._finish(x, spans, cache, all_logits)
-
-    def _finish(self, x, spans, cache, all_logits):  # the final norm and classifier; advance the slots
-        for slot, st, _, T in spans:
-            cache.pos[slot] = st + T
         if not all_logits:
             x = x[[r + T - 1 for _, _, r, T in spans]]
-        return self.classifier(jit.rmsnorm(x, self.rms_final, self.config.norm_eps))
+        return self._advance(spans, cache, self.classifier(K.rmsnorm(x, self.rms_final, c.norm_eps)))
+
+    @staticmethod
+    def _advance(spans, cache, logits):
+        for slot, st, _, T in spans:
+            cache.pos[slot] = st + T
+        return logits
+
+    def warm_up(self):
+        """Load the compiled kernels now (about 0.4 s in a fresh process, more on the very first run,
+        which compiles them) with one decode step on a scratch cache, instead of on the first real
+        decode step. A server calls this before it takes requests."""
+        self.forward([0], KVCache.create(self.config, 1, seq_len=1))

@@ -5,9 +5,10 @@ shared assets are there, are written once as llama2.c files (fp32 version 1, int
 groups of 32) and as GGUF (F32, Q8_0: blocks of 32) for llama.cpp. Every measurement runs in a fresh
 child process (so neither engine's thread pools or memory disturb the other), ours and the peer's
 interleaved, repeated, and the median kept. A child loads the model, runs a short prompt and one
-greedy token (time to first token, from the child's spawn), decodes 256 greedy tokens (decode tok/s),
-runs a 128- and a 512-token prompt twice each, timing the second (prefill tok/s), and reports its
-peak RSS. Before timing, llama.cpp's greedy ids on the F32 GGUF must equal ours.
+greedy token (time to first token, from the child's spawn), takes one decode step untimed (ours loads
+its compiled kernels there; the step's time is reported beside the table), decodes 256 greedy tokens
+(decode tok/s), runs a 128- and a 512-token prompt twice each, timing the second (prefill tok/s),
+and reports its peak RSS. Before timing, llama.cpp's greedy ids on the F32 GGUF must equal ours.
 """
 
 import json
@@ -108,10 +109,14 @@ def _measure(vocab, spawned, start, step, prefill):
     ttft = time.time() - spawned
     ids = [token]
     begin = time.perf_counter()
-    for _ in range(DECODE_TOKENS - 1):
+    token = step(token)  # the first decode step, timed apart
+    ids.append(token)
+    first_step = time.perf_counter() - begin
+    begin = time.perf_counter()
+    for _ in range(DECODE_TOKENS):
         token = step(token)
         ids.append(token)
-    decode = (DECODE_TOKENS - 1) / (time.perf_counter() - begin)
+    decode = DECODE_TOKENS / (time.perf_counter() - begin)
     rates = {}
     for n in (128, 512):
         prompt = _prompt(n, vocab, seed=n)
@@ -120,15 +125,15 @@ def _measure(vocab, spawned, start, step, prefill):
             prefill(prompt)
             took = time.perf_counter() - begin
         rates[n] = n / took
-    return ttft, decode, rates, ids
+    return ttft, first_step, decode, rates, ids
 
 
 def child_ours(path, threads, spawned):
-    from .. import jit
+    from ..threads import set_threads
     from ..loader import load_checkpoint
     from ..model import Transformer
 
-    jit.set_threads(threads)
+    set_threads(threads)
     model = Transformer(load_checkpoint(path))
     cache = model.new_cache()
 
@@ -190,11 +195,12 @@ def peak_rss_mb() -> float:
 def child_main(argv):
     impl, path, threads, spawned = argv[0], argv[1], int(argv[2]), float(argv[3])
     if impl == "ours":
-        ttft, decode, prefill, ids = child_ours(path, threads, spawned)
+        ttft, first_step, decode, prefill, ids = child_ours(path, threads, spawned)
     else:
-        ttft, decode, prefill, ids = child_llama_cpp(path, threads, spawned, extra_bufts=impl == "llama_cpp")
+        ttft, first_step, decode, prefill, ids = child_llama_cpp(path, threads, spawned,
+                                                                 extra_bufts=impl == "llama_cpp")
     rss_mb = peak_rss_mb()
-    print(json.dumps({"ttft": ttft, "decode": decode, "prefill128": prefill[128],
+    print(json.dumps({"ttft": ttft, "first_step": first_step, "decode": decode, "prefill128": prefill[128],
                       "prefill512": prefill[512], "rss": rss_mb, "ids": ids}))
     return 0
 
@@ -220,7 +226,7 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    from ..jit import available_cores
+    from ..threads import available_cores
 
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return {"cpu": cpu, "cores": available_cores(), "memory_gib": round(mem, 1),
@@ -288,7 +294,10 @@ def run_bench(shapes, threads_list, weights_list, reps, with_peer, directory, as
                     rows.append({"model": shape, "metric": metric, "weights": weights, "threads": threads,
                                  "ours": round(ours, 4), "peer": None if peer is None else round(peer, 4),
                                  "ratio": None if peer is None else round(ratio(metric, ours, peer), 3)})
-                log(_row_line(rows[-len(METRICS):]))
+                first = [statistics.median(s["first_step"] for s in samples[who])
+                         for who in ("ours", "peer") if samples[who]]
+                log(_row_line(rows[-len(METRICS):]) + ", first decode step "
+                    + " vs ".join(f"{t:.3g}" for t in first) + " s")
     return rows
 
 

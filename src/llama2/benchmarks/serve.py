@@ -193,7 +193,7 @@ def run(args, io) -> int:
     if not Path(args.model).is_file():
         raise Llama2Error(f"{args.model}: no such model file")
     if args.threads is None:  # the same for both servers (llama-cpp-python would take half the cores)
-        from ..jit import available_cores
+        from ..threads import available_cores
         args.threads = available_cores()
     servers = [("llama2 serve", lambda port: _ours(args, levels[-1], port))]
     gguf = args.gguf or str(Path(args.model).with_suffix(".gguf"))

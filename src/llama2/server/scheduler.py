@@ -14,7 +14,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from .. import jit
+from .. import threads
 from ..generate import Event
 from ..model import SMALL_BATCH
 from ..sampler import Sampler
@@ -152,7 +152,7 @@ class Scheduler:
         self.invariant = invariant
         self.decode_group = SMALL_BATCH  # rows the engine's decode kernels take in one call
         self.cache = model.new_cache(slots=max_batch)
-        self.threads = jit.threads()  # numba's thread count is per thread: carry the caller's over
+        self.threads = threads.threads()  # numba's thread count is per thread: carry the caller's over
         self._cond = threading.Condition()
         self._waiting = deque()
         self._active = {}  # slot -> _Sequence
@@ -212,7 +212,8 @@ class Scheduler:
     # -- the scheduler thread -----------------------------------------------------------------
 
     def _run(self):
-        jit.set_threads(self.threads)
+        threads.set_threads(self.threads)
+        self.model.warm_up()  # load the compiled kernels before the first request's decode step
         while True:
             with self._cond:
                 self._retire_cancelled()
