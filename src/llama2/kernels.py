@@ -54,15 +54,16 @@ def attention(q, k, v, start):  # [T, H, hd], [KVH, S, hd], [KVH, S, hd], int ->
 
 def causal_softmax(scores, start, root=F32(1.0)):  # [R, T, S] in place; query t sees keys 0..start+t
     """Scores divided by `root`, then probabilities over each query's causal window; later keys get
-    probability 0."""
+    probability 0. Queries go in blocks: a block's scores stay in cache across the passes, keys past
+    its last query are never touched, and only the block's diagonal needs masking."""
     R, T, S = scores.shape
     for t0 in range(0, T, SOFTMAX_BLOCK):
         t1 = min(T, t0 + SOFTMAX_BLOCK)
         keys = min(S, start + t1)  # no query of this block sees past this key
         part = scores[:, t0:t1, :keys]  # [R, b, keys]
-        hidden = np.arange(keys)[None, :] > (start + np.arange(t0, t1))[:, None]  # [b, keys]
         part /= root
-        np.copyto(part, F32(-np.inf), where=hidden)
+        diag = part[:, :, start + t0:]  # [R, b, b]: query t0+i sees the first i+1 of these keys
+        np.copyto(diag, F32(-np.inf), where=np.triu(np.ones((t1 - t0, keys - start - t0), bool), 1))
         part -= part.max(axis=-1, keepdims=True)
         np.exp(part, out=part)
         part /= part.sum(axis=-1, keepdims=True)

@@ -198,6 +198,7 @@ class Transformer:
         self.classifier = self.embedding if c.shared_classifier else _matrix(w["wcls"], gs)  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
         self.layer_args = [layer.kernel_args() for layer in self.layers]  # for jit.layer
+        self.layer_size = [layer.size() for layer in self.layers]
         self.compiled_layers = all(a is not None for a in self.layer_args)
 
     def new_cache(self, slots: int = 1) -> KVCache:
@@ -240,7 +241,7 @@ class Transformer:
             jit = _jit()
             slots = np.array([slot for slot, _, _, _ in spans], np.int64)
             for l, layer in enumerate(self.layers):
-                jit.layer(N * layer.size(), x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
+                jit.layer(N * self.layer_size[l], x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
                           positions, cos, sin, c.norm_eps, c.n_heads)
             logits = self.classifier.small(jit.rmsnorm(x, self.rms_final, c.norm_eps))
             return self._advance(spans, cache, logits)
