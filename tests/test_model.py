@@ -165,16 +165,20 @@ def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
     np.testing.assert_array_equal(M.Q8(qt).rows(ids), qt.dequantize()[ids])
 
 
-@pytest.mark.parametrize("m, n, group_size", [(12, 64, 32), (37, 30, 8)])  # whole groups; straddling
-def test_int8_dequantized_the_same_with_or_without_compiled_kernels(monkeypatch, m, n, group_size):
-    # A prompt dequantizes with numpy until the compiled kernels load: the values must not change.
-    from llama2 import model as M
-    from llama2.checkpoint import quantize_q80
-    w = M.Q8(quantize_q80(np.random.default_rng(7).standard_normal((m, n)).astype(np.float32), group_size))
-    ids = np.array([m - 1, 0, 3, 3])
-    compiled = w.rows(ids)
-    monkeypatch.setattr(M, "_jit_loaded", lambda: False)
-    np.testing.assert_array_equal(w.rows(ids), compiled)
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
+def test_prompt_paths_agree_with_decoding_token_by_token(quantize):
+    # A float prompt runs on numpy and BLAS, an int8 prompt of up to SMALL_BATCH tokens on the
+    # compiled layers, longer prompts on BLAS: all must equal feeding the tokens one at a time.
+    from llama2.model import SMALL_BATCH
+    w = random_weights(TINY, 3)
+    model = Transformer(checkpoint.Checkpoint(TINY, w, 1, "<memory>"), quantize=quantize)
+    tokens = list(np.random.default_rng(8).integers(0, TINY.vocab_size, SMALL_BATCH + 4))
+    one = model.new_cache()
+    steps = np.concatenate([model.forward([t], one) for t in tokens])
+    for n in (3, SMALL_BATCH, SMALL_BATCH + 4):
+        cache = model.new_cache()
+        np.testing.assert_allclose(model.forward(tokens[:n], cache, all_logits=True), steps[:n],
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_a_prompt_needs_no_compiled_kernels(tmp_path):

@@ -240,7 +240,10 @@ def _map(path):
         with open(path, "rb") as f:
             if f.seek(0, 2) == 0:
                 raise FormatError(f"{path}: file is empty")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(mm, "madvise"):  # start reading the file in now; the first forward needs all of it
+                mm.madvise(mmap.MADV_WILLNEED)
+            return mm
     except FileNotFoundError:
         raise FormatError(f"{path}: no such file") from None
     except IsADirectoryError:

@@ -1,15 +1,16 @@
 """The Llama 2 transformer forward pass in numpy float32, over an explicit KV cache.
 
 Weights come from a `Checkpoint` (any source the loader reads) and are used in place: float32 views
-of the memory-mapped file, or int8 with group scales. A pass that holds a prompt runs as one
-[T, dim] block through numpy and BLAS (batched prefill); a decode step (one token for each of up to
-SMALL_BATCH sequences) runs on compiled kernels, one call per layer, that read each weight once for
-all rows. The compiled kernels (numba) load with the first decode step, so a cold process computes
-its first token without paying numba's start-up. Which path a pass takes depends only on its shape,
-never on what has loaded, so results are reproducible. Reference: llama2.c run.c `forward`.
+of the memory-mapped file, or int8 with group scales. A pass of up to SMALL_BATCH rows runs on
+compiled kernels, one call per layer, that read each weight once for all rows; a longer prompt runs
+as one [T, dim] block through BLAS (batched prefill). Float weights make one exception: a prompt
+always runs on numpy and BLAS, so a cold process computes its first token without numba, whose
+import and start take about 0.4 s; the kernels load with the first decode step. (int8 has no numpy
+product that avoids dequantizing every weight, so int8 prompts of up to SMALL_BATCH rows stay
+compiled.) Which path a pass takes depends only on its shape and the weights' type, never on what
+has loaded, so results are reproducible. Reference: llama2.c run.c `forward`.
 """
 
-import sys
 
 from dataclasses import dataclass, field
 
@@ -26,10 +27,6 @@ def _jit():
     from . import jit
 
     return jit
-
-
-def _jit_loaded() -> bool:
-    return __package__ + ".jit" in sys.modules
 
 
 NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the compiled kernels
@@ -94,7 +91,9 @@ class Q8:
         self.shape = qt.q.shape
         self.kernel_args = (self.q, self.s, self.gs)
 
-    def __call__(self, x):  # [N, in] -> [N, out] (dequantized tiles, BLAS)
+    def __call__(self, x):  # [N, in] -> [N, out]: compiled up to SMALL_BATCH rows, else tiles + BLAS
+        if len(x) <= SMALL_BATCH:  # int8 has no numpy product that avoids dequantizing every weight
+            return self.small(x)
         m, n = self.shape
         step = max(4, DEQUANT_TILE // n)
         tile = np.empty((min(step, m), n), np.float32)
@@ -114,20 +113,7 @@ class Q8:
         return out
 
     def _dequantize(self, rows, out):  # [R] -> out[:R] float32
-        """Compiled when the kernels have loaded, else numpy: both compute each value as one float32
-        product q * scale, so the results are identical either way."""
-        m, n = self.shape
-        if _jit_loaded():
-            _jit().dequantize_rows(len(rows) * n, self.q, self.s, self.gs, rows, out)
-        elif n % self.gs == 0:  # whole groups per row
-            groups = n // self.gs
-            q = self.q[rows].reshape(len(rows), groups, self.gs)
-            s = self.s.reshape(m, groups)[rows][:, :, None]
-            np.multiply(q, s, out=out[:len(rows)].reshape(len(rows), groups, self.gs))
-        else:  # rows straddle groups: the scale of every value
-            for i, r in enumerate(rows):
-                a = int(r) * n
-                np.multiply(self.q[r], self.s[np.arange(a, a + n) // self.gs], out=out[i])
+        _jit().dequantize_rows(len(rows) * self.shape[1], self.q, self.s, self.gs, rows, out)
 
 
 def _small_product(matrix, x):  # Dense or Q8, [N, in] -> [N, out] on the compiled kernel
@@ -200,6 +186,7 @@ class Transformer:
         self.layer_args = [layer.kernel_args() for layer in self.layers]  # for jit.layer
         self.layer_size = [layer.size() for layer in self.layers]
         self.compiled_layers = all(a is not None for a in self.layer_args)
+        self.quantized = all(isinstance(layer.wq, Q8) for layer in self.layers)
 
     def new_cache(self, slots: int = 1) -> KVCache:
         return KVCache.create(self.config, slots)
@@ -237,9 +224,10 @@ class Transformer:
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
         x = self.embedding.rows(tokens)  # [N, D]
         prefill = [span for span in spans if span[3] > 1]
-        if not prefill and N <= SMALL_BATCH and self.compiled_layers:  # one compiled call per layer
+        if N <= SMALL_BATCH and self.compiled_layers and (self.quantized or not prefill):
+            # one compiled call per layer (a float prompt stays on numpy: see the module's docstring)
             jit = _jit()
-            slots = np.array([slot for slot, _, _, _ in spans], np.int64)
+            slots = np.concatenate([np.full(T, slot, np.int64) for slot, _, _, T in spans])
             for l, layer in enumerate(self.layers):
                 jit.layer(N * self.layer_size[l], x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
                           positions, cos, sin, c.norm_eps, c.n_heads)
