@@ -60,8 +60,9 @@ SMALL_BATCH = 8
 
 # Above SMALL_BATCH rows, an int8 matrix is dequantized into a scratch tile of at most this many
 # float32 values (16 MiB: a whole matrix of the small models) and BLAS writes each tile's columns of
-# the product in place. One tile per matrix measured fastest here: the compiled dequantization and
-# BLAS take turns on the cores, and each turn costs a hand-over.
+# the product in place. The tile is dequantized on the calling thread: right after a product BLAS's
+# workers still spin on the other cores, and a parallel dequantization fighting them made a 2-thread
+# 128-token int8 prompt 1.5x slower (stories15M: 4,000 against 6,000 tok/s).
 DEQUANT_TILE = 1 << 22
 
 
@@ -113,7 +114,7 @@ class Q8:
         return out
 
     def _dequantize(self, rows, out):  # [R] -> out[:R] float32
-        _jit().dequantize_rows(len(rows) * self.shape[1], self.q, self.s, self.gs, rows, out)
+        _jit().dequantize_rows(0, self.q, self.s, self.gs, rows, out)
 
 
 def _small_product(matrix, x):  # Dense or Q8, [N, in] -> [N, out] on the compiled kernel
