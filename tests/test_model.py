@@ -202,3 +202,14 @@ def test_warm_up_leaves_results_unchanged():
     model.warm_up()
     cache.reset()
     np.testing.assert_array_equal(model.forward([1, 2, 3], cache), before)
+
+
+def test_short_int8_prompts_return_each_segments_last_logits():
+    # int8 prompts of up to SMALL_BATCH rows go through the compiled layers; like every other pass
+    # they return one row per segment (its last token) unless all logits are asked for.
+    w = random_weights(TINY, 4)
+    model = Transformer(checkpoint.Checkpoint(TINY, w, 1, "<memory>"), quantize="q8_0")
+    segments = [(0, [5, 6, 7]), (1, [8, 9])]
+    full = model.forward_batch(segments, model.new_cache(2), all_logits=True)
+    last = model.forward_batch(segments, model.new_cache(2))
+    np.testing.assert_array_equal(last, full[[2, 4]])

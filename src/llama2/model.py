@@ -123,6 +123,10 @@ def _small_product(matrix, x):  # Dense or Q8, [N, in] -> [N, out] on the compil
     return out
 
 
+def _last_rows(x, spans, all_logits):  # [N, D] -> each segment's last row, unless all are wanted
+    return x if all_logits else x[[r + T - 1 for _, _, r, T in spans]]
+
+
 def _matrix(w, quantize_group: int):
     if isinstance(w, QuantizedTensor):
         return Q8(w)
@@ -149,17 +153,20 @@ class Layer:
     def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
         return self.w2(K.silu_mul(self.w1(h), self.w3(h)))
 
+    def matrices(self) -> list:  # in LAYER_MATRICES order, as `jit.layer` takes them
+        return [getattr(self, name) for name in LAYER_MATRICES]
+
     def kernel_args(self):
         """This layer's weights as `jit.layer` takes them, or None when its matrices are not all of
         one kind (float32, or int8 with one group size)."""
-        mats = [self.wq, self.wk, self.wv, self.wo, self.w1, self.w2, self.w3]
+        mats = self.matrices()
         if len({(type(m), m.kernel_args[2]) for m in mats}) != 1:
             return None
         pairs = [a for m in mats for a in m.kernel_args[:2]]
         return (self.rms_att, self.rms_ffn, *pairs, mats[0].kernel_args[2])
 
     def size(self) -> int:  # multiply-adds per row
-        return sum(int(np.prod(m.shape)) for m in (self.wq, self.wk, self.wv, self.wo, self.w1, self.w2, self.w3))
+        return sum(m.shape[0] * m.shape[1] for m in self.matrices())
 
 
 class Transformer:
@@ -232,8 +239,8 @@ class Transformer:
             for l, layer in enumerate(self.layers):
                 jit.layer(N * self.layer_size[l], x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
                           positions, cos, sin, c.norm_eps, c.n_heads)
-            logits = self.classifier.small(jit.rmsnorm(x, self.rms_final, c.norm_eps))
-            return self._advance(spans, cache, logits)
+            h = jit.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
+            return self._advance(spans, cache, self.classifier.small(h))
         decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
         dec_rows = np.array([spans[i][2] for i in decode], np.int64)
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
@@ -260,9 +267,8 @@ class Transformer:
             x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
-        if not all_logits:
-            x = x[[r + T - 1 for _, _, r, T in spans]]
-        return self._advance(spans, cache, self.classifier(K.rmsnorm(x, self.rms_final, c.norm_eps)))
+        h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
+        return self._advance(spans, cache, self.classifier(h))
 
     @staticmethod
     def _advance(spans, cache, logits):
