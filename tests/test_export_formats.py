@@ -129,6 +129,15 @@ def test_truncated_extended_file_is_rejected(tmp_path):
         checkpoint.load(out)
 
 
+def assert_same_tensors(infos, buf, ref_infos, ref_buf):
+    """Every tensor of one GGUF (F32 or Q8_0, as gguf.read lists them) has the other's type, shape and bytes."""
+    for name, (kind, shape, offset) in infos.items():
+        rkind, rshape, roffset = ref_infos[name]
+        assert (kind, shape) == (rkind, rshape), name
+        size = int(np.prod(shape)) // 32 * 34 if kind == gguf.Q8_0 else 4 * int(np.prod(shape))
+        assert buf[offset:offset + size] == ref_buf[roffset:roffset + size], name
+
+
 def test_gguf_export_equals_reference(tmp_path):
     ref_path = asset("stories260K.gguf")
     out = tmp_path / "s.gguf"
@@ -138,11 +147,7 @@ def test_gguf_export_equals_reference(tmp_path):
     meta, infos, buf = gguf.read(out)
     ref_meta, ref_infos, ref_buf = gguf.read(ref_path)
     assert list(infos) == list(ref_infos)
-    for name, (kind, shape, offset) in infos.items():
-        rkind, rshape, roffset = ref_infos[name]
-        assert (kind, shape) == (rkind, rshape), name
-        size = 4 * int(np.prod(shape))
-        assert buf[offset:offset + size] == ref_buf[roffset:roffset + size], name
+    assert_same_tensors(infos, buf, ref_infos, ref_buf)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type",
                 "llama.rope.dimension_count", "llama.attention.head_count_kv"):
         assert meta[key] == ref_meta[key], key
@@ -317,8 +322,4 @@ def test_gguf_q8_0_equals_llama_cpp_quantizer(tmp_path):
     _, a, abuf = gguf.read(ours)
     _, b, bbuf = gguf.read(theirs)
     assert set(a) == set(b)
-    for name, (kind, shape, offset) in a.items():
-        bkind, bshape, boffset = b[name]
-        assert (kind, shape) == (bkind, bshape), name
-        size = int(np.prod(shape)) // 32 * 34 if kind == gguf.Q8_0 else 4 * int(np.prod(shape))
-        assert abuf[offset:offset + size] == bbuf[boffset:boffset + size], name
+    assert_same_tensors(a, abuf, b, bbuf)

@@ -127,17 +127,33 @@ def _silu(a):
 PREFETCH_AHEAD = 8192
 
 
+def _emit_prefetch(builder, ptr):
+    """LLVM's llvm.prefetch (read, keep in all cache levels) of the byte at `ptr`."""
+    ptr = builder.bitcast(ptr, ir.IntType(8).as_pointer())
+    name = "llvm.prefetch.p0" if str(ptr.type) == "ptr" else "llvm.prefetch.p0i8"  # opaque or typed
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), name)
+    builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+
+
+def _emit_fold(builder, v, width, lanes, flags):
+    """Add the halves of vector `v` (`width` lanes) until `lanes` remain."""
+    i32 = ir.IntType(32)
+    while width > lanes:
+        half = width // 2
+        lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
+        hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
+        v, width = builder.fadd(lo, hi, flags=flags), half
+    return v
+
+
 @intrinsic
 def _prefetch(typingctx, arr, index):
-    """Hint the CPU to fetch `arr.flat[index]` into cache (LLVM's llvm.prefetch: read, keep)."""
+    """Hint the CPU to fetch `arr.flat[index]` into cache."""
     def codegen(context, builder, signature, args):
         data = context.make_array(signature.args[0])(context, builder, args[0]).data
-        ptr = builder.bitcast(builder.gep(data, [args[1]]), ir.IntType(8).as_pointer())
-        name = "llvm.prefetch.p0" if str(ptr.type) == "ptr" else "llvm.prefetch.p0i8"
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32]), name)
-        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        _emit_prefetch(builder, builder.gep(data, [args[1]]))
         return context.get_dummy_value()
 
     return nbtypes.void(arr, index), codegen
@@ -186,40 +202,25 @@ def _vector_dot4_q8(group):
                 rows.append(builder.gep(qbase, [builder.mul(ri, q_stride)]))
                 scales.append(builder.gep(sa.data, [builder.mul(ri, groups)]))
                 accs.append(cgutils.alloca_once_value(builder, ir.Constant(acc_type, None)))
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), [i8.as_pointer(), i32, i32, i32]),
-                "llvm.prefetch.p0" if str(i8.as_pointer()) == "ptr" else "llvm.prefetch.p0i8")
             with cgutils.for_range(builder, groups) as loop:
                 start = builder.mul(loop.index, ir.Constant(intp, group))
                 xp = builder.gep(xrow, [builder.mul(start, ir.Constant(intp, 4))])
                 xv = builder.load(builder.bitcast(xp, floats_of.as_pointer()), align=4)
                 with builder.if_then(fetch):
+                    ahead = builder.add(start, ir.Constant(intp, PREFETCH_AHEAD))
                     for r in range(4):
-                        ahead = builder.gep(rows[r], [builder.add(start, ir.Constant(intp, PREFETCH_AHEAD))])
-                        builder.call(fn, [ahead, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+                        _emit_prefetch(builder, builder.gep(rows[r], [ahead]))
                 for r in range(4):
                     wp = builder.bitcast(builder.gep(rows[r], [start]), bytes_of.as_pointer())
                     prod = builder.fmul(builder.sitofp(builder.load(wp, align=1), floats_of), xv, flags=flags)
-                    width = group
-                    while width > lanes:  # fold the group's products to 16 lanes
-                        half = width // 2
-                        lo = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(i32, half), list(range(half))))
-                        hi = builder.shuffle_vector(prod, prod, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
-                        prod, width = builder.fadd(lo, hi, flags=flags), half
+                    prod = _emit_fold(builder, prod, group, lanes, flags)  # the group's products in 16 lanes
                     scale = builder.load(builder.gep(scales[r], [loop.index]))
                     splat = builder.insert_element(ir.Constant(acc_type, None), scale, ir.Constant(i32, 0))
                     splat = builder.shuffle_vector(splat, splat, ir.Constant(ir.VectorType(i32, lanes), [0] * lanes))
                     acc = builder.fadd(builder.load(accs[r]), builder.fmul(prod, splat, flags=flags), flags=flags)
                     builder.store(acc, accs[r])
-            sums = []
-            for r in range(4):
-                v, width = builder.load(accs[r]), lanes
-                while width > 1:
-                    half = width // 2
-                    lo = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half))))
-                    hi = builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(i32, half), list(range(half, width))))
-                    v, width = builder.fadd(lo, hi, flags=flags), half
-                sums.append(builder.extract_element(v, ir.Constant(i32, 0)))
+            sums = [builder.extract_element(_emit_fold(builder, builder.load(acc), lanes, 1, flags),
+                                            ir.Constant(i32, 0)) for acc in accs]
             return context.make_tuple(builder, signature.return_type, sums)
 
         return sig, (codegen if q.dtype == nbtypes.int8 else unreachable)
@@ -328,8 +329,8 @@ def _attend(q, kc, vc, r, h, slot, n, out):
     weighted sum of values builds in a local vector (3x faster than one key at a time into `out`)."""
     hd = q.shape[2]
     root = np.float32(math.sqrt(hd))
-    qv = q[r, h]
-    keys, vals = kc[slot, h // (q.shape[1] // kc.shape[1])], vc[slot, h // (q.shape[1] // kc.shape[1])]
+    qv, kv = q[r, h], h // (q.shape[1] // kc.shape[1])  # query head h reads kv head kv
+    keys, vals = kc[slot, kv], vc[slot, kv]
     att = np.empty(n, np.float32)
     t = 0
     while t + 4 <= n:

@@ -99,13 +99,17 @@ def _int32(v):  # protobuf int32 varints are 64-bit two's complement when negati
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read {what} ({e.strerror})") from None
+
+
 def from_sentencepiece(path) -> Vocab:
     """Read a sentencepiece model file: ModelProto.pieces (1) and TrainerSpec (2) unk/bos/eos ids."""
     path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read sentencepiece model ({e.strerror})") from None
+    buf = _read(path, "sentencepiece model")
     pieces, scores, types = [], [], []
     ids = {"unk": 0, "bos": 1, "eos": 2}
     try:
@@ -138,10 +142,7 @@ def from_sentencepiece(path) -> Vocab:
 def from_llama2c(path, vocab_size=None) -> Vocab:
     """Read a tokenizer.bin back into sentencepiece terms (types inferred: <0xNN> bytes, BOS/EOS)."""
     path = Path(path)
-    try:
-        buf = path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    buf = _read(path, "tokenizer")
     pieces, scores, types = [], [], []
     pos = 4
     while pos < len(buf) and (vocab_size is None or len(pieces) < vocab_size):

@@ -164,11 +164,8 @@ class Scheduler:
     # -- any thread ---------------------------------------------------------------------------
 
     def start(self):
-        """Compile and touch every kernel once (a prefill and a decode step), then start the loop."""
-        bos = self.model.config.bos_id
-        self.model.forward_batch([(0, [bos, bos])], self.cache)
-        self.model.forward_batch([(0, [bos])], self.cache)
-        self.cache.reset(0)
+        """Load (or compile) the compiled kernels, then start the loop."""
+        self.model.warm_up()
         self._thread.start()
 
     def submit(self, params: Params, sink) -> Job:
@@ -213,7 +210,6 @@ class Scheduler:
 
     def _run(self):
         threads.set_threads(self.threads)
-        self.model.warm_up()  # load the compiled kernels before the first request's decode step
         while True:
             with self._cond:
                 self._retire_cancelled()
