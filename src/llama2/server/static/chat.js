@@ -264,6 +264,7 @@ function describe(e) {
   return e.message;
 }
 
+// The served model's name, from /health (which needs no key); then whether the API wants a key.
 async function fetchModel() {
   try {
     const response = await fetch("/health");
@@ -271,10 +272,12 @@ async function fetchModel() {
     model = (await response.json()).model;
     ui.model.textContent = "· " + model;
   } catch (e) {
-    notice(`Cannot read the server's /health: ${describe(e)}`);
-    return;
+    notice(`Cannot read the server's /health: ${describe(e)}`, "server");
+    return false;
   }
+  clearNotice("server");
   checkKey();
+  return true;
 }
 
 // Whether the API needs a key that we lack: /v1/models answers 401 then.
@@ -283,14 +286,14 @@ async function checkKey() {
     const response = await fetch("/v1/models", {headers: authHeaders()});
     if (response.status === 401) {
       notice(settings.api_key ? "The API key in Settings is not accepted by this server."
-        : "This server needs an API key: enter it in Settings.");
+        : "This server needs an API key: enter it in Settings.", "key");
       showSettings(true);
       ui.api_key.focus();
     } else if (response.ok) {
-      clearNotice();
+      clearNotice("key");
     }
   } catch (e) {
-    notice(describe(e));
+    notice(describe(e), "server");
   }
 }
 
@@ -351,7 +354,7 @@ async function generate(conv) {
   renderAll();
   let lastSave = Date.now();
   try {
-    if (!model) await fetchModel();
+    if (!model && !await fetchModel()) throw new Error("Cannot reach the server's /health to learn the model's name.");
     const response = await fetch(API, {
       method: "POST", signal: controller.signal,
       headers: {"Content-Type": "application/json", ...authHeaders()},
@@ -436,12 +439,15 @@ function remove(id) {
 
 // -- rendering --------------------------------------------------------------------------------
 
-function notice(text) {
+// One notice above the conversation; `kind` lets the condition that raised it clear it.
+function notice(text, kind = "other") {
   ui.notice.textContent = text;
+  ui.notice.dataset.kind = kind;
   ui.notice.hidden = false;
 }
 
-function clearNotice() {
+function clearNotice(kind) {
+  if (ui.notice.dataset.kind !== kind) return;
   ui.notice.textContent = "";
   ui.notice.hidden = true;
 }
@@ -570,7 +576,10 @@ function init() {
   ui.settingsToggle = $("settings-toggle");
   ui.composer = $("composer");
 
-  settings = {...DEFAULT_SETTINGS, ...loadJSON(SETTINGS_KEY, validSettings, {})};
+  const saved = loadJSON(SETTINGS_KEY, validSettings, {});
+  for (const name of Object.keys(DEFAULT_SETTINGS)) {
+    if (saved[name] !== undefined) settings[name] = saved[name];
+  }
   store = loadJSON(STORE_KEY, validStore, store);
   for (const conv of store.conversations) {  // a reply that was streaming when the page closed
     for (const m of conv.messages) {
