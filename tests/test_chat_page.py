@@ -186,7 +186,8 @@ class Page:
     def messages(self) -> list:
         """(role, rendered text, error text) of each message shown."""
         return [tuple(x) for x in self.js("""return [...document.querySelectorAll('#messages .msg')].map(m =>
-            [m.dataset.role, m.querySelector('.body').innerText, (m.querySelector('.error') || {}).textContent || ''])""")]
+            [m.dataset.role, m.querySelector('.body').innerText,
+             (m.querySelector('.error') || {}).textContent || ''])""")]
 
     def stored(self) -> dict:
         return json.loads(self.js(f"return localStorage.getItem('{STORE_KEY}')"))
@@ -290,8 +291,8 @@ def test_stop_then_regenerate(page, http):
     # a slow network (about 20 events a second), so that there is time to press Stop mid-reply
     page.d.execute_cdp_cmd("Network.emulateNetworkConditions", dict(NETWORK, downloadThroughput=3000))
     page.send("Once upon a time", wait=False)
-    page.wait(lambda: len(page.js("return (document.querySelector('.msg.assistant .body') || {}).textContent || ''")) > 5,
-              "the first words of the reply")
+    page.wait(lambda: len(page.js("return (document.querySelector('.msg.assistant .body') || {}).textContent"
+                                  " || ''")) > 5, "the first words of the reply")
     assert page.busy() and page.find("#stop").is_displayed() and not page.find("#send").is_displayed()
     page.find("#stop").click()
     page.idle()
@@ -455,7 +456,8 @@ def test_markdown_is_rendered_and_html_stays_text(page, http):
     def check():
         assert page.js("return window.__pwned") is None
         # no element from the text: only the markdown renderer's own
-        tags = set(page.js("return [...document.querySelectorAll('#messages .body *')].map(e => e.tagName.toLowerCase())"))
+        tags = set(page.js("return [...document.querySelectorAll('#messages .body *')]"
+                           ".map(e => e.tagName.toLowerCase())"))
         assert tags <= {"p", "br", "strong", "em", "code", "ul", "ol", "li", "pre", "blockquote", "a", "del", "h1",
                         "h2", "h3", "h4", "h5", "h6", "hr"}, tags
         assert not page.finds("#messages img") and not page.finds("#messages script")

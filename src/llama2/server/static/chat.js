@@ -225,8 +225,15 @@ function renderInline(text, into) {
     if (m[2] !== undefined) {
       node = el("code", "", m[2].length > 2 && m[2][0] === " " && m[2].endsWith(" ") ? m[2].slice(1, -1) : m[2]);
     } else if (m[9] !== undefined) {
+      let url;
+      try {
+        url = new URL(m[9]);
+      } catch (e) {
+        appendText(into, m[0]);  // not a URL after all
+        continue;
+      }
       node = el("a");
-      node.href = new URL(m[9]).href;
+      node.href = url.href;
       node.rel = "noopener noreferrer nofollow";
       node.target = "_blank";
       renderInline(m[8], node);
@@ -316,11 +323,19 @@ function requestBody(messages) {
 // true at `data: [DONE]`, false when the stream ends without it.
 async function readEvents(response, onData) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+  try {
+    return await readBlocks(reader, onData);
+  } finally {
+    reader.cancel().catch(() => {});  // after an error event: stop downloading the rest
+  }
+}
+
+async function readBlocks(reader, onData) {
   let buffer = "";
   for (;;) {
     const {value, done} = await reader.read();
     if (done) return false;
-    buffer += value.replace(/\r\n?/g, "\n");
+    buffer = (buffer + value).replace(/\r\n|\r(?=[\s\S])/g, "\n");  // a last \r may be half of \r\n
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, cut);
