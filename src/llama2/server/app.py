@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from . import page
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
@@ -273,6 +274,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         Route("/v1/chat/completions", endpoint("chat", chat), methods=["POST"]),
         Route("/health", endpoint("health", health, auth=False), methods=["GET"]),
         Route("/metrics", endpoint("metrics", prometheus), methods=["GET"]),
+        *page.routes(),  # the chat page at GET /: not secret, served without the API key
     ]
     async def not_routed(request, exc: HTTPException):  # unknown path, wrong method: same error shape
         return error_response(P.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
