@@ -9,6 +9,7 @@
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
 
+import math
 import time
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def parse(args):
     given = prompt is not None
     if prompt is None:
         prompt = "" if positional_model else DEFAULT_PROMPT
+    if not math.isfinite(args.temperature):
+        raise UsageError(f"-t {args.temperature}: temperature must be a finite number >= 0")
     if args.temperature < 0:
         raise UsageError(f"-t {args.temperature}: temperature must be >= 0")
     if not 0 <= args.top_p <= 1:
