@@ -94,8 +94,12 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..sampler import Sampler
 
+    from .. import hub, memory
+
     model_path, prompt, mode, prompt_given = parse(args)
-    llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    model_path = hub.resolve(model_path, what="model")
+    with memory.guard(model_path, quantize=args.quantize, slots=1):
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
         template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"

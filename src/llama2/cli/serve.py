@@ -96,7 +96,11 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..server.config import ServerConfig
 
-    llama = Llama.load(args.model, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    from .. import hub, memory
+
+    model_path = hub.resolve(args.model, what="model")
+    with memory.guard(model_path, quantize=args.quantize, slots=args.max_batch, slots_flag="--max-batch"):
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           chat_template=args.chat_template, invariant=not args.one_pass,
