@@ -92,6 +92,9 @@ def test_case1_lone_surrogate_is_a_400_naming_the_field(client):
     assert e["param"] == "messages[0].content" and "Error" not in e["message"]
     body = b'{"model": "%s", "prompt": "a", "stop": ["\\ud800"]}' % MODEL.encode()
     assert error(client.post(COMPLETIONS, content=body), 400)["param"] == "stop"
+    body = b'{"model": "%s", "prompt": "a", "logit_bias": {"\\ud800": 1e9}}' % MODEL.encode()
+    param = error(client.post(COMPLETIONS, content=body), 400)["param"]
+    assert param.startswith("logit_bias[") and param.encode("utf-8")  # a client's key, made printable
     body = b'{"model": "\\ud800"}'
     assert error(client.post(COMPLETIONS, content=body), 404)["param"] == "model"
 
