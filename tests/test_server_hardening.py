@@ -371,6 +371,25 @@ def test_case8_cancelled_streams_are_not_counted_ok(server):
         assert metric(page, 'llama2_requests_total{endpoint="completions",outcome="ok"}') == ok + 1
 
 
+def test_connection_cap():
+    s = Server("--max-connections", "2")
+    try:
+        idle = connect(s)  # holds one of the two
+        with httpx.Client(base_url=s.base, timeout=30) as http:
+            r = http.get("/health")
+            assert r.status_code == 503
+        idle.close()
+        for _ in range(200):  # the server notices the close asynchronously
+            with httpx.Client(base_url=s.base, timeout=30) as http:
+                if http.get("/health").status_code == 200:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the cap did not free up")
+    finally:
+        assert s.terminate() == 0, s.stderr
+
+
 def test_serve_flags_are_checked():
     import io
     from llama2.cli import main
