@@ -122,6 +122,20 @@ def test_prepare_resumes_and_keeps_what_exists(tmp_path):
     assert path.stat().st_mtime_ns == before and logged == []
 
 
+def test_bench_prepare_makes_the_files_and_times_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLAMA2_ASSETS", str(asset("tok512.bin").parent))
+    directory = tmp_path / "bench"
+    argv = ["bench", "--models", "tiny", "--weights", "f16,bf16", "--no-peer", "--prepare",
+            "--dir", str(directory)]
+    code, out, err = run_cli(argv)
+    assert code == 0, err
+    assert out.splitlines() == [f"tiny f16: {directory / 'tiny-f16.gguf'}",
+                                f"tiny bf16: {directory / 'tiny-hf-bf16'}"]
+    assert "tiny: writing tiny-f16.gguf" in err and "tiny: writing tiny-hf-bf16" in err
+    code, out2, err = run_cli(argv)  # the second time: nothing to write
+    assert code == 0 and out2 == out and "writing" not in err
+
+
 def test_files_to_write_and_their_size(tmp_path):
     assert files.to_write("llama2-7b", ["q8_0", "q4_k_m"], tmp_path) == ["f16", "q8_0", "q4_k_m"]
     (tmp_path / "llama2-7b-f16.gguf").write_bytes(b"")
@@ -187,7 +201,7 @@ def test_agreement_counts_positions_and_the_common_greedy_prefix():
 def test_first_run_failure_is_one_line(tmp_path):
     bad = tmp_path / "broken.bin"
     bad.write_bytes(b"\0" * 10)
-    with pytest.raises(engine.ChildError, match="first run of llama2 run on broken.bin failed: llama2: error: "):
+    with pytest.raises(engine.ChildError, match="first run of llama2 run on broken.bin failed: llama2: "):
         engine.first_run(bad, asset("tok512.bin"), 1)
 
 

@@ -57,9 +57,9 @@ DECODE_TOKENS = 256
 CHECK_TOKENS = 24
 CHECK_PROMPT = 16  # teacher-forced positions compared on the files of the large shapes
 CHECK_GREEDY = 16  # greedy ids compared after them
-FIRST_RUN_STEPS = 24
-LEVELS = ("scalar", "avx2", "avx512")
-TINYLLAMA_WEIGHTS = ("fp32", "int8")  # --weights of the tinyllamas; the large shapes': files.FILES  # LLAMA2_ISA values (llama2.native.LEVELS)
+FIRST_RUN_STEPS = 4  # positions `llama2 run -n` runs: the first token and three more
+LEVELS = ("scalar", "avx2", "avx512")  # LLAMA2_ISA values (llama2.native.LEVELS)
+TINYLLAMA_WEIGHTS = ("fp32", "int8")  # --weights of the tinyllamas; the large shapes': files.FILES
 
 
 @dataclass(frozen=True)
@@ -551,9 +551,9 @@ def run_bench(shapes, threads_list, weights_list, reps, with_peer, directory, as
             _bench_files(shape, plan[shape], threads_list, reps, with_peer, directory, assets, log, isa,
                          peer_python, with_first_run, rows, checks, errors)
         else:
-            _bench_tinyllamas(shape, threads_list, [w for w in weights_list or TINYLLAMA_WEIGHTS
-                                                    if w in TINYLLAMA_WEIGHTS], reps, with_peer, directory, assets, log, isa, peer_python,
-                              with_first_run, rows, checks)
+            weights = [w for w in weights_list or TINYLLAMA_WEIGHTS if w in TINYLLAMA_WEIGHTS]
+            _bench_tinyllamas(shape, threads_list, weights, reps, with_peer, directory, assets, log, isa,
+                              peer_python, with_first_run, rows, checks)
     return rows, checks, errors
 
 
@@ -621,21 +621,42 @@ def _tokenizers(shape, assets):
     return tok, spm if spm.exists() else None
 
 
-def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets, log, isa, peer_python,
-                 with_first_run, rows, checks, errors):
-    spec = FILE_SHAPES[shape]
+def prepare_files(shape, kinds, with_peer, directory, assets, threads, peer_python, log):
+    """Make (resumably) the files of a large shape; returns (kinds that can be measured, kind ->
+    path, tokenizer). Quantized files are skipped when llama.cpp's quantizer is not available."""
     tok, spm = _tokenizers(shape, assets)
-    can_quantize = not peer_available(peer_python)
     make = files_to_make(kinds, with_peer)
     missing = bench_files.to_write(shape, make, directory)
-    if not can_quantize and any(k in bench_files.QUANTIZED for k in missing):
+    if any(k in bench_files.QUANTIZED for k in missing) and peer_available(peer_python):
         skipped = [k for k in kinds if k in bench_files.QUANTIZED and k in missing]
         log(f"{shape}: skipping {', '.join(skipped)}: llama.cpp's quantizer (llama-cpp-python) is not "
             "available to make them")
         kinds = [k for k in kinds if k not in skipped]
         make = [k for k in make if k not in skipped]
     log(f"preparing {shape} in {directory} ...")
-    where = bench_files.prepare(shape, make, directory, tok, spm, max(threads_list), peer_python, log)
+    where = bench_files.prepare(shape, make, directory, tok, spm, threads, peer_python, log)
+    return kinds, where, tok
+
+
+def prepare(shapes, plan, with_peer, directory, assets, threads, peer_python, log) -> dict:
+    """`--prepare`: make every file the run would use, time nothing; {shape: {kind: path}}."""
+    out = {}
+    for shape in shapes:
+        if shape in FILE_SHAPES:
+            out[shape] = prepare_files(shape, plan[shape], with_peer, directory, assets, threads,
+                                       peer_python, log)[1]
+        else:
+            log(f"preparing {shape} ...")
+            out[shape] = {k: v for k, v in model_files(shape, directory, assets, gguf=with_peer).items()
+                          if v is not None}
+    return out
+
+
+def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets, log, isa, peer_python,
+                 with_first_run, rows, checks, errors):
+    spec = FILE_SHAPES[shape]
+    kinds, where, tok = prepare_files(shape, kinds, with_peer, directory, assets, max(threads_list),
+                                      peer_python, log)
     for kind in kinds:
         peer_kind = "f16" if kind == "bf16" else kind
         peer_path = where.get(peer_kind)
@@ -696,12 +717,14 @@ def check_text(c) -> str:
 
 
 def _fmt(value, unit=""):
-    return "-" if value is None else f"{value:.4g}{' ' + unit if unit else ''}"
+    if value is None:
+        return "-"
+    return (f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}") + (f" {unit}" if unit else "")
 
 
 def _row_line(rows):
     r = rows[0]
-    parts = [f"{x['metric']} {_fmt(x['ours'])}" + (f" vs {x['peer']:.4g} ({x['ratio']:.2f}x)"
+    parts = [f"{x['metric']} {_fmt(x['ours'])}" + (f" vs {_fmt(x['peer'])} ({x['ratio']:.2f}x)"
                                                     if x["peer"] and x["ratio"] else "") for x in rows]
     vs = f" (llama.cpp on {r['peer_file']})" if r.get("peer_file") not in (None, r["weights"]) else ""
     return f"{r['model']} {r['weights']}{vs} t{r['threads']}: " + ", ".join(parts)

@@ -35,6 +35,8 @@ def register(sub):
                    help="skip the first-run-after-install row (`llama2 run` with empty kernel caches)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: small models, one run, no peer, no first-run row (under a minute)")
+    p.add_argument("--prepare", action="store_true",
+                   help="only make the model files the run would use (resumable), time nothing")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     p.add_argument("--dir", metavar="DIR", help="where the benchmark models are kept "
                                                 "(default $LLAMA2_HOME/bench, else ~/.cache/llama2/bench)")
@@ -63,13 +65,14 @@ def parse(args, have_260k: bool, assets) -> dict:
     known = (["stories260K"] if have_260k else []) + list(engine.SHAPES) + list(engine.FILE_SHAPES)
     if args.models:
         shapes = []
+        names = ["stories260K", *engine.SHAPES, *engine.FILE_SHAPES]
         for s in _list(args.models, "--models"):
-            match = {k.lower(): k for k in ["stories260K", *engine.SHAPES, *engine.FILE_SHAPES]}.get(s.lower())
+            match = {k.lower(): k for k in names}.get(s.lower())
             if match is None:
-                raise UsageError(f"--models: unknown shape {s!r} (expected one of "
-                                 f"{', '.join(['stories260K', *engine.SHAPES, *engine.FILE_SHAPES])})")
+                raise UsageError(f"--models: unknown shape {s!r} (expected one of {', '.join(names)})")
             if match == "stories260K" and not have_260k:
-                raise UsageError(f"--models stories260K: {assets}/stories260K.bin not found (set LLAMA2_ASSETS)")
+                raise UsageError(f"--models stories260K: {assets}/stories260K.bin not found "
+                                 "(set LLAMA2_ASSETS)")
             shapes.append(match)
         if not shapes:
             raise UsageError("--models: expected at least one shape")
@@ -142,6 +145,12 @@ def run(args, io) -> int:
     def log(text):
         io.err(text + "\n")
 
+    if args.prepare:
+        made = engine.prepare(s["shapes"], plan, with_peer, directory, assets if assets.exists() else None,
+                              max(s["threads"]), s["peer_python"], log)
+        io.out("".join(f"{shape} {kind}: {path}\n" for shape, kinds in made.items()
+                       for kind, path in kinds.items()).encode())
+        return 0
     info = {"machine": dict(engine.machine(), ours_level=level, isa_forced=s["isa"]),
             "versions": engine.versions(with_peer, s["peer_python"])}
     rows, checks, errors = engine.run_bench(s["shapes"], s["threads"], s["weights"], s["reps"], with_peer,
