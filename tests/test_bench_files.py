@@ -154,7 +154,8 @@ def test_files_to_write_and_their_size(tmp_path):
 def test_bench_refuses_when_the_disk_is_short(tmp_path, monkeypatch):
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: Usage(10**12, 10**12 - 10**9, 10**9))
     directory = tmp_path / "bench"
-    code, out, err = run_cli(["bench", "--models", "llama2-7b", "--no-peer", "--dir", str(directory)])
+    code, out, err = run_cli(["bench", "--models", "llama2-7b", "--weights", "f16,bf16", "--no-peer",
+                              "--dir", str(directory)])
     assert code == 1 and out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "llama2-7b" in lines[0] and "1.0 GB is free" in lines[0], err
@@ -196,6 +197,28 @@ def test_agreement_counts_positions_and_the_common_greedy_prefix():
     assert c["max_abs_diff"] == pytest.approx(100.0 - ours[3].min(), rel=1e-6)
     assert c["max_abs_logit"] == 100.0
     assert "argmax 15/16 positions" in engine.check_text(c) and "greedy ids 2/4" in engine.check_text(c)
+
+
+def test_first_run_times_llama2_run_to_its_first_token():
+    try:
+        import llama2.native  # noqa: F401
+    except ImportError:
+        pytest.skip("without llama2.native a first run compiles every numba kernel (30-90 s): "
+                    "measured by `llama2 bench`, too slow for a test")
+    took = engine.first_run(asset("stories260K.bin"), asset("tok512.bin"), 1)
+    assert 0 < took < 60
+
+
+def test_plan_drops_quantized_files_only_the_missing_quantizer_could_make(tmp_path, monkeypatch):
+    monkeypatch.setattr(engine, "peer_available", lambda python=None: "llama_cpp is not importable")
+    logged = []
+    plan = engine.without_unmakeable({"tiny": ["f16", "q8_0", "q4_0"]}, tmp_path, None, logged.append)
+    assert plan == {"tiny": ["f16"]} and "tiny: skipping q8_0, q4_0" in logged[0]
+    (tmp_path / "tiny-q4_0.gguf").write_bytes(b"")  # made earlier: measured
+    plan = engine.without_unmakeable({"tiny": ["f16", "q8_0", "q4_0"]}, tmp_path, None, logged.append)
+    assert plan == {"tiny": ["f16", "q4_0"]}
+    monkeypatch.setattr(engine, "peer_available", lambda python=None: "")
+    assert engine.without_unmakeable({"tiny": ["q8_0"]}, tmp_path, None, logged.append) == {"tiny": ["q8_0"]}
 
 
 def test_first_run_failure_is_one_line(tmp_path):

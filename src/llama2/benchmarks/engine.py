@@ -448,6 +448,8 @@ def our_level(isa=None) -> str:
             "from llama2 import native\nprint(native.level())")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if p.returncode != 0:
+        if not isa:  # the rows will say whether our engine runs at all
+            return f"unknown (llama2.native: {last_line(p)})"
         raise ChildError(f"llama2.native cannot start: {last_line(p)}")
     level = p.stdout.strip()
     if isa and level == "numba":
@@ -621,20 +623,34 @@ def _tokenizers(shape, assets):
     return tok, spm if spm.exists() else None
 
 
+def without_unmakeable(plan, directory, peer_python, log) -> dict:
+    """`plan` less the quantized files that are missing when llama.cpp's quantizer (llama-cpp-python)
+    is not there to make them, saying so."""
+    if not any(k in bench_files.QUANTIZED for shape, kinds in plan.items()
+               for k in bench_files.to_write(shape, kinds, directory)):
+        return plan
+    why = peer_available(peer_python)
+    if not why:
+        return plan
+    out = {}
+    for shape, kinds in plan.items():
+        missing = bench_files.to_write(shape, kinds, directory)
+        skipped = [k for k in kinds if k in bench_files.QUANTIZED and k in missing]
+        if skipped:
+            log(f"{shape}: skipping {', '.join(skipped)}: llama.cpp's quantizer is needed to make them "
+                f"({why})")
+        out[shape] = [k for k in kinds if k not in skipped]
+    return out
+
+
 def prepare_files(shape, kinds, with_peer, directory, assets, threads, peer_python, log):
     """Make (resumably) the files of a large shape; returns (kinds that can be measured, kind ->
-    path, tokenizer). Quantized files are skipped when llama.cpp's quantizer is not available."""
+    path, tokenizer)."""
     tok, spm = _tokenizers(shape, assets)
-    make = files_to_make(kinds, with_peer)
-    missing = bench_files.to_write(shape, make, directory)
-    if any(k in bench_files.QUANTIZED for k in missing) and peer_available(peer_python):
-        skipped = [k for k in kinds if k in bench_files.QUANTIZED and k in missing]
-        log(f"{shape}: skipping {', '.join(skipped)}: llama.cpp's quantizer (llama-cpp-python) is not "
-            "available to make them")
-        kinds = [k for k in kinds if k not in skipped]
-        make = [k for k in make if k not in skipped]
+    kinds = without_unmakeable({shape: kinds}, directory, peer_python, log)[shape]
     log(f"preparing {shape} in {directory} ...")
-    where = bench_files.prepare(shape, make, directory, tok, spm, threads, peer_python, log)
+    where = bench_files.prepare(shape, files_to_make(kinds, with_peer), directory, tok, spm, threads,
+                                peer_python, log)
     return kinds, where, tok
 
 

@@ -139,11 +139,13 @@ def run(args, io) -> int:
             io.err(f"llama2 bench: {why}; measuring ours only (--no-peer)\n")
             with_peer = False
     directory = Path(args.dir).expanduser() if args.dir else engine.bench_dir()
-    plan = engine.files_plan(s["shapes"], s["weights"], with_peer)
-    check_disk({shape: engine.files_to_make(kinds, with_peer) for shape, kinds in plan.items()}, directory)
 
     def log(text):
         io.err(text + "\n")
+
+    plan = engine.without_unmakeable(engine.files_plan(s["shapes"], s["weights"], with_peer), directory,
+                                     s["peer_python"], log)
+    check_disk({shape: engine.files_to_make(kinds, with_peer) for shape, kinds in plan.items()}, directory)
 
     if args.prepare:
         made = engine.prepare(s["shapes"], plan, with_peer, directory, assets if assets.exists() else None,
