@@ -325,6 +325,7 @@ def test_bench_end_to_end_on_the_tiny_shape(tmp_path):
     f16 = [r for r in info["rows"] if r["weights"] == "f16"]
     assert [r["metric"] for r in f16] == list(engine.METRICS)
     assert all(r["ours"] > 0 and r["peer"] > 0 and r["ratio"] > 0 and r["peer_file"] == "f16" for r in f16)
+    assert f16[0]["file_mb"] == round((tmp_path / "b" / "tiny-f16.gguf").stat().st_size / 2**20, 1)
     assert [c["weights"] for c in info["checks"] if "positions" in c][0] == "f16"
     q4 = [r for r in info["rows"] if r["weights"] == "q4_0"]
     assert all(r["peer"] > 0 for r in q4)

@@ -516,8 +516,16 @@ def _median(samples, metric):
     return statistics.median(s[metric] for s in samples) if samples else None
 
 
+def file_mb(path) -> float:
+    """Size of a model file, or of a folder's files, in MB (2^20 bytes, as RSS)."""
+    path = Path(path)
+    if path.is_dir():
+        return round(sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20, 1)
+    return round(path.stat().st_size / 2**20, 1)
+
+
 def _make_rows(model, weights, threads, ours_samples, peer_samples, first, peer_file=None,
-               with_first_run=True) -> list:
+               with_first_run=True, size_mb=None) -> list:
     rows = []
     for metric in ROW_METRICS if with_first_run else METRICS:
         if metric == "first_run":
@@ -531,6 +539,8 @@ def _make_rows(model, weights, threads, ours_samples, peer_samples, first, peer_
                "ratio": None if r is None else round(r, 3)}
         if peer_file is not None:
             row["peer_file"] = peer_file
+        if size_mb is not None:
+            row["file_mb"] = size_mb
         rows.append(row)
     return rows
 
@@ -718,10 +728,12 @@ def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets,
                 except ChildError as e:
                     fail("ours (first run)", e)
             if samples["ours"] or samples["peer"] or first is not None:
+                size = file_mb(where[kind])
                 made = _make_rows(shape, kind, threads, samples["ours"], samples["peer"], first,
-                                  peer_kind if peer_here else None, with_first_run)
+                                  peer_kind if peer_here else None, with_first_run, size)
                 rows += made
-                log(_row_line(made) + _first_step_text(samples["ours"], samples["peer"]))
+                log(_row_line(made) + _first_step_text(samples["ours"], samples["peer"])
+                    + f", file {size:,.0f} MB")
 
 
 def check_text(c) -> str:

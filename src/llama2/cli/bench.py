@@ -17,7 +17,7 @@ def register(sub):
                                    "ratios above 1 mean ours is better.")
     p.add_argument("--models", default=None,
                    help="comma-separated shapes: stories260K, stories15M, stories42M, stories110M, "
-                        "tinyllama-1.1b, llama2-7b (8-25 GB of files: only when named), tiny (a plumbing "
+                        "tinyllama-1.1b, llama2-7b (about 25 GB of files: only when named), tiny (a plumbing "
                         "check); default: all but llama2-7b and tiny")
     p.add_argument("--threads", default="2", help="comma-separated thread counts (default 2)")
     p.add_argument("--weights", default=None,
