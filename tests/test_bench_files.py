@@ -5,6 +5,7 @@ import collections
 import io
 import json
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -277,14 +278,20 @@ def test_peer_python_that_lacks_llama_cpp(tmp_path):
     assert f"--peer-python {fake}: llama-cpp-python is not importable by {fake}" in err
 
 
-def test_peer_children_see_only_this_llama2(tmp_path):
+def test_peer_children_run_a_script_that_imports_nothing_of_llama2():
     cmd, env = engine.child_command("llama_cpp", "/some/python")
-    assert cmd == ["/some/python"]
-    folder = env["PYTHONPATH"]
-    assert os.listdir(folder) == ["llama2"]
-    assert os.path.samefile(os.path.join(folder, "llama2"), os.path.dirname(engine.__file__) + "/..")
-    cmd, env = engine.child_command("ours", "/some/python")
-    assert cmd == [sys.executable] and env.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
+    assert cmd == ["/some/python", str(engine.PEER_SCRIPT)]
+    assert env.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
+    assert engine.child_command("ours", "/some/python")[0] == [sys.executable, "-m",
+                                                               "llama2.benchmarks.engine"]
+    code = ("import runpy, sys\n"
+            f"runpy.run_path({str(engine.PEER_SCRIPT)!r}, run_name='peer')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama2', 'numba')))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd="/")
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
+    p = subprocess.run([sys.executable, str(engine.PEER_SCRIPT), "dance"], capture_output=True, text=True)
+    assert p.returncode == 2 and "unknown mode 'dance'" in p.stderr
 
 
 # -- llama.cpp on the same files (only where llama-cpp-python is installed) ----------------------------

@@ -255,7 +255,7 @@ def quantize(source, out, kind: str, threads: int, python: str = None):
     os.close(fd)
     try:
         cmd, env = child_command("quantize", python)
-        cmd += ["-m", "llama2.benchmarks.engine", "quantize", str(source), tmp, QUANTIZED[kind], str(threads)]
+        cmd += ["quantize", str(source), tmp, QUANTIZED[kind], str(threads)]
         p = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if p.returncode != 0:
             raise Llama2Error(f"bench: llama.cpp's quantizer failed on {source} -> {kind}: {last_line(p)}")
