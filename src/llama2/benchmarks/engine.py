@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +54,7 @@ UNITS = {"decode": "tok/s", "prefill128": "tok/s", "prefill512": "tok/s", "ttft"
 GROUP = 32  # int8 group size on both sides (llama.cpp's Q8_0 block)
 CHECK_TOKENS = 24  # greedy ids compared on the stories shapes' F32 GGUF
 FIRST_RUN_STEPS = 4  # positions `llama2 run -n` runs: the first token and three more
-LEVELS = ("scalar", "avx2", "avx512")  # LLAMA2_ISA values (llama2.native.LEVELS)
 TINYLLAMA_WEIGHTS = ("fp32", "int8")  # --weights of the tinyllamas; the large shapes': files.FILES
-
-
-@dataclass(frozen=True)
-class Case:
-    model: str  # shape name
-    weights: str  # fp32 | int8
-    threads: int
 
 
 def bench_dir() -> Path:

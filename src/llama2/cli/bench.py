@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 
-LEVELS = ("scalar", "avx2", "avx512")
+LEVELS = ("scalar", "avx2", "avx512")  # LLAMA2_ISA values, as llama2.native.LEVELS (not imported here)
 
 
 def register(sub):
