@@ -12,12 +12,13 @@ def test_bench_smoke_writes_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))
     out, err = io.BytesIO(), io.StringIO()
     code = main(["bench", "--models", "stories260K", "--threads", "1", "--reps", "1", "--no-peer",
-                 "--dir", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")],
+                 "--no-first-run", "--dir", str(tmp_path / "models"), "--json", str(tmp_path / "bench.json")],
                 stdout=out, stderr=err)
     assert code == 0, err.getvalue()
     info = json.loads((tmp_path / "bench.json").read_text())
-    assert set(info) == {"machine", "versions", "rows"}
-    assert info["machine"]["cores"] >= 1 and "numba" in info["versions"]
+    assert set(info) == {"machine", "versions", "rows", "checks", "errors"}
+    assert info["machine"]["cpu_level"] and info["machine"]["ours_level"]
+    assert info["machine"]["cores"] >= 1 and "llama2" in info["versions"]
     metrics = {(r["weights"], r["metric"]) for r in info["rows"]}
     assert metrics == {(w, m) for w in ("fp32", "int8")
                        for m in ("decode", "prefill128", "prefill512", "ttft", "rss")}
