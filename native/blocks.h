@@ -57,21 +57,18 @@ _Static_assert(sizeof(block_q6_k) == 210, "block_q6_k");
 _Static_assert(sizeof(block_q8_0x) == 40, "block_q8_0x");
 _Static_assert(sizeof(block_q8_k) == 292, "block_q8_k");
 
-/* Exact half -> float (every half is a float; NaN payloads are kept). */
+/* Exact half -> float (every half is a float; NaN payloads are kept). Branch-free: the half's
+ * exponent and mantissa bits placed in a float's and scaled by 2^112 rebias normals and turn
+ * subnormals (exponent 0) into the right normal floats; exponent 31 (inf/nan) is patched. */
 static inline float f16_to_f32(f16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0x1f) {
-        bits = sign | 0x7f800000u | (man << 13);
-    } else if (exp != 0) {
-        bits = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man == 0) {
-        bits = sign;
-    } else {  /* subnormal half: normalize */
-        int e = -1;
-        do { man <<= 1; e++; } while (!(man & 0x400));
-        bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
-    }
-    float f;
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, mag = (uint32_t)(h & 0x7fff) << 13;
+    float f, scale = 0x1p112f;
+    memcpy(&f, &mag, 4);
+    f *= scale;
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((h & 0x7c00) == 0x7c00) bits = 0x7f800000u | mag;
+    bits |= sign;
     memcpy(&f, &bits, 4);
     return f;
 }
