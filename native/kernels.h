@@ -17,11 +17,12 @@ enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
 
 #define NX_MAX 4  /* activation rows a dot kernel takes at once (each weight block is read once) */
 
-/* Dot products of one weight row (`cols` values) with nx <= NX_MAX activation rows:
- * out[j * out_stride] = sum_k w[k] * x_j[k], x_j = (const char *)x + j * x_stride.
- * Each (row, activation row) result is computed by the same operations whatever nx is. */
-typedef void (*dot_fn)(int64_t cols, const void *w, const void *x, size_t x_stride, int nx,
-                       float *out, size_t out_stride);
+/* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
+ * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],
+ * x_j = (const char *)x + j * x_stride. Each weight block is read once for the nx rows, and each
+ * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
+typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
+                       size_t x_stride, int nx, float *out, size_t out_stride);
 /* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
 /* One activation row of `cols` floats -> its blocks. */

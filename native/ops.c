@@ -3,11 +3,11 @@
  * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
  * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
  * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. Inside a chunk the activation rows are taken ROW_TILE at a time, and for each
- * weight row of the chunk the type's dot kernel reads every weight block once for NX_MAX
- * activation rows: the chunk stays in cache while the tile of activations is reused, so prompts
- * are compute-bound while decode (N = 1) streams each weight byte once. Results do not depend on
- * the thread count or the chunking: each output is one dot kernel call's own sum. */
+ * one at a time. For each tile of NX_MAX activation rows the type's dot kernel runs over the
+ * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
+ * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
+ * the following tiles. Results do not depend on the thread count or the chunking: each output is
+ * one dot body's own sum. */
 #include "ops.h"
 
 #include <pthread.h>
@@ -16,7 +16,7 @@
 #include "dispatch.h"
 #include "pool.h"
 
-#define ROW_TILE 64  /* activation rows per pass over a chunk of weight rows */
+#define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
 
 /* Per-thread scratch for quantized activations, freed when the thread ends. */
 static pthread_key_t scratch_key;
@@ -84,16 +84,10 @@ static void mm_task(void *arg, int ith, int nth) {
         int64_t c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (c >= j->nchunks) return;
         int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-        for (int64_t t0 = 0; t0 < j->n; t0 += ROW_TILE) {
-            int64_t t1 = t0 + ROW_TILE < j->n ? t0 + ROW_TILE : j->n;
-            for (int64_t r = r0; r < r1; r++) {
-                const uint8_t *wr = j->w + r * j->row_bytes;
-                for (int64_t i = t0; i < t1; i += NX_MAX) {
-                    int nx = t1 - i < NX_MAX ? (int)(t1 - i) : NX_MAX;
-                    j->dot(j->cols, wr, j->x + i * j->x_stride, j->x_stride, nx, j->out + i * j->rows + r,
-                           (size_t)j->rows);
-                }
-            }
+        for (int64_t i = 0; i < j->n; i += NX_MAX) {
+            int nx = j->n - i < NX_MAX ? (int)(j->n - i) : NX_MAX;
+            j->dot(j->cols, j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->x + i * j->x_stride, j->x_stride,
+                   nx, j->out + i * j->rows + r0, (size_t)j->rows);
         }
     }
 }
@@ -116,8 +110,10 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
         j.x = xq;
     }
     int nth = pool_threads();
-    /* Chunks: about 8 per thread, at least 4 rows each (and fewer rows when the prompt is long). */
+    /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile of
+     * activation rows passes over them; at least 4 rows. */
     int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
+    if (n > NX_MAX && chunk * (int64_t)row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)row_bytes;
     if (chunk < 4) chunk = 4;
     j.chunk = chunk;
     j.nchunks = (rows + chunk - 1) / chunk;

@@ -3,7 +3,7 @@
 #include "level.h"
 
 #define TYPE(t) \
-    void KN(t##_dot)(int64_t, const void *, const void *, size_t, int, float *, size_t); \
+    void KN(t##_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t); \
     void KN(t##_dequant)(const void *, float *, int64_t);
 TYPE(f32) TYPE(f16) TYPE(bf16) TYPE(q8_0) TYPE(q4_0) TYPE(q4_1) TYPE(q5_0) TYPE(q5_1)
 TYPE(q4_k) TYPE(q5_k) TYPE(q6_k)

@@ -49,8 +49,11 @@ INLINE void dot_body(int64_t nb, const block_q5_0 *w, const char *x, size_t xs, 
 #endif
 }
 
-void KN(q5_0_dot)(int64_t cols, const void *w, const void *x, size_t xs, int nx, float *out, size_t os) {
-#define B(n) dot_body(cols / QK, (const block_q5_0 *)w, (const char *)x, xs, n, out, os)
+void KN(q5_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+#define B(n) \
+    for (int64_t r = 0; r < nrows; r++) \
+        dot_body(cols / QK, (const block_q5_0 *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
 #undef B
 }
