@@ -104,7 +104,13 @@ static inline float bf16_to_f32(bf16_t h) {
 
 static inline uint16_t load_u16(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t load_u32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+#if defined(__F16C__)
+#include <immintrin.h>
+/* A scale: one F16C instruction where the variant has it (exact, like f16_to_f32 on finite values). */
+static inline float load_f16(const void *p) { return _cvtsh_ss(load_u16(p)); }
+#else
 static inline float load_f16(const void *p) { return f16_to_f32(load_u16(p)); }
+#endif
 
 /* The 8 six-bit scales and mins of a Q4_K / Q5_K super-block (12 bytes):
  * bytes 0-3: scales 0-3 (low 6 bits), top 2 bits = high bits of scales 4-7;
