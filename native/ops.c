@@ -94,6 +94,7 @@ static void mm_task(void *arg, int ith, int nth) {
 
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
                int64_t cols, float *out) {
+    if (n == 0 || rows == 0) return 0;
     const kernel_table *kt = active_table;
     const type_info *ti = &TYPE_INFO[type];
     mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols, .n = n,
@@ -104,7 +105,7 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
     } else {
         int k = ti->act == ACT_Q8_K;
         j.x_stride = (size_t)(cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
-        char *xq = scratch_get(j.x_stride * (size_t)n);
+        char *xq = scratch_get(j.x_stride * (size_t)n + 64);
         if (!xq) return -1;
         quantize_rows(k ? kt->q8_k : kt->q8_0x, x, n, cols, xq, j.x_stride);
         j.x = xq;

@@ -226,6 +226,17 @@ def test_threads_one_and_two_agree(t):
         np.testing.assert_array_equal(o, outs[0])
 
 
+def test_empty_products():
+    w = np.zeros((4, 144), np.uint8)
+    out = np.empty((0, 4), np.float32)
+    native.matmul(int(GT.Q4_K), w, np.zeros((0, 256), np.float32), out)
+    out = np.full((2, 0), 1, np.float32)
+    native.matmul(int(GT.Q4_K), np.zeros((0, 144), np.uint8), np.ones((2, 256), np.float32), out)
+    out = np.full((2, 4), np.nan, np.float32)
+    native.matmul(int(GT.F32), np.zeros((4, 0), np.float32), np.ones((2, 0), np.float32), out)
+    np.testing.assert_array_equal(out, 0)
+
+
 def test_shape_errors_are_one_line():
     w = np.zeros((4, 144), np.uint8)
     x = np.zeros((2, 256), np.float32)

@@ -20,8 +20,14 @@ import os
 
 import numpy as np
 
-from . import _native, threads as _threads
+from . import threads as _threads
 from .errors import UsageError
+
+try:
+    from . import _native
+except ImportError as e:  # a source checkout that was never built
+    raise ImportError(f"llama2's compiled kernels are not built ({e}); run `pip install -e .` "
+                      "(or `python setup.py build_ext --inplace`) in the checkout") from e
 
 LEVELS = ("scalar", "avx2", "avx512")
 ENV = "LLAMA2_ISA"
@@ -46,19 +52,20 @@ def supported() -> tuple:
     return tuple(lv for lv in LEVELS if any(v in have for v in _LEVEL_VARIANTS[lv]))
 
 
-def resolve(level: str, available: tuple) -> str:
-    """`level` checked against the levels `available`; raises UsageError (one line) otherwise."""
+def resolve(level: str, available: tuple, source: str = ENV) -> str:
+    """`level` checked against the levels `available`; raises UsageError (one line, naming
+    `source`) otherwise."""
     if level not in LEVELS:
-        raise UsageError(f"{ENV}={level}: expected one of {', '.join(LEVELS)}")
+        raise UsageError(f"{source}={level}: expected one of {', '.join(LEVELS)}")
     if level not in available:
-        raise UsageError(f"{ENV}={level}: this CPU cannot run the {level} kernels "
+        raise UsageError(f"{source}={level}: this CPU cannot run the {level} kernels "
                          f"(it runs: {', '.join(available)})")
     return level
 
 
-def select(level: str) -> str:
+def select(level: str, source: str = "native.select") -> str:
     """Make `level` the active level of this process; returns it."""
-    resolve(level, supported())
+    resolve(level, supported(), source)
     have = variants()
     _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
     return level
@@ -109,7 +116,7 @@ def quantize_q8_k(x: np.ndarray) -> np.ndarray:
 def _init():
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
-        select(forced)
+        select(forced, ENV)
     set_threads(_threads.threads())
 
 
