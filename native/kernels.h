@@ -23,6 +23,9 @@ enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
  * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
 typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
                        size_t x_stride, int nx, float *out, size_t out_stride);
+/* The same for llama2.c's version-2 Q8 (type_q8s.c): int8 rows plus float scales per gs values. */
+typedef void (*q8s_dot_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
+                           const void *x, size_t x_stride, int nx, float *out, size_t out_stride);
 /* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
 /* One activation row of `cols` floats -> its blocks. */
@@ -32,6 +35,7 @@ typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
     dequant_fn dequant[T_COUNT];
+    q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */

@@ -348,3 +348,45 @@ print(len(bad), os.waitstatus_to_exitcode(status))
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["0", "0"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("gs", (32, 64, 256))
+def test_matmul_q8_split_equals_dequantized_product(gs, variant):
+    """llama2.c version-2 Q8 read in place: int8 q [rows, cols] and a float scale per group."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(gs + len(variant))
+    rows, cols = 37, 512
+    q = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
+    s = (rng.random(rows * cols // gs) * 0.01).astype(np.float32)
+    wd = (q.astype(np.float32).reshape(-1, gs) * s[:, None]).reshape(rows, cols).astype(np.float64)
+    for n in (1, 3, 8, 33):
+        x = activations(rng, n, cols)
+        out = np.full((n, rows), np.nan, np.float32)
+        native.matmul_q8_split(q, s, gs, x, out)
+        scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        exact = dequantized_activations(GT.Q8_0, x) @ wd.T
+        np.testing.assert_array_less(np.abs(out - exact), 2e-6 * scale + 1e-30)
+        d = np.abs(x.reshape(n, -1, 32)).max(axis=-1) / 127
+        bound = np.repeat(d, 32, axis=1) * 0.57 @ np.abs(wd).T + 2e-6 * scale + 1e-30
+        np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), bound)
+    # Same bytes as GGUF Q8_0 when the groups are its blocks and the scales are fp16 values.
+    if gs == 32:
+        s16 = s.astype(np.float16)
+        blocks = np.empty((rows, cols // 32, 34), np.uint8)
+        blocks[..., :2] = s16.view(np.uint8).reshape(rows, -1, 2)
+        blocks[..., 2:] = q.view(np.uint8).reshape(rows, -1, 32)
+        a, b = np.empty((5, rows), np.float32), np.empty((5, rows), np.float32)
+        x = activations(rng, 5, cols)
+        native.matmul(int(GT.Q8_0), blocks.reshape(rows, -1), x, a)
+        native.matmul_q8_split(q, s16.astype(np.float32), 32, x, b)
+        np.testing.assert_array_equal(a, b)
+
+
+def test_matmul_q8_split_errors():
+    q = np.zeros((4, 96), np.int8)
+    x = np.zeros((1, 96), np.float32)
+    with pytest.raises(ValueError, match="group size 48 must be a multiple of 32 that divides the 96 columns"):
+        native.matmul_q8_split(q, np.zeros(8, np.float32), 48, x, np.empty((1, 4), np.float32))
+    with pytest.raises(ValueError, match="s must be float32 with at least 12 scales"):
+        native.matmul_q8_split(q, np.zeros(11, np.float32), 32, x, np.empty((1, 4), np.float32))

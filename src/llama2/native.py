@@ -6,6 +6,7 @@ file stores them, row dequantization and activation quantization, on a thread po
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
+    matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
     TYPES                            ggml type id -> (name, block_values, block_bytes)
 
@@ -39,6 +40,11 @@ TYPES = {t: (name, values, nbytes) for t, (name, values, nbytes, _act) in _nativ
 
 matmul = _native.matmul
 dequantize_rows = _native.dequantize_rows
+# Beyond the contract: llama2.c version-2 Q8 read in place, q int8 [rows, cols] and s float32
+# [rows * cols / group_size] (a scale per group of the flattened matrix; whole groups per row and
+# group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
+# to Q8_0 blocks as for GGUF Q8_0.
+matmul_q8_split = _native.matmul_q8_split
 
 
 def variants() -> tuple:
