@@ -15,7 +15,7 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
 /* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
 enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
 
-#define NX_MAX 4  /* activation rows a dot kernel takes at once (each weight block is read once) */
+#define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
 
 /* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
  * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],
@@ -33,6 +33,7 @@ typedef void (*quant_fn)(const float *x, void *out, int64_t cols);
 
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
+    int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
     dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
     dequant_fn dequant[T_COUNT];
     q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */

@@ -3,7 +3,7 @@
  * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
  * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
  * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. For each tile of NX_MAX activation rows the type's dot kernel runs over the
+ * one at a time. For each tile of nx_tile activation rows the type's dot kernel runs over the
  * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
  * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
  * the following tiles. Results do not depend on the thread count or the chunking: each output is
@@ -77,6 +77,7 @@ typedef struct {
     size_t x_stride;
     float *out;
     int64_t chunk, nchunks;
+    int tile;      /* activation rows per dot call */
     int64_t next;  /* next chunk to claim (atomic) */
 } mm_job;
 
@@ -87,8 +88,8 @@ static void mm_task(void *arg, int ith, int nth) {
         int64_t c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (c >= j->nchunks) return;
         int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-        for (int64_t i = 0; i < j->n; i += NX_MAX) {
-            int nx = j->n - i < NX_MAX ? (int)(j->n - i) : NX_MAX;
+        for (int64_t i = 0; i < j->n; i += j->tile) {
+            int nx = j->n - i < j->tile ? (int)(j->n - i) : j->tile;
             if (j->q8s_dot)
                 j->q8s_dot(j->cols, (const int8_t *)j->w + r0 * j->cols, j->s + r0 * (j->cols / j->gs), j->gs,
                            r1 - r0, j->x + i * j->x_stride, j->x_stride, nx, j->out + i * j->rows + r0,
@@ -101,8 +102,8 @@ static void mm_task(void *arg, int ith, int nth) {
 }
 
 /* Quantize x as `act` asks, split the rows, run. */
-static int run_matmul(mm_job *j, int act, const float *x) {
-    const kernel_table *kt = active_table;
+static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x) {
+    j->tile = kt->nx_tile;
     if (act == ACT_F32) {
         j->x = (const char *)x;
         j->x_stride = (size_t)j->cols * sizeof(float);
@@ -118,7 +119,7 @@ static int run_matmul(mm_job *j, int act, const float *x) {
     /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile of
      * activation rows passes over them; at least 4 rows. */
     int64_t chunk = (j->rows + 8 * nth - 1) / (8 * nth);
-    if (j->n > NX_MAX && chunk * (int64_t)j->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)j->row_bytes;
+    if (j->n > j->tile && chunk * (int64_t)j->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)j->row_bytes;
     if (chunk < 4) chunk = 4;
     j->chunk = chunk;
     j->nchunks = (j->rows + chunk - 1) / chunk;
@@ -131,17 +132,19 @@ static int run_matmul(mm_job *j, int act, const float *x) {
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
               int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
-    mm_job j = {.dot = active_table->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
+    const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
+    mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
                 .n = n, .out = out};
-    return run_matmul(&j, TYPE_INFO[type].act, x);
+    return run_matmul(&j, kt, TYPE_INFO[type].act, x);
 }
 
 int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
-    mm_job j = {.q8s_dot = active_table->q8s_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
+    const kernel_table *kt = active_table;
+    mm_job j = {.q8s_dot = kt->q8s_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
                 .row_bytes = (size_t)cols, .rows = rows, .cols = cols, .n = n, .out = out};
-    return run_matmul(&j, ACT_Q8_0, x);
+    return run_matmul(&j, kt, ACT_Q8_0, x);
 }
 
 typedef struct {
