@@ -151,7 +151,7 @@ def test_matmul_equals_dequantized_product(t, variant):
     cols = 200 if t in FLOATS else 512  # float types: a tail after the vector loop
     w = random_weights(rng, t, rows, cols)
     wd = gguf_dequant(t, w).astype(np.float64)
-    for n in (1, 3, 8, 33):
+    for n in (1, 3, 6, 8, 33):
         x = activations(rng, n, cols)
         out = np.full((n, rows), np.nan, np.float32)
         native.matmul(int(t), w, x, out)
@@ -360,7 +360,7 @@ def test_matmul_q8_split_equals_dequantized_product(gs, variant):
     q = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
     s = (rng.random(rows * cols // gs) * 0.01).astype(np.float32)
     wd = (q.astype(np.float32).reshape(-1, gs) * s[:, None]).reshape(rows, cols).astype(np.float64)
-    for n in (1, 3, 8, 33):
+    for n in (1, 3, 6, 8, 33):
         x = activations(rng, n, cols)
         out = np.full((n, rows), np.nan, np.float32)
         native.matmul_q8_split(q, s, gs, x, out)
