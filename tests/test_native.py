@@ -282,6 +282,8 @@ def test_llama2_isa_unknown_or_missing_level_is_one_line():
                                          r"\(it runs: scalar, avx2\)$"):
         native.resolve("avx512", ("scalar", "avx2"))
     assert native.resolve("avx2", ("scalar", "avx2")) == "avx2"
+    with pytest.raises(UsageError, match=r"^native.select\('avx9'\): expected one of scalar, avx2, avx512$"):
+        native.select("avx9")
 
 
 def test_select_switches_level_in_process():

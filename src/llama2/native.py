@@ -48,7 +48,7 @@ matmul_q8_split = _native.matmul_q8_split
 
 
 def variants() -> tuple:
-    """The compiled variants this CPU runs, best first (scalar, avx2, avx512, avx512vnni)."""
+    """The compiled variants this CPU runs, best first (of avx512vnni, avx512, avx2, scalar)."""
     return tuple(name for name, runs in _native.variants() if runs)
 
 
@@ -58,20 +58,21 @@ def supported() -> tuple:
     return tuple(lv for lv in LEVELS if any(v in have for v in _LEVEL_VARIANTS[lv]))
 
 
-def resolve(level: str, available: tuple, source: str = ENV) -> str:
-    """`level` checked against the levels `available`; raises UsageError (one line, naming
-    `source`) otherwise."""
+def resolve(level: str, available: tuple, label: str = None) -> str:
+    """`level` checked against the levels `available`; raises UsageError (one line starting with
+    `label`, by default "LLAMA2_ISA=<level>") otherwise."""
+    label = label or f"{ENV}={level}"
     if level not in LEVELS:
-        raise UsageError(f"{source}={level}: expected one of {', '.join(LEVELS)}")
+        raise UsageError(f"{label}: expected one of {', '.join(LEVELS)}")
     if level not in available:
-        raise UsageError(f"{source}={level}: this CPU cannot run the {level} kernels "
+        raise UsageError(f"{label}: this CPU cannot run the {level} kernels "
                          f"(it runs: {', '.join(available)})")
     return level
 
 
-def select(level: str, source: str = "native.select") -> str:
+def select(level: str, label: str = None) -> str:
     """Make `level` the active level of this process; returns it."""
-    resolve(level, supported(), source)
+    resolve(level, supported(), label or f"native.select({level!r})")
     have = variants()
     _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
     return level
@@ -109,7 +110,8 @@ def _quantize(k_quants: bool, x: np.ndarray, block: int, block_bytes: int) -> np
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """x f32 [N, cols] -> uint8 [N, cols/32*34] of block_q8_0 {f16 d; int8 qs[32]}:
-    d = max|x|/127 per block, q = rint(x / d) (half to even) clamped to +-127 (native/act.c)."""
+    d = max|x| / 127 per block, q = rint(x * (1 / d)) (half to even, all in float32) clamped to
+    +-127, d stored as fp16 (native/act.c)."""
     return _quantize(False, x, 32, 34)
 
 
@@ -122,7 +124,7 @@ def quantize_q8_k(x: np.ndarray) -> np.ndarray:
 def _init():
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
-        select(forced, ENV)
+        select(forced, f"{ENV}={forced}")
     set_threads(_threads.threads())
 
 
