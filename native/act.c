@@ -49,6 +49,20 @@ INLINE float quant_block(const float *x, int n, int8_t *q) {
     return d;
 }
 
+/* The sums of q[0..15] and q[16..31]. */
+INLINE void sum16x2(const int8_t *q, int32_t s[2]) {
+#if defined(__AVX2__)
+    __m256i t = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), load256(q)), _mm256_set1_epi16(1));
+    __m128i h = _mm_hadd_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    h = _mm_hadd_epi32(h, h);
+    s[0] = _mm_cvtsi128_si32(h);
+    s[1] = _mm_extract_epi32(h, 1);
+#else
+    s[0] = s[1] = 0;
+    for (int l = 0; l < 16; l++) s[0] += q[l], s[1] += q[l + 16];
+#endif
+}
+
 void KN(quant_q8_0)(const float *x, void *out, int64_t cols) {
     block_q8_0 *y = (block_q8_0 *)out;
     for (int64_t b = 0; b < cols / QK; b++) {
@@ -61,9 +75,9 @@ void KN(quant_q8_0x)(const float *x, void *out, int64_t cols) {
     block_q8_0x *y = (block_q8_0x *)out;
     for (int64_t b = 0; b < cols / QK; b++) {
         y[b].d = f16_to_f32(f32_to_f16(quant_block(x + b * QK, QK, y[b].qs)));
-        int32_t s = 0;
-        for (int l = 0; l < QK; l++) s += y[b].qs[l];
-        y[b].sum = s;
+        int32_t s[2];
+        sum16x2(y[b].qs, s);
+        y[b].sum = s[0] + s[1];
     }
 }
 
@@ -74,10 +88,11 @@ void KN(quant_q8_k)(const float *x, void *out, int64_t cols) {
         float d = quant_block(x + b * QK_K, QK_K, q);
         memcpy(&y->d, &d, 4);
         memcpy(y->qs, q, QK_K);
-        for (int g = 0; g < QK_K / 16; g++) {
-            int16_t s = 0;
-            for (int l = 0; l < 16; l++) s += q[16 * g + l];
-            memcpy(&y->bsums[g], &s, 2);
+        for (int g = 0; g < QK_K / 16; g += 2) {
+            int32_t s[2];
+            sum16x2(q + 16 * g, s);
+            int16_t s16[2] = {(int16_t)s[0], (int16_t)s[1]};
+            memcpy(&y->bsums[g], s16, 4);
         }
     }
 }

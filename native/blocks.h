@@ -57,18 +57,21 @@ _Static_assert(sizeof(block_q6_k) == 210, "block_q6_k");
 _Static_assert(sizeof(block_q8_0x) == 40, "block_q8_0x");
 _Static_assert(sizeof(block_q8_k) == 292, "block_q8_k");
 
-/* Exact half -> float (every half is a float; NaN payloads are kept). Branch-free: the half's
- * exponent and mantissa bits placed in a float's and scaled by 2^112 rebias normals and turn
- * subnormals (exponent 0) into the right normal floats; exponent 31 (inf/nan) is patched. */
+/* Exact half -> float (every half is a float; NaN payloads are kept). Integer operations only,
+ * so a flush-to-zero or denormals-are-zero mode set by another library cannot change it. */
 static inline float f16_to_f32(f16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, mag = (uint32_t)(h & 0x7fff) << 13;
-    float f, scale = 0x1p112f;
-    memcpy(&f, &mag, 4);
-    f *= scale;
-    uint32_t bits;
-    memcpy(&bits, &f, 4);
-    if ((h & 0x7c00) == 0x7c00) bits = 0x7f800000u | mag;
-    bits |= sign;
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0x1f) {  /* inf, nan */
+        bits = sign | 0x7f800000u | (man << 13);
+    } else if (exp != 0) {  /* normal: rebias 15 -> 127 */
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else if (man == 0) {
+        bits = sign;
+    } else {  /* subnormal man * 2^-24: leading one at bit p = 31 - clz -> 1.f * 2^(p - 24) */
+        uint32_t clz = (uint32_t)__builtin_clz(man);
+        bits = sign | ((134 - clz) << 23) | ((man << (clz - 8)) & 0x7fffff);
+    }
+    float f;
     memcpy(&f, &bits, 4);
     return f;
 }
