@@ -2,6 +2,7 @@
 configs saved with save_pretrained, loaded directly and exported, give the same logits."""
 
 import copy
+import dataclasses
 import io
 import json
 
@@ -80,7 +81,9 @@ def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, ti
     out = tmp_path / "model.bin"
     assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
     exported = Llama.load(out, tokenizer=tok)
-    assert exported.config == direct.config  # version 3 keeps rope_theta, eps, BOS/EOS
+    # version 3 keeps rope_theta, eps, BOS/EOS; the export un-permutes q/k to interleaved pairs
+    assert direct.config.rope_style == "halves"
+    assert exported.config == dataclasses.replace(direct.config, rope_style="interleaved")
     np.testing.assert_allclose(exported.logits(ids), ref, atol=1e-4, rtol=0)
 
     legacy = tmp_path / "legacy.bin"  # llama2.c's version 1 holds the weights exactly
