@@ -9,18 +9,25 @@ import numpy as np
 import pytest
 
 from conftest import asset, golden
-from llama2 import gguf, weights
+from llama2 import gguf, kernels as K, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.model import Transformer
+from llama2.weights import base
 
 FILES = ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
 
-# Bounds on |ours - llama.cpp| over all 24 x 512 teacher-forced logits (std about 8), per file,
-# and the least number of the 24 positions whose argmax must agree. See docs/engine.md.
-LOGIT_BOUND = {"f16": 0.1, "q8_0": 1.0, "q4_0": 1.0, "q4_1": 1.0, "q5_0": 1.0, "q5_1": 1.2,
-               "q4_k_m": 1.8, "q5_k_m": 1.5, "q6_k": 1.5}
-ARGMAX_AGREE = {"f16": 24, "q8_0": 22, "q4_0": 23, "q4_1": 22, "q5_0": 23, "q5_1": 22,
-                "q4_k_m": 20, "q5_k_m": 20, "q6_k": 22}
+# Bounds on |ours - llama.cpp| over all 24 x 512 teacher-forced logits (std about 8), per file, and
+# the least number of the 24 positions whose argmax must agree. llama.cpp keeps its KV cache in
+# float16 and rounds q and the attention probabilities to float16 for their products (its F16
+# vec_dot); we keep float32, which is most of the difference that remains.
+LOGIT_BOUND = {"f16": 0.1, "q8_0": 0.8, "q4_0": 1.1, "q4_1": 1.2, "q5_0": 0.9, "q5_1": 1.0,
+               "q4_k_m": 1.2, "q5_k_m": 1.2, "q6_k": 1.2}
+ARGMAX_AGREE = {"f16": 24, "q8_0": 22, "q4_0": 23, "q4_1": 22, "q5_0": 23, "q5_1": 23,
+                "q4_k_m": 21, "q5_k_m": 20, "q6_k": 22}
+# The same with llama.cpp's float16 attention emulated (f16_attention below): what is left is the
+# weights' and activations' arithmetic alone, where our kernels follow llama.cpp's rule.
+F16_ATTENTION_BOUND = {"f16": 0.06, "q8_0": 1e-4, "q4_0": 0.6, "q4_1": 1.0, "q5_0": 0.4, "q5_1": 1.0,
+                       "q4_k_m": 1e-4, "q5_k_m": 0.7, "q6_k": 0.3}
 
 
 def mapped_base(arr):
@@ -57,13 +64,39 @@ def test_every_tensor_is_a_view_of_the_file_in_its_stored_type(name):
     assert seen == set(types) - {"F32"} or seen == set(types)  # F32 holds the norms only
 
 
-@pytest.mark.parametrize("name", FILES)
-def test_teacher_forced_logits_match_llama_cpp(name):
+def f16_attention(q, k, v, start):  # kernels.attention as llama.cpp computes it (no flash attention)
+    """q, k, v rounded to float16 (its KV cache, and q converted for the F16 dot products); the
+    scaled softmax in float32; the probabilities rounded to float16 for the product with v."""
+    f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
+    T, H, hd = q.shape
+    KVH, S, _ = k.shape
+    qh = np.ascontiguousarray(f16(q).reshape(T, KVH, H // KVH, hd).transpose(1, 2, 0, 3))
+    scores = np.matmul(qh, f16(k).transpose(0, 2, 1)[:, None])  # [KVH, g, T, S]
+    K.causal_softmax(scores.reshape(H, T, S), start, np.sqrt(np.float32(hd)))
+    out = np.matmul(f16(scores), f16(v)[:, None])
+    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+
+
+def teacher_forced(name):
     ref = np.load(golden("llamacpp_kquant_logits.npz"))
     model = Transformer(gguf.load(asset(f"kquant/rand256-{name}.gguf")))
-    logits = model.forward(ref["ids"], model.new_cache(), all_logits=True)
+    logits = model.forward(ref["ids"], model.new_cache(), all_logits=True)  # one prompt pass
     theirs = ref[name]
-    diff = np.abs(logits - theirs).max()
-    agree = int((logits.argmax(axis=1) == theirs.argmax(axis=1)).sum())
-    print(f"{name}: max |diff| {diff:.4f}, argmax agrees on {agree}/24")
+    return np.abs(logits - theirs).max(), int((logits.argmax(axis=1) == theirs.argmax(axis=1)).sum())
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_teacher_forced_logits_match_llama_cpp(name):
+    diff, agree = teacher_forced(name)
+    print(f"{name}: max |diff| {diff:.4g}, argmax agrees on {agree}/24")
     assert diff <= LOGIT_BOUND[name] and agree >= ARGMAX_AGREE[name], (diff, agree)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_with_llama_cpp_attention_the_logits_agree_closely(name, monkeypatch):
+    # The integer kernels quantize activations as llama.cpp does: needs the native extension.
+    assert base.native_module() is not None, "the native extension is not built (pip install .)"
+    monkeypatch.setattr(K, "attention", f16_attention)
+    diff, agree = teacher_forced(name)
+    print(f"{name}: max |diff| {diff:.4g} with float16 attention, argmax agrees on {agree}/24")
+    assert diff <= F16_ATTENTION_BOUND[name], diff

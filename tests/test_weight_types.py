@@ -133,3 +133,24 @@ def test_quantize_at_load_hook():
     assert np.abs(m.dequantize() - w).max() <= np.abs(w).max() / 254 * 1.0001
     with pytest.raises(Llama2Error, match="--quantize 'q3_xx': expected one of q8_0"):
         W.quantizer("q3_xx")
+
+
+def native_cases():
+    return [pytest.param(m, id=m.NAME) for m in GGML if m.NAME != "f32"]  # f32 is BLAS's (and numba's)
+
+
+@pytest.mark.parametrize("module", native_cases())
+def test_a_rows_product_does_not_depend_on_its_batch(module):
+    """The server's decode rows: below tile_rows each row's product is bit for bit its product
+    alone; from tile_rows on (BLAS on dequantized tiles) the activations are rounded as the native
+    kernel rounds them, so the two paths agree to float32 summation order."""
+    assert base.native_module() is not None, "the native extension is not built (pip install .)"
+    rng = np.random.default_rng(200 + module.GGML_TYPE)
+    m = module.Matrix(random_blocks(module, 24 * 512 // module.BLOCK, rng, scale=0.05).reshape(24, -1))
+    x = rng.standard_normal((m.tile_rows + 3, 512)).astype(np.float32)
+    few = m(x[:7])
+    for i in range(7):
+        np.testing.assert_array_equal(m(x[i:i + 1])[0], few[i])
+    many = m(x)  # the tile path
+    absprod = np.abs(x[:7]).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)
+    assert np.all(np.abs(many[:7] - few) <= 1e-5 * absprod + 1e-6)

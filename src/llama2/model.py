@@ -66,13 +66,13 @@ def _last_rows(x, spans, all_logits):  # [N, D] -> each segment's last row, unle
 class Layer:
     rms_att: np.ndarray  # [D]
     wq: weights.Matrix  # [D, D]
-    wk: object  # [KV, D]
-    wv: object  # [KV, D]
-    wo: object  # [D, D]
+    wk: weights.Matrix  # [KV, D]
+    wv: weights.Matrix  # [KV, D]
+    wo: weights.Matrix  # [D, D]
     rms_ffn: np.ndarray  # [D]
-    w1: object  # [H, D]
-    w2: object  # [D, H]
-    w3: object  # [H, D]
+    w1: weights.Matrix  # [H, D]
+    w2: weights.Matrix  # [D, H]
+    w3: weights.Matrix  # [H, D]
 
     def qkv(self, h):  # [N, D] -> q [N, D], k [N, KV], v [N, KV]
         return self.wq(h), self.wk(h), self.wv(h)
@@ -109,7 +109,7 @@ class Transformer:
 
         def matrix(value):
             m = weights.matrix(value)
-            return to_type(m.dequantize()) if to_type and weights.is_float(m) else m
+            return to_type(m.dequantize()) if to_type and m.STORES_FLOATS else m
 
         w = ckpt.weights
         self.layers = [
@@ -171,7 +171,7 @@ class Transformer:
                 jit.layer(N * self.layer_size[l], x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
                           positions, cos, sin, c.norm_eps, c.n_heads, halves)
             h = jit.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
-            return self._advance(spans, cache, self.classifier(h))
+            return self._advance(spans, cache, self._classify_compiled(h))
         decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
         dec_rows = np.array([spans[i][2] for i in decode], np.int64)
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
@@ -200,6 +200,14 @@ class Transformer:
             x = x + layer.ffn(h)
         h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
         return self._advance(spans, cache, self.classifier(h))
+
+    def _classify_compiled(self, h):  # [N, D] -> [N, V], each row as if alone (unlike BLAS's gemm)
+        args = self.classifier.jit_args
+        if args is None:
+            return self.classifier(h)
+        out = np.empty((len(h), self.classifier.shape[0]), np.float32)
+        _jit().matmul(h.size * self.classifier.shape[0], h, *args, out)
+        return out
 
     @staticmethod
     def _advance(spans, cache, logits):

@@ -61,11 +61,6 @@ def dense(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def is_float(m: Matrix) -> bool:
-    """Whether a matrix stores floats (so `--quantize` applies to it); quantized types stay as stored."""
-    return m.NAME in ("f32", "f16", "bf16")
-
-
 def quantizer(name, group_size=None):
     """The function float32 [out, in] -> Matrix that `--quantize NAME` applies at load to every
     matrix stored as floats; Llama2Error at once for a name nobody quantizes to.

@@ -17,6 +17,10 @@ from ..errors import FormatError
 # native kernel reads the stored blocks directly. (llama.cpp's BLAS backend draws the line at 32 rows.)
 DEQUANT_TILE = 1 << 22
 
+# The activation blocks of the k-quant kernels (ggml block_q8_K: native.quantize_q8_k's rows). Not
+# a weight type: only the tile path reads it, to round activations as the native kernel does.
+Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])  # 292 bytes
+
 _native = False  # not yet looked up
 
 
@@ -58,8 +62,10 @@ class Matrix:
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     jit_args = None  # (w, s, gs) when the numba fused decode layer can read this matrix
     jit_prompts = False  # whether prompts of a few rows take that layer too
+    STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 
     def __init__(self, blocks):
         blocks = np.asarray(blocks)
@@ -126,7 +132,22 @@ class Matrix:
         else:
             out[:] = self.dequantize_blocks(self.blocks[r0:r1]).reshape(r1 - r0, -1)
 
+    def _activations(self, x):  # [N, in] -> [N, in]: x as the native kernel sees it
+        """With native integer kernels, x rounded to their activation blocks (and back to float32),
+        so a row's product does not depend on which path its batch's size chose: the server's rows
+        give the same tokens alone or batched. Without them, x itself (both paths are float)."""
+        nat = native_for(self.GGML_TYPE)
+        if nat is None or self.ACTIVATIONS is None:
+            return x
+        if self.ACTIVATIONS == "q8_0":
+            from . import q8_0
+            blocks = nat.quantize_q8_0(x).view(q8_0.DTYPE)
+            return q8_0.dequantize(blocks).reshape(x.shape)
+        blocks = nat.quantize_q8_k(x).view(Q8_K)
+        return (blocks["d"][..., None] * blocks["qs"].astype(np.float32)).reshape(x.shape)
+
     def _tiled(self, x):  # [N, in] -> [N, out]: float32 tiles of the matrix, each multiplied by BLAS
+        x = self._activations(x)
         m, n = self.shape
         step = max(4, DEQUANT_TILE // n)
         tile = np.empty((min(step, m), n), np.float32)

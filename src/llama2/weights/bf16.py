@@ -21,3 +21,4 @@ def dequantize(blocks):  # [...] uint16 -> float32 [..., 1] (exact)
 class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
+    STORES_FLOATS = True

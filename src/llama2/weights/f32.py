@@ -22,6 +22,7 @@ def dequantize(blocks):  # [...] float32 -> float32 [..., 1]
 class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
+    STORES_FLOATS = True
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)

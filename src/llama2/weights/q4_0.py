@@ -21,3 +21,4 @@ def dequantize(blocks):  # [...] blocks -> float32 [..., 32]
 class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
+    ACTIVATIONS = "q8_0"
