@@ -1,0 +1,122 @@
+/* Block layouts of the GGUF weight types and of the quantized activations, written once.
+ *
+ * Every struct is the byte layout GGUF stores (little-endian, packed, no padding); a static assert
+ * pins each size. Scales are IEEE half (fp16) unless noted. Element order inside a block is the one
+ * gguf.quants.dequantize produces; each type's file (type_*.c) says how its bits map to elements.
+ */
+#ifndef LLAMA2_BLOCKS_H
+#define LLAMA2_BLOCKS_H
+
+#include <stdint.h>
+#include <string.h>
+
+#define QK 32     /* values per block of Q4_0 .. Q8_0 */
+#define QK_K 256  /* values per super-block of the k-quants */
+
+typedef uint16_t f16_t;   /* IEEE binary16 bits */
+typedef uint16_t bf16_t;  /* bfloat16 bits */
+
+typedef struct { f16_t d; uint8_t qs[QK / 2]; } block_q4_0;             /* q in 0..15, w = d*(q-8) */
+typedef struct { f16_t d, m; uint8_t qs[QK / 2]; } block_q4_1;          /* w = d*q + m */
+typedef struct { f16_t d; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_0;    /* w = d*(q-16) */
+typedef struct { f16_t d, m; uint8_t qh[4]; uint8_t qs[QK / 2]; } block_q5_1; /* w = d*q + m */
+typedef struct { f16_t d; int8_t qs[QK]; } block_q8_0;                  /* w = d*q */
+typedef struct {                                                        /* w = d*sc*q - dmin*m */
+    f16_t d, dmin;
+    uint8_t scales[12];  /* 8 six-bit scales and 8 six-bit mins, one per 32 values */
+    uint8_t qs[QK_K / 2];
+} block_q4_k;
+typedef struct {
+    f16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];  /* fifth bit */
+    uint8_t qs[QK_K / 2];
+} block_q5_k;
+typedef struct {                                                        /* w = d*sc*(q-32) */
+    uint8_t ql[QK_K / 2];  /* low four bits */
+    uint8_t qh[QK_K / 4];  /* high two bits */
+    int8_t scales[QK_K / 16];
+    f16_t d;
+} block_q6_k;
+
+/* Activations. block_q8_0 above is the public Q8_0 activation block (quantize_q8_0). Inside matmul
+ * the activations use block_q8_0x: the same values with the scale widened to float and the block's
+ * sum of qs kept (types with an offset or a min need it). block_q8_k is the public and internal
+ * Q8_K block. */
+typedef struct { float d; int32_t sum; int8_t qs[QK]; } block_q8_0x;
+typedef struct { float d; int8_t qs[QK_K]; int16_t bsums[QK_K / 16]; } block_q8_k;
+
+_Static_assert(sizeof(block_q4_0) == 18, "block_q4_0");
+_Static_assert(sizeof(block_q4_1) == 20, "block_q4_1");
+_Static_assert(sizeof(block_q5_0) == 22, "block_q5_0");
+_Static_assert(sizeof(block_q5_1) == 24, "block_q5_1");
+_Static_assert(sizeof(block_q8_0) == 34, "block_q8_0");
+_Static_assert(sizeof(block_q4_k) == 144, "block_q4_k");
+_Static_assert(sizeof(block_q5_k) == 176, "block_q5_k");
+_Static_assert(sizeof(block_q6_k) == 210, "block_q6_k");
+_Static_assert(sizeof(block_q8_0x) == 40, "block_q8_0x");
+_Static_assert(sizeof(block_q8_k) == 292, "block_q8_k");
+
+/* Exact half -> float (every half is a float; NaN payloads are kept). Branch-free: the half's
+ * exponent and mantissa bits placed in a float's and scaled by 2^112 rebias normals and turn
+ * subnormals (exponent 0) into the right normal floats; exponent 31 (inf/nan) is patched. */
+static inline float f16_to_f32(f16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, mag = (uint32_t)(h & 0x7fff) << 13;
+    float f, scale = 0x1p112f;
+    memcpy(&f, &mag, 4);
+    f *= scale;
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((h & 0x7c00) == 0x7c00) bits = 0x7f800000u | mag;
+    bits |= sign;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* float -> half, round to nearest even (what numpy's astype(float16) and F16C do). */
+static inline f16_t f32_to_f16(float f) {
+    uint32_t x;
+    memcpy(&x, &f, 4);
+    uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7fffffff;
+    if (ax >= 0x7f800000u)  /* inf or nan */
+        return (f16_t)(sign | 0x7c00 | (ax > 0x7f800000u ? (0x200 | ((ax >> 13) & 0x3ff)) : 0));
+    if (ax >= 0x477ff000u) return (f16_t)(sign | 0x7c00);  /* rounds to >= 65520: inf */
+    if (ax < 0x38800000u) {  /* below the smallest normal half: subnormal or zero */
+        if (ax < 0x33000000u) return (f16_t)sign;  /* < 2^-25: rounds to zero */
+        uint32_t e = ax >> 23, m = (ax & 0x7fffff) | 0x800000;
+        uint32_t shift = 126 - e;  /* 14 + (112 - e) ... value = m * 2^(e-150); half unit 2^-24 */
+        uint32_t q = m >> shift, rem = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+        if (rem > half || (rem == half && (q & 1))) q++;
+        return (f16_t)(sign | q);
+    }
+    uint32_t r = ax - 0x38000000u;  /* rebias exponent 127 -> 15 */
+    uint32_t q = r >> 13, rem = r & 0x1fff;
+    if (rem > 0x1000 || (rem == 0x1000 && (q & 1))) q++;
+    return (f16_t)(sign | q);
+}
+
+static inline float bf16_to_f32(bf16_t h) {
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline uint16_t load_u16(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t load_u32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline float load_f16(const void *p) { return f16_to_f32(load_u16(p)); }
+
+/* The 8 six-bit scales and mins of a Q4_K / Q5_K super-block (12 bytes):
+ * bytes 0-3: scales 0-3 (low 6 bits), top 2 bits = high bits of scales 4-7;
+ * bytes 4-7: mins 0-3 (low 6 bits), top 2 bits = high bits of mins 4-7;
+ * bytes 8-11: low nibble = low 4 bits of scales 4-7, high nibble = low 4 bits of mins 4-7. */
+static inline void k_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 2) & 0x30);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+    }
+}
+
+#endif

@@ -1,0 +1,55 @@
+/* The kernel table: what every instruction-set variant provides, filled per variant (table.c) and
+ * picked at import by dispatch.c. */
+#ifndef LLAMA2_KERNELS_H
+#define LLAMA2_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "blocks.h"
+
+/* ggml type ids (GGUF tensor types) of the weight types we run. */
+enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
+       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31 };
+
+/* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
+enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
+
+#define NX_MAX 4  /* activation rows a dot kernel takes at once (each weight block is read once) */
+
+/* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
+ * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],
+ * x_j = (const char *)x + j * x_stride. Each weight block is read once for the nx rows, and each
+ * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
+typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
+                       size_t x_stride, int nx, float *out, size_t out_stride);
+/* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
+typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
+/* One activation row of `cols` floats -> its blocks. */
+typedef void (*quant_fn)(const float *x, void *out, int64_t cols);
+
+typedef struct {
+    const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
+    dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
+    dequant_fn dequant[T_COUNT];
+    quant_fn q8_0;         /* -> block_q8_0 (public layout) */
+    quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
+    quant_fn q8_k;         /* -> block_q8_k */
+} kernel_table;
+
+/* Static facts about each type, the same for every variant. */
+typedef struct { const char *name; int block_values; int block_bytes; int act; } type_info;
+extern const type_info TYPE_INFO[T_COUNT];
+
+/* Per-variant names: a source compiled for variant V defines NAME_V (see level.h). */
+#define DECLARE_VARIANT(v)                                                                  \
+    extern const kernel_table table_##v;
+
+DECLARE_VARIANT(scalar)
+#ifdef LLAMA2_X86_LEVELS
+DECLARE_VARIANT(avx2)
+DECLARE_VARIANT(avx512)
+DECLARE_VARIANT(avx512vnni)
+#endif
+
+#endif

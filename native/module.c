@@ -1,0 +1,249 @@
+/* llama2._native: the CPython side. Every function takes its arrays through the buffer protocol
+ * (C-contiguous, any object numpy or mmap gives), checks their shapes once here, and computes with
+ * the GIL released. Calls use METH_FASTCALL: no argument tuple is built per call. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "dispatch.h"
+#include "ops.h"
+#include "pool.h"
+
+typedef struct { Py_buffer b; int held; } buf;
+
+static void release(buf *bs, int n) {
+    for (int i = 0; i < n; i++)
+        if (bs[i].held) PyBuffer_Release(&bs[i].b), bs[i].held = 0;
+}
+
+static int get(PyObject *o, buf *out, int writable, const char *fn, const char *name) {
+    if (PyObject_GetBuffer(o, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be a C-contiguous%s array", fn, name,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    out->held = 1;
+    return 0;
+}
+
+/* The last character of a struct format code ('f', '<f', '=f' -> 'f'). */
+static char fmt(const Py_buffer *b) {
+    const char *f = b->format ? b->format : "B";
+    return f[strlen(f) - 1];
+}
+
+static int check_f32(const buf *x, const char *fn, const char *name) {
+    if (fmt(&x->b) != 'f' || x->b.itemsize != 4 || x->b.ndim < 1 || x->b.ndim > 2) {
+        PyErr_Format(PyExc_ValueError, "%s: %s must be a float32 array [N, cols]", fn, name);
+        return -1;
+    }
+    return 0;
+}
+
+static int weight_type(PyObject *o, const char *fn) {
+    long t = PyLong_AsLong(o);
+    if (t == -1 && PyErr_Occurred()) return -1;
+    if (t < 0 || t >= T_COUNT || !TYPE_INFO[t].name) {
+        PyErr_Format(PyExc_ValueError, "%s: ggml type %ld is not a weight type we run", fn, t);
+        return -1;
+    }
+    return (int)t;
+}
+
+/* rows and row bytes of a weight array, checked against `cols` values per row. */
+static int weight_shape(const buf *w, int t, int64_t cols, int64_t *rows, size_t *row_bytes, const char *fn) {
+    const type_info *ti = &TYPE_INFO[t];
+    if (w->b.ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "%s: w must be a 2-d array [rows, row_bytes], got %d dimensions", fn, w->b.ndim);
+        return -1;
+    }
+    if (cols % ti->block_values) {
+        PyErr_Format(PyExc_ValueError, "%s: %lld columns is not a multiple of %s's block of %d values", fn,
+                     (long long)cols, ti->name, ti->block_values);
+        return -1;
+    }
+    *rows = w->b.shape[0];
+    *row_bytes = (size_t)w->b.shape[1] * (size_t)w->b.itemsize;
+    size_t want = (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes;
+    if (*row_bytes != want) {
+        PyErr_Format(PyExc_ValueError, "%s: w rows hold %zu bytes; %lld columns of %s need %zu", fn, *row_bytes,
+                     (long long)cols, ti->name, want);
+        return -1;
+    }
+    return 0;
+}
+
+static int nargs_ok(Py_ssize_t n, Py_ssize_t want, const char *fn) {
+    if (n == want) return 0;
+    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", fn, want, n);
+    return -1;
+}
+
+/* matmul(wtype, w, x, out): out [N, rows] = x [N, cols] @ dequantize(w).T */
+static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul";
+    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    int t = weight_type(args[0], fn);
+    if (t < 0) return NULL;
+    buf b[3] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "w") < 0 || get(args[2], &b[1], 0, fn, "x") < 0 ||
+        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[1], fn, "x") < 0 || check_f32(&b[2], fn, "out") < 0)
+        goto fail;
+    int64_t cols = b[1].b.shape[b[1].b.ndim - 1], n = b[1].b.ndim == 2 ? b[1].b.shape[0] : 1, rows;
+    size_t row_bytes;
+    if (weight_shape(&b[0], t, cols, &rows, &row_bytes, fn) < 0) goto fail;
+    if (b[2].b.ndim != b[1].b.ndim || b[2].b.shape[b[2].b.ndim - 1] != rows ||
+        (b[2].b.ndim == 2 && b[2].b.shape[0] != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ w.T", fn,
+                     (long long)n, (long long)rows);
+        goto fail;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_matmul(t, b[0].b.buf, row_bytes, rows, b[1].b.buf, n, cols, b[2].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    release(b, 3);
+    return NULL;
+}
+
+/* dequantize_rows(wtype, w, ids, out): out [R, cols] = dequantize(w[ids]) */
+static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "dequantize_rows";
+    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    int t = weight_type(args[0], fn);
+    if (t < 0) return NULL;
+    buf b[3] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "w") < 0 || get(args[2], &b[1], 0, fn, "ids") < 0 ||
+        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[2], fn, "out") < 0)
+        goto fail;
+    char f = fmt(&b[1].b);
+    if (b[1].b.ndim != 1 || b[1].b.itemsize != 8 || (f != 'q' && f != 'l')) {
+        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
+        goto fail;
+    }
+    int64_t r = b[1].b.shape[0], cols = b[2].b.shape[b[2].b.ndim - 1], rows;
+    if (b[2].b.ndim != 2 || b[2].b.shape[0] != r) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
+        goto fail;
+    }
+    size_t row_bytes;
+    if (weight_shape(&b[0], t, cols, &rows, &row_bytes, fn) < 0) goto fail;
+    const int64_t *ids = b[1].b.buf;
+    for (int64_t i = 0; i < r; i++)
+        if (ids[i] < 0 || ids[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "%s: row %lld is outside the matrix's %lld rows", fn,
+                         (long long)ids[i], (long long)rows);
+            goto fail;
+        }
+    Py_BEGIN_ALLOW_THREADS
+    op_dequantize_rows(t, b[0].b.buf, row_bytes, ids, r, cols, b[2].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    Py_RETURN_NONE;
+fail:
+    release(b, 3);
+    return NULL;
+}
+
+/* quantize(kind, x, out): kind 0 -> Q8_0 blocks, 1 -> Q8_K blocks; out uint8 [N, row bytes] */
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "quantize";
+    if (nargs_ok(nargs, 3, fn) < 0) return NULL;
+    int k = PyObject_IsTrue(args[0]);
+    if (k < 0) return NULL;
+    buf b[2] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "x") < 0 || get(args[2], &b[1], 1, fn, "out") < 0 ||
+        check_f32(&b[0], fn, "x") < 0)
+        goto fail;
+    int64_t cols = b[0].b.shape[b[0].b.ndim - 1], n = b[0].b.ndim == 2 ? b[0].b.shape[0] : 1;
+    int bv = k ? QK_K : QK;
+    size_t need = (size_t)n * (size_t)(cols / bv) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0));
+    if (cols % bv || (size_t)b[1].b.len != need) {
+        PyErr_Format(PyExc_ValueError, "%s: x needs a multiple of %d columns and out %zu bytes", fn, bv, need);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    op_quantize(k, b[0].b.buf, n, cols, b[1].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    Py_RETURN_NONE;
+fail:
+    release(b, 2);
+    return NULL;
+}
+
+static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
+    long n = PyLong_AsLong(arg);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    pool_set_threads((int)n);
+    Py_END_ALLOW_THREADS
+    return PyLong_FromLong(pool_threads());
+}
+
+static PyObject *py_threads(PyObject *self, PyObject *unused) { return PyLong_FromLong(pool_threads()); }
+
+/* variants() -> ((name, cpu_runs_it), ...), best first */
+static PyObject *py_variants(PyObject *self, PyObject *unused) {
+    int n = variant_count();
+    PyObject *t = PyTuple_New(n);
+    if (!t) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *e = Py_BuildValue("(sO)", variant_name(i), variant_supported(i) ? Py_True : Py_False);
+        if (!e) { Py_DECREF(t); return NULL; }
+        PyTuple_SET_ITEM(t, i, e);
+    }
+    return t;
+}
+
+static PyObject *py_variant(PyObject *self, PyObject *unused) { return PyUnicode_FromString(active_table->name); }
+
+static PyObject *py_select_variant(PyObject *self, PyObject *arg) {
+    const char *name = PyUnicode_AsUTF8(arg);
+    if (!name) return NULL;
+    int rc = select_variant(name);
+    if (rc == -1) return PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels", name);
+    if (rc == -2) return PyErr_Format(PyExc_ValueError, "no %s kernels in this build", name);
+    Py_RETURN_NONE;
+}
+
+/* types() -> {id: (name, block_values, block_bytes, activation kind)} */
+static PyObject *py_types(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int t = 0; t < T_COUNT; t++) {
+        if (!TYPE_INFO[t].name) continue;
+        const type_info *ti = &TYPE_INFO[t];
+        PyObject *k = PyLong_FromLong(t), *v = Py_BuildValue("(siii)", ti->name, ti->block_values, ti->block_bytes, ti->act);
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+static PyMethodDef methods[] = {
+    {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "matmul(wtype, w, x, out)"},
+    {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
+     "dequantize_rows(wtype, w, ids, out)"},
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
+    {"set_threads", py_set_threads, METH_O, "set_threads(n) -> n"},
+    {"threads", py_threads, METH_NOARGS, "threads() -> n"},
+    {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},
+    {"variant", py_variant, METH_NOARGS, "variant() -> the active variant's name"},
+    {"select_variant", py_select_variant, METH_O, "select_variant(name)"},
+    {"types", py_types, METH_NOARGS, "types() -> {ggml id: (name, block_values, block_bytes, act)}"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "llama2's compiled kernels (see native/README.md)",
+                                    -1, methods};
+
+PyMODINIT_FUNC PyInit__native(void) {
+    dispatch_init();
+    pool_init();
+    return PyModule_Create(&module);
+}

@@ -1,0 +1,152 @@
+/* matmul, dequantize_rows and activation quantization on the pool.
+ *
+ * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
+ * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
+ * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
+ * one at a time. For each tile of NX_MAX activation rows the type's dot kernel runs over the
+ * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
+ * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
+ * the following tiles. Results do not depend on the thread count or the chunking: each output is
+ * one dot body's own sum. */
+#include "ops.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+
+#include "dispatch.h"
+#include "pool.h"
+
+#define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
+
+/* Per-thread scratch for quantized activations, freed when the thread ends. */
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+typedef struct { void *p; size_t size; } scratch;
+static void scratch_free(void *s) { free(((scratch *)s)->p); free(s); }
+static void scratch_key_init(void) { pthread_key_create(&scratch_key, scratch_free); }
+
+static void *scratch_get(size_t size) {
+    pthread_once(&scratch_once, scratch_key_init);
+    scratch *s = pthread_getspecific(scratch_key);
+    if (!s) {
+        s = calloc(1, sizeof(*s));
+        if (!s) return NULL;
+        pthread_setspecific(scratch_key, s);
+    }
+    if (s->size < size) {
+        free(s->p);
+        size_t grown = size + size / 2;
+        if (posix_memalign(&s->p, 64, grown) != 0) {
+            s->p = NULL;
+            s->size = 0;
+            return NULL;
+        }
+        s->size = grown;
+    }
+    return s->p;
+}
+
+typedef struct {
+    quant_fn quant;
+    const float *x;
+    int64_t n, cols;
+    char *out;
+    size_t out_stride;
+} quant_job;
+
+static void quant_task(void *arg, int ith, int nth) {
+    quant_job *j = arg;
+    for (int64_t i = ith; i < j->n; i += nth) j->quant(j->x + i * j->cols, j->out + i * j->out_stride, j->cols);
+}
+
+static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, void *out, size_t out_stride) {
+    quant_job j = {q, x, n, cols, out, out_stride};
+    if (n >= 4 && n * cols >= (1 << 16)) pool_run(quant_task, &j);
+    else quant_task(&j, 0, 1);
+}
+
+typedef struct {
+    dot_fn dot;
+    const uint8_t *w;
+    size_t row_bytes;
+    int64_t rows, cols, n;
+    const char *x;
+    size_t x_stride;
+    float *out;
+    int64_t chunk, nchunks;
+    int64_t next;  /* next chunk to claim (atomic) */
+} mm_job;
+
+static void mm_task(void *arg, int ith, int nth) {
+    (void)ith, (void)nth;
+    mm_job *j = arg;
+    for (;;) {
+        int64_t c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (c >= j->nchunks) return;
+        int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
+        for (int64_t i = 0; i < j->n; i += NX_MAX) {
+            int nx = j->n - i < NX_MAX ? (int)(j->n - i) : NX_MAX;
+            j->dot(j->cols, j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->x + i * j->x_stride, j->x_stride,
+                   nx, j->out + i * j->rows + r0, (size_t)j->rows);
+        }
+    }
+}
+
+int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
+               int64_t cols, float *out) {
+    const kernel_table *kt = active_table;
+    const type_info *ti = &TYPE_INFO[type];
+    mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols, .n = n,
+                .out = out};
+    if (ti->act == ACT_F32) {
+        j.x = (const char *)x;
+        j.x_stride = (size_t)cols * sizeof(float);
+    } else {
+        int k = ti->act == ACT_Q8_K;
+        j.x_stride = (size_t)(cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
+        char *xq = scratch_get(j.x_stride * (size_t)n);
+        if (!xq) return -1;
+        quantize_rows(k ? kt->q8_k : kt->q8_0x, x, n, cols, xq, j.x_stride);
+        j.x = xq;
+    }
+    int nth = pool_threads();
+    /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile of
+     * activation rows passes over them; at least 4 rows. */
+    int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
+    if (n > NX_MAX && chunk * (int64_t)row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)row_bytes;
+    if (chunk < 4) chunk = 4;
+    j.chunk = chunk;
+    j.nchunks = (rows + chunk - 1) / chunk;
+    j.next = 0;
+    if (nth > 1 && j.nchunks > 1 && rows * cols * n >= (1 << 15)) pool_run(mm_task, &j);
+    else mm_task(&j, 0, 1);
+    return 0;
+}
+
+typedef struct {
+    dequant_fn dequant;
+    const uint8_t *w;
+    size_t row_bytes;
+    const int64_t *ids;
+    int64_t r, cols;
+    float *out;
+} dq_job;
+
+static void dq_task(void *arg, int ith, int nth) {
+    dq_job *j = arg;
+    int64_t per = (j->r + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->r ? i0 + per : j->r;
+    for (int64_t i = i0; i < i1; i++) j->dequant(j->w + j->ids[i] * j->row_bytes, j->out + i * j->cols, j->cols);
+}
+
+void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
+                        int64_t cols, float *out) {
+    dq_job j = {active_table->dequant[type], w, row_bytes, ids, r, cols, out};
+    if (r >= 2 && r * cols >= (1 << 18)) pool_run(dq_task, &j);
+    else dq_task(&j, 0, 1);
+}
+
+void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out) {
+    const kernel_table *kt = active_table;
+    size_t stride = (size_t)(cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0));
+    quantize_rows(k ? kt->q8_k : kt->q8_0, x, n, cols, out, stride);
+}

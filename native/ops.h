@@ -1,0 +1,14 @@
+/* The operations behind the Python functions; arguments already checked by module.c. */
+#ifndef LLAMA2_OPS_H
+#define LLAMA2_OPS_H
+#include "kernels.h"
+
+/* out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T; -1 when out of memory */
+int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
+               int64_t cols, float *out);
+/* out [R, cols] = dequantize(w[ids]) */
+void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
+                        int64_t cols, float *out);
+/* x [N, cols] -> N rows of Q8_0 blocks (k = 0) or Q8_K blocks (k = 1) */
+void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out);
+#endif

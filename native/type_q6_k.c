@@ -1,0 +1,100 @@
+/* Q6_K weights: super-blocks of 256 = 16 groups of 16, w = d * sc[g] * (q - 32), q in 0..63,
+ * sc int8. The block has two halves of 128 values; value i of half h (0..127) takes its low four
+ * bits from ql[64*h + i%64] (low nibble for i < 64, high nibble above) and its high two bits from
+ * qh[32*h + i%32] (bits 2*(i/32) and up). Activations: Q8_K; a super-block is worth
+ *   d_w * d_x * sum_g sc[g] * (isum_g - 32 * bsums[g]),  isum_g the exact dot of unsigned q. */
+#include "level.h"
+
+INLINE int unsigned_q(const block_q6_k *b, int e) {
+    int h = e / 128, i = e % 128;
+    int lo = (b->ql[64 * h + i % 64] >> (4 * (i / 64))) & 15;
+    int hi = (b->qh[32 * h + i % 32] >> (2 * (i / 32))) & 3;
+    return lo | (hi << 4);
+}
+
+static void dequant(const void *w, float *out, int64_t cols) {
+    const block_q6_k *b = (const block_q6_k *)w;
+    for (int64_t i = 0; i < cols / QK_K; i++, out += QK_K) {
+        float d = load_f16(&b[i].d);
+        for (int g = 0; g < 16; g++) {
+            float dg = d * (float)b[i].scales[g];
+            for (int l = 0; l < 16; l++) out[16 * g + l] = dg * (float)(unsigned_q(&b[i], 16 * g + l) - 32);
+        }
+    }
+}
+
+#if defined(__AVX2__)
+/* Shuffle masks: pair k of groups -> bytes (2k) x 8 then (2k + 1) x 8. */
+static const uint8_t PAIR_MASK[8][16] __attribute__((aligned(16))) = {
+#define P(k) {2*k,2*k,2*k,2*k,2*k,2*k,2*k,2*k,2*k+1,2*k+1,2*k+1,2*k+1,2*k+1,2*k+1,2*k+1,2*k+1}
+    P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7)
+#undef P
+};
+#endif
+
+INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
+#if defined(__AVX2__)
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i s8 = load128(w[b].scales);
+        __m256i sumi[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
+            __m256i qh = load256(w[b].qh + 32 * h);
+            __m256i q[4];
+            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
+            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
+            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
+            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
+                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
+            for (int k = 0; k < 4; k++) {
+                __m256i sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[4 * h + k])));
+                for (int j = 0; j < NX; j++) {
+                    const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
+                    sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q[k], load256(xq)), sv);
+                }
+            }
+        }
+        __m256i s16 = _mm256_cvtepi8_epi16(s8);
+        float d = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
+            sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        float d = load_f16(&w[b].d);
+        int8_t q[QK_K];
+        for (int e = 0; e < QK_K; e++) q[e] = (int8_t)unsigned_q(&w[b], e);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            int32_t sumi = 0;
+            for (int g = 0; g < 16; g++) {
+                int32_t isum = 0;
+                for (int l = 0; l < 16; l++) isum += q[16 * g + l] * xb->qs[16 * g + l];
+                sumi += w[b].scales[g] * (isum - 32 * xb->bsums[g]);
+            }
+            acc[j] += d * xb->d * (float)sumi;
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+#endif
+}
+
+void KN(q6_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+#define B(n) \
+    for (int64_t r = 0; r < nrows; r++) \
+        dot_body(cols / QK_K, (const block_q6_k *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
+    DISPATCH_NX(nx, B)
+#undef B
+}
+void KN(q6_k_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }

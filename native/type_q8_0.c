@@ -1,0 +1,52 @@
+/* Q8_0 weights: blocks of 32, w = d * q with q int8 (block_q8_0). Activations: Q8_0x.
+ * Per block the integer dot sum(q_w * q_x) is exact; the row sums d_w * d_x * isum in float. */
+#include "level.h"
+
+static void dequant(const void *w, float *out, int64_t cols) {
+    const block_q8_0 *b = (const block_q8_0 *)w;
+    for (int64_t i = 0; i < cols / QK; i++) {
+        float d = load_f16(&b[i].d);
+        for (int l = 0; l < QK; l++) out[i * QK + l] = (float)b[i].qs[l] * d;
+    }
+}
+
+INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, int NX, float *out, size_t os) {
+#if defined(__AVX2__)
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i q = load256(w[b].qs);
+        __m256i u = _mm256_sign_epi8(q, q);  /* |q| as u8 (|-128| = 128) */
+        float dw = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            __m256i s = _mm256_sign_epi8(load256(xb->qs), q);  /* x with q's sign */
+            __m256i p = dpbusd256(_mm256_setzero_si256(), u, s);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        float dw = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t s = 0;
+            for (int l = 0; l < QK; l++) s += (int32_t)w[b].qs[l] * xb->qs[l];
+            acc[j] += dw * xb->d * (float)s;
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+#endif
+}
+
+void KN(q8_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+#define B(n) \
+    for (int64_t r = 0; r < nrows; r++) \
+        dot_body(cols / QK, (const block_q8_0 *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
+    DISPATCH_NX(nx, B)
+#undef B
+}
+void KN(q8_0_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }

@@ -1,0 +1,116 @@
+"""The compiled kernels (native/, built by `pip install .`): matrix products on the weights as the
+file stores them, row dequantization and activation quantization, on a thread pool of their own.
+
+    level()                          active instruction-set level: scalar, avx2 or avx512
+    select(level)                    switch it in-process (tests cover every level this way)
+    set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
+    matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
+    dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
+    quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
+    TYPES                            ggml type id -> (name, block_values, block_bytes)
+
+`wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
+float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
+dequantize_rows are the C functions themselves: they check shapes once, release the GIL and
+allocate nothing per call. The level is the best the CPU runs unless $LLAMA2_ISA names one; a
+level the CPU lacks is a one-line error. native/README.md says how the build and dispatch work.
+"""
+
+import os
+
+import numpy as np
+
+from . import _native, threads as _threads
+from .errors import UsageError
+
+LEVELS = ("scalar", "avx2", "avx512")
+ENV = "LLAMA2_ISA"
+
+# A level's variants, preferred first: avx512 uses the VNNI build where the CPU has AVX512_VNNI.
+_LEVEL_VARIANTS = {"scalar": ("scalar",), "avx2": ("avx2",), "avx512": ("avx512vnni", "avx512")}
+
+TYPES = {t: (name, values, nbytes) for t, (name, values, nbytes, _act) in _native.types().items()}
+
+matmul = _native.matmul
+dequantize_rows = _native.dequantize_rows
+
+
+def variants() -> tuple:
+    """The compiled variants this CPU runs, best first (scalar, avx2, avx512, avx512vnni)."""
+    return tuple(name for name, runs in _native.variants() if runs)
+
+
+def supported() -> tuple:
+    """The levels this CPU runs, in LEVELS order."""
+    have = set(variants())
+    return tuple(lv for lv in LEVELS if any(v in have for v in _LEVEL_VARIANTS[lv]))
+
+
+def resolve(level: str, available: tuple) -> str:
+    """`level` checked against the levels `available`; raises UsageError (one line) otherwise."""
+    if level not in LEVELS:
+        raise UsageError(f"{ENV}={level}: expected one of {', '.join(LEVELS)}")
+    if level not in available:
+        raise UsageError(f"{ENV}={level}: this CPU cannot run the {level} kernels "
+                         f"(it runs: {', '.join(available)})")
+    return level
+
+
+def select(level: str) -> str:
+    """Make `level` the active level of this process; returns it."""
+    resolve(level, supported())
+    have = variants()
+    _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
+    return level
+
+
+def select_variant(name: str) -> str:
+    """Make one compiled variant active (tests use it for avx512 without VNNI)."""
+    _native.select_variant(name)
+    return name
+
+
+def variant() -> str:
+    return _native.variant()
+
+
+def level() -> str:
+    """The active level."""
+    v = _native.variant()
+    return next(lv for lv, vs in _LEVEL_VARIANTS.items() if v in vs)
+
+
+def set_threads(n: int) -> int:
+    """Size the native pool to `n` threads (the caller included)."""
+    return _native.set_threads(max(1, int(n)))
+
+
+def _quantize(k_quants: bool, x: np.ndarray, block: int, block_bytes: int) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 2 or x.shape[1] % block:
+        raise ValueError(f"x must be float32 [N, cols] with cols a multiple of {block}, got {x.shape}")
+    out = np.empty((x.shape[0], x.shape[1] // block * block_bytes), np.uint8)
+    _native.quantize(k_quants, x, out)
+    return out
+
+
+def quantize_q8_0(x: np.ndarray) -> np.ndarray:
+    """x f32 [N, cols] -> uint8 [N, cols/32*34] of block_q8_0 {f16 d; int8 qs[32]}:
+    d = max|x|/127 per block, q = rint(x / d) (half to even) clamped to +-127 (native/act.c)."""
+    return _quantize(False, x, 32, 34)
+
+
+def quantize_q8_k(x: np.ndarray) -> np.ndarray:
+    """x f32 [N, cols] -> uint8 [N, cols/256*292] of block_q8_K {f32 d; int8 qs[256]; int16 bsums[16]},
+    the same rule as quantize_q8_0 with d kept as f32 and bsums the sums of 16 consecutive q."""
+    return _quantize(True, x, 256, 292)
+
+
+def _init():
+    forced = os.environ.get(ENV, "").strip().lower()
+    if forced:
+        select(forced)
+    set_threads(_threads.threads())
+
+
+_init()

@@ -1,0 +1,290 @@
+"""The compiled kernels (llama2.native) at every instruction-set variant this CPU runs.
+
+Weights are random blocks (any bytes are a valid block once the fp16 scales are finite); the
+references are gguf.quants.dequantize and plain numpy versions of the activation rule."""
+
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as GT
+from gguf.quants import dequantize
+
+from llama2 import native
+from llama2.threads import threads
+
+VARIANTS = native.variants()  # scalar, avx2, avx512, avx512vnni: whichever this CPU runs
+
+F16 = "<f2"
+# Block layouts (GGUF), to set the scale fields of random blocks.
+BLOCKS = {
+    GT.Q4_0: [("d", F16), ("qs", "u1", 16)],
+    GT.Q4_1: [("d", F16), ("m", F16), ("qs", "u1", 16)],
+    GT.Q5_0: [("d", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
+    GT.Q5_1: [("d", F16), ("m", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
+    GT.Q8_0: [("d", F16), ("qs", "i1", 32)],
+    GT.Q4_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qs", "u1", 128)],
+    GT.Q5_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)],
+    GT.Q6_K: [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", F16)],
+}
+FLOATS = (GT.F32, GT.F16, GT.BF16)
+QUANTS = tuple(BLOCKS)
+ALL = FLOATS + QUANTS
+K_QUANTS = (GT.Q4_K, GT.Q5_K, GT.Q6_K)
+
+
+@pytest.fixture(autouse=True)
+def _restore_level():
+    before = native.variant()
+    yield
+    native.select_variant(before)
+
+
+def finite_f16_bits(rng, shape):
+    """Any finite half, subnormals and zeros included."""
+    bits = rng.integers(0, 1 << 16, size=shape, dtype=np.uint16)
+    return np.where((bits & 0x7C00) == 0x7C00, bits & 0x83FF, bits).astype(np.uint16)
+
+
+def random_weights(rng, t, rows, cols, extreme=False):
+    """uint8 [rows, row_bytes] of type t. extreme: scales (and float values) from any finite bits;
+    otherwise scales of a real model's size."""
+    if t == GT.F32:
+        w = (rng.standard_normal((rows, cols)) * (1e3 if extreme else 1)).astype(np.float32)
+        return w.view(np.uint8)
+    if t == GT.F16:
+        h = finite_f16_bits(rng, (rows, cols)) if extreme else rng.standard_normal((rows, cols)).astype(np.float16).view(np.uint16)
+        return h.view(np.uint8)
+    if t == GT.BF16:
+        if extreme:
+            b = rng.integers(0, 1 << 16, size=(rows, cols), dtype=np.uint16)
+            b = np.where((b & 0x7F80) == 0x7F80, b & 0x807F, b).astype(np.uint16)
+        else:
+            b = (rng.standard_normal((rows, cols)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return b.view(np.uint8)
+    dt = np.dtype(BLOCKS[t])
+    name, values, nbytes = native.TYPES[int(t)]
+    assert dt.itemsize == nbytes
+    nb = cols // values
+    raw = rng.integers(0, 256, size=(rows, nb * nbytes), dtype=np.uint8)
+    blocks = raw.view(dt).reshape(rows, nb)
+    for f in ("d", "m", "dmin"):
+        if f in dt.names:
+            if extreme:
+                blocks[f] = finite_f16_bits(rng, (rows, nb)).view(np.float16)
+            else:
+                blocks[f] = (rng.standard_normal((rows, nb)) * (0.002 if t in K_QUANTS else 0.02)).astype(np.float16)
+    return raw
+
+
+def gguf_dequant(t, w):
+    return dequantize(w.view(np.uint8), t).reshape(w.shape[0], -1).astype(np.float32)
+
+
+def ref_q8(x, block):
+    """The activation rule in numpy: q = rint(x * id) clamped to +-127, d = max|x| / 127."""
+    xb = x.reshape(x.shape[0], -1, block)
+    d = (np.abs(xb).max(axis=-1) / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    q = np.clip(np.rint(xb * inv[..., None]), -127, 127).astype(np.int8)
+    return d, q
+
+
+def ref_quantize_q8_0(x):
+    d, q = ref_q8(x, 32)
+    n, nb = d.shape
+    out = np.empty((n, nb, 34), np.uint8)
+    out[..., :2] = d.astype(np.float16).view(np.uint8).reshape(n, nb, 2)
+    out[..., 2:] = q.view(np.uint8)
+    return out.reshape(n, -1)
+
+
+def ref_quantize_q8_k(x):
+    d, q = ref_q8(x, 256)
+    n, nb = d.shape
+    out = np.empty((n, nb, 292), np.uint8)
+    out[..., :4] = d.view(np.uint8).reshape(n, nb, 4)
+    out[..., 4:260] = q.view(np.uint8)
+    bsums = q.reshape(n, nb, 16, 16).astype(np.int16).sum(axis=-1, dtype=np.int16)
+    out[..., 260:] = bsums.view(np.uint8).reshape(n, nb, 32)
+    return out.reshape(n, -1)
+
+
+def dequantized_activations(t, x):
+    """What the integer kernels multiply: x after the activation rule, as float64."""
+    if t in FLOATS:
+        return x.astype(np.float64)
+    block = 256 if t in K_QUANTS else 32
+    d, q = ref_q8(x, block)
+    if block == 32:
+        d = d.astype(np.float16).astype(np.float32)  # Q8_0 blocks keep d as fp16
+    return (q.astype(np.float64) * d[..., None].astype(np.float64)).reshape(x.shape)
+
+
+def activations(rng, n, cols):
+    x = rng.standard_normal((n, cols)).astype(np.float32)
+    x[:, :32] *= 20  # outliers in one block, as real activations have
+    if n > 1:
+        x[1, :] = 0  # an all-zero row: d = 0
+    return x
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_dequantize_rows_is_bit_equal_to_gguf(t, variant):
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 7 + len(variant))
+    cols = 512
+    w = random_weights(rng, t, 19, cols, extreme=True)
+    ref = gguf_dequant(t, w)
+    ids = np.array([0, 18, 5, 5, 11, 1, 17, 2, 3, 4, 6, 7, 8, 9, 10, 12, 13, 14, 15, 16], np.int64)
+    out = np.empty((len(ids), cols), np.float32)
+    native.dequantize_rows(int(t), w, ids, out)
+    np.testing.assert_array_equal(out.view(np.uint32), ref[ids].view(np.uint32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_matmul_equals_dequantized_product(t, variant):
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 13 + len(variant))
+    rows = 37  # not a multiple of the row chunk
+    cols = 200 if t in FLOATS else 512  # float types: a tail after the vector loop
+    w = random_weights(rng, t, rows, cols)
+    wd = gguf_dequant(t, w).astype(np.float64)
+    for n in (1, 3, 8, 33):
+        x = activations(rng, n, cols)
+        out = np.full((n, rows), np.nan, np.float32)
+        native.matmul(int(t), w, x, out)
+        scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        # 1. The exact product of what the kernel multiplies: float rounding only (<= 1e-5 relative
+        #    to sum |w x|; integer dots are exact, blocks combine in f32).
+        exact = dequantized_activations(t, x) @ wd.T
+        np.testing.assert_array_less(np.abs(out - exact), 1e-5 * scale + 1e-30)
+        # 2. The product with the f32 activations: the activation rule's rounding, at most
+        #    0.57 * d per value (d = block max / 127; Q8_0 stores d as fp16), besides the above.
+        if t in FLOATS:
+            bound = 1e-5 * scale + 1e-30
+        else:
+            block = 256 if t in K_QUANTS else 32
+            d = np.abs(x.reshape(n, -1, block)).max(axis=-1) / 127
+            err = np.repeat(d, block, axis=1) * 0.57
+            bound = err @ np.abs(wd).T + 1e-5 * scale + 1e-30
+        np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), bound)
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_matmul_float_views_and_rows_of_a_tile(t):
+    """Each output row is the same whatever N is (one kernel call's own sum), and F32/F16/BF16
+    weights may come as their float32/float16/uint16 views."""
+    rng = np.random.default_rng(int(t))
+    cols = 256
+    w = random_weights(rng, t, 9, cols)
+    x = activations(rng, 6, cols)
+    full = np.empty((6, 9), np.float32)
+    native.matmul(int(t), w, x, full)
+    for i in range(6):
+        one = np.empty((1, 9), np.float32)
+        native.matmul(int(t), w, x[i:i + 1], one)
+        np.testing.assert_array_equal(one[0], full[i])
+    view = {GT.F32: np.float32, GT.F16: np.float16, GT.BF16: np.uint16}.get(t)
+    if view is not None:
+        again = np.empty_like(full)
+        native.matmul(int(t), w.view(view), x, again)
+        np.testing.assert_array_equal(again, full)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_activation_quantization_matches_numpy_rule(variant):
+    native.select_variant(variant)
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((5, 512)) * rng.choice([1e-3, 1, 50], size=(5, 1))).astype(np.float32)
+    x[2] = 0
+    # Ties: a block whose max is 127 has d = 1 exactly, so x.5 values must round half to even.
+    x[3, :32] = np.arange(-16, 16) + np.float32(0.5)
+    x[3, 0] = 127
+    x[3, 256:] = x[3, :256]
+    np.testing.assert_array_equal(native.quantize_q8_0(x), ref_quantize_q8_0(x))
+    np.testing.assert_array_equal(native.quantize_q8_k(x), ref_quantize_q8_k(x))
+
+
+@pytest.mark.parametrize("t", ALL, ids=lambda t: t.name)
+def test_threads_one_and_two_agree(t):
+    rng = np.random.default_rng(11)
+    rows, cols = 301, 512
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, 33, cols)
+    outs = []
+    try:
+        for n in (1, 2, 1, 2):
+            native.set_threads(n)
+            out = np.empty((33, rows), np.float32)
+            native.matmul(int(t), w, x, out)
+            outs.append(out)
+    finally:
+        native.set_threads(threads())
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+
+
+def test_shape_errors_are_one_line():
+    w = np.zeros((4, 144), np.uint8)
+    x = np.zeros((2, 256), np.float32)
+    with pytest.raises(ValueError, match=r"matmul: w rows hold 144 bytes; 256 columns of Q6_K need 210"):
+        native.matmul(int(GT.Q6_K), w, x, np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"matmul: out must be float32 \[2, 4\]"):
+        native.matmul(int(GT.Q4_K), w, x, np.empty((2, 5), np.float32))
+    with pytest.raises(ValueError, match="not a multiple of Q4_K's block of 256"):
+        native.matmul(int(GT.Q4_K), w, np.zeros((2, 100), np.float32), np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="ggml type 9 is not a weight type"):
+        native.matmul(9, w, x, np.empty((2, 4), np.float32))
+    with pytest.raises(ValueError, match="x must be a float32 array"):
+        native.matmul(int(GT.Q4_K), w, x.astype(np.float64), np.empty((2, 4), np.float32))
+    with pytest.raises(IndexError, match="row 4 is outside the matrix's 4 rows"):
+        native.dequantize_rows(int(GT.Q4_K), w, np.array([4]), np.empty((1, 256), np.float32))
+
+
+def run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("level", native.supported())
+def test_llama2_isa_forces_a_level(level):
+    r = run_python("from llama2 import native; print(native.level(), native.variant())", LLAMA2_ISA=level)
+    assert r.returncode == 0, r.stderr
+    got_level, got_variant = r.stdout.split()
+    assert got_level == level
+    assert got_variant in native._LEVEL_VARIANTS[level]
+
+
+def test_llama2_isa_unknown_or_missing_level_is_one_line():
+    r = run_python("from llama2 import native", LLAMA2_ISA="neon")
+    assert r.returncode != 0
+    assert r.stderr.strip().splitlines()[-1].endswith("LLAMA2_ISA=neon: expected one of scalar, avx2, avx512")
+    # A CPU without AVX-512 (this one may have it: the check is the same function).
+    from llama2.errors import UsageError
+    with pytest.raises(UsageError, match=r"^LLAMA2_ISA=avx512: this CPU cannot run the avx512 kernels "
+                                         r"\(it runs: scalar, avx2\)$"):
+        native.resolve("avx512", ("scalar", "avx2"))
+    assert native.resolve("avx2", ("scalar", "avx2")) == "avx2"
+
+
+def test_select_switches_level_in_process():
+    for level in native.supported():
+        assert native.select(level) == level
+        assert native.level() == level
+
+
+def test_threads_setting_sizes_the_native_pool():
+    from llama2 import threads
+    before = threads.threads()
+    try:
+        assert threads.set_threads(3) == 3
+        assert native._native.threads() == 3
+    finally:
+        threads.set_threads(before)
+    assert native._native.threads() == before
