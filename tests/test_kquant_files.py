@@ -92,11 +92,23 @@ def test_teacher_forced_logits_match_llama_cpp(name):
     assert diff <= LOGIT_BOUND[name] and agree >= ARGMAX_AGREE[name], (diff, agree)
 
 
+@pytest.fixture(params=["scalar", "avx2", "avx512"])
+def isa_level(request):
+    """Each instruction-set level of the native kernels this CPU runs, restored afterwards."""
+    nat = base.native_module()
+    assert nat is not None, "the native extension is not built (pip install .)"
+    if request.param not in nat.supported():
+        pytest.skip(f"this CPU cannot run the {request.param} kernels")
+    before = nat.level()
+    nat.select(request.param)
+    yield request.param
+    nat.select(before)
+
+
 @pytest.mark.parametrize("name", FILES)
-def test_with_llama_cpp_attention_the_logits_agree_closely(name, monkeypatch):
-    # The integer kernels quantize activations as llama.cpp does: needs the native extension.
-    assert base.native_module() is not None, "the native extension is not built (pip install .)"
+def test_with_llama_cpp_attention_the_logits_agree_closely(name, isa_level, monkeypatch):
+    # The integer kernels quantize activations as llama.cpp does (native extension, every level).
     monkeypatch.setattr(K, "attention", f16_attention)
     diff, agree = teacher_forced(name)
-    print(f"{name}: max |diff| {diff:.4g} with float16 attention, argmax agrees on {agree}/24")
+    print(f"{name} ({isa_level}): max |diff| {diff:.4g} with float16 attention, argmax {agree}/24")
     assert diff <= F16_ATTENTION_BOUND[name], diff
