@@ -80,9 +80,11 @@ def test_half_precision_extended_header(tmp_path, dtype):
             np.testing.assert_array_equal(got, w.astype(np.float16).astype(np.float32))
         else:  # bf16 keeps 8 significant bits: round to nearest is within half an ulp, 2^-9
             assert np.all(np.abs(got - w) <= np.abs(w) * 2.0 ** -8), name
-    # fp32 again from the half-precision file: the widened values, and the same logits as them
+    # fp32 again from the half-precision file: the widened values, and the same logits as them up to
+    # float32 summation order (the half-precision file runs on the native kernels, in place)
     back = export(tmp_path / "back.bin", out, "--version", "1")
-    np.testing.assert_array_equal(logits(back), logits(out))
+    np.testing.assert_array_equal(checkpoint.load(back).dense("wq"), ckpt.dense("wq"))
+    np.testing.assert_allclose(logits(back), logits(out), atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits(out), logits(asset("stories260K.bin")),
                                atol={"fp16": 0.05, "bf16": 0.3}[dtype])
 
@@ -272,7 +274,9 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
     tok = byte_tokenizer(TINY.vocab_size)
     ids = list(range(3, 40))
     a = Llama.load(q8, tokenizer=tok).logits(ids)
-    np.testing.assert_allclose(a, Llama.load(v3, tokenizer=tok).logits(ids), atol=1e-5)
+    # the same int8 weights; the GGUF's integer kernels also round activations to int8 (llama.cpp's
+    # rule), the version-3 file's kernels keep them float (measured: 0.034)
+    np.testing.assert_allclose(a, Llama.load(v3, tokenizer=tok).logits(ids), atol=0.05)
     np.testing.assert_allclose(a, Llama.load(src, tokenizer=tok).logits(ids), atol=0.1)  # int8 vs fp32
 
 
