@@ -7,6 +7,7 @@ once with the baseline flags. dispatch.c picks a variant at import from the CPU'
 
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -15,7 +16,7 @@ NATIVE = "native"
 COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c"]
 PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
                "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
-               "type_q5_k.c", "type_q6_k.c"]
+               "type_q5_k.c", "type_q6_k.c", "type_q8s.c"]
 
 # Every file: optimized, and no silent fusing of a*b+c into fma (dequantization must round each
 # product like the gguf reference; the kernels use fma explicitly where they want it).
@@ -38,9 +39,10 @@ class BuildNative(build_ext):
     def build_extension(self, ext):
         if ext.name != "llama2._native":
             return super().build_extension(ext)
-        objects = []
-        for variant, flags in VARIANTS.items():
-            objects += self.compiler.compile(
+
+        def compile_variant(item):
+            variant, flags = item
+            return self.compiler.compile(
                 [os.path.join(NATIVE, f) for f in PER_VARIANT],
                 output_dir=os.path.join(self.build_temp, variant),
                 macros=[("LLAMA2_VARIANT", variant)] + ext.define_macros,
@@ -48,7 +50,10 @@ class BuildNative(build_ext):
                 extra_postargs=BASE_FLAGS + flags,
                 depends=ext.depends,
             )
-        ext.extra_objects = objects
+
+        # The variants compile side by side (one compiler process each).
+        with ThreadPoolExecutor(max_workers=min(len(VARIANTS), os.cpu_count() or 1)) as pool:
+            ext.extra_objects = [o for objs in pool.map(compile_variant, VARIANTS.items()) for o in objs]
         super().build_extension(ext)
 
 

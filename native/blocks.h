@@ -104,19 +104,26 @@ static inline float bf16_to_f32(bf16_t h) {
 
 static inline uint16_t load_u16(const void *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t load_u32(const void *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+#if defined(__F16C__)
+#include <immintrin.h>
+/* A scale: one F16C instruction where the variant has it (exact, like f16_to_f32 on finite values). */
+static inline float load_f16(const void *p) { return _cvtsh_ss(load_u16(p)); }
+#else
 static inline float load_f16(const void *p) { return f16_to_f32(load_u16(p)); }
+#endif
 
 /* The 8 six-bit scales and mins of a Q4_K / Q5_K super-block (12 bytes):
  * bytes 0-3: scales 0-3 (low 6 bits), top 2 bits = high bits of scales 4-7;
  * bytes 4-7: mins 0-3 (low 6 bits), top 2 bits = high bits of mins 4-7;
  * bytes 8-11: low nibble = low 4 bits of scales 4-7, high nibble = low 4 bits of mins 4-7. */
 static inline void k_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0f) | ((s[j] >> 2) & 0x30);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
-    }
+    /* Four bytes at a time: a right shift by 2 brings bits 6-7 of each byte to bits 4-5 of the
+     * same byte (what crosses in from the next byte lands in bits 6-7 and is masked off). */
+    uint32_t s0 = load_u32(s), s1 = load_u32(s + 4), s2 = load_u32(s + 8);
+    uint32_t v[4] = {s0 & 0x3f3f3f3fu, (s2 & 0x0f0f0f0fu) | ((s0 >> 2) & 0x30303030u),
+                     s1 & 0x3f3f3f3fu, ((s2 >> 4) & 0x0f0f0f0fu) | ((s1 >> 2) & 0x30303030u)};
+    memcpy(sc, v, 8);
+    memcpy(mn, v + 2, 8);
 }
 
 #endif

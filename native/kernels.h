@@ -15,7 +15,7 @@ enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q
 /* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
 enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
 
-#define NX_MAX 4  /* activation rows a dot kernel takes at once (each weight block is read once) */
+#define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
 
 /* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
  * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],
@@ -23,6 +23,9 @@ enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
  * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
 typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
                        size_t x_stride, int nx, float *out, size_t out_stride);
+/* The same for llama2.c's version-2 Q8 (type_q8s.c): int8 rows plus float scales per gs values. */
+typedef void (*q8s_dot_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
+                           const void *x, size_t x_stride, int nx, float *out, size_t out_stride);
 /* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
 /* One activation row of `cols` floats -> its blocks. */
@@ -30,8 +33,10 @@ typedef void (*quant_fn)(const float *x, void *out, int64_t cols);
 
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
+    int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
     dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
     dequant_fn dequant[T_COUNT];
+    q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */

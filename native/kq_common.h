@@ -14,14 +14,15 @@ INLINE __m256i pairs16(const uint8_t b[8]) {
     __m128i w = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v));
     return _mm256_set_m128i(_mm_unpackhi_epi16(w, w), _mm_unpacklo_epi16(w, w));
 }
-/* Eight bytes -> for each s, a vector with b[s] in all 16 int16 lanes. */
-INLINE void bcast16x8(const uint8_t b[8], __m256i out[8]) {
+/* Eight bytes -> 8 int16 lanes b[0..7], in both 128-bit halves; scale16(w, s) then has b[s] in
+ * all 16 lanes (one shuffle with a constant mask, so the eight scale vectors need no registers
+ * of their own). */
+INLINE __m256i widen8x2(const uint8_t b[8]) {
     uint64_t v;
     memcpy(&v, b, 8);
-    __m256i w = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v)));
-    for (int s = 0; s < 8; s++)
-        out[s] = _mm256_shuffle_epi8(w, _mm256_set1_epi16((short)(0x0100 + 0x0202 * s)));
+    return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v)));
 }
+#define scale16(w, s) _mm256_shuffle_epi8((w), _mm256_set1_epi16((short)(0x0100 + 0x0202 * (s))))
 #endif
 
 #endif

@@ -18,9 +18,20 @@
 #define INLINE static inline __attribute__((always_inline))
 
 /* Kernels are written once as an inline body with a constant nx; this expands the switch that
- * makes one specialized copy per nx. BODY(nx) must be an always-inline function call. */
+ * makes one specialized copy per nx <= NX_TILE (activation rows per call: 8 where AVX-512's 32
+ * vector registers hold the accumulators, else 4). BODY(nx) must be an always-inline call. */
+#if defined(__AVX512F__)
+#define NX_TILE 8
+#define DISPATCH_NX(nx, BODY)                                                                     \
+    switch (nx) {                                                                                 \
+    case 1: BODY(1); break; case 2: BODY(2); break; case 3: BODY(3); break; case 4: BODY(4); break; \
+    case 5: BODY(5); break; case 6: BODY(6); break; case 7: BODY(7); break; default: BODY(8);       \
+    }
+#else
+#define NX_TILE 4
 #define DISPATCH_NX(nx, BODY) \
     switch (nx) { case 1: BODY(1); break; case 2: BODY(2); break; case 3: BODY(3); break; default: BODY(4); }
+#endif
 
 #if defined(__AVX2__)
 #include <immintrin.h>

@@ -109,6 +109,52 @@ fail:
     return NULL;
 }
 
+/* matmul_q8_split(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
+ * s float32 [rows * cols / group_size] (one scale per group of the flattened matrix). */
+static PyObject *py_matmul_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_q8_split";
+    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
+    long long gs = PyLong_AsLongLong(args[2]);
+    if (gs == -1 && PyErr_Occurred()) return NULL;
+    buf b[4] = {{{0}}};
+    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
+        get(args[3], &b[2], 0, fn, "x") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
+        check_f32(&b[2], fn, "x") < 0 || check_f32(&b[3], fn, "out") < 0)
+        goto fail;
+    int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
+    if (b[0].b.ndim != 2 || b[0].b.itemsize != 1 || b[0].b.shape[1] != cols) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld] like x's columns", fn, (long long)cols);
+        goto fail;
+    }
+    if (gs <= 0 || gs % QK || cols % gs) {
+        PyErr_Format(PyExc_ValueError, "%s: group size %lld must be a multiple of %d that divides the %lld columns",
+                     fn, gs, QK, (long long)cols);
+        goto fail;
+    }
+    int64_t rows = b[0].b.shape[0];
+    if (fmt(&b[1].b) != 'f' || b[1].b.itemsize != 4 || b[1].b.len / 4 < rows * (cols / gs)) {
+        PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn,
+                     (long long)(rows * (cols / gs)));
+        goto fail;
+    }
+    if (b[3].b.ndim != b[2].b.ndim || b[3].b.shape[b[3].b.ndim - 1] != rows ||
+        (b[3].b.ndim == 2 && b[3].b.shape[0] != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ q.T", fn,
+                     (long long)n, (long long)rows);
+        goto fail;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_matmul_q8s(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 4);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    release(b, 4);
+    return NULL;
+}
+
 /* dequantize_rows(wtype, w, ids, out): out [R, cols] = dequantize(w[ids]) */
 static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "dequantize_rows";
@@ -227,6 +273,8 @@ static PyObject *py_types(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "matmul(wtype, w, x, out)"},
+    {"matmul_q8_split", (PyCFunction)(void (*)(void))py_matmul_q8_split, METH_FASTCALL,
+     "matmul_q8_split(q, s, group_size, x, out)"},
     {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
      "dequantize_rows(wtype, w, ids, out)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},

@@ -3,7 +3,7 @@
  * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
  * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
  * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. For each tile of NX_MAX activation rows the type's dot kernel runs over the
+ * one at a time. For each tile of nx_tile activation rows the type's dot kernel runs over the
  * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
  * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
  * the following tiles. Results do not depend on the thread count or the chunking: each output is
@@ -67,6 +67,9 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
 
 typedef struct {
     dot_fn dot;
+    q8s_dot_fn q8s_dot;  /* instead of dot, with scales s every gs values */
+    const float *s;
+    int64_t gs;
     const uint8_t *w;
     size_t row_bytes;
     int64_t rows, cols, n;
@@ -74,6 +77,7 @@ typedef struct {
     size_t x_stride;
     float *out;
     int64_t chunk, nchunks;
+    int tile;      /* activation rows per dot call */
     int64_t next;  /* next chunk to claim (atomic) */
 } mm_job;
 
@@ -84,43 +88,63 @@ static void mm_task(void *arg, int ith, int nth) {
         int64_t c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (c >= j->nchunks) return;
         int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-        for (int64_t i = 0; i < j->n; i += NX_MAX) {
-            int nx = j->n - i < NX_MAX ? (int)(j->n - i) : NX_MAX;
-            j->dot(j->cols, j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->x + i * j->x_stride, j->x_stride,
-                   nx, j->out + i * j->rows + r0, (size_t)j->rows);
+        for (int64_t i = 0; i < j->n; i += j->tile) {
+            int nx = j->n - i < j->tile ? (int)(j->n - i) : j->tile;
+            if (j->q8s_dot)
+                j->q8s_dot(j->cols, (const int8_t *)j->w + r0 * j->cols, j->s + r0 * (j->cols / j->gs), j->gs,
+                           r1 - r0, j->x + i * j->x_stride, j->x_stride, nx, j->out + i * j->rows + r0,
+                           (size_t)j->rows);
+            else
+                j->dot(j->cols, j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->x + i * j->x_stride,
+                       j->x_stride, nx, j->out + i * j->rows + r0, (size_t)j->rows);
         }
     }
 }
 
-int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
-               int64_t cols, float *out) {
-    const kernel_table *kt = active_table;
-    const type_info *ti = &TYPE_INFO[type];
-    mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols, .n = n,
-                .out = out};
-    if (ti->act == ACT_F32) {
-        j.x = (const char *)x;
-        j.x_stride = (size_t)cols * sizeof(float);
+/* Quantize x as `act` asks, split the rows, run. */
+static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x) {
+    j->tile = kt->nx_tile;
+    if (act == ACT_F32) {
+        j->x = (const char *)x;
+        j->x_stride = (size_t)j->cols * sizeof(float);
     } else {
-        int k = ti->act == ACT_Q8_K;
-        j.x_stride = (size_t)(cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
-        char *xq = scratch_get(j.x_stride * (size_t)n);
+        int k = act == ACT_Q8_K;
+        j->x_stride = (size_t)(j->cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
+        char *xq = scratch_get(j->x_stride * (size_t)j->n + 64);
         if (!xq) return -1;
-        quantize_rows(k ? kt->q8_k : kt->q8_0x, x, n, cols, xq, j.x_stride);
-        j.x = xq;
+        quantize_rows(k ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
+        j->x = xq;
     }
     int nth = pool_threads();
     /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile of
      * activation rows passes over them; at least 4 rows. */
-    int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
-    if (n > NX_MAX && chunk * (int64_t)row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)row_bytes;
+    int64_t chunk = (j->rows + 8 * nth - 1) / (8 * nth);
+    if (j->n > j->tile && chunk * (int64_t)j->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)j->row_bytes;
     if (chunk < 4) chunk = 4;
-    j.chunk = chunk;
-    j.nchunks = (rows + chunk - 1) / chunk;
-    j.next = 0;
-    if (nth > 1 && j.nchunks > 1 && rows * cols * n >= (1 << 15)) pool_run(mm_task, &j);
-    else mm_task(&j, 0, 1);
+    j->chunk = chunk;
+    j->nchunks = (j->rows + chunk - 1) / chunk;
+    j->next = 0;
+    if (nth > 1 && j->nchunks > 1 && j->rows * j->cols * j->n >= (1 << 15)) pool_run(mm_task, j);
+    else mm_task(j, 0, 1);
     return 0;
+}
+
+int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
+              int64_t cols, float *out) {
+    if (n == 0 || rows == 0) return 0;
+    const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
+    mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
+                .n = n, .out = out};
+    return run_matmul(&j, kt, TYPE_INFO[type].act, x);
+}
+
+int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                  int64_t cols, float *out) {
+    if (n == 0 || rows == 0) return 0;
+    const kernel_table *kt = active_table;
+    mm_job j = {.q8s_dot = kt->q8s_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
+                .row_bytes = (size_t)cols, .rows = rows, .cols = cols, .n = n, .out = out};
+    return run_matmul(&j, kt, ACT_Q8_0, x);
 }
 
 typedef struct {

@@ -6,6 +6,9 @@
 /* out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T; -1 when out of memory */
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
                int64_t cols, float *out);
+/* The same for llama2.c version-2 Q8: q int8 [rows, cols], s float [rows * cols / gs] */
+int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                  int64_t cols, float *out);
 /* out [R, cols] = dequantize(w[ids]) */
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
                         int64_t cols, float *out);

@@ -26,18 +26,18 @@ INLINE void dot_body(int64_t nb, const block_q4_k *w, const char *x, size_t xs, 
     for (int64_t b = 0; b < nb; b++) {
         uint8_t sc[8], mn[8];
         k_scale_min(w[b].scales, sc, mn);
-        __m256i scv[8], mins = pairs16(mn);
-        bcast16x8(sc, scv);
+        __m256i scw = widen8x2(sc), mins = pairs16(mn);
         float d = load_f16(&w[b].d), dmin = load_f16(&w[b].dmin);
         __m256i sumi[NX_MAX];
         for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
             __m256i q = load256(w[b].qs + 32 * i);
             __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            __m256i s_lo = scale16(scw, 2 * i), s_hi = scale16(scw, 2 * i + 1);
             for (int j = 0; j < NX; j++) {
                 const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 64 * i;
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(lo, load256(xq)), scv[2 * i]);
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), scv[2 * i + 1]);
+                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(lo, load256(xq)), s_lo);
+                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
             }
         }
         for (int j = 0; j < NX; j++) {

@@ -44,17 +44,17 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
             __m256i qh = load256(w[b].qh + 32 * h);
-            __m256i q[4];
-            q[0] = _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30));
-            q[1] = _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30));
-            q[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_and_si256(qh, m30));
-            q[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4),
-                                   _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30));
             for (int k = 0; k < 4; k++) {
+                /* values 32k..32k+31 of the half: low nibbles of ql0 / ql1, then high nibbles */
+                __m256i lo = k & 1 ? ql1 : ql0;
+                lo = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), m4);
+                __m256i hi = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
+                           : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
+                __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
                 __m256i sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[4 * h + k])));
                 for (int j = 0; j < NX; j++) {
                     const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
-                    sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q[k], load256(xq)), sv);
+                    sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv);
                 }
             }
         }

@@ -6,6 +6,7 @@ file stores them, row dequantization and activation quantization, on a thread po
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
+    matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
     TYPES                            ggml type id -> (name, block_values, block_bytes)
 
@@ -20,8 +21,14 @@ import os
 
 import numpy as np
 
-from . import _native, threads as _threads
+from . import threads as _threads
 from .errors import UsageError
+
+try:
+    from . import _native
+except ImportError as e:  # a source checkout that was never built
+    raise ImportError(f"llama2's compiled kernels are not built ({e}); run `pip install -e .` "
+                      "(or `python setup.py build_ext --inplace`) in the checkout") from e
 
 LEVELS = ("scalar", "avx2", "avx512")
 ENV = "LLAMA2_ISA"
@@ -33,10 +40,15 @@ TYPES = {t: (name, values, nbytes) for t, (name, values, nbytes, _act) in _nativ
 
 matmul = _native.matmul
 dequantize_rows = _native.dequantize_rows
+# Beyond the contract: llama2.c version-2 Q8 read in place, q int8 [rows, cols] and s float32
+# [rows * cols / group_size] (a scale per group of the flattened matrix; whole groups per row and
+# group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
+# to Q8_0 blocks as for GGUF Q8_0.
+matmul_q8_split = _native.matmul_q8_split
 
 
 def variants() -> tuple:
-    """The compiled variants this CPU runs, best first (scalar, avx2, avx512, avx512vnni)."""
+    """The compiled variants this CPU runs, best first (of avx512vnni, avx512, avx2, scalar)."""
     return tuple(name for name, runs in _native.variants() if runs)
 
 
@@ -46,19 +58,21 @@ def supported() -> tuple:
     return tuple(lv for lv in LEVELS if any(v in have for v in _LEVEL_VARIANTS[lv]))
 
 
-def resolve(level: str, available: tuple) -> str:
-    """`level` checked against the levels `available`; raises UsageError (one line) otherwise."""
+def resolve(level: str, available: tuple, label: str = None) -> str:
+    """`level` checked against the levels `available`; raises UsageError (one line starting with
+    `label`, by default "LLAMA2_ISA=<level>") otherwise."""
+    label = label or f"{ENV}={level}"
     if level not in LEVELS:
-        raise UsageError(f"{ENV}={level}: expected one of {', '.join(LEVELS)}")
+        raise UsageError(f"{label}: expected one of {', '.join(LEVELS)}")
     if level not in available:
-        raise UsageError(f"{ENV}={level}: this CPU cannot run the {level} kernels "
+        raise UsageError(f"{label}: this CPU cannot run the {level} kernels "
                          f"(it runs: {', '.join(available)})")
     return level
 
 
-def select(level: str) -> str:
+def select(level: str, label: str = None) -> str:
     """Make `level` the active level of this process; returns it."""
-    resolve(level, supported())
+    resolve(level, supported(), label or f"native.select({level!r})")
     have = variants()
     _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
     return level
@@ -96,7 +110,8 @@ def _quantize(k_quants: bool, x: np.ndarray, block: int, block_bytes: int) -> np
 
 def quantize_q8_0(x: np.ndarray) -> np.ndarray:
     """x f32 [N, cols] -> uint8 [N, cols/32*34] of block_q8_0 {f16 d; int8 qs[32]}:
-    d = max|x|/127 per block, q = rint(x / d) (half to even) clamped to +-127 (native/act.c)."""
+    d = max|x| / 127 per block, q = rint(x * (1 / d)) (half to even, all in float32) clamped to
+    +-127, d stored as fp16 (native/act.c)."""
     return _quantize(False, x, 32, 34)
 
 
@@ -109,7 +124,7 @@ def quantize_q8_k(x: np.ndarray) -> np.ndarray:
 def _init():
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
-        select(forced)
+        select(forced, f"{ENV}={forced}")
     set_threads(_threads.threads())
 
 

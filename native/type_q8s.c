@@ -1,0 +1,48 @@
+/* Q8 with separate float scales: llama2.c version-2 files (checkpoint.py). The matrix is int8
+ * q [rows, cols] and float s [rows * cols / gs], one scale per group of gs consecutive values of
+ * the flattened matrix: w = s[group] * q. Only whole groups per row, gs a multiple of 32 (module.c
+ * checks), so row r's group g is s[r * cols / gs + g]. Activations: Q8_0x; per 32-value block the
+ * integer dot is exact, scaled by s_w * d_x in float (the Q8_0 kernel with another scale). */
+#include "level.h"
+
+INLINE void dot_body(int64_t cols, const int8_t *q, const float *s, int64_t gs, const char *x, size_t xs, int NX,
+                     float *out, size_t os) {
+    int64_t nb = cols / QK, per = gs / QK;  /* blocks per row, blocks per group */
+#if defined(__AVX2__)
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i qv = load256(q + QK * b);
+        __m256i u = _mm256_sign_epi8(qv, qv);
+        float sw = s[b / per];
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            __m256i p = dpbusd256(_mm256_setzero_si256(), u, _mm256_sign_epi8(load256(xb->qs), qv));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(sw * xb->d), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        float sw = s[b / per];
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t isum = 0;
+            for (int l = 0; l < QK; l++) isum += (int32_t)q[QK * b + l] * xb->qs[l];
+            acc[j] += sw * xb->d * (float)isum;
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+#endif
+}
+
+/* Rows 0..nrows-1 of q (row r at q + r * cols, its scales at s + r * cols / gs). */
+void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+                 size_t xs, int nx, float *out, size_t os) {
+#define B(n) \
+    for (int64_t r = 0; r < nrows; r++) \
+        dot_body(cols, q + r * cols, s + r * (cols / gs), gs, (const char *)x, xs, n, out + r, os)
+    DISPATCH_NX(nx, B)
+#undef B
+}
