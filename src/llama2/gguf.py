@@ -90,6 +90,8 @@ def read(path):
             if f.seek(0, 2) < 24:
                 raise FormatError(f"{path}: too short to be a GGUF file")
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
+                buf.madvise(mmap.MADV_WILLNEED)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
     r = _Reader(buf, path)

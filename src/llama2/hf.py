@@ -119,6 +119,8 @@ class SafetensorsFile:
         kind, dtype, shape, offset, nbytes = self._info(name)
         if self.map is None:
             self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            if hasattr(self.map, "madvise"):  # used in place: have the kernel read it ahead
+                self.map.madvise(mmap.MADV_WILLNEED)
         if kind in STORED_TYPES and len(shape) == 2:
             return weights.from_buffer(STORED_TYPES[kind], self.map, offset, shape, f"{self.path}: {name}")
         arr = np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
