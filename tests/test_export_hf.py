@@ -2,6 +2,7 @@
 configs saved with save_pretrained, loaded directly and exported, give the same logits."""
 
 import copy
+import dataclasses
 import io
 import json
 
@@ -80,7 +81,9 @@ def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, ti
     out = tmp_path / "model.bin"
     assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
     exported = Llama.load(out, tokenizer=tok)
-    assert exported.config == direct.config  # version 3 keeps rope_theta, eps, BOS/EOS
+    # version 3 keeps rope_theta, eps, BOS/EOS; the export un-permutes q/k to interleaved pairs
+    assert direct.config.rope_style == "halves"
+    assert exported.config == dataclasses.replace(direct.config, rope_style="interleaved")
     np.testing.assert_allclose(exported.logits(ids), ref, atol=1e-4, rtol=0)
 
     legacy = tmp_path / "legacy.bin"  # llama2.c's version 1 holds the weights exactly
@@ -204,3 +207,31 @@ def test_sharded_pytorch_model_bin(tmp_path):
     ids = token_ids()
     got = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
     np.testing.assert_allclose(got, reference_logits(model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_folder_runs_in_place_in_its_stored_type(tmp_path, dtype):
+    """safetensors are mapped, not read: every matrix is a view of its file in the stored type, q/k
+    in HF's layout (rotate-half RoPE), and the logits still equal transformers'."""
+    import mmap
+    from llama2 import hf
+    directory, model = tiny_hf(tmp_path, kv_heads=2, theta=1e6, tie=False,
+                               dtype=None if dtype == "float32" else getattr(torch, dtype))
+    ckpt = hf.load(directory)
+    assert ckpt.config.rope_style == "halves" and ckpt.dtype == {"float32": "fp32", "bfloat16": "bf16"}[dtype]
+    for name in ("token_embedding", "wcls", *checkpoint.LAYER_MATRICES):
+        for m in ckpt.weights[name] if isinstance(ckpt.weights[name], list) else [ckpt.weights[name]]:
+            assert m.NAME == {"float32": "f32", "bfloat16": "bf16"}[dtype]
+            base = m.storage
+            while isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            assert isinstance(base.obj if isinstance(base, memoryview) else base, mmap.mmap), name
+    hf_q = model.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
+    np.testing.assert_array_equal(ckpt.weights["wq"][0].dequantize(), hf_q)  # not un-permuted
+    ids = token_ids()
+    llama = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB))
+    np.testing.assert_allclose(llama.logits(ids), reference_logits(model, ids), atol=1e-4, rtol=0)
+    # decode steps (the compiled layer for float32) rotate the same halves
+    cache = llama.model.new_cache()
+    steps = np.concatenate([llama.model.forward([t], cache) for t in ids[:6]])
+    np.testing.assert_allclose(steps, reference_logits(model, ids[:6]), atol=1e-4, rtol=0)

@@ -112,14 +112,30 @@ def test_no_float64_in_outputs():
     assert model.forward([1, 2, 3], model.new_cache()).dtype == np.float32
 
 
-def test_inplace_rope_kernel_equals_reference():
+@pytest.mark.parametrize("style", ["interleaved", "halves"])
+def test_inplace_rope_kernel_equals_reference(style):
     from llama2 import jit
     cos, sin = K.rope_tables(8, 16, 10000.0)
     x = np.random.default_rng(3).standard_normal((5, 3, 8)).astype(np.float32)
     pos = np.array([0, 3, 7, 8, 15])
     y = x.copy()
-    jit.rope_(y, cos[pos], sin[pos])
-    np.testing.assert_allclose(y, K.rope(x, cos[pos], sin[pos]), rtol=1e-6, atol=1e-6)
+    jit.rope_(y, cos[pos], sin[pos], style == "halves")
+    np.testing.assert_allclose(y, K.rope(x, cos[pos], sin[pos], style), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_halves_is_interleaved_rope_on_permuted_heads():
+    # HF keeps each head's pairs as (i, i + hd/2); rotating that layout equals rotating the
+    # interleaved layout and permuting the result the same way.
+    from llama2.hf import permute
+    cos, sin = K.rope_tables(8, 16, 10000.0)
+    x = np.random.default_rng(3).standard_normal((4, 3, 8)).astype(np.float32)
+    pos = np.array([0, 1, 9, 15])
+
+    def to_halves(a):  # [T, H, 8] interleaved -> halves, per head (hf.permute on rows)
+        return np.stack([permute(t.reshape(-1, 1), 3).reshape(3, 8) for t in a])
+
+    np.testing.assert_allclose(K.rope(to_halves(x), cos[pos], sin[pos], "halves"),
+                               to_halves(K.rope(x, cos[pos], sin[pos])), rtol=1e-6, atol=1e-6)
 
 
 
@@ -156,13 +172,14 @@ def test_int8_matmul_equals_dequantized(m, n, group_size, batch):
 def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
     from llama2 import model as M
     from llama2.checkpoint import quantize_q80
-    monkeypatch.setattr(M, "DEQUANT_TILE", tile)
+    from llama2.weights import base
+    monkeypatch.setattr(base, "DEQUANT_TILE", tile)
     rng = np.random.default_rng(6)
     qt = quantize_q80(rng.standard_normal((37, 30)).astype(np.float32), 8)  # rows straddle groups
     x = rng.standard_normal((M.SMALL_BATCH + 5, 30)).astype(np.float32)
-    np.testing.assert_allclose(M.Q8(qt)(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qt(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-5)
     ids = [36, 0, 5]
-    np.testing.assert_array_equal(M.Q8(qt).rows(ids), qt.dequantize()[ids])
+    np.testing.assert_array_equal(qt.rows(ids), qt.dequantize()[ids])
 
 
 @pytest.mark.parametrize("quantize", [None, "q8_0"])

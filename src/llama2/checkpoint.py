@@ -15,6 +15,7 @@ import numpy as np
 from .config import ModelConfig
 from .errors import FormatError
 from .fileio import atomic_write
+from .weights import bf16, f16, q8_v2, dense as _dense
 
 MAGIC = 0x616B3432  # "ak42" as little-endian uint32
 HEADER_BYTES = 256  # versions 1 and 2
@@ -54,58 +55,23 @@ def tensor_shapes(c: ModelConfig) -> dict:
     return shapes
 
 
-@dataclass
-class QuantizedTensor:
-    """Q8_0: int8 values with one float32 scale per group of `group_size` consecutive values of the
-    flattened tensor (a row may straddle two groups; the last group may be short)."""
-    q: np.ndarray  # int8 [out, in]
-    s: np.ndarray  # float32 [ceil(out*in / group_size)]
-    group_size: int
-
-    @property
-    def shape(self):
-        return self.q.shape
-
-    def dequantize(self) -> np.ndarray:  # -> float32 [out, in]
-        flat = self.q.reshape(-1).astype(np.float32)
-        scales = np.repeat(self.s, self.group_size)[: flat.size]
-        return (flat * scales).reshape(self.q.shape)
-
-
-def n_groups(numel: int, group_size: int) -> int:
-    return -(-numel // group_size)
-
-
-def quantize_q80(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> QuantizedTensor:
-    """Symmetric int8 quantization over groups of the flattened tensor, tail group included.
-    Works through `chunk_values` values at a time so temporaries stay small for big tensors."""
-    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
-    ng = n_groups(flat.size, group_size)
-    q = np.empty(ng * group_size, np.int8)
-    scale = np.empty(ng, np.float32)
-    step = max(1, chunk_values // group_size)  # groups per chunk
-    for g0 in range(0, ng, step):
-        g1 = min(ng, g0 + step)
-        chunk = flat[g0 * group_size: g1 * group_size]
-        if chunk.size < (g1 - g0) * group_size:  # the short tail group, padded with zeros
-            chunk = np.concatenate([chunk, np.zeros((g1 - g0) * group_size - chunk.size, np.float32)])
-        groups = chunk.reshape(g1 - g0, group_size)
-        s = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
-        safe = np.where(s > 0, s, np.float32(1.0))
-        q[g0 * group_size: g1 * group_size] = np.round(groups / safe[:, None]).astype(np.int8).reshape(-1)
-        scale[g0:g1] = s
-    return QuantizedTensor(q[: flat.size].reshape(w.shape), scale, group_size)
+# Q8_0 of llama2.c's version 2 (and our version 3's q8_0): int8 values with one float32 scale per
+# group of the flattened tensor. The type lives in weights.q8_v2; these names are kept for callers.
+QuantizedTensor = q8_v2.Matrix
+quantize_q80 = q8_v2.quantize
+n_groups = q8_v2.n_groups
 
 
 @dataclass
 class Checkpoint:
     """A loaded model file: its config, tensors (numpy views of the mmap where possible), version."""
     config: ModelConfig
-    weights: dict  # name -> float32 array (stacked) or list of QuantizedTensor per layer
+    weights: dict  # name -> float32 array (stacked; f32 matrices and norms), or per layer a list of
+    #                weights.Matrix (other stored types), or one Matrix for unstacked matrices
     version: int  # llama2.c layout version 0-3; 1 for models from other formats (see `format`)
     path: str
     group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
-    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0 (or mixed: GGUF)
+    dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0, a GGUF type, mixed
     vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
     chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
@@ -124,13 +90,8 @@ class Checkpoint:
         return Tokenizer(v.bin_pieces(), v.scores, bos_id=v.bos_id, eos_id=v.eos_id)
 
     def dense(self, name) -> np.ndarray:
-        """A tensor as float32 (dequantized if stored as int8)."""
-        w = self.weights[name]
-        if isinstance(w, QuantizedTensor):
-            return w.dequantize()
-        if isinstance(w, list):  # per layer: QuantizedTensor or float arrays (GGUF may mix them)
-            return np.stack([t.dequantize() if isinstance(t, QuantizedTensor) else t for t in w])
-        return w
+        """A tensor as float32 (dequantized if stored otherwise), stacked per layer."""
+        return _dense(self.weights[name])
 
     @property
     def classifier(self):
@@ -255,7 +216,8 @@ def _map(path):
 def load(path) -> Checkpoint:
     """Memory-map a checkpoint (llama2.c version 0, 1 or 2, or our version 3) and validate its length.
 
-    fp32 and int8 tensors are views of the map; fp16/bf16 matrices (version 3) are widened to float32.
+    Every tensor is a view of the map, in its stored type: fp32 as float32 arrays, fp16/bf16
+    (version 3) and int8 (version 2, version 3 q8_0) as weights.Matrix per layer.
     """
     buf = _map(path)
     config, version, group_size, offset = read_header(path, buf)
@@ -285,18 +247,18 @@ def load(path) -> Checkpoint:
 
     def matrix(shape):
         if dtype == "fp16":
-            return cur.take("<f2", shape).astype(np.float32)
+            return f16.Matrix(cur.take("<f2", shape))
         if dtype == "bf16":
-            return bf16_to_f32(cur.take("<u2", shape))
+            return bf16.Matrix(cur.take("<u2", shape))
+        if dtype == "q8_0":
+            return qt(shape)
         return cur.take(np.float32, shape)
 
     for name in (*MATRICES, *([] if config.shared_classifier else ["wcls"])):
-        if dtype != "q8_0":
-            w[name] = matrix(shapes[name])
-        elif name in LAYER_MATRICES:
-            w[name] = [qt(shapes[name][1:]) for _ in range(config.n_layers)]
+        if name in LAYER_MATRICES and dtype != "fp32":
+            w[name] = [matrix(shapes[name][1:]) for _ in range(config.n_layers)]
         else:
-            w[name] = qt(shapes[name])
+            w[name] = matrix(shapes[name])
     template = CHAT_TEMPLATES[buf[38]] if version == EXT_VERSION else None
     return Checkpoint(config, w, version, str(path), group_size, dtype=dtype, chat_template=template)
 
@@ -434,7 +396,7 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
 def write(path, config: ModelConfig, weights: dict, version: int = 1, group_size: int = 64,
           dtype: str = "fp32", chat_template=None):
     """Write a checkpoint from in-memory tensors: `weights` maps the names of tensor_shapes() to
-    float32 arrays (stacked per layer), per-layer lists of arrays, or lists of QuantizedTensor."""
+    float32 arrays (stacked per layer), per-layer lists of arrays, or weights.Matrix (lists)."""
 
     def tensor(name, layer):
         if name not in weights:
@@ -442,8 +404,6 @@ def write(path, config: ModelConfig, weights: dict, version: int = 1, group_size
         value = weights[name]
         if layer is not None:
             value = value[layer]
-        if isinstance(value, QuantizedTensor):
-            value = value.dequantize()
-        return value
+        return _dense(value)
 
     write_stream(path, config, tensor, version, group_size, dtype, chat_template)

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from .errors import FormatError
 
 
+ROPE_STYLES = ("interleaved", "halves")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     dim: int
@@ -22,6 +25,10 @@ class ModelConfig:
     norm_eps: float = 1e-5
     bos_id: int = 1
     eos_id: int = 2
+    # How q and k weights order each head's RoPE pairs: "interleaved" (Meta, llama2.c, GGUF: x0 y0 x1
+    # y1 ...) or "halves" (Hugging Face: all x first, then all y; the rotate-half form). A property
+    # of the weights as stored, so HF folders run in place without un-permuting a copy.
+    rope_style: str = "interleaved"
 
     @property
     def head_dim(self) -> int:
@@ -44,6 +51,8 @@ class ModelConfig:
                 f"{source}: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
         if self.head_dim % 2:
             raise FormatError(f"{source}: head size {self.head_dim} must be even for RoPE")
+        if self.rope_style not in ROPE_STYLES:
+            raise FormatError(f"{source}: rope_style {self.rope_style!r} is not one of {', '.join(ROPE_STYLES)}")
         if not self.rope_theta > 0:
             raise FormatError(f"{source}: rope_theta must be positive, got {self.rope_theta}")
         return self

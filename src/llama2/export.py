@@ -11,8 +11,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checkpoint
-from .checkpoint import Checkpoint, QuantizedTensor
+from . import checkpoint, weights
+from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import FormatError
 
@@ -25,8 +25,8 @@ _DEFAULTS = ModelConfig(1, 1, 1, 1, 1, 1, 1)  # for "does llama2.c's layout lose
 
 
 class CheckpointSource:
-    """A loaded Checkpoint (any format the loader reads) as a source; int8 tensors are dequantized
-    one layer at a time."""
+    """A loaded Checkpoint (any format the loader reads) as a source; tensors stored in other types
+    are dequantized one layer at a time."""
 
     def __init__(self, ckpt: Checkpoint):
         self.ckpt, self.config = ckpt, ckpt.config
@@ -36,9 +36,7 @@ class CheckpointSource:
         w = self.ckpt.weights[name]
         if layer is not None:
             w = w[layer]
-        if isinstance(w, QuantizedTensor):
-            return w.dequantize()
-        return np.asarray(w, dtype=np.float32)
+        return weights.dense(w)
 
 
 def materialize(source, path, fmt) -> Checkpoint:

@@ -1,8 +1,10 @@
 """GGUF files (llama.cpp): read a Llama model into a Checkpoint by mmap, and write one tensor by tensor.
 
-Format: github.com/ggml-org/ggml docs/gguf.md (version 3). Only the "llama" architecture with F32,
-F16, BF16 and Q8_0 tensors is supported. GGUF keeps Meta's interleaved q/k layout, as llama2.c does,
-so tensors map one to one. Written from the spec with numpy only; the `gguf` package is not needed.
+Format: github.com/ggml-org/ggml docs/gguf.md (version 3). Only the "llama" architecture is supported;
+tensors may be of any type in `weights` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
+Q6_K), mixed per tensor as the file says, and are used as stored: views of the memory map. GGUF keeps
+Meta's interleaved q/k layout, as llama2.c does, so tensors map one to one. Written from the spec with
+numpy only; the `gguf` package is not needed. Writing covers F32, F16, BF16 and Q8_0.
 """
 
 import mmap
@@ -11,9 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates
-from .checkpoint import (LAYER_MATRICES, Checkpoint, QuantizedTensor, bf16_to_f32, f32_to_bf16,
-                         tensor_shapes)
+from . import chat_template as templates, weights
+from .checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
 from .fileio import atomic_write
@@ -23,9 +24,9 @@ MAGIC = b"GGUF"
 ALIGNMENT = 32
 F32, F16, Q8_0, BF16 = 0, 1, 8, 30
 Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
-Q8_DTYPE = np.dtype([("d", "<f2"), ("qs", "i1", Q8_BLOCK)])  # one block, 34 bytes
+Q8_DTYPE = weights.q8_0.DTYPE  # one block, 34 bytes: float16 scale + 32 int8
 Q8_CHUNK = 1 << 15  # blocks quantized at once when writing
-TYPE_NAMES = {F32: "F32", F16: "F16", Q8_0: "Q8_0", BF16: "BF16"}
+TYPE_NAMES = weights.GGML_NAMES
 FILE_TYPES = {"fp32": 0, "fp16": 1, "q8_0": 7, "bf16": 32}  # general.file_type ("mostly ...")
 GGML_TYPES = {"fp32": F32, "fp16": F16, "q8_0": Q8_0, "bf16": BF16}
 
@@ -89,6 +90,8 @@ def read(path):
             if f.seek(0, 2) < 24:
                 raise FormatError(f"{path}: too short to be a GGUF file")
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
+                buf.madvise(mmap.MADV_WILLNEED)
     except OSError as e:
         raise FormatError(f"{path}: cannot read ({e.strerror})") from None
     r = _Reader(buf, path)
@@ -117,30 +120,17 @@ def read(path):
 
 
 def _tensor(buf, path, name, kind, shape, offset):
-    """A float32 array (F32 is a view of the map) or a QuantizedTensor (Q8_0, group 32)."""
-    numel = int(np.prod(shape))
-    if kind == Q8_0:
-        if shape[-1] % Q8_BLOCK:
-            raise FormatError(f"{path}: Q8_0 tensor {name} has rows of {shape[-1]}, not a multiple of 32")
-        nbytes = numel // Q8_BLOCK * 34
-    elif kind in (F32, F16, BF16):
-        nbytes = numel * (4 if kind == F32 else 2)
-    else:
-        raise FormatError(f"{path}: tensor {name} has ggml type {kind}; supported: F32, F16, BF16, Q8_0")
-    if offset + nbytes > len(buf):
-        raise FormatError(f"{path}: tensor {name} at byte {offset} runs past the end of the file")
+    """The tensor as stored, a view of the map: a float32 array for F32, else a weights.Matrix
+    (2-D) or, for another type's 1-D tensor (a norm), its float32 values."""
+    if not weights.supported(int(kind)):
+        raise FormatError(f"{path}: tensor {name} has ggml type {kind}; supported: "
+                          f"{', '.join(TYPE_NAMES.values())}")
+    what = f"{path}: tensor {name}"
+    rows, cols = (1, shape[0]) if len(shape) == 1 else shape
+    m = weights.from_buffer(int(kind), buf, offset, (rows, cols), what)
     if kind == F32:
-        return np.frombuffer(buf, "<f4", numel, offset).reshape(shape)
-    if kind == F16:
-        return np.frombuffer(buf, "<f2", numel, offset).astype(np.float32).reshape(shape)
-    if kind == BF16:
-        return bf16_to_f32(np.frombuffer(buf, "<u2", numel, offset)).reshape(shape)
-    blocks = np.frombuffer(buf, Q8_DTYPE, numel // Q8_BLOCK, offset)
-    return QuantizedTensor(blocks["qs"].reshape(shape), blocks["d"].astype(np.float32), Q8_BLOCK)
-
-
-def _dense(t):
-    return t.dequantize() if isinstance(t, QuantizedTensor) else t
+        return m.w if len(shape) == 2 else m.w[0]
+    return m if len(shape) == 2 else m.dequantize()[0]
 
 
 def vocab_from_metadata(meta):
@@ -203,7 +193,7 @@ class GGUFModel:
         return self.infos[gname][0]
 
     def raw(self, name, layer=None):
-        """The tensor as stored: float32 (a view of the map for F32) or QuantizedTensor (Q8_0)."""
+        """The tensor as stored, a view of the map: float32 array (F32) or weights.Matrix."""
         self.kind(name, layer)  # present?
         gname = NAMES[name].format(layer)
         kind, shape, offset = self.infos[gname]
@@ -214,12 +204,12 @@ class GGUFModel:
         return _tensor(self.buf, self.path, gname, kind, shape, offset)
 
     def tensor(self, name, layer=None) -> np.ndarray:
-        return _dense(self.raw(name, layer))
+        return weights.dense(self.raw(name, layer))
 
 
 def load(path) -> Checkpoint:
-    """A Llama GGUF as a Checkpoint. Each matrix keeps its stored form: Q8_0 as int8 (group 32),
-    F32 as a view of the file, F16/BF16 widened to float32; per-layer lists, norms stacked."""
+    """A Llama GGUF as a Checkpoint. Every matrix keeps its stored type, as a view of the file (F32
+    as float32 arrays, the others as weights.Matrix); per-layer lists, norms stacked."""
     m = GGUFModel(path)
     c = m.config
     w = {}
@@ -233,8 +223,8 @@ def load(path) -> Checkpoint:
     kinds = {m.kind(n, i if n in LAYER_MATRICES else None)
              for n in m.shapes if not n.startswith("rms")
              for i in (range(c.n_layers) if n in LAYER_MATRICES else [None])}
-    dtype = {F32: "fp32", F16: "fp16", BF16: "bf16", Q8_0: "q8_0"}[m.kind("wq", 0)] \
-        if len(kinds) == 1 else "mixed"
+    first = m.kind("wq", 0)
+    dtype = "mixed" if len(kinds) > 1 else {F32: "fp32", F16: "fp16"}.get(first, TYPE_NAMES[first].lower())
     return Checkpoint(c, w, 1, str(path), Q8_BLOCK if Q8_0 in kinds else 0, dtype=dtype,
                       vocab=m.vocab, chat_template=m.chat_template, format="gguf")
 

@@ -1,22 +1,27 @@
 """Hugging Face Llama model directories: config.json, safetensors (or pytorch_model.bin), tokenizer.
 
-Tensors are read one at a time (safetensors by mmap with numpy, here; pytorch_model.bin through torch,
-imported only then), converted to float32 and, for q/k, un-permuted back to Meta's interleaved RoPE
-layout that llama2.c uses. References: transformers' convert_llama_weights_to_hf.py (the permutation
-undone here), the safetensors format (8-byte header length, JSON header, raw little-endian data).
+Two ways in. `load` runs a folder in place: safetensors are memory-mapped and every matrix is used
+in its stored type (bf16, f16, f32: weights.Matrix over a view of the map), q/k included: the config
+says rope_style "halves" and the forward pass rotates HF's (i, i + hd/2) pairs instead of
+un-permuting a copy. `HFModel.tensor` is the export source: one tensor at a time (pread, so exported
+tensors' pages are freed), converted to float32 and, for q/k, un-permuted back to Meta's interleaved
+RoPE layout that llama2.c and GGUF use. pytorch_model.bin goes through torch, imported only then.
+References: transformers' convert_llama_weights_to_hf.py (the permutation undone here), the
+safetensors format (8-byte header length, JSON header, raw little-endian data).
 """
 
 import contextlib
 import dataclasses
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates
-from .checkpoint import bf16_to_f32, tensor_shapes
+from . import chat_template as templates, weights
+from .checkpoint import LAYER_MATRICES, Checkpoint, bf16_to_f32, tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
 from . import tokenizer_export
@@ -37,6 +42,7 @@ NAMES = {
     "wcls": "lm_head.weight",
 }
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
+STORED_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> weights type
 MODEL_TYPES = ("llama", "mistral")
 
 
@@ -75,12 +81,13 @@ class SafetensorsFile:
         self.header.pop("__metadata__", None)
         self.names = list(self.header)
         self.data = 8 + n
+        self.map = None  # the whole file, mapped on the first `stored` call
 
     def __del__(self):
         with contextlib.suppress(AttributeError, OSError):
             os.close(self.fd)
 
-    def get(self, name) -> np.ndarray:
+    def _info(self, name):  # -> (safetensors dtype, numpy dtype, shape, absolute offset, bytes)
         info = self.header.get(name)
         if info is None:
             raise FormatError(f"{self.path}: has no tensor {name}")
@@ -94,13 +101,30 @@ class SafetensorsFile:
         if end - begin != count * np.dtype(dtype).itemsize or self.data + end > self.size:
             raise FormatError(f"{self.path}: tensor {name} has {end - begin} bytes at offset "
                               f"{self.data + begin}, which does not fit shape {list(shape)}")
-        raw = bytearray(end - begin)  # writable, so the float32 case needs no further copy
-        if os.preadv(self.fd, [raw], self.data + begin) != len(raw):
+        return info["dtype"], dtype, shape, self.data + begin, end - begin
+
+    def get(self, name) -> np.ndarray:
+        kind, dtype, shape, offset, nbytes = self._info(name)
+        raw = bytearray(nbytes)  # writable, so the float32 case needs no further copy
+        if os.preadv(self.fd, [raw], offset) != len(raw):
             raise FormatError(f"{self.path}: truncated at tensor {name}")
-        arr = np.frombuffer(raw, dtype, count).reshape(shape)
-        if info["dtype"] == "BF16":
+        arr = np.frombuffer(raw, dtype).reshape(shape)
+        if kind == "BF16":
             return bf16_to_f32(arr)
-        return arr if info["dtype"] == "F32" else arr.astype(np.float32)
+        return arr if kind == "F32" else arr.astype(np.float32)
+
+    def stored(self, name):
+        """The tensor as stored, a view of the mapped file: a weights.Matrix for 2-D bf16/f16/f32
+        tensors, float32 values for 1-D ones (norms: small) and for F64."""
+        kind, dtype, shape, offset, nbytes = self._info(name)
+        if self.map is None:
+            self.map = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+            if hasattr(self.map, "madvise"):  # used in place: have the kernel read it ahead
+                self.map.madvise(mmap.MADV_WILLNEED)
+        if kind in STORED_TYPES and len(shape) == 2:
+            return weights.from_buffer(STORED_TYPES[kind], self.map, offset, shape, f"{self.path}: {name}")
+        arr = np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
+        return bf16_to_f32(arr) if kind == "BF16" else arr.astype(np.float32)
 
 
 class TorchFile:
@@ -120,12 +144,26 @@ class TorchFile:
         self.names = list(self.state)
 
     def get(self, name) -> np.ndarray:
+        return self._raw(name).float().numpy()
+
+    def stored(self, name):
+        """The tensor in its stored type, a numpy view of torch's mapped storage, for 2-D bf16
+        (through its 16 bits), f16 and f32 tensors; float32 otherwise."""
+        import torch
+        t = self._raw(name)
+        if t.dim() != 2 or t.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+            return t.float().numpy()
+        if t.dtype == torch.bfloat16:
+            return weights.bf16.Matrix(t.view(torch.int16).numpy().view("<u2"))
+        return (weights.f16.Matrix if t.dtype == torch.float16 else weights.f32.Matrix)(t.numpy())
+
+    def _raw(self, name):
         if name not in self.state:
             raise FormatError(f"{self.path}: has no tensor {name}")
         t = self.state[name]
         if not t.is_floating_point():
             raise FormatError(f"{self.path}: tensor {name} has dtype {t.dtype}; expected a float type")
-        return t.float().numpy()
+        return t
 
 
 def _read_json(path, what):
@@ -235,17 +273,26 @@ class HFModel:
             self.files[name] = self.opener(self.dir / name)
         return self.files[name]
 
-    def tensor(self, name, layer=None) -> np.ndarray:
-        c = self.config
+    def _read(self, name, layer, how):  # one tensor through its file's `get` or `stored`, shape-checked
         hf_name = NAMES[name].format(layer)
         if hf_name not in self.where:
             raise FormatError(f"{self.dir}: tensor {hf_name} not found")
-        arr = self._open(self.where[hf_name]).get(hf_name)
-        shape = tensor_shapes(c)[name]
+        arr = getattr(self._open(self.where[hf_name]), how)(hf_name)
+        shape = tensor_shapes(self.config)[name]
         want = shape[1:] if layer is not None else shape
-        if arr.shape != tuple(want):
+        if tuple(arr.shape) != tuple(want):
             raise FormatError(f"{self.dir}: tensor {hf_name} has shape {list(arr.shape)}, "
                               f"config.json implies {list(want)}")
+        return arr
+
+    def stored(self, name, layer=None):
+        """The tensor as stored and in HF's layout (q/k rows keep their halves order): a
+        weights.Matrix over the mapped file for matrices, float32 for norms."""
+        return self._read(name, layer, "stored")
+
+    def tensor(self, name, layer=None) -> np.ndarray:
+        c = self.config
+        arr = self._read(name, layer, "get")
         if name == "wq":
             arr = unpermute(arr, c.n_heads)
         elif name == "wk":
@@ -279,8 +326,23 @@ class HFModel:
         return None
 
 
-def load(directory):
-    """A Hugging Face model directory as a Checkpoint (float32 tensors, stacked per layer)."""
-    from .export import materialize
+def load(directory) -> Checkpoint:
+    """A Hugging Face model directory as a Checkpoint, in place: matrices in their stored type over
+    the mapped safetensors (per-layer lists), q/k in HF's layout (config.rope_style "halves"), norms
+    as float32 stacked per layer."""
     model = HFModel(directory)
-    return materialize(model, str(directory), "hf")
+    c = model.config
+    w = {}
+    for name in tensor_shapes(c):
+        if name in ("rms_att", "rms_ffn"):
+            w[name] = np.stack([model.stored(name, l) for l in range(c.n_layers)])
+        elif name in LAYER_MATRICES:
+            w[name] = [model.stored(name, l) for l in range(c.n_layers)]
+        else:
+            w[name] = model.stored(name)
+    kinds = {m.NAME for v in w.values() for m in (v if isinstance(v, list) else [v])
+             if isinstance(m, weights.Matrix)}
+    names = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
+    dtype = names[next(iter(kinds))] if len(kinds) == 1 else "mixed"
+    return Checkpoint(dataclasses.replace(c, rope_style="halves"), w, 1, str(directory), dtype=dtype,
+                      vocab=model.vocab, chat_template=model.chat_template, format="hf")

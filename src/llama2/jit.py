@@ -375,11 +375,12 @@ def _attention_decode(q, kc, vc, slots, pos, out):
 
 
 def _layer(x, rms_att, rms_ffn, wq, sq, wk, sk, wv, sv, wo, so, w1, s1, w2, s2, w3, s3, gs,
-           kc, vc, slots, pos, cos, sin, eps, n_heads):
+           kc, vc, slots, pos, cos, sin, eps, n_heads, halves):
     """One transformer layer for a few rows, updating the residual stream x [N, D] in place; each
     weight is read once for all rows and no row's result depends on the others. Row r is the token
     at position pos[r] of the sequence in cache slot slots[r] (a prompt's rows in order). kc/vc
-    [slots, KVH, seq_len, hd] are this layer's cache; cos/sin [N, hd/2] each row's rotation.
+    [slots, KVH, seq_len, hd] are this layer's cache; cos/sin [N, hd/2] each row's rotation, over
+    pairs (i, i + hd/2) when `halves` (Hugging Face's q/k layout), else (2i, 2i+1).
     Matrices are (w, s, gs) as above, all of one kind. Same arithmetic as the per-operation path."""
     N, D = x.shape
     KV, hd = wk.shape[0], D // n_heads
@@ -396,8 +397,8 @@ def _layer(x, rms_att, rms_ffn, wq, sq, wk, sk, wv, sv, wo, so, w1, s1, w2, s2, 
             else:
                 _unit(wv, sv, gs, four, u - nq - nk, h, b, v, 0, False)
     q3, k3, v3 = q.reshape((N, n_heads, hd)), k.reshape((N, KV // hd, hd)), v.reshape((N, KV // hd, hd))
-    rope_(q3, cos, sin)
-    rope_(k3, cos, sin)
+    rope_(q3, cos, sin, halves)
+    rope_(k3, cos, sin, halves)
     for r in range(N):  # every row's key and value go in before any row attends
         kc[slots[r], :, pos[r]] = k3[r]
         vc[slots[r], :, pos[r]] = v3[r]
@@ -462,16 +463,19 @@ def rmsnorm(x, weight, eps):  # [N, D], [D], float -> [N, D] (kernels.rmsnorm, c
 
 
 @njit(fastmath=FASTMATH, cache=True)
-def rope_(x, cos, sin):  # [N, H, hd] in place, [N, hd/2], [N, hd/2]
-    """Rotate each (even, odd) pair of every head of row n by row n's angle (kernels.rope, in place)."""
+def rope_(x, cos, sin, halves):  # [N, H, hd] in place, [N, hd/2], [N, hd/2], bool
+    """Rotate each pair of every head of row n by row n's angle (kernels.rope, in place): pairs
+    (2i, 2i+1), or (i, i + hd/2) with `halves`."""
     N, H, hd = x.shape
+    half = hd // 2
     for n in range(N):
         for h in range(H):
-            for i in range(hd // 2):
-                x0, x1 = x[n, h, 2 * i], x[n, h, 2 * i + 1]
+            for i in range(half):
+                a, b = (i, i + half) if halves else (2 * i, 2 * i + 1)
+                x0, x1 = x[n, h, a], x[n, h, b]
                 c, s = cos[n, i], sin[n, i]
-                x[n, h, 2 * i] = x0 * c - x1 * s
-                x[n, h, 2 * i + 1] = x0 * s + x1 * c
+                x[n, h, a] = x0 * c - x1 * s
+                x[n, h, b] = x0 * s + x1 * c
 
 
 matmul = _compile(_matmul)

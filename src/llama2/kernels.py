@@ -28,13 +28,17 @@ def rope_tables(head_dim, seq_len, theta):  # -> cos, sin: [seq_len, head_dim //
     return np.cos(angle.astype(np.float64)).astype(F32), np.sin(angle.astype(np.float64)).astype(F32)
 
 
-def rope(x, cos, sin):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
-    """Rotate each (even, odd) pair of every head by its position's angle."""
-    x0, x1 = x[..., 0::2], x[..., 1::2]
+def rope(x, cos, sin, style="interleaved"):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
+    """Rotate each pair of every head by its position's angle. Pair i is (2i, 2i+1) when the weights
+    interleave them (llama2.c), (i, i + hd/2) when they keep halves (Hugging Face's rotate_half)."""
+    half = x.shape[-1] // 2
+    pair = (np.s_[..., 0::2], np.s_[..., 1::2]) if style == "interleaved" else \
+        (np.s_[..., :half], np.s_[..., half:])
+    x0, x1 = x[pair[0]], x[pair[1]]
     c, s = cos[:, None, :], sin[:, None, :]
     out = np.empty_like(x)
-    out[..., 0::2] = x0 * c - x1 * s
-    out[..., 1::2] = x0 * s + x1 * c
+    out[pair[0]] = x0 * c - x1 * s
+    out[pair[1]] = x0 * s + x1 * c
     return out
 
 

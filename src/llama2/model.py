@@ -1,14 +1,17 @@
 """The Llama 2 transformer forward pass in numpy float32, over an explicit KV cache.
 
-Weights come from a `Checkpoint` (any source the loader reads) and are used in place: float32 views
-of the memory-mapped file, or int8 with group scales. A pass of up to SMALL_BATCH rows runs on
-compiled kernels, one call per layer, that read each weight once for all rows; a longer prompt runs
-as one [T, dim] block through BLAS (batched prefill). Float weights make one exception: a prompt
-always runs on numpy and BLAS, so a cold process computes its first token without numba, whose
-import and start take about 0.4 s; the kernels load with the first decode step. (int8 has no numpy
-product that avoids dequantizing every weight, so int8 prompts of up to SMALL_BATCH rows stay
-compiled.) Which path a pass takes depends only on its shape and the weights' type, never on what
-has loaded, so results are reproducible. Reference: llama2.c run.c `forward`.
+Weights come from a `Checkpoint` (any source the loader reads) and are used as stored: each matrix is
+a `weights.Matrix` of its type (float32, float16, bfloat16, int8 blocks, 4-6-bit k-quants...) over a
+view of the memory-mapped file; this module never looks at the type. A pass of up to SMALL_BATCH rows
+runs on compiled kernels, one call per layer, when the numba fused layer can read every matrix of it
+(float32 and llama2.c's int8 layout: `Matrix.jit_args`); every other pass runs per matrix, each
+Matrix choosing its own product (native kernels or dequantized tiles through BLAS), with attention on
+numpy/BLAS for prompts. Float32 weights make one exception: a prompt always runs on numpy and BLAS,
+so a cold process computes its first token without numba, whose import and start take about 0.4 s;
+the kernels load with the first decode step. (int8 has no numpy product that avoids dequantizing
+every weight, so int8 prompts of up to SMALL_BATCH rows stay compiled: `Matrix.jit_prompts`.) Which
+path a pass takes depends only on its shape and the weights' types, never on what has loaded, so
+results are reproducible. Reference: llama2.c run.c `forward`.
 """
 
 
@@ -16,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels as K
-from .checkpoint import LAYER_MATRICES, Checkpoint, QuantizedTensor, quantize_q80
+from . import kernels as K, weights
+from .checkpoint import LAYER_MATRICES, Checkpoint
 from .config import Q8_GROUP_SIZE, ModelConfig
 from .errors import Llama2Error
 
@@ -27,9 +30,6 @@ def _jit():
     from . import jit
 
     return jit
-
-
-NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the compiled kernels
 
 
 @dataclass
@@ -53,99 +53,26 @@ class KVCache:
         self.pos[slot] = 0
 
 
-# Up to this many decode rows a pass runs on our compiled kernels, one call per layer (weights read
-# once for all rows, no BLAS or Python overhead); more rows, or any prompt, go to BLAS gemm (int8
-# weights dequantized for it).
+# Up to this many rows a pass runs on the numba fused layer, one call per layer (weights read once
+# for all rows, no BLAS or Python overhead), when every matrix allows it (see the module's docstring).
 SMALL_BATCH = 8
-
-# Above SMALL_BATCH rows, an int8 matrix is dequantized into a scratch tile of at most this many
-# float32 values (16 MiB: a whole matrix of the small models) and BLAS writes each tile's columns of
-# the product in place. The tile is dequantized on the calling thread: right after a product BLAS's
-# workers still spin on the other cores, and a parallel dequantization fighting them made a 2-thread
-# 128-token int8 prompt 1.5x slower (stories15M: 4,000 against 6,000 tok/s).
-DEQUANT_TILE = 1 << 22
-
-
-class Dense:
-    """A float32 weight matrix, used in place (a view of the memory-mapped file where possible)."""
-
-    def __init__(self, w):
-        self.w = w  # [out, in] float32
-        self.shape = w.shape
-        self.kernel_args = (w, NO_SCALES, 0)  # (w, s, gs) as the compiled kernels take a matrix
-
-    def __call__(self, x):  # [N, in] -> [N, out] (BLAS)
-        return x @ self.w.T
-
-    def small(self, x):  # [N <= SMALL_BATCH, in] -> [N, out] (compiled)
-        return _small_product(self, x)
-
-    def rows(self, ids):  # [R] -> [R, in]
-        return np.asarray(self.w[ids], dtype=np.float32)
-
-
-class Q8:
-    """An int8 weight matrix with Q8_0 group scales over the flattened matrix (QuantizedTensor)."""
-
-    def __init__(self, qt: QuantizedTensor):
-        self.q, self.s, self.gs = qt.q, qt.s, qt.group_size
-        self.shape = qt.q.shape
-        self.kernel_args = (self.q, self.s, self.gs)
-
-    def __call__(self, x):  # [N, in] -> [N, out]: compiled up to SMALL_BATCH rows, else tiles + BLAS
-        if len(x) <= SMALL_BATCH:  # int8 has no numpy product that avoids dequantizing every weight
-            return self.small(x)
-        m, n = self.shape
-        step = max(4, DEQUANT_TILE // n)
-        tile = np.empty((min(step, m), n), np.float32)
-        out = np.empty((len(x), m), np.float32)
-        for r0 in range(0, m, step):
-            r1 = min(m, r0 + step)
-            self._dequantize(np.arange(r0, r1), tile)
-            np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])  # BLAS writes the column block in place
-        return out
-
-    def small(self, x):  # [N <= SMALL_BATCH, in] -> [N, out] (compiled, int8 in place)
-        return _small_product(self, x)
-
-    def rows(self, ids):  # [R] -> [R, in]
-        out = np.empty((len(ids), self.shape[1]), np.float32)
-        self._dequantize(np.asarray(ids, np.int64), out)
-        return out
-
-    def _dequantize(self, rows, out):  # [R] -> out[:R] float32
-        _jit().dequantize_rows(0, self.q, self.s, self.gs, rows, out)
-
-
-def _small_product(matrix, x):  # Dense or Q8, [N, in] -> [N, out] on the compiled kernel
-    out = np.empty((len(x), matrix.shape[0]), np.float32)
-    _jit().matmul(matrix.shape[0] * matrix.shape[1] * len(x), x, *matrix.kernel_args, out)
-    return out
 
 
 def _last_rows(x, spans, all_logits):  # [N, D] -> each segment's last row, unless all are wanted
     return x if all_logits else x[[r + T - 1 for _, _, r, T in spans]]
 
 
-def _matrix(w, quantize_group: int):
-    if isinstance(w, QuantizedTensor):
-        return Q8(w)
-    if quantize_group:
-        return Q8(quantize_q80(w, quantize_group))
-    return Dense(w)
-
-
 @dataclass
 class Layer:
     rms_att: np.ndarray  # [D]
-    wq: object  # [D, D]  (Dense or Q8)
-    wk: object  # [KV, D]
-    wv: object  # [KV, D]
-    wo: object  # [D, D]
+    wq: weights.Matrix  # [D, D]
+    wk: weights.Matrix  # [KV, D]
+    wv: weights.Matrix  # [KV, D]
+    wo: weights.Matrix  # [D, D]
     rms_ffn: np.ndarray  # [D]
-    w1: object  # [H, D]
-    w2: object  # [D, H]
-    w3: object  # [H, D]
+    w1: weights.Matrix  # [H, D]
+    w2: weights.Matrix  # [D, H]
+    w3: weights.Matrix  # [H, D]
 
     def qkv(self, h):  # [N, D] -> q [N, D], k [N, KV], v [N, KV]
         return self.wq(h), self.wk(h), self.wv(h)
@@ -156,14 +83,13 @@ class Layer:
     def matrices(self) -> list:  # in LAYER_MATRICES order, as `jit.layer` takes them
         return [getattr(self, name) for name in LAYER_MATRICES]
 
-    def kernel_args(self):
-        """This layer's weights as `jit.layer` takes them, or None when its matrices are not all of
-        one kind (float32, or int8 with one group size)."""
-        mats = self.matrices()
-        if len({(type(m), m.kernel_args[2]) for m in mats}) != 1:
+    def jit_args(self):
+        """This layer's weights as `jit.layer` takes them, or None when the fused layer cannot read
+        all seven matrices alike (one storage dtype and group size)."""
+        args = [m.jit_args for m in self.matrices()]
+        if any(a is None for a in args) or len({(a[0].dtype, a[2]) for a in args}) != 1:
             return None
-        pairs = [a for m in mats for a in m.kernel_args[:2]]
-        return (self.rms_att, self.rms_ffn, *pairs, mats[0].kernel_args[2])
+        return (self.rms_att, self.rms_ffn, *[x for a in args for x in a[:2]], args[0][2])
 
     def size(self) -> int:  # multiply-adds per row
         return sum(m.shape[0] * m.shape[1] for m in self.matrices())
@@ -172,29 +98,33 @@ class Layer:
 class Transformer:
     """Prepared weights plus `forward`. Stateless between calls: the KVCache holds the state.
 
-    `quantize="q8_0"` turns float weights into int8 at load (groups of `group_size`); int8 (version 2)
-    files always run on the int8 kernels. Float weights are used in place, without copies.
+    Matrices run in the type their file stores them in, without copies. `quantize` (e.g. "q8_0":
+    int8 in groups of `group_size`, our version-2 layout; more through `weights.quantizer`) turns
+    matrices stored as floats into that type at load; matrices stored quantized stay as they are.
     """
 
     def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE):
         c = self.config = ckpt.config
-        if quantize not in (None, "q8_0"):
-            raise Llama2Error(f"--quantize {quantize!r}: expected q8_0")
-        gs = group_size if quantize else 0
+        to_type = weights.quantizer(quantize, group_size) if quantize else None
+
+        def matrix(value):
+            m = weights.matrix(value)
+            return to_type(m.dequantize()) if to_type and m.STORES_FLOATS else m
+
         w = ckpt.weights
         self.layers = [
             Layer(rms_att=w["rms_att"][l], rms_ffn=w["rms_ffn"][l],
-                  **{name: _matrix(w[name][l], gs) for name in LAYER_MATRICES})
+                  **{name: matrix(w[name][l]) for name in LAYER_MATRICES})
             for l in range(c.n_layers)
         ]
-        self.embedding = _matrix(w["token_embedding"], gs)  # [V, D]
+        self.embedding = matrix(w["token_embedding"])  # [V, D]
         self.rms_final = w["rms_final"]  # [D]
-        self.classifier = self.embedding if c.shared_classifier else _matrix(w["wcls"], gs)  # [V, D]
+        self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"])  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
-        self.layer_args = [layer.kernel_args() for layer in self.layers]  # for jit.layer
+        self.layer_args = [layer.jit_args() for layer in self.layers]  # for jit.layer
         self.layer_size = [layer.size() for layer in self.layers]
         self.compiled_layers = all(a is not None for a in self.layer_args)
-        self.quantized = all(isinstance(layer.wq, Q8) for layer in self.layers)
+        self.compiled_prompts = all(m.jit_prompts for layer in self.layers for m in layer.matrices())
 
     def new_cache(self, slots: int = 1) -> KVCache:
         return KVCache.create(self.config, slots)
@@ -232,15 +162,16 @@ class Transformer:
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
         x = self.embedding.rows(tokens)  # [N, D]
         prefill = [span for span in spans if span[3] > 1]
-        if N <= SMALL_BATCH and self.compiled_layers and (self.quantized or not prefill):
+        halves = c.rope_style == "halves"
+        if N <= SMALL_BATCH and self.compiled_layers and (self.compiled_prompts or not prefill):
             # one compiled call per layer (a float prompt stays on numpy: see the module's docstring)
             jit = _jit()
             slots = np.concatenate([np.full(T, slot, np.int64) for slot, _, _, T in spans])
             for l, layer in enumerate(self.layers):
                 jit.layer(N * self.layer_size[l], x, *self.layer_args[l], cache.k[l], cache.v[l], slots,
-                          positions, cos, sin, c.norm_eps, c.n_heads)
+                          positions, cos, sin, c.norm_eps, c.n_heads, halves)
             h = jit.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
-            return self._advance(spans, cache, self.classifier.small(h))
+            return self._advance(spans, cache, self._classify_compiled(h))
         decode = [i for i, (_, _, _, T) in enumerate(spans) if T == 1]
         dec_rows = np.array([spans[i][2] for i in decode], np.int64)
         dec_slots = np.array([spans[i][0] for i in decode], np.int64)
@@ -250,8 +181,8 @@ class Transformer:
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
-            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin)
-            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin)
+            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
+            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
             v = v.reshape(N, c.n_kv_heads, hd)
             kc, vc = cache.k[l], cache.v[l]  # [slots, KVH, seq_len, hd]
             for slot, st, r, T in spans:
@@ -269,6 +200,14 @@ class Transformer:
             x = x + layer.ffn(h)
         h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
         return self._advance(spans, cache, self.classifier(h))
+
+    def _classify_compiled(self, h):  # [N, D] -> [N, V], each row as if alone (unlike BLAS's gemm)
+        args = self.classifier.jit_args
+        if args is None:
+            return self.classifier(h)
+        out = np.empty((len(h), self.classifier.shape[0]), np.float32)
+        _jit().matmul(h.size * self.classifier.shape[0], h, *args, out)
+        return out
 
     @staticmethod
     def _advance(spans, cache, logits):

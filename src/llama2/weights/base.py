@@ -1,0 +1,162 @@
+"""What every weight type shares: a Matrix [out, in] over the stored blocks of one type, used in place.
+
+A type module gives its block layout (one numpy dtype), its numpy dequantization (the reference,
+bit-equal to the `gguf` package's) and a Matrix subclass naming both. Products and row lookups go
+through the native kernels (`llama2.native`: matmul, dequantize_rows) where the extension has the
+type; the numpy dequantization is the fallback where it has not.
+"""
+
+import numpy as np
+
+from ..errors import FormatError
+
+# A product with at least a type's `tile_rows` rows of x dequantizes the matrix into float32 tiles of
+# at most this many values (16 MiB) and lets BLAS multiply each tile (its columns of the product
+# written in place): BLAS's float throughput on many rows beats integer dots plus the activations'
+# quantization, and the tile's dequantization is paid once for all rows. Below `tile_rows` the
+# native kernel reads the stored blocks directly. (llama.cpp's BLAS backend draws the line at 32 rows.)
+DEQUANT_TILE = 1 << 22
+
+# The activation blocks of the k-quant kernels (ggml block_q8_K: native.quantize_q8_k's rows). Not
+# a weight type: only the tile path reads it, to round activations as the native kernel does.
+Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])  # 292 bytes
+
+_native = False  # not yet looked up
+
+
+def native_module():
+    """The compiled extension's facade, or None when it is not built (numpy reference only)."""
+    global _native
+    if _native is False:
+        try:
+            from .. import native
+        except ImportError:
+            native = None
+        _native = native
+    return _native
+
+
+def native_for(ggml_type):
+    """The native facade when it has kernels for `ggml_type`, else None."""
+    nat = native_module()
+    if nat is None or ggml_type is None or ggml_type not in getattr(nat, "TYPES", {}):
+        return None
+    return nat
+
+
+def nibbles(qs):  # uint8 [..., n] -> uint8 [..., 2n]: the n low nibbles, then the n high nibbles
+    return np.concatenate([qs & np.uint8(0x0F), qs >> np.uint8(4)], axis=-1)
+
+
+def f32(a):  # float16 scales (or any float) -> float32, as ggml's GGML_FP16_TO_FP32 (exact)
+    return np.asarray(a).astype(np.float32)
+
+
+class Matrix:
+    """A weight matrix [out, in] of one stored type, a view of its file where the loader could map it.
+
+    Subclasses set NAME, GGML_TYPE (None when GGUF has no such type), BLOCK (values per block),
+    DTYPE (one block) and `dequantize` (blocks [...] -> float32 [..., BLOCK]). The stored array is
+    `blocks` [out, in / BLOCK] of DTYPE; `data` is the same memory as uint8 [out, row_bytes], as the
+    native kernels take it.
+    """
+    NAME = GGML_TYPE = BLOCK = DTYPE = None
+    tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
+    jit_args = None  # (w, s, gs) when the numba fused decode layer can read this matrix
+    jit_prompts = False  # whether prompts of a few rows take that layer too
+    STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
+
+    def __init__(self, blocks):
+        blocks = np.asarray(blocks)
+        if blocks.dtype != self.DTYPE or blocks.ndim != 2:
+            raise TypeError(f"{self.NAME} matrix needs blocks [out, in/{self.BLOCK}] of {self.DTYPE}, "
+                            f"got {blocks.dtype} {blocks.shape}")
+        self.blocks = blocks
+        self.shape = (blocks.shape[0], blocks.shape[1] * self.BLOCK)
+        self.data = blocks.view(np.uint8).reshape(blocks.shape[0], -1) if blocks.flags.c_contiguous \
+            else None
+
+    @classmethod
+    def from_buffer(cls, buf, offset, shape, what="tensor"):
+        """The matrix `shape` [out, in] stored at byte `offset` of `buf`, as a view (no copy)."""
+        rows, cols = shape
+        if cols % cls.BLOCK:
+            raise FormatError(f"{what}: {cls.NAME} rows of {cols} values are not whole blocks of "
+                              f"{cls.BLOCK}")
+        count = rows * (cols // cls.BLOCK)
+        if offset + count * cls.DTYPE.itemsize > len(buf):
+            raise FormatError(f"{what}: {cls.NAME} data at byte {offset} runs past the end of the file")
+        return cls(np.frombuffer(buf, cls.DTYPE, count, offset).reshape(rows, cols // cls.BLOCK))
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    @property
+    def storage(self) -> np.ndarray:  # the stored array(s) as loaded, for checks that it is a view
+        return self.blocks
+
+    @staticmethod
+    def dequantize_blocks(blocks):  # [...] of DTYPE -> float32 [..., BLOCK]
+        raise NotImplementedError
+
+    def dequantize(self) -> np.ndarray:  # -> float32 [out, in] (export, tests, quantizing at load)
+        out = np.empty(self.shape, np.float32)
+        self._dequantize_rows(0, self.shape[0], out)
+        return out
+
+    def __call__(self, x):  # [N, in] -> [N, out]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        nat = native_for(self.GGML_TYPE)
+        if nat is not None and len(x) < self.tile_rows and self.data is not None:
+            out = np.empty((len(x), self.shape[0]), np.float32)
+            nat.matmul(self.GGML_TYPE, self.data, x, out)
+            return out
+        return self._tiled(x)
+
+    def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        nat = native_for(self.GGML_TYPE)
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        if nat is not None and self.data is not None:
+            nat.dequantize_rows(self.GGML_TYPE, self.data, ids, out)
+        else:
+            out[:] = self.dequantize_blocks(self.blocks[ids]).reshape(len(ids), -1)
+        return out
+
+    def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in] float32
+        nat = native_for(self.GGML_TYPE)
+        if nat is not None and self.data is not None:
+            nat.dequantize_rows(self.GGML_TYPE, self.data, np.arange(r0, r1, dtype=np.int64), out)
+        else:
+            out[:] = self.dequantize_blocks(self.blocks[r0:r1]).reshape(r1 - r0, -1)
+
+    def _activations(self, x):  # [N, in] -> [N, in]: x as the native kernel sees it
+        """With native integer kernels, x rounded to their activation blocks (and back to float32),
+        so a row's product does not depend on which path its batch's size chose: the server's rows
+        give the same tokens alone or batched. Without them, x itself (both paths are float)."""
+        nat = native_for(self.GGML_TYPE)
+        if nat is None or self.ACTIVATIONS is None:
+            return x
+        if self.ACTIVATIONS == "q8_0":
+            from . import q8_0
+            blocks = nat.quantize_q8_0(x).view(q8_0.DTYPE)
+            return q8_0.dequantize(blocks).reshape(x.shape)
+        blocks = nat.quantize_q8_k(x).view(Q8_K)
+        return (blocks["d"][..., None] * blocks["qs"].astype(np.float32)).reshape(x.shape)
+
+    def _tiled(self, x):  # [N, in] -> [N, out]: float32 tiles of the matrix, each multiplied by BLAS
+        x = self._activations(x)
+        m, n = self.shape
+        step = max(4, DEQUANT_TILE // n)
+        tile = np.empty((min(step, m), n), np.float32)
+        out = np.empty((len(x), m), np.float32)
+        for r0 in range(0, m, step):
+            r1 = min(m, r0 + step)
+            self._dequantize_rows(r0, r1, tile[:r1 - r0])
+            np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])  # BLAS writes the column block in place
+        return out
+
+    def __repr__(self):
+        return f"<{self.NAME} matrix {self.shape[0]}x{self.shape[1]}, {self.nbytes} bytes>"

@@ -1,0 +1,24 @@
+"""F16 (ggml type 1): IEEE half-precision matrices (GGUF F16, llama2.c version-3 fp16, HF float16).
+
+Used in place. Few rows: the native kernel's float dot products over the half-precision values;
+many rows: float32 tiles (exact widening) multiplied by BLAS.
+"""
+
+import numpy as np
+
+from .base import Matrix as _Matrix
+
+NAME = "f16"
+GGML_TYPE = 1
+BLOCK = 1
+DTYPE = np.dtype("<f2")
+
+
+def dequantize(blocks):  # [...] float16 -> float32 [..., 1] (exact)
+    return np.asarray(blocks).astype(np.float32)[..., None]
+
+
+class Matrix(_Matrix):
+    NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
+    dequantize_blocks = staticmethod(dequantize)
+    STORES_FLOATS = True

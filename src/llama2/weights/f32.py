@@ -1,0 +1,39 @@
+"""F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place, multiplied by BLAS.
+
+Decode steps of up to model.SMALL_BATCH rows go through the numba fused layer (`jit_args`), which reads
+the matrix directly; every other product is one BLAS call on the matrix itself (no tiles needed).
+"""
+
+import numpy as np
+
+from .base import Matrix as _Matrix
+
+NAME = "f32"
+GGML_TYPE = 0
+BLOCK = 1
+DTYPE = np.dtype("<f4")
+NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the numba kernels
+
+
+def dequantize(blocks):  # [...] float32 -> float32 [..., 1]
+    return np.asarray(blocks, dtype=np.float32)[..., None]
+
+
+class Matrix(_Matrix):
+    NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
+    dequantize_blocks = staticmethod(dequantize)
+    STORES_FLOATS = True
+
+    def __init__(self, w):  # w: float32 [out, in]
+        super().__init__(w)
+        self.w = self.blocks
+        self.jit_args = (self.w, NO_SCALES, 0)
+
+    def dequantize(self):  # the stored array itself (read-only where it is a view of a file)
+        return self.w
+
+    def __call__(self, x):  # [N, in] -> [N, out] (BLAS)
+        return np.asarray(x, dtype=np.float32) @ self.w.T
+
+    def rows(self, ids):  # [R] -> [R, in]
+        return np.asarray(self.w[np.asarray(ids, dtype=np.int64).reshape(-1)], dtype=np.float32)

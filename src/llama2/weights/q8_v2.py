@@ -1,0 +1,101 @@
+"""q8_v2: llama2.c's version-2 int8 layout (export.py version2_export, runq.c), which our version-3
+files call dtype q8_0: int8 values [out, in] with one float32 scale per group of `group_size`
+consecutive values of the flattened matrix (any group size; a row may straddle two groups, the last
+group may be short). value = s[g] * q. Not a GGUF type: the values and the scales are two arrays,
+not interleaved blocks.
+
+Products and lookups run on the numba kernels (`jit`), which also read this layout inside the fused
+decode layer; the native extension has no kernel for it. Also our `--quantize q8_0` at load.
+"""
+
+import numpy as np
+
+from .base import Matrix as _Matrix
+
+NAME = "q8_v2"
+GGML_TYPE = None
+VALUES = np.dtype("i1")  # [out, in]
+SCALES = np.dtype("<f4")  # [ceil(out * in / group_size)]
+SMALL_BATCH = 8  # up to this many rows: the compiled product reads the int8 values directly
+
+
+def _jit():
+    from .. import jit  # numba: imported on first use (about 0.4 s)
+
+    return jit
+
+
+def n_groups(numel: int, group_size: int) -> int:
+    return -(-numel // group_size)
+
+
+def dequantize(q, s, group_size, start=0):  # int8 [R, n] (flat index `start` on), f32 [groups] -> f32 [R, n]
+    """The reference: each value times the scale of the group its flat index falls in."""
+    flat = np.arange(q.size, dtype=np.int64) + start
+    return (q.reshape(-1).astype(np.float32) * s[flat // group_size]).reshape(q.shape)
+
+
+def quantize(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> "Matrix":
+    """Symmetric int8 over groups of the flattened tensor, tail group included (llama2.c export.py's
+    rule: scale = max|w| / 127, q = round(w / scale), half to even). Works through `chunk_values`
+    values at a time so temporaries stay small for big tensors."""
+    flat = np.ascontiguousarray(w, dtype=np.float32).reshape(-1)
+    ng = n_groups(flat.size, group_size)
+    q = np.empty(ng * group_size, np.int8)
+    scale = np.empty(ng, np.float32)
+    step = max(1, chunk_values // group_size)  # groups per chunk
+    for g0 in range(0, ng, step):
+        g1 = min(ng, g0 + step)
+        chunk = flat[g0 * group_size: g1 * group_size]
+        if chunk.size < (g1 - g0) * group_size:  # the short tail group, padded with zeros
+            chunk = np.concatenate([chunk, np.zeros((g1 - g0) * group_size - chunk.size, np.float32)])
+        groups = chunk.reshape(g1 - g0, group_size)
+        s = (np.abs(groups).max(axis=1) / np.float32(127.0)).astype(np.float32)
+        safe = np.where(s > 0, s, np.float32(1.0))
+        q[g0 * group_size: g1 * group_size] = np.round(groups / safe[:, None]).astype(np.int8).reshape(-1)
+        scale[g0:g1] = s
+    return Matrix(q[: flat.size].reshape(w.shape), scale, group_size)
+
+
+class Matrix(_Matrix):
+    """int8 values q [out, in] and float32 group scales s, both views of the file where loaded."""
+    NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, 1, VALUES
+    tile_rows = SMALL_BATCH + 1
+    jit_prompts = True  # no numpy product avoids dequantizing every weight: short prompts stay compiled
+
+    def __init__(self, q, s, group_size: int):
+        self.q, self.s, self.group_size = q, s, int(group_size)
+        self.shape = q.shape
+        self.blocks, self.data = q, None
+        if s.shape != (n_groups(q.size, self.group_size),):
+            raise ValueError(f"q8_v2: {q.shape} values in groups of {group_size} need "
+                             f"{n_groups(q.size, self.group_size)} scales, got {s.shape}")
+        self.jit_args = (q, s, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.q.nbytes + self.s.nbytes
+
+    @property
+    def storage(self):
+        return self.q, self.s
+
+    def dequantize(self) -> np.ndarray:  # -> float32 [out, in]
+        return dequantize(self.q, self.s, self.group_size)
+
+    def __call__(self, x):  # [N, in] -> [N, out]: compiled up to SMALL_BATCH rows, else tiles + BLAS
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) >= self.tile_rows:
+            return self._tiled(x)
+        out = np.empty((len(x), self.shape[0]), np.float32)
+        _jit().matmul(self.shape[0] * self.shape[1] * len(x), x, self.q, self.s, self.group_size, out)
+        return out
+
+    def rows(self, ids):  # [R] -> [R, in]
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        out = np.empty((len(ids), self.shape[1]), np.float32)
+        _jit().dequantize_rows(0, self.q, self.s, self.group_size, ids, out)
+        return out
+
+    def _dequantize_rows(self, r0, r1, out):  # on the calling thread: see model.py's notes on tiles
+        _jit().dequantize_rows(0, self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
