@@ -14,7 +14,8 @@ import numpy as np
 from . import kquants, legacy
 from .mix import FILE_TYPES, MIXES, tensor_type
 
-__all__ = ["TYPES", "MIXES", "FILE_TYPES", "quantize", "tensor_type", "block_size", "row_bytes"]
+__all__ = ["TYPES", "NAMES", "BY_ID", "MIXES", "FILE_TYPES", "quantize", "tensor_type", "block_size",
+           "row_bytes"]
 
 # name -> (ggml type id, values per block, bytes per block)
 TYPES = {
@@ -22,7 +23,8 @@ TYPES = {
     "q4_0": (2, 32, 18), "q4_1": (3, 32, 20), "q5_0": (6, 32, 22), "q5_1": (7, 32, 24),
     "q8_0": (8, 32, 34), "q4_k": (12, 256, 144), "q5_k": (13, 256, 176), "q6_k": (14, 256, 210),
 }
-NAMES = {tid: name for name, (tid, _, _) in TYPES.items()}  # ggml type id -> name
+BY_ID = {tid: name for name, (tid, _, _) in TYPES.items()}  # ggml type id -> name
+NAMES = tuple(n for n in TYPES if n not in ("f32", "f16"))  # the quantized types `quantize` makes
 
 
 def _family(name):
@@ -40,7 +42,10 @@ def row_bytes(name, cols) -> int:
 
 def quantize(w, name):
     """w float32 [rows, cols] -> (ggml type id, uint8 [rows, row_bytes]) in type `name` (a key of
-    TYPES). cols must be a multiple of the type's block (32, or 256 for the k-quants)."""
+    TYPES). cols must be a multiple of the type's block (32, or 256 for the k-quants).
+    quantize(name, w) is accepted too (the weight-types package calls it that way)."""
+    if isinstance(w, str):
+        w, name = name, w
     if name not in TYPES:
         raise ValueError(f"unknown quantization type {name!r} (expected one of {', '.join(TYPES)})")
     w = np.asarray(w)

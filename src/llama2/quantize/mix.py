@@ -67,3 +67,11 @@ def tensor_type(mix, tensor_name, layer=None, n_layers=None, cols=None, has_outp
         if cols % 32:
             kind = "f16"
     return kind
+
+
+# `--quantize TYPE` at load (llama2 run / serve): q8_0 runs our int8 kernels; the others are
+# quantized as in a GGUF of that file type, tensor by tensor
+QUANTIZE_TYPES = tuple(MIXES)
+QUANTIZE_HELP = ("quantize float weights at load: q8_0 (int8), q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, "
+                 "q6_k, or the mixes q4_k_m, q5_k_m (types per tensor as llama.cpp's quantizer "
+                 "picks them)")
