@@ -45,18 +45,17 @@ def _affine_search(x, w, nmax, rmin, rdelta, nstep):
     sum_x = _seqsum(w * x)
     flat = hi == lo
     span = np.where(flat, _F(1), hi - lo)
-    xm = x - lo[:, None]
 
     iscale = (_F(nmax) / span).astype(_F)
     scale = (_F(1) / iscale).astype(_F)
-    L = np.clip(_nearest(iscale[:, None] * xm), 0, nmax)
+    L = np.clip(_nearest(iscale[:, None] * (x - lo[:, None])), 0, nmax)
     diff = scale[:, None] * L.astype(_F) + lo[:, None] - x
     best = _seqsum(w * (diff * diff))
     mn = lo.copy()
     for step in range(nstep + 1):
         # as in the reference, a candidate once taken moves `min`, and later candidates are
         # placed against the moved min: (max - min) and (x - min) use the current one
-        span = np.where(flat, _F(1), hi - mn)
+        span = np.where(flat | (hi == mn), _F(1), hi - mn)  # hi == mn: undefined in C
         iscale = ((_F(rmin) + _F(rdelta) * _F(step) + _F(nmax)) / span).astype(_F)
         laux = np.clip(_nearest(iscale[:, None] * (x - mn[:, None])), 0, nmax)
         lf = laux.astype(_F)
