@@ -64,7 +64,7 @@ def run(args, io) -> int:
         raise UsageError(f"--seq-len {args.seq_len}: must be positive")
     if args.group_size <= 0:
         raise UsageError(f"--group-size {args.group_size}: must be positive")
-    if args.format == "llama2c" and args.version in (3,) and args.dtype not in LLAMA2C_DTYPES:
+    if args.format == "llama2c" and args.version == 3 and args.dtype not in LLAMA2C_DTYPES:
         raise UsageError(f"--dtype {args.dtype} needs --format gguf (llama2.c files store "
                          f"{', '.join(LLAMA2C_DTYPES)})")
     vocab = None
