@@ -283,7 +283,7 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
 def test_gguf_q8_0_encoding_in_chunks(monkeypatch):
     w = np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
     whole = gguf._encode(w, gguf.Q8_0).tobytes()
-    monkeypatch.setattr(gguf, "Q8_CHUNK", 7)
+    monkeypatch.setattr("llama2.quantize.legacy.CHUNK", 7)
     assert gguf._encode(w, gguf.Q8_0).tobytes() == whole
 
 

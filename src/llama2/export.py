@@ -11,14 +11,16 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checkpoint, weights
+from . import checkpoint, quantize, weights
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import FormatError
 
 FORMATS = ("llama2c", "gguf")
 VERSIONS = (0, 1, 2, checkpoint.EXT_VERSION)
-DTYPES = ("fp32", "fp16", "bf16", "q8_0")
+LLAMA2C_DTYPES = ("fp32", "fp16", "bf16", "q8_0")  # what a version-3 llama2.c file stores
+# GGUF also takes llama.cpp's quantized file types (quantize.MIXES: q4_0 ... q6_k, q4_k_m, q5_k_m)
+DTYPES = LLAMA2C_DTYPES + tuple(t for t in quantize.MIXES if t not in LLAMA2C_DTYPES)
 DEFAULT_VERSION = checkpoint.EXT_VERSION  # the header that carries everything
 DEFAULT_GROUP_SIZE = 64
 _DEFAULTS = ModelConfig(1, 1, 1, 1, 1, 1, 1)  # for "does llama2.c's layout lose this?"
@@ -63,7 +65,9 @@ def lost_fields(config: ModelConfig) -> list:
 def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
            group_size=DEFAULT_GROUP_SIZE, vocab=None, chat_template=None, warn=None):
     """Write `source` to `out` as `fmt`. llama2c: `version` 0, 1, 2 (Q8_0, `group_size`) are exactly
-    llama2.c's layouts; 3 is ours with `dtype`. gguf: `dtype` (or version 2: Q8_0) picks the type."""
+    llama2.c's layouts; 3 is ours with `dtype` (fp32, fp16, bf16, q8_0). gguf: `dtype` (or version
+    2: Q8_0) picks the type: a float type, or a llama.cpp file type (q4_0 ... q5_k_m) whose
+    per-tensor types and bytes are llama.cpp's quantizer's."""
     warn = warn or (lambda text: print(text, file=sys.stderr))
     config = source.config
     vocab = vocab if vocab is not None else source.vocab
@@ -76,6 +80,9 @@ def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
         raise FormatError(f"unknown version {version} (expected 0, 1, 2 or 3)")
     if version == 2:
         dtype = "q8_0"
+    if fmt == "llama2c" and dtype not in LLAMA2C_DTYPES:
+        raise FormatError(f"--dtype {dtype} is for --format gguf; llama2.c files store "
+                          f"{', '.join(LLAMA2C_DTYPES)}")
     if vocab is not None and len(vocab) != config.vocab_size:
         if len(vocab) < config.vocab_size:
             raise FormatError(f"the tokenizer has {len(vocab)} tokens but the model's vocabulary has "

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates, weights
+from . import chat_template as templates, quantize, weights
 from .checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
 from .config import ModelConfig
 from .errors import FormatError
@@ -25,10 +25,11 @@ ALIGNMENT = 32
 F32, F16, Q8_0, BF16 = 0, 1, 8, 30
 Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
 Q8_DTYPE = weights.q8_0.DTYPE  # one block, 34 bytes: float16 scale + 32 int8
-Q8_CHUNK = 1 << 15  # blocks quantized at once when writing
 TYPE_NAMES = weights.GGML_NAMES
-FILE_TYPES = {"fp32": 0, "fp16": 1, "q8_0": 7, "bf16": 32}  # general.file_type ("mostly ...")
-GGML_TYPES = {"fp32": F32, "fp16": F16, "q8_0": Q8_0, "bf16": BF16}
+FLOAT_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}  # written as is
+# general.file_type ("mostly ..."): the float types, then llama.cpp's quantized file types
+FILE_TYPES = {"fp32": 0, "fp16": 1, "bf16": 32, **quantize.FILE_TYPES}
+WRITE_DTYPES = tuple(FILE_TYPES)  # what `write` accepts: fp32, fp16, bf16, q8_0, q4_0, ..., q5_k_m
 
 # metadata value types
 U8, I8, U16, I16, U32, I32, F32V, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
@@ -262,39 +263,51 @@ def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml ty
         return np.ascontiguousarray(arr, "<f2")
     if kind == BF16:
         return f32_to_bf16(arr)
-    blocks = np.ascontiguousarray(arr, np.float32).reshape(-1, Q8_BLOCK)
-    out = np.empty(len(blocks), Q8_DTYPE)
-    for b0 in range(0, len(blocks), Q8_CHUNK):  # a chunk at a time keeps temporaries small
-        chunk = blocks[b0:b0 + Q8_CHUNK]
-        # as ggml's quantize_row_q8_0_ref: scale from the float32 amax, rounding half away from 0
-        d = (np.abs(chunk).max(axis=1) / np.float32(127.0)).astype(np.float32)
-        inv = np.divide(np.float32(1.0), d, out=np.zeros_like(d), where=d > 0)
-        x = chunk * inv[:, None]
-        out["qs"][b0:b0 + Q8_CHUNK] = np.sign(x) * np.floor(np.abs(x) + np.float32(0.5))
-        out["d"][b0:b0 + Q8_CHUNK] = d
-    return out
+    arr = np.asarray(arr, np.float32)
+    rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
+    return quantize.quantize(rows, quantize.BY_ID[kind])[1]  # llama.cpp's reference rule, its bytes
+
+
+def _row_bytes(kind, cols):
+    if kind == BF16:
+        return cols * 2
+    return quantize.row_bytes(quantize.BY_ID[kind], cols)
 
 
 def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", chat_template=None,
           name="llama"):
     """Write a GGUF v3 file asking `tensor(name, layer)` (our names, float32) for one tensor at a
-    time. Norms stay F32; matrices are F32, F16, BF16 or Q8_0 (rows must be a multiple of 32).
-    The classifier is always written as output.weight, as llama.cpp's own converters do."""
-    if dtype not in GGML_TYPES:
+    time. Norms stay F32; matrices are F32, F16, BF16, or for a quantized `dtype` (q8_0, q4_0, q4_1,
+    q5_0, q5_1, q4_k, q5_k, q6_k, q4_k_m, q5_k_m) the type llama.cpp's rule gives each tensor
+    (quantize.tensor_type), quantized as llama.cpp's reference does. The classifier is always
+    written as output.weight, as llama.cpp's own converters do."""
+    if dtype not in FILE_TYPES:
         raise FormatError(f"cannot write {path}: GGUF dtype {dtype!r} is not one of "
-                          f"{', '.join(GGML_TYPES)}")
+                          f"{', '.join(FILE_TYPES)}")
     c = config
     shapes = tensor_shapes(c)
     shapes.setdefault("wcls", shapes["token_embedding"])
     order = [("token_embedding", None), ("rms_final", None), ("wcls", None)]
     order += [(n, i) for i in range(c.n_layers) for n in BLOCK_ORDER]
 
-    def kind_of(name):
-        return F32 if name.startswith("rms") else GGML_TYPES[dtype]
+    def type_of(name, layer):  # -> quantize.TYPES name
+        if name.startswith("rms"):
+            return "f32"
+        return quantize.tensor_type(dtype, name, layer, c.n_layers, cols=shapes[name][-1],
+                                    n_heads=c.n_heads, n_kv_heads=c.n_kv_heads)
 
-    if dtype == "q8_0" and (c.dim % Q8_BLOCK or c.hidden_dim % Q8_BLOCK):
-        raise FormatError(f"cannot write {path}: GGUF Q8_0 needs dim ({c.dim}) and hidden_dim "
-                          f"({c.hidden_dim}) to be multiples of 32; use --dtype fp16 or fp32")
+    kinds = {}
+    for name, layer in order:
+        if dtype in FLOAT_TYPES:
+            kinds[name, layer] = F32 if name.startswith("rms") else FLOAT_TYPES[dtype]
+            continue
+        kind = type_of(name, layer)
+        block, cols = quantize.block_size(kind), shapes[name][-1]
+        if cols % block:
+            raise FormatError(f"cannot write {path}: GGUF {kind.upper()} needs dim ({c.dim}) and "
+                              f"hidden_dim ({c.hidden_dim}) to be multiples of {block}; use "
+                              f"--dtype fp16 or fp32")
+        kinds[name, layer] = quantize.TYPES[kind][0]
     meta = {
         "general.architecture": "llama", "general.name": name,
         "general.file_type": FILE_TYPES[dtype],
@@ -323,9 +336,9 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
     offset, sizes = 0, []
     for name, layer in order:
         shape = shapes[name][1:] if layer is not None else shapes[name]
-        kind = kind_of(name)
+        kind = kinds[name, layer]
         numel = int(np.prod(shape))
-        size = numel // Q8_BLOCK * 34 if kind == Q8_0 else numel * (4 if kind == F32 else 2)
+        size = numel // shape[-1] * _row_bytes(kind, shape[-1])
         dims = list(reversed(shape))
         parts += [_pack_string(NAMES[name].format(layer)), struct.pack("<I", len(dims)),
                   struct.pack(f"<{len(dims)}Q", *dims), struct.pack("<IQ", kind, offset)]
@@ -341,5 +354,5 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
             if arr.shape != tuple(want):
                 raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "
                                   f"expected {want}")
-            f.write(_encode(arr, kind_of(name)))
+            f.write(_encode(arr, kinds[name, layer]))
             f.write(b"\0" * (-size % ALIGNMENT))

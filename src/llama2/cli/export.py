@@ -4,7 +4,8 @@ our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
 """
 
 from ..chat import TEMPLATES
-from ..export import DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, VERSIONS
+from ..export import (DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, LLAMA2C_DTYPES,
+                      VERSIONS)
 
 
 def register(sub):
@@ -23,8 +24,11 @@ def register(sub):
     p.add_argument("--version", type=int, choices=VERSIONS, default=DEFAULT_VERSION,
                    help="llama2c layout: 0 legacy, 1 fp32, 2 int8 Q8_0 (llama2.c's own); "
                         f"3 extended header (default {DEFAULT_VERSION}); for GGUF, 2 means Q8_0")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32",
-                   help="matrix type for --version 3 and GGUF (default fp32)")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", metavar="DTYPE",
+                   help="matrix type (default fp32): fp32, fp16, bf16 or q8_0 for --version 3 and "
+                        "GGUF; GGUF also q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k and the mixes "
+                        "q4_k_m, q5_k_m, quantized as llama.cpp's quantizer does (per tensor as "
+                        "its rule says: the classifier in Q6_K, some attn_v/ffn_down in Q6_K)")
     p.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
                    help=f"Q8_0 group size for llama2c files (default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -60,6 +64,9 @@ def run(args, io) -> int:
         raise UsageError(f"--seq-len {args.seq_len}: must be positive")
     if args.group_size <= 0:
         raise UsageError(f"--group-size {args.group_size}: must be positive")
+    if args.format == "llama2c" and args.version == 3 and args.dtype not in LLAMA2C_DTYPES:
+        raise UsageError(f"--dtype {args.dtype} needs --format gguf (llama2.c files store "
+                         f"{', '.join(LLAMA2C_DTYPES)})")
     vocab = None
     if args.tokenizer is not None:
         from ..tokenizer_export import load_vocab

@@ -16,6 +16,7 @@ from pathlib import Path
 from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import UsageError
+from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 MODES = ("generate", "chat")
 MODEL_SUFFIXES = (".bin", ".gguf", ".safetensors")
@@ -43,8 +44,8 @@ def register(sub):
     p.add_argument("-y", "--system", help="system prompt, chat mode")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every kernel, BLAS included (default: the cores available)")
-    p.add_argument("--quantize", choices=("q8_0",), default=None,
-                   help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
+                   help=QUANTIZE_HELP)
     p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     p.set_defaults(func=run)

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from ..errors import Llama2Error, UsageError
+from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
 
@@ -35,7 +36,8 @@ def register(sub):
     p.add_argument("--max-queue", type=int, default=d.max_queue,
                    help=f"requests waiting for a slot before 503 (default {d.max_queue})")
     p.add_argument("--threads", type=int, help="threads for every kernel, BLAS included (default: the cores available)")
-    p.add_argument("--quantize", choices=("q8_0",), help="run float weights as int8 (Q8_0) kernels")
+    p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
+                   help=QUANTIZE_HELP)
     p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
     p.add_argument("--chat-template", default=d.chat_template,
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
