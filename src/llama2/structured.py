@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import Llama2Error
 
-KINDS = ("json_schema", "json_object", "regex", "lark", "gbnf")
+KINDS = ("json_schema", "json_object", "regex", "grammar")  # grammar: Lark or GBNF
 # JSON as OpenAI writes it: no free whitespace between tokens (a sampled model would otherwise
 # wander off into spaces and newlines), ", " and ": " as separators.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -42,7 +42,7 @@ def _llguidance():
 class Spec:
     """What the output must match: `kind` (one of KINDS) and its text (a JSON schema as a dict)."""
     kind: str
-    source: object = None  # dict for json_schema, str for regex / lark / gbnf, None for json_object
+    source: object = None  # dict for json_schema, str for regex and grammar, None for json_object
     strict: bool = True  # json_schema: False ignores keywords llguidance does not implement
 
     def __post_init__(self):
@@ -129,12 +129,10 @@ def grammar_text(spec: Spec) -> str:
             raise GrammarError(f"json_schema: {e}") from None
     if spec.kind == "regex":
         return M.grammar_from_regex(_read_text("regex", spec.source))
-    if spec.kind == "lark":
-        return M.grammar_from_lark(_read_text("lark", spec.source))
-    try:  # gbnf: llama.cpp's grammar format, converted to Lark by llguidance
-        return llg.grammar_from("gbnf", _read_text("gbnf", spec.source))
+    try:  # Lark as is; llama.cpp's GBNF is told apart and converted to Lark by llguidance
+        return llg.grammar_from("grammar", _read_text("grammar", spec.source))
     except ValueError as e:
-        raise GrammarError(f"gbnf: {e}") from None
+        raise GrammarError(f"grammar: {_one_line(str(e))}") from None
 
 
 class Grammar:
