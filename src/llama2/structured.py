@@ -78,6 +78,9 @@ class Vocabulary:
         # would print other bytes than the grammar saw, so they are not offered there
         self.space_first = np.array([not (i in special) and tokenizer.pieces[i][:1] == b" "
                                      for i in range(n)], dtype=bool)
+        # one-byte tokens that print their byte even after BOS (the `<0xNN>` pieces)
+        self.byte_ids = [i for i in range(n) if i not in special and len(tokens[i]) == 1
+                         and not self.space_first[i]]
 
         class _Wrapped:  # what llguidance.TokenizerWrapper reads
             eos_token_id = tokenizer.eos_id
@@ -155,14 +158,16 @@ class Grammar:
 
 
 def _one_line(message: str) -> str:
-    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    return "; ".join(lines[:3]) if lines else "invalid"
+    """llguidance's multi-line messages (source excerpts, carets) as one line."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip().strip("^")]
+    return "; ".join(lines[:4]) if lines else "invalid"
 
 
 class Constraint:
     """One sequence's matcher. Per step: `mask(logits)` gives the logits with disallowed tokens at
     -inf, `advance(token)` consumes the sampled token and starts computing the next mask on the
-    vocabulary's mask thread, so it runs while the caller does the next forward pass.
+    vocabulary's mask thread, so it runs while the caller does the next forward pass. The matcher
+    is only touched after that mask is ready (llguidance's matcher is not shared across threads).
 
     `stop_tokens` (EOS, and e.g. a chat template's end marker) are allowed exactly when the grammar
     accepts; `after_bos` says the first token follows BOS (its leading space would be dropped).
@@ -177,6 +182,7 @@ class Constraint:
         self.stop_tokens = np.array(sorted(set(stop_tokens) | {self.vocab.tokenizer.eos_id}), dtype=np.int64)
         self.after_bos = after_bos
         self._bits = np.zeros(self.vocab.words, dtype=np.int32)
+        self.done = False  # the grammar is complete and admits nothing more: the sequence can end
         self._pending = self.vocab.pool.submit(self._compute)
 
     def _compute(self):  # on the mask thread; llguidance drops the GIL while it works
@@ -190,7 +196,10 @@ class Constraint:
         ok = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[:self.vocab.size].astype(bool)
         ok[self.stop_tokens] = ok[self.vocab.tokenizer.eos_id]
         if self.after_bos:
+            spaced = ok & self.vocab.space_first
             ok &= ~self.vocab.space_first
+            if spaced.any() and not ok.any():  # only spaced pieces fit (forced text): spell it in bytes
+                ok[self.vocab.byte_ids] = [self.matcher.validate_tokens([t]) == 1 for t in self.vocab.byte_ids]
         return ok
 
     def mask(self, logits: np.ndarray) -> np.ndarray:  # [vocab] -> [vocab], a new array
@@ -205,12 +214,10 @@ class Constraint:
         if not self.matcher.consume_token(int(token)):
             raise GrammarError(f"structured output: token {token} was rejected: "
                                f"{_one_line(self.matcher.get_error())}")
-        self._pending = self.vocab.pool.submit(self._compute)
-
-    @property
-    def done(self) -> bool:
-        """The grammar is complete and admits nothing more: the sequence can end here."""
-        return self.matcher.is_stopped() and self.matcher.is_accepting()
+        # read before the next mask starts: the matcher is not to be touched while it computes
+        self.done = self.matcher.is_stopped() and self.matcher.is_accepting()
+        if not self.done:
+            self._pending = self.vocab.pool.submit(self._compute)
 
     def close(self):
         """Wait for a mask still being computed (call before dropping a sequence mid-way)."""
