@@ -291,3 +291,16 @@ def test_cli_bad_regex_and_chat_mode():
     assert code == 2 and err.startswith("llama2: error: --regex (: cannot be compiled: regex:") and err.count("\n") == 1
     code, _, err = run_cli("-m", "chat", "-i", "hi", "-y", "", "--regex", "a")
     assert code == 2 and "generate mode" in err
+
+
+def test_inference_runs_without_llguidance_imported():
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = ("import sys\nfrom llama2 import Llama\n"
+            f"l = Llama.load({str(asset('stories260K.bin'))!r}, {str(asset('tok512.bin'))!r})\n"
+            "l.create_completion('Hi', seed=1, max_tokens=4)\nl.create_chat_completion("
+            "[{'role': 'user', 'content': 'Hi'}], seed=1, max_tokens=4, logprobs=True)\n"
+            "assert 'llguidance' not in sys.modules and 'torch' not in sys.modules\n")
+    env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
