@@ -27,6 +27,9 @@ def story(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("flags,message", [
     (["-t", "-1"], "-t -1.0: temperature must be >= 0"),
+    (["-t", "nan"], "-t nan: temperature must be a finite number >= 0"),
+    (["-t", "inf"], "-t inf: temperature must be a finite number >= 0"),
+    (["-p", "nan"], "-p nan: top-p must be in [0, 1]"),
     (["-p", "1.5"], "-p 1.5: top-p must be in [0, 1]"),
     (["-n", "-3"], "-n -3: steps must be >= 0"),
     (["-t"], "expected one argument"),
@@ -38,6 +41,16 @@ def test_bad_flags_exit_2_with_one_line(story, flags, message):
     code, out, err = run_cli(["run", *story, *flags])
     assert code == 2 and out == b""
     assert err.count("\n") == 1 and message in err, err
+
+
+@pytest.mark.parametrize("temperature", ["1e-38", "1e-45"])
+@pytest.mark.parametrize("top_p", ["0.9", "1"])
+def test_tiny_temperature_is_greedy(story, temperature, top_p):
+    """Issue 13, case 4: -t 1e-38 ended in an IndexError, and with -p 1 printed <unk> repeatedly."""
+    code, greedy, _ = run_cli(["run", *story, "-t", "0", "-n", "16", "-i", "Lily"])
+    assert code == 0
+    code, out, err = run_cli(["run", *story, "-t", temperature, "-p", top_p, "-n", "16", "-i", "Lily"])
+    assert code == 0 and out == greedy and b"<unk>" not in out, err
 
 
 def test_m_takes_a_mode_or_a_model(story):

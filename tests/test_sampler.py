@@ -71,3 +71,45 @@ def test_softmax_handles_huge_logits():
 def test_seed_zero_means_clock():
     assert Sampler(4, seed=0).seed > 0 and Sampler(4, seed=-3).seed > 0
     assert Sampler(4, seed=5).seed == 5
+
+
+# -- every accepted temperature is defined (issue 13, case 4) --------------------------------------
+
+LOGITS = (np.random.default_rng(0).standard_normal(512) * 3).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature", [1e-45, 1e-38, 1e-30, 1e-46])
+@pytest.mark.parametrize("top_p", [0.0, 0.9, 1.0, 1e-40])
+def test_tiny_temperatures_pick_the_most_likely_token(temperature, top_p):
+    # logits / 1e-38 overflows float32 (run.c then samples from NaNs); the limit is the argmax.
+    s = Sampler(len(LOGITS), temperature, top_p, seed=42)
+    assert [s.sample(LOGITS) for _ in range(8)] == [int(np.argmax(LOGITS))] * 8
+
+
+def test_tiny_temperature_shares_exact_ties():
+    logits = np.array([1.0, 5.0, 5.0, -2.0], np.float32)
+    s = Sampler(4, 1e-38, 1.0, seed=42)
+    got = {s.sample(logits) for _ in range(64)}
+    assert got == {1, 2}
+
+
+@pytest.mark.parametrize("top_p", [0.0, 1.0])
+def test_infinite_temperature_is_uniform(top_p):
+    s, coins = Sampler(len(LOGITS), float("inf"), top_p, seed=42), Rng(42)
+    uniform = np.full(len(LOGITS), 1 / len(LOGITS), np.float32)
+    for _ in range(16):
+        assert s.sample(LOGITS) == sample_multinomial(uniform, coins.f32())
+
+
+def test_tiny_top_p_keeps_the_most_likely_token():
+    assert Sampler(len(LOGITS), 1.0, 1e-40, seed=3).sample(LOGITS) == int(np.argmax(LOGITS))
+    # near-uniform: run.c's (1-p)/(n-1) pre-filter drops every token; the nucleus is the first one
+    uniform = np.full(512, 1 / 512, np.float32)
+    assert sample_top_p(uniform, 1e-40, 0.7) == 0
+    assert Sampler(512, float("inf"), 1e-40, seed=3).sample(LOGITS) == 0
+
+
+@pytest.mark.parametrize("temperature,top_p", [(float("nan"), 0.9), (-1.0, 0.9), (1.0, float("nan"))])
+def test_nan_and_negative_settings_are_refused(temperature, top_p):
+    with pytest.raises(ValueError):
+        Sampler(4, temperature, top_p)

@@ -4,7 +4,17 @@ Order of operations (run.c `sample`): temperature 0 means greedy argmax. Otherwi
 divided by the temperature, turned into probabilities by a float32 softmax, one coin is drawn per
 sampled token, and the token is drawn from the full distribution when top_p <= 0 or top_p >= 1, else
 from the smallest set of most-likely tokens whose cumulative probability exceeds top_p.
+
+Every temperature >= 0 is defined, where run.c's arithmetic breaks down too (it never does for the
+golden cases, whose bytes are unchanged): a temperature that is 0 as a float32 (below 1.4e-45) is
+greedy, as run.c's `temperature == 0.0f`; when logits / temperature overflows float32 (a tiny
+temperature) the softmax is taken of (logits - max) / temperature instead, its limit: the most
+likely token (ties shared equally); an infinite temperature gives the uniform distribution. Top-p
+always keeps the most likely token, even when run.c's (1-p)/(n-1) pre-filter would drop every token
+(a near-uniform distribution and a tiny p). NaN is refused.
 """
+
+import math
 
 import time
 
@@ -57,8 +67,10 @@ def sample_top_p(probs: np.ndarray, top_p: float, coin: float) -> int:  # [n], p
     cannot be in the nucleus), the rest sorted by descending probability and cut where the
     cumulative probability first exceeds p; the coin is scaled by the kept mass."""
     n = len(probs)
-    cutoff = (np.float32(1.0) - np.float32(top_p)) / np.float32(n - 1)
+    cutoff = (np.float32(1.0) - np.float32(top_p)) / np.float32(max(n - 1, 1))
     idx = np.flatnonzero(probs >= cutoff)
+    if len(idx) == 0:  # every token below the cutoff (near-uniform, tiny p): keep them all
+        idx = np.arange(n)
     order = idx[np.argsort(-probs[idx], kind="stable")]
     cum = np.cumsum(probs[order], dtype=np.float32)
     over = np.flatnonzero(cum > np.float32(top_p))
@@ -72,16 +84,28 @@ class Sampler:
     """Owns its RNG. `sample(logits)` returns a token id; the logits array is not modified."""
 
     def __init__(self, vocab_size: int, temperature: float = 1.0, top_p: float = 0.9, seed=None):
+        temperature, top_p = float(temperature), float(top_p)
+        if math.isnan(temperature) or temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0, got {temperature}")
+        if math.isnan(top_p):
+            raise ValueError("top_p must be a number, got nan")
         self.vocab_size = vocab_size
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
+        self.temperature = temperature
+        self.top_p = top_p
         self.seed = resolve_seed(seed)
         self.rng = Rng(self.seed)
 
     def sample(self, logits: np.ndarray) -> int:  # [vocab] float32
-        if self.temperature == 0.0:
+        with np.errstate(over="ignore"):
+            t = np.float32(self.temperature)  # beyond float32's range: inf
+        if t == 0:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float32) / np.float32(self.temperature)
+        logits = logits.astype(np.float32)
+        with np.errstate(over="ignore"):
+            scaled = logits / t
+        if not np.isfinite(scaled.max()):  # overflow: softmax's limit, computed without it
+            with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+                scaled = np.nan_to_num((logits - logits.max()) / t, nan=0.0, neginf=-np.inf)
         probs = softmax(scaled)
         coin = self.rng.f32()
         if self.top_p <= 0 or self.top_p >= 1:

@@ -10,6 +10,7 @@
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
 
+import math
 import time
 from pathlib import Path
 
@@ -83,6 +84,8 @@ def parse(args):
     given = prompt is not None
     if prompt is None:
         prompt = "" if positional_model else DEFAULT_PROMPT
+    if not math.isfinite(args.temperature):
+        raise UsageError(f"-t {args.temperature}: temperature must be a finite number >= 0")
     if args.temperature < 0:
         raise UsageError(f"-t {args.temperature}: temperature must be >= 0")
     if not 0 <= args.top_p <= 1:
@@ -139,9 +142,13 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..sampler import Sampler
 
+    from .. import hub, memory
+
     model_path, prompt, mode, prompt_given = parse(args)
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
-    llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    model_path = hub.resolve(model_path, what="model")
+    with memory.guard(model_path, quantize=args.quantize, slots=1):
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":

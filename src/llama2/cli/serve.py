@@ -9,6 +9,7 @@ connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits
 """
 
 import ipaddress
+import math
 import signal
 import socket
 from pathlib import Path
@@ -40,6 +41,15 @@ def register(sub):
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
     p.add_argument("--max-body", type=int, default=d.max_body,
                    help=f"largest request body in bytes (default {d.max_body})")
+    p.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help=f"open connections at most; a request beyond gets 503 (default {d.max_connections})")
+    p.add_argument("--timeout-keep-alive", type=float, default=d.timeout_keep_alive, metavar="S",
+                   help=f"close a keep-alive connection idle this long (default {d.timeout_keep_alive:g})")
+    p.add_argument("--timeout-headers", type=float, default=d.timeout_headers, metavar="S",
+                   help="close a connection whose request line and headers take longer "
+                        f"(default {d.timeout_headers:g})")
+    p.add_argument("--timeout-body", type=float, default=d.timeout_body, metavar="S",
+                   help=f"answer 408 and close when a request body takes longer (default {d.timeout_body:g})")
     p.add_argument("--one-pass", action="store_true",
                    help="run each step's prefills and decodes in a single forward pass: fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
@@ -63,6 +73,14 @@ def run(args, io) -> int:
         raise UsageError(f"--threads {args.threads}: must be at least 1")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port {args.port}: must be in 0..65535")
+    if args.max_body < 1:
+        raise UsageError(f"--max-body {args.max_body}: must be at least 1")
+    if args.max_connections < 1:
+        raise UsageError(f"--max-connections {args.max_connections}: must be at least 1")
+    for flag in ("timeout_keep_alive", "timeout_headers", "timeout_body"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value > 0):
+            raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a number of seconds > 0")
     from ..chat import TEMPLATES
 
     if args.chat_template not in TEMPLATES:
@@ -71,16 +89,23 @@ def run(args, io) -> int:
         import uvicorn
 
         from ..server.app import create_app
+        from ..server.connection import protocol
     except ImportError as e:
         raise Llama2Error(f"llama2 serve needs starlette and uvicorn ({e}); "
                           "pip install 'llama2[serve]'") from None
     from ..llama import Llama
     from ..server.config import ServerConfig
 
-    llama = Llama.load(args.model, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    from .. import hub, memory
+
+    model_path = hub.resolve(args.model, what="model")
+    with memory.guard(model_path, quantize=args.quantize, slots=args.max_batch, slots_flag="--max-batch"):
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
-                          chat_template=args.chat_template, invariant=not args.one_pass)
+                          chat_template=args.chat_template, invariant=not args.one_pass,
+                          max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
+                          timeout_headers=args.timeout_headers, timeout_body=args.timeout_body)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
@@ -94,7 +119,10 @@ def run(args, io) -> int:
 
     app = create_app(llama, config, on_ready=ready)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S))
+                                           timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                                           http=protocol(config.timeout_headers),
+                                           timeout_keep_alive=config.timeout_keep_alive,
+                                           limit_concurrency=config.max_connections))
     # uvicorn re-raises the signal that stopped it once it has shut down: let that one pass, so a
     # SIGTERM ends in a clean exit (0) rather than death by the default handler.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))

@@ -1,20 +1,27 @@
 """The HTTP layer: a Starlette app with OpenAI's endpoints in front of the batching Scheduler.
 
-Requests are parsed and validated here (protocol.py), queued into the scheduler, and answered as
-JSON or as server-sent events. The scheduler thread hands events to the request's asyncio queue;
-a task per request watches for the client going away and cancels its job, which frees the slot
-before the next step. References: OpenAI API reference; Starlette and ASGI (http.disconnect).
+Bodies are read here (within `timeout_body` seconds), then parsed, validated and tokenized
+(protocol.py) on a worker thread, so a big prompt never holds up the event loop; the request is
+queued into the scheduler and answered as JSON or as server-sent events. The scheduler thread hands
+events to the request's asyncio queue; a task per request watches for the client going away and
+cancels its job, which frees the slot before the next step. Every request is counted in the
+metrics once, with its real outcome (a stream when it ends: ok, 499 if the client left, or its
+error's status). References: OpenAI API reference; Starlette and ASGI (http.disconnect).
 """
 
 import asyncio
 import contextlib
+import functools
 import hmac
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
@@ -36,6 +43,20 @@ def _sse(obj) -> bytes:
 
 def error_response(e: P.APIError) -> Response:
     return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class TrailingSlash:
+    """ASGI: `/v1/models/` is answered as `/v1/models` (no redirect: it would be built from the
+    client's Host header)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = dict(scope, path=path.rstrip("/") or "/")
+        await self.app(scope, receive, send)
 
 
 async def _until_disconnect(receive):
@@ -62,8 +83,9 @@ class Generation:
             item = await self.queue.get()
             if isinstance(item, Cancelled):
                 raise P.APIError(503, str(item), code="shutting_down")
-            if isinstance(item, Exception):
-                raise P.APIError(500, f"generation failed: {item}", code="server_error")
+            if isinstance(item, Exception):  # logged by the scheduler; its text stays there
+                raise P.APIError(500, "generation failed (the server log has the details)",
+                                 code="server_error")
             if item.token is not None:
                 self.completion_tokens += 1
             yield item
@@ -75,14 +97,17 @@ class Generation:
 
 
 class EventStream(Response):
-    """Server-sent events from an async iterator of bytes; a client that goes away cancels `job`."""
+    """Server-sent events from an async iterator of bytes; a client that goes away cancels `job`.
+    `on_end(outcome)` is called once it is over: "ok", "499" (the client left) or an error status
+    (`state["outcome"]`, set by the iterator when it ends in an error event)."""
 
-    def __init__(self, chunks, job):
+    def __init__(self, chunks, job, state):
         self.status_code = 200
         self.raw_headers = [(b"content-type", b"text/event-stream; charset=utf-8"),
                             (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         self.background = None
-        self.chunks, self.job = chunks, job
+        self.chunks, self.job, self.state = chunks, job, state
+        self.on_end = lambda outcome: None
 
     async def __call__(self, scope, receive, send):
         async def pump():
@@ -93,6 +118,7 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(_until_disconnect(receive))]
+        done, outcome = (), "499"  # cancelled from outside: the server is going away
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -100,7 +126,11 @@ class EventStream(Response):
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        if tasks[0] in done and not tasks[0].cancelled() and tasks[0].exception() is not None:
+            if tasks[0] in done and not tasks[0].cancelled():
+                error = tasks[0].exception()
+                outcome = "499" if isinstance(error, OSError) else "500" if error else self.state["outcome"]
+            self.on_end(outcome)
+        if outcome == "500":
             raise tasks[0].exception()
 
 
@@ -113,6 +143,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     tokenizer, model_config = llama.tokenizer, llama.config
     started = int(time.time())
     key = config.api_key.encode() if config.api_key else None
+    workers = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="llama2-prepare")
 
     def authorize(request):
         if key is None:
@@ -123,24 +154,31 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
             raise P.APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer KEY'",
                              code="invalid_api_key")
 
-    async def read_json(request) -> dict:
+    async def read_body(request) -> bytes:
+        """The body, at most `max_body` bytes, received within `timeout_body` seconds."""
         length = request.headers.get("content-length")
         too_big = P.APIError(413, f"request body is larger than {config.max_body} bytes",
                              code="request_too_large")
         if length is not None and length.isdigit() and int(length) > config.max_body:
             raise too_big
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
-            if len(data) > config.max_body:
-                raise too_big
         try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise P.APIError(400, f"body: not valid JSON ({e})", param="body", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise P.APIError(400, "body: expected a JSON object", param="body", code="invalid_json")
-        return body
+            async with asyncio.timeout(config.timeout_body):
+                async for chunk in request.stream():
+                    data += chunk
+                    if len(data) > config.max_body:
+                        raise too_big
+        except TimeoutError:
+            raise P.APIError(408, f"body: not received within {config.timeout_body:g} s (--timeout-body)",
+                             param="body", code="request_timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise P.APIError(499, "the client disconnected while sending its body",
+                             code="client_disconnected") from None
+        return bytes(data)
+
+    async def off_loop(fn, *args):
+        """Run `fn(*args)` on a worker thread: parsing, templating and tokenizing big inputs."""
+        return await asyncio.get_running_loop().run_in_executor(workers, functools.partial(fn, *args))
 
     def endpoint(name, handler, auth=True):
         async def wrapped(request):
@@ -148,15 +186,21 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                 if auth:
                     authorize(request)
                 response = await handler(request)
-                metrics.request(name, "ok" if response.status_code < 400 else str(response.status_code))
+                if isinstance(response, EventStream):  # counted when it ends, with how it ended
+                    response.on_end = functools.partial(metrics.request, name)
+                else:
+                    metrics.request(name, "ok" if response.status_code < 400 else str(response.status_code))
                 return response
             except P.APIError as e:
+                if e.status == 499:
+                    log.info("%s: %s", name, e.message)
                 metrics.request(name, str(e.status))
                 return error_response(e)
-            except Exception as e:  # a bug: log it, answer in OpenAI's shape, keep serving
+            except Exception:  # a bug: log it, answer in OpenAI's shape, keep serving
                 log.exception("%s: unexpected error", name)
                 metrics.request(name, "500")
-                return error_response(P.APIError(500, f"internal error: {e!r}", code="server_error"))
+                return error_response(P.APIError(500, "internal error (the server log has the details)",
+                                                  code="server_error"))
         return wrapped
 
     def submit(params) -> Generation:
@@ -191,6 +235,8 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         return JSONResponse(make(text, finish, gen.usage()))
 
     def stream(gen: Generation, first, piece, last, include_usage, usage_object):
+        state = {"outcome": "ok"}
+
         async def chunks():
             try:
                 for obj in first:
@@ -203,14 +249,23 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                 if include_usage:
                     yield _sse(usage_object(gen.usage()))
             except P.APIError as e:
+                state["outcome"] = str(e.status)
                 yield _sse(e.body())
             yield _sse(b"[DONE]")
-        return EventStream(chunks(), gen.job)
+        return EventStream(chunks(), gen.job, state)
+
+    def prepare_completion(data: bytes) -> P.Request:  # on a worker thread
+        body = P.parse_body(data)
+        P.check_model(body, config.model_name)
+        return P.parse_completion(body, tokenizer, model_config)
+
+    def prepare_chat(data: bytes) -> P.Request:  # on a worker thread
+        body = P.parse_body(data)
+        P.check_model(body, config.model_name)
+        return P.parse_chat(body, tokenizer, model_config, config.chat_template)
 
     async def completions(request):
-        body = await read_json(request)
-        P.check_model(body, config.model_name)
-        req = P.parse_completion(body, tokenizer, model_config)
+        req = await off_loop(prepare_completion, await read_body(request))
         gen, id, name = submit(req.params), P.new_id("cmpl"), config.model_name
         prefix = req.prompt_text if req.echo else ""
         if not req.stream:
@@ -222,9 +277,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                       req.include_usage, lambda use: P.usage_chunk(id, name, "text_completion", use))
 
     async def chat(request):
-        body = await read_json(request)
-        P.check_model(body, config.model_name)
-        req = P.parse_chat(body, tokenizer, model_config, config.chat_template)
+        req = await off_loop(prepare_chat, await read_body(request))
         gen, id, name = submit(req.params), P.new_id("chatcmpl"), config.model_name
         if not req.stream:
             return await answer(request, gen, lambda text, finish, use: P.chat_completion(
@@ -242,7 +295,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
 
     async def model(request):
         if request.path_params["model"] != config.model_name:
-            raise P.APIError(404, f"The model {request.path_params['model']!r} does not exist",
+            raise P.APIError(404, f"The model {P.shown(request.path_params['model'], 80)} does not exist",
                              param="model", code="model_not_found")
         return JSONResponse(model_object())
 
@@ -264,6 +317,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         try:
             yield
         finally:
+            workers.shutdown(wait=False, cancel_futures=True)
             await asyncio.get_running_loop().run_in_executor(None, scheduler.stop)
 
     routes = [
@@ -275,9 +329,13 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         Route("/metrics", endpoint("metrics", prometheus), methods=["GET"]),
     ]
     async def not_routed(request, exc: HTTPException):  # unknown path, wrong method: same error shape
-        return error_response(P.APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
-                                          code="not_found" if exc.status_code == 404 else None))
+        path = P.shown(request.url.path, 80)[1:-1]
+        return error_response(P.APIError(exc.status_code, f"{request.method} {path}: {exc.detail}",
+                                          code="not_found" if exc.status_code == 404 else None,
+                                          headers=exc.headers))  # 405: Allow
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed})
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed},
+                    middleware=[Middleware(TrailingSlash)])
+    app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
     return app

@@ -13,3 +13,9 @@ class ServerConfig:
     chat_template: str = "llama2"  # a key of llama2.chat.TEMPLATES
     retry_after_s: int = 1  # the Retry-After of a 503
     invariant: bool = True  # passes that keep each request's logits bit-identical to it run alone
+    # connection hygiene (docs/server.md, "Limits and timeouts")
+    max_connections: int = 256  # open connections; a request beyond: 503 (uvicorn's limit_concurrency)
+    timeout_keep_alive: float = 5.0  # an idle keep-alive connection is closed after this many seconds
+    timeout_headers: float = 10.0  # a request's line and headers must arrive within this many seconds
+    timeout_body: float = 30.0  # a request's body must arrive within this many seconds; else 408
+    prepare_threads: int = 2  # worker threads that parse, template and tokenize requests

@@ -91,9 +91,10 @@ class Scheduler:
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._waiting) + len(self._active) >= self.max_batch + self.max_queue:
-                raise QueueFull(f"all {self.max_batch} slots are busy and {len(self._waiting)} "
-                                "requests are waiting")
+            held = len(self._waiting) + len(self._active)
+            if held >= self.max_batch + self.max_queue:
+                raise QueueFull(f"{held} requests are running or waiting, the limit "
+                                f"({self.max_batch} running + {self.max_queue} waiting)")
             self._waiting.append(job)
             self._cond.notify()
         return job
