@@ -215,7 +215,7 @@ def chat_params(tokenizer, config, messages, template="llama2", max_tokens=None,
     if not isinstance(logprobs, bool) and logprobs is not None:
         raise RequestError("logprobs", f"expected true or false, got {logprobs!r}")
     top_logprobs = _integer("top_logprobs", top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
-    if top_logprobs is not None and not logprobs:
+    if top_logprobs and not logprobs:
         raise RequestError("top_logprobs", "needs logprobs: true")
     # run.c's chat mode: EOS (or the template's end marker) ends the reply; it draws a coin at every
     # prompt position but the last.
