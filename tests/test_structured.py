@@ -196,11 +196,11 @@ def test_strict_false_ignores_what_llguidance_does_not_implement(llama):
 
 # -- the CLI ---------------------------------------------------------------------------------------
 
-def run_cli(*argv):
+def run_cli(*argv, stdin=""):
     from llama2.cli import main
     out, err = io.BytesIO(), io.StringIO()
     code = main(["run", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")), *argv],
-                stdout=out, stderr=err, stdin=io.StringIO(""))
+                stdout=out, stderr=err, stdin=io.StringIO(stdin))
     return code, out.getvalue().decode(), err.getvalue()
 
 
@@ -240,11 +240,9 @@ def test_cli_bad_files(tmp_path, content, flag, message):
     assert err.startswith(f"llama2: error: {flag} {path}: {message}") and err.count("\n") == 1, err
 
 
-def test_cli_bad_regex_and_chat_mode():
+def test_cli_bad_regex():
     code, _, err = run_cli("--regex", "(")
     assert code == 2 and err.startswith("llama2: error: --regex (: cannot be compiled: regex:") and err.count("\n") == 1
-    code, _, err = run_cli("-m", "chat", "-i", "hi", "-y", "", "--regex", "a")
-    assert code == 2 and "generate mode" in err
 
 
 def test_inference_runs_without_llguidance_imported():
@@ -258,3 +256,16 @@ def test_inference_runs_without_llguidance_imported():
             "assert 'llguidance' not in sys.modules and 'torch' not in sys.modules\n")
     env = {"PYTHONPATH": str(REPO / "src"), "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_cli_chat_replies_follow_the_schema(tmp_path):
+    schema = SCHEMAS["enums"]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(schema))
+    code, out, err = run_cli("-m", "chat", "-y", "", "-s", "3", "--json-schema", str(path),
+                             stdin="Pick a color.\nAnother one.\n")
+    assert code == 0, err
+    replies = [line.split("Assistant: ", 1)[1] for line in out.splitlines() if "Assistant: " in line]
+    assert len(replies) == 2
+    for reply in replies:
+        jsonschema.validate(json.loads(reply), schema)

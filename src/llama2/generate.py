@@ -3,7 +3,7 @@
 `Sequence` is one completion's state: it samples from each step's logits (through a structured-
 output mask when it has a grammar), decodes the text, cuts it at stop strings and computes log
 probabilities. `complete` drives it with the model's forward pass; the server's scheduler drives
-the same class with batched passes. `generate` is run.c's `generate` on top of it: the prompt
+the same class with batched passes, and chat.ChatSession turn by turn over one KV cache. `generate` is run.c's `generate` on top of it: the prompt
 (with BOS) is forced through and echoed, then tokens are sampled; a step is one position, so
 `steps` counts prompt positions too; generation stops at BOS (as run.c) or EOS. The prompt runs as
 one batch (its last position's logits are the ones sampled from).
@@ -117,6 +117,7 @@ class Sequence:
         self.prefilled = False
         self.last = p.prompt[-1]
         self.generated = 0
+        self.stop_token = None  # the stop token that ended the sequence, if one did
         self.decoder = decoder or StreamDecoder(tokenizer)
         self.stops = StopStrings(p.stop)
         self.constraint = None
@@ -131,6 +132,7 @@ class Sequence:
         allowed = logits if self.constraint is None else self.constraint.mask(logits)
         nxt = self.sampler.sample(allowed)
         if nxt in p.stop_tokens:
+            self.stop_token = nxt
             return [self._end("stop")]
         logprob = None if p.logprobs is None else self._logprob(logits, nxt)
         if self.constraint is not None:

@@ -10,6 +10,7 @@ compiled, so inference runs without it.
 """
 
 import json
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -93,7 +94,8 @@ class Vocabulary:
         _Wrapped.tokens = tokens
         self.ll = llg.LLTokenizer(llg.TokenizerWrapper(_Wrapped()))
         self.words = (n + 31) // 32  # int32 words of a bitmask
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama2-mask")
+        # masks of concurrent sequences (the server's batch) are computed side by side
+        self.pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1), thread_name_prefix="llama2-mask")
 
     @classmethod
     def of(cls, tokenizer, vocab_size: int = None) -> "Vocabulary":

@@ -50,7 +50,7 @@ def register(sub):
                    help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE",
-                       help="structured output: the generated text is JSON valid against this schema")
+                       help="structured output (each reply in chat mode): JSON valid against this schema")
     shape.add_argument("--regex", metavar="RE", help="structured output: the generated text matches RE")
     shape.add_argument("--grammar", metavar="FILE",
                        help="structured output: the generated text follows this Lark or GBNF grammar")
@@ -94,12 +94,10 @@ def parse(args):
         raise UsageError(f"-n {args.steps}: steps must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected at least 1")
-    if mode == "chat" and structured_spec(args, read=False):
-        raise UsageError("--json-schema, --regex and --grammar apply to generate mode, not chat")
     return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
 
 
-def structured_spec(args, read=True):
+def structured_spec(args):
     """The structured-output Spec the flags ask for, or None; files read and checked here."""
     from ..structured import Spec
     if args.regex is not None:
@@ -107,8 +105,6 @@ def structured_spec(args, read=True):
     flag, path = ("--json-schema", args.json_schema) if args.json_schema is not None else ("--grammar", args.grammar)
     if path is None:
         return None
-    if not read:
-        return True
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -154,7 +150,7 @@ def run(args, io) -> int:
     if mode == "chat":
         template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"
         return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
-                     template)
+                     template, grammar)
     from ..generate import generate
 
     start, count = None, 0
@@ -181,10 +177,10 @@ def _readline(io, guide: str):
     return line[:-1] if line.endswith("\n") else line
 
 
-def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2") -> int:
+def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2", grammar=None) -> int:
     from ..chat import ChatSession
 
-    session = ChatSession(llama, sampler, steps, template)
+    session = ChatSession(llama, sampler, steps, template, grammar)
     first = True
     while True:
         if first and system_prompt is None:
