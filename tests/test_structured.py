@@ -269,3 +269,17 @@ def test_cli_chat_replies_follow_the_schema(tmp_path):
     assert len(replies) == 2
     for reply in replies:
         jsonschema.validate(json.loads(reply), schema)
+
+
+def test_bench_structured_smoke():
+    """`llama2 bench structured` runs end to end and reports each grammar (no figure is asserted)."""
+    from llama2.cli import main
+    out, err = io.BytesIO(), io.StringIO()
+    code = main(["bench", "structured", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")),
+                 "--samples", "1", "--max-tokens", "12", "--json"], stdout=out, stderr=err)
+    assert code == 0, err.getvalue()
+    info = json.loads(out.getvalue())
+    assert info["model"] == "stories260K" and info["vocab"] == 512
+    assert [r["grammar"] for r in info["rows"]] == ["json_object", "json_schema (nested)", "regex"]
+    for r in info["rows"]:
+        assert r["tokens"] > 0 and r["mask_us"] > 0 and r["apply_us"] > 0 and r["step_ms"] > 0
