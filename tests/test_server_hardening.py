@@ -92,6 +92,9 @@ def test_case1_lone_surrogate_is_a_400_naming_the_field(client):
     assert e["param"] == "messages[0].content" and "Error" not in e["message"]
     body = b'{"model": "%s", "prompt": "a", "stop": ["\\ud800"]}' % MODEL.encode()
     assert error(client.post(COMPLETIONS, content=body), 400)["param"] == "stop"
+    body = b'{"model": "%s", "prompt": "a", "logit_bias": {"\\ud800": 1e9}}' % MODEL.encode()
+    param = error(client.post(COMPLETIONS, content=body), 400)["param"]
+    assert param.startswith("logit_bias[") and param.encode("utf-8")  # a client's key, made printable
     body = b'{"model": "\\ud800"}'
     assert error(client.post(COMPLETIONS, content=body), 404)["param"] == "model"
 
@@ -369,6 +372,25 @@ def test_case8_cancelled_streams_are_not_counted_ok(server):
             assert list(r.iter_lines())[-2] == "data: [DONE]"
         page = http.get("/metrics").text
         assert metric(page, 'llama2_requests_total{endpoint="completions",outcome="ok"}') == ok + 1
+
+
+def test_connection_cap():
+    s = Server("--max-connections", "2")
+    try:
+        idle = connect(s)  # holds one of the two
+        with httpx.Client(base_url=s.base, timeout=30) as http:
+            r = http.get("/health")
+            assert r.status_code == 503
+        idle.close()
+        for _ in range(200):  # the server notices the close asynchronously
+            with httpx.Client(base_url=s.base, timeout=30) as http:
+                if http.get("/health").status_code == 200:
+                    break
+            time.sleep(0.05)
+        else:
+            raise AssertionError("the cap did not free up")
+    finally:
+        assert s.terminate() == 0, s.stderr
 
 
 def test_serve_flags_are_checked():

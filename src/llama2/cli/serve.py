@@ -91,7 +91,7 @@ def run(args, io) -> int:
         from ..server.app import create_app
         from ..server.connection import protocol
     except ImportError as e:
-        raise Llama2Error(f"llama2 serve needs starlette and uvicorn ({e}); "
+        raise Llama2Error(f"llama2 serve needs starlette, uvicorn and pydantic ({e}); "
                           "pip install 'llama2[serve]'") from None
     from ..llama import Llama
     from ..server.config import ServerConfig

@@ -44,7 +44,9 @@ def _sse(obj) -> bytes:
 
 
 def error_response(e: P.APIError) -> Response:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+    # ASCII JSON: whatever a message quotes from the request, the body always encodes
+    body = json.dumps(e.body(), ensure_ascii=True, separators=(",", ":")).encode()
+    return Response(body, status_code=e.status, headers=e.headers, media_type="application/json")
 
 
 class TrailingSlash:

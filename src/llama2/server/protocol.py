@@ -299,7 +299,13 @@ _MESSAGES = {  # pydantic error type -> our wording (the rest: pydantic's messag
 def _path(loc) -> str:
     path = ""
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        if isinstance(part, str) and not (part.isidentifier() and part.isascii() and len(part) <= 64):
+            part = shown(part, 40)  # a client's key (logit_bias): quoted, escaped, short
+            path += f"[{part}]"
+        elif isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else part
     return path.replace(".schema_", ".schema")
 
 
