@@ -283,3 +283,18 @@ def test_bench_structured_smoke():
     assert [r["grammar"] for r in info["rows"]] == ["json_object", "json_schema (nested)", "regex"]
     for r in info["rows"]:
         assert r["tokens"] > 0 and r["mask_us"] > 0 and r["apply_us"] > 0 and r["step_ms"] > 0
+
+
+def test_llama2_vocabulary_32000():
+    """The 32000-token Llama 2 vocabulary (byte fallback, multi-byte pieces), on a random model."""
+    from llama2 import Llama
+    llama = Llama.load(asset("rand-gqa-unshared.bin"), asset("tokenizer.bin"))
+    schema = {"type": "object",
+              "properties": {"color": {"enum": ["red", "green", "blue"]},
+                             "n": {"type": "integer", "minimum": 0, "maximum": 99},
+                             "word": {"type": "string", "maxLength": 6}, "é": {"type": "boolean"}},
+              "required": ["color", "n", "word", "é"], "additionalProperties": False}
+    for seed in range(1, 6):
+        r = llama.create_completion("Hello", seed=seed, max_tokens=120, response_format=json_format("x", schema))
+        assert r["choices"][0]["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(r["choices"][0]["text"]), schema)
