@@ -1,8 +1,10 @@
 """Continuous batching: one thread owns the model and runs the active sequences together.
 
 Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
-`Transformer.forward_batch` over the active sequences, sample each sequence's next token with its
-own Sampler, and hand the events to the request's sink. By default a step is a few passes chosen so
+`Transformer.forward_batch` over the active sequences, sample each sequence's next token
+(`generate.Sequence`: its own Sampler, its grammar's mask, stop strings, logprobs), and hand the
+events to the request's sink. A constrained sequence's next mask is computed on the mask thread
+while the following forward pass runs. By default a step is a few passes chosen so
 that results are bit for bit those of the sequence alone (each new prompt prefilled in a pass of its
 own, as `generate` does; decodes in groups the engine computes row by row); `invariant=False` makes
 it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
@@ -12,6 +14,7 @@ forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here.
 import logging
 import threading
 from collections import deque
+
 from .. import threads
 from ..generate import Params, Sequence, StopStrings  # noqa: F401 (Params, StopStrings: this module's API)
 from ..model import SMALL_BATCH
