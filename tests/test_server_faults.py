@@ -58,8 +58,9 @@ def error(r, status):
     ({"model": MODEL, "prompt": {"text": "a"}}, "prompt"),
     ({"model": MODEL}, "prompt"),
     ({"prompt": "a"}, "model"),
-    ({"model": MODEL, "prompt": "a", "logprobs": 3}, "logprobs"),
-    ({"model": MODEL, "prompt": "a", "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": MODEL, "prompt": "a", "logprobs": 6}, "logprobs"),
+    ({"model": MODEL, "prompt": "a", "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objectt"}}}}, "response_format"),
 ])
 def test_bad_completion_fields(http, body, param):
     assert error(http.post("/v1/completions", json=body), 400)["param"] == param

@@ -7,9 +7,8 @@ positions ends the conversation with finish reason "length".
 
 import re
 
-from .generate import Event, resolve_steps
+from .generate import Event, Params, Sequence, resolve_steps
 from .sampler import Sampler
-from .tokenizer import StreamDecoder
 
 
 def render_llama2(user: str, system: str = "") -> str:
@@ -103,13 +102,15 @@ def reply_end_ids(tokenizer, template: str, eos_id: int) -> frozenset:
 
 
 class ChatSession:
-    """A conversation: `turn(user, system)` yields the assistant's Events for one user message."""
+    """A conversation: `turn(user, system)` yields the assistant's Events for one user message.
+    With `grammar` (a structured.Grammar) every reply matches it."""
 
-    def __init__(self, llama, sampler: Sampler, steps: int = 0, template: str = "llama2"):
+    def __init__(self, llama, sampler: Sampler, steps: int = 0, template: str = "llama2", grammar=None):
         self.llama = llama
         self.model = llama.model
         self.tokenizer = llama.tokenizer
         self.sampler = sampler
+        self.grammar = grammar
         self.steps = resolve_steps(steps, self.model.config.seq_len)
         self.render = TEMPLATES[template]
         self.markers = marker_ids(self.tokenizer, template)
@@ -131,21 +132,19 @@ class ChatSession:
         if self.sampler.temperature != 0:
             for _ in range(len(tokens) - 1):
                 self.sampler.rng.f32()
-        logits = self.model.forward(tokens, self.cache)[-1]
+        s = self.sampler
         self.pos += len(tokens)
-        stream = StreamDecoder(self.tokenizer)
-        token = tokens[-1]
+        # positions self.pos .. steps may each sample a token, as run.c's loop does
+        params = Params(tuple(tokens), max_tokens=self.steps - self.pos + 1, temperature=s.temperature,
+                        top_p=s.top_p, seed=s.seed, stop_tokens=frozenset(self.stop_ids), grammar=self.grammar)
+        seq = Sequence(params, self.tokenizer, sampler=s)
+        logits = self.model.forward(tokens, self.cache)[-1]
         while True:
-            nxt = self.sampler.sample(logits)
-            if nxt in self.stop_ids:
-                self._pending = [nxt]
-                yield Event(None, b"", stream.flush(), finish_reason="stop")
+            events = seq.advance(logits)
+            yield from events
+            if events[-1].finish_reason == "stop":  # the reply's end is fed with the next turn
+                self._pending = [seq.stop_token if seq.stop_token is not None else cfg.eos_id]
+            if events[-1].finish_reason is not None:
                 return
-            raw, piece = stream.push(token, nxt)
-            yield Event(nxt, raw, piece)
-            token = nxt
-            if self.pos >= self.steps:
-                yield Event(None, b"", stream.flush(), finish_reason="length")
-                return
-            logits = self.model.forward([token], self.cache)[-1]
+            logits = self.model.forward(seq.feed, self.cache)[-1]
             self.pos += 1

@@ -1,14 +1,18 @@
-"""`Llama`: the Python API. A loaded model plus its tokenizer, with generate, logits and chat turns."""
+"""`Llama`: the Python API. A loaded model plus its tokenizer: run.c-style `generate`, teacher-forced
+`logits`, and llama-cpp-python-style `create_completion` / `create_chat_completion`, which return
+the OpenAI-shaped dicts (or chunk iterators) that the server sends, built by the same code
+(llama2.completions)."""
 
 from pathlib import Path
 
 import numpy as np
 
+from . import completions as C
 from . import hub
 from .threads import set_threads
 from .config import DEFAULT_TOKENIZER, GENERATION
 from .errors import FormatError
-from .generate import Event, generate
+from .generate import Event, complete, generate
 from .loader import load_checkpoint
 from .model import Transformer
 from .sampler import Sampler
@@ -32,11 +36,15 @@ def find_tokenizer(checkpoint_path, name=None) -> Path:
 class Llama:
     """A model ready to run: `Llama.load("stories15M.bin")`."""
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint=None):
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint=None, name: str = "llama2",
+                 chat_template: str = None):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.config = model.config
+        self.name = name  # the "model" field of create_completion's answers (the server's model id)
+        # how create_chat_completion renders messages: the model's own template, else run.c's
+        self.chat_template = chat_template or getattr(checkpoint, "chat_template", None) or "llama2"
 
     @classmethod
     def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None) -> "Llama":
@@ -57,7 +65,7 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        return cls(Transformer(ckpt, quantize=quantize), tok, ckpt)
+        return cls(Transformer(ckpt, quantize=quantize), tok, ckpt, name=Path(path).stem)
 
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)
@@ -79,14 +87,60 @@ class Llama:
 
     def generate(self, prompt="", steps=GENERATION.steps, temperature=GENERATION.temperature,
                  top_p=GENERATION.top_p, seed=GENERATION.seed):
-        """Yield the text pieces of a completion of `prompt` (the prompt itself is not repeated).
-        `steps` counts positions, prompt included, as run.c's -n; 0 means the whole context."""
+        """Yield the text pieces of a completion of `prompt` (the prompt itself is not repeated),
+        with run.c's meaning of every argument: `steps` counts positions, prompt included (run.c's
+        -n; 0 means the whole context), a seed of 0 means the clock, generation stops at BOS or EOS.
+        For OpenAI's meaning (max_tokens, stop strings, logprobs, structured output) use
+        `create_completion`."""
         for event in self.stream(prompt, steps, temperature, top_p, seed):
             if not event.is_prompt and event.text:
                 yield event.text
 
     def __call__(self, prompt="", **kwargs) -> str:
         return "".join(self.generate(prompt, **kwargs))
+
+    # -- OpenAI-shaped, as llama-cpp-python ---------------------------------------------------
+
+    def create_completion(self, prompt, max_tokens=C.COMPLETION_MAX_TOKENS, temperature=GENERATION.temperature,
+                          top_p=GENERATION.top_p, seed=None, stop=None, stream=False, logprobs=None,
+                          echo=False, response_format=None, grammar=None, include_usage=False):
+        """A text completion as OpenAI's /v1/completions answers it (a dict), or with `stream=True`
+        an iterator of its chunks (`include_usage`: a last chunk with the usage).
+
+        `prompt`: a string (encoded with BOS) or token ids. `max_tokens`: sampled tokens at most
+        (None: the rest of the context). `seed`: None or <= 0 draws one. `stop`: strings that end
+        the text (never part of it). `logprobs`: k in 0..5 gives each sampled token's log
+        probability and the k most likely. `response_format`: OpenAI's ({"type": "json_object"} or
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: a
+        llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
+        completions.RequestError naming the argument at fault."""
+        params, text = C.completion_params(self.tokenizer, self.config, prompt, max_tokens, temperature,
+                                           top_p, seed, stop, logprobs, response_format, grammar)
+        answer = C.Answer(False, self.name, self.tokenizer, len(params.prompt), text if echo else "",
+                          logprobs=params.logprobs is not None)
+        return self._answer(answer, params, stream, include_usage)
+
+    def create_chat_completion(self, messages, max_tokens=None, temperature=GENERATION.temperature,
+                               top_p=GENERATION.top_p, seed=None, stop=None, stream=False, logprobs=False,
+                               top_logprobs=None, response_format=None, grammar=None, include_usage=False):
+        """A chat completion as OpenAI's /v1/chat/completions answers it (a dict), or with
+        `stream=True` an iterator of `chat.completion.chunk` dicts. `messages`: [{"role", "content"}]
+        (system first if any, then user and assistant alternating, ending with a user message),
+        rendered with the model's chat template. `max_tokens` None: the rest of the context.
+        `logprobs=True` gives each token's log probability, `top_logprobs` (0..20) the most likely
+        alternatives. Other arguments as create_completion."""
+        params = C.chat_params(self.tokenizer, self.config, messages, self.chat_template, max_tokens,
+                               temperature, top_p, seed, stop, logprobs, top_logprobs, response_format,
+                               grammar)
+        answer = C.Answer(True, self.name, self.tokenizer, len(params.prompt),
+                          logprobs=params.logprobs is not None)
+        return self._answer(answer, params, stream, include_usage)
+
+    def _answer(self, answer, params, stream, include_usage):
+        events = complete(self.model, params, self.tokenizer)
+        if stream:
+            return answer.stream(events, include_usage)
+        return answer.collect(events)
 
 
 __all__ = ["Llama", "Event"]

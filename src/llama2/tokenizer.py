@@ -79,13 +79,14 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list:
-        """run.c's encode(): BPE over UTF-8 code points with byte fallback."""
+    def encode(self, text: str, bos: bool = True, eos: bool = False, prefix_space: bool = True) -> list:
+        """run.c's encode(): BPE over UTF-8 code points with byte fallback. `prefix_space=False`
+        leaves out sentencepiece's dummy-prefix space (text that continues other text)."""
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         data = data.split(b"\0", 1)[0]  # run.c reads the text as a C string
         ids = self._ids
         tokens = [self.bos_id] if bos else []
-        if data:
+        if data and prefix_space:
             tokens.append(ids.get(b" ", -1))  # the dummy-prefix space
         # One token per code point (run.c groups a lead byte with up to 3 continuation bytes).
         i, n = 0, len(data)

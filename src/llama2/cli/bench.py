@@ -49,6 +49,12 @@ def register(sub):
                            description=serve.__doc__.split("\n\n")[0])
     serve.add_arguments(a)
     a.set_defaults(func=serve.run)
+    from ..benchmarks import structured  # `llama2 bench structured`: the per-token cost of masking
+
+    a = actions.add_parser("structured", help="the per-token cost of structured output's token masks",
+                           description=structured.__doc__.split("\n\n")[0])
+    structured.add_arguments(a)
+    a.set_defaults(func=structured.run)
 
 
 def _list(text, flag, cast=str):

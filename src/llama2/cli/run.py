@@ -5,6 +5,7 @@
     llama2 run -m stories42M.bin 'Long long ago'
     llama2 run CHECKPOINT [-t T] [-p P] [-s SEED] [-n STEPS] [-i PROMPT] [-z TOKENIZER]
                [-m generate|chat] [-y SYSTEM]    # exactly as run.c; the prompt defaults to ""
+    llama2 run 'A cat:' --json-schema cat.json   # structured output (also --regex RE, --grammar FILE)
 
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
@@ -48,6 +49,12 @@ def register(sub):
                    help=QUANTIZE_HELP)
     p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", metavar="FILE",
+                       help="structured output (each reply in chat mode): JSON valid against this schema")
+    shape.add_argument("--regex", metavar="RE", help="structured output: the generated text matches RE")
+    shape.add_argument("--grammar", metavar="FILE",
+                       help="structured output: the generated text follows this Lark or GBNF grammar")
     p.set_defaults(func=run)
 
 
@@ -91,6 +98,43 @@ def parse(args):
     return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
 
 
+def structured_spec(args):
+    """The structured-output Spec the flags ask for, or None; files read and checked here."""
+    from ..structured import Spec
+    if args.regex is not None:
+        return Spec("regex", args.regex)
+    flag, path = ("--json-schema", args.json_schema) if args.json_schema is not None else ("--grammar", args.grammar)
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if flag == "--grammar":
+        return Spec("grammar", text)
+    import json
+    try:
+        schema = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
+    if not isinstance(schema, (dict, bool)):
+        raise UsageError(f"{flag} {path}: expected a JSON schema object, got {type(schema).__name__}")
+    return Spec("json_schema", schema)
+
+
+def _grammar(args, llama):
+    from ..structured import Grammar, GrammarError
+    spec = structured_spec(args)
+    if spec is None:
+        return None
+    flag = {"regex": "--regex", "json_schema": "--json-schema", "grammar": "--grammar"}[spec.kind]
+    what = args.regex if spec.kind == "regex" else args.json_schema or args.grammar
+    try:
+        return Grammar.compile(spec, llama.tokenizer, llama.config.vocab_size)
+    except GrammarError as e:
+        raise UsageError(f"{flag} {what}: cannot be compiled: {e}") from None
+
+
 def run(args, io) -> int:
     from ..llama import Llama
     from ..sampler import Sampler
@@ -98,18 +142,21 @@ def run(args, io) -> int:
     from .. import hub, memory
 
     model_path, prompt, mode, prompt_given = parse(args)
+    structured_spec(args)  # a bad schema or grammar file fails before the model loads
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1):
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
         template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"
         return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
-                     template)
+                     template, grammar)
     from ..generate import generate
 
     start, count = None, 0
-    for event in generate(llama.model, llama.tokenizer, sampler, llama.encode(prompt), args.steps):
+    for event in generate(llama.model, llama.tokenizer, sampler, llama.encode(prompt), args.steps,
+                          grammar=grammar):
         if event.raw:
             io.out(event.raw)
         if event.token is not None:
@@ -131,10 +178,10 @@ def _readline(io, guide: str):
     return line[:-1] if line.endswith("\n") else line
 
 
-def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2") -> int:
+def _chat(llama, sampler, user_prompt, system_prompt, steps, io, template="llama2", grammar=None) -> int:
     from ..chat import ChatSession
 
-    session = ChatSession(llama, sampler, steps, template)
+    session = ChatSession(llama, sampler, steps, template, grammar)
     first = True
     while True:
         if first and system_prompt is None:

@@ -1,9 +1,10 @@
 """The HTTP layer: a Starlette app with OpenAI's endpoints in front of the batching Scheduler.
 
 Bodies are read here (within `timeout_body` seconds), then parsed, validated and tokenized
-(protocol.py) on a worker thread, so a big prompt never holds up the event loop; the request is
-queued into the scheduler and answered as JSON or as server-sent events. The scheduler thread hands
-events to the request's asyncio queue; a task per request watches for the client going away and
+(protocol.py; a response_format's grammar compiled) on a worker thread, so a big prompt never
+holds up the event loop; the request is queued into the scheduler and answered as JSON or as
+server-sent events, built by llama2.completions.Answer as the Python API's are. The scheduler
+thread hands events to the request's asyncio queue; a task per request watches for the client going away and
 cancels its job, which frees the slot before the next step. Every request is counted in the
 metrics once, with its real outcome (a stream when it ends: ok, 499 if the client left, or its
 error's status). References: OpenAI API reference; Starlette and ASGI (http.disconnect).
@@ -25,6 +26,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from ..completions import Answer
 from . import page
 from . import protocol as P
 from .config import ServerConfig
@@ -77,8 +79,6 @@ class Generation:
         loop = asyncio.get_running_loop()
         self.queue = asyncio.Queue()
         self.job = scheduler.submit(params, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item))
-        self.prompt_tokens = len(params.prompt)
-        self.completion_tokens = 0
 
     async def events(self):
         """Yield Events until the last one (with its finish_reason); raise the job's error."""
@@ -89,14 +89,9 @@ class Generation:
             if isinstance(item, Exception):  # logged by the scheduler; its text stays there
                 raise P.APIError(500, "generation failed (the server log has the details)",
                                  code="server_error")
-            if item.token is not None:
-                self.completion_tokens += 1
             yield item
             if item.finish_reason is not None:
                 return
-
-    def usage(self) -> dict:
-        return P.usage(self.prompt_tokens, self.completion_tokens)
 
 
 class EventStream(Response):
@@ -215,14 +210,12 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         except ShuttingDown as e:
             raise P.APIError(503, str(e), code="shutting_down") from None
 
-    async def answer(request, gen: Generation, make):
+    async def answer(request, gen: Generation, ans: Answer):
         """A non-streamed answer; if the client leaves first, cancel the job."""
         async def collect():
-            finish, pieces = None, []
             async for ev in gen.events():
-                pieces.append(ev.text)
-                finish = ev.finish_reason
-            return "".join(pieces), finish
+                ans.push(ev)
+            return ans.result()
 
         tasks = [asyncio.ensure_future(collect()), asyncio.ensure_future(_until_disconnect(request.receive))]
         try:
@@ -234,23 +227,20 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
             await asyncio.gather(*tasks, return_exceptions=True)
         if not tasks[0].done() or tasks[0].cancelled():
             return Response(status_code=499)  # nobody is listening
-        text, finish = tasks[0].result()  # raises the job's APIError
-        return JSONResponse(make(text, finish, gen.usage()))
+        return JSONResponse(tasks[0].result())  # raises the job's APIError
 
-    def stream(gen: Generation, first, piece, last, include_usage, usage_object):
+    def stream(gen: Generation, ans: Answer, include_usage: bool):
         state = {"outcome": "ok"}
 
         async def chunks():
             try:
-                for obj in first:
+                for obj in ans.start():
                     yield _sse(obj)
                 async for ev in gen.events():
-                    if ev.text:
-                        yield _sse(piece(ev.text))
-                    if ev.finish_reason is not None:
-                        yield _sse(last(ev.finish_reason))
+                    for obj in ans.push(ev):
+                        yield _sse(obj)
                 if include_usage:
-                    yield _sse(usage_object(gen.usage()))
+                    yield _sse(ans.usage_chunk())
             except P.APIError as e:
                 state["outcome"] = str(e.status)
                 yield _sse(e.body())
@@ -269,26 +259,21 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
 
     async def completions(request):
         req = await off_loop(prepare_completion, await read_body(request))
-        gen, id, name = submit(req.params), P.new_id("cmpl"), config.model_name
-        prefix = req.prompt_text if req.echo else ""
+        gen = submit(req.params)
+        ans = Answer(False, config.model_name, tokenizer, len(req.params.prompt),
+                     req.prompt_text if req.echo else "", logprobs=req.params.logprobs is not None)
         if not req.stream:
-            return await answer(request, gen, lambda text, finish, use: P.completion(
-                id, name, prefix + text, finish, use))
-        return stream(gen, [P.completion_chunk(id, name, prefix)] if prefix else [],
-                      lambda text: P.completion_chunk(id, name, text),
-                      lambda finish: P.completion_chunk(id, name, "", finish),
-                      req.include_usage, lambda use: P.usage_chunk(id, name, "text_completion", use))
+            return await answer(request, gen, ans)
+        return stream(gen, ans, req.include_usage)
 
     async def chat(request):
         req = await off_loop(prepare_chat, await read_body(request))
-        gen, id, name = submit(req.params), P.new_id("chatcmpl"), config.model_name
+        gen = submit(req.params)
+        ans = Answer(True, config.model_name, tokenizer, len(req.params.prompt),
+                     logprobs=req.params.logprobs is not None)
         if not req.stream:
-            return await answer(request, gen, lambda text, finish, use: P.chat_completion(
-                id, name, text, finish, use))
-        return stream(gen, [P.chat_chunk(id, name, {"role": "assistant", "content": ""})],
-                      lambda text: P.chat_chunk(id, name, {"content": text}),
-                      lambda finish: P.chat_chunk(id, name, {}, finish),
-                      req.include_usage, lambda use: P.usage_chunk(id, name, "chat.completion.chunk", use))
+            return await answer(request, gen, ans)
+        return stream(gen, ans, req.include_usage)
 
     def model_object():
         return {"id": config.model_name, "object": "model", "created": started, "owned_by": "llama2"}

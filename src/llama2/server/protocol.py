@@ -1,21 +1,20 @@
-"""OpenAI API shapes: request bodies validated into scheduler Params, and response objects.
+"""OpenAI API requests: bodies validated into generation Params (responses: llama2.completions).
 
 Reference: the OpenAI API reference for /v1/completions and /v1/chat/completions (legacy text
-completions and chat completions; `n`, logprobs and tools are not supported and are refused).
+completions and chat completions; `n` > 1, penalties and tools are not supported and are refused).
 
 Validation cannot throw: a body is parsed (`parse_body`), checked for depth, then validated by
 pydantic models with explicit bounds (finite numbers, integer ranges, string lengths, valid
 Unicode). Any JSON body becomes a Request or an APIError whose `param` is the field's path
 (`messages[0].content`); error messages are ours, never an exception's text. The validated body
 (`Request.body`) keeps every field as sent, so new options need a field here and a use elsewhere.
-Sampling defaults are the CLI's (config.GENERATION), so a request and `llama2 run` with the same
-settings agree; a request without a seed gets a random one.
+Once a body is valid, its Params are made by llama2.completions, as the Python API's
+(`Llama.create_completion` / `create_chat_completion`) are: the same defaults (the CLI's, from
+config.GENERATION), the same stop, logprobs and structured-output handling; a request without a
+seed gets a random one. A `response_format` schema is compiled here, on the worker thread.
 """
 
 import json
-import secrets
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
 
@@ -23,11 +22,10 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
                       model_validator)
 from pydantic_core import PydanticCustomError
 
-from ..chat import ROLES, encode_dialog, reply_end_ids
-from ..config import GENERATION
-from .scheduler import Params
+from .. import completions as C
+from ..chat import ROLES
+from ..generate import Params
 
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the context left
 MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_DEPTH = 64  # nesting of arrays and objects anywhere in a body
 MAX_NAME_CHARS = 256  # model, user, message name, schema name
@@ -56,11 +54,6 @@ class APIError(Exception):
 
 def bad(param: str, message: str) -> APIError:
     return APIError(400, f"{param}: {message}", param=param, code="invalid_value")
-
-
-def unsupported(param: str, what: str) -> APIError:
-    return APIError(400, f"{param}: {what} not supported yet by this server", param=param,
-                    code="unsupported_parameter")
 
 
 def shown(value, limit: int = 40) -> str:
@@ -349,16 +342,12 @@ def check_model(body, served: str):
                        param="model", code="model_not_found")
 
 
-def _refuse(b: _Body, logprobs_asked: bool):
+def _refuse(b: _Body):
     """Options that would change the answer but are not implemented: a 400 rather than ignored."""
     if (b.n or 1) != 1:
         raise bad("n", "only n=1 is supported; send one request per completion")
     if (getattr(b, "best_of", None) or 1) != 1:
         raise bad("best_of", "only best_of=1 is supported")
-    if logprobs_asked:
-        raise unsupported("logprobs", "log probabilities are")
-    if b.top_logprobs:
-        raise unsupported("top_logprobs", "log probabilities are")
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(b, name):
             raise bad(name, "penalties are not supported")
@@ -367,8 +356,6 @@ def _refuse(b: _Body, logprobs_asked: bool):
     for name in ("tools", "functions"):
         if getattr(b, name):
             raise bad(name, "tool and function calls are not supported")
-    if b.response_format is not None and b.response_format.type != "text":
-        raise unsupported("response_format", f"response_format type {b.response_format.type} is")
     if getattr(b, "suffix", None):
         raise bad("suffix", "suffix (insertion) is not supported")
 
@@ -400,19 +387,8 @@ def _check_text_fits(field: str, texts, seq_len: int):
         raise _too_long(field, least, seq_len, at_least=True)
 
 
-def _sampling(b: _Body, max_tokens, max_tokens_default, prompt, seq_len, prompt_field, **extra) -> Params:
-    n = len(prompt)
-    left = seq_len - n + 1  # run.c: positions 0..steps-1 with steps <= seq_len
-    if left < 1:
-        raise _too_long(prompt_field, n, seq_len)
-    max_tokens = min(max_tokens or max_tokens_default or left, left)
-    temperature = GENERATION.temperature if b.temperature is None else b.temperature
-    top_p = GENERATION.top_p if b.top_p is None else b.top_p
-    seed = b.seed
-    if seed is None or seed <= 0:  # run.c would seed from the clock: concurrent requests must not share
-        seed = secrets.randbits(63) or 1
-    return Params(prompt=tuple(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=b.stop or (), **extra)
+def _from_request_error(e: C.RequestError) -> APIError:
+    return APIError(400, str(e), param=e.param, code=e.code)
 
 
 def _stream(b: _Body) -> tuple:
@@ -423,20 +399,19 @@ def _stream(b: _Body) -> tuple:
 def parse_completion(body: dict, tokenizer, config) -> Request:
     """POST /v1/completions: `prompt` is a string or a list of token ids (used as given)."""
     b = _validate(CompletionBody, body)
-    _refuse(b, b.logprobs is not None)
+    _refuse(b)
+    if b.top_logprobs:
+        raise bad("top_logprobs", "completions take logprobs: N (0 to 5) for the N most likely tokens")
     prompt = b.prompt
     if isinstance(prompt, str):
         _check_text_fits("prompt", [prompt], config.seq_len)
-        ids, text = tokenizer.encode(prompt, bos=True), prompt
-    else:
-        if min(prompt) < 0 or max(prompt) >= config.vocab_size:
-            raise bad("prompt", f"token ids must be in [0, {config.vocab_size})")
-        if len(prompt) > config.seq_len:
-            raise _too_long("prompt", len(prompt), config.seq_len)
-        ids, text = list(prompt), tokenizer.decode(prompt)
     stream, usage = _stream(b)
-    params = _sampling(b, b.max_tokens, COMPLETION_MAX_TOKENS, ids, config.seq_len, "prompt",
-                       stop_tokens=frozenset((config.bos_id, config.eos_id)))
+    try:
+        params, text = C.completion_params(
+            tokenizer, config, prompt, b.max_tokens, b.temperature, b.top_p, b.seed, b.stop, b.logprobs,
+            body.get("response_format"))
+    except C.RequestError as e:
+        raise _from_request_error(e) from None
     return Request(params, stream, usage, echo=bool(b.echo), prompt_text=text, body=b)
 
 
@@ -444,58 +419,14 @@ def parse_chat(body: dict, tokenizer, config, template: str) -> Request:
     """POST /v1/chat/completions: messages rendered with the chat template; a system and a user
     message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
     b = _validate(ChatBody, body)
-    _refuse(b, bool(b.logprobs))
-    pairs = [(m.role, m.content) for m in b.messages]
-    _check_text_fits("messages", [content for _, content in pairs], config.seq_len)
-    try:
-        ids = encode_dialog(tokenizer, pairs, template)
-    except ValueError as e:  # our own message, naming the message at fault
-        message = str(e)
-        param = message.split(":", 1)[0]
-        raise APIError(400, message, param=param, code="invalid_value") from None
+    _refuse(b)
+    messages = [{"role": m.role, "content": m.content} for m in b.messages]
+    _check_text_fits("messages", [m["content"] for m in messages], config.seq_len)
     stream, usage = _stream(b)
-    # run.c's chat mode: EOS (or the template's end marker) ends the reply; it draws a coin at every
-    # prompt position but the last.
-    max_tokens = b.max_tokens or b.max_completion_tokens
-    params = _sampling(b, max_tokens, None, ids, config.seq_len, "messages",
-                       stop_tokens=reply_end_ids(tokenizer, template, config.eos_id), skip_coins=len(ids) - 1)
+    try:
+        params = C.chat_params(tokenizer, config, messages, template, b.max_tokens or b.max_completion_tokens,
+                               b.temperature, b.top_p, b.seed, b.stop, bool(b.logprobs), b.top_logprobs,
+                               body.get("response_format"))
+    except C.RequestError as e:
+        raise _from_request_error(e) from None
     return Request(params, stream, usage, body=b)
-
-
-# -- responses ------------------------------------------------------------------------------------
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
-def completion(id, model, text, finish_reason, use) -> dict:
-    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-            "usage": use}
-
-
-def completion_chunk(id, model, text, finish_reason=None) -> dict:
-    return {"id": id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
-
-
-def chat_completion(id, model, text, finish_reason, use) -> dict:
-    return {"id": id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": use}
-
-
-def chat_chunk(id, model, delta, finish_reason=None) -> dict:
-    return {"id": id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-
-def usage_chunk(id, model, object, use) -> dict:
-    return {"id": id, "object": object, "created": int(time.time()), "model": model, "choices": [],
-            "usage": use}

@@ -1,8 +1,10 @@
 """Continuous batching: one thread owns the model and runs the active sequences together.
 
 Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
-`Transformer.forward_batch` over the active sequences, sample each sequence's next token with its
-own Sampler, and hand the events to the request's sink. By default a step is a few passes chosen so
+`Transformer.forward_batch` over the active sequences, sample each sequence's next token
+(`generate.Sequence`: its own Sampler, its grammar's mask, stop strings, logprobs), and hand the
+events to the request's sink. A constrained sequence's next mask is computed on the mask thread
+while the following forward pass runs. By default a step is a few passes chosen so
 that results are bit for bit those of the sequence alone (each new prompt prefilled in a pass of its
 own, as `generate` does; decodes in groups the engine computes row by row); `invariant=False` makes
 it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
@@ -12,13 +14,10 @@ forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here.
 import logging
 import threading
 from collections import deque
-from dataclasses import dataclass
 
 from .. import threads
-from ..generate import Event
+from ..generate import Params, Sequence, StopStrings  # noqa: F401 (Params, StopStrings: this module's API)
 from ..model import SMALL_BATCH
-from ..sampler import Sampler
-from ..tokenizer import StreamDecoder
 
 log = logging.getLogger("llama2.server")
 
@@ -33,49 +32,6 @@ class ShuttingDown(Exception):
 
 class Cancelled(Exception):
     """Sent to a request's sink when the scheduler stops before the request finished."""
-
-
-@dataclass(frozen=True)
-class Params:
-    """One request's generation, already validated: the server's protocol layer builds these."""
-    prompt: tuple  # token ids, BOS included when the text was encoded with it
-    max_tokens: int  # sampled tokens at most; prompt + max_tokens - 1 <= seq_len
-    temperature: float
-    top_p: float
-    seed: int  # > 0; the server draws one when the request has none
-    stop: tuple = ()  # stop strings: the text ends before the first one found
-    stop_tokens: frozenset = frozenset()  # sampled ids that end generation (run.c: BOS and EOS)
-    skip_coins: int = 0  # coins drawn before the first sample (run.c's chat samples at prompt positions)
-
-
-class StopStrings:
-    """Cuts a text stream before the first stop string, holding back a tail that may begin one."""
-
-    def __init__(self, stops):
-        self.stops = tuple(s for s in stops if s)
-        self.held = ""
-
-    def push(self, text: str) -> tuple:
-        """Returns (text safe to emit, whether a stop string was found)."""
-        if not self.stops:
-            return text, False
-        buf = self.held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
-        if found:
-            self.held = ""
-            return buf[:min(found)], True
-        keep = 0  # the longest tail of buf that is a proper prefix of a stop string
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:k]):
-                    keep = k
-                    break
-        self.held = buf[len(buf) - keep:]
-        return buf[:len(buf) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
 
 
 class Job:
@@ -95,48 +51,12 @@ class Job:
             self.scheduler.cancel(self)
 
 
-class _Sequence:
-    """The per-slot state of generate(): what to feed next, the sampler and the text decoders."""
+class _Sequence(Sequence):
+    """generate.Sequence in a KV-cache slot, for a Job."""
 
     def __init__(self, job: Job, slot: int, tokenizer):
-        p = job.params
+        super().__init__(job.params, tokenizer)
         self.job, self.slot = job, slot
-        self.sampler = Sampler(tokenizer.vocab_size, p.temperature, p.top_p, p.seed)
-        if p.temperature != 0:
-            for _ in range(p.skip_coins):
-                self.sampler.rng.f32()
-        self.feed = list(p.prompt)  # tokens of the next pass: the prompt, then one token at a time
-        self.prefilled = False
-        self.last = p.prompt[-1]
-        self.generated = 0
-        self.decoder = StreamDecoder(tokenizer)
-        self.stops = StopStrings(p.stop)
-
-    def advance(self, logits) -> list:
-        """Sample from this step's logits; returns the events, the last with a finish_reason when
-        the sequence is done (else the sampled token is fed next step)."""
-        p = self.job.params
-        self.prefilled = True
-        nxt = self.sampler.sample(logits)
-        if nxt in p.stop_tokens:
-            return [self._end("stop")]
-        raw, text = self.decoder.push(self.last, nxt)
-        self.generated += 1
-        self.last, self.feed = nxt, [nxt]
-        text, hit = self.stops.push(text)
-        event = Event(nxt, raw, text)
-        if hit:
-            return [event, Event(None, b"", "", finish_reason="stop")]
-        if self.generated >= p.max_tokens:
-            return [event, self._end("length")]
-        return [event]
-
-    def _end(self, reason: str) -> Event:
-        """The last event: the text still held back (cut at a stop string it completes)."""
-        text, hit = self.stops.push(self.decoder.flush())
-        if hit:
-            return Event(None, b"", text, finish_reason="stop")
-        return Event(None, b"", text + self.stops.flush(), finish_reason=reason)
 
 
 class Scheduler:
@@ -287,6 +207,7 @@ class Scheduler:
         if self._active.get(seq.slot) is seq:
             del self._active[seq.slot]
             self._free.append(seq.slot)
+        seq.close()
         if not seq.job.done:
             seq.job.done = True
             if error is not None:
