@@ -256,18 +256,6 @@ def test_bench_flag_errors_are_one_line(argv, message, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
-def test_isa_without_native_kernels_is_a_usage_error(tmp_path, monkeypatch):
-    try:
-        import llama2.native  # noqa: F401
-        pytest.skip("this install has llama2.native: --isa is valid here")
-    except ImportError:
-        pass
-    code, out, err = run_cli(["bench", "--models", "tiny", "--isa", "avx2", "--no-peer",
-                              "--dir", str(tmp_path / "b")])
-    assert code == 2 and "--isa avx2" in err and "no llama2.native" in err
-    assert len(err.strip().splitlines()) == 1
-
-
 def test_peer_python_that_lacks_llama_cpp(tmp_path):
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named llama_cpp' >&2\nexit 1\n")

@@ -290,24 +290,18 @@ def machine() -> dict:
 
 
 def our_level(isa=None) -> str:
-    """Our instruction-set level as our children see it: llama2.native.level() under LLAMA2_ISA=isa,
-    or "numba" where this install has no llama2.native. A level this CPU lacks is a one-line error."""
+    """Our instruction-set level as our children see it: llama2.native.level() under LLAMA2_ISA=isa.
+    A level this CPU lacks is a one-line error."""
     env = dict(os.environ)
     if isa:
         env["LLAMA2_ISA"] = isa
-    code = ("import importlib.util as u, sys\n"
-            "if u.find_spec('llama2.native') is None: print('numba'); sys.exit(0)\n"
-            "from llama2 import native\nprint(native.level())")
+    code = "from llama2 import native\nprint(native.level())"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         if not isa:  # the rows will say whether our engine runs at all
             return f"unknown (llama2.native: {last_line(p)})"
         raise ChildError(f"llama2.native cannot start: {last_line(p)}")
-    level = p.stdout.strip()
-    if isa and level == "numba":
-        raise ChildError("this install has no llama2.native (its compiled kernels), so there is no "
-                         "level to force")
-    return level
+    return p.stdout.strip()
 
 
 def versions(peer: bool, python=None) -> dict:
