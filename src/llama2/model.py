@@ -202,12 +202,7 @@ class Transformer:
         return self._advance(spans, cache, self.classifier(h))
 
     def _classify_compiled(self, h):  # [N, D] -> [N, V], each row as if alone (unlike BLAS's gemm)
-        args = self.classifier.jit_args
-        if args is None:
-            return self.classifier(h)
-        out = np.empty((len(h), self.classifier.shape[0]), np.float32)
-        _jit().matmul(h.size * self.classifier.shape[0], h, *args, out)
-        return out
+        return self.classifier(h)  # native for these few rows, whatever the type
 
     @staticmethod
     def _advance(spans, cache, logits):
