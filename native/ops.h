@@ -14,4 +14,11 @@ void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int6
                         int64_t cols, float *out);
 /* x [N, cols] -> N rows of Q8_0 blocks (k = 0) or Q8_K blocks (k = 1) */
 void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out);
+/* llama2.c version-2 Q8 in any layout (groups of any size, rows may straddle them), activations as
+ * floats: out [N, rows] = x [N, cols] @ (q * s per group).T */
+void op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                   int64_t cols, float *out);
+/* out [R, cols] = rows ids of the same layout, dequantized */
+void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+                       float *out);
 #endif

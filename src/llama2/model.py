@@ -98,28 +98,29 @@ class Layer:
 class Transformer:
     """Prepared weights plus `forward`. Stateless between calls: the KVCache holds the state.
 
-    Matrices run in the type their file stores them in, without copies. `quantize` (e.g. "q8_0":
-    int8 in groups of `group_size`, our version-2 layout; more through `weights.quantizer`) turns
-    matrices stored as floats into that type at load; matrices stored quantized stay as they are.
+    Matrices run in the type their file stores them in, without copies. `quantize` (q8_0: int8 in
+    groups of `group_size`, our version-2 layout; q4_0 ... q6_k, q4_k_m, q5_k_m: llama.cpp's type per
+    tensor, see `weights.quantizer`) turns matrices stored as floats into that type at load; matrices
+    stored quantized stay as they are.
     """
 
     def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE):
         c = self.config = ckpt.config
-        to_type = weights.quantizer(quantize, group_size) if quantize else None
+        to_type = weights.quantizer(quantize, group_size, c) if quantize else None
 
-        def matrix(value):
+        def matrix(value, name, layer=None):  # the tensor's name and layer pick its type in a mix
             m = weights.matrix(value)
-            return to_type(m.dequantize()) if to_type and m.STORES_FLOATS else m
+            return to_type(m.dequantize(), name, layer) if to_type and m.STORES_FLOATS else m
 
         w = ckpt.weights
         self.layers = [
             Layer(rms_att=w["rms_att"][l], rms_ffn=w["rms_ffn"][l],
-                  **{name: matrix(w[name][l]) for name in LAYER_MATRICES})
+                  **{name: matrix(w[name][l], name, l) for name in LAYER_MATRICES})
             for l in range(c.n_layers)
         ]
-        self.embedding = matrix(w["token_embedding"])  # [V, D]
+        self.embedding = matrix(w["token_embedding"], "token_embedding")  # [V, D]
         self.rms_final = w["rms_final"]  # [D]
-        self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"])  # [V, D]
+        self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
         self.layer_args = [layer.jit_args() for layer in self.layers]  # for jit.layer
         self.layer_size = [layer.size() for layer in self.layers]
@@ -202,12 +203,7 @@ class Transformer:
         return self._advance(spans, cache, self.classifier(h))
 
     def _classify_compiled(self, h):  # [N, D] -> [N, V], each row as if alone (unlike BLAS's gemm)
-        args = self.classifier.jit_args
-        if args is None:
-            return self.classifier(h)
-        out = np.empty((len(h), self.classifier.shape[0]), np.float32)
-        _jit().matmul(h.size * self.classifier.shape[0], h, *args, out)
-        return out
+        return self.classifier(h)  # native for these few rows, whatever the type
 
     @staticmethod
     def _advance(spans, cache, logits):
