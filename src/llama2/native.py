@@ -9,6 +9,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
     TYPES                            ggml type id -> (name, block_values, block_bytes)
+    attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
+                                     block tables over a paged KV cache (llama2.kvcache)
 
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
 float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
@@ -45,6 +47,13 @@ dequantize_rows = _native.dequantize_rows
 # group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
 # to Q8_0 blocks as for GGUF Q8_0.
 matmul_q8_split = _native.matmul_q8_split
+# One new query per sequence over its cached rows, read through its block table in the cache's
+# type (kvtype: llama2.kvcache.<type>.ID): q float32 [B, H, hd]; k_pool, v_pool uint8 [blocks,
+# kv_heads, block_tokens, row_bytes] (one layer); tables int32 [B, max_blocks]; lens int64 [B]
+# (rows attended, the query's own included) -> out float32 [B, H * hd]. Scores, softmax and the sum
+# of values in float32; each (sequence, head) is one call's own arithmetic whatever the batch or
+# thread count. Block ids are checked against the pool (IndexError).
+attention_decode = _native.attention_decode
 
 
 def variants() -> tuple:

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from ..errors import Llama2Error, UsageError
+from .. import kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
@@ -38,6 +39,9 @@ def register(sub):
     p.add_argument("--threads", type=int, help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
                    help=QUANTIZE_HELP)
+    p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
+                   help="KV cache type: f32, f16, bf16 or q8_0 (default: f32 for llama2.c checkpoints, "
+                        "exactly run.c; f16 for GGUF and Hugging Face models, as llama.cpp)")
     p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
     p.add_argument("--chat-template", default=d.chat_template,
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
@@ -102,7 +106,8 @@ def run(args, io) -> int:
 
     model_path = hub.resolve(args.model, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=args.max_batch, slots_flag="--max-batch"):
-        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
+                           kv_type=args.kv_type)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           chat_template=args.chat_template, invariant=not args.one_pass,
