@@ -30,6 +30,15 @@ typedef void (*q8s_dot_fn)(int64_t cols, const int8_t *q, const float *s, int64_
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
 /* One activation row of `cols` floats -> its blocks. */
 typedef void (*quant_fn)(const float *x, void *out, int64_t cols);
+/* Elementwise operations and any-layout version-2 Q8 (ops_elementwise.c has the shapes). */
+typedef void (*rmsnorm_fn)(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out);
+typedef void (*rope_fn)(float *x, const float *cos_, const float *sin_, int64_t n, int64_t h, int64_t hd,
+                        int halves);
+typedef void (*silu_mul_fn)(float *a, const float *b, int64_t count);
+typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
+                           const float *x, int64_t n, float *out, size_t out_stride);
+typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
+                               float *out);
 
 /* KV cache types (src/llama2/kvcache): how attention reads a cached row. */
 enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3, KV_COUNT = 4 };
@@ -50,6 +59,11 @@ typedef struct {
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
     attn_fn attn_decode;   /* paged decode attention (attention.c) */
+    rmsnorm_fn rmsnorm;
+    rope_fn rope;
+    silu_mul_fn silu_mul;
+    q8g_dot_fn q8g_dot;    /* version-2 Q8 in any layout, float activations */
+    q8g_dequant_fn q8g_dequant;
 } kernel_table;
 
 /* Static facts about each type, the same for every variant. */

@@ -304,6 +304,196 @@ fail:
     return NULL;
 }
 
+static int is_f32(const buf *x) { return fmt(&x->b) == 'f' && x->b.itemsize == 4; }
+
+static int same_shape(const buf *a, const buf *b) {
+    if (a->b.ndim != b->b.ndim) return 0;
+    for (int i = 0; i < a->b.ndim; i++)
+        if (a->b.shape[i] != b->b.shape[i]) return 0;
+    return 1;
+}
+
+/* rmsnorm(x, w, eps, out) -> out: x [N, D] (or [D]), w [D], out like x (may be x) */
+static PyObject *py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "rmsnorm";
+    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    double eps = PyFloat_AsDouble(args[2]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    buf b[3] = {{{0}}};
+    if (get(args[0], &b[0], 0, fn, "x") < 0 || get(args[1], &b[1], 0, fn, "w") < 0 ||
+        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[0], fn, "x") < 0 || check_f32(&b[2], fn, "out") < 0)
+        goto fail;
+    int64_t d = b[0].b.shape[b[0].b.ndim - 1], n = b[0].b.ndim == 2 ? b[0].b.shape[0] : 1;
+    if (!is_f32(&b[1]) || b[1].b.ndim != 1 || b[1].b.shape[0] != d) {
+        PyErr_Format(PyExc_ValueError, "%s: w must be float32 [%lld] like x's rows", fn, (long long)d);
+        goto fail;
+    }
+    if (!same_shape(&b[0], &b[2])) {
+        PyErr_Format(PyExc_ValueError, "%s: out must have x's shape", fn);
+        goto fail;
+    }
+    const kernel_table *kt = active_table;
+    Py_BEGIN_ALLOW_THREADS
+    kt->rmsnorm(b[0].b.buf, b[1].b.buf, (float)eps, n, d, b[2].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    Py_INCREF(args[3]);
+    return args[3];
+fail:
+    release(b, 3);
+    return NULL;
+}
+
+/* rope(x, cos, sin, style) -> x: x [N, H, hd] rotated in place, cos/sin [N, hd/2],
+ * style "interleaved" or "halves" */
+static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "rope";
+    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    const char *style = PyUnicode_Check(args[3]) ? PyUnicode_AsUTF8(args[3]) : NULL;
+    int halves;
+    if (style && !strcmp(style, "halves")) halves = 1;
+    else if (style && !strcmp(style, "interleaved")) halves = 0;
+    else {
+        PyErr_Format(PyExc_ValueError, "%s: style must be 'interleaved' or 'halves'", fn);
+        return NULL;
+    }
+    buf b[3] = {{{0}}};
+    if (get(args[0], &b[0], 1, fn, "x") < 0 || get(args[1], &b[1], 0, fn, "cos") < 0 ||
+        get(args[2], &b[2], 0, fn, "sin") < 0)
+        goto fail;
+    if (!is_f32(&b[0]) || b[0].b.ndim != 3 || b[0].b.shape[2] % 2) {
+        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [N, heads, head_dim] with an even head_dim", fn);
+        goto fail;
+    }
+    int64_t n = b[0].b.shape[0], h = b[0].b.shape[1], hd = b[0].b.shape[2];
+    for (int i = 1; i < 3; i++)
+        if (!is_f32(&b[i]) || b[i].b.ndim != 2 || b[i].b.shape[0] != n || b[i].b.shape[1] != hd / 2) {
+            PyErr_Format(PyExc_ValueError, "%s: %s must be float32 [%lld, %lld]", fn, i == 1 ? "cos" : "sin",
+                         (long long)n, (long long)(hd / 2));
+            goto fail;
+        }
+    const kernel_table *kt = active_table;
+    Py_BEGIN_ALLOW_THREADS
+    kt->rope(b[0].b.buf, b[1].b.buf, b[2].b.buf, n, h, hd, halves);
+    Py_END_ALLOW_THREADS
+    release(b, 3);
+    Py_INCREF(args[0]);
+    return args[0];
+fail:
+    release(b, 3);
+    return NULL;
+}
+
+/* silu_mul(a, b) -> a: a = silu(a) * b in place, a and b float32 of one shape */
+static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "silu_mul";
+    if (nargs_ok(nargs, 2, fn) < 0) return NULL;
+    buf b[2] = {{{0}}};
+    if (get(args[0], &b[0], 1, fn, "a") < 0 || get(args[1], &b[1], 0, fn, "b") < 0) goto fail;
+    if (!is_f32(&b[0]) || !is_f32(&b[1]) || !same_shape(&b[0], &b[1])) {
+        PyErr_Format(PyExc_ValueError, "%s: a and b must be float32 arrays of one shape", fn);
+        goto fail;
+    }
+    const kernel_table *kt = active_table;
+    Py_BEGIN_ALLOW_THREADS
+    kt->silu_mul(b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    Py_INCREF(args[0]);
+    return args[0];
+fail:
+    release(b, 2);
+    return NULL;
+}
+
+/* q and s of a version-2 Q8 matrix with group size gs, checked: returns rows, or -1. */
+static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t cols, const char *fn) {
+    if (q->b.ndim != 2 || q->b.itemsize != 1 || q->b.shape[1] != cols) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld]", fn, (long long)cols);
+        return -1;
+    }
+    if (gs <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: group size %lld must be positive", fn, gs);
+        return -1;
+    }
+    int64_t rows = q->b.shape[0], groups = (rows * cols + gs - 1) / gs;
+    if (!is_f32(s) || s->b.len / 4 < groups) {
+        PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn, (long long)groups);
+        return -1;
+    }
+    return rows;
+}
+
+/* matmul_q8_any(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
+static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_q8_any";
+    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
+    long long gs = PyLong_AsLongLong(args[2]);
+    if (gs == -1 && PyErr_Occurred()) return NULL;
+    buf b[4] = {{{0}}};
+    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
+        get(args[3], &b[2], 0, fn, "x") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
+        check_f32(&b[2], fn, "x") < 0 || check_f32(&b[3], fn, "out") < 0)
+        goto fail;
+    int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
+    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
+    if (rows < 0) goto fail;
+    if (b[3].b.ndim != b[2].b.ndim || b[3].b.shape[b[3].b.ndim - 1] != rows ||
+        (b[3].b.ndim == 2 && b[3].b.shape[0] != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ q.T", fn,
+                     (long long)n, (long long)rows);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    op_matmul_q8g(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 4);
+    Py_RETURN_NONE;
+fail:
+    release(b, 4);
+    return NULL;
+}
+
+/* dequantize_q8_split(q, s, group_size, ids, out): out [R, cols] = rows ids, dequantized */
+static PyObject *py_dequantize_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "dequantize_q8_split";
+    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
+    long long gs = PyLong_AsLongLong(args[2]);
+    if (gs == -1 && PyErr_Occurred()) return NULL;
+    buf b[4] = {{{0}}};
+    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
+        get(args[3], &b[2], 0, fn, "ids") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
+        check_f32(&b[3], fn, "out") < 0)
+        goto fail;
+    char f = fmt(&b[2].b);
+    if (b[2].b.ndim != 1 || b[2].b.itemsize != 8 || (f != 'q' && f != 'l')) {
+        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
+        goto fail;
+    }
+    int64_t r = b[2].b.shape[0], cols = b[3].b.shape[b[3].b.ndim - 1];
+    if (b[3].b.ndim != 2 || b[3].b.shape[0] != r) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
+        goto fail;
+    }
+    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
+    if (rows < 0) goto fail;
+    const int64_t *ids = b[2].b.buf;
+    for (int64_t i = 0; i < r; i++)
+        if (ids[i] < 0 || ids[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "%s: row %lld is outside the matrix's %lld rows", fn,
+                         (long long)ids[i], (long long)rows);
+            goto fail;
+        }
+    Py_BEGIN_ALLOW_THREADS
+    op_dequantize_q8g(b[0].b.buf, b[1].b.buf, gs, cols, ids, r, b[3].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 4);
+    Py_RETURN_NONE;
+fail:
+    release(b, 4);
+    return NULL;
+}
+
 static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
     long n = PyLong_AsLong(arg);
     if (n == -1 && PyErr_Occurred()) return NULL;
@@ -360,6 +550,13 @@ static PyMethodDef methods[] = {
      "matmul_q8_split(q, s, group_size, x, out)"},
     {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
      "dequantize_rows(wtype, w, ids, out)"},
+    {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, out) -> out"},
+    {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, cos, sin, style) -> x"},
+    {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(a, b) -> a"},
+    {"matmul_q8_any", (PyCFunction)(void (*)(void))py_matmul_q8_any, METH_FASTCALL,
+     "matmul_q8_any(q, s, group_size, x, out)"},
+    {"dequantize_q8_split", (PyCFunction)(void (*)(void))py_dequantize_q8_split, METH_FASTCALL,
+     "dequantize_q8_split(q, s, group_size, ids, out)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},

@@ -224,3 +224,41 @@ int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t h
     else attn_task(&j, 0, 1);
     return j.failed ? -1 : 0;
 }
+
+/* llama2.c version-2 Q8 in any layout (ops_elementwise.c's q8g kernels): rows split evenly over
+ * the pool; each output is one kernel's own sum, so the split does not change it. */
+typedef struct {
+    const kernel_table *kt;
+    const int8_t *q;
+    const float *s;
+    int64_t gs, rows, cols, n;
+    const float *x;
+    const int64_t *ids;  /* dequantize: which rows */
+    float *out;
+} q8g_job;
+
+static void q8g_mm_task(void *arg, int ith, int nth) {
+    q8g_job *j = arg;
+    int64_t per = (j->rows + nth - 1) / nth, r0 = ith * per, r1 = r0 + per < j->rows ? r0 + per : j->rows;
+    if (r0 < r1) j->kt->q8g_dot(j->q, j->s, j->gs, j->cols, r0, r1, j->x, j->n, j->out, (size_t)j->rows);
+}
+
+void op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                   int64_t cols, float *out) {
+    q8g_job j = {active_table, q, s, gs, rows, cols, n, x, NULL, out};
+    if (pool_threads() > 1 && rows >= 8 && rows * cols * n >= (1 << 15)) pool_run(q8g_mm_task, &j);
+    else q8g_mm_task(&j, 0, 1);
+}
+
+static void q8g_dq_task(void *arg, int ith, int nth) {
+    q8g_job *j = arg;
+    int64_t per = (j->n + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->n ? i0 + per : j->n;
+    for (int64_t i = i0; i < i1; i++) j->kt->q8g_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
+}
+
+void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+                       float *out) {
+    q8g_job j = {active_table, q, s, gs, 0, cols, r, NULL, ids, out};
+    if (r >= 2 && r * cols >= (1 << 18)) pool_run(q8g_dq_task, &j);
+    else q8g_dq_task(&j, 0, 1);
+}

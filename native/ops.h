@@ -19,4 +19,11 @@ void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out);
 int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t hd, const float *q,
                         const uint8_t *k, const uint8_t *v, int64_t block_tokens, size_t row_bytes,
                         const int32_t *tables, int64_t maxb, const int64_t *lens, float *out);
+/* llama2.c version-2 Q8 in any layout (groups of any size, rows may straddle them), activations as
+ * floats: out [N, rows] = x [N, cols] @ (q * s per group).T */
+void op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                   int64_t cols, float *out);
+/* out [R, cols] = rows ids of the same layout, dequantized */
+void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+                       float *out);
 #endif

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import REPO, asset
@@ -32,61 +33,146 @@ def params(c, matrices_only=False):
 
 
 def test_estimate_counts_every_weight_and_the_cache():
-    fp32 = memory.estimate(SMALL, {n: "fp32" for n in tensor_shapes(SMALL)})
+    fp32 = memory.estimate(SMALL, {n: "f32" for n in tensor_shapes(SMALL)})
     assert fp32.weights == fp32.address_weights == 4 * params(SMALL)
     c = SMALL
-    assert fp32.cache == 2 * 4 * c.n_layers * c.seq_len * c.kv_dim
-    four = memory.estimate(SMALL, {n: "fp32" for n in tensor_shapes(SMALL)}, slots=4)
+    assert fp32.cache == memory.kv_cache_bytes(SMALL) == 2 * 4 * c.n_layers * c.seq_len * c.kv_dim
+    four = memory.estimate(SMALL, {n: "f32" for n in tensor_shapes(SMALL)}, slots=4)
     assert four.cache == 4 * fp32.cache and four.weights == fp32.weights
 
 
 def test_estimate_by_storage():
+    """Every tensor costs its stored bytes (used in place); quantizing at load costs the quantized
+    bytes resident, and the float file stays mapped."""
     m = params(SEVEN_B, matrices_only=True)
     norms = 4 * (params(SEVEN_B) - m)
     names = [n for n in tensor_shapes(SEVEN_B) if not n.startswith("rms")]
     bf16 = memory.estimate(SEVEN_B, {n: "bf16" for n in names})
-    assert bf16.weights == 4 * m + norms and bf16.address_weights == 6 * m + norms  # widened; file mapped
-    q8 = memory.estimate(SEVEN_B, {n: "q8_0:32" for n in names})
-    assert q8.weights == pytest.approx(1.125 * m + norms)
-    quantized = memory.estimate(SEVEN_B, {n: "fp32" for n in names}, quantize=True)
-    assert quantized.weights == pytest.approx(1.125 * m + norms)  # the fp32 map is not resident after
-    assert quantized.address_weights == pytest.approx(5.125 * m + norms)
-    hf_q = memory.estimate(SEVEN_B, {n: "hf" for n in names}, quantize=True)
-    assert hf_q.weights == pytest.approx(5.125 * m + norms)  # float copies stay referenced
+    assert bf16.weights == bf16.address_weights == 2 * m + norms  # in place, not widened
+    q8 = memory.estimate(SEVEN_B, {n: "q8_0" for n in names})  # GGUF Q8_0: 34 bytes per 32 values
+    assert q8.weights == q8.address_weights == 34 * m // 32 + norms
+    v2 = memory.estimate(SEVEN_B, {n: "q8_v2:64" for n in names})  # llama2.c int8, scale per 64
+    assert v2.weights == pytest.approx(m * (1 + 4 / 64) + norms, abs=len(names) * 32 * 4)
+    q6 = memory.estimate(SEVEN_B, {n: "q6_k" for n in names})
+    assert q6.weights == 210 * m // 256 + norms
+    quantized = memory.estimate(SEVEN_B, {n: "f16" for n in names}, quantize="q8_0")
+    assert quantized.weights == pytest.approx((1 + 4 / 32) * m + norms, rel=1e-6)  # the f16 map is not resident
+    assert quantized.address_weights == pytest.approx((2 + 1 + 4 / 32) * m + norms, rel=1e-6)
+    assert quantized.scratch > bf16.scratch  # a matrix widened while it is quantized
 
 
-def test_seven_b_hf_under_a_20_gb_address_limit_is_refused_with_what_would_fit():
-    """The issue's case: a Llama-2-7B-shaped HF bf16 folder under a 20 GB address-space limit."""
-    stored = {n: "hf" for n in tensor_shapes(SEVEN_B)}
-    have = memory.Available(memory=100 << 30, address=19 << 30, limit=20 << 30)
-    line = memory.verdict("Llama-2-7b-hf", SEVEN_B, stored, False, 1, have)
+def test_quantize_estimate_follows_the_quantizers():
+    """A mix at load: each tensor's bytes are those of the type llama.cpp's rule gives it."""
+    from llama2 import gguf, quantize
+    from llama2.checkpoint import LAYER_MATRICES
+    from llama2.model import Transformer
+
+    ckpt = gguf.load(asset("kquant/rand256-f16.gguf"))
+    c = ckpt.config
+    stored = {n: "f16" for n in tensor_shapes(c) if not n.startswith("rms")}
+    for mix in ("q4_k_m", "q5_k_m", "q4_0", "q6_k", "q8_0"):
+        model = Transformer(ckpt, quantize=mix)
+        held = model.embedding.nbytes + (0 if c.shared_classifier else model.classifier.nbytes)
+        held += sum(layer_m.nbytes for layer in model.layers for layer_m in layer.matrices())
+        norms = 4 * (params(c) - params(c, matrices_only=True))
+        assert memory.estimate(c, stored, quantize=mix).weights == held + norms, mix
+    on_disk = memory.estimate(c, memory.describe(asset("kquant/rand256-q4_k_m.gguf"))[1])
+    assert on_disk.weights == memory.estimate(c, stored, quantize="q4_k_m").weights  # same tensors
+    assert quantize.tensor_type("q4_k_m", "wv", 1, 2) == "q6_k" and LAYER_MATRICES  # a real mix
+
+
+def test_seven_b_bf16_folder_fits_where_it_used_not_to():
+    """A Llama-2-7B-shaped HF bf16 folder on a 24 GB machine: used in place it needs its 13.5 GB
+    plus the KV cache, so it fits (widened to float32 it needed 27 GB); under a 16 GB address-space
+    limit it is refused with what would fit."""
+    stored = {n: "bf16" for n in tensor_shapes(SEVEN_B) if not n.startswith("rms")}
+    roomy = memory.Available(memory=24 << 30)
+    assert memory.verdict("Llama-2-7b-hf", SEVEN_B, stored, None, 1, roomy) is None
+    tight = memory.Available(memory=100 << 30, address=15 << 30, limit=16 << 30)
+    line = memory.verdict("Llama-2-7b-hf", SEVEN_B, stored, None, 1, tight)
     assert line is not None and "\n" not in line
     need = memory.estimate(SEVEN_B, stored)
-    assert f"needs about {memory.gb(need.address)}" in line and memory.gb(19 << 30) in line
+    assert f"needs about {memory.gb(need.address)}" in line and memory.gb(15 << 30) in line
     assert "would fit" in line and "--dtype q8_0" in line
 
 
 def test_verdict_names_fewer_slots_and_quantize():
-    stored = {n: "fp32" for n in tensor_shapes(SEVEN_B)}
+    stored = {n: "f32" for n in tensor_shapes(SEVEN_B) if not n.startswith("rms")}
     one, four = (memory.estimate(SEVEN_B, stored, slots=n) for n in (1, 4))
     have = memory.Available(memory=(one.resident + four.resident) // 2)
-    line = memory.verdict("m.bin", SEVEN_B, stored, False, 4, have, slots_flag="--max-batch")
+    line = memory.verdict("m.bin", SEVEN_B, stored, None, 4, have, slots_flag="--max-batch")
     assert "--quantize q8_0" in line and "--max-batch" in line
-    assert memory.verdict("m.bin", SEVEN_B, stored, False, 1, memory.Available(memory=one.resident)) is None
+    assert memory.verdict("m.bin", SEVEN_B, stored, None, 1, memory.Available(memory=one.resident)) is None
+    q4 = memory.estimate(SEVEN_B, stored, quantize="q4_k_m")
+    line = memory.verdict("m.bin", SEVEN_B, stored, None, 1, memory.Available(memory=q4.resident + (1 << 20)))
+    assert "--quantize q4_k_m" in line  # q8_0 would not fit, the mix does
     tiny = memory.Available(memory=1 << 20)
-    assert "even an int8 file" in memory.verdict("m.bin", SEVEN_B, stored, False, 1, tiny)
+    assert "even an int8 file" in memory.verdict("m.bin", SEVEN_B, stored, None, 1, tiny)
 
 
 def test_describe_reads_headers_only(tmp_path):
     config, stored = memory.describe(asset("stories260K.bin"))
-    assert config.dim == 64 and set(stored.values()) == {"fp32"}
+    assert config.dim == 64 and set(stored.values()) == {"f32"}
     _, stored = memory.describe(asset("stories260K-q8.bin"))
-    assert stored["wq"] == "q8_0:8"
+    assert stored["wq"] == "q8_v2:8"
     config, stored = memory.describe(asset("stories260K.gguf"))
-    assert config.dim == 64 and stored["wq"] == "fp32"
+    assert config.dim == 64 and stored["wq"] == ["f32"] * config.n_layers
+    config, stored = memory.describe(asset("kquant/rand256-q4_k_m.gguf"))
+    assert stored["wv"] == ["q4_k", "q6_k"] and stored["wcls"] == "q6_k"  # per layer, as the file says
     (tmp_path / "empty.bin").write_bytes(b"")
     assert memory.describe(tmp_path / "empty.bin") is None  # no estimate: the loader says what is wrong
     assert memory.describe(tmp_path / "missing.bin") is None
+
+
+@pytest.mark.parametrize("name", ["stories260K.bin", "stories260K-q8.bin", "stories260K.gguf",
+                                  "kquant/rand256-q4_k_m.gguf", "kquant/rand256-f16.gguf",
+                                  "kquant/rand256-q8_0.gguf"])
+def test_estimate_equals_what_the_loader_holds(name):
+    """The estimate's weights are the bytes of the matrices the loaded model holds, plus norms."""
+    from llama2 import loader
+    from llama2.model import Transformer
+
+    ckpt = loader.load_checkpoint(asset(name))
+    c = ckpt.config
+    model = Transformer(ckpt)
+    held = model.embedding.nbytes + (0 if c.shared_classifier else model.classifier.nbytes)
+    held += sum(m.nbytes for layer in model.layers for m in layer.matrices())
+    norms = 4 * (params(c) - params(c, matrices_only=True))
+    assert memory.estimate(c, memory.describe(asset(name))[1]).weights == held + norms
+
+
+def test_hf_folder_is_described_by_its_safetensors(tmp_path):
+    """An HF folder's matrices are used in place: the estimate takes each tensor's safetensors dtype
+    and equals what the loaded model holds."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from llama2 import hf
+    from llama2.model import Transformer
+
+    c = SMALL
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, shape in tensor_shapes(c).items():
+        dtype = np.float32 if name.startswith("rms") or name == "w2" else np.float16  # a mixed folder
+        for layer in (range(c.n_layers) if len(shape) == 3 or name in ("rms_att", "rms_ffn") else [None]):
+            s = shape[1:] if layer is not None else shape
+            tensors[hf.NAMES[name].format(layer)] = rng.standard_normal(s).astype(dtype)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    save_file(tensors, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": c.dim, "intermediate_size": c.hidden_dim,
+        "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab_size,
+        "max_position_embeddings": c.seq_len, "tie_word_embeddings": c.shared_classifier}))
+    config, stored = memory.describe(folder)
+    assert stored["wq"] == ["f16"] * c.n_layers and stored["w2"] == ["f32"] * c.n_layers
+    model = Transformer(hf.load(folder))
+    held = model.embedding.nbytes + sum(m.nbytes for layer in model.layers for m in layer.matrices())
+    norms = 4 * (params(c) - params(c, matrices_only=True))
+    assert memory.estimate(config, stored).weights == held + norms
 
 
 def test_available_reads_the_machine():

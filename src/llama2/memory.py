@@ -1,21 +1,23 @@
 """Will a model fit? What loading and running it takes, against what the machine has.
 
-`estimate` is a pure function of the model's shape, how each tensor is stored and how the engine
-holds it; `available` reads MemAvailable (/proc/meminfo) and the address-space limit (RLIMIT_AS,
+`estimate` is a pure function of the model's shape, how each tensor is stored and what `--quantize`
+makes of it; `available` reads MemAvailable (/proc/meminfo) and the address-space limit (RLIMIT_AS,
 less what the process already maps); `guard` refuses a model that cannot fit with one line naming
 both figures and what would fit, and turns a MemoryError during loading into the same kind of line.
 
-How the engine holds weights (bytes per value; keep in step with the loaders):
+How the engine holds weights (keep in step with the loaders and llama2.weights):
 
-| stored as | resident | address space | notes |
-|---|---|---|---|
-| fp32 (llama2.c, GGUF F32) | 4 | 4 | used in place from the file's map |
-| fp16 / bf16 (llama2.c v3, GGUF) | 4 | 6 | widened to float32; the file stays mapped |
-| q8_0 (group g) | 1 + 4/g | same | used in place |
-| Hugging Face folder | 4 | 4 | read into float32 arrays |
-
-`--quantize q8_0` adds an int8 copy (1 + 4/32) of each float matrix; the float weights stay
-referenced (resident for copies, address space only for an fp32 file's map).
+- Every loader maps its file(s) and uses each matrix as stored, a view of the map (llama2.c .bin of
+  any version, GGUF of any type we run, Hugging Face safetensors in bf16/f16/f32): a tensor costs
+  its stored bytes, resident and in address space (`tensor_bytes`: a weight type's blocks, or for
+  llama2.c's version-2 int8 the values plus a float32 scale per group). Norms are float32 copies.
+  pytorch_model.bin folders are the exception: read through torch into float32 (4 bytes a value).
+- `--quantize TYPE` replaces each float matrix (f32/f16/bf16) by a quantized copy in the type the
+  quantizer gives that tensor (`quantize.tensor_type`; q8_0 is our int8 with a float32 scale per
+  config.Q8_GROUP_SIZE values), sized by the quantizers' `row_bytes`. The float file stays mapped
+  (address space) but is not resident after loading; while a matrix is quantized its float32
+  widening and the quantizers' chunk temporaries exist once (`quantize_scratch`).
+- The KV cache (`kv_cache_bytes`) and a forward pass's activations (`scratch_bytes`) come on top.
 """
 
 import contextlib
@@ -25,18 +27,19 @@ from dataclasses import dataclass
 
 from .errors import Llama2Error
 
-Q8_BYTES = 1 + 4 / 32  # an int8 value plus its share of a float32 scale per group of 32
 MARGIN = 1.05  # interpreter, kernels and allocator slack on top of the estimate
 MARGIN_BYTES = 64 << 20
+FLOATS = ("f32", "f16", "bf16")  # what --quantize applies to
+QUANTIZER_TEMPS = 128 << 20  # the quantizers' float32 temporaries per chunk (about 30 x 1M floats)
 
 
 @dataclass(frozen=True)
 class Need:
     """Bytes a model needs: `resident` must fit in memory, `address` in the address space."""
     weights: int  # resident weights
-    address_weights: int  # weights' address space (maps of files whose contents were copied too)
-    cache: int  # KV cache: keys and values of every slot, float32
-    scratch: int  # activations of a full-context prompt, logits, RoPE tables
+    address_weights: int  # weights' address space (maps of files whose contents were quantized too)
+    cache: int  # KV cache of every slot
+    scratch: int  # activations of a full-context prompt, logits, RoPE tables, quantizing at load
 
     @property
     def resident(self) -> int:
@@ -47,42 +50,94 @@ class Need:
         return int((self.address_weights + self.cache + self.scratch) * MARGIN) + MARGIN_BYTES
 
 
-def _per_value(stored: str, quantize: bool) -> tuple:
-    """(resident, address) bytes per weight value of a matrix stored as `stored`."""
-    if stored.startswith("q8_0"):
-        group = int(stored.partition(":")[2] or 32)
-        size = 1 + 4 / group
-        return size, size
-    resident, address = {"fp32": (4, 4), "fp16": (4, 6), "bf16": (4, 6), "hf": (4, 4)}[stored]
-    if quantize:
-        resident = Q8_BYTES + (0 if stored == "fp32" else resident)  # fp32's map is not touched again
-        address += Q8_BYTES
-    return resident, address
+def kv_cache_bytes(config, slots: int = 1) -> int:
+    """The KV cache: keys and values of every layer for `slots` sequences of config.seq_len
+    positions, float32, allocated up front (model.KVCache.create). Change this with the cache."""
+    return 2 * 4 * config.n_layers * slots * config.seq_len * config.kv_dim
 
 
-def estimate(config, stored: dict, quantize: bool = False, slots: int = 1) -> Need:
-    """What `config` (a ModelConfig) needs when its tensors are stored as `stored` (tensor name ->
-    "fp32", "fp16", "bf16", "hf" or "q8_0:GROUP"; norms are float32), run with `quantize` and
-    `slots` KV-cache slots (the server's --max-batch)."""
-    from .checkpoint import tensor_shapes
+def scratch_bytes(config, slots: int = 1) -> int:
+    """A full-context prompt's activations, the logits, a dequantized tile (weights.base.DEQUANT_TILE
+    floats at most) and the RoPE tables, float32."""
+    from .weights.base import DEQUANT_TILE
 
     c = config
-    weights = address = 0.0
+    return 4 * (c.seq_len * (6 * c.dim + 3 * c.hidden_dim + c.n_heads * 64)  # a prompt's activations
+                + c.vocab_size * (slots + 1)  # logits
+                + min(DEQUANT_TILE, max(c.hidden_dim, c.vocab_size) * c.dim)  # a tile or a product
+                + c.seq_len * c.head_dim)  # RoPE tables
+
+
+def _kind(stored: str) -> str:
+    from .weights import ALIASES
+
+    return ALIASES.get(stored, stored)
+
+
+def tensor_bytes(kind: str, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] matrix stored as `kind`: a weight type's name (f32, f16, bf16, q8_0,
+    q4_0, ..., q6_k; fp32/fp16 accepted) or "q8_v2:GROUP" (llama2.c's version-2 int8)."""
+    kind = _kind(kind)
+    if kind.startswith("q8_v2"):
+        group = int(kind.partition(":")[2] or 32)
+        n = rows * cols
+        return n + 4 * (-(-n // group))
+    from .weights import module
+
+    m = module(kind)
+    return rows * (cols // m.BLOCK) * m.DTYPE.itemsize
+
+
+def quantized_kind(quantize: str, config, name: str, layer, cols: int) -> str:
+    """What `--quantize quantize` turns float matrix `name` (of block `layer`) into."""
+    if quantize in (True, "q8_0"):
+        from .config import Q8_GROUP_SIZE
+        return f"q8_v2:{Q8_GROUP_SIZE}"
+    from .quantize import tensor_type
+
+    c = config
+    return tensor_type(quantize, name, layer, c.n_layers, cols=cols, has_output=not c.shared_classifier,
+                       n_heads=c.n_heads, n_kv_heads=c.n_kv_heads)
+
+
+def quantize_scratch(config) -> int:
+    """Quantizing at load: the largest matrix widened to float32, plus the quantizers' temporaries."""
+    from .checkpoint import tensor_shapes
+
+    largest = max(s[-1] * s[-2] for n, s in tensor_shapes(config).items() if not n.startswith("rms"))
+    return 4 * largest + QUANTIZER_TEMPS
+
+
+def estimate(config, stored: dict, quantize=None, slots: int = 1) -> Need:
+    """What `config` (a ModelConfig) needs when its matrices are stored as `stored` (tensor name ->
+    a kind as `tensor_bytes` takes it, or a list of kinds per layer; missing names: f32; norms are
+    float32), run with `--quantize quantize` (a type or mix name; True means q8_0) and `slots`
+    KV-cache slots (the server's --max-batch)."""
+    from .checkpoint import LAYER_MATRICES, tensor_shapes
+
+    c = config
+    weights = address = 0
     for name, shape in tensor_shapes(c).items():
-        n = 1
-        for d in shape:
-            n *= d
         if name.startswith("rms"):
+            n = 1
+            for d in shape:
+                n *= d
             weights, address = weights + 4 * n, address + 4 * n
             continue
-        r, a = _per_value(stored.get(name, "fp32"), quantize)
-        weights, address = weights + r * n, address + a * n
-    cache = 2 * 4 * c.n_layers * slots * c.seq_len * c.kv_dim
-    scratch = 4 * (c.seq_len * (6 * c.dim + 3 * c.hidden_dim + c.n_heads * 64)  # a prompt's activations
-                   + c.vocab_size * (slots + 1)  # logits
-                   + max(c.hidden_dim, c.vocab_size) * c.dim  # a dequantized tile or a product
-                   + c.seq_len * c.head_dim)  # RoPE tables
-    return Need(int(weights), int(address), int(cache), int(scratch))
+        rows, cols = shape[-2:]
+        layers = list(range(c.n_layers)) if name in LAYER_MATRICES else [None]
+        kinds = stored.get(name, "f32")
+        for i, layer in enumerate(layers):
+            kind = _kind(kinds[i] if isinstance(kinds, list) else kinds)
+            size = tensor_bytes(kind, rows, cols)
+            address += size
+            if quantize and kind in FLOATS:
+                q = tensor_bytes(quantized_kind(quantize, c, name, layer, cols), rows, cols)
+                weights, address = weights + q, address + q
+            else:
+                weights += size
+    scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)
+    return Need(int(weights), int(address), int(kv_cache_bytes(c, slots)), int(scratch))
 
 
 # -- what the machine has -------------------------------------------------------------------------
@@ -134,7 +189,7 @@ def _room(have: Available) -> str:
     return " and ".join(parts) or "the machine's memory is unknown"
 
 
-def verdict(name: str, config, stored: dict, quantize: bool, slots: int, have: Available,
+def verdict(name: str, config, stored: dict, quantize, slots: int, have: Available,
             slots_flag: str = None, force: bool = False) -> str:
     """None when the model fits (unless `force`); else one line: what it needs, what there is, and
     what would fit."""
@@ -149,11 +204,15 @@ def verdict(name: str, config, stored: dict, quantize: bool, slots: int, have: A
     line = (f"{name}: needs about {size(need)} (weights {gb(need.weights)}, KV cache {gb(need.cache)} "
             f"for {slots} sequence{'s' if slots > 1 else ''} of {config.seq_len} tokens) but {_room(have)}")
     options = []
-    floats = any(not s.startswith("q8_0") for s in stored.values())
+    kinds = [_kind(k) for v in stored.values() for k in (v if isinstance(v, list) else [v])]
+    floats = any(k in FLOATS for k in kinds)
     if floats and not quantize:
-        q = estimate(config, stored, True, slots)
-        if fits(q, have):
-            options.append(f"--quantize q8_0 (about {size(q)})")
+        for q in ("q8_0", "q4_k_m"):
+            with contextlib.suppress(ValueError):
+                smaller = estimate(config, stored, q, slots)
+                if fits(smaller, have):
+                    options.append(f"--quantize {q} (about {size(smaller)})")
+                    break
     if slots_flag and slots > 1:
         fewer = max((n for n in range(1, slots) if fits(estimate(config, stored, quantize, n), have)),
                     default=None)
@@ -161,7 +220,8 @@ def verdict(name: str, config, stored: dict, quantize: bool, slots: int, have: A
             options.append(f"{slots_flag} {fewer}")
     export = f"an int8 file made by `llama2 export OUT.bin --from {name} --dtype q8_0`"
     if floats:
-        q8 = estimate(config, {k: "q8_0:32" for k in stored}, False, slots)
+        from .config import Q8_GROUP_SIZE
+        q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots)
         if fits(q8, have):
             options.append(f"{export} (about {size(q8)})")
         elif not options:
@@ -170,35 +230,68 @@ def verdict(name: str, config, stored: dict, quantize: bool, slots: int, have: A
 
 
 def describe(path):
-    """(ModelConfig, {tensor name: how it is stored}) from a model's header alone, or None when the
-    file cannot be read that way (the loader then reports what is wrong with it)."""
+    """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
+    alone, or None when the file cannot be read that way (the loader then reports what is wrong)."""
     from . import checkpoint
     from .loader import model_kind
 
     try:
         kind = model_kind(path)
         if kind == "hf":
-            from .hf import read_config
-            config = read_config(path)
-            return config, {name: "hf" for name in checkpoint.tensor_shapes(config)}
+            return _describe_hf(path)
         if kind == "gguf":
-            from .gguf import BF16, F16, F32, Q8_0, GGUFModel
+            from .gguf import GGUFModel
+            from .weights import module
             m = GGUFModel(path)
-            types = {F32: "fp32", F16: "fp16", BF16: "bf16", Q8_0: "q8_0:32"}
             stored = {}
             for name in checkpoint.tensor_shapes(m.config):
-                if not name.startswith("rms"):
-                    layer = 0 if name in checkpoint.LAYER_MATRICES else None
-                    stored[name] = types.get(m.kind(name, layer), "fp32")
+                if name.startswith("rms"):
+                    continue
+                if name in checkpoint.LAYER_MATRICES:
+                    stored[name] = [module(m.kind(name, l)).NAME for l in range(m.config.n_layers)]
+                else:
+                    stored[name] = module(m.kind(name)).NAME
             return m.config, stored
         with open(path, "rb") as f:
             head = f.read(checkpoint.HEADER_BYTES)
         config, version, group_size, _ = checkpoint.read_header(path, head)
         dtype = checkpoint.file_dtype(head, version)
-        how = f"q8_0:{group_size}" if dtype == "q8_0" else dtype
-        return config, {name: how for name in checkpoint.tensor_shapes(config)}
+        how = f"q8_v2:{group_size}" if dtype == "q8_0" else _kind(dtype)
+        return config, {name: how for name in checkpoint.tensor_shapes(config) if not name.startswith("rms")}
     except Exception:  # noqa: BLE001 -- advisory only: the loader gives the file's real error
         return None
+
+
+def _describe_hf(path):
+    """A Hugging Face folder: safetensors headers give each tensor's dtype (used in place); a
+    pytorch_model.bin folder is read into float32."""
+    from pathlib import Path
+
+    from . import checkpoint
+    from .hf import NAMES, SafetensorsFile, read_config
+
+    folder = Path(path)
+    config = read_config(folder)
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        return config, {n: "f32" for n in checkpoint.tensor_shapes(config) if not n.startswith("rms")}
+    from .hf import HFModel
+    model = HFModel(folder)
+    config = model.config
+    files = {}
+
+    def dtype(name, layer=None):
+        shard = model.where[NAMES[name].format(layer)]
+        if shard not in files:
+            files[shard] = SafetensorsFile(folder / shard)
+        return {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(files[shard].header[NAMES[name].format(layer)]["dtype"], "f32")
+
+    stored = {}
+    for name in checkpoint.tensor_shapes(config):
+        if name.startswith("rms"):
+            continue
+        stored[name] = [dtype(name, l) for l in range(config.n_layers)] if name in checkpoint.LAYER_MATRICES \
+            else dtype(name)
+    return config, stored
 
 
 @contextlib.contextmanager
@@ -208,7 +301,7 @@ def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, ha
     described = describe(path)
     have = have or available()
     if described is not None:
-        line = verdict(os.fspath(path), *described, bool(quantize), slots, have, slots_flag)
+        line = verdict(os.fspath(path), *described, quantize, slots, have, slots_flag)
         if line is not None:
             raise Llama2Error(line)
     try:
@@ -217,5 +310,5 @@ def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, ha
         where = f"{os.fspath(path)}: ran out of memory while loading"
         if described is None:
             raise Llama2Error(f"{where} ({_room(have)})") from None
-        line = verdict(where, *described, bool(quantize), slots, have, slots_flag, force=True)
+        line = verdict(where, *described, quantize, slots, have, slots_flag, force=True)
         raise Llama2Error(line.replace(f"{where}: needs", f"{where}; it needs", 1)) from None

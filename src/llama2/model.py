@@ -54,7 +54,7 @@ class Layer:
         return self.wq(h), self.wk(h), self.wv(h)
 
     def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
-        return self.w2(K.silu_mul(self.w1(h), self.w3(h)))
+        return self.w2(_native().silu_mul(self.w1(h), self.w3(h)))
 
     def matrices(self) -> list:  # in LAYER_MATRICES order, as `jit.layer` takes them
         return [getattr(self, name) for name in LAYER_MATRICES]
@@ -66,35 +66,35 @@ class Layer:
 class Transformer:
     """Prepared weights plus `forward`. Stateless between calls: the KV cache holds the state.
 
-    Matrices run in the type their file stores them in, without copies. `quantize` (e.g. "q8_0":
-    int8 in groups of `group_size`, our version-2 layout; more through `weights.quantizer`) turns
-    matrices stored as floats into that type at load; matrices stored quantized stay as they are.
-    `kv_type` (f32, f16, bf16, q8_0; default `kvcache.default_type` of the file's format) is the
-    type of the caches `new_cache` makes.
+    Matrices run in the type their file stores them in, without copies. `quantize` (q8_0: int8 in
+    groups of `group_size`, our version-2 layout; q4_0 ... q6_k, q4_k_m, q5_k_m: llama.cpp's type per
+    tensor, see `weights.quantizer`) turns matrices stored as floats into that type at load; matrices
+    stored quantized stay as they are. `kv_type` (f32, f16, bf16, q8_0; default
+    `kvcache.default_type` of the file's format) is the type of the caches `new_cache` makes.
     """
 
     def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE,
                  kv_type: str = None):
         c = self.config = ckpt.config
-        to_type = weights.quantizer(quantize, group_size) if quantize else None
+        to_type = weights.quantizer(quantize, group_size, c) if quantize else None
         self.kv_type = kv_type or kvcache.default_type(getattr(ckpt, "format", "llama2c"))
         kvcache.get(self.kv_type)
         if self.kv_type == "q8_0":
             kvcache.q8_0.group(c.head_dim)
 
-        def matrix(value):
+        def matrix(value, name, layer=None):  # the tensor's name and layer pick its type in a mix
             m = weights.matrix(value)
-            return to_type(m.dequantize()) if to_type and m.STORES_FLOATS else m
+            return to_type(m.dequantize(), name, layer) if to_type and m.STORES_FLOATS else m
 
         w = ckpt.weights
         self.layers = [
             Layer(rms_att=w["rms_att"][l], rms_ffn=w["rms_ffn"][l],
-                  **{name: matrix(w[name][l]) for name in LAYER_MATRICES})
+                  **{name: matrix(w[name][l], name, l) for name in LAYER_MATRICES})
             for l in range(c.n_layers)
         ]
-        self.embedding = matrix(w["token_embedding"])  # [V, D]
+        self.embedding = matrix(w["token_embedding"], "token_embedding")  # [V, D]
         self.rms_final = w["rms_final"]  # [D]
-        self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"])  # [V, D]
+        self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
 
     def new_cache(self, slots: int = 1, blocks: int = None, seq_len: int = None,
@@ -147,12 +147,14 @@ class Transformer:
             tables = cache.table_array([slot for slot, _, _, _ in decode])  # [B, max blocks]
             lens = np.array([st + 1 for _, st, _, _ in decode], np.int64)
             attend = _native().attention_decode
+        nat = _native()
         att = np.empty((N, D), np.float32)
+        h = np.empty((N, D), np.float32)
         for l, layer in enumerate(self.layers):
-            h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
+            nat.rmsnorm(x, layer.rms_att, c.norm_eps, h)
             q, k, v = layer.qkv(h)
-            q = K.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
-            k = K.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
+            q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
+            k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
             cache.write(l, row_slots, positions, k, v.reshape(N, c.n_kv_heads, hd))
             for slot, st, r, T in prefill:
                 kc, vc = cache.gather(l, slot, st + T)  # [KVH, st+T, hd] float32
@@ -163,9 +165,10 @@ class Transformer:
                        tables, lens, out)
                 att[dec_rows] = out
             x = x + layer.wo(att)
-            h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
+            nat.rmsnorm(x, layer.rms_ffn, c.norm_eps, h)
             x = x + layer.ffn(h)
-        h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
+        last = np.ascontiguousarray(_last_rows(x, spans, all_logits))
+        h = nat.rmsnorm(last, self.rms_final, c.norm_eps, np.empty_like(last))
         logits = self.classifier(h)
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T

@@ -8,6 +8,11 @@ file stores them, row dequantization and activation quantization, on a thread po
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
     matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
+    matmul_q8_any(q, s, group_size, x, out)          version-2 Q8 in any layout, float activations
+    dequantize_q8_split(q, s, group_size, ids, out)  rows of version-2 Q8, any layout
+    rmsnorm(x, w, eps, out)          out [N, D] = run.c's rmsnorm of x [N, D] with weight w [D]
+    rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
+    silu_mul(a, b)                   a [N, H] = silu(a) * b in place
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
@@ -54,6 +59,26 @@ matmul_q8_split = _native.matmul_q8_split
 # of values in float32; each (sequence, head) is one call's own arithmetic whatever the batch or
 # thread count. Block ids are checked against the pool (IndexError).
 attention_decode = _native.attention_decode
+# Version-2 Q8 in any layout (a group of any size, rows may start or end inside one; the tail group
+# may be short), for what matmul_q8_split refuses: q int8 [rows, cols], s float32
+# [ceil(rows * cols / group_size)]. matmul_q8_any: out [N, rows] = x [N, cols] @ W.T with x as floats,
+# each row summed segment by segment (a segment is the part of the row in one group: s[g] * the
+# segment's dot, the dot in eight fixed lanes), the same bits at every level and thread count.
+# dequantize_q8_split: out [R, cols] = W[ids] as float32, bit-equal to weights.q8_v2.dequantize.
+matmul_q8_any = _native.matmul_q8_any
+dequantize_q8_split = _native.dequantize_q8_split
+
+# The elementwise operations of a forward pass (native/ops_elementwise.c), float32 C-contiguous,
+# the same bits at every level. Each returns its output array.
+# rmsnorm(x [N, D], w [D], eps, out [N, D]) -> out (may be x): w * (x * (1 / sqrt(ss / D + eps)))
+#   with ss = x[0]*x[0] + x[1]*x[1] + ... summed in that order in float32, as run.c does.
+# rope(x [N, H, hd], cos [N, hd/2], sin [N, hd/2], style) -> x, in place: pair i of each head is
+#   (2i, 2i+1) for style "interleaved" (llama2.c), (i, i + hd/2) for "halves" (Hugging Face),
+#   x0' = x0*c - x1*s, x1' = x0*s + x1*c, products rounded (bit-equal to kernels.rope).
+# silu_mul(a [N, H], b [N, H]) -> a, in place: a / (1 + expf(-a)) * b with libm's expf.
+rmsnorm = _native.rmsnorm
+rope = _native.rope
+silu_mul = _native.silu_mul
 
 
 def variants() -> tuple:

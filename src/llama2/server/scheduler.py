@@ -103,7 +103,7 @@ class Scheduler:
         self.cache = model.new_cache(slots=max_batch, blocks=-(-budget // bt))
         self.blocks = self.cache.pool.n_blocks
         self.budget = self.blocks * bt  # positions the pool holds
-        self.threads = threads.threads()  # numba's thread count is per thread: carry the caller's over
+        self.threads = threads.threads()  # BLAS limits may be per thread: carry the caller's over
         self._cond = threading.Condition()
         self._waiting = deque()  # jobs that found no room yet
         self._admitted = deque()  # jobs with room, not yet given a slot by the scheduler thread

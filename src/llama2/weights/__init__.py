@@ -10,7 +10,7 @@ llama2.c's version-2 int8 layout).
 
 import numpy as np
 
-from ..errors import Llama2Error
+from ..errors import Llama2Error, UsageError
 from . import bf16, f16, f32, q4_0, q4_1, q4_k, q5_0, q5_1, q5_k, q6_k, q8_0, q8_v2
 from .base import Matrix
 
@@ -20,8 +20,9 @@ BY_NAME = {m.NAME: m for m in MODULES}
 ALIASES = {"fp32": "f32", "fp16": "f16"}  # llama2.c version-3 dtype names (its "q8_0" is q8_v2)
 GGML_NAMES = {m.GGML_TYPE: m.NAME.upper() for m in BY_GGML_TYPE.values()}
 
-# --quantize at load: q8_0 means our version-2 int8 layout (groups of `group_size`), which the numba
-# fused decode layer reads; other names go to llama2.quantize (see `quantize`).
+# --quantize at load: q8_0 means our version-2 int8 layout (float32 scale per group of `group_size`
+# values, config.Q8_GROUP_SIZE: native integer products, like GGUF Q8_0's 8.5 bits per weight but any shape);
+# the others are llama.cpp's file types, each tensor getting the type llama.cpp's quantizer gives it.
 LOAD_QUANTIZE = ("q8_0",)
 
 
@@ -61,37 +62,54 @@ def dense(value) -> np.ndarray:
     return np.asarray(value, dtype=np.float32)
 
 
-def quantizer(name, group_size=None):
-    """The function float32 [out, in] -> Matrix that `--quantize NAME` applies at load to every
-    matrix stored as floats; Llama2Error at once for a name nobody quantizes to.
+def quantizer(name, group_size=None, config=None):
+    """The function `--quantize NAME` applies at load to every matrix stored as floats:
+    fn(array float32 [out, in], tensor=None, layer=None) -> Matrix, where `tensor` is the tensor's
+    name (ours, e.g. "wv", or GGUF's) and `layer` its block. Llama2Error at once for a name nobody
+    quantizes to; UsageError (one line) for a tensor whose rows the chosen type cannot hold.
 
-    q8_0 here is our version-2 layout with `group_size` (default config.Q8_GROUP_SIZE), which the
-    numba fused decode layer reads. Any other name is handed to the quantizers' package:
-    `llama2.quantize.quantize(name, array)` must return (ggml type id, uint8 [out, row_bytes] in
-    that type's block layout), and `llama2.quantize.NAMES` lists the names it takes.
+    q8_0 is our version-2 layout with `group_size` (default config.Q8_GROUP_SIZE). Every other name
+    is a file type of llama2.quantize (QUANTIZE_TYPES: q4_0 ... q6_k, q4_k_m, q5_k_m): each tensor
+    gets `quantize.tensor_type`'s answer for its name and layer (a mix's attn_v / ffn_down get Q6_K
+    in llama.cpp's layers, the classifier Q6_K, k-quants on rows that do not fill their blocks fall
+    back as llama.cpp's do), so a float file quantized at load holds exactly the tensors, types and
+    bytes of llama.cpp's file of that type. `config` (a ModelConfig) gives the layer and head counts
+    and whether the classifier is the embedding.
     """
     if name == "q8_0":
         from ..config import Q8_GROUP_SIZE
-        return lambda array: q8_v2.quantize(array, group_size or Q8_GROUP_SIZE)
-    try:
-        from .. import quantize as quantizers
-        names = tuple(quantizers.NAMES)
-    except (ImportError, AttributeError):
-        quantizers, names = None, ()
-    if name not in names:
-        raise Llama2Error(f"--quantize {name!r}: expected one of {', '.join((*LOAD_QUANTIZE, *names))}")
+        return lambda array, tensor=None, layer=None: q8_v2.quantize(array, group_size or Q8_GROUP_SIZE)
+    from .. import quantize as quantizers
+    from ..quantize.mix import QUANTIZE_TYPES, _base_name
+    if name not in QUANTIZE_TYPES:
+        names = (*LOAD_QUANTIZE, *(n for n in QUANTIZE_TYPES if n not in LOAD_QUANTIZE))
+        raise Llama2Error(f"--quantize {name!r}: expected one of {', '.join(names)}")
+    c = config
 
-    def run(array):
-        kind, data = quantizers.quantize(name, np.ascontiguousarray(array, dtype=np.float32))
-        m = module(kind).Matrix
-        return m(np.ascontiguousarray(data).view(m.DTYPE).reshape(array.shape[0], -1))
+    def run(array, tensor=None, layer=None):
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        rows, cols = array.shape
+        kind = quantizers.tensor_type(
+            name, tensor or "matrix", layer, c.n_layers if c else None, cols=cols,
+            has_output=not (c and c.shared_classifier), n_heads=c.n_heads if c else None,
+            n_kv_heads=c.n_kv_heads if c else None)
+        block = quantizers.block_size(kind)
+        if cols % block:
+            where = _base_name(tensor) if tensor else "a matrix"
+            where = f"blk.{layer}.{where}" if layer is not None else where
+            raise UsageError(f"--quantize {name}: {where} [{rows}, {cols}] has rows of {cols} values, "
+                             f"not a multiple of {kind}'s block of {block}; q8_0 and the k-quant "
+                             f"types take any shape")
+        kid, data = quantizers.quantize(array, kind)
+        m = module(kid).Matrix
+        return m(np.ascontiguousarray(data).view(m.DTYPE).reshape(rows, -1))
 
     return run
 
 
-def quantize(name, array, group_size=None) -> Matrix:
-    """One float32 matrix [out, in] quantized to type `name` (see `quantizer`)."""
-    return quantizer(name, group_size)(array)
+def quantize(name, array, group_size=None, tensor=None, layer=None, config=None) -> Matrix:
+    """One float32 matrix [out, in] quantized as `--quantize name` would (see `quantizer`)."""
+    return quantizer(name, group_size, config)(array, tensor, layer)
 
 
 __all__ = ["Matrix", "MODULES", "module", "from_buffer", "matrix", "dense", "quantizer", "quantize",

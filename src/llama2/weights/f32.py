@@ -1,7 +1,9 @@
-"""F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place.
+"""F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place, multiplied by BLAS.
 
-Up to NATIVE_ROWS rows of x (decode steps) go through the native f32 kernel, which computes every
-row alone (the same bits whatever the batch); more rows are one BLAS call on the matrix itself.
+Decode steps of up to model.SMALL_BATCH rows go through the numba fused layer (`jit_args`), which reads
+the matrix directly, while model.py uses it. A product of up to SMALL_BATCH rows called on the matrix
+runs on the native f32 kernel (each row's result independent of the others, unlike BLAS's gemm, so a
+row's logits do not depend on its batch); more rows are one BLAS call on the matrix itself.
 """
 
 import numpy as np
@@ -13,7 +15,7 @@ GGML_TYPE = 0
 BLOCK = 1
 DTYPE = np.dtype("<f4")
 NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the numba kernels
-NATIVE_ROWS = 8  # up to this many rows of x: the native kernel (model.SMALL_BATCH)
+SMALL_BATCH = 8  # up to this many rows of x: the native kernel (row by row); more: BLAS
 
 
 def dequantize(blocks):  # [...] float32 -> float32 [..., 1]
@@ -33,15 +35,14 @@ class Matrix(_Matrix):
     def dequantize(self):  # the stored array itself (read-only where it is a view of a file)
         return self.w
 
-    def __call__(self, x):  # [N, in] -> [N, out]: native kernel for a few rows, else BLAS
-        if len(x) <= NATIVE_ROWS and self.data is not None:
-            nat = native_for(GGML_TYPE)
-            if nat is not None:
-                x = np.ascontiguousarray(x, dtype=np.float32)
-                out = np.empty((len(x), self.shape[0]), np.float32)
-                nat.matmul(GGML_TYPE, self.w, x, out)
-                return out
-        return np.asarray(x, dtype=np.float32) @ self.w.T
+    def __call__(self, x):  # [N, in] -> [N, out]: native up to SMALL_BATCH rows, else BLAS
+        x = np.asarray(x, dtype=np.float32)
+        nat = native_for(GGML_TYPE)
+        if nat is not None and x.ndim == 2 and len(x) <= SMALL_BATCH and self.w.flags.c_contiguous:
+            out = np.empty((len(x), self.shape[0]), np.float32)
+            nat.matmul(GGML_TYPE, self.w, np.ascontiguousarray(x), out)
+            return out
+        return x @ self.w.T
 
     def rows(self, ids):  # [R] -> [R, in]
         return np.asarray(self.w[np.asarray(ids, dtype=np.int64).reshape(-1)], dtype=np.float32)

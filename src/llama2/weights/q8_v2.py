@@ -4,8 +4,13 @@ consecutive values of the flattened matrix (any group size; a row may straddle t
 group may be short). value = s[g] * q. Not a GGUF type: the values and the scales are two arrays,
 not interleaved blocks.
 
-Products and lookups run on the numba kernels (`jit`), which also read this layout inside the fused
-decode layer; the native extension has no kernel for it. Also our `--quantize q8_0` at load.
+Products and lookups run on the native kernels. Where every row holds whole groups and the group
+size is a multiple of 32 (what export writes by default: 64), `native.matmul_q8_split` quantizes the
+activations to Q8_0 blocks and multiplies in integers, as for GGUF Q8_0; any other layout (e.g.
+stories260K-q8.bin: groups of 8, rows of 172 straddling them) runs on `native.matmul_q8_any`, float
+activations summed group segment by segment. Row lookups are `native.dequantize_q8_split`, bit-equal
+to `dequantize` below. Only the other layouts still offer `jit_args` to the numba fused decode layer
+(float activations, like matmul_q8_any) while model.py uses it. Also our `--quantize q8_0` at load.
 """
 
 import numpy as np
@@ -16,13 +21,13 @@ NAME = "q8_v2"
 GGML_TYPE = None
 VALUES = np.dtype("i1")  # [out, in]
 SCALES = np.dtype("<f4")  # [ceil(out * in / group_size)]
-SMALL_BATCH = 8  # up to this many rows: the compiled product reads the int8 values directly
+SMALL_BATCH = 8  # up to this many rows (any layout): the native product reads the int8 values directly
 
 
-def _jit():
-    from .. import jit  # numba: imported on first use (about 0.4 s)
+def _native():
+    from .. import native
 
-    return jit
+    return native
 
 
 def n_groups(numel: int, group_size: int) -> int:
@@ -60,7 +65,6 @@ def quantize(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> "Ma
 class Matrix(_Matrix):
     """int8 values q [out, in] and float32 group scales s, both views of the file where loaded."""
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, 1, VALUES
-    tile_rows = SMALL_BATCH + 1
     jit_prompts = True  # no numpy product avoids dequantizing every weight: short prompts stay compiled
 
     def __init__(self, q, s, group_size: int):
@@ -70,7 +74,14 @@ class Matrix(_Matrix):
         if s.shape != (n_groups(q.size, self.group_size),):
             raise ValueError(f"q8_v2: {q.shape} values in groups of {group_size} need "
                              f"{n_groups(q.size, self.group_size)} scales, got {s.shape}")
-        self.jit_args = (q, s, self.group_size)
+        cols = q.shape[1] if q.ndim == 2 else 0
+        # Whole groups per row, a multiple of 32 values: integer products on Q8_0 activations, up to
+        # _Matrix.tile_rows rows, then tiles + BLAS on the same rounded activations. The numba fused
+        # layer (float activations) is not offered these, so every path of a model rounds alike.
+        self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
+        if not self.split:
+            self.tile_rows = SMALL_BATCH + 1
+            self.jit_args = (q, s, self.group_size)
 
     @property
     def nbytes(self) -> int:
@@ -83,19 +94,32 @@ class Matrix(_Matrix):
     def dequantize(self) -> np.ndarray:  # -> float32 [out, in]
         return dequantize(self.q, self.s, self.group_size)
 
-    def __call__(self, x):  # [N, in] -> [N, out]: compiled up to SMALL_BATCH rows, else tiles + BLAS
+    def __call__(self, x):  # [N, in] -> [N, out]
+        """Below `tile_rows` rows: native integer products for the split layout, the native float
+        product for any other; from there on dequantized tiles + BLAS (on Q8_0-rounded x for the
+        split layout, so a row's result does not depend on its batch's size)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) >= self.tile_rows:
             return self._tiled(x)
         out = np.empty((len(x), self.shape[0]), np.float32)
-        _jit().matmul(self.shape[0] * self.shape[1] * len(x), x, self.q, self.s, self.group_size, out)
+        nat = _native()
+        if self.split:
+            nat.matmul_q8_split(self.q, self.s, self.group_size, x, out)
+        else:
+            nat.matmul_q8_any(self.q, self.s, self.group_size, x, out)
         return out
 
     def rows(self, ids):  # [R] -> [R, in]
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        _jit().dequantize_rows(0, self.q, self.s, self.group_size, ids, out)
+        _native().dequantize_q8_split(self.q, self.s, self.group_size, ids, out)
         return out
 
-    def _dequantize_rows(self, r0, r1, out):  # on the calling thread: see model.py's notes on tiles
-        _jit().dequantize_rows(0, self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
+    def _activations(self, x):  # [N, in] -> [N, in]: x rounded as the native product rounds it
+        if not self.split:
+            return x
+        from . import q8_0
+        return q8_0.dequantize(_native().quantize_q8_0(x).view(q8_0.DTYPE)).reshape(x.shape)
+
+    def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in]
+        _native().dequantize_q8_split(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
