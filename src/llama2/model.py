@@ -137,7 +137,7 @@ class Transformer:
         tokens = np.concatenate(rows)
         N = len(tokens)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
-        row_slots = np.concatenate([np.full(T, slot, np.int64) for slot, _, _, T in spans])
+        where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
         x = self.embedding.rows(tokens)  # [N, D]
         prefill = [span for span in spans if span[3] > 1]
@@ -155,7 +155,7 @@ class Transformer:
             q, k, v = layer.qkv(h)
             q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
             k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
-            cache.write(l, row_slots, positions, k, v.reshape(N, c.n_kv_heads, hd))
+            cache.write(l, where, k, v.reshape(N, c.n_kv_heads, hd))
             for slot, st, r, T in prefill:
                 kc, vc = cache.gather(l, slot, st + T)  # [KVH, st+T, hd] float32
                 att[r:r + T] = K.attention(q[r:r + T], kc, vc, st)

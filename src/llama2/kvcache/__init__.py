@@ -171,14 +171,20 @@ class Cache:
 
     # -- reading and writing ------------------------------------------------------------------
 
-    def _where(self, slots, positions):  # [N], [N] -> block ids [N], offsets [N]
+    def locate(self, spans) -> tuple:
+        """Where the rows of a pass go: `spans` is [(slot, first position, rows)] (reserved) ->
+        block ids [N], offsets in the block [N], for `write`."""
         bt = self.block_tokens
-        blocks = np.array([self.tables[s][p // bt] for s, p in zip(slots, positions)], np.int64)
-        return blocks, np.asarray(positions, np.int64) % bt
+        blocks, offs = [], []
+        for slot, start, n in spans:
+            pos = np.arange(start, start + n)
+            blocks.append(np.asarray(self.tables[slot], np.int64)[pos // bt])
+            offs.append(pos % bt)
+        return np.concatenate(blocks), np.concatenate(offs)
 
-    def write(self, layer: int, slots, positions, k, v):
-        """Store k, v [N, kv_heads, hd] float32 at (slots[i], positions[i]) of `layer` (reserved)."""
-        blocks, offs = self._where(slots, positions)
+    def write(self, layer: int, where: tuple, k, v):
+        """Store k, v [N, kv_heads, hd] float32 of `layer` at `where` (from `locate`)."""
+        blocks, offs = where
         self.pool.k[layer, blocks, :, offs] = self.type.encode(k)
         self.pool.v[layer, blocks, :, offs] = self.type.encode(v)
 
