@@ -178,3 +178,50 @@ def test_resident_memory_grows_with_positions_not_context():
     used = 240 * per_token  # 1.9 MiB of cache in use
     assert grown < used + (24 << 20), f"{grown / 2**20:.1f} MiB for {used / 2**20:.1f} MiB of positions"
     assert cache.pool.k.nbytes + cache.pool.v.nbytes == 65536 * per_token  # 512 MiB mapped, untouched
+
+
+def test_cli_kv_type_flag(tmp_path, monkeypatch):
+    import io
+
+    from conftest import asset
+    from llama2.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def run(*flags):
+        out, err = io.BytesIO(), io.StringIO()
+        code = main(["run", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")), "-t", "0", "-n", "40",
+                     "-i", "Once upon a time", *flags], stdout=out, stderr=err, stdin=io.StringIO(""))
+        return code, out.getvalue(), err.getvalue()
+
+    code, f32_out, _ = run()
+    assert code == 0 and f32_out.startswith(b"Once upon a time")
+    for kv_type in ("f16", "q8_0"):
+        code, out, _ = run("--kv-type", kv_type)
+        assert code == 0 and out.startswith(b"Once upon a time") and len(out) > 60
+    code, _, err = run("--kv-type", "f8")
+    assert code == 2 and "--kv-type" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_cli_chat_computes_only_each_turns_new_tokens(monkeypatch):
+    from conftest import asset
+    from llama2.chat import ChatSession
+    from llama2.llama import Llama
+    from llama2.sampler import Sampler
+
+    llama = Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
+    fed = []
+    forward = llama.model.forward
+    monkeypatch.setattr(llama.model, "forward", lambda tokens, cache, *a, **k: (fed.append(len(tokens)),
+                                                                                  forward(tokens, cache, *a, **k))[1])
+    import itertools
+    chat = ChatSession(llama, Sampler(llama.config.vocab_size, 0.0, 0.9, 1))
+    reply = chat.turn("Tell me a story about a cat.", "You are a kind storyteller.")
+    list(itertools.islice(reply, 20))  # the user stops the reply after 20 tokens
+    reply.close()
+    before = chat.pos
+    fed.clear()
+    list(itertools.islice(chat.turn("And then?"), 5))
+    # the second turn's prompt pass holds its own tokens only, then one token per pass
+    assert fed[0] == len(llama.tokenizer.encode("[INST] And then? [/INST]", bos=True)) < before
+    assert fed[1:] == [1] * (len(fed) - 1) and chat.cache.pos[0] == chat.pos
