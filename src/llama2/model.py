@@ -149,9 +149,11 @@ class Transformer:
             attend = _native().attention_decode
         nat = _native()
         att = np.empty((N, D), np.float32)
-        h = np.empty((N, D), np.float32)
+        # RMSNorm stays numpy's: its sum of squares (pairwise) is closer to llama.cpp's (double)
+        # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
+        # (tests/test_kquant_files.py); run.c's goldens hold with either.
         for l, layer in enumerate(self.layers):
-            nat.rmsnorm(x, layer.rms_att, c.norm_eps, h)
+            h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
             q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
             k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
@@ -165,10 +167,9 @@ class Transformer:
                        tables, lens, out)
                 att[dec_rows] = out
             x = x + layer.wo(att)
-            nat.rmsnorm(x, layer.rms_ffn, c.norm_eps, h)
+            h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
-        last = np.ascontiguousarray(_last_rows(x, spans, all_logits))
-        h = nat.rmsnorm(last, self.rms_final, c.norm_eps, np.empty_like(last))
+        h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
         logits = self.classifier(h)
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
