@@ -3,7 +3,7 @@
 validation sample. Figures at the time of writing (max |logit - f32 logit|; perplexity):
 
     type  bytes/position (stories260K)  stories260K  random GQA  perplexity (f32: 3.85737)
-    f16    640                          0.049        0.0042      3.85739 (+0.0004%)
+    f16    640                          0.049        0.0042      3.85739 (+0.0003%)
     bf16   640                          0.27         0.038       3.85968 (+0.06%)
     q8_0   400 (groups of head_dim 8)   1.30         0.13        3.86429 (+0.18%)
 """
