@@ -213,3 +213,45 @@ def test_http_budget_below_demand_gives_503_with_retry_after_and_prints_the_budg
             assert r.status_code == 400 and "exceed the KV cache budget of 256" in r.json()["error"]["message"]
     finally:
         assert server.terminate() == 0
+
+
+def test_default_budget_is_what_the_memory_free_after_the_weights_holds(llama, monkeypatch):
+    import argparse
+    import io
+
+    from llama2 import kvcache, memory
+    from llama2.cli import serve
+
+    path = asset("stories260K.bin")
+    per = kvcache.bytes_per_token(llama.config, "f32")
+    weights = path.stat().st_size
+    err = io.StringIO()
+
+    class IO:
+        def err(self, text):
+            err.write(text)
+
+    def budget(free, max_batch=8, flag=None):
+        monkeypatch.setattr(memory, "available", lambda: memory.Available(memory=free))
+        args = argparse.Namespace(kv_budget=flag, max_batch=max_batch)
+        return serve.kv_budget(args, llama, path, IO())
+
+    assert budget(weights + 1000 * per) == 800  # 80% of what is free after the weights, in blocks
+    assert "800 positions shared by all requests (default: the memory free after the weights" in err.getvalue()
+    assert budget(weights + 10 ** 12) == 8 * llama.config.seq_len  # at most --max-batch contexts
+    assert budget(weights // 2) == kvcache.BLOCK_TOKENS  # at least one block
+    assert budget(10 ** 12, flag=100) == 112  # --kv-budget, rounded up to whole blocks
+    assert "112 positions shared by all requests (--kv-budget;" in err.getvalue()
+
+
+def test_kv_flags_are_checked_before_loading():
+    import io
+
+    from llama2.cli import main
+
+    for flags, message in ((["--kv-budget", "0"], "--kv-budget 0: must be at least 1 position"),
+                           (["--kv-type", "f8"], "--kv-type")):
+        err = io.StringIO()
+        code = main(["serve", str(asset("stories260K.bin")), *flags], stdout=io.BytesIO(), stderr=err,
+                    stdin=io.StringIO(""))
+        assert code == 2 and message in err.getvalue()
