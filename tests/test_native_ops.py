@@ -154,3 +154,43 @@ def test_shape_errors_are_one_line():
         with pytest.raises((ValueError, IndexError), match=message) as e:
             call()
         assert "\n" not in str(e.value)
+
+
+def _golden_cases():
+    from conftest import GOLDEN
+    path = GOLDEN / "runc.jsonl"
+    if not path.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found (set LLAMA2_GOLDEN)"))]
+    import json
+    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [pytest.param(c, id=f"{i}-{c['model']}") for i, c in enumerate(cases)]
+
+
+@pytest.mark.parametrize("case", _golden_cases())
+def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_path):
+    """Every run.c golden, byte for byte, with every pass on the per-matrix path and its RMSNorm,
+    RoPE and SiLU gate on the native ops (what a decode path built on them computes)."""
+    import io
+
+    from conftest import asset
+    from llama2 import model as model_module
+    from llama2.cli import main
+
+    def rmsnorm(x, w, eps):
+        x = np.ascontiguousarray(x, dtype=F32)
+        return native.rmsnorm(x, np.ascontiguousarray(w, dtype=F32), eps, np.empty_like(x))
+
+    def rope(x, cos, sin, style="interleaved"):
+        return native.rope(np.array(x, dtype=F32, order="C"), np.ascontiguousarray(cos), np.ascontiguousarray(sin),
+                           style)
+
+    monkeypatch.setattr(model_module, "SMALL_BATCH", 0)  # no pass takes the numba fused layer
+    monkeypatch.setattr(K, "rmsnorm", rmsnorm)
+    monkeypatch.setattr(K, "rope", rope)
+    monkeypatch.setattr(K, "silu_mul", lambda a, b: native.silu_mul(a, np.ascontiguousarray(b)))
+    monkeypatch.chdir(tmp_path)
+    out, err = io.BytesIO(), io.StringIO()
+    code = main(["run", str(asset(case["model"])), "-z", str(asset(case["tokenizer"])), *case["args"]],
+                stdout=out, stderr=err, stdin=io.StringIO(""))
+    assert code == 0, err.getvalue()
+    assert out.getvalue() == bytes.fromhex(case["stdout_hex"])

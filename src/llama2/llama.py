@@ -50,7 +50,9 @@ class Llama:
     def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
-        `quantize="q8_0"` runs float weights as int8; `threads` (default: all cores) applies to
+        `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
+        "q6_k", or llama.cpp's mixes "q4_k_m", "q5_k_m" (each tensor in the type llama.cpp's
+        quantizer gives it; see weights.quantizer); `threads` (default: all cores) applies to
         every kernel, BLAS included. `kv_type` (f32, f16, bf16, q8_0) is the KV cache's type; by
         default f32 for llama2.c checkpoints, f16 for GGUF and Hugging Face models
         (`kvcache.default_type`)."""
