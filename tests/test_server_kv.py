@@ -209,6 +209,8 @@ def test_http_budget_below_demand_gives_503_with_retry_after_and_prints_the_budg
         with httpx.Client(base_url=server.url, timeout=TIMEOUT_S) as client:
             health = server.wait_idle(client)
             assert health["kv_cache"]["blocks"] == 16 and health["kv_cache"]["committed"] == 0
+            page = httpx.get(server.base + "/metrics", timeout=TIMEOUT_S).text
+            assert 'llama2_kv_blocks{state="total"} 16' in page and 'llama2_kv_blocks{state="committed"} 0' in page
             r = client.post("/completions", json=dict(body, prompt="a " * 300, max_tokens=1))
             assert r.status_code == 400 and "exceed the KV cache budget of 256" in r.json()["error"]["message"]
     finally:

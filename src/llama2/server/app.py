@@ -297,7 +297,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                              "max_queue": config.max_queue, "kv_cache": scheduler.kv_usage()})
 
     async def prometheus(request):
-        return PlainTextResponse(metrics.render(*scheduler.load()),
+        return PlainTextResponse(metrics.render(*scheduler.load(), scheduler.kv_usage()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @contextlib.asynccontextmanager

@@ -194,7 +194,7 @@ class Scheduler:
         """The pool's blocks: total, promised to admitted requests, free now (besides those only
         the prefix index holds, which it gives back when needed)."""
         with self._cond:
-            return {"blocks": self.blocks, "block_tokens": kvcache.BLOCK_TOKENS,
+            return {"blocks": self.blocks, "total": self.blocks, "block_tokens": kvcache.BLOCK_TOKENS,
                     "committed": self._committed, "free": self.cache.pool.free_blocks}
 
     # -- the scheduler thread -----------------------------------------------------------------
