@@ -16,7 +16,7 @@ NATIVE = "native"
 COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c"]
 PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
                "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
-               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c"]
+               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c"]
 
 # Every file: optimized, and no silent fusing of a*b+c into fma (dequantization must round each
 # product like the gguf reference; the kernels use fma explicitly where they want it).

@@ -40,6 +40,15 @@ typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t 
 typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
+/* KV cache types (src/llama2/kvcache): how attention reads a cached row. */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3, KV_COUNT = 4 };
+
+/* Decode attention of one query head over n cached rows read through a block table
+ * (attention.c): out [hd] = softmax(q . K / sqrt(hd)) V; scores: n floats of scratch. */
+typedef void (*attn_fn)(int kvtype, int64_t hd, const float *q, const uint8_t *k, const uint8_t *v,
+                        size_t row_bytes, size_t block_stride, int64_t block_tokens, const int32_t *table,
+                        int64_t n, float *scores, float *out);
+
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
@@ -49,6 +58,7 @@ typedef struct {
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
+    attn_fn attn_decode;   /* paged decode attention (attention.c) */
     rmsnorm_fn rmsnorm;
     rope_fn rope;
     silu_mul_fn silu_mul;

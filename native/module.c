@@ -221,6 +221,89 @@ fail:
     return NULL;
 }
 
+/* Bytes of one cached row of hd values in KV type t (kvcache/<type>.py: ROW_BYTES). */
+static int64_t kv_row_bytes(int t, int64_t hd) {
+    switch (t) {
+    case KV_F32: return 4 * hd;
+    case KV_F16: case KV_BF16: return 2 * hd;
+    case KV_Q8_0: { int64_t g = hd < 32 ? hd : 32; return hd % g ? -1 : hd / g * (2 + g); }
+    default: return -1;
+    }
+}
+
+/* attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out): q float32 [B, H, hd]; pools
+ * uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [B, maxb]; lens int64 [B];
+ * out float32 [B, H * hd]. Every block a sequence reads is checked against the pool. */
+static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "attention_decode";
+    if (nargs_ok(nargs, 7, fn) < 0) return NULL;
+    long t = PyLong_AsLong(args[0]);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    buf b[6] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
+        get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
+        get(args[5], &b[4], 0, fn, "lens") < 0 || get(args[6], &b[5], 1, fn, "out") < 0)
+        goto fail;
+    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be float32 [B, H, head_dim]", fn);
+        goto fail;
+    }
+    int64_t B = b[0].b.shape[0], H = b[0].b.shape[1], hd = b[0].b.shape[2];
+    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, hd) < 0 || hd > 1024) {
+        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
+        goto fail;
+    }
+    int64_t rb = kv_row_bytes((int)t, hd);
+    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
+    if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != rb || vp->ndim != 4 ||
+        memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || H % kp->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
+                     "with kv_heads dividing %lld heads", fn, (long long)rb, (long long)H);
+        goto fail;
+    }
+    int64_t nblocks = kp->shape[0], KVH = kp->shape[1], bt = kp->shape[2];
+    char tf = fmt(&b[3].b), lf = fmt(&b[4].b);
+    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l') || b[3].b.shape[0] != B) {
+        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
+        goto fail;
+    }
+    if (b[4].b.ndim != 1 || b[4].b.itemsize != 8 || (lf != 'q' && lf != 'l') || b[4].b.shape[0] != B) {
+        PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
+        goto fail;
+    }
+    if (fmt(&b[5].b) != 'f' || b[5].b.itemsize != 4 || b[5].b.len != B * H * hd * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)B, (long long)(H * hd));
+        goto fail;
+    }
+    int64_t maxb = b[3].b.shape[1];
+    const int32_t *tables = b[3].b.buf;
+    const int64_t *lens = b[4].b.buf;
+    for (int64_t i = 0; i < B; i++) {
+        if (lens[i] < 1 || lens[i] > maxb * bt) {
+            PyErr_Format(PyExc_ValueError, "%s: sequence %lld attends %lld rows; its table holds 1..%lld", fn,
+                         (long long)i, (long long)lens[i], (long long)(maxb * bt));
+            goto fail;
+        }
+        for (int64_t j = 0; j < (lens[i] + bt - 1) / bt; j++)
+            if (tables[i * maxb + j] < 0 || tables[i * maxb + j] >= nblocks) {
+                PyErr_Format(PyExc_IndexError, "%s: sequence %lld names block %d of a pool of %lld", fn,
+                             (long long)i, tables[i * maxb + j], (long long)nblocks);
+                goto fail;
+            }
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_attention_decode((int)t, B, H, KVH, hd, b[0].b.buf, kp->buf, vp->buf, bt, (size_t)rb, tables, maxb,
+                             lens, b[5].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 6);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    release(b, 6);
+    return NULL;
+}
+
 static int is_f32(const buf *x) { return fmt(&x->b) == 'f' && x->b.itemsize == 4; }
 
 static int same_shape(const buf *a, const buf *b) {
@@ -475,6 +558,8 @@ static PyMethodDef methods[] = {
     {"dequantize_q8_split", (PyCFunction)(void (*)(void))py_dequantize_q8_split, METH_FASTCALL,
      "dequantize_q8_split(q, s, group_size, ids, out)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
+    {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
+     "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n) -> n"},
     {"threads", py_threads, METH_NOARGS, "threads() -> n"},
     {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},

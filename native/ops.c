@@ -175,6 +175,56 @@ void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out) {
     quantize_rows(k ? kt->q8_k : kt->q8_0, x, n, cols, out, stride);
 }
 
+typedef struct {
+    attn_fn attn;
+    int kvtype;
+    int64_t B, H, KVH, hd, maxb, maxn, block_tokens;
+    const float *q;
+    const uint8_t *k, *v;
+    size_t row_bytes, block_stride, head_stride;
+    const int32_t *tables;
+    const int64_t *lens;
+    float *out;
+    int64_t next;  /* next (sequence, head) to claim (atomic) */
+    int failed;
+} attn_job;
+
+static void attn_task(void *arg, int ith, int nth) {
+    (void)ith, (void)nth;
+    attn_job *j = arg;
+    float *scores = malloc((size_t)(j->maxn > 0 ? j->maxn : 1) * sizeof(float));
+    if (!scores) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
+    for (;;) {
+        int64_t bh = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (bh >= j->B * j->H) break;
+        int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
+        j->attn(j->kvtype, j->hd, j->q + bh * j->hd, j->k + g * j->head_stride, j->v + g * j->head_stride,
+                j->row_bytes, j->block_stride, j->block_tokens, j->tables + b * j->maxb, j->lens[b], scores,
+                j->out + bh * j->hd);
+    }
+    free(scores);
+}
+
+int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t hd, const float *q,
+                        const uint8_t *k, const uint8_t *v, int64_t block_tokens, size_t row_bytes,
+                        const int32_t *tables, int64_t maxb, const int64_t *lens, float *out) {
+    if (B == 0) return 0;
+    attn_job j = {.attn = active_table->attn_decode, .kvtype = kvtype, .B = B, .H = H, .KVH = KVH, .hd = hd,
+                  .maxb = maxb, .block_tokens = block_tokens, .q = q, .k = k, .v = v, .row_bytes = row_bytes,
+                  .head_stride = (size_t)block_tokens * row_bytes,
+                  .block_stride = (size_t)KVH * (size_t)block_tokens * row_bytes, .tables = tables,
+                  .lens = lens, .out = out};
+    int64_t work = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (lens[b] > j.maxn) j.maxn = lens[b];
+        work += lens[b];
+    }
+    /* each (sequence, head) is computed by one call whatever the thread count */
+    if (pool_threads() > 1 && B * H > 1 && work * H * hd >= (1 << 15)) pool_run(attn_task, &j);
+    else attn_task(&j, 0, 1);
+    return j.failed ? -1 : 0;
+}
+
 /* llama2.c version-2 Q8 in any layout (ops_elementwise.c's q8g kernels): rows split evenly over
  * the pool; each output is one kernel's own sum, so the split does not change it. */
 typedef struct {

@@ -3,7 +3,7 @@ fresh venv builds the native kernels there, and the first `llama2 run` of storie
 no numba (so no JIT runs and no kernel cache is written) and prints run.c's golden story.
 
 Tests never download: the fresh venv (made without pip) finds pip, setuptools and the dependencies
-(numpy, numba, ...) through a .pth line naming this interpreter's site-packages, after its own, and
+(numpy, ...) through a .pth line naming this interpreter's site-packages, after its own, and
 installs the project from a copy of its files with --no-index --no-deps --no-build-isolation;
 llama2 itself comes only from the fresh install (an editable install's .pth in those
 site-packages is not processed: only the venv's own site dir is). This takes a minute (the extension's four
@@ -21,12 +21,6 @@ import sysconfig
 import pytest
 
 from conftest import GOLDEN, REPO, asset
-
-# What still imports numba on the inference path; issue-11's branch replaces both with native code.
-STILL_NUMBA = ("model.py Transformer.forward_batch imports llama2.jit (numba) for decode: float32 and "
-               "non-split int8 weights (stories260K.bin here) run the fused layer jit.layer + jit.rmsnorm, "
-               "and every other type's decode attention is jit.attention_decode")
-
 
 def _copy_project(dest):
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
@@ -74,7 +68,6 @@ def _env(root):
     return env
 
 
-@pytest.mark.xfail(strict=True, reason=f"numba is still imported at run time: {STILL_NUMBA}")
 def test_first_run_compiles_nothing(fresh_venv, tmp_path):
     venv, root = fresh_venv
     case = json.loads((GOLDEN / "runc.jsonl").read_text().splitlines()[0]) if (GOLDEN / "runc.jsonl").exists() \

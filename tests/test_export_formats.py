@@ -188,8 +188,10 @@ def test_gguf_loads_in_llama_cpp(tmp_path):
 
 
 def test_gguf_direct_load_matches_bin():
-    g = Llama.load(asset("stories260K.gguf"))  # tokenizer from the GGUF metadata
+    # tokenizer from the GGUF metadata; the KV cache in f32 as the .bin's (a GGUF's default is f16)
+    g = Llama.load(asset("stories260K.gguf"), kv_type="f32")
     b = Llama.load(asset("stories260K.bin"), tokenizer=asset("tok512.bin"))
+    assert b.model.kv_type == "f32"
     assert g.tokenizer.pieces == b.tokenizer.pieces and g.tokenizer.scores == b.tokenizer.scores
     assert g.encode("Once upon a time") == b.encode("Once upon a time")
     np.testing.assert_array_equal(g.logits(PROMPT_IDS), b.logits(PROMPT_IDS))

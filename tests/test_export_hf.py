@@ -20,6 +20,12 @@ VOCAB = 320
 POSITIONS = 32
 
 
+def load_f32(*args, **kw):
+    """Llama.load with the f32 KV cache: HF models default to f16 (llama.cpp's choice), and the
+    comparison with transformers (float32 throughout) is of the arithmetic, within 1e-4."""
+    return Llama.load(*args, kv_type="f32", **kw)
+
+
 def run_cli(argv):
     out, err = io.BytesIO(), io.StringIO()
     code = main(argv, stdout=out, stderr=err, stdin=io.StringIO(""))
@@ -73,14 +79,14 @@ def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, ti
     ref = reference_logits(model, ids)
     tok = byte_tokenizer(VOCAB)
 
-    direct = Llama.load(directory, tokenizer=tok)
+    direct = load_f32(directory, tokenizer=tok)
     assert direct.config.rope_theta == theta and direct.config.n_kv_heads == kv_heads
     assert direct.config.shared_classifier == tie
     np.testing.assert_allclose(direct.logits(ids), ref, atol=1e-4, rtol=0)
 
     out = tmp_path / "model.bin"
     assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
-    exported = Llama.load(out, tokenizer=tok)
+    exported = load_f32(out, tokenizer=tok)
     # version 3 keeps rope_theta, eps, BOS/EOS; the export un-permutes q/k to interleaved pairs
     assert direct.config.rope_style == "halves"
     assert exported.config == dataclasses.replace(direct.config, rope_style="interleaved")
@@ -103,12 +109,12 @@ def test_bf16_sharded_safetensors(tmp_path):
     ids = token_ids()
     ref = reference_logits(model, ids)  # the bf16 weights, widened exactly to float32
     tok = byte_tokenizer(VOCAB)
-    np.testing.assert_allclose(Llama.load(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(load_f32(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     out = tmp_path / "bf16.bin"
     assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "bf16"])[0] == 0
     ckpt = checkpoint.load(out)
     assert ckpt.dtype == "bf16"
-    np.testing.assert_allclose(Llama.load(out, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(load_f32(out, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     # bf16 on disk, as the source: no wider than the safetensors shards (plus a header)
     assert out.stat().st_size <= sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
@@ -121,11 +127,11 @@ def test_fp16_export_and_pytorch_model_bin(tmp_path):
     ids = token_ids()
     ref = reference_logits(model, ids)
     tok = byte_tokenizer(VOCAB)
-    np.testing.assert_allclose(Llama.load(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(load_f32(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     out = tmp_path / "fp16.bin"
     assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "fp16"])[0] == 0
     assert checkpoint.load(out).dtype == "fp16"
-    np.testing.assert_allclose(Llama.load(out, tokenizer=tok).logits(ids), ref, atol=2e-2, rtol=0)
+    np.testing.assert_allclose(load_f32(out, tokenizer=tok).logits(ids), ref, atol=2e-2, rtol=0)
 
 
 def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
@@ -142,7 +148,7 @@ def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
     assert loaded.chat_template == "chatml"
     assert loaded.vocab is not None and len(loaded.vocab) == 512
     # the vocabulary is larger than this model's 320 rows: Llama.load accepts it
-    llama = Llama.load(directory)
+    llama = load_f32(directory)
     assert llama.tokenizer.pieces == llama.checkpoint.tokenizer.pieces
     # export keeps the template in the version-3 header, --chat-template overrides it
     out = tmp_path / "chat.bin"
@@ -163,7 +169,7 @@ def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
     results = []
     for argv in (["run", str(directory)], ["run", str(out), "-z", str(tmp_path / "tok.bin")]):
         stdout, err = io.BytesIO(), io.StringIO()
-        code = main(argv + ["-t", "1", "-s", "3", "-n", "40", "-i", "Once upon a time"],
+        code = main(argv + ["-t", "1", "-s", "3", "-n", "40", "-i", "Once upon a time", "--kv-type", "f32"],
                     stdout=stdout, stderr=err, stdin=io.StringIO(""))
         assert code == 0, err.getvalue()
         results.append(stdout.getvalue())
@@ -185,9 +191,9 @@ def test_padded_embedding_and_tokenizer_bin_inside_the_directory(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     (directory / "tokenizer.bin").write_bytes(asset("tok512.bin").read_bytes())
     with pytest.raises(Exception, match=r"hf/tokenizer\.bin: tokenizer has 512 tokens"):
-        Llama.load(directory)
+        load_f32(directory)
     (directory / "tokenizer.model").write_bytes(asset("tok512.model").read_bytes())
-    llama = Llama.load(directory)
+    llama = load_f32(directory)
     assert llama.tokenizer.vocab_size == 600 and llama.tokenizer.pieces[599] == b"<unused599>"
     from llama2.tokenizer import Tokenizer
     assert llama.tokenizer.pieces[:512] == Tokenizer.load(asset("tok512.bin")).pieces
@@ -205,7 +211,7 @@ def test_sharded_pytorch_model_bin(tmp_path):
         weight_map |= {n: shard for n in part}
     (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     ids = token_ids()
-    got = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
+    got = load_f32(directory, tokenizer=byte_tokenizer(VOCAB)).logits(ids)
     np.testing.assert_allclose(got, reference_logits(model, ids), atol=1e-4, rtol=0)
 
 
@@ -229,7 +235,7 @@ def test_folder_runs_in_place_in_its_stored_type(tmp_path, dtype):
     hf_q = model.model.layers[0].self_attn.q_proj.weight.detach().float().numpy()
     np.testing.assert_array_equal(ckpt.weights["wq"][0].dequantize(), hf_q)  # not un-permuted
     ids = token_ids()
-    llama = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB))
+    llama = load_f32(directory, tokenizer=byte_tokenizer(VOCAB))
     np.testing.assert_allclose(llama.logits(ids), reference_logits(model, ids), atol=1e-4, rtol=0)
     # decode steps (the compiled layer for float32) rotate the same halves
     cache = llama.model.new_cache()

@@ -199,16 +199,22 @@ def test_case8_trailing_slash_is_answered_without_a_redirect(client):
 def test_case8_503_message_states_the_real_limits():
     from llama2.server.scheduler import Params, QueueFull, Scheduler
 
+    from conftest import TINY
+    from llama2.kvcache import Cache
+
     class Model:
-        def new_cache(self, slots):
-            return None
-    s = Scheduler(Model(), None, max_batch=1, max_queue=1)  # not started: everything waits
-    p = Params(prompt=(1,), max_tokens=1, temperature=0.0, top_p=0.9, seed=1)
+        config = TINY
+
+        def new_cache(self, slots, blocks):
+            return Cache(TINY, "f32", slots, None, blocks)
+    s = Scheduler(Model(), None, max_batch=1, max_queue=1, kv_budget=128)  # not started: nothing runs
+    p = Params(prompt=(1,), max_tokens=20, temperature=0.0, top_p=0.9, seed=1)
     s.submit(p, print)
     s.submit(p, print)
     with pytest.raises(QueueFull) as e:
         s.submit(p, print)
-    assert str(e.value) == "2 requests are running or waiting, the limit (1 running + 1 waiting)"
+    assert str(e.value) == ("1 running, 1 waiting (limit 1); KV cache: 2 of 8 blocks of 16 positions "
+                            "promised, max batch 1")
 
 
 @pytest.mark.parametrize("endpoint,body,param", [

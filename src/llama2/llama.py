@@ -47,13 +47,15 @@ class Llama:
         self.chat_template = chat_template or getattr(checkpoint, "chat_template", None) or "llama2"
 
     @classmethod
-    def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None) -> "Llama":
+    def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
         `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
         "q6_k", or llama.cpp's mixes "q4_k_m", "q5_k_m" (each tensor in the type llama.cpp's
         quantizer gives it; see weights.quantizer); `threads` (default: all cores) applies to
-        every kernel, BLAS included."""
+        every kernel, BLAS included. `kv_type` (f32, f16, bf16, q8_0) is the KV cache's type; by
+        default f32 for llama2.c checkpoints, f16 for GGUF and Hugging Face models
+        (`kvcache.default_type`)."""
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
@@ -67,7 +69,7 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        return cls(Transformer(ckpt, quantize=quantize), tok, ckpt, name=Path(path).stem)
+        return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem)
 
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)

@@ -14,6 +14,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place
     TYPES                            ggml type id -> (name, block_values, block_bytes)
+    attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
+                                     block tables over a paged KV cache (llama2.kvcache)
 
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
 float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
@@ -50,6 +52,13 @@ dequantize_rows = _native.dequantize_rows
 # group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
 # to Q8_0 blocks as for GGUF Q8_0.
 matmul_q8_split = _native.matmul_q8_split
+# One new query per sequence over its cached rows, read through its block table in the cache's
+# type (kvtype: llama2.kvcache.<type>.ID): q float32 [B, H, hd]; k_pool, v_pool uint8 [blocks,
+# kv_heads, block_tokens, row_bytes] (one layer); tables int32 [B, max_blocks]; lens int64 [B]
+# (rows attended, the query's own included) -> out float32 [B, H * hd]. Scores, softmax and the sum
+# of values in float32; each (sequence, head) is one call's own arithmetic whatever the batch or
+# thread count. Block ids are checked against the pool (IndexError).
+attention_decode = _native.attention_decode
 # Version-2 Q8 in any layout (a group of any size, rows may start or end inside one; the tail group
 # may be short), for what matmul_q8_split refuses: q int8 [rows, cols], s float32
 # [ceil(rows * cols / group_size)]. matmul_q8_any: out [N, rows] = x [N, cols] @ W.T with x as floats,

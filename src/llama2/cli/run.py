@@ -17,6 +17,7 @@ from pathlib import Path
 from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import UsageError
+from .. import kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 MODES = ("generate", "chat")
@@ -47,6 +48,9 @@ def register(sub):
                    help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
                    help=QUANTIZE_HELP)
+    p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
+                   help="KV cache type: f32, f16, bf16 or q8_0 (default: f32 for llama2.c checkpoints, "
+                        "exactly run.c; f16 for GGUF and Hugging Face models, as llama.cpp)")
     p.add_argument("--chat-template", choices=tuple(TEMPLATES),
                    help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
     shape = p.add_mutually_exclusive_group()
@@ -145,7 +149,8 @@ def run(args, io) -> int:
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1):
-        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
+                           kv_type=args.kv_type)
     grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":

@@ -15,6 +15,7 @@ import socket
 from pathlib import Path
 
 from ..errors import Llama2Error, UsageError
+from .. import kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
@@ -38,6 +39,16 @@ def register(sub):
     p.add_argument("--threads", type=int, help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
                    help=QUANTIZE_HELP)
+    p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
+                   help="KV cache type: f32, f16, bf16 or q8_0 (default: f32 for llama2.c checkpoints, "
+                        "exactly run.c; f16 for GGUF and Hugging Face models, as llama.cpp)")
+    p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                   help="positions the shared KV cache holds for all requests together, in blocks of "
+                        f"{kvcache.BLOCK_TOKENS} (default: what the memory free after the weights holds, "
+                        "at most --max-batch whole contexts; printed at start)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="do not reuse the KV blocks of a prefix shared with earlier requests (each "
+                        "request's logits then equal it run alone to the bit)")
     p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
     p.add_argument("--chat-template", default=d.chat_template,
                    help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
@@ -66,9 +77,39 @@ def bind(host: str, port: int) -> socket.socket:
         raise Llama2Error(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
+# Share of the memory free after the weights that the KV pool takes by default (the rest: the
+# process's own buffers, the page cache, other programs).
+KV_SHARE = 0.8
+
+
+def kv_budget(args, llama, model_path, io) -> int:
+    """--kv-budget, or what KV_SHARE of the memory free after the weights holds (at most
+    --max-batch whole contexts, at least one block); printed either way."""
+    from .. import memory
+
+    c, kv_type = llama.config, llama.model.kv_type
+    per = kvcache.bytes_per_token(c, kv_type)
+    budget = args.kv_budget
+    how = "--kv-budget"
+    if budget is None:
+        free = memory.available().memory
+        path = Path(model_path)
+        weights = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() \
+            else path.stat().st_size
+        most = args.max_batch * c.seq_len
+        budget = most if free is None else max(kvcache.BLOCK_TOKENS, min(most, int(KV_SHARE * max(0, free - weights) / per)))
+        how = "default: --max-batch contexts" if budget == most else "default: the memory free after the weights"
+    budget = -(-budget // kvcache.BLOCK_TOKENS) * kvcache.BLOCK_TOKENS
+    io.err(f"llama2 serve: KV cache {kv_type}, {budget} positions shared by all requests ({how}; "
+           f"{memory.gb(budget * per)} at most, {per / 1024:g} KiB per position, committed as used)\n")
+    return budget
+
+
 def run(args, io) -> int:
     if args.max_batch < 1:
         raise UsageError(f"--max-batch {args.max_batch}: must be at least 1")
+    if args.kv_budget is not None and args.kv_budget < 1:
+        raise UsageError(f"--kv-budget {args.kv_budget}: must be at least 1 position")
     if args.max_queue < 0:
         raise UsageError(f"--max-queue {args.max_queue}: must be 0 or more")
     if args.threads is not None and args.threads < 1:
@@ -101,10 +142,13 @@ def run(args, io) -> int:
     from .. import hub, memory
 
     model_path = hub.resolve(args.model, what="model")
-    with memory.guard(model_path, quantize=args.quantize, slots=args.max_batch, slots_flag="--max-batch"):
-        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads)
+    with memory.guard(model_path, quantize=args.quantize, slots=1):  # the KV pool is sized after
+        llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
+                           kv_type=args.kv_type)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
+                          kv_budget=kv_budget(args, llama, model_path, io),
+                          prefix_cache=not args.no_prefix_cache,
                           chat_template=args.chat_template, invariant=not args.one_pass,
                           max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
                           timeout_headers=args.timeout_headers, timeout_body=args.timeout_body)

@@ -31,7 +31,7 @@ from . import page
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
-from .scheduler import Cancelled, QueueFull, Scheduler, ShuttingDown
+from .scheduler import Cancelled, PromptTooLong, QueueFull, Scheduler, ShuttingDown
 
 log = logging.getLogger("llama2.server")
 
@@ -137,7 +137,8 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     app's lifespan does; `on_ready(app)` is called once it is running."""
     metrics = Metrics()
     scheduler = Scheduler(llama.model, llama.tokenizer, config.max_batch, config.max_queue, metrics,
-                          invariant=config.invariant)
+                          invariant=config.invariant, kv_budget=config.kv_budget,
+                          prefix_cache=config.prefix_cache)
     tokenizer, model_config = llama.tokenizer, llama.config
     started = int(time.time())
     key = config.api_key.encode() if config.api_key else None
@@ -209,6 +210,8 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                              headers={"Retry-After": str(config.retry_after_s)}) from None
         except ShuttingDown as e:
             raise P.APIError(503, str(e), code="shutting_down") from None
+        except PromptTooLong as e:
+            raise P.APIError(400, str(e), code="context_length_exceeded") from None
 
     async def answer(request, gen: Generation, ans: Answer):
         """A non-streamed answer; if the client leaves first, cancel the job."""
@@ -291,10 +294,10 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         active, waiting = scheduler.load()
         return JSONResponse({"status": "ok", "model": config.model_name, "active": active,
                              "waiting": waiting, "max_batch": config.max_batch,
-                             "max_queue": config.max_queue})
+                             "max_queue": config.max_queue, "kv_cache": scheduler.kv_usage()})
 
     async def prometheus(request):
-        return PlainTextResponse(metrics.render(*scheduler.load()),
+        return PlainTextResponse(metrics.render(*scheduler.load(), scheduler.kv_usage()),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @contextlib.asynccontextmanager

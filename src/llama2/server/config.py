@@ -8,7 +8,10 @@ class ServerConfig:
     model_name: str = "llama2"  # the model's id in the API
     api_key: str = None  # when set, every endpoint but /health needs 'Authorization: Bearer KEY'
     max_batch: int = 8  # active sequences (KV-cache slots)
-    max_queue: int = 64  # requests waiting for a slot; beyond: 503
+    max_queue: int = 64  # requests waiting for a slot or KV blocks; beyond: 503
+    kv_budget: int = None  # positions the shared KV pool holds (None: max_batch whole contexts;
+    #                        `llama2 serve` defaults to what the memory free after the weights holds)
+    prefix_cache: bool = True  # requests reuse the KV blocks of a prefix they share with earlier ones
     max_body: int = 1 << 20  # request body bytes; beyond: 413
     chat_template: str = "llama2"  # a key of llama2.chat.TEMPLATES
     retry_after_s: int = 1  # the Retry-After of a 503

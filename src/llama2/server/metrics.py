@@ -56,8 +56,9 @@ class Metrics:
             span = max(now - self._recent[0][0], 1e-3)
             return sum(n for _, n in self._recent) / span if len(self._recent) > 1 else 0.0
 
-    def render(self, active: int, waiting: int) -> str:
-        """Prometheus text; `active` and `waiting` are the scheduler's load at this moment."""
+    def render(self, active: int, waiting: int, kv: dict = None) -> str:
+        """Prometheus text; `active` and `waiting` are the scheduler's load at this moment, `kv` its
+        KV pool (Scheduler.kv_usage)."""
         rate = self.tokens_per_second()
         with self._lock:
             lines = [
@@ -90,4 +91,11 @@ class Metrics:
                 "# TYPE llama2_tokens_per_second gauge",
                 f"llama2_tokens_per_second {rate:.3f}",
             ]
+            if kv is not None:
+                lines += [
+                    "# HELP llama2_kv_blocks KV cache blocks of the pool, by state (total; promised to "
+                    "admitted requests; free now, besides those only the prefix index holds).",
+                    "# TYPE llama2_kv_blocks gauge",
+                    *(f'llama2_kv_blocks{{state="{k}"}} {kv[k]}' for k in ("total", "committed", "free")),
+                ]
         return "\n".join(lines) + "\n"

@@ -1,5 +1,18 @@
 """Continuous batching: one thread owns the model and runs the active sequences together.
 
+The KV cache is one pool of blocks (llama2.kvcache) sized by a token budget, shared by all
+sequences, each with its own block table. A request is admitted when a sequence slot is free and
+the pool can hold its worst case (prompt + max_tokens, capped at the context and at the pool)
+beside the worst cases already admitted, so an admitted request always completes; the blocks
+themselves are taken as positions are written. Otherwise it waits in the queue, and beyond the
+queue `submit` raises QueueFull (the server's 503 with Retry-After). A request whose worst case
+exceeds the whole pool runs when it fits and ends with finish_reason "length" when the pool has no
+block left for it. Blocks come back on finish, cancel and disconnect. With `prefix_cache`, the
+full blocks of every prompt (and of a finished sequence's whole text) are indexed by their tokens,
+and a request starting with the same tokens (a system prompt, a chat's earlier turns) reuses them
+and computes only the rest; the index gives blocks back, least recently used first, when the pool
+runs short.
+
 Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
 `Transformer.forward_batch` over the active sequences, sample each sequence's next token
 (`generate.Sequence`: its own Sampler, its grammar's mask, stop strings, logprobs), and hand the
@@ -8,14 +21,16 @@ while the following forward pass runs. By default a step is a few passes chosen 
 that results are bit for bit those of the sequence alone (each new prompt prefilled in a pass of its
 own, as `generate` does; decodes in groups the engine computes row by row); `invariant=False` makes
 it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
-forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here.
+forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here. A request that
+reuses another's prefix blocks may get logits that differ in the last bits from it run alone (its
+prompt's remainder is a shorter pass); `prefix_cache=False` keeps them identical.
 """
 
 import logging
 import threading
 from collections import deque
 
-from .. import threads
+from .. import kvcache, threads
 from ..generate import Params, Sequence, StopStrings  # noqa: F401 (Params, StopStrings: this module's API)
 from ..model import SMALL_BATCH
 
@@ -23,7 +38,11 @@ log = logging.getLogger("llama2.server")
 
 
 class QueueFull(Exception):
-    """Every slot is busy and the waiting queue is at its limit: try again later."""
+    """No slot or KV blocks for the request now and the waiting queue is at its limit: try later."""
+
+
+class PromptTooLong(ValueError):
+    """The prompt needs more KV positions than the whole pool holds: it can never run."""
 
 
 class ShuttingDown(Exception):
@@ -44,6 +63,7 @@ class Job:
         self.cancelled = False
         self.done = False
         self.scheduler = None
+        self.blocks = 0  # the worst case it was admitted with (KV blocks), 0 while waiting
 
     def cancel(self):
         """Stop generating and free the slot before the next step (safe from any thread)."""
@@ -57,24 +77,37 @@ class _Sequence(Sequence):
     def __init__(self, job: Job, slot: int, tokenizer):
         super().__init__(job.params, tokenizer)
         self.job, self.slot = job, slot
+        self.cached = []  # the tokens whose keys and values the slot holds, in order
 
 
 class Scheduler:
-    """Owns the model and a KV cache of `max_batch` slots; `submit` from any thread, `start` once."""
+    """Owns the model and a paged KV cache of `max_batch` sequence slots over a pool of
+    `kv_budget` positions (default: every slot's whole context, committed only as used);
+    `submit` from any thread, `start` once."""
 
     def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics=None,
-                 invariant: bool = True):
+                 invariant: bool = True, kv_budget: int = None, prefix_cache: bool = True):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.metrics = metrics
         self.invariant = invariant
+        self.prefix_cache = prefix_cache
         self.decode_group = SMALL_BATCH  # rows the engine's decode kernels take in one call
-        self.cache = model.new_cache(slots=max_batch)
-        self.threads = threads.threads()  # numba's thread count is per thread: carry the caller's over
+        seq_len = model.config.seq_len
+        bt = kvcache.BLOCK_TOKENS
+        budget = kv_budget if kv_budget is not None else max_batch * seq_len
+        if budget < 1:
+            raise ValueError("kv_budget must be at least 1 position")
+        self.cache = model.new_cache(slots=max_batch, blocks=-(-budget // bt))
+        self.blocks = self.cache.pool.n_blocks
+        self.budget = self.blocks * bt  # positions the pool holds
+        self.threads = threads.threads()  # BLAS limits may be per thread: carry the caller's over
         self._cond = threading.Condition()
-        self._waiting = deque()
+        self._waiting = deque()  # jobs that found no room yet
+        self._admitted = deque()  # jobs with room, not yet given a slot by the scheduler thread
+        self._committed = 0  # blocks of the worst cases admitted
         self._active = {}  # slot -> _Sequence
         self._free = list(range(max_batch - 1, -1, -1))
         self._accepting = True
@@ -84,33 +117,63 @@ class Scheduler:
     # -- any thread ---------------------------------------------------------------------------
 
     def start(self):
-        """Load (or compile) the compiled kernels, then start the loop."""
+        """Warm the kernels up, then start the loop."""
         self.model.warm_up()
         self._thread.start()
+
+    def worst_case(self, params: Params) -> int:
+        """KV blocks a request may hold at most: prompt + max_tokens positions, capped at the
+        context and at the pool (such a request ends with "length" when the pool runs dry)."""
+        positions = min(len(params.prompt) + params.max_tokens, self.model.config.seq_len)
+        return min(-(-positions // kvcache.BLOCK_TOKENS), self.blocks)
 
     def submit(self, params: Params, sink) -> Job:
         job = Job(params, sink)
         job.scheduler = self
+        if len(params.prompt) > self.budget:
+            raise PromptTooLong(f"the prompt's {len(params.prompt)} tokens exceed the KV cache budget "
+                                f"of {self.budget} positions")
         with self._cond:
             if not self._accepting:
                 raise ShuttingDown("the server is shutting down")
-            held = len(self._waiting) + len(self._active)
-            if held >= self.max_batch + self.max_queue:
-                raise QueueFull(f"{held} requests are running or waiting, the limit "
-                                f"({self.max_batch} running + {self.max_queue} waiting)")
-            self._waiting.append(job)
+            if not self._waiting and self._room(job):
+                self._admit(job)
+            elif len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._active) + len(self._admitted)} running, {len(self._waiting)} "
+                                f"waiting (limit {self.max_queue}); KV cache: {self._committed} of "
+                                f"{self.blocks} blocks of {kvcache.BLOCK_TOKENS} positions promised, "
+                                f"max batch {self.max_batch}")
+            else:
+                self._waiting.append(job)
             self._cond.notify()
         return job
+
+    def _room(self, job: Job) -> bool:  # lock held
+        return (len(self._active) + len(self._admitted) < self.max_batch
+                and self._committed + self.worst_case(job.params) <= self.blocks)
+
+    def _admit(self, job: Job):  # lock held
+        job.blocks = self.worst_case(job.params)
+        self._committed += job.blocks
+        self._admitted.append(job)
+
+    def _release(self, job: Job):  # lock held: its promise of blocks is over
+        self._committed -= job.blocks
+        job.blocks = 0
+        while self._waiting and self._room(self._waiting[0]):  # in order: nobody overtakes
+            self._admit(self._waiting.popleft())
 
     def cancel(self, job: Job):
         with self._cond:
             if job.done or job.cancelled:
                 return
             job.cancelled = True
-            if job in self._waiting:
-                self._waiting.remove(job)
-                job.done = True
-                self._count("cancelled")
+            for line in (self._waiting, self._admitted):
+                if job in line:
+                    line.remove(job)
+                    job.done = True
+                    self._release(job)
+                    self._count("cancelled")
             self._cond.notify()
 
     def stop(self, timeout: float = None):
@@ -125,7 +188,14 @@ class Scheduler:
     def load(self) -> tuple:
         """(active sequences, waiting requests) right now."""
         with self._cond:
-            return len(self._active), len(self._waiting)
+            return len(self._active), len(self._waiting) + len(self._admitted)
+
+    def kv_usage(self) -> dict:
+        """The pool's blocks: total, promised to admitted requests, free now (besides those only
+        the prefix index holds, which it gives back when needed)."""
+        with self._cond:
+            return {"blocks": self.blocks, "total": self.blocks, "block_tokens": kvcache.BLOCK_TOKENS,
+                    "committed": self._committed, "free": self.cache.pool.free_blocks}
 
     # -- the scheduler thread -----------------------------------------------------------------
 
@@ -137,11 +207,8 @@ class Scheduler:
                 if self._stop:
                     self._fail_all(Cancelled("the server stopped before this request finished"))
                     return
-                while self._free and self._waiting:
-                    job = self._waiting.popleft()
-                    slot = self._free.pop()
-                    self.cache.reset(slot)
-                    self._active[slot] = _Sequence(job, slot, self.tokenizer)
+                while self._admitted:
+                    self._place(self._admitted.popleft())
                 if not self._active:
                     self._cond.wait()
                     continue
@@ -149,6 +216,14 @@ class Scheduler:
                 waiting = len(self._waiting)
             for group in self._passes(batch):
                 self._pass([seq for seq in group if not seq.job.cancelled], waiting)
+
+    def _place(self, job: Job):  # lock held: give an admitted job a slot (and its prefix)
+        slot = self._free.pop()
+        self.cache.reset(slot)
+        seq = self._active[slot] = _Sequence(job, slot, self.tokenizer)
+        if self.prefix_cache:
+            reused = self.cache.reuse_prefix(slot, job.params.prompt)
+            seq.feed, seq.cached = seq.feed[reused:], list(job.params.prompt[:reused])
 
     def _passes(self, batch) -> list:
         """How this step's sequences share forward passes. One pass for all of them, or, when
@@ -164,6 +239,7 @@ class Scheduler:
 
     def _pass(self, group, waiting: int):
         """One forward pass for `group`; sample each sequence and hand out its events."""
+        group = [seq for seq in group if self._grow(seq)]
         if not group:
             return
         segments = [(seq.slot, seq.feed) for seq in group]
@@ -177,6 +253,10 @@ class Scheduler:
                     self._finish(seq, e)
             return
         generated = 0
+        for seq in group:
+            seq.cached.extend(seq.feed)
+            if not seq.prefilled and self.prefix_cache:  # a prompt's blocks are there for the next requests
+                self.cache.publish(seq.slot, seq.cached)
         for seq, row in zip(group, logits):
             if seq.job.cancelled:
                 continue
@@ -196,6 +276,20 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.step(len(group), prefilled, generated, waiting)
 
+    def _grow(self, seq: _Sequence) -> bool:
+        """Take the blocks seq's next pass writes; when the pool has none left (only a request
+        admitted beyond the pool's size), end it with "length"."""
+        try:
+            self.cache.reserve(seq.slot, len(seq.feed))
+            return True
+        except kvcache.CacheFull as e:
+            log.warning("request ended early, KV cache full: %s after %d positions", e, self.cache.pos[seq.slot])
+            event = seq._end("length")
+            with self._cond:
+                self._finish(seq)
+            self._deliver(seq.job, event)
+            return False
+
     def _deliver(self, job: Job, item):
         try:
             job.sink(item)
@@ -206,7 +300,11 @@ class Scheduler:
         """Free the slot (lock held); tell the sink about an error."""
         if self._active.get(seq.slot) is seq:
             del self._active[seq.slot]
+            if error is None and not seq.job.cancelled and self.prefix_cache:
+                self.cache.publish(seq.slot, seq.cached)  # a chat's next turn starts with all this
+            self.cache.reset(seq.slot)
             self._free.append(seq.slot)
+            self._release(seq.job)
         seq.close()
         if not seq.job.done:
             seq.job.done = True
@@ -222,8 +320,8 @@ class Scheduler:
     def _fail_all(self, error: Exception):
         for seq in list(self._active.values()):
             self._finish(seq, error)
-        while self._waiting:
-            job = self._waiting.popleft()
+        while self._waiting or self._admitted:
+            job = (self._waiting or self._admitted).popleft()
             job.done = True
             self._deliver(job, error)
             self._count("cancelled")

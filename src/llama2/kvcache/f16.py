@@ -1,0 +1,18 @@
+"""KV type f16: IEEE half per value, rounded to nearest even (llama.cpp's default cache type)."""
+
+import numpy as np
+
+NAME = "f16"
+ID = 1  # native/kernels.h KV_F16
+
+
+def row_bytes(hd: int) -> int:
+    return 2 * hd
+
+
+def encode(x):  # float32 [..., hd] -> uint8 [..., 2 hd]
+    return np.ascontiguousarray(np.asarray(x, np.float32).astype(np.float16)).view(np.uint8)
+
+
+def decode(rows, hd: int):  # uint8 [..., 2 hd] -> float32 [..., hd]
+    return np.ascontiguousarray(rows).view(np.float16).astype(np.float32)
