@@ -173,7 +173,6 @@ def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_pat
     import io
 
     from conftest import asset
-    from llama2 import model as model_module
     from llama2.cli import main
 
     def rmsnorm(x, w, eps):
@@ -184,7 +183,6 @@ def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_pat
         return native.rope(np.array(x, dtype=F32, order="C"), np.ascontiguousarray(cos), np.ascontiguousarray(sin),
                            style)
 
-    monkeypatch.setattr(model_module, "SMALL_BATCH", 0)  # no pass takes the numba fused layer
     monkeypatch.setattr(K, "rmsnorm", rmsnorm)
     monkeypatch.setattr(K, "rope", rope)
     monkeypatch.setattr(K, "silu_mul", lambda a, b: native.silu_mul(a, np.ascontiguousarray(b)))

@@ -2,7 +2,7 @@
 
 They follow llama2.c's run.c arithmetic (RMSNorm with eps inside the root, interleaved-pair RoPE,
 SiLU-gated FFN) but work on whole matrices: a prompt goes through as one [T, dim] block. numpy and
-BLAS only: a prompt's first token needs no compiled kernel (and no numba start-up).
+BLAS only; the native decode kernels (llama2.native) compute the same things row by row.
 """
 
 import numpy as np

@@ -56,7 +56,7 @@ class Layer:
     def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
         return self.w2(_native().silu_mul(self.w1(h), self.w3(h)))
 
-    def matrices(self) -> list:  # in LAYER_MATRICES order, as `jit.layer` takes them
+    def matrices(self) -> list:  # in LAYER_MATRICES order
         return [getattr(self, name) for name in LAYER_MATRICES]
 
     def size(self) -> int:  # multiply-adds per row

@@ -308,12 +308,6 @@ def versions(peer: bool, python=None) -> dict:
     from .. import __version__
 
     out = {"llama2": __version__, "numpy": np.__version__}
-    try:
-        import numba
-
-        out["numba"] = numba.__version__
-    except ImportError:
-        pass
     if peer:
         info = peer_info(python)
         out["llama_cpp_python"] = info["version"]

@@ -63,8 +63,6 @@ class Matrix:
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
-    jit_args = None  # (w, s, gs) when the numba fused decode layer can read this matrix
-    jit_prompts = False  # whether prompts of a few rows take that layer too
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 
     def __init__(self, blocks):

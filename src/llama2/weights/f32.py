@@ -1,9 +1,8 @@
 """F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place, multiplied by BLAS.
 
-Decode steps of up to model.SMALL_BATCH rows go through the numba fused layer (`jit_args`), which reads
-the matrix directly, while model.py uses it. A product of up to SMALL_BATCH rows called on the matrix
-runs on the native f32 kernel (each row's result independent of the others, unlike BLAS's gemm, so a
-row's logits do not depend on its batch); more rows are one BLAS call on the matrix itself.
+A product of up to SMALL_BATCH rows runs on the native f32 kernel (each row's result independent of
+the others, unlike BLAS's gemm, so a row's logits do not depend on its batch); more rows are one BLAS
+call on the matrix itself.
 """
 
 import numpy as np
@@ -14,7 +13,6 @@ NAME = "f32"
 GGML_TYPE = 0
 BLOCK = 1
 DTYPE = np.dtype("<f4")
-NO_SCALES = np.zeros(0, np.float32)  # the scales argument of a float32 matrix in the numba kernels
 SMALL_BATCH = 8  # up to this many rows of x: the native kernel (row by row); more: BLAS
 
 
@@ -30,7 +28,6 @@ class Matrix(_Matrix):
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)
         self.w = self.blocks
-        self.jit_args = (self.w, NO_SCALES, 0)
 
     def dequantize(self):  # the stored array itself (read-only where it is a view of a file)
         return self.w

@@ -9,8 +9,7 @@ size is a multiple of 32 (what export writes by default: 64), `native.matmul_q8_
 activations to Q8_0 blocks and multiplies in integers, as for GGUF Q8_0; any other layout (e.g.
 stories260K-q8.bin: groups of 8, rows of 172 straddling them) runs on `native.matmul_q8_any`, float
 activations summed group segment by segment. Row lookups are `native.dequantize_q8_split`, bit-equal
-to `dequantize` below. Only the other layouts still offer `jit_args` to the numba fused decode layer
-(float activations, like matmul_q8_any) while model.py uses it. Also our `--quantize q8_0` at load.
+to `dequantize` below. Also our `--quantize q8_0` at load.
 """
 
 import numpy as np
@@ -65,7 +64,6 @@ def quantize(w: np.ndarray, group_size: int, chunk_values: int = 1 << 20) -> "Ma
 class Matrix(_Matrix):
     """int8 values q [out, in] and float32 group scales s, both views of the file where loaded."""
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, 1, VALUES
-    jit_prompts = True  # no numpy product avoids dequantizing every weight: short prompts stay compiled
 
     def __init__(self, q, s, group_size: int):
         self.q, self.s, self.group_size = q, s, int(group_size)
@@ -76,12 +74,10 @@ class Matrix(_Matrix):
                              f"{n_groups(q.size, self.group_size)} scales, got {s.shape}")
         cols = q.shape[1] if q.ndim == 2 else 0
         # Whole groups per row, a multiple of 32 values: integer products on Q8_0 activations, up to
-        # _Matrix.tile_rows rows, then tiles + BLAS on the same rounded activations. The numba fused
-        # layer (float activations) is not offered these, so every path of a model rounds alike.
+        # _Matrix.tile_rows rows, then tiles + BLAS on the same rounded activations.
         self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
         if not self.split:
             self.tile_rows = SMALL_BATCH + 1
-            self.jit_args = (q, s, self.group_size)
 
     @property
     def nbytes(self) -> int:
