@@ -78,6 +78,48 @@ static int nargs_ok(Py_ssize_t n, Py_ssize_t want, const char *fn) {
     return -1;
 }
 
+/* out must be float32 shaped like x [N, cols] @ w.T: [N, rows] (or [rows] for a 1-d x) */
+static int check_product_out(const buf *out, const buf *x, int64_t n, int64_t rows, const char *fn,
+                             const char *w) {
+    if (out->b.ndim != x->b.ndim || out->b.shape[out->b.ndim - 1] != rows ||
+        (out->b.ndim == 2 && out->b.shape[0] != n)) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ %s.T", fn,
+                     (long long)n, (long long)rows, w);
+        return -1;
+    }
+    return 0;
+}
+
+/* row ids: a 1-d int64 array */
+static int check_ids(const buf *ids, const char *fn) {
+    char f = fmt(&ids->b);
+    if (ids->b.ndim != 1 || ids->b.itemsize != 8 || (f != 'q' && f != 'l')) {
+        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
+        return -1;
+    }
+    return 0;
+}
+
+static int is_f32(const buf *x) { return fmt(&x->b) == 'f' && x->b.itemsize == 4; }
+
+/* q and s of a version-2 Q8 matrix with group size gs, checked: returns rows, or -1. */
+static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t cols, const char *fn) {
+    if (q->b.ndim != 2 || q->b.itemsize != 1 || q->b.shape[1] != cols) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld]", fn, (long long)cols);
+        return -1;
+    }
+    if (gs <= 0) {
+        PyErr_Format(PyExc_ValueError, "%s: group size %lld must be positive", fn, gs);
+        return -1;
+    }
+    int64_t rows = q->b.shape[0], groups = (rows * cols + gs - 1) / gs;
+    if (!is_f32(s) || s->b.len / 4 < groups) {
+        PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn, (long long)groups);
+        return -1;
+    }
+    return rows;
+}
+
 /* matmul(wtype, w, x, out): out [N, rows] = x [N, cols] @ dequantize(w).T */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "matmul";
@@ -91,12 +133,7 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     int64_t cols = b[1].b.shape[b[1].b.ndim - 1], n = b[1].b.ndim == 2 ? b[1].b.shape[0] : 1, rows;
     size_t row_bytes;
     if (weight_shape(&b[0], t, cols, &rows, &row_bytes, fn) < 0) goto fail;
-    if (b[2].b.ndim != b[1].b.ndim || b[2].b.shape[b[2].b.ndim - 1] != rows ||
-        (b[2].b.ndim == 2 && b[2].b.shape[0] != n)) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ w.T", fn,
-                     (long long)n, (long long)rows);
-        goto fail;
-    }
+    if (check_product_out(&b[2], &b[1], n, rows, fn, "w") < 0) goto fail;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = op_matmul(t, b[0].b.buf, row_bytes, rows, b[1].b.buf, n, cols, b[2].b.buf);
@@ -122,27 +159,14 @@ static PyObject *py_matmul_q8_split(PyObject *self, PyObject *const *args, Py_ss
         check_f32(&b[2], fn, "x") < 0 || check_f32(&b[3], fn, "out") < 0)
         goto fail;
     int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
-    if (b[0].b.ndim != 2 || b[0].b.itemsize != 1 || b[0].b.shape[1] != cols) {
-        PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld] like x's columns", fn, (long long)cols);
-        goto fail;
-    }
-    if (gs <= 0 || gs % QK || cols % gs) {
+    if (gs <= 0 || gs % QK || cols % gs) {  /* the integer kernel takes whole Q8_0 blocks per row */
         PyErr_Format(PyExc_ValueError, "%s: group size %lld must be a multiple of %d that divides the %lld columns",
                      fn, gs, QK, (long long)cols);
         goto fail;
     }
-    int64_t rows = b[0].b.shape[0];
-    if (fmt(&b[1].b) != 'f' || b[1].b.itemsize != 4 || b[1].b.len / 4 < rows * (cols / gs)) {
-        PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn,
-                     (long long)(rows * (cols / gs)));
-        goto fail;
-    }
-    if (b[3].b.ndim != b[2].b.ndim || b[3].b.shape[b[3].b.ndim - 1] != rows ||
-        (b[3].b.ndim == 2 && b[3].b.shape[0] != n)) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ q.T", fn,
-                     (long long)n, (long long)rows);
-        goto fail;
-    }
+    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
+    if (rows < 0) goto fail;
+    if (check_product_out(&b[3], &b[2], n, rows, fn, "q") < 0) goto fail;
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = op_matmul_q8s(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
@@ -165,11 +189,7 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ss
     if (get(args[1], &b[0], 0, fn, "w") < 0 || get(args[2], &b[1], 0, fn, "ids") < 0 ||
         get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[2], fn, "out") < 0)
         goto fail;
-    char f = fmt(&b[1].b);
-    if (b[1].b.ndim != 1 || b[1].b.itemsize != 8 || (f != 'q' && f != 'l')) {
-        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
-        goto fail;
-    }
+    if (check_ids(&b[1], fn) < 0) goto fail;
     int64_t r = b[1].b.shape[0], cols = b[2].b.shape[b[2].b.ndim - 1], rows;
     if (b[2].b.ndim != 2 || b[2].b.shape[0] != r) {
         PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
@@ -304,7 +324,6 @@ fail:
     return NULL;
 }
 
-static int is_f32(const buf *x) { return fmt(&x->b) == 'f' && x->b.itemsize == 4; }
 
 static int same_shape(const buf *a, const buf *b) {
     if (a->b.ndim != b->b.ndim) return 0;
@@ -406,24 +425,6 @@ fail:
     return NULL;
 }
 
-/* q and s of a version-2 Q8 matrix with group size gs, checked: returns rows, or -1. */
-static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t cols, const char *fn) {
-    if (q->b.ndim != 2 || q->b.itemsize != 1 || q->b.shape[1] != cols) {
-        PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld]", fn, (long long)cols);
-        return -1;
-    }
-    if (gs <= 0) {
-        PyErr_Format(PyExc_ValueError, "%s: group size %lld must be positive", fn, gs);
-        return -1;
-    }
-    int64_t rows = q->b.shape[0], groups = (rows * cols + gs - 1) / gs;
-    if (!is_f32(s) || s->b.len / 4 < groups) {
-        PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn, (long long)groups);
-        return -1;
-    }
-    return rows;
-}
-
 /* matmul_q8_any(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
 static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "matmul_q8_any";
@@ -438,12 +439,7 @@ static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssiz
     int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
     int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
     if (rows < 0) goto fail;
-    if (b[3].b.ndim != b[2].b.ndim || b[3].b.shape[b[3].b.ndim - 1] != rows ||
-        (b[3].b.ndim == 2 && b[3].b.shape[0] != n)) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ q.T", fn,
-                     (long long)n, (long long)rows);
-        goto fail;
-    }
+    if (check_product_out(&b[3], &b[2], n, rows, fn, "q") < 0) goto fail;
     Py_BEGIN_ALLOW_THREADS
     op_matmul_q8g(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
     Py_END_ALLOW_THREADS
@@ -465,11 +461,7 @@ static PyObject *py_dequantize_q8_split(PyObject *self, PyObject *const *args, P
         get(args[3], &b[2], 0, fn, "ids") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
         check_f32(&b[3], fn, "out") < 0)
         goto fail;
-    char f = fmt(&b[2].b);
-    if (b[2].b.ndim != 1 || b[2].b.itemsize != 8 || (f != 'q' && f != 'l')) {
-        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
-        goto fail;
-    }
+    if (check_ids(&b[2], fn) < 0) goto fail;
     int64_t r = b[2].b.shape[0], cols = b[3].b.shape[b[3].b.ndim - 1];
     if (b[3].b.ndim != 2 || b[3].b.shape[0] != r) {
         PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
