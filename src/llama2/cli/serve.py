@@ -88,7 +88,7 @@ def kv_budget(args, llama, model_path, io) -> int:
     from .. import memory
 
     c, kv_type = llama.config, llama.model.kv_type
-    per = kvcache.bytes_per_token(c, kv_type)
+    per = memory.kv_position_bytes(c, kv_type)
     budget = args.kv_budget
     how = "--kv-budget"
     if budget is None:
@@ -101,7 +101,8 @@ def kv_budget(args, llama, model_path, io) -> int:
         how = "default: --max-batch contexts" if budget == most else "default: the memory free after the weights"
     budget = -(-budget // kvcache.BLOCK_TOKENS) * kvcache.BLOCK_TOKENS
     io.err(f"llama2 serve: KV cache {kv_type}, {budget} positions shared by all requests ({how}; "
-           f"{memory.gb(budget * per)} at most, {per / 1024:g} KiB per position, committed as used)\n")
+           f"{memory.gb(memory.kv_cache_bytes(c, kv_type, budget))} at most, {per / 1024:g} KiB per "
+           "position, committed as used)\n")
     return budget
 
 
@@ -142,7 +143,10 @@ def run(args, io) -> int:
     from .. import hub, memory
 
     model_path = hub.resolve(args.model, what="model")
-    with memory.guard(model_path, quantize=args.quantize, slots=1):  # the KV pool is sized after
+    # --kv-budget's pool must fit; by default the pool is sized after loading, from what is free
+    # then, so the model needs room for one whole context
+    with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type,
+                      kv_positions=args.kv_budget, budget_flag="--kv-budget" if args.kv_budget else None):
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
                            kv_type=args.kv_type)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
