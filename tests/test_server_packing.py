@@ -66,6 +66,14 @@ def seeded(llama, n=6):
                    temperature=[1.0, 0.8, 0.0][i % 3], top_p=[0.9, 0.0, 0.5][i % 3]) for i in range(n)]
 
 
+@pytest.mark.parametrize("name", ["stories260K-q8.bin", "kquant/rand256-q8_0.gguf", "kquant/rand256-f16.gguf",
+                                  "kquant/rand256-q6_k.gguf"])
+def test_every_weight_type_keeps_the_promise(name):
+    from llama2 import Llama
+    test_a_packed_pass_gives_every_row_its_bits_alone(
+        Llama.load(asset(name), asset("tok512.bin") if name.endswith(".bin") else None))
+
+
 def test_a_packed_pass_gives_every_row_its_bits_alone(llama):
     """The engine's promise the packing rests on: prompts and decode rows in one pass of at most
     invariant_rows rows get exactly the logits each gets in a pass of its own."""

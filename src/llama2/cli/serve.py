@@ -64,7 +64,8 @@ def register(sub):
     p.add_argument("--timeout-body", type=float, default=d.timeout_body, metavar="S",
                    help=f"answer 408 and close when a request body takes longer (default {d.timeout_body:g})")
     p.add_argument("--one-pass", action="store_true",
-                   help="run each step's prefills and decodes in a single forward pass: fewer passes, "
+                   help="run each step's prompts and decodes in a single forward pass (by default they "
+                        "share passes only as far as every request keeps its bits alone): fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
     p.set_defaults(func=run)
 
