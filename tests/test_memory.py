@@ -41,6 +41,59 @@ def test_estimate_counts_every_weight_and_the_cache():
     assert four.cache == 4 * fp32.cache and four.weights == fp32.weights
 
 
+def test_the_kv_cache_by_type_and_positions():
+    """Bytes per position from the KV type modules (f32 4, f16/bf16 2, q8_0 34/32 bytes a value),
+    whole blocks of positions: one context for run, the token budget for the server's pool."""
+    from llama2 import kvcache
+
+    c = SEVEN_B
+    values = 2 * c.n_layers * c.kv_dim  # keys and values of every layer, per position
+    assert memory.kv_position_bytes(c, "f32") == 4 * values
+    assert memory.kv_position_bytes(c, "f16") == memory.kv_position_bytes(c, "bf16") == 2 * values
+    assert memory.kv_position_bytes(c, "q8_0") == 34 * values // 32
+    for t in kvcache.TYPES:
+        assert memory.kv_position_bytes(c, t) == kvcache.bytes_per_token(c, t)
+        assert memory.kv_cache_bytes(c, t) == c.seq_len * memory.kv_position_bytes(c, t)
+    bt = kvcache.BLOCK_TOKENS
+    assert memory.kv_cache_bytes(c, "f16", 1) == bt * 2 * values  # a block at least
+    assert memory.kv_cache_bytes(c, "f16", 8 * 512 + 1) == (8 * 512 + bt) * 2 * values
+    names = [n for n in tensor_shapes(c) if not n.startswith("rms")]
+    q4 = {n: "q4_k" for n in names}
+    pool = memory.estimate(c, q4, kv_type="q8_0", kv_positions=8 * 4096)  # 8 chats of 4096, q8_0
+    assert pool.cache == 8 * 4096 * 34 * values // 32
+    assert memory.estimate(c, q4, kv_type="f16").cache == 4096 * 2 * values  # llama2 run: one context
+    assert memory.estimate(c, q4, kv_type="f16", kv_positions=8 * 4096).weights == pool.weights
+
+
+def test_verdict_names_the_kv_type_and_a_budget_that_fits():
+    c = SEVEN_B
+    stored = {n: "q4_k" for n in tensor_shapes(c) if not n.startswith("rms")}
+    small = memory.estimate(c, stored, kv_type="f16", kv_positions=4096)
+    have = memory.Available(memory=small.resident + (1 << 20))
+    line = memory.verdict("m.gguf", c, stored, None, 1, have, kv_type="f16", kv_positions=16 * 4096,
+                          budget_flag="--kv-budget")
+    assert "f16 KV cache" in line and f"for {16 * 4096} positions" in line
+    budget = int(line.rsplit("--kv-budget ", 1)[1].split()[0].rstrip(","))
+    assert 4096 <= budget < 16 * 4096 and budget % 16 == 0
+    assert memory.verdict("m.gguf", c, stored, None, 1, have, kv_type="f16", kv_positions=budget) is None
+    assert memory.verdict("m.gguf", c, stored, None, 1, have, kv_type="f16", kv_positions=budget + 16) is not None
+
+
+def test_guard_takes_the_formats_kv_type():
+    """GGUF models get an f16 cache by default, llama2.c checkpoints f32 (kvcache.default_type)."""
+    assert memory.default_kv_type(asset("stories260K.gguf")) == "f16"
+    assert memory.default_kv_type(asset("stories260K.bin")) == "f32"
+    config, stored = memory.describe(asset("stories260K.gguf"))
+    f16 = memory.estimate(config, stored, kv_type="f16")
+    have = memory.Available(memory=f16.resident)  # enough for f16's cache, not f32's
+    assert memory.estimate(config, stored, kv_type="f32").resident > have.memory
+    with memory.guard(asset("stories260K.gguf"), have=have):
+        pass
+    with pytest.raises(Exception, match="f32 KV cache"):
+        with memory.guard(asset("stories260K.gguf"), have=have, kv_type="f32"):
+            pass
+
+
 def test_estimate_by_storage():
     """Every tensor costs its stored bytes (used in place); quantizing at load costs the quantized
     bytes resident, and the float file stays mapped."""
@@ -221,3 +274,17 @@ def test_real_address_space_limit_is_read():
                         str(asset("tok512.bin"))], capture_output=True, text=True, env=env, timeout=120)
     assert p.returncode == 1, p.stderr
     assert p.stderr.count("\n") == 1 and "address-space limit" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_serve_refuses_a_kv_budget_that_does_not_fit(monkeypatch):
+    """`llama2 serve --kv-budget N` needs the pool of N positions to fit beside the weights; the
+    line names the budget that would."""
+    config, stored = memory.describe(asset("stories260K.bin"))
+    one = memory.estimate(config, stored, kv_type="f32", kv_positions=config.seq_len)
+    monkeypatch.setattr(memory, "available", lambda: memory.Available(memory=one.resident))
+    code, err = run_cli(["serve", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin")),
+                         "--kv-budget", "10000000"])
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "f32 KV cache" in err and "for 10000000 positions" in err
+    budget = int(err.rsplit("--kv-budget ", 1)[1].split()[0].rstrip(",;"))
+    assert config.seq_len <= budget < 10000000

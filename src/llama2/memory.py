@@ -18,6 +18,10 @@ How the engine holds weights (keep in step with the loaders and llama2.weights):
   (address space) but is not resident after loading; while a matrix is quantized its float32
   widening and the quantizers' chunk temporaries exist once (`quantize_scratch`).
 - The KV cache (`kv_cache_bytes`) and a forward pass's activations (`scratch_bytes`) come on top.
+  The cache is blocks of llama2.kvcache.BLOCK_TOKENS positions in its KV type (f32, f16, bf16,
+  q8_0; the bytes a position takes come from the type's module, `kvcache.bytes_per_token`), as
+  many as the positions it may hold: one context for `llama2 run`, the pool's token budget for
+  `llama2 serve` (committed only as used, so these are the most it reaches).
 """
 
 import contextlib
@@ -38,7 +42,7 @@ class Need:
     """Bytes a model needs: `resident` must fit in memory, `address` in the address space."""
     weights: int  # resident weights
     address_weights: int  # weights' address space (maps of files whose contents were quantized too)
-    cache: int  # KV cache of every slot
+    cache: int  # KV cache: the positions it may hold, in its type
     scratch: int  # activations of a full-context prompt, logits, RoPE tables, quantizing at load
 
     @property
@@ -50,10 +54,33 @@ class Need:
         return int((self.address_weights + self.cache + self.scratch) * MARGIN) + MARGIN_BYTES
 
 
-def kv_cache_bytes(config, slots: int = 1) -> int:
-    """The KV cache: keys and values of every layer for `slots` sequences of config.seq_len
-    positions, float32, allocated up front (model.KVCache.create). Change this with the cache."""
-    return 2 * 4 * config.n_layers * slots * config.seq_len * config.kv_dim
+def kv_position_bytes(config, kv_type: str = "f32") -> int:
+    """Bytes one position of the KV cache takes in `kv_type` (keys and values of every layer)."""
+    from . import kvcache
+
+    return kvcache.bytes_per_token(config, kv_type)
+
+
+def kv_cache_bytes(config, kv_type: str = "f32", positions: int = None) -> int:
+    """The KV cache holding `positions` (default: one whole context) in `kv_type`, in whole blocks
+    of kvcache.BLOCK_TOKENS: the most it commits (llama2.kvcache.Pool maps it lazily)."""
+    from . import kvcache
+
+    positions = config.seq_len if positions is None else positions
+    blocks = -(-positions // kvcache.BLOCK_TOKENS)
+    return blocks * kvcache.BLOCK_TOKENS * kv_position_bytes(config, kv_type)
+
+
+def default_kv_type(path) -> str:
+    """The KV type a model file gets without --kv-type (kvcache.default_type of its format)."""
+    from . import kvcache
+    from .loader import model_kind
+
+    try:
+        kind = model_kind(path)
+    except Exception:  # noqa: BLE001 -- advisory: the loader reports a bad file
+        kind = "llama2c"
+    return kvcache.default_type(kind if kind in ("gguf", "hf") else "llama2c")
 
 
 def scratch_bytes(config, slots: int = 1) -> int:
@@ -108,11 +135,13 @@ def quantize_scratch(config) -> int:
     return 4 * largest + QUANTIZER_TEMPS
 
 
-def estimate(config, stored: dict, quantize=None, slots: int = 1) -> Need:
+def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str = "f32",
+             kv_positions: int = None) -> Need:
     """What `config` (a ModelConfig) needs when its matrices are stored as `stored` (tensor name ->
     a kind as `tensor_bytes` takes it, or a list of kinds per layer; missing names: f32; norms are
-    float32), run with `--quantize quantize` (a type or mix name; True means q8_0) and `slots`
-    KV-cache slots (the server's --max-batch)."""
+    float32), run with `--quantize quantize` (a type or mix name; True means q8_0), `slots`
+    sequences at once and a `kv_type` KV cache of `kv_positions` positions (default: `slots`
+    whole contexts; the server's pool: its token budget)."""
     from .checkpoint import LAYER_MATRICES, tensor_shapes
 
     c = config
@@ -137,7 +166,8 @@ def estimate(config, stored: dict, quantize=None, slots: int = 1) -> Need:
             else:
                 weights += size
     scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)
-    return Need(int(weights), int(address), int(kv_cache_bytes(c, slots)), int(scratch))
+    positions = slots * c.seq_len if kv_positions is None else kv_positions
+    return Need(int(weights), int(address), int(kv_cache_bytes(c, kv_type, positions)), int(scratch))
 
 
 # -- what the machine has -------------------------------------------------------------------------
@@ -190,10 +220,12 @@ def _room(have: Available) -> str:
 
 
 def verdict(name: str, config, stored: dict, quantize, slots: int, have: Available,
-            slots_flag: str = None, force: bool = False) -> str:
+            slots_flag: str = None, force: bool = False, kv_type: str = "f32", kv_positions: int = None,
+            budget_flag: str = None) -> str:
     """None when the model fits (unless `force`); else one line: what it needs, what there is, and
-    what would fit."""
-    need = estimate(config, stored, quantize, slots)
+    what would fit (with `budget_flag`, the largest KV budget that does)."""
+    kv = {"kv_type": kv_type, "kv_positions": kv_positions}
+    need = estimate(config, stored, quantize, slots, **kv)
     if fits(need, have) and not force:
         return None
     by_address = have.address is not None and need.address > have.address
@@ -201,27 +233,39 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
     def size(n: Need) -> str:
         return gb(n.address if by_address else n.resident)
 
-    line = (f"{name}: needs about {size(need)} (weights {gb(need.weights)}, KV cache {gb(need.cache)} "
-            f"for {slots} sequence{'s' if slots > 1 else ''} of {config.seq_len} tokens) but {_room(have)}")
+    positions = slots * config.seq_len if kv_positions is None else kv_positions
+    line = (f"{name}: needs about {size(need)} (weights {gb(need.weights)}, {kv_type} KV cache "
+            f"{gb(need.cache)} for {positions} positions) but {_room(have)}")
     options = []
     kinds = [_kind(k) for v in stored.values() for k in (v if isinstance(v, list) else [v])]
     floats = any(k in FLOATS for k in kinds)
     if floats and not quantize:
         for q in ("q8_0", "q4_k_m"):
             with contextlib.suppress(ValueError):
-                smaller = estimate(config, stored, q, slots)
+                smaller = estimate(config, stored, q, slots, **kv)
                 if fits(smaller, have):
                     options.append(f"--quantize {q} (about {size(smaller)})")
                     break
     if slots_flag and slots > 1:
-        fewer = max((n for n in range(1, slots) if fits(estimate(config, stored, quantize, n), have)),
+        fewer = max((n for n in range(1, slots) if fits(estimate(config, stored, quantize, n, **kv), have)),
                     default=None)
         if fewer:
             options.append(f"{slots_flag} {fewer}")
+    if budget_flag and positions > 1:
+        from .kvcache import BLOCK_TOKENS
+
+        def room(blocks):
+            return fits(estimate(config, stored, quantize, slots, kv_type, blocks * BLOCK_TOKENS), have)
+        lo, hi = 0, -(-positions // BLOCK_TOKENS) - 1  # the most whole blocks that fit, below the ask
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if room(mid) else (lo, mid - 1)
+        if lo and room(lo):
+            options.append(f"{budget_flag} {lo * BLOCK_TOKENS}")
     export = f"an int8 file made by `llama2 export OUT.bin --from {name} --dtype q8_0`"
     if floats:
         from .config import Q8_GROUP_SIZE
-        q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots)
+        q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
         if fits(q8, have):
             options.append(f"{export} (about {size(q8)})")
         elif not options:
@@ -295,13 +339,16 @@ def _describe_hf(path):
 
 
 @contextlib.contextmanager
-def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, have: Available = None):
-    """Around loading the model at `path`: refuse up front when the estimate does not fit, and turn
-    a MemoryError while loading into one line (Llama2Error)."""
+def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, have: Available = None,
+          kv_type: str = None, kv_positions: int = None, budget_flag: str = None):
+    """Around loading the model at `path` (a `kv_type` cache, default the format's, of
+    `kv_positions` positions, default `slots` contexts): refuse up front when the estimate does not
+    fit, and turn a MemoryError while loading into one line (Llama2Error)."""
     described = describe(path)
     have = have or available()
+    kv = {"kv_type": kv_type or default_kv_type(path), "kv_positions": kv_positions, "budget_flag": budget_flag}
     if described is not None:
-        line = verdict(os.fspath(path), *described, quantize, slots, have, slots_flag)
+        line = verdict(os.fspath(path), *described, quantize, slots, have, slots_flag, **kv)
         if line is not None:
             raise Llama2Error(line)
     try:
@@ -310,5 +357,5 @@ def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, ha
         where = f"{os.fspath(path)}: ran out of memory while loading"
         if described is None:
             raise Llama2Error(f"{where} ({_room(have)})") from None
-        line = verdict(where, *described, quantize, slots, have, slots_flag, force=True)
+        line = verdict(where, *described, quantize, slots, have, slots_flag, force=True, **kv)
         raise Llama2Error(line.replace(f"{where}: needs", f"{where}; it needs", 1)) from None

@@ -23,8 +23,8 @@ from .errors import Llama2Error
 
 KVCache = kvcache.Cache  # the one explicit state of inference
 
-# The decode rows of a server step go through the engine in groups of at most this many (the
-# scheduler's unit of batching; every row is computed alone, whatever the group's size).
+# Rows that every weight type's native product computes one by one (f32's and the llama2.c int8's
+# small-batch kernels); a type's own figure is its Matrix.invariant_rows, a model's the minimum.
 SMALL_BATCH = 8
 
 
@@ -96,6 +96,14 @@ class Transformer:
         self.rms_final = w["rms_final"]  # [D]
         self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
+        # The most rows a pass may hold with every row's logits bit for bit those it gets alone:
+        # the products are the only step that may mix rows (each matrix's `invariant_rows`); the
+        # rest is per row (embedding lookup, RMSNorm, RoPE, SiLU, the KV write, decode attention)
+        # or per sequence (a prompt's attention reads only its own rows and blocks).
+        self.invariant_rows = max(1, min(m.invariant_rows for m in self.matrices()))
+
+    def matrices(self) -> list:  # every matrix a pass multiplies by (not the embedding's lookups)
+        return [m for layer in self.layers for m in layer.matrices()] + [self.classifier]
 
     def new_cache(self, slots: int = 1, blocks: int = None, seq_len: int = None,
                   kv_type: str = None) -> KVCache:
@@ -113,8 +121,10 @@ class Transformer:
         tokens continue its slot's sequence. All rows share the matrix products; a prompt attends
         over its own blocks, decode rows together through their block tables. Returns logits
         [len(segments), V] of each segment's last token, or [total tokens, V] with `all_logits`.
-        A segment's result does not depend on the others. Blocks are reserved before any work:
-        kvcache.CacheFull when the pool has none left (the cache's positions unchanged)."""
+        A segment's result does not depend on the others' tokens, and while the pass holds at most
+        `invariant_rows` rows its bits are exactly those it gets in a pass of its own. Blocks are
+        reserved before any work: kvcache.CacheFull when the pool has none left (the cache's
+        positions unchanged)."""
         c = self.config
         D, hd = c.dim, c.head_dim
         spans, rows, start_row = [], [], 0

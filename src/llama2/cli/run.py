@@ -148,7 +148,7 @@ def run(args, io) -> int:
     model_path, prompt, mode, prompt_given = parse(args)
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
     model_path = hub.resolve(model_path, what="model")
-    with memory.guard(model_path, quantize=args.quantize, slots=1):
+    with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type):  # one context
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
                            kv_type=args.kv_type)
     grammar = _grammar(args, llama)

@@ -64,7 +64,8 @@ def register(sub):
     p.add_argument("--timeout-body", type=float, default=d.timeout_body, metavar="S",
                    help=f"answer 408 and close when a request body takes longer (default {d.timeout_body:g})")
     p.add_argument("--one-pass", action="store_true",
-                   help="run each step's prefills and decodes in a single forward pass: fewer passes, "
+                   help="run each step's prompts and decodes in a single forward pass (by default they "
+                        "share passes only as far as every request keeps its bits alone): fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
     p.set_defaults(func=run)
 
@@ -88,7 +89,7 @@ def kv_budget(args, llama, model_path, io) -> int:
     from .. import memory
 
     c, kv_type = llama.config, llama.model.kv_type
-    per = kvcache.bytes_per_token(c, kv_type)
+    per = memory.kv_position_bytes(c, kv_type)
     budget = args.kv_budget
     how = "--kv-budget"
     if budget is None:
@@ -101,7 +102,8 @@ def kv_budget(args, llama, model_path, io) -> int:
         how = "default: --max-batch contexts" if budget == most else "default: the memory free after the weights"
     budget = -(-budget // kvcache.BLOCK_TOKENS) * kvcache.BLOCK_TOKENS
     io.err(f"llama2 serve: KV cache {kv_type}, {budget} positions shared by all requests ({how}; "
-           f"{memory.gb(budget * per)} at most, {per / 1024:g} KiB per position, committed as used)\n")
+           f"{memory.gb(memory.kv_cache_bytes(c, kv_type, budget))} at most, {per / 1024:g} KiB per "
+           "position, committed as used)\n")
     return budget
 
 
@@ -142,7 +144,10 @@ def run(args, io) -> int:
     from .. import hub, memory
 
     model_path = hub.resolve(args.model, what="model")
-    with memory.guard(model_path, quantize=args.quantize, slots=1):  # the KV pool is sized after
+    # --kv-budget's pool must fit; by default the pool is sized after loading, from what is free
+    # then, so the model needs room for one whole context
+    with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type,
+                      kv_positions=args.kv_budget, budget_flag="--kv-budget" if args.kv_budget else None):
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
                            kv_type=args.kv_type)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,

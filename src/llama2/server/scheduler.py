@@ -18,9 +18,10 @@ Each step: retire cancelled sequences, admit waiting requests into free KV-cache
 (`generate.Sequence`: its own Sampler, its grammar's mask, stop strings, logprobs), and hand the
 events to the request's sink. A constrained sequence's next mask is computed on the mask thread
 while the following forward pass runs. By default a step is a few passes chosen so
-that results are bit for bit those of the sequence alone (each new prompt prefilled in a pass of its
-own, as `generate` does; decodes in groups the engine computes row by row); `invariant=False` makes
-it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
+that results are bit for bit those of the sequence alone: the decode rows and the new prompts share
+passes of at most `Transformer.invariant_rows` rows (the engine computes every row of such a pass as
+it would alone), and a prompt longer than that gets a pass of its own, as `generate` prefills it;
+`invariant=False` makes it one pass for everything. Per sequence the arithmetic is `generate.generate`'s (run.c's): prompt
 forced, then sampled tokens until a stop token or `max_tokens`. No HTTP here. A request that
 reuses another's prefix blocks may get logits that differ in the last bits from it run alone (its
 prompt's remainder is a shorter pass); `prefix_cache=False` keeps them identical.
@@ -32,7 +33,6 @@ from collections import deque
 
 from .. import kvcache, threads
 from ..generate import Params, Sequence, StopStrings  # noqa: F401 (Params, StopStrings: this module's API)
-from ..model import SMALL_BATCH
 
 log = logging.getLogger("llama2.server")
 
@@ -94,7 +94,9 @@ class Scheduler:
         self.metrics = metrics
         self.invariant = invariant
         self.prefix_cache = prefix_cache
-        self.decode_group = SMALL_BATCH  # rows the engine's decode kernels take in one call
+        # Rows of a pass whose logits are each bit for bit the sequence's alone (the engine's
+        # figure, model.invariant_rows): the invariant mode's passes hold at most this many.
+        self.pack_rows = max(1, int(getattr(model, "invariant_rows", 1)))
         seq_len = model.config.seq_len
         bt = kvcache.BLOCK_TOKENS
         budget = kv_budget if kv_budget is not None else max_batch * seq_len
@@ -227,15 +229,27 @@ class Scheduler:
 
     def _passes(self, batch) -> list:
         """How this step's sequences share forward passes. One pass for all of them, or, when
-        `invariant`: each new prompt in a pass of its own (as `generate` prefills it) and the decoding
-        sequences in passes of at most `decode_group` rows, which the engine computes row by row
-        in a fixed order, so every logit is bit for bit what the sequence alone would get."""
+        `invariant`, passes whose every row gets the bits it gets alone: the decoding sequences
+        (a row each) and the new prompts (their remaining tokens) packed in order, first fit, into
+        passes of at most the model's `invariant_rows` rows, and a prompt longer than that in a
+        pass of its own (as `generate` prefills it)."""
         if not self.invariant:
             return [batch]
-        fresh = [[seq] for seq in batch if not seq.prefilled]
-        decoding = [seq for seq in batch if seq.prefilled]
-        g = self.decode_group
-        return fresh + [decoding[i:i + g] for i in range(0, len(decoding), g)]
+        limit = self.pack_rows
+        alone, bins = [], []  # bins: [rows, [seq, ...]]
+        for seq in sorted(batch, key=lambda seq: not seq.prefilled):  # decodes first, stable
+            rows = len(seq.feed)
+            if rows > limit:
+                alone.append([seq])
+                continue
+            for b in bins:
+                if b[0] + rows <= limit:
+                    b[0] += rows
+                    b[1].append(seq)
+                    break
+            else:
+                bins.append([rows, [seq]])
+        return [group for _, group in bins] + alone
 
     def _pass(self, group, waiting: int):
         """One forward pass for `group`; sample each sequence and hand out its events."""

@@ -62,6 +62,7 @@ class Matrix:
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    invariant_rows = tile_rows - 1  # most rows whose product gives each row the bits it gets alone
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 

@@ -77,7 +77,7 @@ class Matrix(_Matrix):
         # _Matrix.tile_rows rows, then tiles + BLAS on the same rounded activations.
         self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
         if not self.split:
-            self.tile_rows = SMALL_BATCH + 1
+            self.tile_rows, self.invariant_rows = SMALL_BATCH + 1, SMALL_BATCH
 
     @property
     def nbytes(self) -> int:
