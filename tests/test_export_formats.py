@@ -15,7 +15,7 @@ from llama2 import Llama, checkpoint, gguf
 from llama2 import weights as llama2_weights
 from llama2.cli import main
 from llama2.config import ModelConfig
-from llama2.loader import load_checkpoint
+from llama2.formats import load_checkpoint
 from llama2.tokenizer import Tokenizer
 from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 
@@ -245,7 +245,7 @@ def test_loading_needs_no_heavy_dependencies(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(HF_CONFIG))
     write_safetensors(hf / "model.safetensors", hf_tensors(HF_CONFIG))
-    code = ("import sys; from llama2.loader import load_checkpoint; "
+    code = ("import sys; from llama2.formats import load_checkpoint; "
             f"load_checkpoint({str(asset('stories260K.gguf'))!r}); load_checkpoint({str(hf)!r}); "
             "heavy = {'torch', 'gguf', 'safetensors', 'sentencepiece', 'transformers'} & "
             "{m.split('.')[0] for m in sys.modules}; print(sorted(heavy))")

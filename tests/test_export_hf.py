@@ -143,7 +143,7 @@ def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                           "<|im_end|>\n{% endfor %}"}))
-    from llama2.loader import load_checkpoint
+    from llama2.formats import load_checkpoint
     loaded = load_checkpoint(directory)
     assert loaded.chat_template == "chatml"
     assert loaded.vocab is not None and len(loaded.vocab) == 512

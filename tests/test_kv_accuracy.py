@@ -13,7 +13,7 @@ import pytest
 
 from llama2 import checkpoint, kvcache
 from llama2.llama import Llama
-from llama2.loader import load_checkpoint
+from llama2.formats import load_checkpoint
 from llama2.model import Transformer
 
 from conftest import asset

@@ -233,7 +233,7 @@ def describe(path):
     """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
     alone, or None when the file cannot be read that way (the loader then reports what is wrong)."""
     from . import checkpoint
-    from .loader import model_kind
+    from .formats import model_kind
 
     try:
         kind = model_kind(path)

@@ -112,7 +112,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
 
 def _ours(path, threads):
     from ..threads import set_threads
-    from ..loader import load_checkpoint
+    from ..formats import load_checkpoint
     from ..model import Transformer
 
     set_threads(threads)

@@ -203,7 +203,7 @@ def run(args, io) -> int:
         why = why or f"{gguf}: no such GGUF file (--gguf)"
         io.err(f"bench serve: skipping llama-cpp-python's server: {why}\n")
     else:
-        from ..loader import load_checkpoint
+        from ..formats import load_checkpoint
         n_ctx = load_checkpoint(args.model).config.seq_len
         servers.append(("llama-cpp-python", lambda port: _peer(args, gguf, port, n_ctx)))
 

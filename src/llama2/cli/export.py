@@ -52,7 +52,7 @@ def open_source(args):
     if args.checkpoint is not None:
         from ..meta import open_train_checkpoint
         return open_train_checkpoint(args.checkpoint, args.seq_len)
-    from ..loader import open_source as open_model
+    from ..formats import open_source as open_model
     return open_model(args.source)
 
 

@@ -6,8 +6,8 @@ model (gguf.py); anything else is a llama2.c checkpoint, versions 0-3 (checkpoin
 
 from pathlib import Path
 
-from . import checkpoint
-from .errors import FormatError
+from .. import checkpoint
+from ..errors import FormatError
 
 
 def model_kind(path) -> str:
@@ -25,10 +25,10 @@ def load_checkpoint(path) -> checkpoint.Checkpoint:
     """The whole model, ready for the forward pass."""
     kind = model_kind(path)
     if kind == "hf":
-        from . import hf
+        from .. import hf
         return hf.load(path)
     if kind == "gguf":
-        from . import gguf
+        from .. import gguf
         return gguf.load(path)
     return checkpoint.load(path)
 
@@ -37,10 +37,10 @@ def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
     kind = model_kind(path)
     if kind == "hf":
-        from .hf import HFModel
+        from ..hf import HFModel
         return HFModel(path)
     if kind == "gguf":
-        from .gguf import GGUFModel
+        from ..gguf import GGUFModel
         return GGUFModel(path)
-    from .export import CheckpointSource
+    from ..export import CheckpointSource
     return CheckpointSource(checkpoint.load(path))
