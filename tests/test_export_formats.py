@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from conftest import TINY, asset, byte_tokenizer, random_weights
-from llama2 import Llama, checkpoint, gguf
+from llama2 import Llama, checkpoint
 from llama2 import weights as llama2_weights
 from llama2.cli import main
 from llama2.config import ModelConfig
-from llama2.formats import load_checkpoint
+from llama2.formats import gguf, load_checkpoint
 from llama2.tokenizer import Tokenizer
 from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 

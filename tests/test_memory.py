@@ -63,7 +63,8 @@ def test_estimate_by_storage():
 
 def test_quantize_estimate_follows_the_quantizers():
     """A mix at load: each tensor's bytes are those of the type llama.cpp's rule gives it."""
-    from llama2 import gguf, quantize
+    from llama2 import quantize
+    from llama2.formats import gguf
     from llama2.checkpoint import LAYER_MATRICES
     from llama2.model import Transformer
 

@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import asset
-from llama2 import checkpoint, gguf, quantize, weights
+from llama2 import checkpoint, quantize, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.config import Q8_GROUP_SIZE
 from llama2.cli import main
 from llama2.errors import UsageError
+from llama2.formats import gguf
 from llama2.model import Transformer
 from llama2.quantize.mix import QUANTIZE_TYPES
 

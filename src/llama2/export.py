@@ -90,7 +90,7 @@ def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
     if vocab is not None:
         config = replace(config, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
     if fmt == "gguf":
-        from . import gguf
+        from .formats import gguf
         gguf.write(out, config, source.tensor, vocab, dtype, template)
         if vocab is None:
             warn("llama2: warning: no tokenizer given (--tokenizer): the GGUF has no vocabulary")

@@ -240,7 +240,7 @@ def describe(path):
         if kind == "hf":
             return _describe_hf(path)
         if kind == "gguf":
-            from .gguf import GGUFModel
+            from .formats.gguf import GGUFModel
             from .weights import module
             m = GGUFModel(path)
             stored = {}

@@ -33,7 +33,7 @@ def run(args, io) -> int:
     if out.resolve() == src.resolve():
         raise UsageError(f"{src}: output would overwrite the input; pass -o OUT")
     if is_gguf:
-        from ..gguf import read, vocab_from_metadata
+        from ..formats.gguf import read, vocab_from_metadata
         vocab = vocab_from_metadata(read(src)[0])
         if vocab is None:
             raise FormatError(f"{src}: GGUF carries no sentencepiece-style (llama) vocabulary")

@@ -28,7 +28,7 @@ def load_checkpoint(path) -> checkpoint.Checkpoint:
         from .. import hf
         return hf.load(path)
     if kind == "gguf":
-        from .. import gguf
+        from . import gguf
         return gguf.load(path)
     return checkpoint.load(path)
 
@@ -40,7 +40,7 @@ def open_source(path):
         from ..hf import HFModel
         return HFModel(path)
     if kind == "gguf":
-        from ..gguf import GGUFModel
+        from .gguf import GGUFModel
         return GGUFModel(path)
     from ..export import CheckpointSource
     return CheckpointSource(checkpoint.load(path))

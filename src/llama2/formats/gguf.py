@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates, quantize, weights
-from .checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
-from .config import ModelConfig
-from .errors import FormatError
-from .fileio import atomic_write
-from .tokenizer_export import Vocab
+from .. import chat_template as templates, quantize, weights
+from ..checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..fileio import atomic_write
+from ..tokenizer_export import Vocab
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
