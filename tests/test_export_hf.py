@@ -177,7 +177,7 @@ def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
 
 
 def test_unpermute_inverts_the_hf_permutation():
-    from llama2.hf import permute, unpermute
+    from llama2.formats.hf import permute, unpermute
     w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8, 3 columns
     assert np.array_equal(unpermute(permute(w, 4), 4), w)
     # HF's rows of one head: the first halves of RoPE pairs, then the second halves
@@ -220,7 +220,7 @@ def test_folder_runs_in_place_in_its_stored_type(tmp_path, dtype):
     """safetensors are mapped, not read: every matrix is a view of its file in the stored type, q/k
     in HF's layout (rotate-half RoPE), and the logits still equal transformers'."""
     import mmap
-    from llama2 import hf
+    from llama2.formats import hf
     directory, model = tiny_hf(tmp_path, kv_heads=2, theta=1e6, tie=False,
                                dtype=None if dtype == "float32" else getattr(torch, dtype))
     ckpt = hf.load(directory)

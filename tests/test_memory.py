@@ -149,7 +149,7 @@ def test_hf_folder_is_described_by_its_safetensors(tmp_path):
 
     from safetensors.numpy import save_file
 
-    from llama2 import hf
+    from llama2.formats import hf
     from llama2.model import Transformer
 
     c = SMALL

@@ -115,7 +115,7 @@ def test_no_float64_in_outputs():
 def test_rope_halves_is_interleaved_rope_on_permuted_heads():
     # HF keeps each head's pairs as (i, i + hd/2); rotating that layout equals rotating the
     # interleaved layout and permuting the result the same way.
-    from llama2.hf import permute
+    from llama2.formats.hf import permute
     cos, sin = K.rope_tables(8, 16, 10000.0)
     x = np.random.default_rng(3).standard_normal((4, 3, 8)).astype(np.float32)
     pos = np.array([0, 1, 9, 15])

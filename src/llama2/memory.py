@@ -268,13 +268,13 @@ def _describe_hf(path):
     from pathlib import Path
 
     from . import checkpoint
-    from .hf import NAMES, SafetensorsFile, read_config
+    from .formats.hf import NAMES, SafetensorsFile, read_config
 
     folder = Path(path)
     config = read_config(folder)
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
         return config, {n: "f32" for n in checkpoint.tensor_shapes(config) if not n.startswith("rms")}
-    from .hf import HFModel
+    from .formats.hf import HFModel
     model = HFModel(folder)
     config = model.config
     files = {}

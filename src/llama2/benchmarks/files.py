@@ -173,7 +173,7 @@ def hf_config(config: ModelConfig) -> dict:
 
 def _hf_tensors(config: ModelConfig) -> list:
     """(HF name, our name, layer, shape) in the order transformers' checkpoints list them."""
-    from ..hf import NAMES
+    from ..formats.hf import NAMES
 
     shapes = tensor_shapes(config)
     out = [(NAMES["token_embedding"], "token_embedding", None, shapes["token_embedding"])]
@@ -204,7 +204,7 @@ def write_hf_bf16(config: ModelConfig, folder, shard_bytes: int = SHARD_BYTES, s
     shard held in memory at a time) with their index when there are several, and `spm_model` (a
     sentencepiece tokenizer.model) when given. q/k are stored in HF's rotate-half order. Written
     into a temporary folder renamed when complete."""
-    from ..hf import permute
+    from ..formats.hf import permute
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)

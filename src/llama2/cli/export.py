@@ -44,7 +44,7 @@ def register(sub):
 def open_source(args):
     """The tensor source the flags name."""
     if args.hf is not None:
-        from ..hf import HFModel
+        from ..formats.hf import HFModel
         return HFModel(args.hf)
     if args.meta_llama is not None:
         from ..meta import open_meta

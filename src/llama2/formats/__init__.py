@@ -25,7 +25,7 @@ def load_checkpoint(path) -> checkpoint.Checkpoint:
     """The whole model, ready for the forward pass."""
     kind = model_kind(path)
     if kind == "hf":
-        from .. import hf
+        from . import hf
         return hf.load(path)
     if kind == "gguf":
         from . import gguf
@@ -37,7 +37,7 @@ def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
     kind = model_kind(path)
     if kind == "hf":
-        from ..hf import HFModel
+        from .hf import HFModel
         return HFModel(path)
     if kind == "gguf":
         from .gguf import GGUFModel

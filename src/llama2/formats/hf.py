@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates, weights
-from .checkpoint import LAYER_MATRICES, Checkpoint, bf16_to_f32, tensor_shapes
-from .config import ModelConfig
-from .errors import FormatError
-from . import tokenizer_export
+from .. import chat_template as templates, weights
+from ..checkpoint import LAYER_MATRICES, Checkpoint, bf16_to_f32, tensor_shapes
+from ..config import ModelConfig
+from ..errors import FormatError
+from .. import tokenizer_export
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
