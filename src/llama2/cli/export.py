@@ -47,10 +47,10 @@ def open_source(args):
         from ..formats.hf import HFModel
         return HFModel(args.hf)
     if args.meta_llama is not None:
-        from ..meta import open_meta
+        from ..formats.meta import open_meta
         return open_meta(args.meta_llama, args.seq_len)
     if args.checkpoint is not None:
-        from ..meta import open_train_checkpoint
+        from ..formats.meta import open_train_checkpoint
         return open_train_checkpoint(args.checkpoint, args.seq_len)
     from ..formats import open_source as open_model
     return open_model(args.source)
