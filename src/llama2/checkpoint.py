@@ -72,7 +72,7 @@ class Checkpoint:
     path: str
     group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
     dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0, a GGUF type, mixed
-    vocab: object = None  # a tokenizer_export.Vocab when the model carries its own vocabulary
+    vocab: object = None  # a formats.vocab.Vocab when the model carries its own vocabulary
     chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
 

@@ -1,7 +1,7 @@
 """Export any model we can read to a llama2.c checkpoint (versions 0-3) or a GGUF file, streaming.
 
 A source is anything with `config` (ModelConfig), `tensor(name, layer) -> float32 array` in our
-layout (checkpoint.tensor_shapes, one layer at a time), `vocab` (tokenizer_export.Vocab or None) and
+layout (checkpoint.tensor_shapes, one layer at a time), `vocab` (formats.vocab.Vocab or None) and
 `chat_template` (a chat.TEMPLATES name or None): hf.HFModel, meta.MetaModel, CheckpointSource.
 Writers pull one tensor at a time, so memory stays near one layer plus the output buffer.
 """

@@ -70,7 +70,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
     from ..export import CheckpointSource, export
     from ..errors import FormatError
     from ..hub import resolve
-    from ..tokenizer_export import load_vocab
+    from ..formats.vocab import load_vocab
 
     directory.mkdir(parents=True, exist_ok=True)
     if shape == "stories260K":

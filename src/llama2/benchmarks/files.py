@@ -270,7 +270,7 @@ def prepare(shape: str, kinds, directory, tokenizer, spm_model=None, threads: in
             log=lambda text: None) -> dict:
     """Make the files `kinds` of `shape` that are missing (resumable: what exists is kept);
     returns kind -> path for every kind asked."""
-    from ..tokenizer_export import load_vocab
+    from ..formats.vocab import load_vocab
 
     config = SHAPES[shape].config
     where = paths(shape, directory)

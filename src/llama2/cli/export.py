@@ -69,7 +69,7 @@ def run(args, io) -> int:
                          f"{', '.join(LLAMA2C_DTYPES)})")
     vocab = None
     if args.tokenizer is not None:
-        from ..tokenizer_export import load_vocab
+        from ..formats.vocab import load_vocab
         vocab = load_vocab(args.tokenizer)
     source = open_source(args)
     export(args.out, source, args.format, args.version, args.dtype, args.group_size, vocab,

@@ -18,7 +18,7 @@ def register(actions):
 
 def run(args, io) -> int:
     from ..errors import FormatError, UsageError
-    from ..tokenizer_export import load_vocab, write_bin
+    from ..formats.vocab import load_vocab, write_bin
 
     src = Path(args.tokenizer)
     if src.is_dir():  # a Hugging Face model directory: its own tokenizer file

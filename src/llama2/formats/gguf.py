@@ -18,7 +18,7 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..tokenizer_export import Vocab
+from .vocab import Vocab
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
