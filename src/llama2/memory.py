@@ -233,7 +233,7 @@ def describe(path):
     """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
     alone, or None when the file cannot be read that way (the loader then reports what is wrong)."""
     from . import checkpoint
-    from .formats import model_kind
+    from .formats import llama2c, model_kind
 
     try:
         kind = model_kind(path)
@@ -253,9 +253,9 @@ def describe(path):
                     stored[name] = module(m.kind(name)).NAME
             return m.config, stored
         with open(path, "rb") as f:
-            head = f.read(checkpoint.HEADER_BYTES)
-        config, version, group_size, _ = checkpoint.read_header(path, head)
-        dtype = checkpoint.file_dtype(head, version)
+            head = f.read(llama2c.HEADER_BYTES)
+        config, version, group_size, _ = llama2c.read_header(path, head)
+        dtype = llama2c.file_dtype(head, version)
         how = f"q8_v2:{group_size}" if dtype == "q8_0" else _kind(dtype)
         return config, {name: how for name in checkpoint.tensor_shapes(config) if not name.startswith("rms")}
     except Exception:  # noqa: BLE001 -- advisory only: the loader gives the file's real error

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import f32_to_bf16, tensor_shapes
+from ..checkpoint import tensor_shapes
+from ..formats.bfloat16 import f32_to_bf16
 from ..config import ModelConfig
 from ..errors import Llama2Error
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..errors import FormatError
+from . import llama2c
 
 
 def model_kind(path) -> str:
@@ -30,7 +31,7 @@ def load_checkpoint(path) -> checkpoint.Checkpoint:
     if kind == "gguf":
         from . import gguf
         return gguf.load(path)
-    return checkpoint.load(path)
+    return llama2c.load(path)
 
 
 def open_source(path):
@@ -42,5 +43,5 @@ def open_source(path):
     if kind == "gguf":
         from .gguf import GGUFModel
         return GGUFModel(path)
-    from ..export import CheckpointSource
-    return CheckpointSource(checkpoint.load(path))
+    from ..checkpoint import CheckpointSource
+    return CheckpointSource(llama2c.load(path))

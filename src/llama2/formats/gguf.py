@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import chat_template as templates, quantize, weights
-from ..checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
+from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write
+from .bfloat16 import f32_to_bf16
 from .vocab import Vocab
 
 MAGIC = b"GGUF"

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from .. import chat_template as templates, weights
-from ..checkpoint import LAYER_MATRICES, Checkpoint, bf16_to_f32, tensor_shapes
+from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
+from .bfloat16 import bf16_to_f32
 from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
 
 # our name -> Hugging Face name ("{}" is the layer)
