@@ -1,14 +1,28 @@
-"""Open any model file we can run: dispatch on what the path is, never on its name's words.
+"""The model file formats, one module each, and the choice between them by what a path holds.
 
-A directory with config.json is a Hugging Face model (hf.py); a file starting with "GGUF" is a GGUF
-model (gguf.py); anything else is a llama2.c checkpoint, versions 0-3 (checkpoint.py).
+`llama2c` (llama2.c .bin, versions 0-3), `gguf` (llama.cpp) and `hf` (Hugging Face folders) are read
+into a `Checkpoint` (`load_checkpoint`) or opened as an export source (`open_source`), told apart by
+their contents, never by a name's words. `meta` (Meta and llama2.c training checkpoints, needs torch)
+is an export source named by its own flag; `vocab` reads and writes tokenizer files; `bfloat16` is
+what the binary formats share.
 """
 
+from importlib import import_module
 from pathlib import Path
 
-from .. import checkpoint
 from ..errors import FormatError
-from . import llama2c
+
+# The formats `model_kind` asks, in order. Each module has `matches(path, head) -> bool` (head: the
+# file's first HEAD_BYTES bytes, None for a directory), `load(path) -> Checkpoint` and
+# `source(path)`, the model as a tensor source for export.py. llama2c comes last: it takes any file
+# (version 0 has no magic), and its loader says what is wrong with one that is not a checkpoint.
+READERS = ("hf", "gguf", "llama2c")
+HEAD_BYTES = 8
+
+
+def reader(kind):
+    """The module of format `kind` (one of READERS), imported when first asked for."""
+    return import_module(f"{__name__}.{kind}")
 
 
 def model_kind(path) -> str:
@@ -16,32 +30,18 @@ def model_kind(path) -> str:
     path = Path(path)
     if not path.exists():
         raise FormatError(f"{path}: no such file")
-    if path.is_dir():
-        return "hf"
-    with open(path, "rb") as f:
-        return "gguf" if f.read(4) == b"GGUF" else "llama2c"
+    head = None
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    return next(kind for kind in READERS if reader(kind).matches(path, head))
 
 
-def load_checkpoint(path) -> checkpoint.Checkpoint:
-    """The whole model, ready for the forward pass."""
-    kind = model_kind(path)
-    if kind == "hf":
-        from . import hf
-        return hf.load(path)
-    if kind == "gguf":
-        from . import gguf
-        return gguf.load(path)
-    return llama2c.load(path)
+def load_checkpoint(path):
+    """The whole model as a Checkpoint, ready for the forward pass."""
+    return reader(model_kind(path)).load(path)
 
 
 def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
-    kind = model_kind(path)
-    if kind == "hf":
-        from .hf import HFModel
-        return HFModel(path)
-    if kind == "gguf":
-        from .gguf import GGUFModel
-        return GGUFModel(path)
-    from ..checkpoint import CheckpointSource
-    return CheckpointSource(llama2c.load(path))
+    return reader(model_kind(path)).source(path)

@@ -209,6 +209,14 @@ class GGUFModel:
         return weights.dense(self.raw(name, layer))
 
 
+def matches(path, head) -> bool:
+    return head is not None and head[:4] == MAGIC
+
+
+def source(path) -> GGUFModel:
+    return GGUFModel(path)
+
+
 def load(path) -> Checkpoint:
     """A Llama GGUF as a Checkpoint. Every matrix keeps its stored type, as a view of the file (F32
     as float32 arrays, the others as weights.Matrix); per-layer lists, norms stacked."""

@@ -326,6 +326,15 @@ class HFModel:
         return None
 
 
+def matches(path, head) -> bool:
+    """Any directory is taken for a Hugging Face model (read_config says when it is not one)."""
+    return head is None
+
+
+def source(directory) -> HFModel:
+    return HFModel(directory)
+
+
 def load(directory) -> Checkpoint:
     """A Hugging Face model directory as a Checkpoint, in place: matrices in their stored type over
     the mapped safetensors (per-layer lists), q/k in HF's layout (config.rope_style "halves"), norms

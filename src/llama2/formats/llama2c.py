@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import LAYER_MATRICES, MATRICES, NORMS, STACKED, Checkpoint, tensor_shapes
+from ..checkpoint import (LAYER_MATRICES, MATRICES, NORMS, STACKED, Checkpoint, CheckpointSource,
+                          tensor_shapes)
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write
@@ -151,6 +152,15 @@ def _map(path):
         raise FormatError(f"{path}: is a directory, expected a checkpoint file") from None
     except PermissionError:
         raise FormatError(f"{path}: permission denied") from None
+
+
+def matches(path, head) -> bool:
+    """Any file: version 0 has no magic, and `load` names what is wrong with one that is not ours."""
+    return head is not None
+
+
+def source(path) -> CheckpointSource:
+    return CheckpointSource(load(path))
 
 
 def load(path) -> Checkpoint:
