@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, asset, random_weights
-from llama2 import Llama
+from llama2 import Llama, checkpoint, formats
 from llama2.errors import FormatError
 from llama2.formats import llama2c
 
@@ -116,3 +116,12 @@ def test_inconsistent_dimensions(tmp_path, params, message):
 def test_missing_file():
     with pytest.raises(FormatError, match="no such file"):
         llama2c.load("/nonexistent/model.bin")
+
+
+@pytest.mark.parametrize("name,fmt", [("stories260K.bin", "llama2c"), ("stories260K.gguf", "gguf")])
+def test_checkpoint_load_picks_the_format_by_content(name, fmt):
+    """README's `llama2.checkpoint.load` reads any format, as the loader does."""
+    ckpt = checkpoint.load(asset(name))
+    assert ckpt.format == fmt and formats.model_kind(asset(name)) == fmt
+    assert ckpt.config == formats.load_checkpoint(asset(name)).config
+    np.testing.assert_array_equal(ckpt.dense("wq"), formats.reader(fmt).load(asset(name)).dense("wq"))
