@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the shared assets are, and small random models made on the spot."""
+"""Shared test fixtures: where the shared assets are, small random models made on the spot, and
+stories260K loaded once per test module."""
 
 import os
 from pathlib import Path
@@ -69,3 +70,10 @@ def tiny_model(tmp_path):
     tok = tmp_path / "tok.bin"
     byte_tokenizer(TINY.vocab_size).save(tok)
     return ckpt, tok
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """stories260K with its tokenizer (the shared assets), loaded once per test module."""
+    from llama2 import Llama
+    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
