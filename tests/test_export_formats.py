@@ -116,7 +116,7 @@ def test_extended_header_byte_offsets(tmp_path):
                          bos_id=5, eos_id=7)
     out = tmp_path / "x.bin"
     llama2c.write(out, config, random_weights(config), version=3, group_size=16, dtype="q8_0",
-                     chat_template="chatml")
+                  chat_template="chatml")
     raw = out.read_bytes()
     assert struct.unpack_from("<I", raw, 0)[0] == 0x616B3432 and raw[:4] == b"24ka"
     assert struct.unpack_from("<i", raw, 4)[0] == 3

@@ -89,4 +89,4 @@ def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
     if dtype == "q8_0" and group_size <= 0:
         raise FormatError(f"--group-size must be positive, got {group_size}")
     llama2c.write_stream(out, config, source.tensor, version, group_size if dtype == "q8_0" else 0,
-                            dtype, template if version == llama2c.EXT_VERSION else None)
+                         dtype, template if version == llama2c.EXT_VERSION else None)
