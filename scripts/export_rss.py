@@ -80,7 +80,7 @@ def main():
     peak = subprocess.run([sys.executable, "-c", probe.format(run=f"c.main({argv!r});")], env=env,
                           capture_output=True, text=True, check=True)
     seconds = time.perf_counter() - start
-    base = subprocess.run([sys.executable, "-c", probe.format(run="import llama2.export, llama2.hf;")],
+    base = subprocess.run([sys.executable, "-c", probe.format(run="import llama2.export, llama2.formats.hf;")],
                           env=env, capture_output=True, text=True, check=True)
     size = (directory / "model.safetensors").stat().st_size / 2**20
     print(f"input {size:.0f} MiB ({args.dtype}), output {out.stat().st_size / 2**20:.0f} MiB, "

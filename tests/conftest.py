@@ -1,4 +1,5 @@
-"""Shared test fixtures: where the shared assets are, and small random models made on the spot."""
+"""Shared test fixtures: where the shared assets are, small random models made on the spot, and
+stories260K loaded once per test module."""
 
 import os
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 
 from llama2 import checkpoint
 from llama2.config import ModelConfig
+from llama2.formats import llama2c
 from llama2.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,7 +66,14 @@ TINY = ModelConfig(dim=32, hidden_dim=64, n_layers=2, n_heads=4, n_kv_heads=2, v
 def tiny_model(tmp_path):
     """A random-weight v1 checkpoint and a matching tokenizer in a temp folder."""
     ckpt = tmp_path / "tiny.bin"
-    checkpoint.write(ckpt, TINY, random_weights(TINY), version=1)
+    llama2c.write(ckpt, TINY, random_weights(TINY), version=1)
     tok = tmp_path / "tok.bin"
     byte_tokenizer(TINY.vocab_size).save(tok)
     return ckpt, tok
+
+
+@pytest.fixture(scope="module")
+def llama():
+    """stories260K with its tokenizer (the shared assets), loaded once per test module."""
+    from llama2 import Llama
+    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))

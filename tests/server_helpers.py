@@ -1,4 +1,5 @@
-"""Start `llama2 serve` as a subprocess on a free loopback port, for the server tests."""
+"""Start `llama2 serve` as a subprocess on a free loopback port, for the server tests, and the
+module-scoped fixtures those tests share (a server with given flags, its openai and httpx clients)."""
 
 import os
 import re
@@ -7,6 +8,8 @@ import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from conftest import REPO, asset
 
@@ -73,3 +76,39 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def serve_fixture(*flags):
+    """A module-scoped `server` fixture: `llama2 serve` with `flags`, which must exit 0 on SIGTERM
+    after the module's tests (`server = serve_fixture("--max-batch", "4")` in the test module)."""
+
+    @pytest.fixture(scope="module")
+    def server():
+        s = Server(*flags)
+        yield s
+        assert s.terminate() == 0, s.stderr
+
+    return server
+
+
+def openai_fixture():
+    """A module-scoped `client` fixture: the official openai client of the module's `server`."""
+
+    @pytest.fixture(scope="module")
+    def client(server):
+        import openai
+        return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
+
+    return client
+
+
+def http_fixture(key):
+    """A module-scoped `http` fixture: an httpx client of the module's `server`, sending `key`."""
+
+    @pytest.fixture(scope="module")
+    def http(server):
+        import httpx
+        with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+            yield c
+
+    return http

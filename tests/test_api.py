@@ -4,19 +4,11 @@ OpenAI-shaped dicts and chunks; stop strings cut exactly; logprobs are the log-s
 import numpy as np
 import pytest
 
-from conftest import asset
-
 from llama2.completions import RequestError, chat_params, completion_params
 from llama2.generate import complete, log_softmax
 
 PROMPT = "Once upon a time"
 CHAT = [{"role": "system", "content": "You are a storyteller."}, {"role": "user", "content": "Tell me a story."}]
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
 
 
 def test_completion_shape_and_run_c_text(llama):

@@ -13,9 +13,9 @@ import pytest
 
 from conftest import asset
 from llama2.benchmarks import engine, files
-from llama2.checkpoint import bf16_to_f32, f32_to_bf16
+from llama2.formats.bfloat16 import bf16_to_f32, f32_to_bf16
 from llama2.cli import main
-from llama2.loader import load_checkpoint, open_source
+from llama2.formats import load_checkpoint, open_source
 from llama2.model import Transformer
 
 TINY = files.SHAPES["tiny"].config
@@ -289,7 +289,7 @@ def test_llama_cpp_quantizes_and_agrees_on_the_same_file(tmp_path):
     tok = asset("tok512.bin")
     where = files.prepare("tiny", ["q8_0", "q4_k_m"], tmp_path, tok, threads=1, python=sys.executable)
     assert (tmp_path / "tiny-f16.gguf").is_file()  # made first, as the quantizer's input
-    from llama2 import gguf
+    from llama2.formats import gguf
 
     _, infos, _ = gguf.read(where["q8_0"])
     assert {kind for name, (kind, _, _) in infos.items() if not name.endswith("norm.weight")} == {gguf.Q8_0}

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from server_helpers import Server
+from server_helpers import http_fixture, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -36,17 +36,8 @@ ARTIFACTS = Path(os.environ.get("LLAMA2_TEST_ARTIFACTS", REPO / "test-artifacts"
 WAIT_S = 20  # the longest any one wait in the browser may take
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--api-key", KEY)
-    yield s
-    assert s.terminate() == 0, s.stderr
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-        yield c
+server = serve_fixture("--api-key", KEY)
+http = http_fixture(KEY)
 
 
 def api_reply(http, body: dict) -> str:

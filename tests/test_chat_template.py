@@ -3,10 +3,10 @@
 import io
 
 from conftest import TINY, byte_tokenizer, random_weights
-from llama2 import checkpoint
 from llama2.chat import encode_turn, marker_ids
 from llama2.chat_template import JINJA, detect
 from llama2.cli import main
+from llama2.formats import llama2c
 from llama2.tokenizer import Tokenizer
 
 
@@ -44,8 +44,8 @@ def test_template_from_the_checkpoint_and_override(tmp_path):
     tok = tmp_path / "tok.bin"
     chatml_tokenizer(TINY.vocab_size).save(tok)
     plain, tagged = tmp_path / "plain.bin", tmp_path / "chatml.bin"
-    checkpoint.write(plain, TINY, weights, version=1)
-    checkpoint.write(tagged, TINY, weights, version=3, chat_template="chatml")
+    llama2c.write(plain, TINY, weights, version=1)
+    llama2c.write(tagged, TINY, weights, version=3, chat_template="chatml")
     args = ["--mode", "chat", "-t", "1", "-s", "7", "-n", "60", "-i", "hello there", "-y", "be brief", "-z", str(tok)]
     code, from_model, err = run_cli(["run", str(tagged), *args])
     assert code == 0, err

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY, asset, random_weights
-from llama2 import Llama, checkpoint
+from llama2 import Llama, checkpoint, formats
 from llama2.errors import FormatError
+from llama2.formats import llama2c
 
 
 def test_three_versions_hold_the_same_weights():
-    v0 = checkpoint.load(asset("stories260K.bin"))
-    v1 = checkpoint.load(asset("stories260K_v1.bin"))
+    v0 = llama2c.load(asset("stories260K.bin"))
+    v1 = llama2c.load(asset("stories260K_v1.bin"))
     assert (v0.version, v1.version) == (0, 1)
     assert v0.config == v1.config
     for name in v0.weights:
@@ -21,8 +22,8 @@ def test_three_versions_hold_the_same_weights():
 
 
 def test_q8_dequantized_within_half_a_scale():
-    fp = checkpoint.load(asset("stories260K.bin"))
-    q8 = checkpoint.load(asset("stories260K-q8.bin"))
+    fp = llama2c.load(asset("stories260K.bin"))
+    q8 = llama2c.load(asset("stories260K-q8.bin"))
     assert q8.version == 2 and q8.group_size == 8
     for name, value in q8.weights.items():
         if name.startswith("rms"):
@@ -47,7 +48,7 @@ def test_q8_greedy_story_matches_fp32_first_sentence():
 @pytest.mark.parametrize("group_size", [4, 8, 7, 64])
 def test_quantize_tail_groups(group_size):
     w = np.random.default_rng(1).standard_normal((5, 13)).astype(np.float32)  # 65 values
-    qt = checkpoint.quantize_q80(w, group_size)
+    qt = llama2c.quantize_q80(w, group_size)
     assert len(qt.s) == -(-65 // group_size)
     err = np.abs(qt.dequantize() - w).reshape(-1)
     assert (err <= np.repeat(qt.s, group_size)[:65] / 2 + 1e-7).all()
@@ -57,8 +58,8 @@ def test_quantize_tail_groups(group_size):
 def test_write_read_round_trip(tmp_path, version):
     w = random_weights(TINY)
     path = tmp_path / f"v{version}.bin"
-    checkpoint.write(path, TINY, w, version=version, group_size=16)
-    back = checkpoint.load(path)
+    llama2c.write(path, TINY, w, version=version, group_size=16)
+    back = llama2c.load(path)
     assert back.config == TINY and back.version == version
     for name, value in w.items():
         tol = 0 if version < 2 else np.abs(value).max() / 127
@@ -66,11 +67,11 @@ def test_write_read_round_trip(tmp_path, version):
 
 
 def test_written_files_equal_llama2c_exports(tmp_path):
-    v0 = checkpoint.load(asset("stories260K.bin"))
+    v0 = llama2c.load(asset("stories260K.bin"))
     weights = {n: v0.dense(n) for n in v0.weights}
     for version, ref in ((1, "stories260K_v1.bin"), (2, "stories260K-q8.bin")):
         out = tmp_path / f"out{version}.bin"
-        checkpoint.write(out, v0.config, weights, version=version, group_size=8)
+        llama2c.write(out, v0.config, weights, version=version, group_size=8)
         assert out.read_bytes() == asset(ref).read_bytes()
 
 
@@ -83,22 +84,22 @@ def _write(tmp_path, data, name="bad.bin"):
 def test_truncated_file_names_sizes(tmp_path):
     data = asset("stories260K_v1.bin").read_bytes()
     with pytest.raises(FormatError, match=r"bad\.bin: file is \d+ bytes but its version-1 header implies"):
-        checkpoint.load(_write(tmp_path, data[:-100]))
+        llama2c.load(_write(tmp_path, data[:-100]))
     with pytest.raises(FormatError, match="trailing data"):
-        checkpoint.load(_write(tmp_path, data + b"\0\0\0\0"))
+        llama2c.load(_write(tmp_path, data + b"\0\0\0\0"))
 
 
 def test_bad_version_and_magic(tmp_path):
     data = bytearray(asset("stories260K_v1.bin").read_bytes())
     data[4:8] = struct.pack("<i", 7)
     with pytest.raises(FormatError, match="unsupported checkpoint version 7 at byte 4"):
-        checkpoint.load(_write(tmp_path, bytes(data)))
+        llama2c.load(_write(tmp_path, bytes(data)))
     with pytest.raises(FormatError, match="unknown magic"):
-        checkpoint.load(_write(tmp_path, b"\xff" * 300))
+        llama2c.load(_write(tmp_path, b"\xff" * 300))
     with pytest.raises(FormatError, match="too short"):
-        checkpoint.load(_write(tmp_path, b"abc"))
+        llama2c.load(_write(tmp_path, b"abc"))
     with pytest.raises(FormatError, match="empty"):
-        checkpoint.load(_write(tmp_path, b""))
+        llama2c.load(_write(tmp_path, b""))
 
 
 @pytest.mark.parametrize("params,message", [
@@ -109,9 +110,18 @@ def test_bad_version_and_magic(tmp_path):
 ])
 def test_inconsistent_dimensions(tmp_path, params, message):
     with pytest.raises(FormatError, match=message):
-        checkpoint.load(_write(tmp_path, struct.pack("<7i", *params) + b"\0" * 64))
+        llama2c.load(_write(tmp_path, struct.pack("<7i", *params) + b"\0" * 64))
 
 
 def test_missing_file():
     with pytest.raises(FormatError, match="no such file"):
-        checkpoint.load("/nonexistent/model.bin")
+        llama2c.load("/nonexistent/model.bin")
+
+
+@pytest.mark.parametrize("name,fmt", [("stories260K.bin", "llama2c"), ("stories260K.gguf", "gguf")])
+def test_checkpoint_load_picks_the_format_by_content(name, fmt):
+    """README's `llama2.checkpoint.load` reads any format, as the loader does."""
+    ckpt = checkpoint.load(asset(name))
+    assert ckpt.format == fmt and formats.model_kind(asset(name)) == fmt
+    assert ckpt.config == formats.load_checkpoint(asset(name)).config
+    np.testing.assert_array_equal(ckpt.dense("wq"), formats.reader(fmt).load(asset(name)).dense("wq"))

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from conftest import TINY, asset, byte_tokenizer, random_weights
-from llama2 import Llama, checkpoint, gguf
+from llama2 import Llama, checkpoint
 from llama2 import weights as llama2_weights
 from llama2.cli import main
 from llama2.config import ModelConfig
-from llama2.loader import load_checkpoint
+from llama2.errors import FormatError
+from llama2.formats import bfloat16, gguf, llama2c, load_checkpoint
 from llama2.tokenizer import Tokenizer
 from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 
@@ -49,7 +50,7 @@ def test_round_trip_v0_v1_v2_v3(tmp_path):
     base = logits(v0)
     for path in (v1, v3):
         np.testing.assert_array_equal(logits(path), base)
-    a, b = checkpoint.load(v2), checkpoint.load(v3q)
+    a, b = llama2c.load(v2), llama2c.load(v3q)
     assert b.dtype == "q8_0" and b.group_size == 8 and b.config == a.config
     for name in ("token_embedding", *checkpoint.LAYER_MATRICES):
         ta = a.weights[name] if isinstance(a.weights[name], list) else [a.weights[name]]
@@ -65,9 +66,9 @@ def test_round_trip_v0_v1_v2_v3(tmp_path):
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_half_precision_extended_header(tmp_path, dtype):
     out = export(tmp_path / f"{dtype}.bin", asset("stories260K.bin"), "--dtype", dtype)
-    ckpt = checkpoint.load(out)
+    ckpt = llama2c.load(out)
     assert ckpt.dtype == dtype and ckpt.version == 3
-    src = checkpoint.load(asset("stories260K.bin"))
+    src = llama2c.load(asset("stories260K.bin"))
     for name, w in src.weights.items():
         got = ckpt.dense(name)
         if name.startswith("rms"):  # norms stay float32
@@ -83,7 +84,7 @@ def test_half_precision_extended_header(tmp_path, dtype):
     # fp32 again from the half-precision file: the widened values, and the same logits as them up to
     # float32 summation order (the half-precision file runs on the native kernels, in place)
     back = export(tmp_path / "back.bin", out, "--version", "1")
-    np.testing.assert_array_equal(checkpoint.load(back).dense("wq"), ckpt.dense("wq"))
+    np.testing.assert_array_equal(llama2c.load(back).dense("wq"), ckpt.dense("wq"))
     np.testing.assert_allclose(logits(back), logits(out), atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits(out), logits(asset("stories260K.bin")),
                                atol={"fp16": 0.05, "bf16": 0.3}[dtype])
@@ -95,7 +96,7 @@ def test_int8_export_within_half_a_scale(tmp_path, group_size):
     in a short tail group (64*172 = 110*100 + 8), which must be kept, not dropped."""
     out = export(tmp_path / "q.bin", asset("stories260K.bin"), "--version", "2", "--group-size",
                  str(group_size))
-    q, src = checkpoint.load(out), checkpoint.load(asset("stories260K.bin"))
+    q, src = llama2c.load(out), llama2c.load(asset("stories260K.bin"))
     assert q.group_size == group_size
     for name in ("token_embedding", *checkpoint.LAYER_MATRICES):
         tensors = q.weights[name] if isinstance(q.weights[name], list) else [q.weights[name]]
@@ -114,8 +115,8 @@ def test_extended_header_byte_offsets(tmp_path):
                          seq_len=64, shared_classifier=False, rope_theta=1e6, norm_eps=1e-6,
                          bos_id=5, eos_id=7)
     out = tmp_path / "x.bin"
-    checkpoint.write(out, config, random_weights(config), version=3, group_size=16, dtype="q8_0",
-                     chat_template="chatml")
+    llama2c.write(out, config, random_weights(config), version=3, group_size=16, dtype="q8_0",
+                  chat_template="chatml")
     raw = out.read_bytes()
     assert struct.unpack_from("<I", raw, 0)[0] == 0x616B3432 and raw[:4] == b"24ka"
     assert struct.unpack_from("<i", raw, 4)[0] == 3
@@ -124,16 +125,16 @@ def test_extended_header_byte_offsets(tmp_path):
     assert struct.unpack_from("<3i", raw, 40) == (16, 5, 7)
     assert struct.unpack_from("<2d", raw, 56) == (1e6, 1e-6)
     assert raw[72:256] == bytes(184)
-    back = checkpoint.load(out)
+    back = llama2c.load(out)
     assert back.config == config and back.chat_template == "chatml" and back.quantized
 
 
 def test_truncated_extended_file_is_rejected(tmp_path):
     out = tmp_path / "x.bin"
-    checkpoint.write(out, TINY, random_weights(TINY), version=3, dtype="fp16")
+    llama2c.write(out, TINY, random_weights(TINY), version=3, dtype="fp16")
     out.write_bytes(out.read_bytes()[:-2])
-    with pytest.raises(checkpoint.FormatError, match="truncated"):
-        checkpoint.load(out)
+    with pytest.raises(FormatError, match="truncated"):
+        llama2c.load(out)
 
 
 def assert_same_tensors(infos, buf, ref_infos, ref_buf):
@@ -203,7 +204,7 @@ def test_gguf_direct_load_matches_bin():
 def test_gguf_types_round_trip(tmp_path, dtype):
     weights = random_weights(TINY)  # dims are multiples of 32, as GGUF Q8_0 needs
     src = tmp_path / "tiny.bin"
-    checkpoint.write(src, TINY, weights, version=1)
+    llama2c.write(src, TINY, weights, version=1)
     out = tmp_path / "tiny.gguf"
     assert run_cli(["export", str(out), "--from", str(src), "--format", "gguf", "--dtype", dtype])[0] == 0
     ckpt = load_checkpoint(out)
@@ -219,8 +220,8 @@ def test_gguf_types_round_trip(tmp_path, dtype):
 
 def test_quantize_in_chunks_equals_at_once():
     w = np.random.default_rng(0).standard_normal((13, 172)).astype(np.float32)
-    whole = checkpoint.quantize_q80(w, 8, chunk_values=1 << 20)
-    parts = checkpoint.quantize_q80(w, 8, chunk_values=40)  # 5 groups per chunk, tail group last
+    whole = llama2c.quantize_q80(w, 8, chunk_values=1 << 20)
+    parts = llama2c.quantize_q80(w, 8, chunk_values=40)  # 5 groups per chunk, tail group last
     np.testing.assert_array_equal(whole.q, parts.q)
     np.testing.assert_array_equal(whole.s, parts.s)
 
@@ -245,7 +246,7 @@ def test_loading_needs_no_heavy_dependencies(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps(HF_CONFIG))
     write_safetensors(hf / "model.safetensors", hf_tensors(HF_CONFIG))
-    code = ("import sys; from llama2.loader import load_checkpoint; "
+    code = ("import sys; from llama2.formats import load_checkpoint; "
             f"load_checkpoint({str(asset('stories260K.gguf'))!r}); load_checkpoint({str(hf)!r}); "
             "heavy = {'torch', 'gguf', 'safetensors', 'sentencepiece', 'transformers'} & "
             "{m.split('.')[0] for m in sys.modules}; print(sorted(heavy))")
@@ -260,13 +261,13 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
     """A Q8_0 GGUF stays in its blocks in memory, and int8 (group 32) in a version-3 export made
     from it."""
     src = tmp_path / "tiny.bin"
-    checkpoint.write(src, TINY, random_weights(TINY), version=1)
+    llama2c.write(src, TINY, random_weights(TINY), version=1)
     q8 = tmp_path / "tiny.gguf"
     assert run_cli(["export", str(q8), "--from", str(src), "--format", "gguf", "--version", "2"])[0] == 0
     g = load_checkpoint(q8)
     assert g.quantized and g.group_size == 32 and g.dtype == "q8_0"
     v3 = export(tmp_path / "v3.bin", q8, "--dtype", "q8_0", "--group-size", "32")
-    b = checkpoint.load(v3)
+    b = llama2c.load(v3)
     for name in ("token_embedding", "wq", "w2"):
         x = g.weights[name][1] if name != "token_embedding" else g.weights[name]
         y = b.weights[name][1] if name != "token_embedding" else b.weights[name]
@@ -291,7 +292,7 @@ def test_gguf_q8_0_encoding_in_chunks(monkeypatch):
 
 def test_bf16_rounding():
     x = np.array([1.0, 1.00390625, 1.01171875, -2.5e-3, np.inf, np.nan, 3.0e38], np.float32)
-    got = checkpoint.bf16_to_f32(checkpoint.f32_to_bf16(x, chunk=3))
+    got = bfloat16.bf16_to_f32(bfloat16.f32_to_bf16(x, chunk=3))
     # 1 + 2^-8 is halfway between bf16 neighbours: to even (1.0); 1 + 3*2^-8 rounds up to 1 + 2^-6
     assert got[:2].tolist() == [1.0, 1.0] and got[2] == np.float32(1.015625)
     assert abs(got[3] / x[3] - 1) <= 2 ** -9 and got[4] == np.inf and np.isnan(got[5])
@@ -301,7 +302,7 @@ def test_bf16_rounding():
 def test_gguf_fp16_runs_in_llama_cpp(tmp_path):
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     src, tok = tmp_path / "tiny.bin", tmp_path / "tok.bin"
-    checkpoint.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
+    llama2c.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
     byte_tokenizer(TINY.vocab_size).save(tok)
     out = tmp_path / "tiny.gguf"
     assert run_cli(["export", str(out), "--from", str(src), "--format", "gguf", "--dtype", "fp16",
@@ -321,7 +322,7 @@ def test_gguf_q8_0_equals_llama_cpp_quantizer(tmp_path):
     import ctypes
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
     src, tok = tmp_path / "tiny.bin", tmp_path / "tok.bin"
-    checkpoint.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
+    llama2c.write(src, TINY, random_weights(TINY, scale=0.3), version=1)
     byte_tokenizer(TINY.vocab_size).save(tok)
     f32, ours, theirs = tmp_path / "f32.gguf", tmp_path / "q8.gguf", tmp_path / "ref.gguf"
     for out, dtype in ((f32, "fp32"), (ours, "q8_0")):

@@ -12,6 +12,7 @@ import pytest
 from conftest import asset, byte_tokenizer
 from llama2 import Llama, checkpoint
 from llama2.cli import main
+from llama2.formats import llama2c
 
 torch = pytest.importorskip("torch", reason="the Hugging Face tests need torch")
 transformers = pytest.importorskip("transformers", reason="the Hugging Face tests need transformers")
@@ -96,7 +97,7 @@ def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, ti
     code, err = run_cli(["export", str(legacy), "--hf", str(directory), "--version", "1"])
     assert code == 0
     assert ("rope_theta" in err) == (theta != 10000.0)  # warns what v1 cannot record
-    v1 = checkpoint.load(legacy)
+    v1 = llama2c.load(legacy)
     for name, w in v1.weights.items():
         np.testing.assert_array_equal(w, exported.checkpoint.weights[name])
 
@@ -112,7 +113,7 @@ def test_bf16_sharded_safetensors(tmp_path):
     np.testing.assert_allclose(load_f32(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     out = tmp_path / "bf16.bin"
     assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "bf16"])[0] == 0
-    ckpt = checkpoint.load(out)
+    ckpt = llama2c.load(out)
     assert ckpt.dtype == "bf16"
     np.testing.assert_allclose(load_f32(out, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     # bf16 on disk, as the source: no wider than the safetensors shards (plus a header)
@@ -130,7 +131,7 @@ def test_fp16_export_and_pytorch_model_bin(tmp_path):
     np.testing.assert_allclose(load_f32(directory, tokenizer=tok).logits(ids), ref, atol=1e-4, rtol=0)
     out = tmp_path / "fp16.bin"
     assert run_cli(["export", str(out), "--hf", str(directory), "--dtype", "fp16"])[0] == 0
-    assert checkpoint.load(out).dtype == "fp16"
+    assert llama2c.load(out).dtype == "fp16"
     np.testing.assert_allclose(load_f32(out, tokenizer=tok).logits(ids), ref, atol=2e-2, rtol=0)
 
 
@@ -143,7 +144,7 @@ def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
                           "<|im_end|>\n{% endfor %}"}))
-    from llama2.loader import load_checkpoint
+    from llama2.formats import load_checkpoint
     loaded = load_checkpoint(directory)
     assert loaded.chat_template == "chatml"
     assert loaded.vocab is not None and len(loaded.vocab) == 512
@@ -153,9 +154,9 @@ def test_tokenizer_and_chat_template_come_with_the_model(tmp_path):
     # export keeps the template in the version-3 header, --chat-template overrides it
     out = tmp_path / "chat.bin"
     assert run_cli(["export", str(out), "--hf", str(directory)])[0] == 0
-    assert checkpoint.load(out).chat_template == "chatml"
+    assert llama2c.load(out).chat_template == "chatml"
     assert run_cli(["export", str(out), "--hf", str(directory), "--chat-template", "llama2"])[0] == 0
-    assert checkpoint.load(out).chat_template == "llama2"
+    assert llama2c.load(out).chat_template == "llama2"
 
 
 def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
@@ -177,7 +178,7 @@ def test_run_hf_directory_from_the_cli(tmp_path, monkeypatch):
 
 
 def test_unpermute_inverts_the_hf_permutation():
-    from llama2.hf import permute, unpermute
+    from llama2.formats.hf import permute, unpermute
     w = np.arange(4 * 8 * 3, dtype=np.float32).reshape(32, 3)  # 4 heads of 8, 3 columns
     assert np.array_equal(unpermute(permute(w, 4), 4), w)
     # HF's rows of one head: the first halves of RoPE pairs, then the second halves
@@ -220,7 +221,7 @@ def test_folder_runs_in_place_in_its_stored_type(tmp_path, dtype):
     """safetensors are mapped, not read: every matrix is a view of its file in the stored type, q/k
     in HF's layout (rotate-half RoPE), and the logits still equal transformers'."""
     import mmap
-    from llama2 import hf
+    from llama2.formats import hf
     directory, model = tiny_hf(tmp_path, kv_heads=2, theta=1e6, tie=False,
                                dtype=None if dtype == "float32" else getattr(torch, dtype))
     ckpt = hf.load(directory)

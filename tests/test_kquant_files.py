@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from conftest import asset, golden
-from llama2 import gguf, kernels as K, weights
+from llama2 import kernels as K, weights
 from llama2.checkpoint import LAYER_MATRICES
+from llama2.formats import gguf
 from llama2.model import Transformer
 from llama2.weights import base
 

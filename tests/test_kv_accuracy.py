@@ -11,9 +11,9 @@ validation sample. Figures at the time of writing (max |logit - f32 logit|; perp
 import numpy as np
 import pytest
 
-from llama2 import checkpoint, kvcache
+from llama2 import kvcache
 from llama2.llama import Llama
-from llama2.loader import load_checkpoint
+from llama2.formats import llama2c, load_checkpoint
 from llama2.model import Transformer
 
 from conftest import asset
@@ -31,7 +31,7 @@ def decoded_logits(model, tokens, kv_type):  # one token at a time: the native d
 
 @pytest.mark.parametrize("name", list(BOUNDS))
 def test_logits_of_each_kv_type_stay_within_their_bound_over_256_positions(name):
-    model = Transformer(checkpoint.load(asset(name)))
+    model = Transformer(llama2c.load(asset(name)))
     rng = np.random.default_rng(0)
     if name.startswith("stories"):
         tok = Llama.load(asset(name), tokenizer=asset("tok512.bin")).tokenizer
@@ -69,6 +69,6 @@ def test_perplexity_of_stories260K_per_kv_type():
 def test_default_kv_type_follows_the_file_format():
     assert kvcache.default_type("llama2c") == "f32"
     assert kvcache.default_type("gguf") == kvcache.default_type("hf") == "f16"
-    assert Transformer(checkpoint.load(asset("stories260K.bin"))).kv_type == "f32"
+    assert Transformer(llama2c.load(asset("stories260K.bin"))).kv_type == "f32"
     assert Transformer(load_checkpoint(asset("stories260K.gguf"))).kv_type == "f16"
-    assert Transformer(checkpoint.load(asset("stories260K.bin")), kv_type="q8_0").kv_type == "q8_0"
+    assert Transformer(llama2c.load(asset("stories260K.bin")), kv_type="q8_0").kv_type == "q8_0"

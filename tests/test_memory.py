@@ -116,7 +116,8 @@ def test_estimate_by_storage():
 
 def test_quantize_estimate_follows_the_quantizers():
     """A mix at load: each tensor's bytes are those of the type llama.cpp's rule gives it."""
-    from llama2 import gguf, quantize
+    from llama2 import quantize
+    from llama2.formats import gguf
     from llama2.checkpoint import LAYER_MATRICES
     from llama2.model import Transformer
 
@@ -182,10 +183,10 @@ def test_describe_reads_headers_only(tmp_path):
                                   "kquant/rand256-q8_0.gguf"])
 def test_estimate_equals_what_the_loader_holds(name):
     """The estimate's weights are the bytes of the matrices the loaded model holds, plus norms."""
-    from llama2 import loader
+    from llama2 import formats
     from llama2.model import Transformer
 
-    ckpt = loader.load_checkpoint(asset(name))
+    ckpt = formats.load_checkpoint(asset(name))
     c = ckpt.config
     model = Transformer(ckpt)
     held = model.embedding.nbytes + (0 if c.shared_classifier else model.classifier.nbytes)
@@ -201,7 +202,7 @@ def test_hf_folder_is_described_by_its_safetensors(tmp_path):
 
     from safetensors.numpy import save_file
 
-    from llama2 import hf
+    from llama2.formats import hf
     from llama2.model import Transformer
 
     c = SMALL
@@ -264,7 +265,7 @@ def test_real_address_space_limit_is_read():
     """A process under `ulimit -v` just above what it maps is refused with the limit in the line."""
     script = (
         "import resource, sys\n"
-        "import llama2.llama, llama2.memory, llama2.cli.run, llama2.loader, llama2.checkpoint\n"
+        "import llama2.llama, llama2.memory, llama2.cli.run, llama2.formats, llama2.checkpoint\n"
         "mapped = llama2.memory._kib('/proc/self/status', 'VmSize')\n"
         "resource.setrlimit(resource.RLIMIT_AS, (mapped + (40 << 20), resource.RLIM_INFINITY))\n"
         "from llama2.cli import main\n"

@@ -6,6 +6,7 @@ import pytest
 from conftest import TINY, random_weights
 from llama2 import checkpoint, kernels as K
 from llama2.config import ModelConfig
+from llama2.formats import llama2c
 from llama2.model import Transformer
 
 
@@ -115,7 +116,7 @@ def test_no_float64_in_outputs():
 def test_rope_halves_is_interleaved_rope_on_permuted_heads():
     # HF keeps each head's pairs as (i, i + hd/2); rotating that layout equals rotating the
     # interleaved layout and permuting the result the same way.
-    from llama2.hf import permute
+    from llama2.formats.hf import permute
     cos, sin = K.rope_tables(8, 16, 10000.0)
     x = np.random.default_rng(3).standard_normal((4, 3, 8)).astype(np.float32)
     pos = np.array([0, 1, 9, 15])
@@ -131,7 +132,7 @@ def test_rope_halves_is_interleaved_rope_on_permuted_heads():
 @pytest.mark.parametrize("tile", [1 << 22, 200])  # one tile, or several column blocks of the product
 def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
     from llama2 import model as M
-    from llama2.checkpoint import quantize_q80
+    from llama2.formats.llama2c import quantize_q80
     from llama2.weights import base
     monkeypatch.setattr(base, "DEQUANT_TILE", tile)
     rng = np.random.default_rng(6)
@@ -164,9 +165,9 @@ def test_float_inference_never_imports_numba(tmp_path):
     import subprocess
     import sys
     path = tmp_path / "m.bin"
-    checkpoint.write(path, TINY, random_weights(TINY), version=1)
-    code = (f"import sys; from llama2 import checkpoint; from llama2.model import Transformer;"
-            f"m = Transformer(checkpoint.load({str(path)!r})); c = m.new_cache();"
+    llama2c.write(path, TINY, random_weights(TINY), version=1)
+    code = (f"import sys; from llama2.formats import llama2c; from llama2.model import Transformer;"
+            f"m = Transformer(llama2c.load({str(path)!r})); c = m.new_cache();"
             f"m.forward([1, 5, 9], c); print('numba' in sys.modules, end=' ');"
             f"m.forward([3], c); print('numba' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -130,6 +130,7 @@ def test_llama_cpp_quantizer_on_awkward_weights(tmp_path):
 
     from conftest import byte_tokenizer
     from llama2 import checkpoint
+    from llama2.formats import llama2c
     from llama2.config import ModelConfig
 
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
@@ -148,7 +149,7 @@ def test_llama_cpp_quantizer_on_awkward_weights(tmp_path):
         rows[4, :shape[-1] // 2] = 0  # half zero: zero sub-blocks inside a super-block
         weights[name] = w
     src, tok = tmp_path / "awkward.bin", tmp_path / "tok.bin"
-    checkpoint.write(src, config, weights, version=1)
+    llama2c.write(src, config, weights, version=1)
     byte_tokenizer(config.vocab_size).save(tok)
     f32 = tmp_path / "f32.gguf"
     assert run_cli(["export", str(f32), "--from", str(src), "--format", "gguf", "--tokenizer",

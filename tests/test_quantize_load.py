@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from conftest import asset
-from llama2 import checkpoint, gguf, quantize, weights
+from llama2 import quantize, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.config import Q8_GROUP_SIZE
 from llama2.cli import main
 from llama2.errors import UsageError
+from llama2.formats import gguf, llama2c
 from llama2.model import Transformer
 from llama2.quantize.mix import QUANTIZE_TYPES
 
@@ -84,7 +85,7 @@ def test_q8_0_at_load_is_our_int8_layout(f16):
 def test_shared_classifier_gets_the_classifier_type():
     # a file without wcls: the embedding is the classifier, so a mix gives it Q6_K (llama.cpp's rule
     # for token_embd when there is no output.weight); rows of 64 fall back to Q8_0
-    ckpt = checkpoint.load(asset("stories260K.bin"))
+    ckpt = llama2c.load(asset("stories260K.bin"))
     assert ckpt.config.shared_classifier
     model = Transformer(ckpt, quantize="q4_k_m")
     assert model.classifier is model.embedding and model.embedding.NAME == "q8_0"
@@ -93,7 +94,7 @@ def test_shared_classifier_gets_the_classifier_type():
 @pytest.mark.parametrize("mix", ["q4_k", "q4_k_m", "q5_k_m", "q6_k"])
 def test_k_quants_fall_back_on_short_rows(mix):
     # stories260K: dim 64, hidden 172: k-quants fall back as llama.cpp's quantizer does
-    ckpt = checkpoint.load(asset("stories260K.bin"))
+    ckpt = llama2c.load(asset("stories260K.bin"))
     model = Transformer(ckpt, quantize=mix)
     w2 = model.layers[0].w2  # rows of 172: neither 256 nor 32 divides them
     assert w2.NAME == "f16"
@@ -103,7 +104,7 @@ def test_k_quants_fall_back_on_short_rows(mix):
 
 
 def test_impossible_type_is_one_line():
-    ckpt = checkpoint.load(asset("stories260K.bin"))
+    ckpt = llama2c.load(asset("stories260K.bin"))
     with pytest.raises(UsageError, match=r"--quantize q4_0: blk\.0\.ffn_down \[64, 172\] has rows of 172 "
                                          r"values, not a multiple of q4_0's block of 32") as e:
         Transformer(ckpt, quantize="q4_0")

@@ -6,7 +6,7 @@ import io
 import pytest
 
 from conftest import asset
-from server_helpers import Server, metric
+from server_helpers import metric, openai_fixture, serve_fixture
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -16,22 +16,8 @@ pytest.importorskip("uvicorn")
 MODEL = "stories260K"
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--max-batch", "4")
-    yield s
-    assert s.terminate() == 0, s.stderr
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
+server = serve_fixture("--max-batch", "4")
+client = openai_fixture()
 
 
 def run_cli(*argv, stdin="") -> bytes:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server_helpers import Server, metric
+from server_helpers import Server, http_fixture, metric, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -18,17 +18,8 @@ KEY = "sekret-key"
 LONG = {"model": MODEL, "prompt": "Tom", "max_tokens": 500, "temperature": 0}  # greedy: no EOS for 400+
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--max-batch", "1", "--max-queue", "1", "--api-key", KEY, "--max-body", "4096")
-    yield s
-    assert s.terminate() == 0, s.stderr
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.base, headers={"Authorization": f"Bearer {KEY}"}, timeout=60) as c:
-        yield c
+server = serve_fixture("--max-batch", "1", "--max-queue", "1", "--api-key", KEY, "--max-body", "4096")
+http = http_fixture(KEY)
 
 
 def ok(http):

@@ -8,8 +8,6 @@ import json
 
 import pytest
 
-from conftest import asset
-
 hypothesis = pytest.importorskip("hypothesis")
 pytest.importorskip("starlette")
 pytest.importorskip("httpx")
@@ -98,14 +96,12 @@ def encode(fields: dict, nesting: int) -> bytes:
 # -- the app ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def client():
+def client(llama):
     from starlette.testclient import TestClient
 
-    from llama2 import Llama
     from llama2.server.app import create_app
     from llama2.server.config import ServerConfig
 
-    llama = Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
     app = create_app(llama, ServerConfig(model_name=MODEL, max_batch=4, max_queue=8))
     with TestClient(app, base_url="http://127.0.0.1") as c:
         yield c

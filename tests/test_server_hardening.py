@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import asset
-from server_helpers import Server, metric
+from server_helpers import Server, metric, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -41,12 +41,6 @@ class SlowTokenizer:
             self.release.wait(30)
             text = text[len(self.MARK):]
         return self.inner.encode(text, *args, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
 
 
 @pytest.fixture(scope="module")
@@ -270,11 +264,7 @@ def test_error_bodies_carry_no_exception_text(client):
 TIMEOUT_FLAGS = ("--timeout-headers", "1", "--timeout-body", "1", "--timeout-keep-alive", "1")
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--max-batch", "2", *TIMEOUT_FLAGS)
-    yield s
-    assert s.terminate() == 0, s.stderr
+server = serve_fixture("--max-batch", "2", *TIMEOUT_FLAGS)
 
 
 def connect(server) -> socket.socket:

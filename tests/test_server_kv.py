@@ -16,12 +16,6 @@ from server_helpers import Server
 from test_server_scheduler import TIMEOUT_S, collect, params, reference
 
 
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
-
-
 class Checked(Scheduler):
     """A scheduler that checks its pool's accounting after every pass and records each pass's
     segment lengths."""

@@ -7,7 +7,6 @@ import time
 import numpy as np
 import pytest
 
-from conftest import asset
 from llama2.chat import encode_dialog, render_llama2
 from llama2.generate import generate
 from llama2.model import SMALL_BATCH
@@ -15,12 +14,6 @@ from llama2.sampler import Sampler
 from llama2.server.scheduler import Cancelled, Params, QueueFull, Scheduler, StopStrings
 
 TIMEOUT_S = 60
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
 
 
 def params(llama, prompt, max_tokens, temperature=1.0, top_p=0.9, seed=1, **kw):

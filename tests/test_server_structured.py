@@ -9,8 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import asset
-from server_helpers import Server
+from server_helpers import openai_fixture, serve_fixture
 from structured_cases import REGEXES, SCHEMAS, json_format
 
 openai = pytest.importorskip("openai")
@@ -25,22 +24,8 @@ MAX_TOKENS = 256
 CHAT = [{"role": "system", "content": "You answer in JSON."}, {"role": "user", "content": "Describe a dog."}]
 
 
-@pytest.fixture(scope="module")
-def server():
-    s = Server("--max-batch", "4")
-    yield s
-    assert s.terminate() == 0, s.stderr
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
+server = serve_fixture("--max-batch", "4")
+client = openai_fixture()
 
 
 def concurrently(fn, seeds):

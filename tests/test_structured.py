@@ -22,12 +22,6 @@ SAMPLES = 20
 MAX_TOKENS = 256
 
 
-@pytest.fixture(scope="module")
-def llama():
-    from llama2 import Llama
-    return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
-
-
 # -- the vocabulary as llguidance sees it ---------------------------------------------------------
 
 def test_vocabulary_bytes_and_specials(llama):

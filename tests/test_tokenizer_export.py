@@ -8,8 +8,8 @@ import struct
 import pytest
 
 from conftest import asset
-from llama2 import tokenizer_export
 from llama2.cli import main
+from llama2.formats.vocab import NORMAL, USER_DEFINED, from_sentencepiece, load_vocab
 from llama2.tokenizer import Tokenizer
 
 # ids 32000-32015, with Code Llama's infilling pieces at 32007-32010
@@ -62,8 +62,8 @@ def test_code_llama_vocabulary(tmp_path):
     """Code Llama's tokenizer is Llama's plus 16 user-defined pieces: 32016 tokens."""
     model = tmp_path / "codellama.model"
     model.write_bytes(asset("tokenizer.model").read_bytes() +
-                      b"".join(_piece(p, 0.0, tokenizer_export.USER_DEFINED) for p in CODE_LLAMA_EXTRA))
-    vocab = tokenizer_export.from_sentencepiece(model)
+                      b"".join(_piece(p, 0.0, USER_DEFINED) for p in CODE_LLAMA_EXTRA))
+    vocab = from_sentencepiece(model)
     assert len(vocab) == 32016 and vocab.pieces[32008] == "\u2581<SUF>"
     out = tmp_path / "codellama.bin"
     assert run_cli(["tokenizer", "export", str(model), "-o", str(out)])[0] == 0
@@ -75,12 +75,12 @@ def test_code_llama_vocabulary(tmp_path):
 def test_tokenizer_json_encodes_like_the_sentencepiece_model(tmp_path):
     """A Llama-style tokenizer.json (BPE, byte fallback, merges in priority order) made from tok512:
     the vocabulary we read from it encodes every text as tok512.bin does."""
-    ref = tokenizer_export.from_sentencepiece(asset("tok512.model"))
+    ref = from_sentencepiece(asset("tok512.model"))
     index = {p: i for i, p in enumerate(ref.pieces)}
     merges = []
     for i in sorted(range(len(ref)), key=lambda i: -ref.scores[i]):
         piece = ref.pieces[i]
-        if ref.types[i] != tokenizer_export.NORMAL or len(piece) < 2:
+        if ref.types[i] != NORMAL or len(piece) < 2:
             continue
         splits = [(piece[:k], piece[k:]) for k in range(1, len(piece))
                   if piece[:k] in index and piece[k:] in index]
@@ -90,7 +90,7 @@ def test_tokenizer_json_encodes_like_the_sentencepiece_model(tmp_path):
                       "vocab": {p: i for i, p in enumerate(ref.pieces)}, "merges": merges}}
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps(spec))
-    vocab = tokenizer_export.load_vocab(path)
+    vocab = load_vocab(path)
     assert vocab.pieces == ref.pieces and vocab.types == ref.types
     ours = Tokenizer(vocab.bin_pieces(), vocab.scores)
     theirs = Tokenizer.load(asset("tok512.bin"))
@@ -109,9 +109,9 @@ def test_tokenizer_from_gguf(tmp_path):
 
 
 def test_llama2c_bin_reads_back(tmp_path):
-    vocab = tokenizer_export.load_vocab(asset("tokenizer.bin"))
+    vocab = load_vocab(asset("tokenizer.bin"))
     assert vocab.to_bin() == asset("tokenizer.bin").read_bytes()
-    assert vocab.pieces == tokenizer_export.from_sentencepiece(asset("tokenizer.model")).pieces
+    assert vocab.pieces == from_sentencepiece(asset("tokenizer.model")).pieces
 
 
 def test_bad_tokenizer_file(tmp_path):
@@ -133,7 +133,7 @@ def test_tokenizer_bin_whose_first_byte_looks_like_protobuf(tmp_path):
     path = tmp_path / "tok.bin"
     tok.save(path)
     assert path.read_bytes()[:1] == b"\x0a"
-    vocab = tokenizer_export.load_vocab(path)
+    vocab = load_vocab(path)
     assert vocab.to_bin() == path.read_bytes() and (vocab.bos_id, vocab.eos_id) == (1, 2)
 
 

@@ -1,7 +1,7 @@
 """Export any model we can read to a llama2.c checkpoint (versions 0-3) or a GGUF file, streaming.
 
 A source is anything with `config` (ModelConfig), `tensor(name, layer) -> float32 array` in our
-layout (checkpoint.tensor_shapes, one layer at a time), `vocab` (tokenizer_export.Vocab or None) and
+layout (checkpoint.tensor_shapes, one layer at a time), `vocab` (formats.vocab.Vocab or None) and
 `chat_template` (a chat.TEMPLATES name or None): hf.HFModel, meta.MetaModel, CheckpointSource.
 Writers pull one tensor at a time, so memory stays near one layer plus the output buffer.
 """
@@ -11,34 +11,20 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import checkpoint, quantize, weights
+from . import checkpoint, quantize
 from .checkpoint import Checkpoint
 from .config import ModelConfig
 from .errors import FormatError
+from .formats import llama2c
 
 FORMATS = ("llama2c", "gguf")
-VERSIONS = (0, 1, 2, checkpoint.EXT_VERSION)
+VERSIONS = (0, 1, 2, llama2c.EXT_VERSION)
 LLAMA2C_DTYPES = ("fp32", "fp16", "bf16", "q8_0")  # what a version-3 llama2.c file stores
 # GGUF also takes llama.cpp's quantized file types (quantize.MIXES: q4_0 ... q6_k, q4_k_m, q5_k_m)
 DTYPES = LLAMA2C_DTYPES + tuple(t for t in quantize.MIXES if t not in LLAMA2C_DTYPES)
-DEFAULT_VERSION = checkpoint.EXT_VERSION  # the header that carries everything
+DEFAULT_VERSION = llama2c.EXT_VERSION  # the header that carries everything
 DEFAULT_GROUP_SIZE = 64
 _DEFAULTS = ModelConfig(1, 1, 1, 1, 1, 1, 1)  # for "does llama2.c's layout lose this?"
-
-
-class CheckpointSource:
-    """A loaded Checkpoint (any format the loader reads) as a source; tensors stored in other types
-    are dequantized one layer at a time."""
-
-    def __init__(self, ckpt: Checkpoint):
-        self.ckpt, self.config = ckpt, ckpt.config
-        self.vocab, self.chat_template = ckpt.vocab, ckpt.chat_template
-
-    def tensor(self, name, layer=None) -> np.ndarray:
-        w = self.ckpt.weights[name]
-        if layer is not None:
-            w = w[layer]
-        return weights.dense(w)
 
 
 def materialize(source, path, fmt) -> Checkpoint:
@@ -90,17 +76,17 @@ def export(out, source, fmt="llama2c", version=DEFAULT_VERSION, dtype="fp32",
     if vocab is not None:
         config = replace(config, bos_id=vocab.bos_id, eos_id=vocab.eos_id)
     if fmt == "gguf":
-        from . import gguf
+        from .formats import gguf
         gguf.write(out, config, source.tensor, vocab, dtype, template)
         if vocab is None:
             warn("llama2: warning: no tokenizer given (--tokenizer): the GGUF has no vocabulary")
         return
     if version in (0, 1) and dtype != "fp32":
         raise FormatError(f"--version {version} stores fp32 only; use --version 3 for {dtype}")
-    if version != checkpoint.EXT_VERSION and lost_fields(config):
+    if version != llama2c.EXT_VERSION and lost_fields(config):
         warn(f"llama2: warning: llama2.c's version-{version} header cannot record "
              f"{', '.join(lost_fields(config))}; readers will assume the defaults (use --version 3)")
     if dtype == "q8_0" and group_size <= 0:
         raise FormatError(f"--group-size must be positive, got {group_size}")
-    checkpoint.write_stream(out, config, source.tensor, version, group_size if dtype == "q8_0" else 0,
-                            dtype, template if version == checkpoint.EXT_VERSION else None)
+    llama2c.write_stream(out, config, source.tensor, version, group_size if dtype == "q8_0" else 0,
+                         dtype, template if version == llama2c.EXT_VERSION else None)

@@ -13,7 +13,7 @@ from .threads import set_threads
 from .config import DEFAULT_TOKENIZER, GENERATION
 from .errors import FormatError
 from .generate import Event, complete, generate
-from .loader import load_checkpoint
+from .formats import load_checkpoint
 from .model import Transformer
 from .sampler import Sampler
 from .tokenizer import Tokenizer

@@ -74,7 +74,7 @@ def kv_cache_bytes(config, kv_type: str = "f32", positions: int = None) -> int:
 def default_kv_type(path) -> str:
     """The KV type a model file gets without --kv-type (kvcache.default_type of its format)."""
     from . import kvcache
-    from .loader import model_kind
+    from .formats import model_kind
 
     try:
         kind = model_kind(path)
@@ -277,14 +277,14 @@ def describe(path):
     """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
     alone, or None when the file cannot be read that way (the loader then reports what is wrong)."""
     from . import checkpoint
-    from .loader import model_kind
+    from .formats import llama2c, model_kind
 
     try:
         kind = model_kind(path)
         if kind == "hf":
             return _describe_hf(path)
         if kind == "gguf":
-            from .gguf import GGUFModel
+            from .formats.gguf import GGUFModel
             from .weights import module
             m = GGUFModel(path)
             stored = {}
@@ -297,9 +297,9 @@ def describe(path):
                     stored[name] = module(m.kind(name)).NAME
             return m.config, stored
         with open(path, "rb") as f:
-            head = f.read(checkpoint.HEADER_BYTES)
-        config, version, group_size, _ = checkpoint.read_header(path, head)
-        dtype = checkpoint.file_dtype(head, version)
+            head = f.read(llama2c.HEADER_BYTES)
+        config, version, group_size, _ = llama2c.read_header(path, head)
+        dtype = llama2c.file_dtype(head, version)
         how = f"q8_v2:{group_size}" if dtype == "q8_0" else _kind(dtype)
         return config, {name: how for name in checkpoint.tensor_shapes(config) if not name.startswith("rms")}
     except Exception:  # noqa: BLE001 -- advisory only: the loader gives the file's real error
@@ -312,13 +312,13 @@ def _describe_hf(path):
     from pathlib import Path
 
     from . import checkpoint
-    from .hf import NAMES, SafetensorsFile, read_config
+    from .formats.hf import NAMES, SafetensorsFile, read_config
 
     folder = Path(path)
     config = read_config(folder)
     if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
         return config, {n: "f32" for n in checkpoint.tensor_shapes(config) if not n.startswith("rms")}
-    from .hf import HFModel
+    from .formats.hf import HFModel
     model = HFModel(folder)
     config = model.config
     files = {}

@@ -67,10 +67,12 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
     """Write (once) the checkpoint and GGUF files of `shape`: {"fp32", "int8", "gguf-fp32",
     "gguf-int8", "tokenizer"} paths. Weights are N(0, 0.02) from a fixed seed; stories260K is real."""
     from .. import checkpoint
-    from ..export import CheckpointSource, export
+    from ..formats import llama2c
+    from ..checkpoint import CheckpointSource
+    from ..export import export
     from ..errors import FormatError
     from ..hub import resolve
-    from ..tokenizer_export import load_vocab
+    from ..formats.vocab import load_vocab
 
     directory.mkdir(parents=True, exist_ok=True)
     if shape == "stories260K":
@@ -87,7 +89,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
             weights = {name: (rng.standard_normal(s, dtype=np.float32) * np.float32(0.02)
                               if not name.startswith("rms") else np.ones(s, np.float32))
                        for name, s in checkpoint.tensor_shapes(config).items()}
-            checkpoint.write(src, config, weights, version=1)
+            llama2c.write(src, config, weights, version=1)
     files = {"fp32": src, "tokenizer": tok, "int8": directory / f"{shape}-q8.bin",
              "gguf-fp32": directory / f"{shape}-f32.gguf", "gguf-int8": directory / f"{shape}-q8_0.gguf"}
     ckpt = None
@@ -95,7 +97,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
                             ("gguf-int8", "gguf", "q8_0")):
         if files[key].exists() or (fmt == "gguf" and not gguf):
             continue
-        ckpt = ckpt or checkpoint.load(src)
+        ckpt = ckpt or llama2c.load(src)
         source = CheckpointSource(ckpt)
         if fmt == "llama2c":
             export(files[key], source, fmt="llama2c", version=2, group_size=GROUP)
@@ -112,7 +114,7 @@ def model_files(shape: str, directory: Path, assets: Path = None, gguf: bool = T
 
 def _ours(path, threads):
     from ..threads import set_threads
-    from ..loader import load_checkpoint
+    from ..formats import load_checkpoint
     from ..model import Transformer
 
     set_threads(threads)

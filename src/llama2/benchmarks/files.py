@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..checkpoint import f32_to_bf16, tensor_shapes
+from ..checkpoint import tensor_shapes
+from ..formats.bfloat16 import f32_to_bf16
 from ..config import ModelConfig
 from ..errors import Llama2Error
 
@@ -173,7 +174,7 @@ def hf_config(config: ModelConfig) -> dict:
 
 def _hf_tensors(config: ModelConfig) -> list:
     """(HF name, our name, layer, shape) in the order transformers' checkpoints list them."""
-    from ..hf import NAMES
+    from ..formats.hf import NAMES
 
     shapes = tensor_shapes(config)
     out = [(NAMES["token_embedding"], "token_embedding", None, shapes["token_embedding"])]
@@ -204,7 +205,7 @@ def write_hf_bf16(config: ModelConfig, folder, shard_bytes: int = SHARD_BYTES, s
     shard held in memory at a time) with their index when there are several, and `spm_model` (a
     sentencepiece tokenizer.model) when given. q/k are stored in HF's rotate-half order. Written
     into a temporary folder renamed when complete."""
-    from ..hf import permute
+    from ..formats.hf import permute
 
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -270,7 +271,7 @@ def prepare(shape: str, kinds, directory, tokenizer, spm_model=None, threads: in
             log=lambda text: None) -> dict:
     """Make the files `kinds` of `shape` that are missing (resumable: what exists is kept);
     returns kind -> path for every kind asked."""
-    from ..tokenizer_export import load_vocab
+    from ..formats.vocab import load_vocab
 
     config = SHAPES[shape].config
     where = paths(shape, directory)

@@ -331,7 +331,7 @@ def _resolve_model(args, io):
 
 def _tokenizer(args):
     from ..llama import find_tokenizer
-    from ..loader import load_checkpoint
+    from ..formats import load_checkpoint
     from ..tokenizer import Tokenizer
     ckpt = load_checkpoint(args.model)
     tok = getattr(ckpt, "tokenizer", None)

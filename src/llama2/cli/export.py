@@ -44,15 +44,15 @@ def register(sub):
 def open_source(args):
     """The tensor source the flags name."""
     if args.hf is not None:
-        from ..hf import HFModel
+        from ..formats.hf import HFModel
         return HFModel(args.hf)
     if args.meta_llama is not None:
-        from ..meta import open_meta
+        from ..formats.meta import open_meta
         return open_meta(args.meta_llama, args.seq_len)
     if args.checkpoint is not None:
-        from ..meta import open_train_checkpoint
+        from ..formats.meta import open_train_checkpoint
         return open_train_checkpoint(args.checkpoint, args.seq_len)
-    from ..loader import open_source as open_model
+    from ..formats import open_source as open_model
     return open_model(args.source)
 
 
@@ -69,7 +69,7 @@ def run(args, io) -> int:
                          f"{', '.join(LLAMA2C_DTYPES)})")
     vocab = None
     if args.tokenizer is not None:
-        from ..tokenizer_export import load_vocab
+        from ..formats.vocab import load_vocab
         vocab = load_vocab(args.tokenizer)
     source = open_source(args)
     export(args.out, source, args.format, args.version, args.dtype, args.group_size, vocab,

@@ -18,7 +18,7 @@ def register(actions):
 
 def run(args, io) -> int:
     from ..errors import FormatError, UsageError
-    from ..tokenizer_export import load_vocab, write_bin
+    from ..formats.vocab import load_vocab, write_bin
 
     src = Path(args.tokenizer)
     if src.is_dir():  # a Hugging Face model directory: its own tokenizer file
@@ -33,7 +33,7 @@ def run(args, io) -> int:
     if out.resolve() == src.resolve():
         raise UsageError(f"{src}: output would overwrite the input; pass -o OUT")
     if is_gguf:
-        from ..gguf import read, vocab_from_metadata
+        from ..formats.gguf import read, vocab_from_metadata
         vocab = vocab_from_metadata(read(src)[0])
         if vocab is None:
             raise FormatError(f"{src}: GGUF carries no sentencepiece-style (llama) vocabulary")

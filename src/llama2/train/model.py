@@ -152,7 +152,7 @@ class Transformer(nn.Module):
     # ---- conversion to and from our checkpoint format (llama2.c .bin) ----
 
     def export_weights(self) -> dict:
-        """name -> float32 numpy array in checkpoint.write's layout (stacked per layer, [out, in])."""
+        """name -> float32 numpy array in formats.llama2c.write's layout (stacked per layer, [out, in])."""
         def stack(get):
             return torch.stack([get(b).detach().float().cpu() for b in self.layers]).numpy()
 

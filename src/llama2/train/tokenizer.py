@@ -70,9 +70,9 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
 
 
 def export_bin(model_path, bin_path):
-    """Write a sentencepiece model as llama2.c tokenizer.bin (llama2.tokenizer_export does the work:
+    """Write a sentencepiece model as llama2.c tokenizer.bin (llama2.formats.vocab does the work:
     BOS/EOS become "\\n<s>\\n" / "\\n</s>\\n", "▁" a space, byte pieces stay "<0xHH>")."""
-    from ..tokenizer_export import from_sentencepiece, write_bin
+    from ..formats.vocab import from_sentencepiece, write_bin
 
     write_bin(bin_path, from_sentencepiece(model_path))
     return bin_path

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from ..formats import llama2c
 from ..errors import Llama2Error
 from ..fileio import atomic_write
 from . import options as opts
@@ -224,7 +224,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
                          **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}}
         with atomic_write(out_dir / CKPT) as f:
             torch.save(state, f)
-        checkpoint.write(out_dir / MODEL_BIN, config, raw_model.export_weights(), version=1)
+        llama2c.write(out_dir / MODEL_BIN, config, raw_model.export_weights(), version=1)
 
     def record(entry):
         with open(out_dir / LOG, "a", encoding="utf-8") as f:

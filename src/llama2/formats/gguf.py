@@ -13,12 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates, quantize, weights
-from .checkpoint import LAYER_MATRICES, Checkpoint, f32_to_bf16, tensor_shapes
-from .config import ModelConfig
-from .errors import FormatError
-from .fileio import atomic_write
-from .tokenizer_export import Vocab
+from .. import chat_template as templates, quantize, weights
+from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
+from ..config import ModelConfig
+from ..errors import FormatError
+from ..fileio import atomic_write
+from .bfloat16 import f32_to_bf16
+from .vocab import Vocab
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
@@ -206,6 +207,14 @@ class GGUFModel:
 
     def tensor(self, name, layer=None) -> np.ndarray:
         return weights.dense(self.raw(name, layer))
+
+
+def matches(path, head) -> bool:
+    return head is not None and head[:4] == MAGIC
+
+
+def source(path) -> GGUFModel:
+    return GGUFModel(path)
 
 
 def load(path) -> Checkpoint:

@@ -10,8 +10,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FormatError
-from .fileio import atomic_write
+from ..errors import FormatError
+from ..fileio import atomic_write
 
 # sentencepiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6

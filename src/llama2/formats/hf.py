@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import chat_template as templates, weights
-from .checkpoint import LAYER_MATRICES, Checkpoint, bf16_to_f32, tensor_shapes
-from .config import ModelConfig
-from .errors import FormatError
-from . import tokenizer_export
+from .. import chat_template as templates, weights
+from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
+from ..config import ModelConfig
+from ..errors import FormatError
+from .bfloat16 import bf16_to_f32
+from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
@@ -304,16 +305,15 @@ class HFModel:
         embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
         placeholder pieces so every id the model can produce decodes to something."""
         if (self.dir / "tokenizer.model").is_file():
-            vocab = tokenizer_export.from_sentencepiece(self.dir / "tokenizer.model")
+            vocab = from_sentencepiece(self.dir / "tokenizer.model")
         elif (self.dir / "tokenizer.json").is_file():
-            vocab = tokenizer_export.from_tokenizer_json(self.dir / "tokenizer.json",
-                                                         self.config.bos_id, self.config.eos_id)
+            vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
         for i in range(len(vocab), self.config.vocab_size):
             vocab.pieces.append(f"<unused{i}>")
             vocab.scores.append(0.0)
-            vocab.types.append(tokenizer_export.UNUSED)
+            vocab.types.append(UNUSED)
         return vocab
 
     def _template(self):
@@ -324,6 +324,15 @@ class HFModel:
         if tc.is_file():
             return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
         return None
+
+
+def matches(path, head) -> bool:
+    """Any directory is taken for a Hugging Face model (read_config says when it is not one)."""
+    return head is None
+
+
+def source(directory) -> HFModel:
+    return HFModel(directory)
 
 
 def load(directory) -> Checkpoint:

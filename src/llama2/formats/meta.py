@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import tensor_shapes
-from .config import ModelConfig
-from .errors import FormatError
-from .tokenizer_export import from_sentencepiece
+from ..checkpoint import tensor_shapes
+from ..config import ModelConfig
+from ..errors import FormatError
+from .vocab import from_sentencepiece
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
 NAMES = {

@@ -1,0 +1,47 @@
+"""The model file formats, one module each, and the choice between them by what a path holds.
+
+`llama2c` (llama2.c .bin, versions 0-3), `gguf` (llama.cpp) and `hf` (Hugging Face folders) are read
+into a `Checkpoint` (`load_checkpoint`) or opened as an export source (`open_source`), told apart by
+their contents, never by a name's words. `meta` (Meta and llama2.c training checkpoints, needs torch)
+is an export source named by its own flag; `vocab` reads and writes tokenizer files; `bfloat16` is
+what the binary formats share.
+"""
+
+from importlib import import_module
+from pathlib import Path
+
+from ..errors import FormatError
+
+# The formats `model_kind` asks, in order. Each module has `matches(path, head) -> bool` (head: the
+# file's first HEAD_BYTES bytes, None for a directory), `load(path) -> Checkpoint` and
+# `source(path)`, the model as a tensor source for export.py. llama2c comes last: it takes any file
+# (version 0 has no magic), and its loader says what is wrong with one that is not a checkpoint.
+READERS = ("hf", "gguf", "llama2c")
+HEAD_BYTES = 8
+
+
+def reader(kind):
+    """The module of format `kind` (one of READERS), imported when first asked for."""
+    return import_module(f"{__name__}.{kind}")
+
+
+def model_kind(path) -> str:
+    """"hf", "gguf" or "llama2c", from what the path holds."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"{path}: no such file")
+    head = None
+    if not path.is_dir():
+        with open(path, "rb") as f:
+            head = f.read(HEAD_BYTES)
+    return next(kind for kind in READERS if reader(kind).matches(path, head))
+
+
+def load_checkpoint(path):
+    """The whole model as a Checkpoint, ready for the forward pass."""
+    return reader(model_kind(path)).load(path)
+
+
+def open_source(path):
+    """The model as a tensor source for export.py, read one tensor at a time."""
+    return reader(model_kind(path)).source(path)
