@@ -564,8 +564,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "llama2's compiled kernels (see native/README.md)",
                                     -1, methods};
 
+extern PyMethodDef layer_methods[];  /* layer_py.c: the one-call decode step */
+
 PyMODINIT_FUNC PyInit__native(void) {
     dispatch_init();
     pool_init();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddFunctions(m, layer_methods) < 0) Py_CLEAR(m);
+    return m;
 }

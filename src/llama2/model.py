@@ -96,6 +96,10 @@ class Transformer:
         self.rms_final = w["rms_final"]  # [D]
         self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
+        # Passes of decode rows only (up to invariant_rows) run as one native call (llama2.decode)
+        # where every matrix has a native kernel; False: always matrix by matrix (the reference).
+        self.fused_decode = True
+        self._plan = False  # not built yet
 
     def new_cache(self, slots: int = 1, blocks: int = None, seq_len: int = None,
                   kv_type: str = None) -> KVCache:
@@ -116,7 +120,6 @@ class Transformer:
         A segment's result does not depend on the others. Blocks are reserved before any work:
         kvcache.CacheFull when the pool has none left (the cache's positions unchanged)."""
         c = self.config
-        D, hd = c.dim, c.head_dim
         spans, rows, start_row = [], [], 0
         if len({slot for slot, _ in segments}) != len(segments):
             raise ValueError("a slot may appear only once in a batch")
@@ -135,11 +138,25 @@ class Transformer:
         for slot, _, _, T in spans:
             cache.reserve(slot, T)
         tokens = np.concatenate(rows)
-        N = len(tokens)
+        x = self.embedding.rows(tokens)  # [N, D]
+        plan = self._decode_plan() if all(T == 1 for *_, T in spans) else None
+        if plan is not None and len(spans) <= plan.rows:  # one native call: every layer, the final norm, the classifier
+            tables = cache.table_array([slot for slot, *_ in spans])  # [B, max blocks]
+            lens = np.array([st + 1 for _, st, _, _ in spans], np.int64)
+            logits = plan(x, cache, tables, lens)
+        else:
+            logits = self._forward_layers(x, spans, cache, all_logits)
+        for slot, st, _, T in spans:
+            cache.pos[slot] = st + T
+        return logits
+
+    def _forward_layers(self, x, spans, cache, all_logits):  # [N, D] -> logits, matrix by matrix
+        c = self.config
+        D, hd = c.dim, c.head_dim
+        N = len(x)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
-        x = self.embedding.rows(tokens)  # [N, D]
         prefill = [span for span in spans if span[3] > 1]
         decode = [span for span in spans if span[3] == 1]
         if decode:
@@ -170,10 +187,21 @@ class Transformer:
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
         h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
-        logits = self.classifier(h)
-        for slot, st, _, T in spans:
-            cache.pos[slot] = st + T
-        return logits
+        return self.classifier(h)
+
+    @property
+    def invariant_rows(self) -> int:
+        """The most rows of a pass for which every row gets exactly the bits it gets alone: the
+        least of the matrices' `invariant_rows`."""
+        return min(m.invariant_rows for m in [self.classifier] + [m for l in self.layers for m in l.matrices()])
+
+    def _decode_plan(self):  # the one-call decode step (llama2.decode), built at first use
+        if not self.fused_decode:
+            return None
+        if self._plan is False:
+            from .decode import Plan
+            self._plan = Plan.build(self)
+        return self._plan
 
     def warm_up(self):
         """One decode step on a scratch cache, so a server's first request finds every kernel and

@@ -62,6 +62,9 @@ class Matrix:
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    # The most rows N for which a product of N rows gives every row exactly the bits it gets alone
+    # (below tile_rows every row is its own native dot product).
+    invariant_rows = 31
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 
@@ -112,6 +115,14 @@ class Matrix:
             nat.matmul(self.GGML_TYPE, self.data, x, out)
             return out
         return self._tiled(x)
+
+    def native_product(self):
+        """How the native one-call decode step (llama2.decode) multiplies by this matrix: a spec
+        native.decode_plan takes, giving each row the bits `self(x)` gives it for up to
+        `invariant_rows` rows; None when the native kernels do not have the type."""
+        if native_for(self.GGML_TYPE) is None or self.data is None:
+            return None
+        return ("type", self.GGML_TYPE, self.data)
 
     def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

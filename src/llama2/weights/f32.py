@@ -24,6 +24,7 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
+    invariant_rows = SMALL_BATCH  # more rows go to BLAS, whose sums depend on the batch
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)
@@ -40,6 +41,11 @@ class Matrix(_Matrix):
             nat.matmul(GGML_TYPE, self.w, np.ascontiguousarray(x), out)
             return out
         return x @ self.w.T
+
+    def native_product(self):
+        if native_for(GGML_TYPE) is None or not self.w.flags.c_contiguous:
+            return None
+        return ("type", GGML_TYPE, self.w)
 
     def rows(self, ids):  # [R] -> [R, in]
         return np.asarray(self.w[np.asarray(ids, dtype=np.int64).reshape(-1)], dtype=np.float32)

@@ -78,6 +78,7 @@ class Matrix(_Matrix):
         self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
         if not self.split:
             self.tile_rows = SMALL_BATCH + 1
+            self.invariant_rows = SMALL_BATCH
 
     @property
     def nbytes(self) -> int:
@@ -104,6 +105,11 @@ class Matrix(_Matrix):
         else:
             nat.matmul_q8_any(self.q, self.s, self.group_size, x, out)
         return out
+
+    def native_product(self):  # the kernels __call__ runs below tile_rows
+        if not (self.q.flags.c_contiguous and self.s.flags.c_contiguous):
+            return None
+        return ("q8_split" if self.split else "q8_any", self.q, self.s, self.group_size)
 
     def rows(self, ids):  # [R] -> [R, in]
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
