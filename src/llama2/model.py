@@ -7,8 +7,10 @@ Every pass runs per matrix, each Matrix choosing its own product (native kernels
 whose every row is computed alone, or BLAS); keys and values go into the cache's blocks in its
 type; a prompt's attention runs on numpy/BLAS over its sequence's blocks gathered to float32, and
 the decode rows of a pass attend in one native call through their block tables
-(`native.attention_decode`). A row's result never depends on the other rows of its pass, so a
-sequence decodes to the same bits alone or batched. Reference: llama2.c run.c `forward`.
+(`native.attention_decode`). A pass of decode rows only (up to `invariant_rows`) runs as one native
+call instead (llama2.decode), with the same bits. A row's result never depends on the other rows of
+its pass, so a sequence decodes to the same bits alone or batched. Reference: llama2.c run.c
+`forward`.
 """
 
 
@@ -166,7 +168,7 @@ class Transformer:
             attend = _native().attention_decode
         nat = _native()
         att = np.empty((N, D), np.float32)
-        # RMSNorm stays numpy's: its sum of squares (pairwise) is closer to llama.cpp's (double)
+        # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
         # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
         # (tests/test_kquant_files.py); run.c's goldens hold with either.
         for l, layer in enumerate(self.layers):
