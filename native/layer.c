@@ -115,6 +115,28 @@ void kv_encode(int kvtype, const float *x, int64_t hd, uint8_t *out) {
     }
 }
 
+/* -- silu_mul on the pool ----------------------------------------------------------------------- */
+
+typedef struct {
+    const kernel_table *kt;
+    float *a;
+    const float *b;
+    int64_t count;
+} silu_job;
+
+static void silu_task(void *arg, int ith, int nth) {
+    silu_job *j = arg;
+    int64_t per = ((j->count + nth - 1) / nth + 15) & ~(int64_t)15, i0 = ith * per;
+    int64_t i1 = i0 + per < j->count ? i0 + per : j->count;
+    if (i0 < i1) j->kt->silu_mul(j->a + i0, j->b + i0, i1 - i0);
+}
+
+void op_silu_mul(const kernel_table *kt, float *a, const float *b, int64_t count) {
+    silu_job j = {kt, a, b, count};
+    if (pool_threads() > 1 && count >= (1 << 15)) pool_run(silu_task, &j);
+    else silu_task(&j, 0, 1);
+}
+
 /* -- the pass -------------------------------------------------------------------------------- */
 
 enum { NACT = 3 };  /* ACT_F32, ACT_Q8_0, ACT_Q8_K */

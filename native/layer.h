@@ -62,6 +62,10 @@ void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d
 /* One row of hd floats -> its bytes in KV type kvtype, bit-equal to llama2.kvcache.<type>.encode. */
 void kv_encode(int kvtype, const float *x, int64_t hd, uint8_t *out);
 
+/* a [count] = silu(a) * b on the pool (native.silu_mul): the variant's kernel over contiguous
+ * ranges, so every value has its one-thread bits. */
+void op_silu_mul(const kernel_table *kt, float *a, const float *b, int64_t count);
+
 /* Bytes of one cached row of hd values in KV type t, or -1 if t cannot hold such rows. */
 int64_t lp_kv_row_bytes(int t, int64_t hd);
 

@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include "dispatch.h"
+#include "layer.h"
 #include "ops.h"
 #include "pool.h"
 
@@ -415,7 +416,7 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     const kernel_table *kt = active_table;
     Py_BEGIN_ALLOW_THREADS
-    kt->silu_mul(b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));
+    op_silu_mul(kt, b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));  /* layer.c: on the pool */
     Py_END_ALLOW_THREADS
     release(b, 2);
     Py_INCREF(args[0]);
