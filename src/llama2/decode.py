@@ -82,6 +82,8 @@ class Plan:
         """x float32 [B, dim] (the rows' embeddings; overwritten), tables int32 [B, max blocks], lens
         int64 [B] (row b's token sits at position lens[b] - 1, its blocks reserved) -> logits
         float32 [B, vocab]; the rows' keys and values are written into `cache`."""
+        if not (x.flags.c_contiguous and x.flags.writeable and x.dtype == np.float32):
+            x = np.array(x, np.float32, order="C")
         logits = np.empty((len(x), self.vocab), np.float32)
         self._nat.decode_forward(self._handle, x, cache.pool.k, cache.pool.v, cache.type.ID, tables, lens, logits)
         return logits
