@@ -5,6 +5,7 @@
 #include <Python.h>
 
 #include "dispatch.h"
+#include "layer.h"
 #include "ops.h"
 #include "pool.h"
 
@@ -415,7 +416,7 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
     }
     const kernel_table *kt = active_table;
     Py_BEGIN_ALLOW_THREADS
-    kt->silu_mul(b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));
+    op_silu_mul(kt, b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));  /* layer.c: on the pool */
     Py_END_ALLOW_THREADS
     release(b, 2);
     Py_INCREF(args[0]);
@@ -564,8 +565,12 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "llama2's compiled kernels (see native/README.md)",
                                     -1, methods};
 
+extern PyMethodDef layer_methods[];  /* layer_py.c: the one-call decode step */
+
 PyMODINIT_FUNC PyInit__native(void) {
     dispatch_init();
     pool_init();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddFunctions(m, layer_methods) < 0) Py_CLEAR(m);
+    return m;
 }

@@ -192,3 +192,17 @@ def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_pat
                 stdout=out, stderr=err, stdin=io.StringIO(""))
     assert code == 0, err.getvalue()
     assert out.getvalue() == bytes.fromhex(case["stdout_hex"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_silu_mul_on_the_pool_equals_one_thread(variant):
+    """A prompt's gate (past 2^15 values) is split over the pool's threads: the same bits as one."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal((37, 1777)) * 4).astype(F32)  # 65749 values: ranges not multiples of 16
+    b = rng.standard_normal(a.shape).astype(F32)
+    native.set_threads(1)
+    one = native.silu_mul(a.copy(), b)
+    for n in (2, 3, 7):
+        native.set_threads(n)
+        assert native.silu_mul(a.copy(), b).tobytes() == one.tobytes()

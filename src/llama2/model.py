@@ -7,8 +7,10 @@ Every pass runs per matrix, each Matrix choosing its own product (native kernels
 whose every row is computed alone, or BLAS); keys and values go into the cache's blocks in its
 type; a prompt's attention runs on numpy/BLAS over its sequence's blocks gathered to float32, and
 the decode rows of a pass attend in one native call through their block tables
-(`native.attention_decode`). A row's result never depends on the other rows of its pass, so a
-sequence decodes to the same bits alone or batched. Reference: llama2.c run.c `forward`.
+(`native.attention_decode`). A pass of decode rows only (up to `invariant_rows`) runs as one native
+call instead (llama2.decode), with the same bits. A row's result never depends on the other rows of
+its pass, so a sequence decodes to the same bits alone or batched. Reference: llama2.c run.c
+`forward`.
 """
 
 
@@ -102,6 +104,11 @@ class Transformer:
         # or per sequence (a prompt's attention reads only its own rows and blocks).
         self.invariant_rows = max(1, min(m.invariant_rows for m in self.matrices()))
 
+        # Passes of decode rows only (up to invariant_rows) run as one native call (llama2.decode)
+        # where every matrix has a native kernel; False: always matrix by matrix (the reference).
+        self.fused_decode = True
+        self._plan = False  # not built yet
+
     def matrices(self) -> list:  # every matrix a pass multiplies by (not the embedding's lookups)
         return [m for layer in self.layers for m in layer.matrices()] + [self.classifier]
 
@@ -126,7 +133,6 @@ class Transformer:
         reserved before any work: kvcache.CacheFull when the pool has none left (the cache's
         positions unchanged)."""
         c = self.config
-        D, hd = c.dim, c.head_dim
         spans, rows, start_row = [], [], 0
         if len({slot for slot, _ in segments}) != len(segments):
             raise ValueError("a slot may appear only once in a batch")
@@ -145,11 +151,25 @@ class Transformer:
         for slot, _, _, T in spans:
             cache.reserve(slot, T)
         tokens = np.concatenate(rows)
-        N = len(tokens)
+        x = self.embedding.rows(tokens)  # [N, D]
+        plan = self._decode_plan() if all(T == 1 for *_, T in spans) else None
+        if plan is not None and len(spans) <= plan.rows:  # one native call: every layer, the final norm, the classifier
+            tables = cache.table_array([slot for slot, *_ in spans])  # [B, max blocks]
+            lens = np.array([st + 1 for _, st, _, _ in spans], np.int64)
+            logits = plan(x, cache, tables, lens)
+        else:
+            logits = self._forward_layers(x, spans, cache, all_logits)
+        for slot, st, _, T in spans:
+            cache.pos[slot] = st + T
+        return logits
+
+    def _forward_layers(self, x, spans, cache, all_logits):  # [N, D] -> logits, matrix by matrix
+        c = self.config
+        D, hd = c.dim, c.head_dim
+        N = len(x)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
-        x = self.embedding.rows(tokens)  # [N, D]
         prefill = [span for span in spans if span[3] > 1]
         decode = [span for span in spans if span[3] == 1]
         if decode:
@@ -159,7 +179,7 @@ class Transformer:
             attend = _native().attention_decode
         nat = _native()
         att = np.empty((N, D), np.float32)
-        # RMSNorm stays numpy's: its sum of squares (pairwise) is closer to llama.cpp's (double)
+        # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
         # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
         # (tests/test_kquant_files.py); run.c's goldens hold with either.
         for l, layer in enumerate(self.layers):
@@ -180,10 +200,15 @@ class Transformer:
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)
         h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
-        logits = self.classifier(h)
-        for slot, st, _, T in spans:
-            cache.pos[slot] = st + T
-        return logits
+        return self.classifier(h)
+
+    def _decode_plan(self):  # the one-call decode step (llama2.decode), built at first use
+        if not self.fused_decode:
+            return None
+        if self._plan is False:
+            from .decode import Plan
+            self._plan = Plan.build(self)
+        return self._plan
 
     def warm_up(self):
         """One decode step on a scratch cache, so a server's first request finds every kernel and

@@ -16,6 +16,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
+    decode_plan(...), decode_forward(plan, ...)   a whole decode pass in one call (llama2.decode)
+    rmsnorm_einsum(x, w, eps, out)   RMSNorm summing squares in numpy's einsum order
 
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
 float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
@@ -79,6 +81,25 @@ dequantize_q8_split = _native.dequantize_q8_split
 rmsnorm = _native.rmsnorm
 rope = _native.rope
 silu_mul = _native.silu_mul
+
+# The decode step in one call (native/layer.c; llama2.decode builds the plan and documents it).
+# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final,
+#   classifier, cos, sin) -> plan: layers a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2,
+#   w3), each matrix a spec from Matrix.native_product(): ("type", ggml type, w),
+#   ("q8_split", q, s, group_size) or ("q8_any", q, s, group_size); norms float32 [dim]; cos, sin
+#   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
+#   holds the arrays' buffers for its life.
+# decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] the
+#   rows' embeddings (overwritten); k_pool, v_pool uint8 [n_layers, blocks, kv_heads, block_tokens,
+#   row_bytes] of KV type kvtype; tables int32 [B, max_blocks]; lens int64 [B]: row b's new token
+#   is at position lens[b] - 1 (its key and value written there) and attends lens[b] rows;
+#   logits float32 [B, vocab] out. Block ids and lengths are checked (IndexError, ValueError).
+# rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: kernels.rmsnorm's formula with the sum
+#   of squares in numpy's einsum order on x86-64 (four float lanes over sixteen values a step,
+#   products rounded before their adds, lanes combined (l0 + l1) + (l2 + l3)).
+decode_plan = _native.decode_plan
+decode_forward = _native.decode_forward
+rmsnorm_einsum = _native.rmsnorm_einsum
 
 
 def variants() -> tuple:

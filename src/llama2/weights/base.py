@@ -114,6 +114,14 @@ class Matrix:
             return out
         return self._tiled(x)
 
+    def native_product(self):
+        """How the native one-call decode step (llama2.decode) multiplies by this matrix: a spec
+        native.decode_plan takes, giving each row the bits `self(x)` gives it for up to
+        `invariant_rows` rows; None when the native kernels do not have the type."""
+        if native_for(self.GGML_TYPE) is None or self.data is None:
+            return None
+        return ("type", self.GGML_TYPE, self.data)
+
     def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         nat = native_for(self.GGML_TYPE)

@@ -42,5 +42,10 @@ class Matrix(_Matrix):
             return out
         return x @ self.w.T
 
+    def native_product(self):
+        if native_for(GGML_TYPE) is None or not self.w.flags.c_contiguous:
+            return None
+        return ("type", GGML_TYPE, self.w)
+
     def rows(self, ids):  # [R] -> [R, in]
         return np.asarray(self.w[np.asarray(ids, dtype=np.int64).reshape(-1)], dtype=np.float32)

@@ -1,0 +1,320 @@
+/* The Python side of the one-call decode step (layer.c): decode_plan builds a plan once per model
+ * from its arrays (checked here, held as buffer exports for the plan's life, so the memory stays
+ * mapped), decode_forward runs a pass of decode rows through it with the GIL released, and
+ * rmsnorm_einsum exposes the plan's RMSNorm for tests. Registered by module.c. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "dispatch.h"
+#include "layer.h"
+
+#define CAPSULE "llama2.decode_plan"
+
+typedef struct {
+    lp_plan plan;
+    Py_buffer *bufs;
+    int nbufs, cap;
+} holder;
+
+static void holder_free(holder *h) {
+    for (int i = 0; i < h->nbufs; i++) PyBuffer_Release(&h->bufs[i]);
+    PyMem_Free(h->bufs);
+    PyMem_Free(h->plan.layers);
+    PyMem_Free(h);
+}
+
+static void capsule_free(PyObject *cap) {
+    holder *h = PyCapsule_GetPointer(cap, CAPSULE);
+    if (h) holder_free(h);
+}
+
+static char fmt_of(const Py_buffer *b) {
+    const char *f = b->format ? b->format : "B";
+    return f[strlen(f) - 1];
+}
+
+/* A C-contiguous buffer of o, kept by the holder; NULL with ValueError naming `what`. */
+static Py_buffer *hold(holder *h, PyObject *o, const char *what) {
+    if (h->nbufs == h->cap) {
+        int cap = h->cap ? 2 * h->cap : 64;
+        Py_buffer *nb = PyMem_Realloc(h->bufs, (size_t)cap * sizeof(Py_buffer));
+        if (!nb) { PyErr_NoMemory(); return NULL; }
+        h->bufs = nb, h->cap = cap;
+    }
+    Py_buffer *b = &h->bufs[h->nbufs];
+    if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+        PyErr_Format(PyExc_ValueError, "decode_plan: %s must be a C-contiguous array", what);
+        return NULL;
+    }
+    h->nbufs++;
+    return b;
+}
+
+static const float *f32_vector(holder *h, PyObject *o, int64_t n, const char *what) {
+    Py_buffer *b = hold(h, o, what);
+    if (!b) return NULL;
+    if (fmt_of(b) != 'f' || b->itemsize != 4 || b->ndim != 1 || b->shape[0] != n) {
+        PyErr_Format(PyExc_ValueError, "decode_plan: %s must be float32 [%lld]", what, (long long)n);
+        return NULL;
+    }
+    return b->buf;
+}
+
+/* A product spec: ("type", ggml_type, w) | ("q8_split", q, s, group_size) | ("q8_any", q, s,
+ * group_size), checked to be [rows, cols]. */
+static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const char *what, lp_product *m) {
+    memset(m, 0, sizeof(*m));
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 3 || !PyUnicode_Check(PyTuple_GET_ITEM(spec, 0))) {
+        PyErr_Format(PyExc_ValueError, "decode_plan: %s: expected a product spec tuple", what);
+        return -1;
+    }
+    const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(spec, 0));
+    if (!kind) return -1;
+    if (!strcmp(kind, "type") && PyTuple_GET_SIZE(spec) == 3) {
+        long t = PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
+        if (t == -1 && PyErr_Occurred()) return -1;
+        if (t < 0 || t >= T_COUNT || !TYPE_INFO[t].name) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: %s: ggml type %ld is not a weight type we run", what, t);
+            return -1;
+        }
+        Py_buffer *w = hold(h, PyTuple_GET_ITEM(spec, 2), what);
+        if (!w) return -1;
+        const type_info *ti = &TYPE_INFO[t];
+        size_t row_bytes = w->ndim == 2 ? (size_t)w->shape[1] * (size_t)w->itemsize : 0;
+        if (w->ndim != 2 || w->shape[0] != rows || cols % ti->block_values ||
+            row_bytes != (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: %s must be %s [%lld, %lld]", what, ti->name,
+                         (long long)rows, (long long)cols);
+            return -1;
+        }
+        *m = (lp_product){.kind = LP_TYPE, .type = (int)t, .act = ti->act, .w = w->buf, .row_bytes = row_bytes,
+                          .rows = rows, .cols = cols};
+        return 0;
+    }
+    int split = !strcmp(kind, "q8_split");
+    if ((split || !strcmp(kind, "q8_any")) && PyTuple_GET_SIZE(spec) == 4) {
+        long long gs = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 3));
+        if (gs == -1 && PyErr_Occurred()) return -1;
+        Py_buffer *q = hold(h, PyTuple_GET_ITEM(spec, 1), what);
+        if (!q) return -1;
+        Py_buffer *s = hold(h, PyTuple_GET_ITEM(spec, 2), what);
+        if (!s) return -1;
+        if (q->ndim != 2 || q->itemsize != 1 || q->shape[0] != rows || q->shape[1] != cols) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: %s must be int8 [%lld, %lld]", what, (long long)rows,
+                         (long long)cols);
+            return -1;
+        }
+        if (gs <= 0 || (split && (gs % QK || cols % gs))) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: %s: group size %lld does not fit %s", what, gs, kind);
+            return -1;
+        }
+        int64_t groups = (rows * cols + gs - 1) / gs;
+        if (fmt_of(s) != 'f' || s->itemsize != 4 || s->len / 4 < groups) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: %s: s must be float32 with at least %lld scales", what,
+                         (long long)groups);
+            return -1;
+        }
+        *m = (lp_product){.kind = split ? LP_Q8S : LP_Q8G, .act = split ? ACT_Q8_0 : ACT_F32, .w = q->buf,
+                          .row_bytes = (size_t)cols, .s = s->buf, .gs = gs, .rows = rows, .cols = cols};
+        return 0;
+    }
+    PyErr_Format(PyExc_ValueError, "decode_plan: %s: unknown product spec %s", what, kind);
+    return -1;
+}
+
+static const char *const MAT_NAMES[LP_NMAT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
+
+/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan.
+ * layers: a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product
+ * specs; cos, sin float32 [seq_len, head_dim / 2]. */
+static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "decode_plan takes 6 arguments (%zd given)", nargs);
+    long long H, KVH, hidden, vocab;
+    double eps;
+    int halves;
+    if (!PyArg_ParseTuple(args[0], "LLLLdp", &H, &KVH, &hidden, &vocab, &eps, &halves)) return NULL;
+    PyObject *layers = PySequence_Fast(args[1], "decode_plan: layers must be a sequence");
+    if (!layers) return NULL;
+    holder *h = PyMem_Calloc(1, sizeof(holder));
+    if (!h) { Py_DECREF(layers); return PyErr_NoMemory(); }
+    lp_plan *p = &h->plan;
+    Py_ssize_t nl = PySequence_Fast_GET_SIZE(layers);
+    char what[64];
+    Py_buffer *cb = hold(h, args[4], "cos"), *sb = cb ? hold(h, args[5], "sin") : NULL;
+    if (!sb) goto fail;
+    if (fmt_of(cb) != 'f' || cb->itemsize != 4 || cb->ndim != 2 || sb->ndim != 2 || fmt_of(sb) != 'f' ||
+        sb->itemsize != 4 || cb->shape[0] != sb->shape[0] || cb->shape[1] != sb->shape[1] || cb->shape[1] < 1) {
+        PyErr_SetString(PyExc_ValueError, "decode_plan: cos and sin must be float32 [seq_len, head_dim / 2]");
+        goto fail;
+    }
+    p->seq_len = cb->shape[0], p->head_dim = 2 * cb->shape[1], p->cos = cb->buf, p->sin = sb->buf;
+    if (H < 1 || KVH < 1 || H % KVH || nl < 1 || p->head_dim > 1024 || hidden < 1 || vocab < 1) {
+        PyErr_Format(PyExc_ValueError, "decode_plan: %lld heads over %lld kv heads of %lld values in %zd layers "
+                     "is not a shape the decode step runs", H, KVH, (long long)p->head_dim, nl);
+        goto fail;
+    }
+    p->n_heads = H, p->n_kv_heads = KVH, p->n_layers = nl, p->eps = (float)eps, p->halves = halves;
+    p->hidden = hidden, p->vocab = vocab;
+    p->dim = H * p->head_dim;
+    int64_t D = p->dim, KVD = KVH * p->head_dim;
+    p->layers = PyMem_Calloc((size_t)nl, sizeof(lp_layer));
+    if (!p->layers) { PyErr_NoMemory(); goto fail; }
+    for (Py_ssize_t l = 0; l < nl; l++) {
+        PyObject *lay = PySequence_Fast_GET_ITEM(layers, l);
+        if (!PyTuple_Check(lay) || PyTuple_GET_SIZE(lay) != 2 + LP_NMAT) {
+            PyErr_Format(PyExc_ValueError, "decode_plan: layer %zd must be a tuple of %d items", l, 2 + LP_NMAT);
+            goto fail;
+        }
+        lp_layer *L = &p->layers[l];
+        snprintf(what, sizeof what, "layer %zd rms_att", l);
+        if (!(L->rms_att = f32_vector(h, PyTuple_GET_ITEM(lay, 0), D, what))) goto fail;
+        snprintf(what, sizeof what, "layer %zd rms_ffn", l);
+        if (!(L->rms_ffn = f32_vector(h, PyTuple_GET_ITEM(lay, 1), D, what))) goto fail;
+        const int64_t shapes[LP_NMAT][2] = {{D, D}, {KVD, D}, {KVD, D}, {D, D}, {p->hidden, D}, {D, p->hidden},
+                                           {p->hidden, D}};
+        for (int i = 0; i < LP_NMAT; i++) {
+            snprintf(what, sizeof what, "layer %zd %s", l, MAT_NAMES[i]);
+            if (product(h, PyTuple_GET_ITEM(lay, 2 + i), shapes[i][0], shapes[i][1], what, &L->m[i]) < 0) goto fail;
+        }
+    }
+    if (!(p->rms_final = f32_vector(h, args[2], D, "rms_final"))) goto fail;
+    if (product(h, args[3], p->vocab, D, "classifier", &p->cls) < 0) goto fail;
+    Py_DECREF(layers);
+    PyObject *cap = PyCapsule_New(h, CAPSULE, capsule_free);
+    if (!cap) holder_free(h);
+    return cap;
+fail:
+    Py_DECREF(layers);
+    holder_free(h);
+    return NULL;
+}
+
+typedef struct { Py_buffer b; int held; } buf;
+
+static int get(PyObject *o, buf *out, int writable, const char *name) {
+    if (PyObject_GetBuffer(o, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
+        PyErr_Format(PyExc_ValueError, "decode_forward: %s must be a C-contiguous%s array", name,
+                     writable ? " writable" : "");
+        return -1;
+    }
+    out->held = 1;
+    return 0;
+}
+
+/* decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] (the
+ * rows' embeddings; overwritten), pools uint8 [n_layers, blocks, kv_heads, block_tokens, row_bytes],
+ * tables int32 [B, max_blocks], lens int64 [B] (row b's new token at position lens[b] - 1, written
+ * into the cache), logits float32 [B, vocab] out. */
+static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "decode_forward";
+    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "%s takes 8 arguments (%zd given)", fn, nargs);
+    holder *h = PyCapsule_GetPointer(args[0], CAPSULE);
+    if (!h) return NULL;
+    const lp_plan *p = &h->plan;
+    long t = PyLong_AsLong(args[4]);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    int64_t rb = lp_kv_row_bytes((int)t, p->head_dim);
+    if (t < 0 || t >= KV_COUNT || rb < 0)
+        return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t,
+                            (long long)p->head_dim);
+    buf b[6] = {{{0}}};
+    if (get(args[1], &b[0], 1, "x") < 0 || get(args[2], &b[1], 1, "k_pool") < 0 ||
+        get(args[3], &b[2], 1, "v_pool") < 0 || get(args[5], &b[3], 0, "tables") < 0 ||
+        get(args[6], &b[4], 0, "lens") < 0 || get(args[7], &b[5], 1, "logits") < 0)
+        goto fail;
+    const Py_buffer *x = &b[0].b, *kp = &b[1].b, *vp = &b[2].b, *tb = &b[3].b, *lb = &b[4].b, *ob = &b[5].b;
+    if (fmt_of(x) != 'f' || x->itemsize != 4 || x->ndim != 2 || x->shape[1] != p->dim) {
+        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [B, %lld]", fn, (long long)p->dim);
+        goto fail;
+    }
+    int64_t B = x->shape[0];
+    if (kp->ndim != 5 || kp->itemsize != 1 || kp->shape[0] != p->n_layers || kp->shape[2] != p->n_kv_heads ||
+        kp->shape[4] != rb || kp->shape[1] < 1 || kp->shape[3] < 1 || vp->ndim != 5 ||
+        memcmp(kp->shape, vp->shape, 5 * sizeof(Py_ssize_t)) != 0) {
+        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [%lld, blocks, %lld, block_tokens, %lld]",
+                     fn, (long long)p->n_layers, (long long)p->n_kv_heads, (long long)rb);
+        goto fail;
+    }
+    int64_t nblocks = kp->shape[1], bt = kp->shape[3];
+    char tf = fmt_of(tb), lf = fmt_of(lb);
+    if (tb->ndim != 2 || tb->itemsize != 4 || (tf != 'i' && tf != 'l') || tb->shape[0] != B) {
+        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
+        goto fail;
+    }
+    if (lb->ndim != 1 || lb->itemsize != 8 || (lf != 'q' && lf != 'l') || lb->shape[0] != B) {
+        PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
+        goto fail;
+    }
+    if (fmt_of(ob) != 'f' || ob->itemsize != 4 || ob->ndim != 2 || ob->shape[0] != B || ob->shape[1] != p->vocab) {
+        PyErr_Format(PyExc_ValueError, "%s: logits must be float32 [%lld, %lld]", fn, (long long)B, (long long)p->vocab);
+        goto fail;
+    }
+    int64_t maxb = tb->shape[1];
+    const int32_t *tables = tb->buf;
+    const int64_t *lens = lb->buf;
+    int64_t most = maxb * bt < p->seq_len ? maxb * bt : p->seq_len;
+    for (int64_t i = 0; i < B; i++) {
+        if (lens[i] < 1 || lens[i] > most) {
+            PyErr_Format(PyExc_ValueError, "%s: row %lld attends %lld positions; its table and the RoPE tables "
+                         "hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
+            goto fail;
+        }
+        for (int64_t k = 0; k < (lens[i] + bt - 1) / bt; k++)
+            if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks) {
+                PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn, (long long)i,
+                             tables[i * maxb + k], (long long)nblocks);
+                goto fail;
+            }
+    }
+    lp_cache c = {.kvtype = (int)t, .k = kp->buf, .v = vp->buf, .nblocks = nblocks, .bt = bt,
+                  .row_bytes = (size_t)rb, .tables = tables, .maxb = maxb, .lens = lens};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = lp_forward(p, B, x->buf, &c, ob->buf);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < 6; i++) PyBuffer_Release(&b[i].b);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    for (int i = 0; i < 6; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return NULL;
+}
+
+/* rmsnorm_einsum(x, w, eps, out) -> out: x [N, D], w [D], out [N, D] float32 (out may be x) */
+static PyObject *py_rmsnorm_einsum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "rmsnorm_einsum";
+    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "%s takes 4 arguments (%zd given)", fn, nargs);
+    double eps = PyFloat_AsDouble(args[2]);
+    if (eps == -1.0 && PyErr_Occurred()) return NULL;
+    buf b[3] = {{{0}}};
+    if (get(args[0], &b[0], 0, "x") < 0 || get(args[1], &b[1], 0, "w") < 0 || get(args[3], &b[2], 1, "out") < 0)
+        goto fail;
+    const Py_buffer *x = &b[0].b, *w = &b[1].b, *o = &b[2].b;
+    if (fmt_of(x) != 'f' || x->itemsize != 4 || x->ndim != 2 || fmt_of(o) != 'f' || o->itemsize != 4 ||
+        o->ndim != 2 || o->shape[0] != x->shape[0] || o->shape[1] != x->shape[1] || fmt_of(w) != 'f' ||
+        w->itemsize != 4 || w->ndim != 1 || w->shape[0] != x->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%s: x and out must be float32 [N, D], w float32 [D]", fn);
+        goto fail;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rmsnorm_np4(x->buf, w->buf, (float)eps, x->shape[0], x->shape[1], o->buf);
+    Py_END_ALLOW_THREADS
+    for (int i = 0; i < 3; i++) PyBuffer_Release(&b[i].b);
+    Py_INCREF(args[3]);
+    return args[3];
+fail:
+    for (int i = 0; i < 3; i++)
+        if (b[i].held) PyBuffer_Release(&b[i].b);
+    return NULL;
+}
+
+PyMethodDef layer_methods[] = {
+    {"decode_plan", (PyCFunction)(void (*)(void))py_decode_plan, METH_FASTCALL,
+     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan"},
+    {"decode_forward", (PyCFunction)(void (*)(void))py_decode_forward, METH_FASTCALL,
+     "decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits)"},
+    {"rmsnorm_einsum", (PyCFunction)(void (*)(void))py_rmsnorm_einsum, METH_FASTCALL,
+     "rmsnorm_einsum(x, w, eps, out) -> out"},
+    {NULL, NULL, 0, NULL},
+};
