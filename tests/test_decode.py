@@ -15,7 +15,7 @@ from conftest import GOLDEN, asset, random_weights
 from llama2 import checkpoint, kernels as K, kvcache, native
 from llama2.config import ModelConfig
 from llama2.decode import Plan
-from llama2.loader import load_checkpoint
+from llama2.formats import load_checkpoint
 from llama2.model import Transformer
 from llama2.weights import bf16
 
