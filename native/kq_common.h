@@ -143,20 +143,22 @@ INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, kq_la
 }
 #endif
 
-/* The dot kernel of a type with layout L (kernels.h's dot_fn): rows in pairs where AVX-512 has
- * the registers, the last odd row (and every row elsewhere) alone; the same bits either way. */
+/* The dot kernel of a type with layout L (kernels.h's dot_fn). pairs (the prompt kernel): rows in
+ * pairs where AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the
+ * same bits either way. Decode reads rows one at a time: a single stream through memory. */
 #ifndef KQ_PAIR_NX
 #define KQ_PAIR_NX 8
 #endif
 INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
-                   float *out, size_t os, kq_layout L) {
+                   float *out, size_t os, kq_layout L, int pairs) {
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
     kq_dot2_body(cols / QK_K, wb + r * row_bytes, wb + (r + 1) * row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
                  out + (j0) * os + r, os)
-    for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, KQ_PAIR_NX, C)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, KQ_PAIR_NX, C)
 #undef C
 #endif
 #define B(n) \

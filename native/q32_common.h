@@ -121,17 +121,19 @@ INLINE void q32_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, q32_
 }
 #endif
 
-/* The dot kernel of a type with layout L (kernels.h's dot_fn): rows in pairs where AVX-512 has
- * the registers, the last odd row (and every row elsewhere) alone; the same bits either way. */
+/* The dot kernel of a type with layout L (kernels.h's dot_fn). pairs (the prompt kernel): rows in
+ * pairs where AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the
+ * same bits either way. Decode reads rows one at a time: a single stream through memory. */
 INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
-                    float *out, size_t os, q32_layout L) {
+                    float *out, size_t os, q32_layout L, int pairs) {
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
     q32_dot2_body(cols / QK, wb + r * row_bytes, wb + (r + 1) * row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
                   out + (j0) * os + r, os)
-    for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #endif
 #define B(n) \

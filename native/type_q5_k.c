@@ -25,6 +25,10 @@ static const kq_layout LAYOUT = {sizeof(block_q5_k), offsetof(block_q5_k, qh), o
 
 void KN(q5_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
                  int nx, float *out, size_t os) {
-    kq_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT);
+    kq_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 0);
+}
+void KN(q5_k_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    kq_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 1);
 }
 void KN(q5_k_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }

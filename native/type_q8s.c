@@ -62,19 +62,30 @@ INLINE void dot2_body(int64_t cols, const int8_t *q0, const int8_t *q1, const fl
 #endif
 
 /* Rows 0..nrows-1 of q (row r at q + r * cols, its scales at s + r * cols / gs): in pairs where
- * AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the same bits. */
-void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
-                 size_t xs, int nx, float *out, size_t os) {
+ * AVX-512 has the registers (pairs: the prompt kernel), the last odd row (and every row elsewhere)
+ * alone; the same bits. Decode reads rows one at a time: a single stream through memory. */
+INLINE void rows(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os, int pairs) {
     int64_t r = 0, spr = cols / gs;
 #if defined(__AVX512F__)
 #define C(j0, n) \
     dot2_body(cols, q + r * cols, q + (r + 1) * cols, s + r * spr, s + (r + 1) * spr, gs, (const char *)x + (j0) * xs, \
               xs, n, out + (j0) * os + r, os)
-    for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #endif
 #define B(n) \
     for (; r < nrows; r++) dot_body(cols, q + r * cols, s + r * spr, gs, (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
 #undef B
+}
+
+void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+                 size_t xs, int nx, float *out, size_t os) {
+    rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 0);
+}
+void KN(q8s_gemm)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+                  size_t xs, int nx, float *out, size_t os) {
+    rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 1);
 }
