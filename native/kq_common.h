@@ -103,12 +103,14 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
 /* Two weight rows (w0, w1) against NX activation rows: kq_dot_body's 256-bit arithmetic, row 0 in
  * the low half of each register and row 1 in the high half (level.h). Each unpacked weight
  * register serves every activation row; each activation load serves both weight rows. */
-INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, kq_layout L, const char *x, size_t xs,
-                         int NX, float *out, size_t os) {
+INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size_t row_bytes, kq_layout L,
+                         const char *x, size_t xs, int NX, float *out, size_t os) {
     const __m512i m4 = _mm512_set1_epi8(15), m16 = _mm512_set1_epi8(16);
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w0 += L.bytes, w1 += L.bytes) {
+        prefetch_block(w0 + 2 * row_bytes, L.bytes);
+        prefetch_block(w1 + 2 * row_bytes, L.bytes);
         uint8_t sc0[8], mn0[8], sc1[8], mn1[8];
         k_scale_min(KQ_SCALES(w0), sc0, mn0);
         k_scale_min(KQ_SCALES(w1), sc1, mn1);
@@ -155,7 +157,7 @@ INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
-    kq_dot2_body(cols / QK_K, wb + r * row_bytes, wb + (r + 1) * row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
+    kq_dot2_body(cols / QK_K, wb + r * row_bytes, wb + (r + 1) * row_bytes, row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
                  out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, KQ_PAIR_NX, C)

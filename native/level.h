@@ -111,6 +111,11 @@ INLINE __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
         case 7: CALL(j0_, 7); break; default: CALL(j0_, 8);                                         \
         }                                                                                           \
     }
+/* Prefetch the `bytes` at p (the next row pair's block, while this pair's is being multiplied: the
+ * two rows of a pair are two short streams, which the hardware prefetchers follow poorly). */
+INLINE void prefetch_block(const void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+}
 /* The two rows' results: each half summed as hsum256_ps sums a 256-bit accumulator. */
 INLINE void store2(__m512 acc, float *out0, float *out1) {
     *out0 = hsum256_ps(_mm512_castps512_ps256(acc));

@@ -96,12 +96,14 @@ INLINE void q32_dot_body(int64_t nb, const uint8_t *w, q32_layout L, const char 
 #if defined(__AVX512F__)
 /* Two weight rows (w0, w1): q32_dot_body's 256-bit arithmetic, row 0 in the low half of each
  * register and row 1 in the high half (level.h); the min / offset sums stay scalar per row. */
-INLINE void q32_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, q32_layout L, const char *x, size_t xs,
-                          int NX, float *out, size_t os) {
+INLINE void q32_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size_t row_bytes, q32_layout L,
+                          const char *x, size_t xs, int NX, float *out, size_t os) {
     __m512 acc[NX_MAX];
     float accm0[NX_MAX], accm1[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps(), accm0[j] = accm1[j] = 0.0f;
     for (int64_t b = 0; b < nb; b++, w0 += L.bytes, w1 += L.bytes) {
+        prefetch_block(w0 + 2 * row_bytes, L.bytes);
+        prefetch_block(w1 + 2 * row_bytes, L.bytes);
         __m512i q = join256(q32_values(w0, L), q32_values(w1, L));
         float dw0 = load_f16(w0), dw1 = load_f16(w1);
         __m512 dw = set2_ps(dw0, dw1);
@@ -130,7 +132,7 @@ INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
-    q32_dot2_body(cols / QK, wb + r * row_bytes, wb + (r + 1) * row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
+    q32_dot2_body(cols / QK, wb + r * row_bytes, wb + (r + 1) * row_bytes, row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
                   out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)

@@ -51,7 +51,7 @@ INLINE void dot_body(int64_t nb, const block_q4_0 *w, const char *x, size_t xs, 
 #if defined(__AVX512F__)
 /* Two weight rows at once (level.h): dot_body's 256-bit arithmetic, row 0 in the low half of each
  * register, row 1 in the high half; x takes q's sign through a mask (AVX-512 has no vpsignb). */
-INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, const char *x, size_t xs, int NX, float *out,
+INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, size_t row_bytes, const char *x, size_t xs, int NX, float *out,
                       size_t os) {
     /* 16-bit shift counts: 0 for the low nibbles (elements 0..15), 4 for the high (16..31) */
     const __m512i cnt = _mm512_set_epi64(4 * 0x0001000100010001LL, 4 * 0x0001000100010001LL, 0, 0,
@@ -60,6 +60,8 @@ INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, co
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
+        prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q4_0));
+        prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q4_0));
         __m512i qs = join256(_mm256_broadcastsi128_si256(load128(w0[b].qs)), _mm256_broadcastsi128_si256(load128(w1[b].qs)));
         __m512i q = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(qs, cnt), m4), off);  /* -8..7 */
         __m512i u = _mm512_abs_epi8(q);
@@ -88,7 +90,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
-    dot2_body(cols / QK, (const block_q4_0 *)(wb + r * row_bytes), (const block_q4_0 *)(wb + (r + 1) * row_bytes), \
+    dot2_body(cols / QK, (const block_q4_0 *)(wb + r * row_bytes), (const block_q4_0 *)(wb + (r + 1) * row_bytes), row_bytes, \
               (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)

@@ -99,12 +99,14 @@ INLINE __m512i pair_index(int g) {
                             1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, g, g, g, g, g, g, g, g);
 }
 
-INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, const char *x, size_t xs, int NX,
+INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, size_t row_bytes, const char *x, size_t xs, int NX,
                       float *out, size_t os) {
     const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
+        prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q6_k));
+        prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q6_k));
         __m512i s16 = join256(_mm256_cvtepi8_epi16(load128(w0[b].scales)), _mm256_cvtepi8_epi16(load128(w1[b].scales)));
         __m512i sumi[NX_MAX];
         for (int j = 0; j < NX; j++) sumi[j] = _mm512_setzero_si512();
@@ -149,7 +151,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     int64_t r = 0;
 #if defined(__AVX512F__)
 #define C(j0, n) \
-    dot2_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const block_q6_k *)(wb + (r + 1) * row_bytes), \
+    dot2_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const block_q6_k *)(wb + (r + 1) * row_bytes), row_bytes, \
               (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)

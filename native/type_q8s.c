@@ -46,6 +46,8 @@ INLINE void dot2_body(int64_t cols, const int8_t *q0, const int8_t *q1, const fl
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
+        prefetch_block(q0 + QK * b + 2 * cols, QK);
+        prefetch_block(q1 + QK * b + 2 * cols, QK);
         __m512i qv = load2x256(q0 + QK * b, q1 + QK * b);
         __m512i u = _mm512_abs_epi8(qv);
         __mmask64 neg = _mm512_movepi8_mask(qv);
