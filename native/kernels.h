@@ -52,9 +52,11 @@ typedef void (*attn_fn)(int kvtype, int64_t hd, const float *q, const uint8_t *k
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
-    dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
+    dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
+    dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];
     q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
+    q8s_dot_fn q8s_gemm;
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
