@@ -13,10 +13,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = "native"
-COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c"]
+COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "gemm.c"]
 PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
                "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
-               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c"]
+               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c",
+               "gemm_float.c"]
 
 # Every file: optimized, and no silent fusing of a*b+c into fma (dequantization must round each
 # product like the gguf reference; the kernels use fma explicitly where they want it).

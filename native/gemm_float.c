@@ -1,0 +1,134 @@
+/* Prompt products on float weights (F32, F16, BF16): a chunk of weight rows against all N activation
+ * rows, the same numbers as the type's dot kernel (type_f16.c ...) gives each (row, activation row).
+ *
+ * A chunk's rows are first widened to float32 into the caller's panel buffer (F32 rows are used in
+ * place); then a register-blocked kernel runs GR weight rows x GC activation rows at a time over the
+ * whole row length. Each (weight row, activation row) pair keeps the dot kernel's own accumulators:
+ * two vectors (k mod 2V in the low / high half), then reduce(acc0 + acc1), then the cols % 2V tail
+ * left to right. Widening is exact, so every output has exactly the bits of the dot kernel at this
+ * level, whatever N, the chunking or the thread count (tests/test_native.py checks it). The scalar
+ * variant widens and calls its own f32 dot kernel.
+ *
+ * Shapes: w [nrows, row_bytes], x float32 [n, cols], out[j * os + r] for row r, activation row j. */
+#include "level.h"
+
+void KN(f32_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t);
+
+/* One weight row of `cols` stored values -> floats (exact). */
+static void widen_f16(const void *w, float *out, int64_t cols) {
+    const f16_t *h = (const f16_t *)w;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= cols; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(load256(h + i)));
+#elif defined(__AVX2__)
+    for (; i + 8 <= cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(load128(h + i)));
+#endif
+    for (; i < cols; i++) out[i] = f16_to_f32(h[i]);
+}
+
+static void widen_bf16(const void *w, float *out, int64_t cols) {
+    const bf16_t *h = (const bf16_t *)w;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= cols; i += 16)
+        _mm512_storeu_si512(out + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(h + i)), 16));
+#elif defined(__AVX2__)
+    for (; i + 8 <= cols; i += 8)
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(h + i)), 16));
+#endif
+    for (; i < cols; i++) out[i] = bf16_to_f32(h[i]);
+}
+
+#if defined(__AVX512F__)
+#define V 16
+#define GR 3  /* weight rows per kernel call */
+#define GC 4  /* activation rows per kernel call: 24 accumulators of the 32 registers */
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a, b) _mm512_reduce_add_ps(_mm512_add_ps(a, b))  /* as type_f16.c's dot body */
+#elif defined(__AVX2__)
+#define V 8
+#define GR 2
+#define GC 3  /* 12 accumulators of the 16 registers */
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VSUM(a, b) hsum256_ps(_mm256_add_ps(a, b))
+#endif
+
+#ifdef V
+/* R weight rows (w, stride ws floats) x C activation rows (x, stride xs floats) -> out[c * os + r]. */
+INLINE void block(int R, int C, int64_t cols, const float *w, int64_t ws, const float *x, int64_t xs, float *out,
+                  size_t os) {
+    vec acc[GR][GC][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c][0] = acc[r][c][1] = VZERO();
+    int64_t k = 0;
+    for (; k + 2 * V <= cols; k += 2 * V)
+        for (int h = 0; h < 2; h++) {
+            vec wv[GR];
+            for (int r = 0; r < R; r++) wv[r] = VLOAD(w + r * ws + k + h * V);
+            for (int c = 0; c < C; c++) {
+                vec xv = VLOAD(x + c * xs + k + h * V);
+                for (int r = 0; r < R; r++) acc[r][c][h] = VFMA(wv[r], xv, acc[r][c][h]);
+            }
+        }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            const float *wr = w + r * ws, *xc = x + c * xs;
+            float s = VSUM(acc[r][c][0], acc[r][c][1]);
+            for (int64_t i = k; i < cols; i++) s += wr[i] * xc[i];
+            out[c * os + r] = s;
+        }
+}
+
+/* Every (row, activation row) of a panel of nrows widened rows: activation rows GC at a time (they
+ * stay in cache while the panel's rows pass), weight rows GR at a time. */
+static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const float *x, int64_t n, float *out,
+                  size_t os) {
+    for (int64_t j = 0; j < n; j += GC) {
+        int C = n - j < GC ? (int)(n - j) : GC;
+        const float *xj = x + j * cols;
+        float *oj = out + j * os;
+        for (int64_t r = 0; r < nrows; r += GR) {
+            int R = nrows - r < GR ? (int)(nrows - r) : GR;
+            const float *wr = w + r * ws;
+#define B(rr, cc) block(rr, cc, cols, wr, ws, xj, cols, oj + r, os)
+#if GR == 3 && GC == 4
+#define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; case 3: B(rr, 3); break; default: B(rr, 4); }
+            if (R == 3) { ROW(3) } else if (R == 2) { ROW(2) } else { ROW(1) }
+#else
+#define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; default: B(rr, 3); }
+            if (R == 2) { ROW(2) } else { ROW(1) }
+#endif
+#undef ROW
+#undef B
+        }
+    }
+}
+#endif
+
+/* The chunk's rows widened into buf (nrows * cols floats; unused for F32), then the product. */
+void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const float *x,
+                    int64_t n, float *out, size_t os, float *buf) {
+    const float *wf = (const float *)w;
+    int64_t ws = (int64_t)(row_bytes / sizeof(float));
+    if (type != T_F32) {
+        for (int64_t r = 0; r < nrows; r++)
+            (type == T_F16 ? widen_f16 : widen_bf16)((const char *)w + r * row_bytes, buf + r * cols, cols);
+        wf = buf;
+        ws = cols;
+    }
+#ifdef V
+    panel(cols, wf, ws, nrows, x, n, out, os);
+#else
+    for (int64_t j = 0; j < n; j += NX_TILE) {
+        int nx = n - j < NX_TILE ? (int)(n - j) : NX_TILE;
+        KN(f32_dot)(cols, wf, (size_t)ws * sizeof(float), nrows, x + j * cols, (size_t)cols * sizeof(float), nx,
+                    out + j * os, os);
+    }
+#endif
+}
