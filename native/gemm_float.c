@@ -60,6 +60,10 @@ typedef __m256 vec;
 #endif
 
 #ifdef V
+/* Keeps v in a register: without it the compiler folds the activation load into each of its R
+ * fmas, which makes the loop load-bound. */
+#define REG(v) __asm__("" : "+v"(v))
+
 /* R weight rows (w, stride ws floats) x C activation rows (x, stride xs floats) -> out[c * os + r]. */
 INLINE void block(int R, int C, int64_t cols, const float *w, int64_t ws, const float *x, int64_t xs, float *out,
                   size_t os) {
@@ -73,6 +77,7 @@ INLINE void block(int R, int C, int64_t cols, const float *w, int64_t ws, const 
             for (int r = 0; r < R; r++) wv[r] = VLOAD(w + r * ws + k + h * V);
             for (int c = 0; c < C; c++) {
                 vec xv = VLOAD(x + c * xs + k + h * V);
+                REG(xv);
                 for (int r = 0; r < R; r++) acc[r][c][h] = VFMA(wv[r], xv, acc[r][c][h]);
             }
         }

@@ -141,16 +141,23 @@ def native_cases():
 
 @pytest.mark.parametrize("module", native_cases())
 def test_a_rows_product_does_not_depend_on_its_batch(module):
-    """The server's decode rows: below tile_rows each row's product is bit for bit its product
-    alone; from tile_rows on (BLAS on dequantized tiles) the activations are rounded as the native
-    kernel rounds them, so the two paths agree to float32 summation order."""
+    """The server's rows: up to `invariant_rows` rows (below tile_rows for the types with tiles;
+    every N for f16 and bf16, whose prompts run on the native float gemm) each row's product is bit
+    for bit its product alone. From tile_rows on (BLAS on dequantized tiles) the activations are
+    rounded as the native kernel rounds them, so the two paths agree to float32 summation order."""
     assert base.native_module() is not None, "the native extension is not built (pip install .)"
     rng = np.random.default_rng(200 + module.GGML_TYPE)
     m = module.Matrix(random_blocks(module, 24 * 512 // module.BLOCK, rng, scale=0.05).reshape(24, -1))
-    x = rng.standard_normal((m.tile_rows + 3, 512)).astype(np.float32)
+    x = rng.standard_normal((40, 512)).astype(np.float32)  # past the usual tile_rows (32)
+    alone = np.stack([m(x[i:i + 1])[0] for i in range(len(x))])
     few = m(x[:7])
-    for i in range(7):
-        np.testing.assert_array_equal(m(x[i:i + 1])[0], few[i])
-    many = m(x)  # the tile path
-    absprod = np.abs(x[:7]).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)
-    assert np.all(np.abs(many[:7] - few) <= 1e-5 * absprod + 1e-6)
+    np.testing.assert_array_equal(few, alone[:7])
+    many = m(x)
+    if m.invariant_rows >= len(x):
+        assert module.NAME in ("f16", "bf16")
+        np.testing.assert_array_equal(many, alone)
+    else:
+        assert m.invariant_rows == m.tile_rows - 1 < len(x)
+        np.testing.assert_array_equal(m(x[:m.invariant_rows]), alone[:m.invariant_rows])
+        absprod = np.abs(x).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)
+        assert np.all(np.abs(many - alone) <= 1e-5 * absprod + 1e-6)

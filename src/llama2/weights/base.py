@@ -62,6 +62,7 @@ class Matrix:
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    invariant_rows = tile_rows - 1  # up to this many rows, each row's product has its bits alone
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 

@@ -24,6 +24,7 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
+    invariant_rows = SMALL_BATCH  # more rows: BLAS, whose sums depend on the batch
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)

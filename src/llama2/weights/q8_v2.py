@@ -78,6 +78,7 @@ class Matrix(_Matrix):
         self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
         if not self.split:
             self.tile_rows = SMALL_BATCH + 1
+            self.invariant_rows = SMALL_BATCH
 
     @property
     def nbytes(self) -> int:
