@@ -1,8 +1,8 @@
 /* Prompt products on float weights (F32, F16, BF16): a chunk of weight rows against all N activation
  * rows, the same numbers as the type's dot kernel (type_f16.c ...) gives each (row, activation row).
  *
- * A chunk's rows are first widened to float32 into the caller's panel buffer (F32 rows are used in
- * place); then a register-blocked kernel runs GR weight rows x GC activation rows at a time over the
+ * A chunk's rows are first widened to float32 (F32 rows copied) into the caller's aligned panel
+ * buffer; then a register-blocked kernel runs GR weight rows x GC activation rows at a time over the
  * whole row length. Each (weight row, activation row) pair keeps the dot kernel's own accumulators:
  * two vectors (k mod 2V in the low / high half), then reduce(acc0 + acc1), then the cols % 2V tail
  * left to right. Widening is exact, so every output has exactly the bits of the dot kernel at this
@@ -11,6 +11,8 @@
  *
  * Shapes: w [nrows, row_bytes], x float32 [n, cols], out[j * os + r] for row r, activation row j. */
 #include "level.h"
+
+#include <string.h>
 
 void KN(f32_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t);
 
@@ -92,16 +94,16 @@ INLINE void block(int R, int C, int64_t cols, const float *w, int64_t ws, const 
 
 /* Every (row, activation row) of a panel of nrows widened rows: activation rows GC at a time (they
  * stay in cache while the panel's rows pass), weight rows GR at a time. */
-static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const float *x, int64_t n, float *out,
-                  size_t os) {
+static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const float *x, int64_t xs, int64_t n,
+                  float *out, size_t os) {
     for (int64_t j = 0; j < n; j += GC) {
         int C = n - j < GC ? (int)(n - j) : GC;
-        const float *xj = x + j * cols;
+        const float *xj = x + j * xs;
         float *oj = out + j * os;
         for (int64_t r = 0; r < nrows; r += GR) {
             int R = nrows - r < GR ? (int)(nrows - r) : GR;
             const float *wr = w + r * ws;
-#define B(rr, cc) block(rr, cc, cols, wr, ws, xj, cols, oj + r, os)
+#define B(rr, cc) block(rr, cc, cols, wr, ws, xj, xs, oj + r, os)
 #if GR == 3 && GC == 4
 #define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; case 3: B(rr, 3); break; default: B(rr, 4); }
             if (R == 3) { ROW(3) } else if (R == 2) { ROW(2) } else { ROW(1) }
@@ -116,23 +118,23 @@ static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const
 }
 #endif
 
-/* The chunk's rows widened into buf (nrows * cols floats; unused for F32), then the product. */
+/* The chunk's rows widened into buf (nrows rows of GEMM_STRIDE(cols) floats, 64-byte aligned, so
+ * that with x's rows aligned too no vector load crosses a cache line), then the product. */
 void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const float *x,
-                    int64_t n, float *out, size_t os, float *buf) {
-    const float *wf = (const float *)w;
-    int64_t ws = (int64_t)(row_bytes / sizeof(float));
-    if (type != T_F32) {
-        for (int64_t r = 0; r < nrows; r++)
-            (type == T_F16 ? widen_f16 : widen_bf16)((const char *)w + r * row_bytes, buf + r * cols, cols);
-        wf = buf;
-        ws = cols;
+                    int64_t xs, int64_t n, float *out, size_t os, float *buf) {
+    int64_t ws = GEMM_STRIDE(cols);
+    for (int64_t r = 0; r < nrows; r++) {
+        const void *wr = (const char *)w + r * row_bytes;
+        if (type == T_F16) widen_f16(wr, buf + r * ws, cols);
+        else if (type == T_BF16) widen_bf16(wr, buf + r * ws, cols);
+        else memcpy(buf + r * ws, wr, (size_t)cols * sizeof(float));
     }
 #ifdef V
-    panel(cols, wf, ws, nrows, x, n, out, os);
+    panel(cols, buf, ws, nrows, x, xs, n, out, os);
 #else
     for (int64_t j = 0; j < n; j += NX_TILE) {
         int nx = n - j < NX_TILE ? (int)(n - j) : NX_TILE;
-        KN(f32_dot)(cols, wf, (size_t)ws * sizeof(float), nrows, x + j * cols, (size_t)cols * sizeof(float), nx,
+        KN(f32_dot)(cols, buf, (size_t)ws * sizeof(float), nrows, x + j * xs, (size_t)xs * sizeof(float), nx,
                     out + j * os, os);
     }
 #endif
