@@ -136,13 +136,13 @@ def test_quantize_at_load_hook():
 
 
 def native_cases():
-    return [pytest.param(m, id=m.NAME) for m in GGML if m.NAME != "f32"]  # f32 is BLAS's (and numba's)
+    return [pytest.param(m, id=m.NAME) for m in GGML]
 
 
 @pytest.mark.parametrize("module", native_cases())
 def test_a_rows_product_does_not_depend_on_its_batch(module):
     """The server's rows: up to `invariant_rows` rows (below tile_rows for the types with tiles;
-    every N for f16 and bf16, whose prompts run on the native float gemm) each row's product is bit
+    every N for f32, f16 and bf16, whose prompts run on the native float gemm) each row's product is bit
     for bit its product alone. From tile_rows on (BLAS on dequantized tiles) the activations are
     rounded as the native kernel rounds them, so the two paths agree to float32 summation order."""
     assert base.native_module() is not None, "the native extension is not built (pip install .)"
@@ -154,7 +154,7 @@ def test_a_rows_product_does_not_depend_on_its_batch(module):
     np.testing.assert_array_equal(few, alone[:7])
     many = m(x)
     if m.invariant_rows >= len(x):
-        assert module.NAME in ("f16", "bf16")
+        assert module.NAME in ("f32", "f16", "bf16")
         np.testing.assert_array_equal(many, alone)
     else:
         assert m.invariant_rows == m.tile_rows - 1 < len(x)
