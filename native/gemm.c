@@ -4,9 +4,9 @@
  * dot kernel's order, so neither the panelling nor the thread count changes a bit.
  *
  * Every vector load is 64-byte aligned: the panel's rows are GEMM_STRIDE(cols) floats apart in an
- * aligned buffer, and x is copied into one the same way unless it already is (a load that crosses
- * a cache line costs about twice). The buffers are per thread, kept between calls (decode-sized
- * products never come here) and freed when the thread ends. */
+ * aligned buffer, and x is copied for the call into one laid out the same way unless it already is
+ * (a load that crosses a cache line costs about twice; the copy is cheap next to the product). The
+ * panel buffers (a few hundred KB) are per thread, kept between calls, freed when the thread ends. */
 #include "gemm.h"
 
 #include <pthread.h>
@@ -18,38 +18,33 @@
 #define PANEL_BYTES (192 << 10)  /* a panel of widened rows stays in L2 while the activations pass */
 #define PANEL_STEP 6             /* panel rows: a multiple of every variant's rows per kernel call */
 
-enum { BUF_PANEL, BUF_X, BUF_COUNT };
-static pthread_key_t buf_key;
-static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
-typedef struct { float *p[BUF_COUNT]; size_t size[BUF_COUNT]; } thread_bufs;
-static void bufs_free(void *s) {
-    thread_bufs *b = s;
-    for (int i = 0; i < BUF_COUNT; i++) free(b->p[i]);
-    free(b);
-}
-static void buf_key_init(void) { pthread_key_create(&buf_key, bufs_free); }
+static pthread_key_t panel_key;
+static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
+typedef struct { float *p; size_t size; } panel_buf;
+static void panel_free(void *s) { free(((panel_buf *)s)->p); free(s); }
+static void panel_key_init(void) { pthread_key_create(&panel_key, panel_free); }
 
-/* This thread's buffer `which`, at least `floats` long and 64-byte aligned; NULL when out of memory. */
-static float *buf_get(int which, size_t floats) {
-    pthread_once(&buf_once, buf_key_init);
-    thread_bufs *b = pthread_getspecific(buf_key);
+/* This thread's panel buffer, at least `floats` long and 64-byte aligned; NULL when out of memory. */
+static float *panel_get(size_t floats) {
+    pthread_once(&panel_once, panel_key_init);
+    panel_buf *b = pthread_getspecific(panel_key);
     if (!b) {
         b = calloc(1, sizeof(*b));
         if (!b) return NULL;
-        pthread_setspecific(buf_key, b);
+        pthread_setspecific(panel_key, b);
     }
-    if (b->size[which] < floats) {
-        free(b->p[which]);
+    if (b->size < floats) {
+        free(b->p);
         void *p;
         if (posix_memalign(&p, 64, floats * sizeof(float)) != 0) {
-            b->p[which] = NULL;
-            b->size[which] = 0;
+            b->p = NULL;
+            b->size = 0;
             return NULL;
         }
-        b->p[which] = p;
-        b->size[which] = floats;
+        b->p = p;
+        b->size = floats;
     }
-    return b->p[which];
+    return b->p;
 }
 
 typedef struct {
@@ -67,7 +62,7 @@ typedef struct {
 static void gemm_task(void *arg, int ith, int nth) {
     (void)ith, (void)nth;
     gemm_job *j = arg;
-    float *buf = buf_get(BUF_PANEL, (size_t)(j->panel * GEMM_STRIDE(j->cols)));
+    float *buf = panel_get((size_t)(j->panel * GEMM_STRIDE(j->cols)));
     if (!buf) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
@@ -85,9 +80,10 @@ int op_gemm_float(const kernel_table *kt, int type, const uint8_t *w, size_t row
                   const float *x, int64_t n, int64_t cols, float *out) {
     int nth = pool_threads();
     int64_t xs = GEMM_STRIDE(cols);
+    void *copy = NULL;
     if (xs != cols || ((uintptr_t)x & 63)) {
-        float *xa = buf_get(BUF_X, (size_t)(n * xs));
-        if (!xa) return -1;
+        if (posix_memalign(&copy, 64, (size_t)(n * xs) * sizeof(float)) != 0) return -1;
+        float *xa = copy;
         for (int64_t i = 0; i < n; i++) memcpy(xa + i * xs, x + i * cols, (size_t)cols * sizeof(float));
         x = xa;
     }
@@ -101,5 +97,6 @@ int op_gemm_float(const kernel_table *kt, int type, const uint8_t *w, size_t row
                   .x = x, .out = out};
     if (nth > 1 && j.npanels > 1) pool_run(gemm_task, &j);
     else gemm_task(&j, 0, 1);
+    free(copy);
     return j.failed ? -1 : 0;
 }
