@@ -55,6 +55,11 @@ class BuildNative(build_ext):
         # The variants compile side by side (one compiler process each).
         with ThreadPoolExecutor(max_workers=min(len(VARIANTS), os.cpu_count() or 1)) as pool:
             ext.extra_objects = [o for objs in pool.map(compile_variant, VARIANTS.items()) for o in objs]
+        # build_ext relinks only when a common source is newer than the extension: a changed
+        # per-variant source (a newer object) must relink too.
+        target = self.get_ext_fullpath(ext.name)
+        if os.path.exists(target) and any(os.path.getmtime(o) > os.path.getmtime(target) for o in ext.extra_objects):
+            os.remove(target)
         super().build_extension(ext)
 
 
