@@ -37,6 +37,13 @@ typedef void (*rope_fn)(float *x, const float *cos_, const float *sin_, int64_t 
 typedef void (*silu_mul_fn)(float *a, const float *b, int64_t count);
 typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
                            const float *x, int64_t n, float *out, size_t out_stride);
+/* Prompt products on float weights (gemm_float.c): nrows weight rows of `type` (F32, F16, BF16)
+ * against n activation rows (x_stride floats apart), each output bit-equal to the type's dot
+ * kernel; buf: nrows * GEMM_STRIDE(cols) floats, 64-byte aligned, for the widened rows. */
+#define GEMM_STRIDE(cols) (((cols) + 15) / 16 * 16)
+typedef void (*gemm_float_fn)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
+                              const float *x, int64_t x_stride, int64_t n, float *out, size_t out_stride,
+                              float *buf);
 typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
@@ -66,6 +73,7 @@ typedef struct {
     silu_mul_fn silu_mul;
     q8g_dot_fn q8g_dot;    /* version-2 Q8 in any layout, float activations */
     q8g_dequant_fn q8g_dequant;
+    gemm_float_fn gemm_float;  /* prompts on F32 / F16 / BF16 weights (gemm.c) */
 } kernel_table;
 
 /* Static facts about each type, the same for every variant. */

@@ -26,6 +26,8 @@ void KN(silu_mul)(float *, const float *, int64_t);
 void KN(q8g_dot)(const int8_t *, const float *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *,
                  size_t);
 void KN(q8g_dequant)(const int8_t *, const float *, int64_t, int64_t, int64_t, float *);
+void KN(gemm_float)(int, int64_t, const void *, size_t, int64_t, const float *, int64_t, int64_t, float *, size_t,
+                    float *);
 
 #define STR2(x) #x
 #define STR(x) STR2(x)
@@ -59,4 +61,5 @@ const kernel_table KN(table) = {
     .silu_mul = KN(silu_mul),
     .q8g_dot = KN(q8g_dot),
     .q8g_dequant = KN(q8g_dequant),
+    .gemm_float = KN(gemm_float),
 };

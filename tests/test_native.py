@@ -470,3 +470,57 @@ def test_matmul_q8_split_errors():
         native.matmul_q8_split(q, np.zeros(8, np.float32), 48, x, np.empty((1, 4), np.float32))
     with pytest.raises(ValueError, match="s must be float32 with at least 12 scales"):
         native.matmul_q8_split(q, np.zeros(11, np.float32), 32, x, np.empty((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", FLOATS, ids=lambda t: t.name)
+def test_float_prompt_products_are_the_dot_kernels_bits(t, variant):
+    """Float weights with more rows than a dot call takes (prompts) run on gemm.c: rows widened per
+    panel, a register-blocked kernel over all N. Every output is within float rounding of the
+    float64 product of the widened matrix, and has exactly the bits it gets alone (one row, the dot
+    kernel) at the same level, for any N and both thread counts: batch invariance."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 17 + len(variant))
+    try:
+        # odd shapes: rows not a multiple of any kernel block or panel, cols with a tail after the
+        # vector loop (or shorter than one vector step); 1100 rows x 300 cols: several panels;
+        # 2100 cols: the row in three steps of the kernel (1024 values each, then the rest)
+        for rows, cols in ((1, 5), (13, 70), (37, 31), (50, 200), (1100, 300), (9, 2100)):
+            w = random_weights(rng, t, rows, cols)
+            wd = gguf_dequant(t, w).astype(np.float64)
+            for n in (1, 7, 8, 9, 32, 33, 100):
+                if rows * n > 40_000:
+                    continue
+                x = activations(rng, n, cols)
+                alone = np.empty((n, rows), np.float32)
+                native.set_threads(1)
+                for i in range(n):
+                    native.matmul(int(t), w, x[i:i + 1], alone[i:i + 1])
+                scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+                # float32 sums of cols products: well within cols * 2^-24 of sum |w x| (seen ~1e-7)
+                np.testing.assert_array_less(np.abs(alone - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
+                for nth in (1, 2):
+                    native.set_threads(nth)
+                    out = np.full((n, rows), np.nan, np.float32)
+                    native.matmul(int(t), w, x, out)
+                    np.testing.assert_array_equal(out.view(np.uint32), alone.view(np.uint32),
+                                                  err_msg=f"{rows}x{cols}, N={n}, {nth} threads")
+    finally:
+        native.set_threads(threads())
+
+
+def test_float_prompt_products_of_wide_rows():
+    """Rows longer than a panel's cache budget (panels of the fewest rows), f16 and bf16, N = 12."""
+    rng = np.random.default_rng(4)
+    rows, cols = 7, 60000
+    for t in (GT.F16, GT.BF16):
+        w = random_weights(rng, t, rows, cols)
+        wd = gguf_dequant(t, w).astype(np.float64)
+        x = activations(rng, 12, cols)
+        out = np.empty((12, rows), np.float32)
+        native.matmul(int(t), w, x, out)
+        scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
+        one = np.empty((1, rows), np.float32)
+        native.matmul(int(t), w, x[11:], one)
+        np.testing.assert_array_equal(one[0], out[11])

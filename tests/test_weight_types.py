@@ -136,13 +136,13 @@ def test_quantize_at_load_hook():
 
 
 def native_cases():
-    return [pytest.param(m, id=m.NAME) for m in GGML if m.NAME != "f32"]  # f32 is BLAS's (and numba's)
+    return [pytest.param(m, id=m.NAME) for m in GGML]
 
 
 @pytest.mark.parametrize("module", native_cases())
 def test_a_rows_product_does_not_depend_on_its_batch(module):
     """The server's batches: up to invariant_rows rows, each row's product is bit for bit its
-    product alone (the integer types: at every N); past it (BLAS on dequantized tiles) the
+    product alone (the integer and float types: at every N); past it (BLAS on dequantized tiles) the
     activations are rounded as the native kernel rounds them, so the two paths agree to float32
     summation order."""
     assert base.native_module() is not None, "the native extension is not built (pip install .)"
@@ -150,6 +150,8 @@ def test_a_rows_product_does_not_depend_on_its_batch(module):
     m = module.Matrix(random_blocks(module, 24 * 512 // module.BLOCK, rng, scale=0.05).reshape(24, -1))
     if module.Matrix.ACTIVATIONS is not None:  # integer kernels: every N stays native
         assert m.invariant_rows == m.tile_rows == base.ALL_ROWS
+    elif module.NAME in ("f32", "f16", "bf16"):  # the native float gemm: every N
+        assert m.invariant_rows >= base.ALL_ROWS
     else:
         assert m.invariant_rows == m.tile_rows - 1
     n = min(m.invariant_rows, 70)  # past two tiles of the widest kernel (8 rows), odd
