@@ -95,8 +95,9 @@ class Scheduler:
         self.invariant = invariant
         self.prefix_cache = prefix_cache
         # Rows of a pass whose logits are each bit for bit the sequence's alone (the engine's
-        # figure, model.invariant_rows): the invariant mode's passes hold at most this many.
-        self.pack_rows = max(1, int(getattr(model, "invariant_rows", 1)))
+        # figure, model.invariant_rows), and never more than one full-context prompt (the
+        # activations memory.py budgets for): the invariant mode's passes hold at most this many.
+        self.pack_rows = max(1, min(int(getattr(model, "invariant_rows", 1)), model.config.seq_len))
         seq_len = model.config.seq_len
         bt = kvcache.BLOCK_TOKENS
         budget = kv_budget if kv_budget is not None else max_batch * seq_len
