@@ -13,10 +13,11 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = "native"
-COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "layer.c", "layer_py.c", "attention_pool.c"]
+COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "gemm.c", "layer.c", "layer_py.c", "attention_pool.c"]
 PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
                "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
-               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c"]
+               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c",
+               "gemm_float.c"]
 
 # Every file: optimized, and no silent fusing of a*b+c into fma (dequantization must round each
 # product like the gguf reference; the kernels use fma explicitly where they want it).
@@ -54,6 +55,11 @@ class BuildNative(build_ext):
         # The variants compile side by side (one compiler process each).
         with ThreadPoolExecutor(max_workers=min(len(VARIANTS), os.cpu_count() or 1)) as pool:
             ext.extra_objects = [o for objs in pool.map(compile_variant, VARIANTS.items()) for o in objs]
+        # build_ext relinks only when a common source is newer than the extension: a changed
+        # per-variant source (a newer object) must relink too.
+        target = self.get_ext_fullpath(ext.name)
+        if os.path.exists(target) and any(os.path.getmtime(o) > os.path.getmtime(target) for o in ext.extra_objects):
+            os.remove(target)
         super().build_extension(ext)
 
 

@@ -37,6 +37,13 @@ typedef void (*rope_fn)(float *x, const float *cos_, const float *sin_, int64_t 
 typedef void (*silu_mul_fn)(float *a, const float *b, int64_t count);
 typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
                            const float *x, int64_t n, float *out, size_t out_stride);
+/* Prompt products on float weights (gemm_float.c): nrows weight rows of `type` (F32, F16, BF16)
+ * against n activation rows (x_stride floats apart), each output bit-equal to the type's dot
+ * kernel; buf: nrows * GEMM_STRIDE(cols) floats, 64-byte aligned, for the widened rows. */
+#define GEMM_STRIDE(cols) (((cols) + 15) / 16 * 16)
+typedef void (*gemm_float_fn)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
+                              const float *x, int64_t x_stride, int64_t n, float *out, size_t out_stride,
+                              float *buf);
 typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
@@ -60,9 +67,11 @@ typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, cons
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
-    dot_fn dot[T_COUNT];   /* NULL for ids that are not weight types */
+    dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
+    dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];
     q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
+    q8s_dot_fn q8s_gemm;
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
@@ -73,6 +82,7 @@ typedef struct {
     silu_mul_fn silu_mul;
     q8g_dot_fn q8g_dot;    /* version-2 Q8 in any layout, float activations */
     q8g_dequant_fn q8g_dequant;
+    gemm_float_fn gemm_float;  /* prompts on F32 / F16 / BF16 weights (gemm.c) */
 } kernel_table;
 
 /* Static facts about each type, the same for every variant. */

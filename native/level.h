@@ -69,4 +69,58 @@ INLINE __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i
 INLINE __m128i load128(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
 #endif
 
+#if defined(__AVX512F__)
+/* AVX-512 (the avx512 and avx512vnni variants): the kernels run two weight rows at once, row 0 in
+ * the low 256 bits of a register and row 1 in the high 256 bits, each half doing exactly what the
+ * 256-bit body does for its row (same integers in the same lanes, same float operations), so a
+ * row's result is the same bits whichever body computed it. */
+/* Two 32-byte pieces -> one register: a in the low half, b in the high half. */
+INLINE __m512i load2x256(const void *a, const void *b) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(load256(a)), load256(b), 1);
+}
+/* 32 bytes in both halves. */
+INLINE __m512i bcast256(const void *p) { return _mm512_broadcast_i64x4(load256(p)); }
+INLINE __m512i join256(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
+/* a in the 8 low lanes, b in the 8 high lanes. */
+INLINE __m512 set2_ps(float a, float b) {
+    return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1);
+}
+INLINE __m512i dpwssd512(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpwssd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+#endif
+}
+INLINE __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(acc, a, b);
+#else
+    return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
+#endif
+}
+/* Runs CALL(j0, n) over the nx activation rows in groups of at most `most` (4 or 8), n constant
+ * in each copy: the paired kernels hold 2 x n accumulators, which for some types fit the 32
+ * registers only up to n = 4. */
+#define DISPATCH_PAIR_NX(nx, most, CALL)                                                            \
+    for (int j0_ = 0; j0_ < (nx); j0_ += (most)) {                                                  \
+        int n_ = (nx) - j0_ < (most) ? (nx) - j0_ : (most);                                         \
+        switch (n_) {                                                                               \
+        case 1: CALL(j0_, 1); break; case 2: CALL(j0_, 2); break; case 3: CALL(j0_, 3); break;      \
+        case 4: CALL(j0_, 4); break; case 5: CALL(j0_, 5); break; case 6: CALL(j0_, 6); break;      \
+        case 7: CALL(j0_, 7); break; default: CALL(j0_, 8);                                         \
+        }                                                                                           \
+    }
+/* Prefetch the `bytes` at p (the next row pair's block, while this pair's is being multiplied: the
+ * two rows of a pair are two short streams, which the hardware prefetchers follow poorly). */
+INLINE void prefetch_block(const void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+}
+/* The two rows' results: each half summed as hsum256_ps sums a 256-bit accumulator. */
+INLINE void store2(__m512 acc, float *out0, float *out1) {
+    *out0 = hsum256_ps(_mm512_castps512_ps256(acc));
+    *out1 = hsum256_ps(_mm512_extractf32x8_ps(acc, 1));
+}
+#endif
+
 #endif

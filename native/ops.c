@@ -14,6 +14,7 @@
 #include <stdlib.h>
 
 #include "dispatch.h"
+#include "gemm.h"
 #include "pool.h"
 
 #define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
@@ -102,8 +103,15 @@ static void mm_task(void *arg, int ith, int nth) {
 }
 
 /* Quantize x as `act` asks, split the rows, run. */
-static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x) {
+static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x, int type) {
     j->tile = kt->nx_tile;
+    /* One or two activation rows: the one-row kernels, whose single stream through the weights
+     * the memory keeps up with best; from three rows on the products are compute bound and take
+     * the gemm kernels (two weight rows per register on AVX-512). Both give every output the same
+     * bits (kernels.h), so the choice changes no result. */
+    int prompt = j->n >= 3;
+    if (j->q8s_dot) j->q8s_dot = prompt ? kt->q8s_gemm : kt->q8s_dot;
+    else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
     if (act == ACT_F32) {
         j->x = (const char *)x;
         j->x_stride = (size_t)j->cols * sizeof(float);
@@ -121,6 +129,7 @@ static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x
     int64_t chunk = (j->rows + 8 * nth - 1) / (8 * nth);
     if (j->n > j->tile && chunk * (int64_t)j->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)j->row_bytes;
     if (chunk < 4) chunk = 4;
+    chunk += chunk & 1;  /* whole row pairs for the prompt kernels */
     j->chunk = chunk;
     j->nchunks = (j->rows + chunk - 1) / chunk;
     j->next = 0;
@@ -133,9 +142,11 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
               int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
     const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
+    if (n > kt->nx_tile && (type == T_F32 || type == T_F16 || type == T_BF16))  /* prompts: gemm.c */
+        return op_gemm_float(kt, type, w, row_bytes, rows, x, n, cols, out);
     mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
                 .n = n, .out = out};
-    return run_matmul(&j, kt, TYPE_INFO[type].act, x);
+    return run_matmul(&j, kt, TYPE_INFO[type].act, x, type);
 }
 
 int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
@@ -144,7 +155,7 @@ int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, con
     const kernel_table *kt = active_table;
     mm_job j = {.q8s_dot = kt->q8s_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
                 .row_bytes = (size_t)cols, .rows = rows, .cols = cols, .n = n, .out = out};
-    return run_matmul(&j, kt, ACT_Q8_0, x);
+    return run_matmul(&j, kt, ACT_Q8_0, x, 0);
 }
 
 typedef struct {

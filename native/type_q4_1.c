@@ -1,61 +1,18 @@
 /* Q4_1 weights: blocks of 32, w = d * q + m, q in 0..15 (byte l: element l low nibble, l + 16 high).
  * Activations: Q8_0x; per block isum = sum(q * q_x) over unsigned q, then
  * value = d_w * d_x * isum + m_w * d_x * sum(q_x). */
+#include <stddef.h>
+
 #include "q32_common.h"
 
-INLINE int unsigned_q(const block_q4_1 *b, int l) {  /* element l's unsigned value */
-    int v = l < 16 ? (b->qs[l] & 15) : (b->qs[l - 16] >> 4);
-    return v;
-}
-
-static void dequant(const void *w, float *out, int64_t cols) {
-    const block_q4_1 *b = (const block_q4_1 *)w;
-    for (int64_t i = 0; i < cols / QK; i++) {
-        float d = load_f16(&b[i].d);
-        float m = load_f16(&b[i].m);
-        for (int l = 0; l < QK; l++) out[i * QK + l] = d * (float)unsigned_q(&b[i], l) + m;
-    }
-}
-
-INLINE void dot_body(int64_t nb, const block_q4_1 *w, const char *x, size_t xs, int NX, float *out, size_t os) {
-#if defined(__AVX2__)
-    __m256 acc[NX_MAX];
-    float accm[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps(), accm[j] = 0.0f;
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i q = nibbles32(w[b].qs);
-        float dw = load_f16(&w[b].d);
-        float mw = load_f16(&w[b].m);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            __m256i p = dpbusd256(_mm256_setzero_si256(), q, load256(xb->qs));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[j]);
-            accm[j] += mw * xb->d * (float)xb->sum;
-        }
-    }
-    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]) + accm[j];
-#else
-    float acc[NX_MAX] = {0};
-    for (int64_t b = 0; b < nb; b++) {
-        float dw = load_f16(&w[b].d);
-        float mw = load_f16(&w[b].m);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            int32_t s = 0;
-            for (int l = 0; l < QK; l++) s += unsigned_q(&w[b], l) * xb->qs[l];
-            acc[j] += dw * xb->d * (float)s + mw * xb->d * (float)xb->sum;
-        }
-    }
-    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
-#endif
-}
+static const q32_layout LAYOUT = {sizeof(block_q4_1), offsetof(block_q4_1, m), 0, offsetof(block_q4_1, qs)};
 
 void KN(q4_1_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
                  int nx, float *out, size_t os) {
-#define B(n) \
-    for (int64_t r = 0; r < nrows; r++) \
-        dot_body(cols / QK, (const block_q4_1 *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
-#undef B
+    q32_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 0);
 }
-void KN(q4_1_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }
+void KN(q4_1_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    q32_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 1);
+}
+void KN(q4_1_dequant)(const void *w, float *out, int64_t cols) { q32_dequant((const uint8_t *)w, LAYOUT, out, cols); }

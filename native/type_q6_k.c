@@ -89,12 +89,86 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
 #endif
 }
 
-void KN(q6_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
+#if defined(__AVX512F__)
+/* Two weight rows at once (level.h): dot_body's 256-bit arithmetic, row 0 in the low half of each
+ * register, row 1 in the high half. The scale vector of group pair (h, k) picks int16 lanes of
+ * [scales of row 0 | scales of row 1] with one permute. */
+INLINE __m512i pair_index(int g) {
+    return _mm512_set_epi16(17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g,
+                            16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g,
+                            1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, g, g, g, g, g, g, g, g);
+}
+
+INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, size_t row_bytes, const char *x, size_t xs, int NX,
+                      float *out, size_t os) {
+    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
+    __m512 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q6_k));
+        prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q6_k));
+        __m512i s16 = join256(_mm256_cvtepi8_epi16(load128(w0[b].scales)), _mm256_cvtepi8_epi16(load128(w1[b].scales)));
+        __m512i sumi[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = _mm512_setzero_si512();
+        for (int h = 0; h < 2; h++) {
+            __m512i ql0 = load2x256(w0[b].ql + 64 * h, w1[b].ql + 64 * h);
+            __m512i ql1 = load2x256(w0[b].ql + 64 * h + 32, w1[b].ql + 64 * h + 32);
+            __m512i qh = load2x256(w0[b].qh + 32 * h, w1[b].qh + 32 * h);
+            for (int k = 0; k < 4; k++) {
+                __m512i lo = k & 1 ? ql1 : ql0;
+                lo = _mm512_and_si512(k < 2 ? lo : _mm512_srli_epi16(lo, 4), m4);
+                __m512i hi = k == 0 ? _mm512_slli_epi16(qh, 4) : k == 1 ? _mm512_slli_epi16(qh, 2)
+                           : k == 2 ? qh : _mm512_srli_epi16(qh, 2);
+                __m512i q = _mm512_or_si512(lo, _mm512_and_si512(hi, m30));
+                __m512i sv = _mm512_permutexvar_epi16(pair_index(8 * h + 2 * k), s16);
+                for (int j = 0; j < NX; j++) {
+                    const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
+                    sumi[j] = dpwssd512(sumi[j], _mm512_maddubs_epi16(q, bcast256(xq)), sv);
+                }
+            }
+        }
+        __m512 dd = set2_ps(load_f16(&w0[b].d), load_f16(&w1[b].d));
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            __m512i off = _mm512_madd_epi16(bcast256(xb->bsums), s16);
+            sumi[j] = _mm512_sub_epi32(sumi[j], _mm512_slli_epi32(off, 5));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[j]), _mm512_mul_ps(dd, _mm512_set1_ps(xb->d)), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
+}
+#endif
+
+/* pairs (the prompt kernel): rows in pairs where AVX-512 has the registers, the last odd row (and
+ * every row elsewhere) alone; the same bits either way. Decode reads rows one at a time: a single
+ * stream through memory. */
+#ifndef PAIR_NX
+#define PAIR_NX 4
+#endif
+INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
+                 float *out, size_t os, int pairs) {
+    const char *wb = (const char *)w;
+    int64_t r = 0;
+#if defined(__AVX512F__)
+#define C(j0, n) \
+    dot2_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const block_q6_k *)(wb + (r + 1) * row_bytes), row_bytes, \
+              (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
+#undef C
+#endif
 #define B(n) \
-    for (int64_t r = 0; r < nrows; r++) \
-        dot_body(cols / QK_K, (const block_q6_k *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
+    for (; r < nrows; r++) \
+        dot_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
 #undef B
+}
+void KN(q6_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
+}
+void KN(q6_k_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);
 }
 void KN(q6_k_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }

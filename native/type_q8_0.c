@@ -41,12 +41,61 @@ INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, 
 #endif
 }
 
-void KN(q8_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
+#if defined(__AVX512F__)
+/* Two weight rows at once (level.h): dot_body's 256-bit arithmetic, row 0 in the low half of each
+ * register, row 1 in the high half; x takes q's sign through a mask (AVX-512 has no vpsignb). */
+INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, size_t row_bytes, const char *x, size_t xs, int NX, float *out,
+                      size_t os) {
+
+    __m512 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q8_0));
+        prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q8_0));
+        __m512i q = load2x256(w0[b].qs, w1[b].qs);
+        __m512i u = _mm512_abs_epi8(q);
+        __mmask64 neg = _mm512_movepi8_mask(q);
+        __m512 dw = set2_ps(load_f16(&w0[b].d), load_f16(&w1[b].d));
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            __m512i xx = bcast256(xb->qs);
+            __m512i p = dpbusd512(_mm512_setzero_si512(), u, _mm512_mask_sub_epi8(xx, neg, _mm512_setzero_si512(), xx));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
+}
+#endif
+
+/* pairs (the prompt kernel): rows in pairs where AVX-512 has the registers, the last odd row (and
+ * every row elsewhere) alone; the same bits either way. Decode reads rows one at a time: a single
+ * stream through memory. */
+#ifndef PAIR_NX
+#define PAIR_NX 8
+#endif
+INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
+                 float *out, size_t os, int pairs) {
+    const char *wb = (const char *)w;
+    int64_t r = 0;
+#if defined(__AVX512F__)
+#define C(j0, n) \
+    dot2_body(cols / QK, (const block_q8_0 *)(wb + r * row_bytes), (const block_q8_0 *)(wb + (r + 1) * row_bytes), row_bytes, \
+              (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
+#undef C
+#endif
 #define B(n) \
-    for (int64_t r = 0; r < nrows; r++) \
-        dot_body(cols / QK, (const block_q8_0 *)((const char *)w + r * row_bytes), (const char *)x, xs, n, out + r, os)
+    for (; r < nrows; r++) dot_body(cols / QK, (const block_q8_0 *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
 #undef B
+}
+void KN(q8_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
+}
+void KN(q8_0_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os) {
+    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);
 }
 void KN(q8_0_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }

@@ -37,12 +37,57 @@ INLINE void dot_body(int64_t cols, const int8_t *q, const float *s, int64_t gs, 
 #endif
 }
 
-/* Rows 0..nrows-1 of q (row r at q + r * cols, its scales at s + r * cols / gs). */
-void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
-                 size_t xs, int nx, float *out, size_t os) {
+#if defined(__AVX512F__)
+/* Two weight rows at once (level.h): dot_body's 256-bit arithmetic, row 0 in the low half of each
+ * register, row 1 in the high half; x takes q's sign through a mask (AVX-512 has no vpsignb). */
+INLINE void dot2_body(int64_t cols, const int8_t *q0, const int8_t *q1, const float *s0, const float *s1, int64_t gs,
+                      const char *x, size_t xs, int NX, float *out, size_t os) {
+    int64_t nb = cols / QK, per = gs / QK;
+    __m512 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        prefetch_block(q0 + QK * b + 2 * cols, QK);
+        prefetch_block(q1 + QK * b + 2 * cols, QK);
+        __m512i qv = load2x256(q0 + QK * b, q1 + QK * b);
+        __m512i u = _mm512_abs_epi8(qv);
+        __mmask64 neg = _mm512_movepi8_mask(qv);
+        __m512 sw = set2_ps(s0[b / per], s1[b / per]);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            __m512i xx = bcast256(xb->qs);
+            __m512i p = dpbusd512(_mm512_setzero_si512(), u, _mm512_mask_sub_epi8(xx, neg, _mm512_setzero_si512(), xx));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(sw, _mm512_set1_ps(xb->d)), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
+}
+#endif
+
+/* Rows 0..nrows-1 of q (row r at q + r * cols, its scales at s + r * cols / gs): in pairs where
+ * AVX-512 has the registers (pairs: the prompt kernel), the last odd row (and every row elsewhere)
+ * alone; the same bits. Decode reads rows one at a time: a single stream through memory. */
+INLINE void rows(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x, size_t xs,
+                 int nx, float *out, size_t os, int pairs) {
+    int64_t r = 0, spr = cols / gs;
+#if defined(__AVX512F__)
+#define C(j0, n) \
+    dot2_body(cols, q + r * cols, q + (r + 1) * cols, s + r * spr, s + (r + 1) * spr, gs, (const char *)x + (j0) * xs, \
+              xs, n, out + (j0) * os + r, os)
+    if (pairs)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
+#undef C
+#endif
 #define B(n) \
-    for (int64_t r = 0; r < nrows; r++) \
-        dot_body(cols, q + r * cols, s + r * (cols / gs), gs, (const char *)x, xs, n, out + r, os)
+    for (; r < nrows; r++) dot_body(cols, q + r * cols, s + r * spr, gs, (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
 #undef B
+}
+
+void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+                 size_t xs, int nx, float *out, size_t os) {
+    rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 0);
+}
+void KN(q8s_gemm)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+                  size_t xs, int nx, float *out, size_t os) {
+    rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 1);
 }

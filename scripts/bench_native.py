@@ -1,9 +1,10 @@
 """Micro-benchmark of the native kernels: decode GB/s and prompt GFLOP/s per weight type and level.
 
-    python scripts/bench_native.py [--threads 2] [--types Q4_K,Q6_K,...] [--levels scalar,avx2,avx512]
+    python scripts/bench_native.py [--threads 2] [--types Q4_K,Q6_K,...] [--levels scalar,avx2,avx512,avx512vnni]
                                    [--rows 11008] [--cols 4096] [--n 1,4,128,512] [--seconds 1]
 
-For each type and instruction-set level (forced in-process with native.select), times
+For each type and compiled variant (forced in-process with native.select_variant; a level name
+that is not a variant's, e.g. "avx512" on a build without that variant, goes through native.select), times
 native.matmul on random weights [rows, cols] (default: Llama-2-7B's up projection, far larger than
 the caches) for each activation count N: N = 1..8 is decode (reported as weight GB/s streamed),
 larger N is a prompt (reported as GFLOP/s, 2 * rows * cols * N per call). A measurement script,
@@ -55,7 +56,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--types", default="F32,F16,BF16,Q8_0,Q4_0,Q4_1,Q5_0,Q5_1,Q4_K,Q5_K,Q6_K")
-    ap.add_argument("--levels", default=",".join(native.supported()))
+    ap.add_argument("--levels", default=",".join(native.variants()))  # every variant this CPU runs
     ap.add_argument("--rows", type=int, default=11008)
     ap.add_argument("--cols", type=int, default=4096)
     ap.add_argument("--n", default="1,4,128,512")
@@ -70,7 +71,8 @@ def main():
         t = NAMES[name]
         w = random_weights(rng, t, a.rows, a.cols)
         for level in a.levels.split(","):
-            native.select(level)
+            # a level (scalar, avx2, avx512) or a compiled variant (avx512vnni, ...)
+            native.select_variant(level) if level in native.variants() else native.select(level)
             cells = []
             for n in ns:
                 x = rng.standard_normal((n, a.cols)).astype(np.float32)

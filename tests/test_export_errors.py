@@ -22,11 +22,12 @@ def run_cli(argv):
 
 
 def write_safetensors(path, tensors, dtype="F32"):
-    """A safetensors file written by hand: 8-byte header length, JSON header, raw data."""
+    """A safetensors file written by hand: 8-byte header length, JSON header, raw data. `dtype`: every
+    tensor's safetensors dtype, or a dict of them by name."""
     header, blobs, offset = {}, [], 0
     for name, arr in tensors.items():
         raw = np.ascontiguousarray(arr).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {"dtype": dtype[name] if isinstance(dtype, dict) else dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(raw)]}
         blobs.append(raw)
         offset += len(raw)
     head = json.dumps(header).encode()

@@ -29,6 +29,8 @@ FLOATS = (GT.F32, GT.F16, GT.BF16)
 QUANTS = tuple(BLOCKS)
 ALL = FLOATS + QUANTS
 K_QUANTS = (GT.Q4_K, GT.Q5_K, GT.Q6_K)
+# Activation row counts: decode (1..8), the 4- and 8-row tiles and their tails, prompts.
+PROMPT_NS = (1, 3, 6, 8, 9, 31, 33, 64, 130)
 
 
 @pytest.fixture(autouse=True)
@@ -151,7 +153,7 @@ def test_matmul_equals_dequantized_product(t, variant):
     cols = 200 if t in FLOATS else 512  # float types: a tail after the vector loop
     w = random_weights(rng, t, rows, cols)
     wd = gguf_dequant(t, w).astype(np.float64)
-    for n in (1, 3, 6, 8, 33):
+    for n in PROMPT_NS:
         x = activations(rng, n, cols)
         out = np.full((n, rows), np.nan, np.float32)
         native.matmul(int(t), w, x, out)
@@ -224,6 +226,82 @@ def test_threads_one_and_two_agree(t):
         native.set_threads(threads())
     for o in outs[1:]:
         np.testing.assert_array_equal(o, outs[0])
+
+
+def batch_rows_alone(product, x, rows):
+    """Asserts that every row of product(x) [N, rows] is bit for bit the product of that row alone
+    and of the row inside another batch (shifted by 5: another tile position)."""
+    n = len(x)
+    full = product(x)
+    for i in range(n):
+        np.testing.assert_array_equal(product(x[i:i + 1])[0].view(np.uint32), full[i].view(np.uint32),
+                                      err_msg=f"row {i} of {n}")
+    np.testing.assert_array_equal(product(x[5:]).view(np.uint32), full[5:].view(np.uint32))
+    return full
+
+
+@pytest.mark.parametrize("nthreads", (1, 2))
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", QUANTS, ids=lambda t: t.name)
+def test_a_rows_product_is_the_same_alone_or_in_any_batch(t, variant, nthreads):
+    """The contract behind Matrix.invariant_rows = ALL_ROWS: whatever N, the tile a row lands in,
+    the thread count or the chunking, each output is computed by the same operations."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 3 + len(variant))
+    rows, cols = 37, 512  # odd: the AVX-512 kernels' row pairs plus a row alone
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, 41, cols)
+    try:
+        native.set_threads(nthreads)
+
+        def product(a):
+            out = np.empty((len(a), rows), np.float32)
+            native.matmul(int(t), w, a, out)
+            return out
+        batch_rows_alone(product, x, rows)
+        # odd row ranges: a product of rows 1..rows-1 (pairs shifted by one) gives the same bits
+        w1 = np.ascontiguousarray(w[1:])
+        out = np.empty((len(x), rows - 1), np.float32)
+        native.matmul(int(t), w1, x, out)
+        np.testing.assert_array_equal(out.view(np.uint32), product(x)[:, 1:].view(np.uint32))
+    finally:
+        native.set_threads(threads())
+
+
+@pytest.mark.parametrize("t", QUANTS, ids=lambda t: t.name)
+def test_simd_variants_give_the_same_bits(t):
+    """avx2, avx512 and avx512vnni compute each output by the same integer and float operations
+    (the AVX-512 kernels put two weight rows in one register, each half doing the 256-bit
+    arithmetic), so they agree bit for bit; the scalar variant sums in another order."""
+    simd = [v for v in VARIANTS if v != "scalar"]
+    if len(simd) < 2:
+        pytest.skip(f"this CPU runs one SIMD variant ({simd})")
+    rng = np.random.default_rng(int(t) + 50)
+    rows, cols = 37, 512
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, 19, cols)
+    outs = {}
+    for v in simd:
+        native.select_variant(v)
+        outs[v] = np.empty((len(x), rows), np.float32)
+        native.matmul(int(t), w, x, outs[v])
+    for v in simd[1:]:
+        np.testing.assert_array_equal(outs[v].view(np.uint32), outs[simd[0]].view(np.uint32), err_msg=v)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matmul_q8_split_rows_alone_or_in_any_batch(variant):
+    native.select_variant(variant)
+    rng = np.random.default_rng(len(variant))
+    rows, cols, gs = 37, 512, 64
+    q = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
+    s = (rng.random(rows * cols // gs) * 0.01).astype(np.float32)
+
+    def product(a):
+        out = np.empty((len(a), rows), np.float32)
+        native.matmul_q8_split(q, s, gs, a, out)
+        return out
+    batch_rows_alone(product, activations(rng, 41, cols), rows)
 
 
 def test_empty_products():
@@ -362,7 +440,7 @@ def test_matmul_q8_split_equals_dequantized_product(gs, variant):
     q = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
     s = (rng.random(rows * cols // gs) * 0.01).astype(np.float32)
     wd = (q.astype(np.float32).reshape(-1, gs) * s[:, None]).reshape(rows, cols).astype(np.float64)
-    for n in (1, 3, 6, 8, 33):
+    for n in PROMPT_NS:
         x = activations(rng, n, cols)
         out = np.full((n, rows), np.nan, np.float32)
         native.matmul_q8_split(q, s, gs, x, out)
@@ -392,3 +470,57 @@ def test_matmul_q8_split_errors():
         native.matmul_q8_split(q, np.zeros(8, np.float32), 48, x, np.empty((1, 4), np.float32))
     with pytest.raises(ValueError, match="s must be float32 with at least 12 scales"):
         native.matmul_q8_split(q, np.zeros(11, np.float32), 32, x, np.empty((1, 4), np.float32))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", FLOATS, ids=lambda t: t.name)
+def test_float_prompt_products_are_the_dot_kernels_bits(t, variant):
+    """Float weights with more rows than a dot call takes (prompts) run on gemm.c: rows widened per
+    panel, a register-blocked kernel over all N. Every output is within float rounding of the
+    float64 product of the widened matrix, and has exactly the bits it gets alone (one row, the dot
+    kernel) at the same level, for any N and both thread counts: batch invariance."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 17 + len(variant))
+    try:
+        # odd shapes: rows not a multiple of any kernel block or panel, cols with a tail after the
+        # vector loop (or shorter than one vector step); 1100 rows x 300 cols: several panels;
+        # 2100 cols: the row in three steps of the kernel (1024 values each, then the rest)
+        for rows, cols in ((1, 5), (13, 70), (37, 31), (50, 200), (1100, 300), (9, 2100)):
+            w = random_weights(rng, t, rows, cols)
+            wd = gguf_dequant(t, w).astype(np.float64)
+            for n in (1, 7, 8, 9, 32, 33, 100):
+                if rows * n > 40_000:
+                    continue
+                x = activations(rng, n, cols)
+                alone = np.empty((n, rows), np.float32)
+                native.set_threads(1)
+                for i in range(n):
+                    native.matmul(int(t), w, x[i:i + 1], alone[i:i + 1])
+                scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+                # float32 sums of cols products: well within cols * 2^-24 of sum |w x| (seen ~1e-7)
+                np.testing.assert_array_less(np.abs(alone - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
+                for nth in (1, 2):
+                    native.set_threads(nth)
+                    out = np.full((n, rows), np.nan, np.float32)
+                    native.matmul(int(t), w, x, out)
+                    np.testing.assert_array_equal(out.view(np.uint32), alone.view(np.uint32),
+                                                  err_msg=f"{rows}x{cols}, N={n}, {nth} threads")
+    finally:
+        native.set_threads(threads())
+
+
+def test_float_prompt_products_of_wide_rows():
+    """Rows longer than a panel's cache budget (panels of the fewest rows), f16 and bf16, N = 12."""
+    rng = np.random.default_rng(4)
+    rows, cols = 7, 60000
+    for t in (GT.F16, GT.BF16):
+        w = random_weights(rng, t, rows, cols)
+        wd = gguf_dequant(t, w).astype(np.float64)
+        x = activations(rng, 12, cols)
+        out = np.empty((12, rows), np.float32)
+        native.matmul(int(t), w, x, out)
+        scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
+        np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
+        one = np.empty((1, rows), np.float32)
+        native.matmul(int(t), w, x[11:], one)
+        np.testing.assert_array_equal(one[0], out[11])

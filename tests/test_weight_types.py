@@ -136,21 +136,31 @@ def test_quantize_at_load_hook():
 
 
 def native_cases():
-    return [pytest.param(m, id=m.NAME) for m in GGML if m.NAME != "f32"]  # f32 is BLAS's (and numba's)
+    return [pytest.param(m, id=m.NAME) for m in GGML]
 
 
 @pytest.mark.parametrize("module", native_cases())
 def test_a_rows_product_does_not_depend_on_its_batch(module):
-    """The server's decode rows: below tile_rows each row's product is bit for bit its product
-    alone; from tile_rows on (BLAS on dequantized tiles) the activations are rounded as the native
-    kernel rounds them, so the two paths agree to float32 summation order."""
+    """The server's batches: up to invariant_rows rows, each row's product is bit for bit its
+    product alone (the integer and float types: at every N); past it (BLAS on dequantized tiles) the
+    activations are rounded as the native kernel rounds them, so the two paths agree to float32
+    summation order."""
     assert base.native_module() is not None, "the native extension is not built (pip install .)"
     rng = np.random.default_rng(200 + module.GGML_TYPE)
     m = module.Matrix(random_blocks(module, 24 * 512 // module.BLOCK, rng, scale=0.05).reshape(24, -1))
-    x = rng.standard_normal((m.tile_rows + 3, 512)).astype(np.float32)
-    few = m(x[:7])
-    for i in range(7):
+    if module.Matrix.ACTIVATIONS is not None:  # integer kernels: every N stays native
+        assert m.invariant_rows == m.tile_rows == base.ALL_ROWS
+    elif module.NAME in ("f32", "f16", "bf16"):  # the native float gemm: every N
+        assert m.invariant_rows >= base.ALL_ROWS
+    else:
+        assert m.invariant_rows == m.tile_rows - 1
+    n = min(m.invariant_rows, 70)  # past two tiles of the widest kernel (8 rows), odd
+    x = rng.standard_normal((n + 3, 512)).astype(np.float32)
+    few = m(x[:n])
+    for i in (0, 1, 7, 8, 9, n - 1):
         np.testing.assert_array_equal(m(x[i:i + 1])[0], few[i])
-    many = m(x)  # the tile path
-    absprod = np.abs(x[:7]).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)
-    assert np.all(np.abs(many[:7] - few) <= 1e-5 * absprod + 1e-6)
+    np.testing.assert_array_equal(m(x[5:n])[n - 6], few[n - 1])  # another batch, another tile position
+    if m.invariant_rows < len(x):
+        many = m(x)  # the tile path
+        absprod = np.abs(x[:n]).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)
+        assert np.all(np.abs(many[:n] - few) <= 1e-5 * absprod + 1e-6)

@@ -41,6 +41,13 @@ def tensor_shapes(c: ModelConfig) -> dict:
     return shapes
 
 
+def matrix_kinds(c: ModelConfig, kind) -> dict:
+    """How each matrix of `c` is stored, asking `kind(name, layer)` (layer None for unstacked ones):
+    name -> a kind, or a list of kinds per layer for LAYER_MATRICES. Norms are left out."""
+    return {name: [kind(name, l) for l in range(c.n_layers)] if name in LAYER_MATRICES else kind(name, None)
+            for name in tensor_shapes(c) if not name.startswith("rms")}
+
+
 @dataclass
 class Checkpoint:
     """A loaded model file: its config, tensors (numpy views of the mmap where possible), version."""

@@ -275,67 +275,14 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
 
 def describe(path):
     """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
-    alone, or None when the file cannot be read that way (the loader then reports what is wrong)."""
-    from . import checkpoint
-    from .formats import llama2c, model_kind
+    alone (its format module's `describe`), or None when the file cannot be read that way (the
+    loader then reports what is wrong)."""
+    from . import formats
 
     try:
-        kind = model_kind(path)
-        if kind == "hf":
-            return _describe_hf(path)
-        if kind == "gguf":
-            from .formats.gguf import GGUFModel
-            from .weights import module
-            m = GGUFModel(path)
-            stored = {}
-            for name in checkpoint.tensor_shapes(m.config):
-                if name.startswith("rms"):
-                    continue
-                if name in checkpoint.LAYER_MATRICES:
-                    stored[name] = [module(m.kind(name, l)).NAME for l in range(m.config.n_layers)]
-                else:
-                    stored[name] = module(m.kind(name)).NAME
-            return m.config, stored
-        with open(path, "rb") as f:
-            head = f.read(llama2c.HEADER_BYTES)
-        config, version, group_size, _ = llama2c.read_header(path, head)
-        dtype = llama2c.file_dtype(head, version)
-        how = f"q8_v2:{group_size}" if dtype == "q8_0" else _kind(dtype)
-        return config, {name: how for name in checkpoint.tensor_shapes(config) if not name.startswith("rms")}
+        return formats.describe(path)
     except Exception:  # noqa: BLE001 -- advisory only: the loader gives the file's real error
         return None
-
-
-def _describe_hf(path):
-    """A Hugging Face folder: safetensors headers give each tensor's dtype (used in place); a
-    pytorch_model.bin folder is read into float32."""
-    from pathlib import Path
-
-    from . import checkpoint
-    from .formats.hf import NAMES, SafetensorsFile, read_config
-
-    folder = Path(path)
-    config = read_config(folder)
-    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
-        return config, {n: "f32" for n in checkpoint.tensor_shapes(config) if not n.startswith("rms")}
-    from .formats.hf import HFModel
-    model = HFModel(folder)
-    config = model.config
-    files = {}
-
-    def dtype(name, layer=None):
-        shard = model.where[NAMES[name].format(layer)]
-        if shard not in files:
-            files[shard] = SafetensorsFile(folder / shard)
-        return {"F32": "f32", "F16": "f16", "BF16": "bf16"}.get(files[shard].header[NAMES[name].format(layer)]["dtype"], "f32")
-
-    stored = {}
-    for name in checkpoint.tensor_shapes(config):
-        if name.startswith("rms"):
-            continue
-        stored[name] = [dtype(name, l) for l in range(config.n_layers)] if name in checkpoint.LAYER_MATRICES \
-            else dtype(name)
-    return config, stored
 
 
 @contextlib.contextmanager

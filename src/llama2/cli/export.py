@@ -4,8 +4,7 @@ our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
 """
 
 from ..chat import TEMPLATES
-from ..export import (DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, LLAMA2C_DTYPES,
-                      VERSIONS)
+from ..export import DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, VERSIONS
 
 
 def register(sub):
@@ -58,15 +57,17 @@ def open_source(args):
 
 def run(args, io) -> int:
     from ..errors import UsageError
-    from ..export import export
+    from ..export import export, stored_by
+    from ..formats import writer
 
     if args.seq_len is not None and args.seq_len <= 0:
         raise UsageError(f"--seq-len {args.seq_len}: must be positive")
     if args.group_size <= 0:
         raise UsageError(f"--group-size {args.group_size}: must be positive")
-    if args.format == "llama2c" and args.version == 3 and args.dtype not in LLAMA2C_DTYPES:
-        raise UsageError(f"--dtype {args.dtype} needs --format gguf (llama2.c files store "
-                         f"{', '.join(LLAMA2C_DTYPES)})")
+    stores = writer(args.format).WRITE_DTYPES
+    if args.version == DEFAULT_VERSION and args.dtype not in stores:
+        raise UsageError(f"--dtype {args.dtype} needs --format {' or '.join(stored_by(args.dtype))} "
+                         f"({writer(args.format).FILES} store {', '.join(stores)})")
     vocab = None
     if args.tokenizer is not None:
         from ..formats.vocab import load_vocab

@@ -4,7 +4,7 @@
 into a `Checkpoint` (`load_checkpoint`) or opened as an export source (`open_source`), told apart by
 their contents, never by a name's words. `meta` (Meta and llama2.c training checkpoints, needs torch)
 is an export source named by its own flag; `vocab` reads and writes tokenizer files; `bfloat16` is
-what the binary formats share.
+what the binary formats share. `llama2c` and `gguf` are also written (`WRITERS`, for export.py).
 """
 
 from importlib import import_module
@@ -18,11 +18,23 @@ from ..errors import FormatError
 # (version 0 has no magic), and its loader says what is wrong with one that is not a checkpoint.
 READERS = ("hf", "gguf", "llama2c")
 HEAD_BYTES = 8
+# Each reader also has `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
+# file's headers alone (stored: tensor name -> a kind as memory.tensor_bytes takes it, or a list of
+# kinds per layer; norms left out), for memory.py's estimate before anything is loaded.
+
+# The formats export.py writes, in --format's order. Each module has `WRITE_DTYPES` (the --dtype
+# values it stores), `FILES` (what its files are called in messages) and `export(path, config,
+# tensor, vocab, dtype, version, group_size, chat_template, warn)`: its own checks and warnings,
+# then the file, written to a temporary and renamed.
+WRITERS = ("llama2c", "gguf")
 
 
 def reader(kind):
-    """The module of format `kind` (one of READERS), imported when first asked for."""
+    """The module of format `kind` (one of READERS or WRITERS), imported when first asked for."""
     return import_module(f"{__name__}.{kind}")
+
+
+writer = reader
 
 
 def model_kind(path) -> str:
@@ -45,3 +57,8 @@ def load_checkpoint(path):
 def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
     return reader(model_kind(path)).source(path)
+
+
+def describe(path):
+    """(ModelConfig, how each matrix is stored) from the model's headers alone."""
+    return reader(model_kind(path)).describe(path)

@@ -4,7 +4,8 @@ Format: github.com/ggml-org/ggml docs/gguf.md (version 3). Only the "llama" arch
 tensors may be of any type in `weights` (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K,
 Q6_K), mixed per tensor as the file says, and are used as stored: views of the memory map. GGUF keeps
 Meta's interleaved q/k layout, as llama2.c does, so tensors map one to one. Written from the spec with
-numpy only; the `gguf` package is not needed. Writing covers F32, F16, BF16 and Q8_0.
+numpy only; the `gguf` package is not needed. Writing covers F32, F16, BF16 and llama.cpp's
+quantized file types (quantize.MIXES).
 """
 
 import mmap
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import chat_template as templates, quantize, weights
-from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
+from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write
@@ -30,7 +31,8 @@ TYPE_NAMES = weights.GGML_NAMES
 FLOAT_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}  # written as is
 # general.file_type ("mostly ..."): the float types, then llama.cpp's quantized file types
 FILE_TYPES = {"fp32": 0, "fp16": 1, "bf16": 32, **quantize.FILE_TYPES}
-WRITE_DTYPES = tuple(FILE_TYPES)  # what `write` accepts: fp32, fp16, bf16, q8_0, q4_0, ..., q5_k_m
+WRITE_DTYPES = ("fp32", "fp16", "bf16", *quantize.MIXES)  # what `write` accepts (FILE_TYPES' names)
+FILES = "GGUF files"  # in messages
 
 # metadata value types
 U8, I8, U16, I16, U32, I32, F32V, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
@@ -217,6 +219,13 @@ def source(path) -> GGUFModel:
     return GGUFModel(path)
 
 
+def describe(path):
+    """(ModelConfig, {matrix name: its weights type's name, a list per layer}) from the header alone:
+    the types the file gives each tensor."""
+    m = GGUFModel(path)
+    return m.config, matrix_kinds(m.config, lambda name, layer: weights.module(m.kind(name, layer)).NAME)
+
+
 def load(path) -> Checkpoint:
     """A Llama GGUF as a Checkpoint. Every matrix keeps its stored type, as a view of the file (F32
     as float32 arrays, the others as weights.Matrix); per-layer lists, norms stacked."""
@@ -365,3 +374,12 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
                                   f"expected {want}")
             f.write(_encode(arr, kinds[name, layer]))
             f.write(b"\0" * (-size % ALIGNMENT))
+
+
+def export(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", version=None,
+           group_size=None, chat_template=None, warn=print):
+    """export.py's writer: `write`, then a warning when the file has no vocabulary. `version` and
+    `group_size` are llama2.c's (export.py has made version 2 a q8_0 `dtype`)."""
+    write(path, config, tensor, vocab, dtype, chat_template)
+    if vocab is None:
+        warn("llama2: warning: no tokenizer given (--tokenizer): the GGUF has no vocabulary")

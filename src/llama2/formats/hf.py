@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import chat_template as templates, weights
-from ..checkpoint import LAYER_MATRICES, Checkpoint, tensor_shapes
+from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from .bfloat16 import bf16_to_f32
@@ -333,6 +333,23 @@ def matches(path, head) -> bool:
 
 def source(directory) -> HFModel:
     return HFModel(directory)
+
+
+def describe(directory):
+    """(ModelConfig, {matrix name: f32, f16 or bf16, a list per layer}) from config.json and the
+    safetensors headers alone: each tensor's stored type, used in place (other dtypes are widened to
+    float32). A pytorch_model.bin folder is read through torch into float32."""
+    folder = Path(directory)
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        config = read_config(folder)
+        return config, {name: "f32" for name in tensor_shapes(config) if not name.startswith("rms")}
+    model = HFModel(folder)
+
+    def kind(name, layer):
+        hf_name = NAMES[name].format(layer)
+        return STORED_TYPES.get(model._open(model.where[hf_name]).header[hf_name]["dtype"], "f32")
+
+    return model.config, matrix_kinds(model.config, kind)
 
 
 def load(directory) -> Checkpoint:

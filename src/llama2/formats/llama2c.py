@@ -16,7 +16,7 @@ from ..checkpoint import (LAYER_MATRICES, MATRICES, NORMS, STACKED, Checkpoint, 
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write
-from ..weights import bf16, f16, q8_v2, dense as _dense
+from ..weights import ALIASES, bf16, f16, q8_v2, dense as _dense
 from .bfloat16 import f32_to_bf16
 
 MAGIC = 0x616B3432  # "ak42" as little-endian uint32
@@ -31,6 +31,9 @@ EXT_HEADER = struct.Struct("<Ii7iBBBxiii4xdd")
 DTYPES = {"fp32": 0, "fp16": 1, "bf16": 2, "q8_0": 3}  # dtype byte (offset 37) of version 3
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "q8_0": 1}
 CHAT_TEMPLATES = (None, "llama2", "chatml")  # chat template byte (offset 38) of version 3
+VERSIONS = (0, 1, 2, EXT_VERSION)  # what `write_stream` writes: 0-2 llama2.c's, 3 ours
+WRITE_DTYPES = tuple(DTYPES)  # what a version-3 file stores (export's --dtype)
+FILES = "llama2.c files"  # in messages
 
 # Q8_0 of llama2.c's version 2 (and our version 3's q8_0): int8 values with one float32 scale per
 # group of the flattened tensor. The type lives in weights.q8_v2; these names are kept for callers.
@@ -161,6 +164,17 @@ def matches(path, head) -> bool:
 
 def source(path) -> CheckpointSource:
     return CheckpointSource(load(path))
+
+
+def describe(path):
+    """(ModelConfig, {matrix name: how it is stored}) from the header alone: f32, f16, bf16, or
+    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as memory.tensor_bytes takes it)."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    config, version, group_size, _ = read_header(path, head)
+    dtype = file_dtype(head, version)
+    how = f"q8_v2:{group_size}" if dtype == "q8_0" else ALIASES.get(dtype, dtype)
+    return config, {name: how for name in tensor_shapes(config) if not name.startswith("rms")}
 
 
 def load(path) -> Checkpoint:
@@ -334,3 +348,28 @@ def write(path, config: ModelConfig, weights: dict, version: int = 1, group_size
         return _dense(value)
 
     write_stream(path, config, tensor, version, group_size, dtype, chat_template)
+
+
+_DEFAULTS = ModelConfig(1, 1, 1, 1, 1, 1, 1)  # what llama2.c's readers assume of the fields below
+
+
+def lost_fields(config: ModelConfig) -> list:
+    """Settings a version 0/1/2 header cannot carry that differ from what its readers assume."""
+    return [f"{name}={getattr(config, name)}" for name in ("rope_theta", "norm_eps", "bos_id", "eos_id")
+            if getattr(config, name) != getattr(_DEFAULTS, name)]
+
+
+def export(path, config: ModelConfig, tensor, vocab=None, dtype="fp32", version=EXT_VERSION,
+           group_size=64, chat_template=None, warn=print):
+    """export.py's writer: llama2.c's layouts (versions 0 and 1 fp32, 2 Q8_0 in groups of
+    `group_size`) or ours (3: any of WRITE_DTYPES, with the chat template and the fields the others
+    lose, which they warn of). `vocab` is not stored: a llama2.c tokenizer is a file of its own."""
+    if version in (0, 1) and dtype != "fp32":
+        raise FormatError(f"--version {version} stores fp32 only; use --version 3 for {dtype}")
+    if version != EXT_VERSION and lost_fields(config):
+        warn(f"llama2: warning: llama2.c's version-{version} header cannot record "
+             f"{', '.join(lost_fields(config))}; readers will assume the defaults (use --version 3)")
+    if dtype == "q8_0" and group_size <= 0:
+        raise FormatError(f"--group-size must be positive, got {group_size}")
+    write_stream(path, config, tensor, version, group_size if dtype == "q8_0" else 0, dtype,
+                 chat_template if version == EXT_VERSION else None)

@@ -12,10 +12,12 @@ from ..errors import FormatError
 
 # A product with at least a type's `tile_rows` rows of x dequantizes the matrix into float32 tiles of
 # at most this many values (16 MiB) and lets BLAS multiply each tile (its columns of the product
-# written in place): BLAS's float throughput on many rows beats integer dots plus the activations'
-# quantization, and the tile's dequantization is paid once for all rows. Below `tile_rows` the
-# native kernel reads the stored blocks directly. (llama.cpp's BLAS backend draws the line at 32 rows.)
+# written in place); below `tile_rows` the native kernel reads the stored blocks directly. The
+# integer types (Q8_0, Q4_0 .. Q5_1, the k-quants) set tile_rows = ALL_ROWS: their native kernels
+# beat dequantization + BLAS at every N, so only the types without such kernels (or without the
+# extension built) reach the tiles.
 DEQUANT_TILE = 1 << 22
+ALL_ROWS = 1 << 62  # a row count no product reaches: "every N"
 
 # The activation blocks of the k-quant kernels (ggml block_q8_K: native.quantize_q8_k's rows). Not
 # a weight type: only the tile path reads it, to round activations as the native kernel does.
@@ -62,7 +64,12 @@ class Matrix:
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
     tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
-    invariant_rows = tile_rows - 1  # most rows whose product gives each row the bits it gets alone
+    # The largest N for which the product of N rows gives every row exactly the bits it gets alone:
+    # the native kernel computes each row by itself (the same operations whatever N, the tile, the
+    # thread count or the chunking), BLAS does not; so tile_rows - 1, or ALL_ROWS for the types
+    # whose products never leave the native kernel (with the extension built). Transformer's is the
+    # minimum over its matrices; the server batches prompts up to it without changing any bytes.
+    invariant_rows = 31
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 

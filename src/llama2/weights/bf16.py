@@ -1,6 +1,9 @@
 """BF16 (ggml type 30): bfloat16 matrices, stored as uint16 (GGUF BF16, llama2.c version-3 bf16, and
 the Hugging Face folders people download). Used in place; widening is a 16-bit shift, exact.
+Products as f16's: the native kernel for few rows, the native float gemm for prompts.
 """
+
+import sys
 
 import numpy as np
 
@@ -22,3 +25,6 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
+    # Every product is native (no tiles + BLAS): prompts widen panels of rows and run gemm.c, which
+    # gives each output the dot kernel's bits, so a row's product never depends on its batch.
+    tile_rows = invariant_rows = sys.maxsize

@@ -1,8 +1,11 @@
 """F16 (ggml type 1): IEEE half-precision matrices (GGUF F16, llama2.c version-3 fp16, HF float16).
 
 Used in place. Few rows: the native kernel's float dot products over the half-precision values;
-many rows: float32 tiles (exact widening) multiplied by BLAS.
+prompts: the native float gemm (native/gemm.c: panels of rows widened to float32, exact), with the
+same bits per row as the few-rows kernel.
 """
+
+import sys
 
 import numpy as np
 
@@ -22,3 +25,6 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
+    # Every product is native (no tiles + BLAS): prompts widen panels of rows and run gemm.c, which
+    # gives each output the dot kernel's bits, so a row's product never depends on its batch.
+    tile_rows = invariant_rows = sys.maxsize

@@ -1,9 +1,12 @@
-"""F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place, multiplied by BLAS.
+"""F32 (ggml type 0): plain float32 matrices, the llama2.c layout. Used in place.
 
-A product of up to SMALL_BATCH rows runs on the native f32 kernel (each row's result independent of
-the others, unlike BLAS's gemm, so a row's logits do not depend on its batch); more rows are one BLAS
-call on the matrix itself.
+Every product runs native: up to a dot call's rows on the f32 kernel (decode: the arithmetic the
+run.c goldens are printed with), more rows (prompts) on the native float gemm (native/gemm.c), which
+gives each row exactly the f32 kernel's bits; so a row's logits never depend on its batch. Without the
+extension (or for a matrix that is not contiguous), one BLAS call.
 """
+
+import sys
 
 import numpy as np
 
@@ -13,7 +16,6 @@ NAME = "f32"
 GGML_TYPE = 0
 BLOCK = 1
 DTYPE = np.dtype("<f4")
-SMALL_BATCH = 8  # up to this many rows of x: the native kernel (row by row); more: BLAS
 
 
 def dequantize(blocks):  # [...] float32 -> float32 [..., 1]
@@ -24,7 +26,7 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
-    invariant_rows = SMALL_BATCH  # the native kernel's rows; BLAS's gemm mixes rows' rounding
+    invariant_rows = sys.maxsize  # every N native, each row with its bits alone (see the docstring)
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)
@@ -33,10 +35,10 @@ class Matrix(_Matrix):
     def dequantize(self):  # the stored array itself (read-only where it is a view of a file)
         return self.w
 
-    def __call__(self, x):  # [N, in] -> [N, out]: native up to SMALL_BATCH rows, else BLAS
+    def __call__(self, x):  # [N, in] -> [N, out]: native, else BLAS
         x = np.asarray(x, dtype=np.float32)
         nat = native_for(GGML_TYPE)
-        if nat is not None and x.ndim == 2 and len(x) <= SMALL_BATCH and self.w.flags.c_contiguous:
+        if nat is not None and x.ndim == 2 and self.w.flags.c_contiguous:
             out = np.empty((len(x), self.shape[0]), np.float32)
             nat.matmul(GGML_TYPE, self.w, np.ascontiguousarray(x), out)
             return out

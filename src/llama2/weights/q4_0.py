@@ -5,7 +5,7 @@ value = d * (q - 8); byte j holds value j in its low nibble and value j + 16 in 
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32, nibbles
+from .base import ALL_ROWS, Matrix as _Matrix, f32, nibbles
 
 NAME = "q4_0"
 GGML_TYPE = 2
@@ -22,3 +22,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_0"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

@@ -10,7 +10,7 @@ low nibbles and 2r+1 in its high nibbles.
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32, nibbles
+from .base import ALL_ROWS, Matrix as _Matrix, f32, nibbles
 
 NAME = "q4_k"
 GGML_TYPE = 12
@@ -46,3 +46,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_k"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

@@ -6,7 +6,7 @@ the fifth bit of value j.
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32, nibbles
+from .base import ALL_ROWS, Matrix as _Matrix, f32, nibbles
 
 NAME = "q5_0"
 GGML_TYPE = 6
@@ -30,3 +30,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_0"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

@@ -5,7 +5,7 @@ value = d * q + m; the codes as Q5_0's.
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32, nibbles
+from .base import ALL_ROWS, Matrix as _Matrix, f32, nibbles
 from .q5_0 import high_bits
 
 NAME = "q5_1"
@@ -23,3 +23,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_0"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

@@ -5,7 +5,7 @@ sub-block j. value = d * sc[j] * q - dmin * m[j].
 
 import numpy as np
 
-from .base import Matrix as _Matrix
+from .base import ALL_ROWS, Matrix as _Matrix
 from .q4_k import low_codes, sub_block_scales
 
 NAME = "q5_k"
@@ -28,3 +28,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_k"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

@@ -8,7 +8,7 @@ the top two bits of values 0-31, 32-63, 64-95, 96-127.
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32, nibbles
+from .base import ALL_ROWS, Matrix as _Matrix, f32, nibbles
 
 NAME = "q6_k"
 GGML_TYPE = 14
@@ -31,3 +31,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_k"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

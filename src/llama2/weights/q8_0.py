@@ -7,7 +7,7 @@ flattened matrix, is a different type: q8_v2.)
 
 import numpy as np
 
-from .base import Matrix as _Matrix, f32
+from .base import ALL_ROWS, Matrix as _Matrix, f32
 
 NAME = "q8_0"
 GGML_TYPE = 8
@@ -23,3 +23,4 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     ACTIVATIONS = "q8_0"
+    tile_rows = invariant_rows = ALL_ROWS  # every N on the native kernel (row by row)

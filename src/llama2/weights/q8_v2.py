@@ -14,7 +14,7 @@ to `dequantize` below. Also our `--quantize q8_0` at load.
 
 import numpy as np
 
-from .base import Matrix as _Matrix
+from .base import ALL_ROWS, Matrix as _Matrix
 
 NAME = "q8_v2"
 GGML_TYPE = None
@@ -73,10 +73,13 @@ class Matrix(_Matrix):
             raise ValueError(f"q8_v2: {q.shape} values in groups of {group_size} need "
                              f"{n_groups(q.size, self.group_size)} scales, got {s.shape}")
         cols = q.shape[1] if q.ndim == 2 else 0
-        # Whole groups per row, a multiple of 32 values: integer products on Q8_0 activations, up to
-        # _Matrix.tile_rows rows, then tiles + BLAS on the same rounded activations.
+        # Whole groups per row, a multiple of 32 values: integer products on Q8_0 activations (the
+        # native split kernel) at every N. Any other layout: the native float product up to
+        # SMALL_BATCH rows, then tiles + BLAS.
         self.split = self.group_size % 32 == 0 and cols % self.group_size == 0
-        if not self.split:
+        if self.split:
+            self.tile_rows = self.invariant_rows = ALL_ROWS
+        else:
             self.tile_rows, self.invariant_rows = SMALL_BATCH + 1, SMALL_BATCH
 
     @property
@@ -91,9 +94,9 @@ class Matrix(_Matrix):
         return dequantize(self.q, self.s, self.group_size)
 
     def __call__(self, x):  # [N, in] -> [N, out]
-        """Below `tile_rows` rows: native integer products for the split layout, the native float
-        product for any other; from there on dequantized tiles + BLAS (on Q8_0-rounded x for the
-        split layout, so a row's result does not depend on its batch's size)."""
+        """Below `tile_rows` rows (every N for the split layout): native integer products for the
+        split layout, the native float product for any other; from there on dequantized tiles +
+        BLAS."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) >= self.tile_rows:
             return self._tiled(x)

@@ -1,0 +1,164 @@
+/* Prompt products on float weights (F32, F16, BF16): a chunk of weight rows against all N activation
+ * rows, the same numbers as the type's dot kernel (type_f16.c ...) gives each (row, activation row).
+ *
+ * A chunk's rows are first widened to float32 (F32 rows copied) into the caller's aligned panel
+ * buffer; then a register-blocked kernel runs GR weight rows x GC activation rows at a time, over
+ * the row length in steps of KC values (the accumulators stored between steps). Each (weight row,
+ * activation row) pair keeps the dot kernel's own accumulators: two vectors (k mod 2V in the low /
+ * high half), then reduce(acc0 + acc1), then the cols % 2V tail left to right. Widening is exact,
+ * so every output has exactly the bits of the dot kernel at this level, whatever N, the steps, the
+ * panels or the thread count (tests/test_native.py checks it). The scalar variant widens and calls
+ * its own f32 dot kernel.
+ *
+ * Shapes: w [nrows, row_bytes], x float32 [n, cols] (rows xs floats apart), out[j * os + r] for
+ * row r, activation row j. */
+#include "level.h"
+
+#include <string.h>
+
+void KN(f32_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t);
+
+/* One weight row of `cols` stored values -> floats (exact). */
+static void widen_f16(const void *w, float *out, int64_t cols) {
+    const f16_t *h = (const f16_t *)w;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= cols; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(load256(h + i)));
+#elif defined(__AVX2__)
+    for (; i + 8 <= cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(load128(h + i)));
+#endif
+    for (; i < cols; i++) out[i] = f16_to_f32(h[i]);
+}
+
+static void widen_bf16(const void *w, float *out, int64_t cols) {
+    const bf16_t *h = (const bf16_t *)w;
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= cols; i += 16)
+        _mm512_storeu_si512(out + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(h + i)), 16));
+#elif defined(__AVX2__)
+    for (; i + 8 <= cols; i += 8)
+        _mm256_storeu_si256((__m256i *)(out + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(h + i)), 16));
+#endif
+    for (; i < cols; i++) out[i] = bf16_to_f32(h[i]);
+}
+
+#if defined(__AVX512F__)
+#define V 16
+#define GR 3  /* weight rows per kernel call */
+#define GC 4  /* activation rows per kernel call: 24 accumulators of the 32 registers */
+typedef __m512 vec;
+#define VZERO() _mm512_setzero_ps()
+#define VLOAD(p) _mm512_loadu_ps(p)
+#define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define VSUM(a, b) _mm512_reduce_add_ps(_mm512_add_ps(a, b))  /* as type_f16.c's dot body */
+#elif defined(__AVX2__)
+#define V 8
+#define GR 2
+#define GC 3  /* 12 accumulators of the 16 registers */
+typedef __m256 vec;
+#define VZERO() _mm256_setzero_ps()
+#define VLOAD(p) _mm256_loadu_ps(p)
+#define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define VSUM(a, b) hsum256_ps(_mm256_add_ps(a, b))
+#endif
+
+#ifdef V
+/* Keeps v in a register: without it the compiler folds the activation load into each of its R
+ * fmas, which makes the loop load-bound. */
+#define REG(v) __asm__("" : "+v"(v))
+
+/* R weight rows (w, stride ws floats) x C activation rows (x, stride xs floats), their vector steps
+ * k0 <= k < k1 (kv: where the vector part of the row ends). The accumulators start at zero (k0 = 0)
+ * or from `save`; at kv they are reduced, the tail added and out[c * os + r] written, before that
+ * they go back to `save`: storing and reloading a vector changes no bit. */
+INLINE void block(int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv, const float *w, int64_t ws,
+                  const float *x, int64_t xs, vec *save, float *out, size_t os) {
+    vec acc[GR][GC][2];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            for (int h = 0; h < 2; h++) acc[r][c][h] = k0 ? save[(r * GC + c) * 2 + h] : VZERO();
+    for (int64_t k = k0; k < k1; k += 2 * V)
+        for (int h = 0; h < 2; h++) {
+            vec wv[GR];
+            for (int r = 0; r < R; r++) wv[r] = VLOAD(w + r * ws + k + h * V);
+            for (int c = 0; c < C; c++) {
+                vec xv = VLOAD(x + c * xs + k + h * V);
+                REG(xv);
+                for (int r = 0; r < R; r++) acc[r][c][h] = VFMA(wv[r], xv, acc[r][c][h]);
+            }
+        }
+    if (k1 < kv) {
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                for (int h = 0; h < 2; h++) save[(r * GC + c) * 2 + h] = acc[r][c][h];
+        return;
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            const float *wr = w + r * ws, *xc = x + c * xs;
+            float s = VSUM(acc[r][c][0], acc[r][c][1]);
+            for (int64_t i = kv; i < cols; i++) s += wr[i] * xc[i];
+            out[c * os + r] = s;
+        }
+}
+
+#define KC 1024  /* values of a row per step: GC activation rows' and GR weight rows' steps fit in L1 */
+
+/* Every (row, activation row) of a panel of nrows widened rows: activation rows GC at a time, the
+ * row length in steps of KC values (the activation rows' step stays in L1 while the panel's rows
+ * pass, the panel in L2), weight rows GR at a time. */
+static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const float *x, int64_t xs, int64_t n,
+                  float *out, size_t os) {
+    int64_t kv = cols - cols % (2 * V);
+    int steps = kv > KC;  /* accumulators kept between steps: one set per GR rows of the panel */
+    vec save[steps ? (nrows + GR - 1) / GR : 1][GR * GC * 2];
+    for (int64_t j = 0; j < n; j += GC) {
+        int C = n - j < GC ? (int)(n - j) : GC;
+        const float *xj = x + j * xs;
+        float *oj = out + j * os;
+        int64_t k0 = 0;
+        do {
+            int64_t k1 = k0 + KC < kv ? k0 + KC : kv;
+            for (int64_t r = 0; r < nrows; r += GR) {
+                int R = nrows - r < GR ? (int)(nrows - r) : GR;
+                const float *wr = w + r * ws;
+                vec *sv = save[steps ? r / GR : 0];
+#define B(rr, cc) block(rr, cc, cols, k0, k1, kv, wr, ws, xj, xs, sv, oj + r, os)
+#if GR == 3 && GC == 4
+#define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; case 3: B(rr, 3); break; default: B(rr, 4); }
+                if (R == 3) { ROW(3) } else if (R == 2) { ROW(2) } else { ROW(1) }
+#else
+#define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; default: B(rr, 3); }
+                if (R == 2) { ROW(2) } else { ROW(1) }
+#endif
+#undef ROW
+#undef B
+            }
+            k0 = k1;
+        } while (k0 < kv);
+    }
+}
+#endif
+
+/* The chunk's rows widened into buf (nrows rows of GEMM_STRIDE(cols) floats, 64-byte aligned, so
+ * that with x's rows aligned too no vector load crosses a cache line), then the product. */
+void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const float *x,
+                    int64_t xs, int64_t n, float *out, size_t os, float *buf) {
+    int64_t ws = GEMM_STRIDE(cols);
+    for (int64_t r = 0; r < nrows; r++) {
+        const void *wr = (const char *)w + r * row_bytes;
+        if (type == T_F16) widen_f16(wr, buf + r * ws, cols);
+        else if (type == T_BF16) widen_bf16(wr, buf + r * ws, cols);
+        else memcpy(buf + r * ws, wr, (size_t)cols * sizeof(float));
+    }
+#ifdef V
+    panel(cols, buf, ws, nrows, x, xs, n, out, os);
+#else
+    for (int64_t j = 0; j < n; j += NX_TILE) {
+        int nx = n - j < NX_TILE ? (int)(n - j) : NX_TILE;
+        KN(f32_dot)(cols, buf, (size_t)ws * sizeof(float), nrows, x + j * xs, (size_t)xs * sizeof(float), nx,
+                    out + j * os, os);
+    }
+#endif
+}
