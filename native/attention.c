@@ -30,6 +30,7 @@
 
 #define HD_MAX 1024    /* longest head row (module.c checks it) */
 #define CHUNK_FLOATS 8192  /* decoded rows of one block processed together (32 KB) */
+_Static_assert(CHUNK_FLOATS >= HD_MAX, "a chunk holds at least one row");
 
 /* One row of `hd` values -> float32. */
 static void decode_row(int kvtype, const uint8_t *row, int64_t hd, float *out) {
