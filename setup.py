@@ -13,7 +13,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 NATIVE = "native"
-COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "gemm.c", "layer.c", "layer_py.c"]
+COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "gemm.c", "layer.c", "layer_py.c", "attention_pool.c"]
 PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
                "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
                "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c",

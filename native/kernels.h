@@ -56,6 +56,14 @@ typedef void (*attn_fn)(int kvtype, int64_t hd, const float *q, const uint8_t *k
                         size_t row_bytes, size_t block_stride, int64_t block_tokens, const int32_t *table,
                         int64_t n, float *scores, float *out);
 
+/* R consecutive rows of one sequence for the G query heads of one kv head (attention.c): query
+ * (i, h) at q + i * q_stride + h * hd attends n0 + i rows -> out + i * out_stride + h * hd, each
+ * with exactly attn_decode's arithmetic; scores: R * G * (n0 + R - 1) floats of scratch. */
+typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, const float *q, size_t q_stride,
+                              const uint8_t *k, const uint8_t *v, size_t row_bytes, size_t block_stride,
+                              int64_t block_tokens, const int32_t *table, int64_t n0, float *scores, float *out,
+                              size_t out_stride);
+
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
@@ -68,6 +76,7 @@ typedef struct {
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
     attn_fn attn_decode;   /* paged decode attention (attention.c) */
+    attn_group_fn attn_group;  /* the same for rows x heads of one kv head (prompts) */
     rmsnorm_fn rmsnorm;
     rope_fn rope;
     silu_mul_fn silu_mul;

@@ -4,6 +4,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "attention.h"
 #include "dispatch.h"
 #include "layer.h"
 #include "ops.h"
@@ -325,6 +326,94 @@ fail:
     return NULL;
 }
 
+/* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out): a pass's rows in segments of
+ * one sequence each; segment s is counts[s] rows at positions starts[s]... (their keys and values
+ * cached), its rows following the previous segment's in q float32 [N, H, hd] and out float32
+ * [N, H * hd]; pools uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [S, maxb];
+ * starts, counts int64 [S]. Every block a segment reads is checked against the pool. */
+static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "attention";
+    if (nargs_ok(nargs, 8, fn) < 0) return NULL;
+    long t = PyLong_AsLong(args[0]);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    buf b[7] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
+        get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
+        get(args[5], &b[4], 0, fn, "starts") < 0 || get(args[6], &b[5], 0, fn, "counts") < 0 ||
+        get(args[7], &b[6], 1, fn, "out") < 0)
+        goto fail;
+    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be float32 [N, H, head_dim]", fn);
+        goto fail;
+    }
+    int64_t N = b[0].b.shape[0], H = b[0].b.shape[1], hd = b[0].b.shape[2];
+    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, hd) < 0 || hd > 1024) {
+        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
+        goto fail;
+    }
+    int64_t rb = kv_row_bytes((int)t, hd);
+    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
+    if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != rb || vp->ndim != 4 ||
+        memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || H % kp->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
+                     "with kv_heads dividing %lld heads", fn, (long long)rb, (long long)H);
+        goto fail;
+    }
+    int64_t nblocks = kp->shape[0], KVH = kp->shape[1], bt = kp->shape[2];
+    char tf = fmt(&b[3].b);
+    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l')) {
+        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [segments, max_blocks]", fn);
+        goto fail;
+    }
+    int64_t S = b[3].b.shape[0], maxb = b[3].b.shape[1];
+    for (int i = 4; i < 6; i++) {
+        char f = fmt(&b[i].b);
+        if (b[i].b.ndim != 1 || b[i].b.itemsize != 8 || (f != 'q' && f != 'l') || b[i].b.shape[0] != S) {
+            PyErr_Format(PyExc_ValueError, "%s: %s must be int64 [%lld]", fn, i == 4 ? "starts" : "counts",
+                         (long long)S);
+            goto fail;
+        }
+    }
+    if (fmt(&b[6].b) != 'f' || b[6].b.itemsize != 4 || b[6].b.len != N * H * hd * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)N, (long long)(H * hd));
+        goto fail;
+    }
+    const int32_t *tables = b[3].b.buf;
+    const int64_t *starts = b[4].b.buf, *counts = b[5].b.buf;
+    int64_t rows = 0;
+    for (int64_t i = 0; i < S; i++) {
+        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > maxb * bt) {
+            PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds 0..%lld", fn,
+                         (long long)i, (long long)starts[i], (long long)(starts[i] + counts[i] - 1),
+                         (long long)(maxb * bt - 1));
+            goto fail;
+        }
+        for (int64_t j = 0; j < (starts[i] + counts[i] + bt - 1) / bt; j++)
+            if (tables[i * maxb + j] < 0 || tables[i * maxb + j] >= nblocks) {
+                PyErr_Format(PyExc_IndexError, "%s: segment %lld names block %d of a pool of %lld", fn,
+                             (long long)i, tables[i * maxb + j], (long long)nblocks);
+                goto fail;
+            }
+        rows += counts[i];
+    }
+    if (rows != N) {
+        PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; q has %lld", fn, (long long)rows,
+                     (long long)N);
+        goto fail;
+    }
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = op_attention((int)t, S, H, KVH, hd, b[0].b.buf, kp->buf, vp->buf, bt, (size_t)rb, tables, maxb, starts,
+                      counts, b[6].b.buf);
+    Py_END_ALLOW_THREADS
+    release(b, 7);
+    if (rc < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+fail:
+    release(b, 7);
+    return NULL;
+}
+
 
 static int same_shape(const buf *a, const buf *b) {
     if (a->b.ndim != b->b.ndim) return 0;
@@ -553,6 +642,8 @@ static PyMethodDef methods[] = {
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},
+    {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
+     "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n) -> n"},
     {"threads", py_threads, METH_NOARGS, "threads() -> n"},
     {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},

@@ -20,6 +20,8 @@ void KN(quant_q8_0x)(const float *, void *, int64_t);
 void KN(quant_q8_k)(const float *, void *, int64_t);
 void KN(attn_decode)(int, int64_t, const float *, const uint8_t *, const uint8_t *, size_t, size_t, int64_t,
                      const int32_t *, int64_t, float *, float *);
+void KN(attn_group)(int, int64_t, int64_t, int64_t, const float *, size_t, const uint8_t *, const uint8_t *, size_t,
+                    size_t, int64_t, const int32_t *, int64_t, float *, float *, size_t);
 void KN(rmsnorm)(const float *, const float *, float, int64_t, int64_t, float *);
 void KN(rope)(float *, const float *, const float *, int64_t, int64_t, int64_t, int);
 void KN(silu_mul)(float *, const float *, int64_t);
@@ -56,6 +58,7 @@ const kernel_table KN(table) = {
     .q8_0x = KN(quant_q8_0x),
     .q8_k = KN(quant_q8_k),
     .attn_decode = KN(attn_decode),
+    .attn_group = KN(attn_group),
     .rmsnorm = KN(rmsnorm),
     .rope = KN(rope),
     .silu_mul = KN(silu_mul),

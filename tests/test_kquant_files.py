@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import asset, golden
-from llama2 import kernels as K, weights
+from llama2 import kvcache, native, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.formats import gguf
 from llama2.model import Transformer
@@ -65,17 +65,27 @@ def test_every_tensor_is_a_view_of_the_file_in_its_stored_type(name):
     assert seen == set(types) - {"F32"} or seen == set(types)  # F32 holds the norms only
 
 
-def f16_attention(q, k, v, start):  # kernels.attention as llama.cpp computes it (no flash attention)
-    """q, k, v rounded to float16 (its KV cache, and q converted for the F16 dot products); the
-    scaled softmax in float32; the probabilities rounded to float16 for the product with v."""
+def f16_attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out):
+    """native.attention as llama.cpp computes it (no flash attention): q, k, v rounded to float16
+    (its KV cache, and q converted for the F16 dot products); the scaled causal softmax in float32;
+    the probabilities rounded to float16 for the product with v."""
     f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
-    T, H, hd = q.shape
-    KVH, S, _ = k.shape
-    qh = np.ascontiguousarray(f16(q).reshape(T, KVH, H // KVH, hd).transpose(1, 2, 0, 3))
-    scores = np.matmul(qh, f16(k).transpose(0, 2, 1)[:, None])  # [KVH, g, T, S]
-    K.causal_softmax(scores.reshape(H, T, S), start, np.sqrt(np.float32(hd)))
-    out = np.matmul(f16(scores), f16(v)[:, None])
-    return out.transpose(2, 0, 1, 3).reshape(T, H * hd)
+    t = next(m for m in kvcache.TYPES.values() if m.ID == kvtype)
+    _, H, hd = q.shape
+    _, KVH, bt, rb = k_pool.shape
+    row = 0
+    for table, start, T in zip(tables, starts, counts):
+        S = start + T
+        ids = table[:-(-S // bt)]
+        k, v = (t.decode(p[ids].transpose(1, 0, 2, 3).reshape(KVH, -1, rb)[:, :S], hd) for p in (k_pool, v_pool))
+        qh = np.ascontiguousarray(f16(q[row:row + T]).reshape(T, KVH, H // KVH, hd).transpose(1, 2, 0, 3))
+        scores = np.matmul(qh, f16(k).transpose(0, 2, 1)[:, None]) / np.sqrt(np.float32(hd))  # [KVH, g, T, S]
+        scores[..., np.arange(S)[None, :] > start + np.arange(T)[:, None]] = -np.inf  # query t sees start + t + 1 keys
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+        att = np.matmul(f16(scores), f16(v)[:, None])  # [KVH, g, T, hd]
+        out[row:row + T] = att.transpose(2, 0, 1, 3).reshape(T, H * hd)
+        row += T
 
 
 def teacher_forced(name):
@@ -109,7 +119,7 @@ def isa_level(request):
 @pytest.mark.parametrize("name", FILES)
 def test_with_llama_cpp_attention_the_logits_agree_closely(name, isa_level, monkeypatch):
     # The integer kernels quantize activations as llama.cpp does (native extension, every level).
-    monkeypatch.setattr(K, "attention", f16_attention)
+    monkeypatch.setattr(native, "attention", f16_attention)
     diff, agree = teacher_forced(name)
     print(f"{name} ({isa_level}): max |diff| {diff:.4g} with float16 attention, argmax {agree}/24")
     assert diff <= F16_ATTENTION_BOUND[name], diff

@@ -1,5 +1,7 @@
-"""The native decode attention (native/attention.c) against a numpy reference, for every KV type,
-every compiled variant this CPU runs, grouped-query heads and scattered block tables."""
+"""The native attention (native/attention.c) against a float64 numpy reference, for every KV type,
+every compiled variant this CPU runs, grouped-query and multi-head shapes and scattered block
+tables: decode rows (attention_decode) and a pass's segments (attention: prompts from position 0,
+prompts continuing a cached sequence, decode rows), whose every row has the bits of a decode row."""
 
 import numpy as np
 import pytest
@@ -94,6 +96,144 @@ def test_decode_attention_rejects_blocks_outside_the_pool_and_bad_lengths():
         native.attention_decode(t.ID, q, kpool, kpool, np.array([[0]], np.int32), np.array([17]), out)
     with pytest.raises(ValueError, match="KV type 9"):
         native.attention_decode(9, q, kpool, kpool, np.array([[0]], np.int32), np.array([1]), out)
+
+
+# -- a pass's attention: segments of prompt rows and decode rows ---------------------------------
+
+# (first position, rows): prompts from position 0 (within a block, across several), one continuing
+# a cached sequence from inside a block (a chat's second turn, a reused prefix), decode rows.
+SEGMENTS = [(0, 37), (5, 1), (20, 13), (0, 1), (3, 60), (32, 4)]
+SHAPES = [(8, 8, 4), (32, 4, 4), (64, 32, 4), (128, 4, 1), (12, 6, 2), (16, 16, 1)]  # hd, H, KVH
+
+
+def segments_case(rng, kv_type, hd, H, KVH, segments=SEGMENTS, scale=1.0):
+    """Pools of scattered blocks, each segment its own table -> (t, q, kpool, vpool, tables, starts,
+    counts) with q [N, H, hd] for the segments' rows one after the other."""
+    t = kvcache.TYPES[kv_type]
+    blocks, bt, maxb = 24, 16, 6
+    kpool, vpool = make(rng, t, blocks, KVH, bt, hd)
+    tables = np.stack([rng.permutation(blocks)[:maxb] for _ in segments]).astype(np.int32)
+    starts = np.array([s for s, _ in segments], np.int64)
+    counts = np.array([n for _, n in segments], np.int64)
+    q = (rng.standard_normal((int(counts.sum()), H, hd)) * scale).astype(np.float32)
+    return t, q, kpool, vpool, tables, starts, counts
+
+
+def per_row(tables, starts, counts):  # each row's table and the rows it attends (its position + 1)
+    rows = np.ascontiguousarray(np.repeat(tables, counts, axis=0))
+    lens = np.concatenate([np.arange(s + 1, s + n + 1) for s, n in zip(starts, counts)]).astype(np.int64)
+    return rows, lens
+
+
+def skip_if_unfit(kv_type, hd):
+    if kv_type == "q8_0" and hd % min(32, hd):
+        pytest.skip("q8_0 rows need head_dim a multiple of 32 (or below 32)")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+@pytest.mark.parametrize("hd,H,KVH", SHAPES)
+def test_attention_equals_reference(variant, kv_type, hd, H, KVH):
+    # Bound: |ours - float64| <= 2e-5 + 2e-5 |ref| per value (seen: under 4e-6 at every variant).
+    skip_if_unfit(kv_type, hd)
+    native.select_variant(variant)
+    t, q, kpool, vpool, tables, starts, counts = segments_case(np.random.default_rng(hd * H), kv_type, hd, H, KVH)
+    out = np.empty((len(q), H * hd), np.float32)
+    native.attention(t.ID, q, kpool, vpool, tables, starts, counts, out)
+    np.testing.assert_allclose(out, reference(t, q, kpool, vpool, *per_row(tables, starts, counts)),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "bf16"])
+def test_softmax_over_scores_spread_widely(variant, kv_type):
+    """Small integers in q and k and head_dim 64 (root 8): every score is exact in float32, and they
+    lie up to about 200 below their row's largest, so exp runs over its whole range and past its
+    cutoff at -87 (such a term is under 2^-125 of the largest); what is left to err is exp, the sum
+    and the weighted sum of values."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(3)
+    t = kvcache.TYPES[kv_type]
+    hd, H, KVH, blocks, bt = 64, 8, 2, 8, 16
+    k = rng.integers(-3, 4, (blocks, KVH, bt, hd)).astype(np.float32)
+    v = rng.standard_normal((blocks, KVH, bt, hd)).astype(np.float32)
+    kpool, vpool = np.ascontiguousarray(t.encode(k)), np.ascontiguousarray(t.encode(v))
+    tables = rng.permutation(blocks)[None].astype(np.int32)
+    starts, counts = np.array([40], np.int64), np.array([88], np.int64)
+    q = rng.integers(-20, 21, (88, H, hd)).astype(np.float32)
+    out = np.empty((88, H * hd), np.float32)
+    native.attention(t.ID, q, kpool, vpool, tables, starts, counts, out)
+    np.testing.assert_allclose(out, reference(t, q, kpool, vpool, *per_row(tables, starts, counts)),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+def test_every_row_has_the_bits_of_a_decode_row(variant, kv_type, threads):
+    from llama2.threads import set_threads
+    before = native._native.threads()
+    native.select_variant(variant)
+    try:
+        set_threads(threads)
+        for hd, H, KVH in SHAPES:
+            if kv_type == "q8_0" and hd % min(32, hd):
+                continue
+            t, q, kpool, vpool, tables, starts, counts = segments_case(np.random.default_rng(hd), kv_type, hd, H, KVH)
+            out = np.empty((len(q), H * hd), np.float32)
+            native.attention(t.ID, q, kpool, vpool, tables, starts, counts, out)
+            decoded = np.empty_like(out)
+            native.attention_decode(t.ID, q, kpool, vpool, *per_row(tables, starts, counts), decoded)
+            assert out.tobytes() == decoded.tobytes(), (hd, H, KVH)
+    finally:
+        set_threads(before)
+
+
+def test_a_segment_gets_the_same_bits_alone_or_in_a_pass_at_any_thread_count():
+    from llama2.threads import set_threads
+    before = native._native.threads()
+    t, q, kpool, vpool, tables, starts, counts = segments_case(np.random.default_rng(7), "bf16", 64, 16, 2)
+    H, hd = 16, 64
+    try:
+        set_threads(2)
+        together = np.empty((len(q), H * hd), np.float32)
+        native.attention(t.ID, q, kpool, vpool, tables, starts, counts, together)
+        first = np.concatenate([[0], np.cumsum(counts)])
+        for n in (1, 2):
+            set_threads(n)
+            for s in range(len(counts)):
+                rows = slice(first[s], first[s + 1])
+                alone = np.empty((counts[s], H * hd), np.float32)
+                native.attention(t.ID, np.ascontiguousarray(q[rows]), kpool, vpool, tables[s:s + 1].copy(),
+                                 starts[s:s + 1].copy(), counts[s:s + 1].copy(), alone)
+                assert alone.tobytes() == together[rows].tobytes()
+    finally:
+        set_threads(before)
+
+
+def test_attention_rejects_blocks_outside_the_pool_and_bad_segments():
+    t = kvcache.TYPES["f32"]
+    kpool = np.zeros((4, 1, 16, 4 * 8), np.uint8)
+    q = np.zeros((3, 2, 8), np.float32)
+    out = np.empty((3, 16), np.float32)
+    one = np.array([[0, 1]], np.int32)
+
+    def call(tables, starts, counts, q=q, out=out):
+        native.attention(t.ID, q, kpool, kpool, tables, np.array(starts, np.int64), np.array(counts, np.int64), out)
+
+    with pytest.raises(IndexError, match="segment 0 names block 4 of a pool of 4"):
+        call(np.array([[0, 4]], np.int32), [15], [3])  # positions 15..17 reach the second block
+    with pytest.raises(ValueError, match="positions 30..32; its table holds 0..31"):
+        call(one, [30], [3])
+    with pytest.raises(ValueError, match="segments hold 2 rows; q has 3"):
+        call(np.array([[0], [1]], np.int32), [0, 0], [1, 1])
+    with pytest.raises(ValueError, match="positions 0..-1"):
+        call(np.array([[0], [1]], np.int32), [0, 0], [3, 0])
+    with pytest.raises(ValueError, match="counts must be int64"):
+        call(one, [0], [3, 0])
+    with pytest.raises(ValueError, match="out must be float32"):
+        call(one, [0], [3], out=np.empty((3, 15), np.float32))
+    call(one, [29], [3])  # the last positions the table holds
 
 
 @pytest.mark.parametrize("hd", [8, 64])

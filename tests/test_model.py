@@ -192,3 +192,32 @@ def test_short_int8_prompts_return_each_segments_last_logits():
     full = model.forward_batch(segments, model.new_cache(2), all_logits=True)
     last = model.forward_batch(segments, model.new_cache(2))
     np.testing.assert_array_equal(last, full[[2, 4]])
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16", "bf16", "q8_0"])
+@pytest.mark.parametrize("quantize", [None, "q8_0"])
+def test_prompt_logits_equal_decoding_one_token_at_a_time_bit_for_bit(quantize, kv_type):
+    # Each row's attention has a decode row's arithmetic (native.attention), and a pass of up to
+    # invariant_rows rows gives each row its own products' bits: a prompt (from position 0, or
+    # continuing a cached sequence, or beside another sequence's prompt in one pass) gives exactly
+    # the logits of feeding its tokens one at a time.
+    w = random_weights(TINY, 5)
+    model = Transformer(checkpoint.Checkpoint(TINY, w, 1, "<memory>"), quantize=quantize, kv_type=kv_type)
+    n = min(model.invariant_rows, 20)  # 20: past a block of the cache; 2n within TINY's context
+    rng = np.random.default_rng(9)
+    a, b = (list(rng.integers(0, TINY.vocab_size, size)) for size in (2 * n, n))
+    steps = {}
+    for name, tokens in (("a", a), ("b", b)):
+        cache = model.new_cache()
+        steps[name] = np.concatenate([model.forward([t], cache) for t in tokens])
+    cache = model.new_cache(slots=2)
+    first = model.forward(a[:n], cache, all_logits=True)  # from position 0
+    second = model.forward(a[n:], cache, all_logits=True)  # continuing the cached sequence
+    assert first.tobytes() == steps["a"][:n].tobytes() and second.tobytes() == steps["a"][n:].tobytes()
+    if n >= 2:
+        half = n // 2
+        cache = model.new_cache(slots=2)
+        model.forward_batch([(0, a[:half]), (1, b[:n - half])], cache)
+        both = model.forward_batch([(0, a[half:n]), (1, b[n - half:])], cache, all_logits=True)
+        want = np.concatenate([steps["a"][half:n], steps["b"][n - half:]])
+        assert both.tobytes() == want.tobytes()

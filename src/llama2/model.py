@@ -5,12 +5,13 @@ a `weights.Matrix` of its type (float32, float16, bfloat16, int8 blocks, 4-6-bit
 view of the memory-mapped file; this module never looks at the type, nor at the KV cache's type.
 Every pass runs per matrix, each Matrix choosing its own product (native kernels for a few rows,
 whose every row is computed alone, or BLAS); keys and values go into the cache's blocks in its
-type; a prompt's attention runs on numpy/BLAS over its sequence's blocks gathered to float32, and
-the decode rows of a pass attend in one native call through their block tables
-(`native.attention_decode`). A pass of decode rows only (up to `invariant_rows`) runs as one native
-call instead (llama2.decode), with the same bits. A row's result never depends on the other rows of
-its pass, so a sequence decodes to the same bits alone or batched. Reference: llama2.c run.c
-`forward`.
+type; then every row of the pass, prompt rows and decode rows alike, attends in one native call
+per layer, reading its sequence's blocks in the cache's type (`native.attention`), each row with the
+arithmetic of a decode row at its position. A pass of decode rows only (up to `invariant_rows`) runs
+as one native call instead (llama2.decode), with the same bits. A row's result never depends on the
+other rows of its pass, so a sequence decodes to the same bits alone or batched, and a prompt of up
+to `invariant_rows` tokens gives the logits of feeding its tokens one at a time. Reference:
+llama2.c run.c `forward`.
 """
 
 
@@ -100,8 +101,8 @@ class Transformer:
         self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
         # The most rows a pass may hold with every row's logits bit for bit those it gets alone:
         # the products are the only step that may mix rows (each matrix's `invariant_rows`); the
-        # rest is per row (embedding lookup, RMSNorm, RoPE, SiLU, the KV write, decode attention)
-        # or per sequence (a prompt's attention reads only its own rows and blocks).
+        # rest is per row (embedding lookup, RMSNorm, RoPE, SiLU, the KV write, attention: each
+        # row with a decode row's arithmetic over its own sequence's blocks).
         self.invariant_rows = max(1, min(m.invariant_rows for m in self.matrices()))
 
         # Passes of decode rows only (up to invariant_rows) run as one native call (llama2.decode)
@@ -125,8 +126,8 @@ class Transformer:
 
     def forward_batch(self, segments, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """One pass for several sequences: `segments` is a list of (slot, tokens); each segment's
-        tokens continue its slot's sequence. All rows share the matrix products; a prompt attends
-        over its own blocks, decode rows together through their block tables. Returns logits
+        tokens continue its slot's sequence. All rows share the matrix products; each row attends
+        over its own sequence's blocks (one native call per layer). Returns logits
         [len(segments), V] of each segment's last token, or [total tokens, V] with `all_logits`.
         A segment's result does not depend on the others' tokens, and while the pass holds at most
         `invariant_rows` rows its bits are exactly those it gets in a pass of its own. Blocks are
@@ -170,13 +171,9 @@ class Transformer:
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
         cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
-        prefill = [span for span in spans if span[3] > 1]
-        decode = [span for span in spans if span[3] == 1]
-        if decode:
-            dec_rows = np.array([r for _, _, r, _ in decode], np.int64)
-            tables = cache.table_array([slot for slot, _, _, _ in decode])  # [B, max blocks]
-            lens = np.array([st + 1 for _, st, _, _ in decode], np.int64)
-            attend = _native().attention_decode
+        tables = cache.table_array([slot for slot, _, _, _ in spans])  # [S, max blocks]
+        starts = np.array([st for _, st, _, _ in spans], np.int64)
+        counts = np.array([T for _, _, _, T in spans], np.int64)
         nat = _native()
         att = np.empty((N, D), np.float32)
         # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
@@ -188,14 +185,7 @@ class Transformer:
             q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
             k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
             cache.write(l, where, k, v.reshape(N, c.n_kv_heads, hd))
-            for slot, st, r, T in prefill:
-                kc, vc = cache.gather(l, slot, st + T)  # [KVH, st+T, hd] float32
-                att[r:r + T] = K.attention(q[r:r + T], kc, vc, st)
-            if decode:
-                out = np.empty((len(decode), D), np.float32)
-                attend(cache.type.ID, np.ascontiguousarray(q[dec_rows]), cache.pool.k[l], cache.pool.v[l],
-                       tables, lens, out)
-                att[dec_rows] = out
+            nat.attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att)
             x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)

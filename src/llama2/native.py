@@ -16,6 +16,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
+    attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)   a pass's attention,
+                                     prompts (causal) and decode rows, with decode's bits per row
     decode_plan(...), decode_forward(plan, ...)   a whole decode pass in one call (llama2.decode)
     rmsnorm_einsum(x, w, eps, out)   RMSNorm summing squares in numpy's einsum order
 
@@ -61,6 +63,13 @@ matmul_q8_split = _native.matmul_q8_split
 # of values in float32; each (sequence, head) is one call's own arithmetic whatever the batch or
 # thread count. Block ids are checked against the pool (IndexError).
 attention_decode = _native.attention_decode
+# A pass's attention, prompt rows and decode rows alike: segments of consecutive rows of one
+# sequence each, segment s holding counts[s] rows at positions starts[s]... (keys and values already
+# cached); q float32 [N, H, hd] and out float32 [N, H * hd] hold the segments' rows one after the
+# other; tables int32 [S, max_blocks]; starts, counts int64 [S]. Row p attends rows 0..p, each
+# (row, head) with exactly attention_decode's arithmetic (a prompt row gets the bits a decode row at
+# its position gets), whatever the thread count or the other segments.
+attention = _native.attention
 # Version-2 Q8 in any layout (a group of any size, rows may start or end inside one; the tail group
 # may be short), for what matmul_q8_split refuses: q int8 [rows, cols], s float32
 # [ceil(rows * cols / group_size)]. matmul_q8_any: out [N, rows] = x [N, cols] @ W.T with x as floats,

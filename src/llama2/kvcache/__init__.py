@@ -13,7 +13,7 @@ row is head_dim values in the type's encoding. Sequence slot s holds positions 0
 t lies in block tables[s][t // BLOCK_TOKENS] at t % BLOCK_TOKENS. Blocks are reference counted:
 a block may be in several tables (a shared prefix, a forked sequence) and in the prefix index; a
 write into a block someone else also holds copies it first. The attention kernels read only the
-blocks of the sequence's own table (native.attention_decode checks every id against the pool).
+blocks of the sequence's own table (native.attention checks every id against the pool).
 """
 
 import heapq
@@ -187,17 +187,6 @@ class Cache:
         blocks, offs = where
         self.pool.k[layer, blocks, :, offs] = self.type.encode(k)
         self.pool.v[layer, blocks, :, offs] = self.type.encode(v)
-
-    def gather(self, layer: int, slot: int, n: int):
-        """Slot's first n positions of `layer` -> keys, values float32 [kv_heads, n, hd]."""
-        nb = -(-n // self.block_tokens)
-        ids = self.tables[slot][:nb]
-        out = []
-        for pool in (self.pool.k, self.pool.v):
-            rows = pool[layer, ids]  # [nb, KVH, bt, rb]
-            rows = rows.transpose(1, 0, 2, 3).reshape(rows.shape[1], nb * self.block_tokens, -1)[:, :n]
-            out.append(self.type.decode(rows, self.config.head_dim))
-        return out
 
     def table_array(self, slots) -> np.ndarray:  # [B] -> int32 [B, max blocks], padded with 0
         tabs = [self.tables[s] for s in slots]
