@@ -103,12 +103,12 @@ static void mm_task(void *arg, int ith, int nth) {
 
 /* Quantize x as `act` asks, split the rows, run. */
 static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x, int type) {
-    j->tile = kt->nx_tile;
     /* One or two activation rows: the one-row kernels, whose single stream through the weights
      * the memory keeps up with best; from three rows on the products are compute bound and take
      * the gemm kernels (two weight rows per register on AVX-512). Both give every output the same
      * bits (kernels.h), so the choice changes no result. */
     int prompt = j->n >= 3;
+    j->tile = prompt && act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
     if (j->q8s_dot) j->q8s_dot = prompt ? kt->q8s_gemm : kt->q8s_dot;
     else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
     if (act == ACT_F32) {
