@@ -71,7 +71,9 @@ setup(
         define_macros=[("LLAMA2_X86_LEVELS", "1")] if IS_X86 else [],
         extra_compile_args=BASE_FLAGS,
         extra_link_args=["-pthread"],
-        depends=[os.path.join(NATIVE, f) for f in sorted(os.listdir(NATIVE)) if f.endswith(".h")],
+        # every header and per-variant source: a change to any of them relinks the extension
+        depends=[os.path.join(NATIVE, f) for f in sorted(os.listdir(NATIVE)) if f.endswith(".h")]
+        + [os.path.join(NATIVE, f) for f in PER_VARIANT],
     )],
     cmdclass={"build_ext": BuildNative},
 )

@@ -67,6 +67,7 @@ typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, cons
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
+    int gemm_tile;         /* activation rows per gemm call of the integer types (level.h GEMM_TILE) */
     dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
     dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];

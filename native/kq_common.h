@@ -145,6 +145,55 @@ INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size_
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The AVX2 prompt body of Q5_K: kq_dot_body's integers and float operations in the same lanes and
+ * order. Each super-block's 8 sub-blocks (values and scale vectors: exactly kq_dot_body's
+ * registers) are unpacked once into a buffer that the NX activation rows then read, so the NX
+ * integer sums stay in the 16 registers. (For Q4_K, whose unpacking is lighter, kq_dot_body itself
+ * measured as fast.) */
+INLINE void kq_gemm_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
+                         size_t os) {
+    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
+    __m256i qv[8], sv[8];
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++, w += L.bytes) {
+        uint8_t sc[8], mn[8];
+        k_scale_min(KQ_SCALES(w), sc, mn);
+        __m256i scw = widen8x2(sc);
+        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256();
+        for (int i = 0; i < 4; i++) {
+            __m256i q = load256(w + L.qs + 32 * i);
+            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+            if (L.five) {
+                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i), 4), m16));
+                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i + 1), 4), m16));
+            }
+            qv[2 * i] = lo, qv[2 * i + 1] = hi;
+            sv[2 * i] = scale16(scw, 2 * i), sv[2 * i + 1] = scale16(scw, 2 * i + 1);
+        }
+        __m256i sumi[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            __m256i q = qv[s];
+            for (int j = 0; j < NX; j++) {
+                const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 32 * s;
+                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv[s]);
+            }
+        }
+        __m256i mins = pairs16(mn);
+        float d = KQ_D(w), dmin = KQ_DMIN(w);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            __m256i m = _mm256_madd_epi16(load256(xb->bsums), mins);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * xb->d), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+}
+#endif
+
 /* The dot kernel of a type with layout L (kernels.h's dot_fn). pairs (the prompt kernel): rows in
  * pairs where AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the
  * same bits either way. Decode reads rows one at a time: a single stream through memory. */
@@ -161,6 +210,17 @@ INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
                  out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, KQ_PAIR_NX, C)
+#undef C
+#elif defined(__AVX2__)
+    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, more
+     * than the decode tile: the one-row body itself (Q4_K) or kq_gemm_body (Q5_K), the same bits. */
+#define C(j0, n)                                                                                                    \
+    do {                                                                                                            \
+        if (L.five) kq_gemm_body(cols / QK_K, wb + r * row_bytes, L, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os); \
+        else kq_dot_body(cols / QK_K, wb + r * row_bytes, L, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os);         \
+    } while (0)
+    if (pairs)
+        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
 #undef C
 #endif
 #define B(n) \

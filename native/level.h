@@ -17,6 +17,12 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+#if defined(__AVX2__)
+#define GEMM_TILE 8
+#else
+#define GEMM_TILE NX_TILE
+#endif
+
 /* Kernels are written once as an inline body with a constant nx; this expands the switch that
  * makes one specialized copy per nx <= NX_TILE (activation rows per call: 8 where AVX-512's 32
  * vector registers hold the accumulators, else 4). BODY(nx) must be an always-inline call. */
@@ -67,6 +73,23 @@ INLINE __m256i dpwssd256(__m256i acc, __m256i a, __m256i b) {
 }
 INLINE __m256i load256(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
 INLINE __m128i load128(const void *p) { return _mm_loadu_si128((const __m128i *)p); }
+/* Runs CALL(j0, n) over the nx activation rows in groups of at most `most`, n constant in each
+ * copy: the two-row (gemm) kernels hold 2 x n accumulators, which fit the registers only up to
+ * some n (32 registers with AVX-512, 16 with AVX2). */
+#define DISPATCH_PAIR_NX(nx, most, CALL)                                                            \
+    for (int j0_ = 0; j0_ < (nx); j0_ += (most)) {                                                  \
+        int n_ = (nx) - j0_ < (most) ? (nx) - j0_ : (most);                                         \
+        switch (n_) {                                                                               \
+        case 1: CALL(j0_, 1); break; case 2: CALL(j0_, 2); break; case 3: CALL(j0_, 3); break;      \
+        case 4: CALL(j0_, 4); break; case 5: CALL(j0_, 5); break; case 6: CALL(j0_, 6); break;      \
+        case 7: CALL(j0_, 7); break; default: CALL(j0_, 8);                                         \
+        }                                                                                           \
+    }
+/* Prefetch the `bytes` at p (the next row pair's block, while this pair's is being multiplied: the
+ * two rows of a pair are two short streams, which the hardware prefetchers follow poorly). */
+INLINE void prefetch_block(const void *p, size_t bytes) {
+    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
+}
 #endif
 
 #if defined(__AVX512F__)
@@ -98,23 +121,6 @@ INLINE __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
 #endif
-}
-/* Runs CALL(j0, n) over the nx activation rows in groups of at most `most` (4 or 8), n constant
- * in each copy: the paired kernels hold 2 x n accumulators, which for some types fit the 32
- * registers only up to n = 4. */
-#define DISPATCH_PAIR_NX(nx, most, CALL)                                                            \
-    for (int j0_ = 0; j0_ < (nx); j0_ += (most)) {                                                  \
-        int n_ = (nx) - j0_ < (most) ? (nx) - j0_ : (most);                                         \
-        switch (n_) {                                                                               \
-        case 1: CALL(j0_, 1); break; case 2: CALL(j0_, 2); break; case 3: CALL(j0_, 3); break;      \
-        case 4: CALL(j0_, 4); break; case 5: CALL(j0_, 5); break; case 6: CALL(j0_, 6); break;      \
-        case 7: CALL(j0_, 7); break; default: CALL(j0_, 8);                                         \
-        }                                                                                           \
-    }
-/* Prefetch the `bytes` at p (the next row pair's block, while this pair's is being multiplied: the
- * two rows of a pair are two short streams, which the hardware prefetchers follow poorly). */
-INLINE void prefetch_block(const void *p, size_t bytes) {
-    for (size_t o = 0; o < bytes; o += 64) _mm_prefetch((const char *)p + o, _MM_HINT_T0);
 }
 /* The two rows' results: each half summed as hsum256_ps sums a 256-bit accumulator. */
 INLINE void store2(__m512 acc, float *out0, float *out1) {

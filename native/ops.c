@@ -3,7 +3,7 @@
  * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
  * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
  * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. For each tile of nx_tile activation rows the type's dot kernel runs over the
+ * one at a time. For each tile of activation rows (nx_tile for dot, gemm_tile for gemm) the kernel runs over the
  * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
  * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
  * the following tiles. Results do not depend on the thread count or the chunking: each output is
@@ -104,12 +104,12 @@ static void mm_task(void *arg, int ith, int nth) {
 
 /* Quantize x as `act` asks, split the rows, run. */
 static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x, int type) {
-    j->tile = kt->nx_tile;
     /* One or two activation rows: the one-row kernels, whose single stream through the weights
      * the memory keeps up with best; from three rows on the products are compute bound and take
      * the gemm kernels (two weight rows per register on AVX-512). Both give every output the same
      * bits (kernels.h), so the choice changes no result. */
     int prompt = j->n >= 3;
+    j->tile = prompt && act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
     if (j->q8s_dot) j->q8s_dot = prompt ? kt->q8s_gemm : kt->q8s_dot;
     else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
     if (act == ACT_F32) {

@@ -37,6 +37,7 @@ void KN(gemm_float)(int, int64_t, const void *, size_t, int64_t, const float *, 
 const kernel_table KN(table) = {
     .name = STR(LLAMA2_VARIANT),
     .nx_tile = NX_TILE,
+    .gemm_tile = GEMM_TILE,
 #define T(id, t) [id] = KN(t##_dot)
     .dot = {T(T_F32, f32), T(T_F16, f16), T(T_BF16, bf16), T(T_Q8_0, q8_0), T(T_Q4_0, q4_0),
             T(T_Q4_1, q4_1), T(T_Q5_0, q5_0), T(T_Q5_1, q5_1), T(T_Q4_K, q4_k), T(T_Q5_K, q5_k),

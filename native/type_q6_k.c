@@ -139,6 +139,52 @@ INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, si
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+/* The AVX2 prompt body: dot_body's integers and float operations in the same lanes and order.
+ * Each block is unpacked once into a buffer (its 8 pieces of 32 values and their 8 scale vectors,
+ * exactly dot_body's registers), which the NX activation rows then read: the NX integer sums stay
+ * in the 16 registers (dot_body with NX = 8 spills them). */
+INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i qv[8], sv[8];
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i s8 = load128(w[b].scales);
+        for (int h = 0; h < 2; h++) {
+            __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
+            __m256i qh = load256(w[b].qh + 32 * h);
+            for (int k = 0; k < 4; k++) {
+                __m256i lo = k & 1 ? ql1 : ql0;
+                lo = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), m4);
+                __m256i hi = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
+                           : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
+                qv[4 * h + k] = _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
+                sv[4 * h + k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[4 * h + k])));
+            }
+        }
+        __m256i sumi[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        for (int g = 0; g < 8; g++) {
+            __m256i q = qv[g];
+            for (int j = 0; j < NX; j++) {
+                const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 32 * g;
+                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv[g]);
+            }
+        }
+        __m256i s16 = _mm256_cvtepi8_epi16(s8);
+        float d = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
+            sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+}
+#endif
+
 /* pairs (the prompt kernel): rows in pairs where AVX-512 has the registers, the last odd row (and
  * every row elsewhere) alone; the same bits either way. Decode reads rows one at a time: a single
  * stream through memory. */
@@ -155,6 +201,13 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
               (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
+#undef C
+#elif defined(__AVX2__)
+    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, more
+     * than the decode tile: gemm_body, the same bits as dot_body. */
+#define C(j0, n) gemm_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
+    if (pairs)
+        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
 #undef C
 #endif
 #define B(n) \

@@ -84,6 +84,14 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     if (pairs)
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
 #undef C
+#elif defined(__AVX2__)
+    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, the
+     * one-row body itself (the same bits by construction); more activation rows per unpacked
+     * weight block than the decode tile. */
+#define C(j0, n) dot_body(cols / QK, (const block_q8_0 *)(wb + r * row_bytes), (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
+    if (pairs)
+        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
+#undef C
 #endif
 #define B(n) \
     for (; r < nrows; r++) dot_body(cols / QK, (const block_q8_0 *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)

@@ -268,6 +268,57 @@ def test_a_rows_product_is_the_same_alone_or_in_any_batch(t, variant, nthreads):
         native.set_threads(threads())
 
 
+# Batch sizes around every tile edge: decode (4, or 8 on AVX-512), the gemm tile (8 on AVX2 and
+# AVX-512) and the AVX-512 Q6_K pair tile (4), each with its tails.
+BATCH_NS = (3, 4, 5, 8, 9, 31, 33, 64, 130)
+
+
+@pytest.mark.parametrize("rows", (37, 3, 1))
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", QUANTS, ids=lambda t: t.name)
+def test_gemm_rows_equal_rows_alone_at_every_batch_size(t, variant, rows):
+    """Every gemm path (the AVX-512 row pairs, AVX2's eight activation rows per weight row, the
+    odd row left over) gives each output the bits the row gets alone, for batch sizes on and off
+    every tile edge and odd weight-row counts, at one and two threads."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) * 5 + rows + len(variant))
+    cols = 512
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, max(BATCH_NS) + 3, cols)
+
+    def product(a):
+        out = np.empty((len(a), rows), np.float32)
+        native.matmul(int(t), w, a, out)
+        return out.view(np.uint32)
+    alone = np.stack([product(x[i:i + 1])[0] for i in range(len(x))])
+    try:
+        for nthreads in (1, 2):
+            native.set_threads(nthreads)
+            for n in BATCH_NS:
+                np.testing.assert_array_equal(product(x[:n]), alone[:n], err_msg=f"N={n}, {nthreads} threads")
+                np.testing.assert_array_equal(product(x[3:3 + n]), alone[3:3 + n], err_msg=f"N={n} at 3")
+    finally:
+        native.set_threads(threads())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_q8_split_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
+    native.select_variant(variant)
+    rng = np.random.default_rng(7 + len(variant))
+    rows, cols, gs = 37, 512, 64
+    q = rng.integers(-128, 128, size=(rows, cols), dtype=np.int8)
+    s = (rng.random(rows * cols // gs) * 0.01).astype(np.float32)
+    x = activations(rng, max(BATCH_NS), cols)
+
+    def product(a):
+        out = np.empty((len(a), rows), np.float32)
+        native.matmul_q8_split(q, s, gs, a, out)
+        return out.view(np.uint32)
+    alone = np.stack([product(x[i:i + 1])[0] for i in range(len(x))])
+    for n in BATCH_NS:
+        np.testing.assert_array_equal(product(x[:n]), alone[:n], err_msg=f"N={n}")
+
+
 @pytest.mark.parametrize("t", QUANTS, ids=lambda t: t.name)
 def test_simd_variants_give_the_same_bits(t):
     """avx2, avx512 and avx512vnni compute each output by the same integer and float operations
