@@ -3,6 +3,7 @@ holds at most the model's invariant_rows rows, and every request still gets the 
 (generate(), which `llama2 run` prints); longer prompts keep a pass of their own."""
 
 import queue
+import threading
 
 import numpy as np
 import pytest
@@ -126,9 +127,18 @@ def test_prompts_and_decodes_share_a_pass(llama):
     try:
         ps = [params(llama, "Once upon a time", 30, seed=7), params(llama, "Lily", 30, seed=8)]
         qs = [queue.Queue(), queue.Queue()]
-        sched.submit(ps[0], qs[0].put)
+        go, seen = threading.Event(), []
+
+        def first_sink(item):  # holds the scheduler at the first request's first event until the
+            seen.append(item)  # second is queued, so the second's prompt meets its decodes
+            qs[0].put(item)
+            if len(seen) == 1:
+                assert go.wait(TIMEOUT_S)
+
+        sched.submit(ps[0], first_sink)
         qs[0].get(timeout=TIMEOUT_S)  # the first request decodes now
         sched.submit(ps[1], qs[1].put)
+        go.set()
         out = []
         for q in qs:
             events, err = collect(q)
