@@ -210,15 +210,19 @@ static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r
     }
     const char *x = m->act == ACT_F32 ? (const char *)pt->xf : pt->bufs[m->act];
     size_t xs = pt->xs[m->act];
-    int tile = kt->nx_tile;
+    /* ops.c's run_matmul choice: from three rows on the gemm kernels (the same bits as dot) */
+    int many = B >= 3;
+    int tile = many && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
+    q8s_dot_fn q8s = many ? kt->q8s_gemm : kt->q8s_dot;
+    dot_fn dot = many ? kt->gemm[m->type] : kt->dot[m->type];
     for (int64_t i = 0; i < B; i += tile) {  /* what ops.c's mm_task runs for a chunk */
         int nx = B - i < tile ? (int)(B - i) : tile;
         if (m->kind == LP_Q8S)
-            kt->q8s_dot(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
-                        x + i * xs, xs, nx, pt->out + i * rows + r0, (size_t)rows);
+            q8s(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
+                x + i * xs, xs, nx, pt->out + i * rows + r0, (size_t)rows);
         else
-            kt->dot[m->type](cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, x + i * xs, xs, nx,
-                             pt->out + i * rows + r0, (size_t)rows);
+            dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, x + i * xs, xs, nx,
+                pt->out + i * rows + r0, (size_t)rows);
     }
 }
 
@@ -227,7 +231,7 @@ static void products(const fw_job *j, const part *parts, int np, int64_t *ctr, i
     int64_t chunk[4], first[5] = {0};
     for (int i = 0; i < np; i++) {
         int64_t rows = parts[i].m->rows, c = (rows + 8 * nth - 1) / (8 * nth);
-        chunk[i] = c < 4 ? 4 : c;
+        chunk[i] = c < 4 ? 4 : c + (c & 1);  /* whole row pairs for the two-row gemm kernels */
         first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
     }
     for (;;) {
