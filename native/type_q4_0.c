@@ -78,37 +78,10 @@ INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, si
 }
 #endif
 
-/* pairs (the prompt kernel): rows in pairs where AVX-512 has the registers, the last odd row (and
- * every row elsewhere) alone; the same bits either way. Decode reads rows one at a time: a single
- * stream through memory. */
-#ifndef PAIR_NX
-#define PAIR_NX 8
-#endif
-INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
-                 float *out, size_t os, int pairs) {
-    const char *wb = (const char *)w;
-    int64_t r = 0;
-#if defined(__AVX512F__)
-#define C(j0, n) \
-    dot2_body(cols / QK, (const block_q4_0 *)(wb + r * row_bytes), (const block_q4_0 *)(wb + (r + 1) * row_bytes), row_bytes, \
-              (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
-    if (pairs)
-        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
-#undef C
-#elif defined(__AVX2__)
-    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, the
-     * one-row body itself (the same bits by construction); more activation rows per unpacked
-     * weight block than the decode tile. */
-#define C(j0, n) dot_body(cols / QK, (const block_q4_0 *)(wb + r * row_bytes), (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
-    if (pairs)
-        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
-#undef C
-#endif
-#define B(n) \
-    for (; r < nrows; r++) dot_body(cols / QK, (const block_q4_0 *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
-#undef B
-}
+#define ROW_T block_q4_0
+#define ROW_VALUES QK
+#define ROW_AVX2_GEMM dot_body
+#include "rows.h"
 void KN(q4_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
                  int nx, float *out, size_t os) {
     rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);

@@ -185,37 +185,11 @@ INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs,
 }
 #endif
 
-/* pairs (the prompt kernel): rows in pairs where AVX-512 has the registers, the last odd row (and
- * every row elsewhere) alone; the same bits either way. Decode reads rows one at a time: a single
- * stream through memory. */
-#ifndef PAIR_NX
+#define ROW_T block_q6_k
+#define ROW_VALUES QK_K
+#define ROW_AVX2_GEMM gemm_body
 #define PAIR_NX 4
-#endif
-INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
-                 float *out, size_t os, int pairs) {
-    const char *wb = (const char *)w;
-    int64_t r = 0;
-#if defined(__AVX512F__)
-#define C(j0, n) \
-    dot2_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const block_q6_k *)(wb + (r + 1) * row_bytes), row_bytes, \
-              (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
-    if (pairs)
-        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
-#undef C
-#elif defined(__AVX2__)
-    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, more
-     * than the decode tile: gemm_body, the same bits as dot_body. */
-#define C(j0, n) gemm_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
-    if (pairs)
-        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
-#undef C
-#endif
-#define B(n) \
-    for (; r < nrows; r++) \
-        dot_body(cols / QK_K, (const block_q6_k *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
-#undef B
-}
+#include "rows.h"
 void KN(q6_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
                  int nx, float *out, size_t os) {
     rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
