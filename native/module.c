@@ -253,6 +253,58 @@ static int64_t kv_row_bytes(int t, int64_t hd) {
     }
 }
 
+/* The arguments both attention bindings share: KV type t, q float32 [rows, H, hd] (b[0]), the
+ * pools uint8 [blocks, KVH, block_tokens, row_bytes] (b[1], b[2]), tables int32 [?, maxb] (b[3])
+ * and out float32 [rows, H * hd]. Fills the shape; -1 with the error set. */
+typedef struct { int64_t rows, H, hd, rb, nblocks, KVH, bt, maxb; } attn_shape;
+
+static int attention_args(long t, const buf *b, const buf *out, const char *fn, const char *rows_name,
+                          attn_shape *a) {
+    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
+        PyErr_Format(PyExc_ValueError, "%s: q must be float32 [%s, H, head_dim]", fn, rows_name);
+        return -1;
+    }
+    a->rows = b[0].b.shape[0], a->H = b[0].b.shape[1], a->hd = b[0].b.shape[2];
+    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, a->hd) < 0 || a->hd > 1024) {
+        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)a->hd);
+        return -1;
+    }
+    a->rb = kv_row_bytes((int)t, a->hd);
+    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
+    if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != a->rb || vp->ndim != 4 ||
+        memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || a->H % kp->shape[1]) {
+        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
+                     "with kv_heads dividing %lld heads", fn, (long long)a->rb, (long long)a->H);
+        return -1;
+    }
+    a->nblocks = kp->shape[0], a->KVH = kp->shape[1], a->bt = kp->shape[2];
+    char tf = fmt(&b[3].b);
+    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l')) {
+        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%s, max_blocks]", fn,
+                     rows_name[0] == 'B' ? "B" : "segments");
+        return -1;
+    }
+    a->maxb = b[3].b.shape[1];
+    if (fmt(&out->b) != 'f' || out->b.itemsize != 4 || out->b.len != a->rows * a->H * a->hd * 4) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)a->rows,
+                     (long long)(a->H * a->hd));
+        return -1;
+    }
+    return 0;
+}
+
+/* Every block of table row i that `positions` positions read names a block of the pool. */
+static int table_row_ok(const int32_t *table, int64_t positions, const attn_shape *a, const char *fn,
+                        const char *what, int64_t i) {
+    for (int64_t j = 0; j < (positions + a->bt - 1) / a->bt; j++)
+        if (table[j] < 0 || table[j] >= a->nblocks) {
+            PyErr_Format(PyExc_IndexError, "%s: %s %lld names block %d of a pool of %lld", fn, what, (long long)i,
+                         table[j], (long long)a->nblocks);
+            return -1;
+        }
+    return 0;
+}
+
 /* attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out): q float32 [B, H, hd]; pools
  * uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [B, maxb]; lens int64 [B];
  * out float32 [B, H * hd]. Every block a sequence reads is checked against the pool. */
@@ -262,30 +314,15 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
     buf b[6] = {{{0}}};
+    attn_shape a;
     if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
         get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
         get(args[5], &b[4], 0, fn, "lens") < 0 || get(args[6], &b[5], 1, fn, "out") < 0)
         goto fail;
-    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
-        PyErr_Format(PyExc_ValueError, "%s: q must be float32 [B, H, head_dim]", fn);
-        goto fail;
-    }
-    int64_t B = b[0].b.shape[0], H = b[0].b.shape[1], hd = b[0].b.shape[2];
-    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, hd) < 0 || hd > 1024) {
-        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
-        goto fail;
-    }
-    int64_t rb = kv_row_bytes((int)t, hd);
-    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
-    if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != rb || vp->ndim != 4 ||
-        memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || H % kp->shape[1]) {
-        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
-                     "with kv_heads dividing %lld heads", fn, (long long)rb, (long long)H);
-        goto fail;
-    }
-    int64_t nblocks = kp->shape[0], KVH = kp->shape[1], bt = kp->shape[2];
-    char tf = fmt(&b[3].b), lf = fmt(&b[4].b);
-    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l') || b[3].b.shape[0] != B) {
+    if (attention_args(t, b, &b[5], fn, "B", &a) < 0) goto fail;
+    int64_t B = a.rows;
+    char lf = fmt(&b[4].b);
+    if (b[3].b.shape[0] != B) {
         PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
         goto fail;
     }
@@ -293,30 +330,20 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
         PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
         goto fail;
     }
-    if (fmt(&b[5].b) != 'f' || b[5].b.itemsize != 4 || b[5].b.len != B * H * hd * 4) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)B, (long long)(H * hd));
-        goto fail;
-    }
-    int64_t maxb = b[3].b.shape[1];
     const int32_t *tables = b[3].b.buf;
     const int64_t *lens = b[4].b.buf;
     for (int64_t i = 0; i < B; i++) {
-        if (lens[i] < 1 || lens[i] > maxb * bt) {
+        if (lens[i] < 1 || lens[i] > a.maxb * a.bt) {
             PyErr_Format(PyExc_ValueError, "%s: sequence %lld attends %lld rows; its table holds 1..%lld", fn,
-                         (long long)i, (long long)lens[i], (long long)(maxb * bt));
+                         (long long)i, (long long)lens[i], (long long)(a.maxb * a.bt));
             goto fail;
         }
-        for (int64_t j = 0; j < (lens[i] + bt - 1) / bt; j++)
-            if (tables[i * maxb + j] < 0 || tables[i * maxb + j] >= nblocks) {
-                PyErr_Format(PyExc_IndexError, "%s: sequence %lld names block %d of a pool of %lld", fn,
-                             (long long)i, tables[i * maxb + j], (long long)nblocks);
-                goto fail;
-            }
+        if (table_row_ok(tables + i * a.maxb, lens[i], &a, fn, "sequence", i) < 0) goto fail;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention_decode((int)t, B, H, KVH, hd, b[0].b.buf, kp->buf, vp->buf, bt, (size_t)rb, tables, maxb,
-                             lens, b[5].b.buf);
+    rc = op_attention_decode((int)t, B, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb,
+                             tables, a.maxb, lens, b[5].b.buf);
     Py_END_ALLOW_THREADS
     release(b, 6);
     if (rc < 0) return PyErr_NoMemory();
@@ -337,35 +364,14 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
     buf b[7] = {{{0}}};
+    attn_shape a;
     if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
         get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
         get(args[5], &b[4], 0, fn, "starts") < 0 || get(args[6], &b[5], 0, fn, "counts") < 0 ||
         get(args[7], &b[6], 1, fn, "out") < 0)
         goto fail;
-    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
-        PyErr_Format(PyExc_ValueError, "%s: q must be float32 [N, H, head_dim]", fn);
-        goto fail;
-    }
-    int64_t N = b[0].b.shape[0], H = b[0].b.shape[1], hd = b[0].b.shape[2];
-    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, hd) < 0 || hd > 1024) {
-        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
-        goto fail;
-    }
-    int64_t rb = kv_row_bytes((int)t, hd);
-    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
-    if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != rb || vp->ndim != 4 ||
-        memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || H % kp->shape[1]) {
-        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
-                     "with kv_heads dividing %lld heads", fn, (long long)rb, (long long)H);
-        goto fail;
-    }
-    int64_t nblocks = kp->shape[0], KVH = kp->shape[1], bt = kp->shape[2];
-    char tf = fmt(&b[3].b);
-    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l')) {
-        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [segments, max_blocks]", fn);
-        goto fail;
-    }
-    int64_t S = b[3].b.shape[0], maxb = b[3].b.shape[1];
+    if (attention_args(t, b, &b[6], fn, "N", &a) < 0) goto fail;
+    int64_t N = a.rows, S = b[3].b.shape[0];
     for (int i = 4; i < 6; i++) {
         char f = fmt(&b[i].b);
         if (b[i].b.ndim != 1 || b[i].b.itemsize != 8 || (f != 'q' && f != 'l') || b[i].b.shape[0] != S) {
@@ -374,26 +380,17 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
             goto fail;
         }
     }
-    if (fmt(&b[6].b) != 'f' || b[6].b.itemsize != 4 || b[6].b.len != N * H * hd * 4) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)N, (long long)(H * hd));
-        goto fail;
-    }
     const int32_t *tables = b[3].b.buf;
     const int64_t *starts = b[4].b.buf, *counts = b[5].b.buf;
     int64_t rows = 0;
     for (int64_t i = 0; i < S; i++) {
-        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > maxb * bt) {
+        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > a.maxb * a.bt) {
             PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds 0..%lld", fn,
                          (long long)i, (long long)starts[i], (long long)(starts[i] + counts[i] - 1),
-                         (long long)(maxb * bt - 1));
+                         (long long)(a.maxb * a.bt - 1));
             goto fail;
         }
-        for (int64_t j = 0; j < (starts[i] + counts[i] + bt - 1) / bt; j++)
-            if (tables[i * maxb + j] < 0 || tables[i * maxb + j] >= nblocks) {
-                PyErr_Format(PyExc_IndexError, "%s: segment %lld names block %d of a pool of %lld", fn,
-                             (long long)i, tables[i * maxb + j], (long long)nblocks);
-                goto fail;
-            }
+        if (table_row_ok(tables + i * a.maxb, starts[i] + counts[i], &a, fn, "segment", i) < 0) goto fail;
         rows += counts[i];
     }
     if (rows != N) {
@@ -403,8 +400,8 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention((int)t, S, H, KVH, hd, b[0].b.buf, kp->buf, vp->buf, bt, (size_t)rb, tables, maxb, starts,
-                      counts, b[6].b.buf);
+    rc = op_attention((int)t, S, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb, tables,
+                      a.maxb, starts, counts, b[6].b.buf);
     Py_END_ALLOW_THREADS
     release(b, 7);
     if (rc < 0) return PyErr_NoMemory();
