@@ -3,11 +3,9 @@ the Hugging Face folders people download). Used in place; widening is a 16-bit s
 Products as f16's: the native kernel for few rows, the native float gemm for prompts.
 """
 
-import sys
-
 import numpy as np
 
-from .base import Matrix as _Matrix
+from .base import ALL_ROWS, Matrix as _Matrix
 
 NAME = "bf16"
 GGML_TYPE = 30
@@ -27,4 +25,4 @@ class Matrix(_Matrix):
     STORES_FLOATS = True
     # Every product is native (no tiles + BLAS): prompts widen panels of rows and run gemm.c, which
     # gives each output the dot kernel's bits, so a row's product never depends on its batch.
-    tile_rows = invariant_rows = sys.maxsize
+    tile_rows = invariant_rows = ALL_ROWS

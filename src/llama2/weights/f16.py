@@ -5,11 +5,9 @@ prompts: the native float gemm (native/gemm.c: panels of rows widened to float32
 same bits per row as the few-rows kernel.
 """
 
-import sys
-
 import numpy as np
 
-from .base import Matrix as _Matrix
+from .base import ALL_ROWS, Matrix as _Matrix
 
 NAME = "f16"
 GGML_TYPE = 1
@@ -27,4 +25,4 @@ class Matrix(_Matrix):
     STORES_FLOATS = True
     # Every product is native (no tiles + BLAS): prompts widen panels of rows and run gemm.c, which
     # gives each output the dot kernel's bits, so a row's product never depends on its batch.
-    tile_rows = invariant_rows = sys.maxsize
+    tile_rows = invariant_rows = ALL_ROWS

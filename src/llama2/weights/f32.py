@@ -6,11 +6,9 @@ gives each row exactly the f32 kernel's bits; so a row's logits never depend on 
 extension (or for a matrix that is not contiguous), one BLAS call.
 """
 
-import sys
-
 import numpy as np
 
-from .base import Matrix as _Matrix, native_for
+from .base import ALL_ROWS, Matrix as _Matrix, native_for
 
 NAME = "f32"
 GGML_TYPE = 0
@@ -26,7 +24,7 @@ class Matrix(_Matrix):
     NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
-    invariant_rows = sys.maxsize  # every N native, each row with its bits alone (see the docstring)
+    invariant_rows = ALL_ROWS  # every N native, each row with its bits alone (see the docstring)
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)
