@@ -6,7 +6,6 @@ import pytest
 from conftest import TINY, random_weights
 from llama2 import checkpoint, kernels as K
 from llama2.config import ModelConfig
-from llama2.formats import llama2c
 from llama2.model import Transformer
 
 
