@@ -78,7 +78,7 @@ def test_validation_loss_falls(trained):
     assert (trained / "ckpt.pt").exists() and (trained / "model.bin").exists()
 
 
-def test_export_matches_numpy_engine(trained):
+def test_export_matches_our_engine(trained):
     from llama2 import Llama
     from llama2.train.stories import read_stories
     from llama2.train.trainer import load_model
