@@ -408,7 +408,7 @@ def _bench_tinyllamas(shape, threads_list, weights_list, reps, with_peer, direct
             peer_path = files["gguf-fp32" if weights == "fp32" else "gguf-int8"]
             peer_here = with_peer and peer_path is not None
             peer_impl = "llama_cpp" if weights == "fp32" else "llama_cpp_no_extra_bufts"
-            run_child("ours", ours_path, threads, isa=isa)  # warm-up (compiled-kernel cache, page cache)
+            run_child("ours", ours_path, threads, isa=isa)  # warm-up (page cache)
             if peer_here:
                 run_child(peer_impl, peer_path, threads, python=peer_python)
             samples = {"ours": [], "peer": []}

@@ -32,7 +32,7 @@ def register(sub):
                    help="run llama.cpp's children (and its quantizer) under this interpreter, e.g. a venv "
                         "with llama-cpp-python built for AVX2 only (docs/benchmarks.md)")
     p.add_argument("--no-first-run", action="store_true",
-                   help="skip the first-run-after-install row (`llama2 run` with empty kernel caches)")
+                   help="skip the first-run column (a fresh `llama2 run` process to its first byte)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: small models, one run, no peer, no first-run row (under a minute)")
     p.add_argument("--prepare", action="store_true",
