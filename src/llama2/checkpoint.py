@@ -101,6 +101,6 @@ class CheckpointSource:
 
 def load(path) -> Checkpoint:
     """Any model file `llama2 run` reads (llama2.c .bin, GGUF, Hugging Face folder), told apart by
-    its contents: `llama2.formats.load_checkpoint`, under the name the README's Python API gives."""
+    its contents: `llama2.formats.load_checkpoint`, under the name docs/python-api.md gives."""
     from .formats import load_checkpoint
     return load_checkpoint(path)

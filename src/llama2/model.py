@@ -178,7 +178,7 @@ class Transformer:
         att = np.empty((N, D), np.float32)
         # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
         # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
-        # (tests/test_kquant_files.py); run.c's goldens hold with either.
+        # (tests/engine/test_kquant_files.py); run.c's goldens hold with either.
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)
