@@ -22,6 +22,9 @@ import pytest
 
 from conftest import GOLDEN, REPO, asset
 
+pytestmark = pytest.mark.slow
+
+
 def _copy_project(dest):
     for name in ("pyproject.toml", "setup.py", "README.md", "LICENSE"):
         if (REPO / name).exists():

@@ -114,6 +114,7 @@ def test_estimate_by_storage():
     assert quantized.scratch > bf16.scratch  # a matrix widened while it is quantized
 
 
+@pytest.mark.slow
 def test_quantize_estimate_follows_the_quantizers():
     """A mix at load: each tensor's bytes are those of the type llama.cpp's rule gives it."""
     from llama2 import quantize

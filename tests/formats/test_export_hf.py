@@ -73,6 +73,7 @@ CASES = [  # (kv heads, rope theta, tied embeddings)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads,theta,tie", CASES)
 def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, tie):
     directory, model = tiny_hf(tmp_path, kv_heads, theta, tie)
