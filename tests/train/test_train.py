@@ -14,6 +14,9 @@ import pytest
 from conftest import REPO, asset
 from llama2.cli import main
 
+pytestmark = pytest.mark.slow  # every test here trains a model with torch
+
+
 torch = pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
 
@@ -68,7 +71,6 @@ def trained(prepared):
     return out
 
 
-@pytest.mark.slow
 def test_validation_loss_falls(trained):
     _, evals = read_log(trained)
     assert [it for it, _ in evals] == [0, 100, 200, 300]
@@ -145,7 +147,6 @@ def test_run_and_eval_commands(trained):
     assert abs(reference.loss - float(report["loss"])) < 1e-4
 
 
-@pytest.mark.slow
 def test_resume_is_bit_exact(prepared):
     data = prepared / "data"
     common = ["--data", data, *SMALL, "--dropout", "0.1", "--eval_interval", "50",
@@ -174,7 +175,6 @@ def test_resume_cannot_change_the_model(trained):
     assert code == 1 and "--dim 48 differs from the checkpoint's 64" in err
 
 
-@pytest.mark.slow
 def test_ddp_matches_single_process(prepared):
     data = prepared / "data"
     common = ["--data", data, *SMALL, "--max_iters", "12", "--eval_interval", "6"]
