@@ -72,15 +72,14 @@ def kv_cache_bytes(config, kv_type: str = "f32", positions: int = None) -> int:
 
 
 def default_kv_type(path) -> str:
-    """The KV type a model file gets without --kv-type (kvcache.default_type of its format)."""
-    from . import kvcache
-    from .formats import model_kind
+    """The KV type a model file gets without --kv-type: its format's KV_TYPE."""
+    from . import formats
 
     try:
-        kind = model_kind(path)
+        kind = formats.model_kind(path)
     except Exception:  # noqa: BLE001 -- advisory: the loader reports a bad file
         kind = "llama2c"
-    return kvcache.default_type(kind if kind in ("gguf", "hf") else "llama2c")
+    return formats.reader(kind).KV_TYPE
 
 
 def scratch_bytes(config, slots: int = 1) -> int:

@@ -18,7 +18,8 @@ from ..errors import FormatError
 # (version 0 has no magic), and its loader says what is wrong with one that is not a checkpoint.
 READERS = ("hf", "gguf", "llama2c")
 HEAD_BYTES = 8
-# Each reader also has `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
+# Each reader also has `KV_TYPE`, the KV cache type its models get by default (put on its
+# Checkpoints; `default_kv_types` for --kv-type's help), and `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
 # file's headers alone (stored: tensor name -> a kind as memory.tensor_bytes takes it, or a list of
 # kinds per layer; norms left out), for memory.py's estimate before anything is loaded.
 
@@ -57,6 +58,11 @@ def load_checkpoint(path):
 def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
     return reader(model_kind(path)).source(path)
+
+
+def default_kv_types() -> dict:
+    """Format -> the KV cache type its models get when none is asked for."""
+    return {kind: reader(kind).KV_TYPE for kind in READERS}
 
 
 def describe(path):
