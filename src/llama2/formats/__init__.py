@@ -18,10 +18,11 @@ from ..errors import FormatError
 # (version 0 has no magic), and its loader says what is wrong with one that is not a checkpoint.
 READERS = ("hf", "gguf", "llama2c")
 HEAD_BYTES = 8
-# Each reader also has `KV_TYPE`, the KV cache type its models get by default (put on its
-# Checkpoints; `default_kv_types` for --kv-type's help), and `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
-# file's headers alone (stored: tensor name -> a kind as memory.tensor_bytes takes it, or a list of
-# kinds per layer; norms left out), for memory.py's estimate before anything is loaded.
+# Each reader also has `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
+# file's headers alone (stored: tensor name -> a kind as weights.stored_type takes it, or a list of
+# kinds per layer; norms left out), for memory.py's estimate before anything is loaded; and
+# `KV_TYPE`, the KV cache type its models get by default (put on its Checkpoints; memory.py's
+# estimate and --kv-type's help read it too).
 
 # The formats export.py writes, in --format's order. Each module has `WRITE_DTYPES` (the --dtype
 # values it stores), `FILES` (what its files are called in messages) and `export(path, config,

@@ -169,7 +169,7 @@ def source(path) -> CheckpointSource:
 
 def describe(path):
     """(ModelConfig, {matrix name: how it is stored}) from the header alone: f32, f16, bf16, or
-    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as memory.tensor_bytes takes it)."""
+    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as weights.stored_type takes it)."""
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
     config, version, group_size, _ = read_header(path, head)
