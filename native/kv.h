@@ -137,8 +137,9 @@ static inline void kv_q8_0_decode(const uint8_t *row, int64_t hd, float *out) {
 
 /* -- by id: what the callers use ------------------------------------------------------------- */
 
-/* Bytes of one row of hd values in type t; -1 when t is no type or cannot hold such rows. */
-static inline int64_t kv_row_bytes(int t, int64_t hd) {
+/* Bytes of one row of hd values in type t; -1 when t is no type or cannot hold such rows (any t
+ * a caller was given may be asked). */
+static inline int64_t kv_row_bytes(long t, int64_t hd) {
     switch (t) {
 #define KV_CASE_(ID, name, f32, needs) case KV_##ID: return kv_##name##_row_bytes(hd);
     KV_TYPES(KV_CASE_)

@@ -214,7 +214,7 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
     const lp_plan *p = &h->plan;
     long t = PyLong_AsLong(args[4]);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    int64_t rb = t < 0 || t >= KV_COUNT ? -1 : kv_row_bytes((int)t, p->head_dim);
+    int64_t rb = kv_row_bytes(t, p->head_dim);
     if (rb < 0)
         return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t,
                             (long long)p->head_dim);

@@ -256,11 +256,11 @@ static int attention_args(long t, const buf *b, const buf *out, const char *fn, 
         return -1;
     }
     a->rows = b[0].b.shape[0], a->H = b[0].b.shape[1], a->hd = b[0].b.shape[2];
-    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, a->hd) < 0 || a->hd > 1024) {
+    if (kv_row_bytes(t, a->hd) < 0 || a->hd > 1024) {
         PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)a->hd);
         return -1;
     }
-    a->rb = kv_row_bytes((int)t, a->hd);
+    a->rb = kv_row_bytes(t, a->hd);
     const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
     if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != a->rb || vp->ndim != 4 ||
         memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || a->H % kp->shape[1]) {
@@ -425,7 +425,7 @@ static PyObject *py_kv_row_bytes(PyObject *self, PyObject *const *args, Py_ssize
     long t = PyLong_AsLong(args[0]);
     long long hd = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
-    return PyLong_FromLongLong(t < 0 || t >= KV_COUNT ? -1 : kv_row_bytes((int)t, hd));
+    return PyLong_FromLongLong(kv_row_bytes(t, hd));
 }
 
 /* kv_encode(kvtype, x, out): x float32 [..., hd] -> out uint8 [..., row_bytes], each row as the
@@ -442,7 +442,7 @@ static PyObject *py_kv_encode(PyObject *self, PyObject *const *args, Py_ssize_t 
         goto fail;
     }
     int64_t hd = b[0].b.shape[b[0].b.ndim - 1], rows = hd ? b[0].b.len / 4 / hd : 0;
-    int64_t rb = t < 0 || t >= KV_COUNT ? -1 : kv_row_bytes((int)t, hd);
+    int64_t rb = kv_row_bytes(t, hd);
     if (rb < 0) {
         PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
         goto fail;

@@ -308,6 +308,6 @@ def test_kv_types_come_from_the_native_records():
     with pytest.raises(UsageError, match="--kv-type q8_0: needs head_dim a multiple of 32"):
         q8.row_bytes(48)
     with pytest.raises(ValueError, match="KV type 9 cannot hold"):
-        native._native.kv_encode(9, np.zeros((1, 8), np.float32), np.zeros(32, np.uint8))
+        native.kv_encode(9, np.zeros((1, 8), np.float32), np.zeros(32, np.uint8))
     with pytest.raises(ValueError, match="out must hold 2 rows of 16 bytes"):
-        native._native.kv_encode(1, np.zeros((2, 8), np.float32), np.zeros(31, np.uint8))
+        native.kv_encode(1, np.zeros((2, 8), np.float32), np.zeros(31, np.uint8))

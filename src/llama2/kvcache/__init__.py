@@ -44,11 +44,11 @@ class KVType:
 
     def holds(self, hd: int) -> bool:
         """Whether rows of head_dim `hd` can be cached in this type."""
-        return native._native.kv_row_bytes(self.ID, hd) >= 0
+        return native.kv_row_bytes(self.ID, hd) >= 0
 
     def row_bytes(self, hd: int) -> int:
         """Bytes of one cached row of `hd` values; UsageError when the type cannot hold such rows."""
-        n = native._native.kv_row_bytes(self.ID, hd)
+        n = native.kv_row_bytes(self.ID, hd)
         if n < 0:
             raise UsageError(f"--kv-type {self.NAME}: needs {self.needs}; this model's head_dim is {hd}")
         return n
@@ -56,14 +56,14 @@ class KVType:
     def encode(self, x) -> np.ndarray:  # float32 [..., hd] -> uint8 [..., row_bytes(hd)]
         x = np.ascontiguousarray(x, dtype=np.float32)
         out = np.empty((*x.shape[:-1], self.row_bytes(x.shape[-1])), np.uint8)
-        native._native.kv_encode(self.ID, x, out)
+        native.kv_encode(self.ID, x, out)
         return out
 
     def __repr__(self):
         return f"<KV type {self.NAME}>"
 
 
-TYPES = {name: KVType(i, name, needs) for i, (name, needs) in enumerate(native._native.kv_types())}
+TYPES = {name: KVType(i, name, needs) for i, (name, needs) in enumerate(native.kv_types())}
 
 
 def get(name: str, label: str = "--kv-type") -> KVType:
