@@ -296,6 +296,29 @@ def test_native_encode_equals_the_reference(kv_type, hd):
     assert np.isnan(t.reference.decode(t.encode(nan), hd)).all() or kv_type == "q8_0"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+def test_native_decode_equals_the_reference(variant, kv_type):
+    """What attention reads (native/kv.h's decode, compiled per variant) is the type's reference
+    decode bit for bit: a sequence of one cached row gives it weight exactly 1 (exp(0) = 1, sum 1),
+    so the output is the decoded value row, fma(1, v, +0)."""
+    native.select_variant(variant)
+    t = kvcache.TYPES[kv_type]
+    for hd in (8, 16, 64, 96):
+        x = awkward_rows(np.random.default_rng(hd), hd)
+        if kv_type == "q8_0":
+            x[7] = 5.0  # no infinities: numpy's reference q is undefined there
+        rows = t.encode(x)  # [B, row_bytes]
+        B = len(rows)
+        vpool = np.ascontiguousarray(rows.reshape(B, 1, 1, -1))  # each row a block of one position
+        out = np.empty((B, hd), np.float32)
+        native.attention_decode(t.ID, np.zeros((B, 1, hd), np.float32), np.zeros_like(vpool), vpool,
+                                np.arange(B, dtype=np.int32).reshape(B, 1), np.ones(B, np.int64), out)
+        with np.errstate(all="ignore"):  # a q8_0 scale past f16's range: inf * 0 is NaN, as in C
+            want = t.reference.decode(rows, hd) + np.float32(0)  # + 0 as the fma adds it: -0 becomes +0
+        assert out.tobytes() == want.tobytes(), hd
+
+
 def test_kv_types_come_from_the_native_records():
     """The registry is native/kv.h's list: ids in order, each with its module; a type refuses rows
     it cannot hold, in one line naming the flag."""
