@@ -61,6 +61,7 @@ class Checkpoint:
     vocab: object = None  # a formats.vocab.Vocab when the model carries its own vocabulary
     chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
     format: str = "llama2c"  # llama2c, gguf, hf
+    kv_type: str = "f32"  # the KV cache type its models get unless asked: its format's KV_TYPE
 
     @property
     def quantized(self) -> bool:
