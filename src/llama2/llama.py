@@ -118,8 +118,12 @@ class Llama:
         {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: a
         llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
         completions.RequestError naming the argument at fault."""
-        params, text = C.completion_params(self.tokenizer, self.config, prompt, max_tokens, temperature,
-                                           top_p, seed, stop, logprobs, response_format, grammar)
+        from . import request  # pydantic: only completions need it
+        body = request.validate(request.CompletionBody, dict(
+            prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            logprobs=logprobs, response_format=response_format, grammar=grammar))
+        params, text = C.completion_params(self.tokenizer, self.config, body,
+                                           C.compile_structure(body, self.tokenizer, self.config.vocab_size))
         answer = C.Answer(False, self.name, self.tokenizer, len(params.prompt), text if echo else "",
                           logprobs=params.logprobs is not None)
         return self._answer(answer, params, stream, include_usage)
@@ -133,9 +137,13 @@ class Llama:
         rendered with the model's chat template. `max_tokens` None: the rest of the context.
         `logprobs=True` gives each token's log probability, `top_logprobs` (0..20) the most likely
         alternatives. Other arguments as create_completion."""
-        params = C.chat_params(self.tokenizer, self.config, messages, self.chat_template, max_tokens,
-                               temperature, top_p, seed, stop, logprobs, top_logprobs, response_format,
-                               grammar)
+        from . import request  # pydantic: only completions need it
+        body = request.validate(request.ChatBody, dict(
+            messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, response_format=response_format,
+            grammar=grammar))
+        params = C.chat_params(self.tokenizer, self.config, body, self.chat_template,
+                               C.compile_structure(body, self.tokenizer, self.config.vocab_size))
         answer = C.Answer(True, self.name, self.tokenizer, len(params.prompt),
                           logprobs=params.logprobs is not None)
         return self._answer(answer, params, stream, include_usage)
