@@ -1,6 +1,6 @@
 """OpenAI-shaped completions, shared by the Python API (Llama.create_completion and
-create_chat_completion) and the server: arguments become generate.Params, generation Events
-become response dicts and stream chunks. One code path, so a seeded request gives the same
+create_chat_completion) and the server: requests validated by llama2.request become
+generate.Params, generation Events become response dicts and stream chunks. One code path, so a seeded request gives the same
 answer from either.
 
 Shapes: the OpenAI API reference for legacy completions (`text_completion`, logprobs as

@@ -117,7 +117,7 @@ class Llama:
         probability and the k most likely. `response_format`: OpenAI's ({"type": "json_object"} or
         {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: a
         llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
-        completions.RequestError naming the argument at fault."""
+        errors.RequestError naming the argument at fault (validated by llama2.request)."""
         from . import request  # pydantic: only completions need it
         body = request.validate(request.CompletionBody, dict(
             prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
