@@ -1,7 +1,7 @@
 """OpenAI-shaped completions, shared by the Python API (Llama.create_completion and
 create_chat_completion) and the server: requests validated by llama2.request become
-generate.Params, generation Events become response dicts and stream chunks. One code path, so a seeded request gives the same
-answer from either.
+generate.Params, generation Events become response dicts and stream chunks. One code path, so a
+seeded request gives the same answer from either.
 
 Shapes: the OpenAI API reference for legacy completions (`text_completion`, logprobs as
 tokens / token_logprobs / top_logprobs / text_offset) and chat completions (`chat.completion`,
@@ -43,7 +43,8 @@ def _params(prompt, field, seq_len, body, default_max, grammar, **extra) -> Para
     if left < 1:
         raise RequestError(field, f"{n} prompt tokens exceed the model's context of {seq_len}",
                            code="context_length_exceeded")
-    max_tokens = min(body.max_tokens or getattr(body, "max_completion_tokens", None) or default_max or left, left)
+    asked = body.max_tokens or getattr(body, "max_completion_tokens", None)  # the latter: chat only
+    max_tokens = min(asked or default_max or left, left)
     temperature = GENERATION.temperature if body.temperature is None else body.temperature
     top_p = GENERATION.top_p if body.top_p is None else body.top_p
     seed = body.seed

@@ -115,8 +115,8 @@ class Llama:
         (None: the rest of the context). `seed`: None or <= 0 draws one. `stop`: strings that end
         the text (never part of it). `logprobs`: k in 0..5 gives each sampled token's log
         probability and the k most likely. `response_format`: OpenAI's ({"type": "json_object"} or
-        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: a
-        llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: GBNF
+        text, a llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
         errors.RequestError naming the argument at fault (validated by llama2.request)."""
         from . import request  # pydantic: only completions need it
         body = request.validate(request.CompletionBody, dict(
