@@ -51,6 +51,7 @@ def chat(**fields) -> dict:
     return {"model": MODEL, "messages": [{"role": "user", "content": "Say something."}], **fields}
 
 
+@pytest.mark.slow  # a schema that compiles for seconds
 def test_a_compiling_schema_stalls_nobody(http):
     def health():
         r = http.get("/health")
@@ -166,6 +167,7 @@ def test_bad_grammar_gets_a_400(http, grammar, fmt, words):
 
 # -- in-process: the compile queue's bound, and a client that leaves --------------------------------
 
+@pytest.mark.slow
 def test_compile_queue_is_bounded(llama):
     from starlette.testclient import TestClient
 

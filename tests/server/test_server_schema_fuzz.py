@@ -18,6 +18,8 @@ pytest.importorskip("llguidance")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MODEL = "stories260K"
 EXAMPLES = 100
 MAX_TOKENS = 160  # every bounded schema below ends well within this
