@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..completions import Answer
+from ..errors import Llama2Error
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
@@ -63,10 +64,12 @@ def error_response(e: P.APIError) -> Response:
 
 
 class Generation:
-    """One submitted job as seen from the event loop: an asyncio queue fed by the scheduler."""
+    """One submitted job as seen from the event loop: an asyncio queue fed by the scheduler.
+    `param`: the field blamed when the request's own input fails it mid-way (its grammar)."""
 
-    def __init__(self, scheduler: Scheduler, params, constraint=None):
+    def __init__(self, scheduler: Scheduler, params, constraint=None, param: str = None):
         loop = asyncio.get_running_loop()
+        self.param = param
         self.queue = asyncio.Queue()
         self.job = scheduler.submit(params, lambda item: loop.call_soon_threadsafe(self.queue.put_nowait, item),
                                     constraint)
@@ -77,6 +80,8 @@ class Generation:
             item = await self.queue.get()
             if isinstance(item, Cancelled):
                 raise P.APIError(503, str(item), code="shutting_down")
+            if isinstance(item, Llama2Error):  # logged by the scheduler, one line
+                raise P.APIError(400, f"{self.param}: {item}", param=self.param, code="invalid_value")
             if isinstance(item, Exception):  # logged by the scheduler; its text stays there
                 raise P.APIError(500, "generation failed (the server log has the details)",
                                  code="server_error")
@@ -184,9 +189,9 @@ def endpoint(name, handler, auth=True):
     return wrapped
 
 
-def _submit(state: State, params, constraint) -> Generation:
+def _submit(state: State, params, constraint, param: str) -> Generation:
     try:
-        return Generation(state.scheduler, params, constraint)
+        return Generation(state.scheduler, params, constraint, param)
     except QueueFull as e:
         raise P.APIError(503, f"server busy: {e}; retry later", code="server_busy",
                          headers={"Retry-After": str(state.config.retry_after_s)}) from None
@@ -239,7 +244,7 @@ async def _generate(request, state: State, req: P.Request, ans: Answer):
     """Compile the request's structured output (a 400 now if it cannot be), then queue it and
     answer: whole, or streamed."""
     params, constraint = await state.prepare.structure(req, request.receive)
-    gen = _submit(state, params, constraint)
+    gen = _submit(state, params, constraint, req.body.structure_param())
     if not req.stream:
         return await _answer(request, gen, ans)
     return _stream(gen, ans, req.include_usage)

@@ -32,6 +32,7 @@ import threading
 from collections import deque
 
 from .. import kvcache, threads
+from ..errors import Llama2Error
 from ..generate import Params, Sequence, StopStrings, constraint_of  # noqa: F401 (Params, StopStrings: this module's API)
 
 log = logging.getLogger("llama2.server")
@@ -282,6 +283,11 @@ class Scheduler:
                 continue
             try:
                 events = seq.advance(row)
+            except Llama2Error as e:  # the request's grammar gave out mid-answer (a llguidance limit)
+                log.warning("request ended: %s", e)
+                with self._cond:
+                    self._finish(seq, e)
+                continue
             except Exception as e:
                 log.exception("sampling failed")
                 with self._cond:
