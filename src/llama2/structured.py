@@ -37,8 +37,12 @@ LIMITS = {"max_grammar_size": 500_000, "max_lexer_states": 250_000, "initial_lex
 # starts (measured with llguidance 1.9), beyond max_items_in_row past ~498; refused at compile
 # time rather than failing mid-answer. Required properties come in order and cost no such row.
 MAX_OPTIONAL_PROPERTIES = (LIMITS["max_items_in_row"] - 8) // 4
-CACHE_TEXT_BYTES = 32 << 20  # compiled grammars kept per vocabulary, by their grammar text's size
+# The compiled-grammar cache, per vocabulary: a kept grammar holds its first matcher (copied for each
+# request, as building one can take seconds), measured (RSS, llguidance 1.9, 512- and 32000-token
+# vocabularies) at ~150 KiB plus ~75 bytes per byte of grammar text; counted as a bit more.
+CACHE_BYTES = 128 << 20
 CACHE_ENTRIES = 256
+ENTRY_BYTES, TEXT_FACTOR = 160 << 10, 80
 
 
 class GrammarError(Llama2Error):
@@ -124,10 +128,10 @@ class Vocabulary:
 
 class GrammarCache:
     """Compiled grammars (and the errors of those that failed) by their spec, least recently used
-    first out, at most CACHE_ENTRIES and CACHE_TEXT_BYTES of grammar text. Two threads asking for
-    the same spec at once compile it once."""
+    first out, at most `max_entries` and `max_bytes` of memory (as `cost` estimates it). Two
+    threads asking for the same spec at once compile it once."""
 
-    def __init__(self, max_bytes: int = CACHE_TEXT_BYTES, max_entries: int = CACHE_ENTRIES):
+    def __init__(self, max_bytes: int = CACHE_BYTES, max_entries: int = CACHE_ENTRIES):
         self.max_bytes, self.max_entries = max_bytes, max_entries
         self.bytes = 0
         self._done = OrderedDict()  # key -> (Grammar or GrammarError, cost)
@@ -140,6 +144,13 @@ class GrammarCache:
         if not isinstance(source, str):
             source = json.dumps(source, sort_keys=True, separators=(",", ":"))
         return spec.kind, spec.strict, source
+
+    @staticmethod
+    def cost(key: tuple, result) -> int:
+        """Estimated bytes an entry holds: its key, and a grammar's matcher or an error's text."""
+        if isinstance(result, Grammar):
+            return len(key[2]) + ENTRY_BYTES + TEXT_FACTOR * len(result.text)
+        return len(key[2]) + len(str(result))
 
     def get(self, spec: "Spec", build) -> "Grammar":
         """The compiled grammar of `spec`, from `build(spec)` unless cached; raises its GrammarError."""
@@ -165,7 +176,7 @@ class GrammarCache:
                 del self._building[key]
             mine.set_exception(e)
             raise
-        cost = len(result.text if isinstance(result, Grammar) else str(result)) + len(key[2])
+        cost = self.cost(key, result)
         with self._lock:
             del self._building[key]
             self._done[key] = (result, cost)

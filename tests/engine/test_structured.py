@@ -338,19 +338,24 @@ def test_grammar_cache_compiles_once_and_stays_bounded(llama):
         built.append(spec)
         return Grammar(spec, vocab)
 
-    cache = GrammarCache(max_bytes=10_000, max_entries=3)
     specs = [Spec("regex", f"[a-c]{{{n}}}") for n in range(1, 6)]
+    one = GrammarCache.cost(GrammarCache.key(specs[0]), Grammar(specs[0], vocab))  # each costs about this
+    cache = GrammarCache(max_bytes=3 * one + 100, max_entries=10)
     first = cache.get(specs[0], build)
     assert cache.get(Spec("regex", "[a-c]{1}"), build) is first and len(built) == 1  # by text
     for spec in specs[1:]:
         cache.get(spec, build)
-    assert len(cache._done) == 3 and cache.bytes <= 10_000  # the least recently used went first
+    assert len(cache._done) == 3 and cache.bytes <= 3 * one + 100  # the least recently used went first
     assert cache.get(specs[0], build) is not first and len(built) == 6
     bad = Spec("regex", "[a-")
     for _ in range(2):  # a refusal is remembered too
         with pytest.raises(GrammarError, match="unclosed"):
             cache.get(bad, build)
     assert len(built) == 7
-    big = GrammarCache(max_bytes=1, max_entries=3)
-    big.get(specs[1], build)
-    assert big.bytes == 0 and not big._done  # larger than the bound: not kept
+    few = GrammarCache(max_entries=2)
+    for spec in specs[:3]:
+        few.get(spec, build)
+    assert len(few._done) == 2
+    small = GrammarCache(max_bytes=one // 2)
+    small.get(specs[1], build)
+    assert small.bytes == 0 and not small._done  # larger than the bound: not kept
