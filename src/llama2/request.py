@@ -104,7 +104,7 @@ Schema = Annotated[Any, AfterValidator(_schema)]
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore", frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(strict=True, extra="ignore", frozen=True)
 
 
 class StreamOptions(_Model):
