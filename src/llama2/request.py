@@ -8,7 +8,6 @@ unknown fields are ignored. A failure is a RequestError whose `param` is the fie
 here, so the Python API's completions need it (inference does not).
 """
 
-import json
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator,
@@ -17,10 +16,10 @@ from pydantic_core import PydanticCustomError
 
 from .chat import ROLES
 from .errors import RequestError
-from .structured import Grammar, Spec
+from .structured import Grammar, GrammarError, Spec, read_schema
 
 MAX_STOP_STRINGS = 4  # as OpenAI
-MAX_DEPTH = 64  # nesting of arrays and objects: a body, a schema (object or JSON text)
+MAX_DEPTH = 64  # nesting of arrays and objects in a body
 MAX_NAME_CHARS = 256  # model, user, message name
 MAX_STOP_CHARS = 1024
 MAX_MESSAGES = 4096
@@ -36,19 +35,6 @@ def shown(value, limit: int = 40) -> str:
     """A short printable form of a client's value for an error message (repr escapes surrogates)."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def depth(value) -> int:
-    """Nesting depth of arrays and objects (a scalar is 0), without recursion."""
-    deepest, stack = 0, [(value, 1)]
-    while stack:
-        v, d = stack.pop()
-        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else None
-        if children is None:
-            continue
-        deepest = max(deepest, d)
-        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list, tuple)))
-    return deepest
 
 
 # -- field types ----------------------------------------------------------------------------------
@@ -84,20 +70,12 @@ def _text(value, sub: str = "") -> str:
 
 
 def _schema(value):
-    """A JSON schema: an object (or true/false), or the same as JSON text; either way at most
-    MAX_DEPTH levels deep, so nothing downstream recurses without bound."""
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except RecursionError:
-            raise _fail(f"nested deeper than {MAX_DEPTH} levels") from None
-        except ValueError as e:
-            raise _fail(f"not valid JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(value, (dict, bool)):
-        raise _fail(f"expected a JSON schema object, got {type(value).__name__}")
-    if depth(value) > MAX_DEPTH:
-        raise _fail(f"nested deeper than {MAX_DEPTH} levels")
-    return value
+    """A JSON schema (an object, true/false, or the same as JSON text) no deeper than
+    structured.MAX_SCHEMA_DEPTH: the same check for either form, whoever sends it."""
+    try:
+        return read_schema(value)
+    except GrammarError as e:
+        raise _fail(str(e)) from None
 
 
 Schema = Annotated[Any, AfterValidator(_schema)]

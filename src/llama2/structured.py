@@ -37,6 +37,7 @@ LIMITS = {"max_grammar_size": 500_000, "max_lexer_states": 250_000, "initial_lex
 # starts (measured with llguidance 1.9), beyond max_items_in_row past ~498; refused at compile
 # time rather than failing mid-answer. Required properties come in order and cost no such row.
 MAX_OPTIONAL_PROPERTIES = (LIMITS["max_items_in_row"] - 8) // 4
+MAX_SCHEMA_DEPTH = 64  # arrays and objects nested in a schema, given as an object or as JSON text
 # The compiled-grammar cache, per vocabulary: a kept grammar holds its first matcher (copied for each
 # request, as building one can take seconds), measured (RSS, llguidance 1.9, 512- and 32000-token
 # vocabularies) at ~150 KiB plus ~75 bytes per byte of grammar text; counted as a bit more.
@@ -193,6 +194,37 @@ class GrammarCache:
         return result
 
 
+def depth(value) -> int:
+    """Nesting depth of arrays and objects (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        children = v.values() if isinstance(v, dict) else v if isinstance(v, (list, tuple)) else None
+        if children is None:
+            continue
+        deepest = max(deepest, d)
+        stack.extend((c, d + 1) for c in children if isinstance(c, (dict, list, tuple)))
+    return deepest
+
+
+def read_schema(value):
+    """A JSON schema given as an object (or true/false) or as JSON text -> the object, at most
+    MAX_SCHEMA_DEPTH deep either way (nothing downstream then recurses without bound); GrammarError
+    saying what is wrong otherwise."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except RecursionError:
+            raise GrammarError(f"nested deeper than {MAX_SCHEMA_DEPTH} levels") from None
+        except ValueError as e:
+            raise GrammarError(f"not valid JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(value, (dict, bool)):
+        raise GrammarError(f"expected a JSON schema object, got {type(value).__name__}")
+    if depth(value) > MAX_SCHEMA_DEPTH:
+        raise GrammarError(f"nested deeper than {MAX_SCHEMA_DEPTH} levels")
+    return value
+
+
 def _pointer(root, ref: str):
     """The subschema a local `$ref` ("#", "#/$defs/a") points at, or None."""
     if ref == "#":
@@ -271,14 +303,10 @@ def grammar_text(spec: Spec) -> str:
     if spec.kind == "json_object":
         return M.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
     if spec.kind == "json_schema":
-        schema = spec.source
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except ValueError as e:
-                raise GrammarError(f"json_schema: not valid JSON ({e})") from None
-        if not isinstance(schema, (dict, bool)):
-            raise GrammarError(f"json_schema: expected a JSON object, got {type(schema).__name__}")
+        try:
+            schema = read_schema(spec.source)
+        except GrammarError as e:
+            raise GrammarError(f"json_schema: {e}") from None
         _check_schema(schema)
         options = dict(JSON_OPTIONS, lenient=not spec.strict)
         try:

@@ -359,3 +359,12 @@ def test_grammar_cache_compiles_once_and_stays_bounded(llama):
     small = GrammarCache(max_bytes=one // 2)
     small.get(specs[1], build)
     assert small.bytes == 0 and not small._done  # larger than the bound: not kept
+
+
+@pytest.mark.parametrize("source", ["[" * 5000 + "]" * 5000, DEEP])
+def test_depth_is_checked_however_a_schema_comes(llama, source):
+    """A Spec made by hand (the Python API's grammar=, the CLI) gets the same check as a request."""
+    with pytest.raises(GrammarError, match=r"^json_schema: nested deeper than 64 levels$"):
+        Grammar.compile(Spec("json_schema", source), llama.tokenizer)
+    with pytest.raises(RequestError, match=r"^grammar: cannot be compiled: json_schema: nested deeper"):
+        llama.create_completion("Hi", grammar=Spec("json_schema", source))

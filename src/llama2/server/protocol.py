@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from .. import completions as C
 from ..errors import RequestError
 from ..generate import Params
-from ..request import MAX_DEPTH, ChatBody, CompletionBody, depth, shown, validate
+from ..request import MAX_DEPTH, ChatBody, CompletionBody, shown, validate
+from ..structured import depth  # JSON nesting, as schemas are measured
 
 MAX_PIECE_BYTES = 32  # a token covers at most this many bytes of text (chat markers included)
 
