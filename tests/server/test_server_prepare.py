@@ -180,11 +180,11 @@ def test_compile_queue_is_bounded(llama):
         body = chat(max_tokens=2, response_format=json_format(heavy_schema("queue")))
         sender = threading.Thread(target=lambda: first.update(r=c.post("/v1/chat/completions", json=body)))
         sender.start()
-        prepare = app.state.server.prepare
+        compilers = app.state.server.prepare.compilers
         deadline = time.monotonic() + 30
-        while prepare.compiles == 0 and "r" not in first and time.monotonic() < deadline:
+        while compilers.pending == 0 and "r" not in first and time.monotonic() < deadline:
             time.sleep(0.005)
-        assert prepare.compiles == 1, "the first schema never reached the compile queue"
+        assert compilers.pending == 1, "the first schema never reached the compile queue"
         r = c.post("/v1/completions", json=completion(response_format=json_format(heavy_schema("other", 50))))
         assert r.status_code == 503 and r.headers["retry-after"] == "3", r.text
         assert r.json()["error"]["code"] == "server_busy"
@@ -192,7 +192,7 @@ def test_compile_queue_is_bounded(llama):
         assert r.status_code == 200
         sender.join(120)
         assert first["r"].status_code == 200, first["r"].text
-        assert prepare.compiles == 0
+        assert compilers.pending == 0
 
 
 def test_a_compile_whose_client_left_never_runs(llama):
@@ -200,7 +200,8 @@ def test_a_compile_whose_client_left_never_runs(llama):
     from llama2.server.prepare import Preparer
     from llama2.structured import GrammarCache, Spec, Vocabulary
 
-    prepare = Preparer(llama.tokenizer, llama.config.vocab_size, threads=1, max_compiles=4, retry_after_s=1)
+    prepare = Preparer(llama.tokenizer, llama.config.vocab_size, threads=1, max_parses=4, max_compiles=4,
+                       retry_after_s=1)
     release = threading.Event()
     prepare.compilers.submit(release.wait)  # the one compiling thread is busy
     schema = {"type": "object", "properties": {"left": {"type": "integer"}}, "required": ["left"]}
@@ -217,9 +218,32 @@ def test_a_compile_whose_client_left_never_runs(llama):
     error = asyncio.run(ask())
     assert error.status == 499
     release.set()
+    prepare.compilers.executor.shutdown(wait=True)
     prepare.close()
-    prepare.compilers.shutdown(wait=True)
-    assert prepare.compiles == 0
+    assert prepare.compilers.pending == 0
     key = GrammarCache.key(Spec("json_schema", schema, strict=False))
     cache = Vocabulary.of(llama.tokenizer, llama.config.vocab_size).grammars
     assert key not in cache._done and key not in cache._building
+
+
+def test_parse_queue_is_bounded(llama):
+    from llama2.server import protocol as P
+    from llama2.server.prepare import Preparer
+
+    prepare = Preparer(llama.tokenizer, llama.config.vocab_size, threads=1, max_parses=2, max_compiles=1,
+                       retry_after_s=5)
+    release = threading.Event()
+
+    async def ask():
+        busy = [asyncio.ensure_future(prepare.run(release.wait)) for _ in range(2)]  # one runs, one waits
+        await asyncio.sleep(0)
+        with pytest.raises(P.APIError) as e:
+            await prepare.run(len, "x")
+        release.set()
+        assert await asyncio.gather(*busy) == [True, True]
+        return e.value, await prepare.run(len, "xy")  # room again
+
+    error, answer = asyncio.run(ask())
+    prepare.close()
+    assert error.status == 503 and error.headers == {"Retry-After": "5"} and error.code == "server_busy"
+    assert answer == 2 and prepare.parsers.pending == 0

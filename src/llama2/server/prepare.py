@@ -2,17 +2,16 @@
 one pool of threads, their structured output (response_format or grammar) compiled and its
 matcher built on another, so that a slow grammar delays only its own request.
 
-A compile takes seconds for a big schema (10,000 properties: ~3 s; llguidance drops the GIL while
-it works), so its pool is bounded: at most `max_compiles` compiles wait or run at once, beyond
-that a 503 with Retry-After. A client that leaves while its compile waits takes it off the queue
-(one already running finishes, for the cache: llguidance cannot be interrupted). Whatever
+Both queues are bounded: beyond `max_queue` parses or `max_compiles` compiles waiting or running,
+a 503 with Retry-After (a compile takes seconds for a big schema, 10,000 properties: ~3 s;
+llguidance drops the GIL while it works). A client that leaves while its compile waits takes it
+off the queue (one already running finishes, for the cache: llguidance cannot be interrupted). Whatever
 llguidance refuses is a 400 naming the field, found here, before any answer is started.
 Compiled grammars are cached by their text (structured.GrammarCache).
 """
 
 import asyncio
 import dataclasses
-import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,34 +29,57 @@ async def until_disconnect(receive):
             return
 
 
+class BoundedPool:
+    """Worker threads whose queue is bounded: a job beyond `limit` waiting or running is a 503
+    with Retry-After (code server_busy) instead of a wait without end."""
+
+    def __init__(self, threads: int, name: str, limit: int, what: str, retry_after_s: int):
+        self.executor = ThreadPoolExecutor(threads, thread_name_prefix=name)
+        self.limit, self.what, self.retry_after_s = limit, what, retry_after_s
+        self.pending = 0  # waiting or running
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args):
+        """A concurrent Future of `fn(*args)`."""
+        with self._lock:
+            if self.pending >= self.limit:
+                raise P.APIError(503, f"server busy: {self.pending} {self.what} (limit {self.limit}); "
+                                 "retry later", code="server_busy",
+                                 headers={"Retry-After": str(self.retry_after_s)})
+            self.pending += 1
+        job = self.executor.submit(fn, *args)
+        job.add_done_callback(self._done)
+        return job
+
+    def _done(self, job):
+        with self._lock:
+            self.pending -= 1
+
+    def close(self):
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
 class Preparer:
     """The two pools; `run(fn, ...)` parses on the first, `structure(req, receive)` compiles on the
     second. `close()` at shutdown."""
 
-    def __init__(self, tokenizer, vocab_size: int, threads: int, max_compiles: int, retry_after_s: int):
+    def __init__(self, tokenizer, vocab_size: int, threads: int, max_parses: int, max_compiles: int,
+                 retry_after_s: int):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
-        self.parsers = ThreadPoolExecutor(threads, thread_name_prefix="llama2-prepare")
-        self.compilers = ThreadPoolExecutor(threads, thread_name_prefix="llama2-grammar")
-        self.max_compiles, self.retry_after_s = max_compiles, retry_after_s
-        self.compiles = 0  # waiting or running
-        self._lock = threading.Lock()
+        self.parsers = BoundedPool(threads, "llama2-prepare", max_parses, "requests are being parsed",
+                                   retry_after_s)
+        self.compilers = BoundedPool(threads, "llama2-grammar", max_compiles, "grammars are being compiled",
+                                     retry_after_s)
 
     async def run(self, fn, *args):
         """`fn(*args)` on a parsing thread: parsing, templating and tokenizing big inputs."""
-        return await asyncio.get_running_loop().run_in_executor(self.parsers, functools.partial(fn, *args))
+        return await asyncio.wrap_future(self.parsers.submit(fn, *args))
 
     async def structure(self, req: P.Request, receive) -> tuple:
         """(params with their compiled grammar, its matcher): (req.params, None) without one."""
         if req.body.structure() is None:
             return req.params, None
-        with self._lock:
-            if self.compiles >= self.max_compiles:
-                raise P.APIError(503, f"server busy: {self.compiles} grammars are being compiled "
-                                 f"(limit {self.max_compiles}); retry later", code="server_busy",
-                                 headers={"Retry-After": str(self.retry_after_s)})
-            self.compiles += 1
         job = self.compilers.submit(self._compile, req)
-        job.add_done_callback(self._done)
         compiled = asyncio.wrap_future(job)
         left = asyncio.ensure_future(until_disconnect(receive))
         try:
@@ -71,10 +93,6 @@ class Preparer:
                              code="client_disconnected")
         return compiled.result()
 
-    def _done(self, job):
-        with self._lock:
-            self.compiles -= 1
-
     def _compile(self, req: P.Request) -> tuple:  # on a compiling thread
         try:
             grammar = C.compile_structure(req.body, self.tokenizer, self.vocab_size)
@@ -84,5 +102,5 @@ class Preparer:
         return params, constraint_of(params, self.tokenizer)
 
     def close(self):
-        self.parsers.shutdown(wait=False, cancel_futures=True)
-        self.compilers.shutdown(wait=False, cancel_futures=True)
+        self.parsers.close()
+        self.compilers.close()
