@@ -247,3 +247,55 @@ def test_parse_queue_is_bounded(llama):
     prepare.close()
     assert error.status == 503 and error.headers == {"Retry-After": "5"} and error.code == "server_busy"
     assert answer == 2 and prepare.parsers.pending == 0
+
+
+class FailsAfter:
+    """A matcher that allows every token for `steps` steps, then raises `error` (as a bug would)."""
+
+    def __init__(self, steps, error):
+        self.steps, self.error, self.done = steps, error, False
+
+    def mask(self, logits):
+        if self.steps == 0:
+            raise self.error
+        return logits
+
+    def advance(self, token):
+        self.steps -= 1
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("error,status", [(RuntimeError("a bug"), 500),
+                                          ("grammar", 400)])  # a llguidance limit met mid-answer
+def test_a_failure_mid_stream_ends_it_cleanly(llama, monkeypatch, error, status):
+    """Streamed: a 200, the text so far, an error event with the status, [DONE]; no exception
+    escapes the app (it once raised None: "exceptions must derive from BaseException")."""
+    from starlette.testclient import TestClient
+
+    from llama2.server import prepare
+    from llama2.server.app import create_app
+    from llama2.server.config import ServerConfig
+    from llama2.structured import GrammarError
+
+    if error == "grammar":
+        error = GrammarError("structured output: Current row has 2007 items; max is 2000")
+    monkeypatch.setattr(prepare, "constraint_of", lambda params, tokenizer: FailsAfter(3, error))
+    app = create_app(llama, ServerConfig(model_name=MODEL))
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # raises whatever the app raises
+        body = completion(grammar='root ::= [a-z ]+', max_tokens=20, stream=True, temperature=0)
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = [ln[len("data: "):] for ln in r.iter_lines() if ln.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        events = [json.loads(ln) for ln in lines[:-1]]
+        assert "".join(e["choices"][0]["text"] for e in events[:-1])  # what came before
+        assert events[-1]["error"]["type"] == ("server_error" if status == 500 else "invalid_request_error")
+        if status == 400:
+            assert events[-1]["error"]["param"] == "grammar" and "2007 items" in events[-1]["error"]["message"]
+        body["stream"] = False
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == status and r.json()["error"]["message"]
+        metrics = c.get("/metrics").text
+        assert f'llama2_requests_total{{endpoint="completions",outcome="{status}"}} 2' in metrics
