@@ -2,7 +2,7 @@
 one pool of threads, their structured output (response_format or grammar) compiled and its
 matcher built on another, so that a slow grammar delays only its own request.
 
-Both queues are bounded: beyond `max_queue` parses or `max_compiles` compiles waiting or running,
+Both queues are bounded: beyond `max_parses` parses or `max_compiles` compiles waiting or running,
 a 503 with Retry-After (a compile takes seconds for a big schema, 10,000 properties: ~3 s;
 llguidance drops the GIL while it works). A client that leaves while its compile waits takes it
 off the queue (one already running finishes, for the cache: llguidance cannot be interrupted). Whatever
