@@ -1,229 +1,88 @@
 """OpenAI-shaped completions, shared by the Python API (Llama.create_completion and
-create_chat_completion) and the server: arguments become generate.Params, generation Events
-become response dicts and stream chunks. One code path, so a seeded request gives the same
-answer from either.
+create_chat_completion) and the server: requests validated by llama2.request become
+generate.Params, generation Events become response dicts and stream chunks. One code path, so a
+seeded request gives the same answer from either.
 
 Shapes: the OpenAI API reference for legacy completions (`text_completion`, logprobs as
 tokens / token_logprobs / top_logprobs / text_offset) and chat completions (`chat.completion`,
 `chat.completion.chunk`, logprobs as content[{token, logprob, bytes, top_logprobs}]).
 """
 
-import json
-import re
 import secrets
 import time
 import uuid
 
-from .chat import ROLES, encode_dialog, reply_end_ids
+from .chat import encode_dialog, reply_end_ids
 from .config import GENERATION
-from .errors import Llama2Error
+from .errors import RequestError
 from .generate import Event, Params
 
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for completions; chat defaults to the context left
-MAX_LOGPROBS = 5  # completions: `logprobs` at most (as OpenAI)
-MAX_TOP_LOGPROBS = 20  # chat: `top_logprobs` at most (as OpenAI)
-_SCHEMA_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-class RequestError(Llama2Error):
-    """An argument or request field that cannot be served: names the field (`param`), as
-    OpenAI's error object does. The server answers it with a 400."""
+# -- validated requests -> Params -----------------------------------------------------------------
+# The bodies come from llama2.request (CompletionBody, ChatBody), validated there once; what is
+# checked here needs the model (token ids in the vocabulary, the context's length).
 
-    def __init__(self, param: str, message: str, code: str = "invalid_value"):
-        super().__init__(f"{param}: {message}")
-        self.param, self.code = param, code
-
-
-# -- arguments -> Params --------------------------------------------------------------------------
-
-def _number(name, v, lo=None, hi=None) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
-        raise RequestError(name, f"expected a number, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RequestError(name, f"{v} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-    return float(v)
-
-
-def _integer(name, v, lo=None, hi=None):
-    if v is None:
-        return None
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(name, f"expected an integer, got {v!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise RequestError(name, f"{v} is out of range [{lo}, {hi if hi is not None else 'inf'}]")
-    return v
-
-
-def stop_strings(stop) -> tuple:
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise RequestError("stop", "expected a string or a list of strings")
-    return tuple(s for s in stop if s)
-
-
-def response_format_spec(fmt):
-    """OpenAI's `response_format` -> a structured.Spec, or None for plain text.
-
-    {"type": "text"}; {"type": "json_object"} (any JSON object; llama-cpp-python's "schema" key
-    beside it is honoured); {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}.
-    """
-    from .structured import Spec
-    if fmt is None:
-        return None
-    if not isinstance(fmt, dict):
-        raise RequestError("response_format", f"expected an object, got {type(fmt).__name__}")
-    kind = fmt.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        if fmt.get("schema") is not None:
-            return Spec("json_schema", _schema("response_format.schema", fmt["schema"]), strict=True)
-        return Spec("json_object")
-    if kind == "json_schema":
-        js = fmt.get("json_schema")
-        if not isinstance(js, dict):
-            raise RequestError("response_format.json_schema", "required: an object with name and schema")
-        name = js.get("name")
-        if not isinstance(name, str) or not _SCHEMA_NAME.match(name):
-            raise RequestError("response_format.json_schema.name",
-                               "required: 1 to 64 letters, digits, underscores or dashes")
-        strict = js.get("strict")
-        if strict is not None and not isinstance(strict, bool):
-            raise RequestError("response_format.json_schema.strict", "expected true or false")
-        if "schema" not in js:
-            raise RequestError("response_format.json_schema.schema", "required: a JSON schema")
-        return Spec("json_schema", _schema("response_format.json_schema.schema", js["schema"]),
-                    strict=bool(strict))
-    raise RequestError("response_format.type",
-                       f"expected 'text', 'json_object' or 'json_schema', got {kind!r}")
-
-
-def _schema(param, schema):
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as e:
-            raise RequestError(param, f"not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise RequestError(param, f"expected a JSON schema object, got {type(schema).__name__}")
-    return schema
-
-
-def compile_grammar(spec, tokenizer, vocab_size, param="response_format"):
-    """A structured.Spec compiled for this vocabulary; RequestError naming `param` if it cannot be."""
+def compile_structure(body, tokenizer, vocab_size):
+    """The request's structured.Grammar (compiled, or a Grammar passed in), or None for free text;
+    RequestError naming `grammar` or `response_format` if it cannot be compiled."""
     from .structured import Grammar, GrammarError
-    if spec is None:
-        return None
+    structure = body.structure()
+    if structure is None or isinstance(structure, Grammar):
+        return structure
     try:
-        return Grammar.compile(spec, tokenizer, vocab_size)
+        return Grammar.compile(structure, tokenizer, vocab_size)
     except GrammarError as e:
-        raise RequestError(param, f"cannot be compiled: {e}") from None
+        raise RequestError(body.structure_param(), f"cannot be compiled: {e}") from None
 
 
-def _grammar(tokenizer, config, response_format, grammar):
-    """The grammar of a request: `grammar` (a structured.Spec or Grammar) or `response_format`."""
-    from .structured import Grammar, Spec
-    if grammar is not None and response_format is not None and response_format_spec(response_format):
-        raise RequestError("grammar", "give either grammar or response_format, not both")
-    if isinstance(grammar, Grammar):
-        return grammar
-    if grammar is not None:
-        if not isinstance(grammar, Spec):
-            raise RequestError("grammar", "expected a llama2.structured.Spec or Grammar")
-        return compile_grammar(grammar, tokenizer, config.vocab_size, "grammar")
-    return compile_grammar(response_format_spec(response_format), tokenizer, config.vocab_size)
-
-
-def _params(prompt, field, seq_len, max_tokens, default_max, temperature, top_p, seed, stop,
-            **extra) -> Params:
+def _params(prompt, field, seq_len, body, default_max, grammar, **extra) -> Params:
     n = len(prompt)
     left = seq_len - n + 1  # run.c: positions 0..steps-1 with steps <= seq_len
     if left < 1:
         raise RequestError(field, f"{n} prompt tokens exceed the model's context of {seq_len}",
                            code="context_length_exceeded")
-    max_tokens = _integer("max_tokens", max_tokens, lo=1)
-    max_tokens = min(max_tokens or default_max or left, left)
-    temperature = _number("temperature", GENERATION.temperature if temperature is None else temperature, lo=0)
-    top_p = _number("top_p", GENERATION.top_p if top_p is None else top_p, lo=0, hi=1)
-    seed = _integer("seed", seed)
+    asked = body.max_tokens or getattr(body, "max_completion_tokens", None)  # the latter: chat only
+    max_tokens = min(asked or default_max or left, left)
+    temperature = GENERATION.temperature if body.temperature is None else body.temperature
+    top_p = GENERATION.top_p if body.top_p is None else body.top_p
+    seed = body.seed
     if seed is None or seed <= 0:  # run.c would seed from the clock: concurrent requests must not share
         seed = secrets.randbits(63) or 1
-    return Params(prompt=tuple(prompt), max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                  seed=seed, stop=stop_strings(stop), **extra)
+    return Params(prompt=tuple(prompt), max_tokens=max_tokens, temperature=float(temperature),
+                  top_p=float(top_p), seed=seed, stop=body.stop, grammar=grammar, **extra)
 
 
-def completion_params(tokenizer, config, prompt, max_tokens=COMPLETION_MAX_TOKENS, temperature=None,
-                      top_p=None, seed=None, stop=None, logprobs=None, response_format=None,
-                      grammar=None) -> tuple:
-    """(Params, prompt text) of a completion. `prompt` is a string (encoded with BOS) or a list of
-    token ids used as given; generation stops at BOS or EOS, as run.c's."""
+def completion_params(tokenizer, config, body, grammar=None) -> tuple:
+    """(Params, prompt text) of a validated request.CompletionBody; `grammar`: its compiled
+    structure (compile_structure). A string prompt is encoded with BOS, token ids are used as
+    given; generation stops at BOS or EOS, as run.c's."""
+    prompt = body.prompt
     if isinstance(prompt, str):
         ids, text = tokenizer.encode(prompt, bos=True), prompt
-    elif (isinstance(prompt, (list, tuple)) and prompt
-          and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    else:
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
             raise RequestError("prompt", f"token ids must be in [0, {config.vocab_size})")
         ids, text = list(prompt), tokenizer.decode(prompt)
-    else:
-        raise RequestError("prompt", "expected a string or a non-empty list of token ids")
-    logprobs = _integer("logprobs", logprobs, lo=0, hi=MAX_LOGPROBS)
-    params = _params(ids, "prompt", config.seq_len, max_tokens, COMPLETION_MAX_TOKENS, temperature,
-                     top_p, seed, stop, stop_tokens=frozenset((config.bos_id, config.eos_id)),
-                     logprobs=logprobs, grammar=_grammar(tokenizer, config, response_format, grammar))
+    params = _params(ids, "prompt", config.seq_len, body, COMPLETION_MAX_TOKENS, grammar,
+                     stop_tokens=frozenset((config.bos_id, config.eos_id)), logprobs=body.logprobs)
     return params, text
 
 
-def message_pairs(messages) -> list:
-    """OpenAI chat messages -> (role, text) pairs; "developer" is "system"; text parts joined."""
-    if not isinstance(messages, (list, tuple)) or not messages:
-        raise RequestError("messages", "expected a non-empty list of messages")
-    pairs = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise RequestError(f"messages[{i}]", "expected an object with role and content")
-        role = m.get("role")
-        role = "system" if role == "developer" else role
-        if role not in ROLES:
-            raise RequestError(f"messages[{i}].role", f"expected one of {', '.join(ROLES)}, got {role!r}")
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text ones
-            parts = []
-            for j, part in enumerate(content):
-                if (not isinstance(part, dict) or part.get("type") != "text"
-                        or not isinstance(part.get("text"), str)):
-                    raise RequestError(f"messages[{i}].content[{j}]", "only text content parts are supported")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise RequestError(f"messages[{i}].content", "expected a string or a list of text parts")
-        pairs.append((role, content))
-    return pairs
-
-
-def chat_params(tokenizer, config, messages, template="llama2", max_tokens=None, temperature=None,
-                top_p=None, seed=None, stop=None, logprobs=False, top_logprobs=None,
-                response_format=None, grammar=None) -> Params:
-    """Params of a chat completion: the messages rendered with the chat template; a system and a
-    user message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
+def chat_params(tokenizer, config, body, template="llama2", grammar=None) -> Params:
+    """Params of a validated request.ChatBody: the messages rendered with the chat template; a
+    system and a user message give exactly the tokens (and, seeded, the text) of
+    `llama2 run -m chat -y SYS -i USER`."""
     try:
-        ids = encode_dialog(tokenizer, message_pairs(messages), template)
+        ids = encode_dialog(tokenizer, [(m.role, m.content) for m in body.messages], template)
     except ValueError as e:
         raise RequestError(str(e).split(":", 1)[0], str(e).split(": ", 1)[-1]) from None
-    if not isinstance(logprobs, bool) and logprobs is not None:
-        raise RequestError("logprobs", f"expected true or false, got {logprobs!r}")
-    top_logprobs = _integer("top_logprobs", top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS)
-    if top_logprobs and not logprobs:
-        raise RequestError("top_logprobs", "needs logprobs: true")
     # run.c's chat mode: EOS (or the template's end marker) ends the reply; it draws a coin at every
     # prompt position but the last.
     stop_tokens = reply_end_ids(tokenizer, template, config.eos_id)
-    return _params(ids, "messages", config.seq_len, max_tokens, None, temperature, top_p, seed, stop,
-                   stop_tokens=stop_tokens, skip_coins=len(ids) - 1,
-                   logprobs=(top_logprobs or 0) if logprobs else None,
-                   grammar=_grammar(tokenizer, config, response_format, grammar))
+    return _params(ids, "messages", config.seq_len, body, None, grammar, stop_tokens=stop_tokens,
+                   skip_coins=len(ids) - 1, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 # -- Events -> responses --------------------------------------------------------------------------

@@ -14,3 +14,12 @@ class UsageError(Llama2Error):
 
 class FormatError(Llama2Error):
     """A file that is not what its header or extension says it is."""
+
+
+class RequestError(Llama2Error):
+    """An argument or request field that cannot be served: names the field (`param`), as
+    OpenAI's error object does. The server answers it with a 400."""
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value"):
+        super().__init__(f"{param}: {message}")
+        self.param, self.code = param, code

@@ -95,16 +95,24 @@ class StopStrings:
         return text
 
 
+def constraint_of(params: Params, tokenizer: Tokenizer):
+    """A fresh matcher of `params.grammar` for one sequence of `params` (None without a grammar)."""
+    if params.grammar is None:
+        return None
+    return params.grammar.constraint(params.stop_tokens, after_bos=params.prompt[-1] == tokenizer.bos_id)
+
+
 class Sequence:
     """The state of one completion between forward passes: what to feed next, the sampler, the
     grammar's matcher, the text decoder and the stop strings. `advance(logits)` samples one token.
 
     `sampler` and `decoder` may be passed in (run.c's generate shares them with its caller);
-    by default they are made from `params`.
+    by default they are made from `params`. So may the grammar's matcher, `constraint` (the
+    server builds it before the request reaches the scheduler: building one can take a while).
     """
 
     def __init__(self, params: Params, tokenizer: Tokenizer, sampler: Sampler = None,
-                 decoder: StreamDecoder = None):
+                 decoder: StreamDecoder = None, constraint=None):
         p = self.params = params
         self.tokenizer = tokenizer
         if sampler is None:
@@ -120,9 +128,9 @@ class Sequence:
         self.stop_token = None  # the stop token that ended the sequence, if one did
         self.decoder = decoder or StreamDecoder(tokenizer)
         self.stops = StopStrings(p.stop)
-        self.constraint = None
-        if p.grammar is not None:  # its first mask is computed while the prompt runs
-            self.constraint = p.grammar.constraint(p.stop_tokens, after_bos=self.last == tokenizer.bos_id)
+        self.constraint = constraint
+        if constraint is None and p.grammar is not None:  # its first mask is computed while the prompt runs
+            self.constraint = constraint_of(p, tokenizer)
 
     def advance(self, logits: np.ndarray) -> list:  # [vocab] float32
         """Sample from this step's logits; returns the events, the last with a finish_reason when
@@ -133,7 +141,7 @@ class Sequence:
         nxt = self.sampler.sample(allowed)
         if nxt in p.stop_tokens:
             self.stop_token = nxt
-            return [self._end("stop")]
+            return [self.finish("stop")]
         logprob = None if p.logprobs is None else self._logprob(logits, nxt)
         if self.constraint is not None:
             self.constraint.advance(nxt)
@@ -145,9 +153,9 @@ class Sequence:
         if hit:
             return [event, Event(None, b"", "", finish_reason="stop")]
         if self.constraint is not None and self.constraint.done:
-            return [event, self._end("stop")]  # the grammar admits nothing more but its end
+            return [event, self.finish("stop")]  # the grammar admits nothing more but its end
         if self.generated >= p.max_tokens:
-            return [event, self._end("length")]
+            return [event, self.finish("length")]
         return [event]
 
     def _logprob(self, logits, token) -> Logprob:
@@ -160,8 +168,9 @@ class Sequence:
             top = tuple((int(i), float(lp[i])) for i in best)
         return Logprob(int(token), float(lp[token]), top, int(self.last))
 
-    def _end(self, reason: str) -> Event:
-        """The last event: the text still held back (cut at a stop string it completes)."""
+    def finish(self, reason: str) -> Event:
+        """End the sequence now (`reason`: "stop" or "length"); the last event: the text still held
+        back (cut at a stop string it completes)."""
         self.close()
         text, hit = self.stops.push(self.decoder.flush())
         if hit:

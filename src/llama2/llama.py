@@ -114,11 +114,15 @@ class Llama:
         (None: the rest of the context). `seed`: None or <= 0 draws one. `stop`: strings that end
         the text (never part of it). `logprobs`: k in 0..5 gives each sampled token's log
         probability and the k most likely. `response_format`: OpenAI's ({"type": "json_object"} or
-        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: a
-        llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
-        completions.RequestError naming the argument at fault."""
-        params, text = C.completion_params(self.tokenizer, self.config, prompt, max_tokens, temperature,
-                                           top_p, seed, stop, logprobs, response_format, grammar)
+        {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: GBNF
+        text, a llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
+        errors.RequestError naming the argument at fault (validated by llama2.request)."""
+        from . import request  # pydantic: only completions need it
+        body = request.validate(request.CompletionBody, dict(
+            prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
+            logprobs=logprobs, response_format=response_format, grammar=grammar))
+        params, text = C.completion_params(self.tokenizer, self.config, body,
+                                           C.compile_structure(body, self.tokenizer, self.config.vocab_size))
         answer = C.Answer(False, self.name, self.tokenizer, len(params.prompt), text if echo else "",
                           logprobs=params.logprobs is not None)
         return self._answer(answer, params, stream, include_usage)
@@ -132,9 +136,13 @@ class Llama:
         rendered with the model's chat template. `max_tokens` None: the rest of the context.
         `logprobs=True` gives each token's log probability, `top_logprobs` (0..20) the most likely
         alternatives. Other arguments as create_completion."""
-        params = C.chat_params(self.tokenizer, self.config, messages, self.chat_template, max_tokens,
-                               temperature, top_p, seed, stop, logprobs, top_logprobs, response_format,
-                               grammar)
+        from . import request  # pydantic: only completions need it
+        body = request.validate(request.ChatBody, dict(
+            messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, response_format=response_format,
+            grammar=grammar))
+        params = C.chat_params(self.tokenizer, self.config, body, self.chat_template,
+                               C.compile_structure(body, self.tokenizer, self.config.vocab_size))
         answer = C.Answer(True, self.name, self.tokenizer, len(params.prompt),
                           logprobs=params.logprobs is not None)
         return self._answer(answer, params, stream, include_usage)

@@ -4,6 +4,7 @@ OpenAI-shaped dicts and chunks; stop strings cut exactly; logprobs are the log-s
 import numpy as np
 import pytest
 
+from llama2 import request
 from llama2.completions import RequestError, chat_params, completion_params
 from llama2.generate import complete, log_softmax
 
@@ -93,7 +94,9 @@ def _teacher_forced(llama, params, temperature_free=True):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.5, 0.0])
 def test_completion_logprobs_are_log_softmax_of_logits(llama, temperature):
-    params, _ = completion_params(llama.tokenizer, llama.config, PROMPT, 24, temperature, 0.9, 11, logprobs=3)
+    body = request.validate(request.CompletionBody, dict(prompt=PROMPT, max_tokens=24, temperature=temperature,
+                                                          top_p=0.9, seed=11, logprobs=3))
+    params, _ = completion_params(llama.tokenizer, llama.config, body)
     events, rows = _teacher_forced(llama, params)
     assert events
     for e, lp in zip(events, rows):
@@ -112,8 +115,9 @@ def test_completion_logprobs_are_log_softmax_of_logits(llama, temperature):
 
 
 def test_chat_logprobs_are_log_softmax_of_logits(llama):
-    params = chat_params(llama.tokenizer, llama.config, CHAT, max_tokens=20, seed=5, logprobs=True,
-                         top_logprobs=2)
+    body = request.validate(request.ChatBody, dict(messages=CHAT, max_tokens=20, seed=5, logprobs=True,
+                                                   top_logprobs=2))
+    params = chat_params(llama.tokenizer, llama.config, body)
     events, rows = _teacher_forced(llama, params)
     r = llama.create_chat_completion(CHAT, max_tokens=20, seed=5, logprobs=True, top_logprobs=2)
     content = r["choices"][0]["logprobs"]["content"]

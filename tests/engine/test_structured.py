@@ -292,3 +292,79 @@ def test_llama2_vocabulary_32000():
         r = llama.create_completion("Hello", seed=seed, max_tokens=120, response_format=json_format("x", schema))
         assert r["choices"][0]["finish_reason"] == "stop"
         jsonschema.validate(json.loads(r["choices"][0]["text"]), schema)
+
+
+# -- refused at compile time, and the compiled-grammar cache -------------------------------------
+
+DEEP = {"type": "array", "items": {}}
+for _ in range(70):
+    DEEP = {"type": "array", "items": DEEP}
+
+
+@pytest.mark.parametrize("schema,param,words", [
+    ({"$ref": "#"}, "response_format", "recursive $ref '#'"),
+    ({"type": "array", "items": {"type": "object", "properties": {"up": {"$ref": "#"}}}}, "response_format",
+     "recursive"),
+    ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/b"}]}, "b": {"items": {"$ref": "#/$defs/a"}}},
+      "$ref": "#/$defs/a"}, "response_format", "recursive"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}, "response_format",
+     "600 optional properties"),
+    (DEEP, "response_format.json_schema.schema", "deeper than 64"),
+    ("[" * 5000 + "]" * 5000, "response_format.json_schema.schema", "deeper than 64"),
+])
+def test_refused_at_compile_time(llama, schema, param, words):
+    with pytest.raises(RequestError) as e:
+        llama.create_completion("Hi", response_format=json_format("s", schema))
+    assert e.value.param == param and words in str(e.value), str(e.value)
+
+
+def test_shared_refs_and_required_properties_are_not_refused(llama):
+    point = {"type": "integer", "minimum": 0, "maximum": 9}
+    schema = {"$defs": {"p": point}, "type": "object", "additionalProperties": False,
+              "properties": {"a": {"$ref": "#/$defs/p"}, "b": {"$ref": "#/$defs/p"},
+                             **{f"r{i}": {"type": "boolean"} for i in range(600)}},
+              "required": ["a", "b", *(f"r{i}" for i in range(600))]}
+    r = llama.create_completion("Hi", seed=2, max_tokens=40, response_format=json_format("s", schema))
+    assert re.match(r'\{"a": [0-9], "b": [0-9], "r0": ', r["choices"][0]["text"]), r["choices"][0]["text"]
+
+
+def test_grammar_cache_compiles_once_and_stays_bounded(llama):
+    from llama2.structured import GrammarCache
+
+    vocab = Vocabulary.of(llama.tokenizer)
+    built = []
+
+    def build(spec):
+        built.append(spec)
+        return Grammar(spec, vocab)
+
+    specs = [Spec("regex", f"[a-c]{{{n}}}") for n in range(1, 6)]
+    one = GrammarCache.cost(GrammarCache.key(specs[0]), Grammar(specs[0], vocab))  # each costs about this
+    cache = GrammarCache(max_bytes=3 * one + 100, max_entries=10)
+    first = cache.get(specs[0], build)
+    assert cache.get(Spec("regex", "[a-c]{1}"), build) is first and len(built) == 1  # by text
+    for spec in specs[1:]:
+        cache.get(spec, build)
+    assert len(cache._done) == 3 and cache.bytes <= 3 * one + 100  # the least recently used went first
+    assert cache.get(specs[0], build) is not first and len(built) == 6
+    bad = Spec("regex", "[a-")
+    for _ in range(2):  # a refusal is remembered too
+        with pytest.raises(GrammarError, match="unclosed"):
+            cache.get(bad, build)
+    assert len(built) == 7
+    few = GrammarCache(max_entries=2)
+    for spec in specs[:3]:
+        few.get(spec, build)
+    assert len(few._done) == 2
+    small = GrammarCache(max_bytes=one // 2)
+    small.get(specs[1], build)
+    assert small.bytes == 0 and not small._done  # larger than the bound: not kept
+
+
+@pytest.mark.parametrize("source", ["[" * 5000 + "]" * 5000, DEEP])
+def test_depth_is_checked_however_a_schema_comes(llama, source):
+    """A Spec made by hand (the Python API's grammar=, the CLI) gets the same check as a request."""
+    with pytest.raises(GrammarError, match=r"^json_schema: nested deeper than 64 levels$"):
+        Grammar.compile(Spec("json_schema", source), llama.tokenizer)
+    with pytest.raises(RequestError, match=r"^grammar: cannot be compiled: json_schema: nested deeper"):
+        llama.create_completion("Hi", grammar=Spec("json_schema", source))

@@ -216,3 +216,40 @@ def test_a_failing_pass_fails_its_requests_only(llama):
         assert sched.load() == (0, 0)
     finally:
         sched.stop(TIMEOUT_S)
+
+
+def test_a_grammar_that_gives_out_mid_answer_fails_only_its_request(llama, caplog):
+    """A constraint passed in with the request is the one used (the scheduler builds none); when it
+    fails mid-answer (a llguidance limit), that request gets the GrammarError, logged as one line
+    without a traceback, and the others go on."""
+    from llama2.structured import GrammarError
+
+    class GivesOut:  # a matcher that allows every token for two steps, then fails
+        def __init__(self):
+            self.steps, self.done = 0, False
+
+        def mask(self, logits):
+            if self.steps == 2:
+                raise GrammarError("structured output: Current row has 2007 items; max is 2000")
+            return logits
+
+        def advance(self, token):
+            self.steps += 1
+
+        def close(self):
+            pass
+
+    sched = Scheduler(llama.model, llama.tokenizer, max_batch=2, max_queue=2)
+    sched.start()
+    try:
+        failing, fine = queue.Queue(), queue.Queue()
+        sched.submit(params(llama, "Lily", 20, temperature=0), failing.put, GivesOut())
+        sched.submit(params(llama, "Tom", 6, temperature=0), fine.put)
+        events, error = collect(failing)
+        assert isinstance(error, GrammarError) and len(events) == 2
+        events, error = collect(fine)
+        assert error is None and events[-1].finish_reason is not None
+    finally:
+        sched.stop()
+    failures = [r for r in caplog.records if r.name == "llama2.server" and "2007 items" in r.getMessage()]
+    assert failures and all(r.exc_info is None for r in failures)

@@ -11,7 +11,6 @@ are measured separately, medians over the tokens:
 Run it on an otherwise idle machine; it prints a table (and JSON with --json).
 """
 
-import dataclasses
 import json
 import statistics
 import time
@@ -51,6 +50,7 @@ def _median_us(values) -> float:
 def measure(llama, kind, source, samples, max_tokens) -> dict:
     import numpy as np
 
+    from .. import request
     from ..completions import completion_params
     from ..generate import Sequence
     from ..structured import Grammar, Spec
@@ -59,9 +59,9 @@ def measure(llama, kind, source, samples, max_tokens) -> dict:
     runs, with_grammar, without = [], [], []
     for seed in range(1, samples + 1):
         for g, times in ((grammar, with_grammar), (None, without)):
-            params, _ = completion_params(llama.tokenizer, llama.config, "Once upon a time", max_tokens,
-                                          1.0, 0.9, seed, grammar=None)
-            params = dataclasses.replace(params, grammar=g)
+            body = request.validate(request.CompletionBody, dict(prompt="Once upon a time", max_tokens=max_tokens,
+                                                                 temperature=1.0, top_p=0.9, seed=seed))
+            params, _ = completion_params(llama.tokenizer, llama.config, body, g)
             seq = Sequence(params, llama.tokenizer)
             cache = llama.model.new_cache()
             tokens = []

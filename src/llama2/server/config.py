@@ -21,4 +21,6 @@ class ServerConfig:
     timeout_keep_alive: float = 5.0  # an idle keep-alive connection is closed after this many seconds
     timeout_headers: float = 10.0  # a request's line and headers must arrive within this many seconds
     timeout_body: float = 30.0  # a request's body must arrive within this many seconds; else 408
-    prepare_threads: int = 2  # worker threads that parse, template and tokenize requests
+    prepare_threads: int = 2  # threads that parse, template and tokenize requests; as many compile grammars
+    max_parses: int = 64  # requests waiting for or being parsed at once; beyond: 503 (server/prepare.py)
+    max_compiles: int = 4  # grammar compiles waiting or running at once; beyond: 503

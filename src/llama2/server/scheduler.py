@@ -32,7 +32,8 @@ import threading
 from collections import deque
 
 from .. import kvcache, threads
-from ..generate import Params, Sequence, StopStrings  # noqa: F401 (Params, StopStrings: this module's API)
+from ..errors import Llama2Error
+from ..generate import Params, Sequence, StopStrings, constraint_of  # noqa: F401 (Params, StopStrings: this module's API)
 
 log = logging.getLogger("llama2.server")
 
@@ -57,9 +58,10 @@ class Job:
     """A request inside the scheduler. `sink(item)` is called from the scheduler thread with each
     Event (the last one has a finish_reason) or with an exception if the request failed."""
 
-    def __init__(self, params: Params, sink):
+    def __init__(self, params: Params, sink, constraint=None):
         self.params = params
         self.sink = sink
+        self.constraint = constraint  # params.grammar's matcher, built before submit
         self.cancelled = False
         self.done = False
         self.scheduler = None
@@ -75,7 +77,7 @@ class _Sequence(Sequence):
     """generate.Sequence in a KV-cache slot, for a Job."""
 
     def __init__(self, job: Job, slot: int, tokenizer):
-        super().__init__(job.params, tokenizer)
+        super().__init__(job.params, tokenizer, constraint=job.constraint)
         self.job, self.slot = job, slot
         self.cached = []  # the tokens whose keys and values the slot holds, in order
 
@@ -130,8 +132,12 @@ class Scheduler:
         positions = min(len(params.prompt) + params.max_tokens, self.model.config.seq_len)
         return min(-(-positions // kvcache.BLOCK_TOKENS), self.blocks)
 
-    def submit(self, params: Params, sink) -> Job:
-        job = Job(params, sink)
+    def submit(self, params: Params, sink, constraint=None) -> Job:
+        """Queue a request; `constraint`: its grammar's matcher (generate.constraint_of), built
+        here, on the caller's thread, when not given: the scheduler's loop never builds one."""
+        if constraint is None and params.grammar is not None:
+            constraint = constraint_of(params, self.tokenizer)
+        job = Job(params, sink, constraint)
         job.scheduler = self
         if len(params.prompt) > self.budget:
             raise PromptTooLong(f"the prompt's {len(params.prompt)} tokens exceed the KV cache budget "
@@ -277,6 +283,11 @@ class Scheduler:
                 continue
             try:
                 events = seq.advance(row)
+            except Llama2Error as e:  # the request's grammar gave out mid-answer (a llguidance limit)
+                log.warning("request ended: %s", e)
+                with self._cond:
+                    self._finish(seq, e)
+                continue
             except Exception as e:
                 log.exception("sampling failed")
                 with self._cond:
@@ -299,7 +310,7 @@ class Scheduler:
             return True
         except kvcache.CacheFull as e:
             log.warning("request ended early, KV cache full: %s after %d positions", e, self.cache.pos[seq.slot])
-            event = seq._end("length")
+            event = seq.finish("length")
             with self._cond:
                 self._finish(seq)
             self._deliver(seq.job, event)
