@@ -18,7 +18,7 @@ from .. import chat_template as templates, quantize, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, user_file
 from .bfloat16 import f32_to_bf16
 from .vocab import Vocab
 
@@ -89,15 +89,12 @@ class _Reader:
 def read(path):
     """Parse a GGUF file: (metadata dict, {name: (ggml type, numpy shape, absolute offset)}, buffer)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if f.seek(0, 2) < 24:
-                raise FormatError(f"{path}: too short to be a GGUF file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
-                buf.madvise(mmap.MADV_WILLNEED)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    with user_file(path, "GGUF file") as f:
+        if f.seek(0, 2) < 24:
+            raise FormatError(f"{path}: too short to be a GGUF file")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
+        buf.madvise(mmap.MADV_WILLNEED)
     r = _Reader(buf, path)
     if buf[:4] != MAGIC:
         raise FormatError(f"{path}: not a GGUF file (magic at byte 0 is {bytes(buf[:4])!r})")

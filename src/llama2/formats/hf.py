@@ -24,6 +24,7 @@ from .. import chat_template as templates, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..fileio import open_user_file, read_user_text
 from .bfloat16 import bf16_to_f32
 from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
 
@@ -67,10 +68,7 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        self.fd = open_user_file(self.path, "safetensors file")
         self.size = os.fstat(self.fd).st_size
         try:
             (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
@@ -168,11 +166,12 @@ class TorchFile:
 
 
 def _read_json(path, what):
+    if not os.path.lexists(path):
+        raise FormatError(f"{path}: missing {what}")
+    text = read_user_text(path, what)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: missing {what}") from None
-    except (OSError, ValueError) as e:
+        return json.loads(text)
+    except ValueError as e:
         raise FormatError(f"{path}: cannot read {what} ({e})") from None
 
 
@@ -319,7 +318,7 @@ class HFModel:
     def _template(self):
         jinja = self.dir / "chat_template.jinja"
         if jinja.is_file():
-            return templates.detect(jinja.read_text(encoding="utf-8"))
+            return templates.detect(read_user_text(jinja, "chat template"))
         tc = self.dir / "tokenizer_config.json"
         if tc.is_file():
             return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))

@@ -14,6 +14,7 @@ import numpy as np
 from ..checkpoint import tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..fileio import read_user_text
 from .vocab import from_sentencepiece
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
@@ -113,7 +114,7 @@ def open_meta(directory, seq_len=None) -> MetaModel:
     if not params_path.is_file():
         raise FormatError(f"{directory}: no params.json (expected a Meta Llama checkpoint directory)")
     try:
-        params = json.loads(params_path.read_text())
+        params = json.loads(read_user_text(params_path, "params.json"))
     except ValueError as e:
         raise FormatError(f"{params_path}: not valid JSON ({e})") from None
     paths = sorted(directory.glob("consolidated.*.pth"))
