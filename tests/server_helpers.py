@@ -14,6 +14,7 @@ import pytest
 from conftest import REPO, asset
 
 START_TIMEOUT_S = 120  # the first server may compile the engine's kernels
+JSON = {"Content-Type": "application/json"}  # for tests that post raw bytes as a JSON body
 READY = re.compile(r"at (http://127\.0\.0\.1:(\d+)/v1)")
 
 

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..completions import Answer
-from . import page
+from . import page, security
 from . import protocol as P
 from .config import ServerConfig
 from .metrics import Metrics
@@ -116,7 +116,7 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": b"", "more_body": False})
 
         tasks = [asyncio.ensure_future(pump()), asyncio.ensure_future(_until_disconnect(receive))]
-        done, outcome = (), "499"  # cancelled from outside: the server is going away
+        done, outcome, error = (), "499", None  # cancelled from outside: the server is going away
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -128,8 +128,8 @@ class EventStream(Response):
                 error = tasks[0].exception()
                 outcome = "499" if isinstance(error, OSError) else "500" if error else self.state["outcome"]
             self.on_end(outcome)
-        if outcome == "500":
-            raise tasks[0].exception()
+        if error is not None and not isinstance(error, OSError):  # a bug: uvicorn logs it
+            raise error
 
 
 def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> Starlette:
@@ -327,7 +327,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                                           headers=exc.headers))  # 405: Allow
 
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed},
-                    middleware=[Middleware(TrailingSlash)])
+                    middleware=[*security.middleware(config, error_response), Middleware(TrailingSlash)])
     app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config
     return app

@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 
+# The names a server bound to loopback answers to without --allowed-hosts (security.py).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -22,3 +25,6 @@ class ServerConfig:
     timeout_headers: float = 10.0  # a request's line and headers must arrive within this many seconds
     timeout_body: float = 30.0  # a request's body must arrive within this many seconds; else 408
     prepare_threads: int = 2  # worker threads that parse, template and tokenize requests
+    # browser-facing defaults (security.py; docs/server.md, "Browsers")
+    allowed_hosts: tuple = LOOPBACK_HOSTS  # Host names answered, any port; None: any Host
+    cors_origins: tuple = ()  # origins whose pages may call the API cross-origin ("*": any); none
