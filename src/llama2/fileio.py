@@ -67,7 +67,12 @@ def read_user_file(path, what: str = "file", limit: int = MAX_TEXT_BYTES, exact:
             raise FormatError(f"{os.fspath(path)}: {size} bytes, more than a {what} can be "
                               f"({limit} bytes at most)")
         try:
-            data = f.read(limit + 1 if exact else limit)  # bounded even if the file grows meanwhile
+            # no more than the file holds (a read of n bytes allocates n up front), nor than the
+            # bound, even if the file grows meanwhile
+            want = min(size, limit) + exact
+            data = f.read(want)
+            if len(data) == want and want < limit + exact:
+                data += f.read(limit + exact - want)
         except MemoryError:
             raise FormatError(f"{os.fspath(path)}: ran out of memory while reading this {what} "
                               f"({size} bytes)") from None

@@ -181,7 +181,7 @@ def read_config(directory) -> ModelConfig:
     if not Path(directory).is_dir():
         raise FormatError(f"{directory}: no such directory (models are not downloaded here: fetch one "
                           f"with `huggingface-cli download REPO --local-dir DIR` and pass DIR)")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FormatError(f"{directory}: no config.json (expected a Hugging Face model directory with "
                           "config.json and model.safetensors)")
     cfg = _read_json(path, "config.json")
@@ -303,9 +303,10 @@ class HFModel:
         """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
         embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
         placeholder pieces so every id the model can produce decodes to something."""
-        if (self.dir / "tokenizer.model").is_file():
+        # a name that is there but no regular file (a FIFO, a loop) is an error, not skipped
+        if os.path.lexists(self.dir / "tokenizer.model"):
             vocab = from_sentencepiece(self.dir / "tokenizer.model")
-        elif (self.dir / "tokenizer.json").is_file():
+        elif os.path.lexists(self.dir / "tokenizer.json"):
             vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
@@ -317,10 +318,10 @@ class HFModel:
 
     def _template(self):
         jinja = self.dir / "chat_template.jinja"
-        if jinja.is_file():
+        if os.path.lexists(jinja):
             return templates.detect(read_user_text(jinja, "chat template"))
         tc = self.dir / "tokenizer_config.json"
-        if tc.is_file():
+        if os.path.lexists(tc):
             return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
         return None
 
