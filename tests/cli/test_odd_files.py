@@ -178,3 +178,19 @@ def test_running_out_of_memory_names_the_file_being_read(tmp_path):
     p = subprocess.run([sys.executable, "-c", script, str(schema)], capture_output=True, text=True,
                        env=env, timeout=120)
     assert p.stdout.startswith(f"{schema}: ran out of memory while reading this JSON schema file"), (p.stdout, p.stderr)
+
+
+@pytest.mark.parametrize("claim", ["metadata", "array", "strings"])
+def test_a_gguf_header_that_claims_more_than_the_file_holds(tmp_path, claim):
+    """A sparse 10 GB GGUF whose counts are huge: refused from the counts, not after hours of
+    reading zeros (or a numpy error for a numeric array past the end)."""
+    path = tmp_path / "huge.gguf"
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 60 if claim == "metadata" else 1)
+    if claim != "metadata":
+        item = 6 if claim == "array" else 8  # float32, string
+        head += struct.pack("<Q", 3) + b"key" + struct.pack("<IIQ", 9, item, 1 << 60)
+    with open(path, "wb") as f:
+        f.write(head)
+        f.truncate(10 << 30)
+    code, out, err, _ = run_cli(["run", str(path), "-z", str(asset("tok512.bin")), "-n", "4"])
+    assert code == 1 and err.count("\n") == 1 and f"{path}: " in err and "cannot fit" in err, err
