@@ -136,6 +136,7 @@ class TorchFile:
         except ImportError:
             raise FormatError(f"{self.path}: reading pytorch_model.bin needs torch "
                               "(pip install torch), or convert the model to safetensors") from None
+        os.close(open_user_file(self.path, "PyTorch file"))  # torch maps it by name: check it first
         try:
             self.state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises many types for a bad file

@@ -7,6 +7,7 @@ q/k layout is already the interleaved one llama2.c uses. Reference: facebookrese
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import numpy as np
 from ..checkpoint import tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..fileio import read_user_text
+from ..fileio import open_user_file, read_user_text
 from .vocab import from_sentencepiece
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
@@ -44,6 +45,7 @@ def _torch():
 
 def _load(path):
     torch = _torch()
+    os.close(open_user_file(path, "PyTorch checkpoint"))  # torch maps it by name: check it first
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
