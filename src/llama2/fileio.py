@@ -66,13 +66,14 @@ def read_user_file(path, what: str = "file", limit: int = MAX_TEXT_BYTES, exact:
         if exact and size > limit:
             raise FormatError(f"{os.fspath(path)}: {size} bytes, more than a {what} can be "
                               f"({limit} bytes at most)")
+        most = limit + 1 if exact else limit  # with `exact`, one byte more tells a longer file
         try:
-            # no more than the file holds (a read of n bytes allocates n up front), nor than the
+            # no more than the file holds (a read of n bytes allocates n up front) nor than the
             # bound, even if the file grows meanwhile
-            want = min(size, limit) + exact
+            want = min(size + 1, most)
             data = f.read(want)
-            if len(data) == want and want < limit + exact:
-                data += f.read(limit + exact - want)
+            if len(data) == want < most:
+                data += f.read(most - want)
         except MemoryError:
             raise FormatError(f"{os.fspath(path)}: ran out of memory while reading this {what} "
                               f"({size} bytes)") from None
