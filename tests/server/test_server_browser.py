@@ -233,3 +233,14 @@ def test_a_failed_stream_ends_in_an_error_event_without_a_bogus_exception(llama,
             lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert r.status_code == 200 and lines[-1] == "data: [DONE]" and '"server_error"' in lines[-2]
     assert "must derive from BaseException" not in caplog.text
+
+
+@pytest.mark.parametrize("value,name", [("localhost", "localhost"), ("LocalHost:8000", "localhost"),
+                                        ("[::1]:80", "::1"), ("[::1]", "::1"), ("127.0.0.1:1", "127.0.0.1"),
+                                        ("[::1", None), ("a:b", None), ("a:1:2", None), (":80", None), ("", None)])
+def test_host_names(value, name):
+    from llama2.server.security import allowed_names, host_name
+    assert host_name(value) == name
+    if name is not None:
+        assert allowed_names([value]) == {name}
+    assert allowed_names(["::1"]) == {"::1"}

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import FormatError, UsageError
+from ..fileio import read_user_text
 from .. import kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
@@ -112,7 +113,6 @@ def structured_spec(args):
     flag, path = ("--json-schema", args.json_schema) if args.json_schema is not None else ("--grammar", args.grammar)
     if path is None:
         return None
-    from ..fileio import read_user_text
     try:
         text = read_user_text(path, "JSON schema file" if flag == "--json-schema" else "grammar file")
     except FormatError as e:

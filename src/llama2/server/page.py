@@ -18,11 +18,12 @@ FILES = {
     "/static/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
     "/static/chat.css": ("chat.css", "text/css; charset=utf-8"),
 }
+# (X-Content-Type-Options: nosniff is on every answer of the server: security.py)
 HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
                                "form-action 'none'; frame-ancestors 'none'",
-    "referrer-policy": "no-referrer",  # (X-Content-Type-Options: on every answer, security.py)
+    "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }
 

@@ -35,8 +35,13 @@ def host_name(value: str):
 
 
 def allowed_names(hosts) -> frozenset:
-    """`--allowed-hosts` entries as the names `host_name` gives ("[::1]" -> "::1")."""
-    return frozenset(h.strip().lower().removeprefix("[").removesuffix("]") for h in hosts)
+    """`--allowed-hosts` entries as the names `host_name` gives: "[::1]" and "::1" -> "::1",
+    "a.example:8000" -> "a.example" (any port is answered)."""
+    def name(entry):
+        entry = entry.strip().lower()
+        bare_ipv6 = entry.count(":") > 1 and not entry.startswith("[")
+        return entry if bare_ipv6 else host_name(entry) or entry
+    return frozenset(map(name, hosts))
 
 
 class HostCheck:
