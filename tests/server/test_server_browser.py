@@ -4,13 +4,14 @@ CORS only with --cors-origins, nosniff on every answer, and limits on a request'
 when the whole request arrives in one read."""
 
 import io
+import json
 import select
 import socket
 
 import pytest
 
 from conftest import asset
-from server_helpers import JSON, Server, serve_fixture
+from server_helpers import JSON, Server, chromium, metric, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -84,7 +85,6 @@ def test_a_request_without_host_gets_421(server):
 @pytest.mark.parametrize("kind", ["text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded",
                                   "multipart/form-data; boundary=x", "application/jsonx", None])
 def test_bodies_that_are_not_declared_json_get_415(server, http, kind):
-    import json
     headers = {} if kind is None else {"Content-Type": kind}
     for path in ("/v1/completions", "/v1/chat/completions"):
         r = http.post(path, content=json.dumps(COMPLETION).encode(), headers=headers)
@@ -93,7 +93,6 @@ def test_bodies_that_are_not_declared_json_get_415(server, http, kind):
 
 
 def test_json_bodies_are_served(server, http):
-    import json
     for kind in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
         r = http.post("/v1/completions", content=json.dumps(COMPLETION).encode(), headers={"Content-Type": kind})
         assert r.status_code == 200, (kind, r.text)
@@ -202,6 +201,66 @@ def test_empty_name_lists_are_usage_errors(flag):
     err = io.StringIO()
     assert main(["serve", str(asset("stories260K.bin")), flag, " , "], stdout=io.BytesIO(), stderr=err) == 2
     assert flag in err.getvalue() and err.getvalue().count("\n") == 1
+
+
+# -- in a real browser ------------------------------------------------------------------------------
+
+REBIND = "rebind.example"  # resolved to 127.0.0.1 by the browser: a DNS-rebinding name
+
+
+@pytest.fixture(scope="module")
+def other_page(tmp_path_factory):
+    """Another web site's page, served from another port (another origin), as the attack's start."""
+    import functools
+    import http.server
+    import threading
+
+    folder = tmp_path_factory.mktemp("other-site")
+    (folder / "index.html").write_text("<!doctype html><title>another site</title>")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{site.server_address[1]}/"
+    site.shutdown()
+
+
+def in_page(driver, script, *args):
+    """Run `script` (which ends by calling done(result)) in the page and return its result."""
+    return driver.execute_async_script("const done = arguments[arguments.length - 1];\n" + script, *args)
+
+
+@pytest.mark.browser
+def test_another_sites_page_cannot_drive_or_read_the_server(server, http, other_page):
+    """What the issue's probe found a page could do, done by a page in Chromium: a no-cors text/plain
+    POST (no preflight) ran a generation; now it is refused (415) and no completion runs. A JSON
+    POST needs a preflight, which is not granted. A DNS-rebinding name gets 421."""
+    def count(endpoint):
+        return metric(http.get("/metrics").text, f'llama2_requests_total{{endpoint="{endpoint}",outcome="ok"}}')
+
+    with chromium(f"--host-resolver-rules=MAP {REBIND} 127.0.0.1") as d:
+        d.set_script_timeout(30)
+        d.get(other_page)
+        health, completions = count("health"), count("completions")
+        # the control: a request from this page does reach the server
+        assert in_page(d, "fetch(arguments[0] + '/health', {mode: 'no-cors'}).then(() => done('sent'), "
+                          "e => done(String(e)))", server.base) == "sent"
+        assert count("health") == health + 1
+        body = json.dumps(COMPLETION)
+        assert in_page(d, "fetch(arguments[0] + '/v1/completions', {method: 'POST', mode: 'no-cors', "
+                          "headers: {'Content-Type': 'text/plain'}, body: arguments[1]})"
+                          ".then(() => done('sent'), e => done(String(e)))", server.base, body) == "sent"
+        blob = in_page(d, "fetch(arguments[0] + '/v1/completions', {method: 'POST', mode: 'no-cors', "
+                          "body: new Blob([arguments[1]])}).then(() => done('sent'), e => done(String(e)))",
+                       server.base, body)
+        json_post = in_page(d, "fetch(arguments[0] + '/v1/completions', {method: 'POST', "
+                               "headers: {'Content-Type': 'application/json'}, body: arguments[1]})"
+                               ".then(r => done('read ' + r.status), e => done(String(e)))", server.base, body)
+        assert blob == "sent" and json_post.startswith("TypeError"), json_post  # no preflight granted
+        server.wait_idle(http)
+        assert count("completions") == completions, "a generation ran for another site's page"
+        # DNS rebinding: the page's own name now points at the server; the server knows it is not its
+        d.get(f"http://{REBIND}:{port(server)}/v1/models")
+        assert "host_not_allowed" in d.page_source and MODEL not in d.page_source
 
 
 # -- a handled error in a stream -----------------------------------------------------------------
