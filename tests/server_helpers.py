@@ -1,8 +1,10 @@
 """Start `llama2 serve` as a subprocess on a free loopback port, for the server tests, and the
 module-scoped fixtures those tests share (a server with given flags, its openai and httpx clients)."""
 
+import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ import pytest
 from conftest import REPO, asset
 
 START_TIMEOUT_S = 120  # the first server may compile the engine's kernels
+JSON = {"Content-Type": "application/json"}  # for tests that post raw bytes as a JSON body
 READY = re.compile(r"at (http://127\.0\.0\.1:(\d+)/v1)")
 
 
@@ -112,3 +115,31 @@ def http_fixture(key):
             yield c
 
     return http
+
+
+@contextlib.contextmanager
+def chromium(*switches):
+    """A headless Chromium (Debian's chromium, driven by Debian's chromium-driver through selenium,
+    never downloading either) with more command-line `switches`; the test skips, saying why, when
+    they are not installed (`.ci/run` installs them)."""
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not browser or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed "
+                    "(apt-get install chromium chromium-driver; .ci/run does this as root)")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    # --no-sandbox: CI runs as root in a container, where Chromium's sandbox cannot start; the
+    # browser only ever loads local test servers.
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", *switches):
+        options.add_argument(arg)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SE_OFFLINE", "true")  # selenium: never download a driver or a browser
+        driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    try:
+        yield driver
+    finally:
+        driver.quit()

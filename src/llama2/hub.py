@@ -52,7 +52,7 @@ def _source(name) -> str:
 def resolve(name, what="model", download=True) -> Path:
     """Find `name` as given, then in the cache folder; download it there if it is a known file."""
     path = Path(name).expanduser()
-    if path.exists():
+    if os.path.lexists(path):  # whatever is there (a symlink loop, a FIFO): its reader says what is wrong
         return path
     if path.name != str(name):  # a path with folders is taken as given, never looked up elsewhere
         raise Llama2Error(f"{name}: no such {what} file")

@@ -254,8 +254,10 @@ def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, ha
     try:
         yield
     except MemoryError:
-        where = f"{os.fspath(path)}: ran out of memory while loading"
+        # (a file read while loading, the tokenizer say, names itself: fileio.read_user_file)
+        name = os.fspath(path)
         if described is None:
-            raise Llama2Error(f"{where} ({_room(have)})") from None
-        line = verdict(where, *described, quantize, slots, have, slots_flag, force=True, **kv)
-        raise Llama2Error(line.replace(f"{where}: needs", f"{where}; it needs", 1)) from None
+            raise Llama2Error(f"{name}: ran out of memory while loading ({_room(have)})") from None
+        line = verdict(name, *described, quantize, slots, have, slots_flag, force=True, **kv)
+        raise Llama2Error(line.replace(f"{name}: needs", f"{name}: ran out of memory while loading; it needs",
+                                       1)) from None

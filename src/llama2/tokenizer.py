@@ -11,6 +11,7 @@ import struct
 from pathlib import Path
 
 from .errors import FormatError
+from .fileio import MAX_TEXT_BYTES, atomic_write, read_user_file
 
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{1,2})")
 # C's isprint / isspace in the "C" locale, for run.c's safe_printf.
@@ -43,22 +44,23 @@ class Tokenizer:
         """Read a llama2.c tokenizer.bin. With `vocab_size`, take exactly that many entries (as run.c
         does) and fail if the file has fewer."""
         path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise FormatError(f"{path}: no such tokenizer file") from None
-        except IsADirectoryError:
-            raise FormatError(f"{path}: is a directory, expected a tokenizer.bin file") from None
-        if len(data) < 4:
-            raise FormatError(f"{path}: too short to be a tokenizer.bin ({len(data)} bytes)")
-        (max_len,) = struct.unpack_from("<I", data, 0)
+        head = read_user_file(path, "tokenizer file", 4, exact=False)
+        if len(head) < 4:
+            raise FormatError(f"{path}: too short to be a tokenizer.bin ({len(head)} bytes)")
+        (max_len,) = struct.unpack_from("<I", head, 0)
+        if max_len == 0:  # every token would be empty: not a tokenizer (a file of zeros, say)
+            raise FormatError(f"{path}: max_token_length at byte 0 is 0; not a tokenizer.bin")
+        # read no more than the header allows for `vocab_size` tokens (run.c ignores the rest)
+        bound = MAX_TEXT_BYTES if vocab_size is None else min(MAX_TEXT_BYTES, 4 + vocab_size * (8 + max_len))
+        data = read_user_file(path, "tokenizer file", bound, exact=vocab_size is None)
         off, pieces, scores = 4, [], []
         while off < len(data) and (vocab_size is None or len(pieces) < vocab_size):
             if off + 8 > len(data):
                 raise FormatError(f"{path}: truncated token entry {len(pieces)} at byte {off}")
             score, n = struct.unpack_from("<fi", data, off)
-            if n < 0 or off + 8 + n > len(data):
-                raise FormatError(f"{path}: token {len(pieces)} at byte {off} has a bad length {n}")
+            if n < 0 or n > max_len or off + 8 + n > len(data):
+                raise FormatError(f"{path}: token {len(pieces)} at byte {off} has a bad length {n} "
+                                  f"(max_token_length is {max_len})")
             pieces.append(data[off + 8: off + 8 + n])
             scores.append(score)
             off += 8 + n
@@ -70,7 +72,6 @@ class Tokenizer:
         return cls(pieces, scores, max_len)
 
     def save(self, path):
-        from .fileio import atomic_write
         with atomic_write(path) as f:
             f.write(struct.pack("<I", self.max_token_length))
             for piece, score in zip(self.pieces, self.scores):

@@ -259,6 +259,7 @@ def test_memory_error_while_loading_is_one_line(monkeypatch):
     code, err = run_cli(["run", str(asset("stories260K.bin")), "-z", str(asset("tok512.bin"))])
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
     assert "ran out of memory while loading" in err and "needs about" in err and "Unable" not in err
+    assert err.count("ran out of memory") == 1  # not again inside the suggested export command
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc are Linux's")

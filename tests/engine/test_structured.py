@@ -219,7 +219,7 @@ def test_cli_regex_and_grammar(tmp_path):
 
 
 @pytest.mark.parametrize("content,flag,message", [
-    (None, "--json-schema", "cannot read it (No such file or directory)"),
+    (None, "--json-schema", "no such file (expected a JSON schema file)"),
     ("{x", "--json-schema", "not valid JSON"),
     ("[1, 2]", "--json-schema", "expected a JSON schema object, got list"),
     ('{"type": "objectt"}', "--json-schema", "cannot be compiled: json_schema: Invalid type: objectt"),

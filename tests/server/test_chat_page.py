@@ -15,7 +15,6 @@ app.py sends when a job fails after the stream began).
 import json
 import os
 import re
-import shutil
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from server_helpers import http_fixture, serve_fixture
+from server_helpers import chromium, http_fixture, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -88,29 +87,9 @@ def test_page_is_served_without_the_key(server, http):
 
 @pytest.fixture(scope="module")
 def browser():
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    driver_path = shutil.which("chromedriver")
-    if not chromium or not driver_path:
-        pytest.skip("Debian's chromium and chromium-driver are not installed "
-                    "(apt-get install chromium chromium-driver; .ci/run does this as root)")
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    # --no-sandbox: CI runs as root in a container, where Chromium's sandbox cannot start; the
-    # browser only ever loads the local test server.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1100,760", "--lang=en-US"):
-        options.add_argument(arg)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SE_OFFLINE", "true")  # selenium: never download a driver or a browser
-        driver = webdriver.Chrome(options=options, service=Service(driver_path))
-    try:
+    with chromium("--window-size=1100,760", "--lang=en-US") as driver:
         driver.execute_cdp_cmd("Network.enable", {})  # network emulation (slow, offline) needs it
         yield driver
-    finally:
-        driver.quit()
 
 
 class Page:

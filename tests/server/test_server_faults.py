@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from server_helpers import Server, http_fixture, metric, serve_fixture
+from server_helpers import JSON, Server, http_fixture, metric, serve_fixture
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("starlette")
@@ -72,12 +72,12 @@ def test_bad_chat_fields(http, messages, param):
 
 def test_non_finite_numbers(http):
     body = b'{"model": "%s", "prompt": "a", "temperature": NaN}' % MODEL.encode()
-    assert error(http.post("/v1/completions", content=body), 400)["param"] == "temperature"
+    assert error(http.post("/v1/completions", content=body, headers=JSON), 400)["param"] == "temperature"
 
 
 def test_bad_json_unknown_model_big_body(http):
-    assert error(http.post("/v1/completions", content=b"{not json"), 400)["param"] == "body"
-    assert error(http.post("/v1/completions", content=b"[1, 2]"), 400)["param"] == "body"
+    assert error(http.post("/v1/completions", content=b"{not json", headers=JSON), 400)["param"] == "body"
+    assert error(http.post("/v1/completions", content=b"[1, 2]", headers=JSON), 400)["param"] == "body"
     r = http.post("/v1/chat/completions", json={"model": "gpt-4", "messages": [{"role": "user", "content": "a"}]})
     assert error(r, 404)["code"] == "model_not_found"
     assert error(http.get("/v1/models/gpt-4"), 404)["param"] == "model"
@@ -88,7 +88,7 @@ def test_bad_json_unknown_model_big_body(http):
 
     def chunked():  # no Content-Length: the limit holds while reading
         yield json.dumps(big).encode()
-    assert error(http.post("/v1/completions", content=chunked()), 413)["code"] == "request_too_large"
+    assert error(http.post("/v1/completions", content=chunked(), headers=JSON), 413)["code"] == "request_too_large"
     ok(http)
 
 

@@ -15,6 +15,7 @@ pytest.importorskip("pydantic")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from server_helpers import JSON  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -129,21 +130,21 @@ def check(r):
 @settings(max_examples=FUZZ_EXAMPLES, **SETTINGS)
 @given(case=body({"model": model, "prompt": prompt, "max_tokens": max_tokens}, COMPLETION))
 def test_completions_never_5xx(client, case):
-    check(client.post("/v1/completions", content=encode(*case)))
+    check(client.post("/v1/completions", content=encode(*case), headers=JSON))
 
 
 @settings(max_examples=FUZZ_EXAMPLES, **SETTINGS)
 @given(case=body({"model": model, "messages": field(st.lists(message, max_size=4)),
                   "max_tokens": max_tokens}, CHAT))
 def test_chat_never_5xx(client, case):
-    check(client.post("/v1/chat/completions", content=encode(*case)))
+    check(client.post("/v1/chat/completions", content=encode(*case), headers=JSON))
 
 
 @settings(max_examples=RAW_EXAMPLES, **SETTINGS)
 @given(data=st.one_of(st.binary(max_size=200), st.text(max_size=200).map(lambda s: s.encode("utf-8", "surrogatepass"))),
        path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
 def test_raw_bodies_never_5xx(client, data, path):
-    check(client.post(path, content=data))
+    check(client.post(path, content=data, headers=JSON))
 
 
 def test_health_answers_after_fuzzing(client):

@@ -6,6 +6,7 @@ parser and sets `func(args, io) -> int`. Heavy dependencies are imported inside 
 
 import argparse
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 
@@ -46,6 +47,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_utf8(argv):
+    """Python decodes a non-UTF-8 argument with surrogateescape; refuse it here, in one line,
+    rather than fail with a traceback wherever it is first encoded (a prompt, a file name)."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(arg).decode("utf-8", "backslashreplace")
+            raise UsageError(f"argument {i} ('{shown}') is not valid UTF-8 text") from None
+
+
 def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
     """Entry point of `llama2` and `python -m llama2`; returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -53,6 +65,7 @@ def main(argv=None, stdout=None, stderr=None, stdin=None) -> int:
             stderr if stderr is not None else sys.stderr,
             stdin if stdin is not None else sys.stdin)
     try:
+        check_utf8(argv)
         parser = build_parser()
         if not argv:
             parser.print_help(io.stderr)

@@ -11,12 +11,14 @@ stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
 
 import math
+import os
 import time
 from pathlib import Path
 
 from ..chat import TEMPLATES
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
-from ..errors import UsageError
+from ..errors import FormatError, UsageError
+from ..fileio import read_user_text
 from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
@@ -62,8 +64,9 @@ def register(sub):
 
 
 def _looks_like_model(word: str) -> bool:
-    path = Path(word)
-    return path.suffix in MODEL_SUFFIXES or path.is_dir() or path.is_file()
+    # anything that exists at that path (a FIFO, /dev/zero, a broken link too) is a model to load,
+    # which then says what is wrong with it, not a prompt
+    return Path(word).suffix in MODEL_SUFFIXES or os.path.lexists(word)
 
 
 def parse(args):
@@ -110,9 +113,9 @@ def structured_spec(args):
     if path is None:
         return None
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        text = read_user_text(path, "JSON schema file" if flag == "--json-schema" else "grammar file")
+    except FormatError as e:
+        raise UsageError(f"{flag} {e}") from None
     if flag == "--grammar":
         return Spec("grammar", text)
     import json
@@ -176,7 +179,11 @@ def run(args, io) -> int:
 def _readline(io, guide: str):
     """run.c's read_stdin: print the guide, read one line; None at end of input."""
     io.out(guide.encode())
-    line = io.stdin.readline()
+    try:
+        line = io.stdin.readline()
+        line.encode("utf-8")  # a line read with surrogateescape holds its bad bytes as surrogates
+    except UnicodeError:
+        raise UsageError("stdin: a line is not valid UTF-8 text") from None
     if not line:
         return None
     return line[:-1] if line.endswith("\n") else line

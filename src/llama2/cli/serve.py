@@ -8,6 +8,8 @@ Requests run in one batching scheduler (see docs/server.md). SIGTERM or Ctrl-C s
 connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits.
 """
 
+import argparse
+import dataclasses
 import ipaddress
 import math
 import signal
@@ -62,11 +64,35 @@ def register(sub):
                         f"(default {d.timeout_headers:g})")
     p.add_argument("--timeout-body", type=float, default=d.timeout_body, metavar="S",
                    help=f"answer 408 and close when a request body takes longer (default {d.timeout_body:g})")
+    p.add_argument("--allowed-hosts", metavar="NAMES", type=_names,
+                   help="comma-separated Host names the server also answers to, '*' for any (default: "
+                        "on loopback only localhost, 127.0.0.1 and [::1]; elsewhere any); a request "
+                        "naming another host gets 421, the defence against DNS rebinding")
+    p.add_argument("--cors-origins", metavar="ORIGINS", type=_names, default=d.cors_origins,
+                   help="comma-separated origins (https://app.example) whose web pages may call the API, "
+                        "'*' for any (default: none, no CORS headers)")
     p.add_argument("--one-pass", action="store_true",
                    help="run each step's prompts and decodes in a single forward pass (by default they "
                         "share passes only as far as every request keeps its bits alone): fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
     p.set_defaults(func=run)
+
+
+def _names(text: str) -> tuple:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected names separated by commas")
+    return names
+
+
+def allowed_hosts(names, bound: str):
+    """ServerConfig.allowed_hosts for `--allowed-hosts names` on a socket bound to `bound`: the
+    loopback names plus `names`; any Host (None) with '*', or without the flag off loopback."""
+    from ..server.config import LOOPBACK_HOSTS
+
+    if names is None:
+        return LOOPBACK_HOSTS if ipaddress.ip_address(bound).is_loopback else None
+    return None if "*" in names else LOOPBACK_HOSTS + names
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -155,9 +181,11 @@ def run(args, io) -> int:
                           prefix_cache=not args.no_prefix_cache,
                           chat_template=args.chat_template, invariant=not args.one_pass,
                           max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
-                          timeout_headers=args.timeout_headers, timeout_body=args.timeout_body)
+                          timeout_headers=args.timeout_headers, timeout_body=args.timeout_body,
+                          cors_origins=args.cors_origins)
     sock = bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
+    config = dataclasses.replace(config, allowed_hosts=allowed_hosts(args.allowed_hosts, host))
     url = f"http://{'[' + host + ']' if ':' in host else host}:{port}/v1"
 
     def ready(app):

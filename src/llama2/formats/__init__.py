@@ -10,7 +10,7 @@ what the binary formats share. `llama2c` and `gguf` are also written (`WRITERS`,
 from importlib import import_module
 from pathlib import Path
 
-from ..errors import FormatError
+from ..fileio import read_user_file
 
 # The formats `model_kind` asks, in order. Each module has `matches(path, head) -> bool` (head: the
 # file's first HEAD_BYTES bytes, None for a directory), `load(path) -> Checkpoint` and
@@ -42,12 +42,9 @@ writer = reader
 def model_kind(path) -> str:
     """"hf", "gguf" or "llama2c", from what the path holds."""
     path = Path(path)
-    if not path.exists():
-        raise FormatError(f"{path}: no such file")
     head = None
-    if not path.is_dir():
-        with open(path, "rb") as f:
-            head = f.read(HEAD_BYTES)
+    if not path.is_dir():  # a directory is a Hugging Face folder; anything else a regular file
+        head = read_user_file(path, "model file", HEAD_BYTES, exact=False)
     return next(kind for kind in READERS if reader(kind).matches(path, head))
 
 

@@ -18,7 +18,7 @@ from .. import chat_template as templates, quantize, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, user_file
 from .bfloat16 import f32_to_bf16
 from .vocab import Vocab
 
@@ -63,6 +63,13 @@ class _Reader:
         self.pos += size
         return value
 
+    def fits(self, count, least, what):
+        """The header's `count` of things of at least `least` bytes each must fit in the rest of
+        the file (a 10 GB file of zeros claims nothing; a count of 2^60 would loop for hours)."""
+        if count * least > len(self.buf) - self.pos:
+            raise FormatError(f"{self.path}: {count} {what} at byte {self.pos} cannot fit in the "
+                              f"{len(self.buf) - self.pos} bytes left of the file")
+
     def string(self):
         n = self.unpack("<Q")
         raw = self.buf[self.pos:self.pos + n]
@@ -78,6 +85,7 @@ class _Reader:
             return self.string()
         if kind == ARRAY:
             item, count = self.unpack("<I"), self.unpack("<Q")
+            self.fits(count, struct.calcsize(_SCALARS[item]) if item in _SCALARS else 8, "array items")
             if item in _SCALARS:  # read numeric arrays in one go
                 dt = np.dtype(_SCALARS[item])
                 arr = np.frombuffer(self.buf, dt, count, self.pos)
@@ -90,15 +98,12 @@ class _Reader:
 def read(path):
     """Parse a GGUF file: (metadata dict, {name: (ggml type, numpy shape, absolute offset)}, buffer)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if f.seek(0, 2) < 24:
-                raise FormatError(f"{path}: too short to be a GGUF file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
-                buf.madvise(mmap.MADV_WILLNEED)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror})") from None
+    with user_file(path, "GGUF file") as f:
+        if f.seek(0, 2) < 24:
+            raise FormatError(f"{path}: too short to be a GGUF file")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(buf, "madvise"):  # the tensors are used in place: have the kernel read ahead
+        buf.madvise(mmap.MADV_WILLNEED)
     r = _Reader(buf, path)
     if buf[:4] != MAGIC:
         raise FormatError(f"{path}: not a GGUF file (magic at byte 0 is {bytes(buf[:4])!r})")
@@ -107,6 +112,8 @@ def read(path):
     if version not in (2, 3):
         raise FormatError(f"{path}: unsupported GGUF version {version} at byte 4 (expected 2 or 3)")
     n_tensors, n_kv = r.unpack("<Q"), r.unpack("<Q")
+    r.fits(n_kv, 8 + 4 + 1, "metadata entries")  # key length, type, a one-byte value at least
+    r.fits(n_tensors, 8 + 4 + 8 + 4 + 8, "tensor infos")  # name length, n_dims, a dimension, type, offset
     meta = {}
     for _ in range(n_kv):
         key = r.string()

@@ -24,6 +24,7 @@ from .. import chat_template as templates, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..fileio import open_user_file, read_user_text
 from .bfloat16 import bf16_to_f32
 from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
 
@@ -68,10 +69,7 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        try:
-            self.fd = os.open(self.path, os.O_RDONLY)
-        except OSError as e:
-            raise FormatError(f"{self.path}: cannot open safetensors file ({e.strerror})") from None
+        self.fd = open_user_file(self.path, "safetensors file")
         self.size = os.fstat(self.fd).st_size
         try:
             (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
@@ -139,6 +137,7 @@ class TorchFile:
         except ImportError:
             raise FormatError(f"{self.path}: reading pytorch_model.bin needs torch "
                               "(pip install torch), or convert the model to safetensors") from None
+        os.close(open_user_file(self.path, "PyTorch file"))  # torch maps it by name: check it first
         try:
             self.state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=True)
         except Exception as e:  # torch raises many types for a bad file
@@ -169,11 +168,12 @@ class TorchFile:
 
 
 def _read_json(path, what):
+    if not os.path.lexists(path):
+        raise FormatError(f"{path}: missing {what}")
+    text = read_user_text(path, what)
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FormatError(f"{path}: missing {what}") from None
-    except (OSError, ValueError) as e:
+        return json.loads(text)
+    except ValueError as e:
         raise FormatError(f"{path}: cannot read {what} ({e})") from None
 
 
@@ -183,7 +183,7 @@ def read_config(directory) -> ModelConfig:
     if not Path(directory).is_dir():
         raise FormatError(f"{directory}: no such directory (models are not downloaded here: fetch one "
                           f"with `huggingface-cli download REPO --local-dir DIR` and pass DIR)")
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FormatError(f"{directory}: no config.json (expected a Hugging Face model directory with "
                           "config.json and model.safetensors)")
     cfg = _read_json(path, "config.json")
@@ -305,9 +305,10 @@ class HFModel:
         """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
         embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
         placeholder pieces so every id the model can produce decodes to something."""
-        if (self.dir / "tokenizer.model").is_file():
+        # a name that is there but no regular file (a FIFO, a loop) is an error, not skipped
+        if os.path.lexists(self.dir / "tokenizer.model"):
             vocab = from_sentencepiece(self.dir / "tokenizer.model")
-        elif (self.dir / "tokenizer.json").is_file():
+        elif os.path.lexists(self.dir / "tokenizer.json"):
             vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
@@ -319,10 +320,10 @@ class HFModel:
 
     def _template(self):
         jinja = self.dir / "chat_template.jinja"
-        if jinja.is_file():
-            return templates.detect(jinja.read_text(encoding="utf-8"))
+        if os.path.lexists(jinja):
+            return templates.detect(read_user_text(jinja, "chat template"))
         tc = self.dir / "tokenizer_config.json"
-        if tc.is_file():
+        if os.path.lexists(tc):
             return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
         return None
 

@@ -15,7 +15,7 @@ from ..checkpoint import (LAYER_MATRICES, MATRICES, NORMS, STACKED, Checkpoint, 
                           tensor_shapes)
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_user_file, user_file
 from ..weights import ALIASES, bf16, f16, q8_v2, dense as _dense
 from .bfloat16 import f32_to_bf16
 
@@ -142,20 +142,13 @@ def read_header(path, buf) -> tuple:
 
 def _map(path):
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            if f.seek(0, 2) == 0:
-                raise FormatError(f"{path}: file is empty")
-            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            if hasattr(mm, "madvise"):  # start reading the file in now; the first forward needs all of it
-                mm.madvise(mmap.MADV_WILLNEED)
-            return mm
-    except FileNotFoundError:
-        raise FormatError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise FormatError(f"{path}: is a directory, expected a checkpoint file") from None
-    except PermissionError:
-        raise FormatError(f"{path}: permission denied") from None
+    with user_file(path, "checkpoint file") as f:
+        if f.seek(0, 2) == 0:
+            raise FormatError(f"{path}: file is empty")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mm, "madvise"):  # start reading the file in now; the first forward needs all of it
+        mm.madvise(mmap.MADV_WILLNEED)
+    return mm
 
 
 def matches(path, head) -> bool:
@@ -170,8 +163,7 @@ def source(path) -> CheckpointSource:
 def describe(path):
     """(ModelConfig, {matrix name: how it is stored}) from the header alone: f32, f16, bf16, or
     "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as weights.stored_type takes it)."""
-    with open(path, "rb") as f:
-        head = f.read(HEADER_BYTES)
+    head = read_user_file(path, "checkpoint file", HEADER_BYTES, exact=False)
     config, version, group_size, _ = read_header(path, head)
     dtype = file_dtype(head, version)
     how = f"q8_v2:{group_size}" if dtype == "q8_0" else ALIASES.get(dtype, dtype)

@@ -7,6 +7,7 @@ q/k layout is already the interleaved one llama2.c uses. Reference: facebookrese
 """
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from ..checkpoint import tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
+from ..fileio import open_user_file, read_user_text
 from .vocab import from_sentencepiece
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
@@ -43,6 +45,7 @@ def _torch():
 
 def _load(path):
     torch = _torch()
+    os.close(open_user_file(path, "PyTorch checkpoint"))  # torch maps it by name: check it first
     try:
         return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except FileNotFoundError:
@@ -113,7 +116,7 @@ def open_meta(directory, seq_len=None) -> MetaModel:
     if not params_path.is_file():
         raise FormatError(f"{directory}: no params.json (expected a Meta Llama checkpoint directory)")
     try:
-        params = json.loads(params_path.read_text())
+        params = json.loads(read_user_text(params_path, "params.json"))
     except ValueError as e:
         raise FormatError(f"{params_path}: not valid JSON ({e})") from None
     paths = sorted(directory.glob("consolidated.*.pth"))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import FormatError
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_user_file, read_user_text
 
 # sentencepiece piece types; GGUF's tokenizer.ggml.token_type uses the same numbers.
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -99,17 +99,10 @@ def _int32(v):  # protobuf int32 varints are 64-bit two's complement when negati
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
-def _read(path: Path, what: str) -> bytes:
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read {what} ({e.strerror})") from None
-
-
 def from_sentencepiece(path) -> Vocab:
     """Read a sentencepiece model file: ModelProto.pieces (1) and TrainerSpec (2) unk/bos/eos ids."""
     path = Path(path)
-    buf = _read(path, "sentencepiece model")
+    buf = read_user_file(path, "sentencepiece model")
     pieces, scores, types = [], [], []
     ids = {"unk": 0, "bos": 1, "eos": 2}
     try:
@@ -142,7 +135,7 @@ def from_sentencepiece(path) -> Vocab:
 def from_llama2c(path, vocab_size=None) -> Vocab:
     """Read a tokenizer.bin back into sentencepiece terms (types inferred: <0xNN> bytes, BOS/EOS)."""
     path = Path(path)
-    buf = _read(path, "tokenizer")
+    buf = read_user_file(path, "tokenizer file")
     pieces, scores, types = [], [], []
     pos = 4
     while pos < len(buf) and (vocab_size is None or len(pieces) < vocab_size):
@@ -178,9 +171,10 @@ def from_tokenizer_json(path, bos_id=None, eos_id=None) -> Vocab:
     """A BPE tokenizer.json (Llama style: byte fallback, "▁" spaces). Scores are minus the rank of
     the merge that makes each token, which is how a sentencepiece BPE model orders its pieces."""
     path = Path(path)
+    text = read_user_text(path, "tokenizer.json")
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+        spec = json.loads(text)
+    except ValueError as e:
         raise FormatError(f"{path}: cannot read tokenizer.json ({e})") from None
     model = spec.get("model") or {}
     if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
@@ -221,10 +215,7 @@ def load_vocab(path, vocab_size=None) -> Vocab:
     """Any tokenizer file: sentencepiece .model, tokenizer.json or llama2.c tokenizer.bin,
     told apart by content (JSON text, protobuf pieces, or a llama2.c header)."""
     path = Path(path)
-    try:
-        head = path.open("rb").read(64)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read tokenizer ({e.strerror})") from None
+    head = read_user_file(path, "tokenizer file", 64, exact=False)
     if head.lstrip()[:1] == b"{":
         return from_tokenizer_json(path)
     # protobuf field 1, length-delimited (ModelProto.pieces), whose message starts with a tag;

@@ -11,7 +11,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
-from . import page
+from . import page, security
 from . import protocol as P
 from . import routes
 from .config import ServerConfig
@@ -69,7 +69,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                                           headers=exc.headers))  # 405: Allow
 
     app = Starlette(routes=all_routes, lifespan=lifespan, exception_handlers={HTTPException: not_routed},
-                    middleware=[Middleware(TrailingSlash)])
+                    middleware=[*security.middleware(config, error_response), Middleware(TrailingSlash)])
     app.router.redirect_slashes = False  # a redirect would be built from the client's Host header
     app.state.server = state
     app.state.scheduler, app.state.metrics, app.state.config = scheduler, metrics, config

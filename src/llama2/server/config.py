@@ -2,6 +2,9 @@
 
 from dataclasses import dataclass
 
+# The names a server bound to loopback answers to without --allowed-hosts (security.py).
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
 
 @dataclass(frozen=True)
 class ServerConfig:
@@ -24,3 +27,6 @@ class ServerConfig:
     prepare_threads: int = 2  # threads that parse, template and tokenize requests; as many compile grammars
     max_parses: int = 64  # requests waiting for or being parsed at once; beyond: 503 (server/prepare.py)
     max_compiles: int = 4  # grammar compiles waiting or running at once; beyond: 503
+    # browser-facing defaults (security.py; docs/server.md, "Browsers")
+    allowed_hosts: tuple = LOOPBACK_HOSTS  # Host names answered, any port; None: any Host
+    cors_origins: tuple = ()  # origins whose pages may call the API cross-origin ("*": any); none

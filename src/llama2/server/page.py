@@ -18,11 +18,11 @@ FILES = {
     "/static/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
     "/static/chat.css": ("chat.css", "text/css; charset=utf-8"),
 }
+# (X-Content-Type-Options: nosniff is on every answer of the server: security.py)
 HEADERS = {
     "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
                                "connect-src 'self'; img-src 'self' data:; base-uri 'none'; "
                                "form-action 'none'; frame-ancestors 'none'",
-    "x-content-type-options": "nosniff",
     "referrer-policy": "no-referrer",
     "cache-control": "no-cache",
 }

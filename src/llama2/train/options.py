@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..config import ModelConfig
 from ..errors import Llama2Error, UsageError
+from ..fileio import read_user_file
 
 
 @dataclass
@@ -126,10 +127,7 @@ def coerce(name, f, value, source):
 def read_config_file(path) -> dict:
     """Options from a TOML (or YAML) file: flat keys, or [model] and [train] tables."""
     path = Path(path)
-    try:
-        text = path.read_bytes()
-    except OSError as e:
-        raise Llama2Error(f"{path}: cannot read config file: {e.strerror}") from None
+    text = read_user_file(path, "config file")
     if path.suffix in (".yaml", ".yml"):
         try:
             import yaml

@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import Llama2Error
-from ..fileio import atomic_write
+from ..fileio import atomic_write, read_user_file
 from .stories import read_inputs
 
 
@@ -85,10 +85,7 @@ class Encoder:
         self.path = str(path)
         self._sp = None
         self._tok = None
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as e:
-            raise Llama2Error(f"{path}: cannot read tokenizer: {e.strerror}") from None
+        raw = read_user_file(path, "tokenizer file")
         try:
             spm = _sentencepiece()
             sp = spm.SentencePieceProcessor()
