@@ -222,6 +222,8 @@ def test_cli_regex_and_grammar(tmp_path):
     (None, "--json-schema", "no such file (expected a JSON schema file)"),
     ("{x", "--json-schema", "not valid JSON"),
     ("[1, 2]", "--json-schema", "expected a JSON schema object, got list"),
+    ("[" * 5000 + "]" * 5000, "--json-schema", "nested deeper than 64 levels"),
+    ('{"items": ' * 70 + "{}" + "}" * 70, "--json-schema", "nested deeper than 64 levels"),
     ('{"type": "objectt"}', "--json-schema", "cannot be compiled: json_schema: Invalid type: objectt"),
     ("start: nowhere\n", "--grammar", "cannot be compiled: grammar:"),
 ])

@@ -106,7 +106,7 @@ def parse(args):
 
 def structured_spec(args):
     """The structured-output Spec the flags ask for, or None; files read and checked here."""
-    from ..structured import Spec
+    from ..structured import GrammarError, Spec, read_schema
     if args.regex is not None:
         return Spec("regex", args.regex)
     flag, path = ("--json-schema", args.json_schema) if args.json_schema is not None else ("--grammar", args.grammar)
@@ -118,13 +118,10 @@ def structured_spec(args):
         raise UsageError(f"{flag} {e}") from None
     if flag == "--grammar":
         return Spec("grammar", text)
-    import json
     try:
-        schema = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise UsageError(f"{flag} {path}: expected a JSON schema object, got {type(schema).__name__}")
+        schema = read_schema(text)  # the server's one check: valid JSON, an object, at most 64 deep
+    except GrammarError as e:
+        raise UsageError(f"{flag} {path}: {e}") from None
     return Spec("json_schema", schema)
 
 
