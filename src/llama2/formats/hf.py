@@ -25,7 +25,7 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from .bfloat16 import bf16_to_f32
-from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
+from .vocab import UNUSED, from_tokenizer_json, load_vocab
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
@@ -304,17 +304,27 @@ class HFModel:
         """tokenizer.model (exact: sentencepiece scores) if present, else tokenizer.json. When the
         embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
         placeholder pieces so every id the model can produce decodes to something."""
-        if (self.dir / "tokenizer.model").is_file():
-            vocab = from_sentencepiece(self.dir / "tokenizer.model")
+        if (self.dir / "tokenizer.model").is_file():  # sentencepiece, or Meta's tiktoken (Llama 3)
+            vocab = load_vocab(self.dir / "tokenizer.model")
         elif (self.dir / "tokenizer.json").is_file():
             vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
+        vocab.eos_ids = tuple(sorted(set(vocab.eos_ids) | self._eos_ids()))
         for i in range(len(vocab), self.config.vocab_size):
             vocab.pieces.append(f"<unused{i}>")
             vocab.scores.append(0.0)
             vocab.types.append(UNUSED)
         return vocab
+
+    def _eos_ids(self) -> set:
+        """Every id config.json and generation_config.json name as eos_token_id (an id or a list)."""
+        ids = set()
+        for name in ("config.json", "generation_config.json"):
+            if (self.dir / name).is_file():
+                eos = _read_json(self.dir / name, name).get("eos_token_id")
+                ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+        return ids
 
     def _template(self):
         jinja = self.dir / "chat_template.jinja"
