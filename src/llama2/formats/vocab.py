@@ -80,6 +80,9 @@ class Vocab:
 
 
 def write_bin(path, vocab: Vocab):
+    if vocab.model != "llama":  # run.c's encoder merges by score over code points, not bytes
+        raise FormatError(f"{path}: a byte-level BPE ({vocab.model}) vocabulary cannot be written as a "
+                          "llama2.c tokenizer.bin; use the model's own tokenizer file")
     with atomic_write(path) as f:
         f.write(vocab.to_bin())
 
