@@ -15,6 +15,7 @@ import time
 import uuid
 
 from .chat import ROLES, encode_dialog, reply_end_ids
+from .chat_template import TemplateError
 from .config import GENERATION
 from .errors import Llama2Error
 from .generate import Event, Params
@@ -171,7 +172,7 @@ def completion_params(tokenizer, config, prompt, max_tokens=COMPLETION_MAX_TOKEN
         raise RequestError("prompt", "expected a string or a non-empty list of token ids")
     logprobs = _integer("logprobs", logprobs, lo=0, hi=MAX_LOGPROBS)
     params = _params(ids, "prompt", config.seq_len, max_tokens, COMPLETION_MAX_TOKENS, temperature,
-                     top_p, seed, stop, stop_tokens=frozenset((config.bos_id, config.eos_id)),
+                     top_p, seed, stop, stop_tokens=frozenset({config.bos_id, config.eos_id} | tokenizer.end_ids),
                      logprobs=logprobs, grammar=_grammar(tokenizer, config, response_format, grammar))
     return params, text
 
@@ -212,6 +213,8 @@ def chat_params(tokenizer, config, messages, template="llama2", max_tokens=None,
         ids = encode_dialog(tokenizer, message_pairs(messages), template)
     except ValueError as e:
         raise RequestError(str(e).split(":", 1)[0], str(e).split(": ", 1)[-1]) from None
+    except TemplateError as e:  # the model's template refuses these messages
+        raise RequestError("messages", str(e)) from None
     if not isinstance(logprobs, bool) and logprobs is not None:
         raise RequestError("logprobs", f"expected true or false, got {logprobs!r}")
     top_logprobs = _integer("top_logprobs", top_logprobs, lo=0, hi=MAX_TOP_LOGPROBS)

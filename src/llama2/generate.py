@@ -212,5 +212,5 @@ def generate(model: Transformer, tokenizer: Tokenizer, sampler: Sampler, prompt_
         return
     params = Params(tuple(prompt_tokens), max_tokens=steps - n + 1, temperature=sampler.temperature,
                     top_p=sampler.top_p, seed=sampler.seed,
-                    stop_tokens=frozenset((cfg.bos_id, cfg.eos_id)), grammar=grammar)
+                    stop_tokens=frozenset({cfg.bos_id, cfg.eos_id} | tokenizer.end_ids), grammar=grammar)
     yield from complete(model, params, tokenizer, cache, slot, sampler, stream)

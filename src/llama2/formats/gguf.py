@@ -195,8 +195,7 @@ class GGUFModel:
                               f"{self.config.head_dim}) are not supported")
         self.shapes = tensor_shapes(self.config)
         self.vocab = vocab_from_metadata(meta)
-        text = meta.get("tokenizer.chat_template")
-        self.chat_template = templates.detect(text) if text else None
+        self.chat_template = templates.from_model_files(meta.get("tokenizer.chat_template"), str(path))
 
     def kind(self, name, layer=None) -> int:
         gname = NAMES[name].format(layer)
@@ -355,8 +354,8 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         if vocab.model == "gpt2":
             meta["tokenizer.ggml.pre"] = vocab.pre
             meta["tokenizer.ggml.merges"] = (STRING, vocab.merges)
-    if chat_template is not None:
-        meta["tokenizer.chat_template"] = templates.JINJA[chat_template]
+    if chat_template is not None:  # a built-in name, or the model's own ChatTemplate
+        meta["tokenizer.chat_template"] = templates.resolve(chat_template).source
 
     parts = [MAGIC, struct.pack("<IQQ", 3, len(order), len(meta))]
     for key, value in meta.items():

@@ -327,13 +327,20 @@ class HFModel:
         return ids
 
     def _template(self):
-        jinja = self.dir / "chat_template.jinja"
-        if jinja.is_file():
-            return templates.detect(jinja.read_text(encoding="utf-8"))
-        tc = self.dir / "tokenizer_config.json"
-        if tc.is_file():
-            return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
-        return None
+        return read_chat_template(self.dir)
+
+
+def read_chat_template(directory):
+    """The chat template of a Hugging Face folder (chat_template.jinja, else tokenizer_config.json's
+    chat_template) with tokenizer_config.json's BOS / EOS texts, as a chat_template.ChatTemplate;
+    None when it has none."""
+    directory = Path(directory)
+    tc = directory / "tokenizer_config.json"
+    spec = _read_json(tc, "tokenizer_config.json") if tc.is_file() else {}
+    jinja = directory / "chat_template.jinja"
+    text, origin = ((jinja.read_text(encoding="utf-8"), jinja) if jinja.is_file()
+                    else (spec.get("chat_template"), tc))
+    return templates.from_model_files(text, str(origin), spec.get("bos_token"), spec.get("eos_token"))
 
 
 def matches(path, head) -> bool:

@@ -140,6 +140,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                           invariant=config.invariant, kv_budget=config.kv_budget,
                           prefix_cache=config.prefix_cache)
     tokenizer, model_config = llama.tokenizer, llama.config
+    template = config.chat_template or llama.chat_template
     started = int(time.time())
     key = config.api_key.encode() if config.api_key else None
     workers = ThreadPoolExecutor(config.prepare_threads, thread_name_prefix="llama2-prepare")
@@ -258,7 +259,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     def prepare_chat(data: bytes) -> P.Request:  # on a worker thread
         body = P.parse_body(data)
         P.check_model(body, config.model_name)
-        return P.parse_chat(body, tokenizer, model_config, config.chat_template)
+        return P.parse_chat(body, tokenizer, model_config, template)
 
     async def completions(request):
         req = await off_loop(prepare_completion, await read_body(request))

@@ -415,7 +415,7 @@ def parse_completion(body: dict, tokenizer, config) -> Request:
     return Request(params, stream, usage, echo=bool(b.echo), prompt_text=text, body=b)
 
 
-def parse_chat(body: dict, tokenizer, config, template: str) -> Request:
+def parse_chat(body: dict, tokenizer, config, template) -> Request:
     """POST /v1/chat/completions: messages rendered with the chat template; a system and a user
     message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
     b = _validate(ChatBody, body)

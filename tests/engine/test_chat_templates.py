@@ -1,0 +1,138 @@
+"""Chat templates: the model's own Jinja renders the string transformers' apply_chat_template
+renders (six families, system prompts, multi-turn, add_generation_prompt), special tokens are
+parsed in the template and never in messages, and the Python API uses the same path."""
+
+import json
+
+import pytest
+
+from chat_template_cases import CONVERSATIONS, FAMILIES
+from conftest import TINY, asset, random_weights
+from llama2.chat_template import ChatTemplate, TemplateError, token_texts
+from llama2.formats import gguf, hf
+from llama2.formats.vocab import load_vocab
+
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+SPECIALS = ["<s>", "</s>", "<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+            "<|im_start|>", "<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tmp_path_factory):
+    """A small byte-level BPE tokenizer.json (trained by `tokenizers`) holding every family's
+    special tokens."""
+    T = tokenizers
+    tok = T.Tokenizer(T.models.BPE())
+    tok.pre_tokenizer = T.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = T.decoders.ByteLevel()
+    trainer = T.trainers.BpeTrainer(vocab_size=600, special_tokens=SPECIALS, show_progress=False,
+                                    initial_alphabet=T.pre_tokenizers.ByteLevel.alphabet())
+    text = asset("tinystories_train_sample_2MiB.txt").read_text(encoding="utf-8")[:100_000]
+    tok.train_from_iterator([text], trainer)
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    tok.save(str(path))
+    return path
+
+
+def folder(tmp_path, tokenizer_json, family):
+    """A Hugging Face tokenizer folder whose tokenizer_config.json carries the family's template."""
+    template, bos, eos, _ = FAMILIES[family]
+    (tmp_path / "tokenizer.json").write_bytes(tokenizer_json.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+        "chat_template": template}))
+    return tmp_path
+
+
+def conversations(family):
+    takes_system = FAMILIES[family][3]
+    return [c for c in CONVERSATIONS if takes_system or c[0]["role"] != "system"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_string_as_transformers(tmp_path, tokenizer_json, family):
+    path = folder(tmp_path, tokenizer_json, family)
+    ref = transformers.AutoTokenizer.from_pretrained(str(path))
+    ours = hf.read_chat_template(path)
+    tok = load_vocab(path / "tokenizer.json").tokenizer(str(path))
+    cases = conversations(family)
+    assert any(len(c) > 2 for c in cases)  # multi-turn among them (and but for Mistral a system prompt)
+    for conv in cases:
+        for gen in (True, False):
+            want = ref.apply_chat_template(conv, tokenize=False, add_generation_prompt=gen)
+            assert ours.render(conv, gen, *token_texts(tok)) == want, (family, conv, gen)
+
+
+@pytest.mark.parametrize("family", ["llama3", "chatml", "zephyr"])
+def test_specials_parsed_in_the_template_never_in_messages(tmp_path, tokenizer_json, family):
+    path = folder(tmp_path, tokenizer_json, family)
+    ref = transformers.AutoTokenizer.from_pretrained(str(path))
+    ours = hf.read_chat_template(path)
+    tok = load_vocab(path / "tokenizer.json").tokenizer(str(path))
+    for conv in CONVERSATIONS[:3]:  # no special-token text in the messages: the same ids
+        want = ref.apply_chat_template(conv, tokenize=True, add_generation_prompt=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert ours.encode(tok, conv) == list(want), (family, conv)
+    # a message spelling <|eot_id|>, </s>: text in ours, a special token in a plain tokenization
+    conv = CONVERSATIONS[3]
+    ids = ours.encode(tok, conv)
+    plain = tok.encode(ours.render(conv, True, *token_texts(tok)), bos=False, special=True)
+    for special in ("<|eot_id|>", "</s>"):
+        sid = tok.special[special]
+        assert plain.count(sid) == ids.count(sid) + 1
+    assert tok.decode(ids).count("<|eot_id|> </s> [INST]") == 1  # spelled out, as the user typed it
+
+
+def test_template_that_raises_is_one_line_naming_the_model(tmp_path, tokenizer_json):
+    path = folder(tmp_path, tokenizer_json, "mistral")
+    ours = hf.read_chat_template(path)
+    conv = CONVERSATIONS[1]  # a system message: Mistral's template refuses it
+    ref = transformers.AutoTokenizer.from_pretrained(str(path))
+    with pytest.raises(Exception, match="Conversation roles must alternate"):
+        ref.apply_chat_template(conv, tokenize=False)
+    with pytest.raises(TemplateError) as e:
+        ours.render(conv)
+    assert str(e.value) == (f"{path / 'tokenizer_config.json'}: chat template: "
+                            "Conversation roles must alternate user/assistant/user/assistant/...")
+    from llama2.errors import FormatError
+    with pytest.raises(FormatError, match=r"^m.gguf: chat template does not parse \("):
+        ChatTemplate("{% for m in messages %}", "m.gguf")
+
+
+def test_sandboxed():
+    evil = ChatTemplate("{{ messages.__class__.__mro__ }}", "evil.gguf")
+    with pytest.raises(TemplateError, match="^evil.gguf: chat template"):
+        evil.render([{"role": "user", "content": "x"}])
+
+
+def test_python_api_and_chat_completion_use_the_models_template(tmp_path, tokenizer_json):
+    """A GGUF carrying a byte-level vocabulary and Llama 3's template: Llama.apply_chat_template
+    equals transformers'; create_chat_completion encodes the same prompt and stops at <|eot_id|>."""
+    import dataclasses
+
+    from llama2 import Llama
+    from llama2.completions import chat_params
+
+    path = folder(tmp_path, tokenizer_json, "llama3")
+    vocab = load_vocab(path / "tokenizer.json")
+    vocab = dataclasses.replace(vocab, source=None, bos_id=SPECIALS.index("<|begin_of_text|>"),
+                                eos_id=SPECIALS.index("<|eot_id|>"))
+    config = dataclasses.replace(TINY, vocab_size=len(vocab.pieces), seq_len=256, bos_id=vocab.bos_id,
+                                 eos_id=vocab.eos_id)
+    model = tmp_path / "m.gguf"
+    gguf.write(model, config, lambda name, layer=None: (random_weights(config)[name] if layer is None
+                                                        else random_weights(config)[name][layer]),
+               vocab, chat_template=hf.read_chat_template(path))
+    llama = Llama.load(model, kv_type="f32")
+    ref = transformers.AutoTokenizer.from_pretrained(str(path))
+    conv = CONVERSATIONS[2]
+    assert llama.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False,
+                                                                      add_generation_prompt=True)
+    params = chat_params(llama.tokenizer, llama.config, conv, llama.chat_template)
+    assert list(params.prompt) == llama.chat_template.encode(llama.tokenizer, conv)
+    assert vocab.eos_id in params.stop_tokens
+    answer = llama.create_chat_completion(conv, max_tokens=8, temperature=0)
+    text = answer["choices"][0]["message"]["content"]
+    assert not any(s in text for s in SPECIALS)
