@@ -1,6 +1,6 @@
 """The chat templates of six model families, as their tokenizer_config.json files give them (Llama 3's
 without its tool-calling branches), with the BOS / EOS texts each family's tokenizer_config.json
-names. Shared by the chat template tests."""
+names. Shared by the chat tests, with `long_chat`, a history longer than stories260K's context."""
 
 LLAMA2 = (
     "{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
@@ -86,3 +86,13 @@ CONVERSATIONS = [
     [{"role": "user", "content": "def f(x):\n    return x  # <|eot_id|> </s> [INST]"},
      {"role": "assistant", "content": "Looks fine: 日本語 🍰"}, {"role": "user", "content": "ok"}],
 ]
+
+
+STORY = "Once upon a time there was a little cat who liked to play in the big green garden with a ball."
+
+
+def long_chat(turns=12):
+    messages = [{"role": "system", "content": "You are a storyteller."}]
+    for i in range(turns):
+        messages += [{"role": "user", "content": f"Turn {i}: {STORY}"}, {"role": "assistant", "content": STORY}]
+    return messages + [{"role": "user", "content": "And then?"}]

@@ -204,13 +204,34 @@ def message_pairs(messages) -> list:
     return pairs
 
 
+def fit_dialog(tokenizer, pairs, template, seq_len: int, reserve: int) -> tuple:
+    """(ids, dropped): the dialog's ids; when they do not fit the context, the oldest exchanges
+    (a user message and the reply after it) are left out, the system prompt and the last message
+    kept, until `reserve` positions are left for the reply (ollama keeps long chats going so)."""
+    ids = encode_dialog(tokenizer, pairs, template)
+    if len(ids) <= seq_len:
+        return ids, 0
+    system = [p for p in pairs[:1] if p[0] == "system"]
+    rest, dropped = pairs[len(system):], 0
+    while len(ids) > seq_len - reserve and len(rest) > 1:
+        n = 2 if len(rest) > 2 and rest[1][0] == "assistant" else 1
+        rest, dropped = rest[n:], dropped + n
+        ids = encode_dialog(tokenizer, system + rest, template)
+    return ids, dropped
+
+
 def chat_params(tokenizer, config, messages, template="llama2", max_tokens=None, temperature=None,
                 top_p=None, seed=None, stop=None, logprobs=False, top_logprobs=None,
-                response_format=None, grammar=None) -> Params:
+                response_format=None, grammar=None, drop_turns=True) -> Params:
     """Params of a chat completion: the messages rendered with the chat template; a system and a
-    user message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
+    user message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`.
+    A history that does not fit the context loses its oldest turns (`drop_turns`; the count is
+    Params.dropped_messages) or, with drop_turns=False, is refused."""
     try:
-        ids = encode_dialog(tokenizer, message_pairs(messages), template)
+        pairs = message_pairs(messages)
+        reserve = max_tokens if isinstance(max_tokens, int) and max_tokens > 0 else config.seq_len // 4
+        ids, dropped = (fit_dialog(tokenizer, pairs, template, config.seq_len, min(reserve, config.seq_len // 2))
+                        if drop_turns else (encode_dialog(tokenizer, pairs, template), 0))
     except ValueError as e:
         raise RequestError(str(e).split(":", 1)[0], str(e).split(": ", 1)[-1]) from None
     except TemplateError as e:  # the model's template refuses these messages
@@ -224,7 +245,7 @@ def chat_params(tokenizer, config, messages, template="llama2", max_tokens=None,
     # prompt position but the last.
     stop_tokens = reply_end_ids(tokenizer, template, config.eos_id)
     return _params(ids, "messages", config.seq_len, max_tokens, None, temperature, top_p, seed, stop,
-                   stop_tokens=stop_tokens, skip_coins=len(ids) - 1,
+                   stop_tokens=stop_tokens, skip_coins=len(ids) - 1, dropped_messages=dropped,
                    logprobs=(top_logprobs or 0) if logprobs else None,
                    grammar=_grammar(tokenizer, config, response_format, grammar))
 
@@ -249,11 +270,12 @@ class Answer:
     """
 
     def __init__(self, chat: bool, model: str, tokenizer, prompt_tokens: int, prefix: str = "",
-                 logprobs: bool = False, id: str = None):
+                 logprobs: bool = False, id: str = None, dropped_messages: int = 0):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.id = id or new_id("chatcmpl" if chat else "cmpl")
         self.object = "chat.completion" if chat else "text_completion"
         self.prompt_tokens = prompt_tokens
+        self.dropped_messages = dropped_messages  # said in the usage: the oldest turns left out
         self.prefix = prefix
         self.logprobs = logprobs  # the request asked for log probabilities
         self.pieces = [prefix]
@@ -328,7 +350,10 @@ class Answer:
         return chunks
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, self.tokens)
+        u = usage(self.prompt_tokens, self.tokens)
+        if self.dropped_messages:
+            u["dropped_messages"] = self.dropped_messages
+        return u
 
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",

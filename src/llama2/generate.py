@@ -52,6 +52,7 @@ class Params:
     skip_coins: int = 0  # coins drawn before the first sample (run.c's chat samples at prompt positions)
     grammar: object = None  # a structured.Grammar the text must match, or None
     logprobs: int | None = None  # None: no log probabilities; k: the sampled token's and the top k
+    dropped_messages: int = 0  # chat: the oldest messages left out so that the prompt fits
 
 
 def resolve_steps(steps: int, seq_len: int) -> int:

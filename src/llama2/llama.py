@@ -138,18 +138,21 @@ class Llama:
 
     def create_chat_completion(self, messages, max_tokens=None, temperature=GENERATION.temperature,
                                top_p=GENERATION.top_p, seed=None, stop=None, stream=False, logprobs=False,
-                               top_logprobs=None, response_format=None, grammar=None, include_usage=False):
+                               top_logprobs=None, response_format=None, grammar=None, include_usage=False,
+                               drop_turns=True):
         """A chat completion as OpenAI's /v1/chat/completions answers it (a dict), or with
         `stream=True` an iterator of `chat.completion.chunk` dicts. `messages`: [{"role", "content"}]
         (system first if any, then user and assistant alternating, ending with a user message),
         rendered with the model's chat template. `max_tokens` None: the rest of the context.
         `logprobs=True` gives each token's log probability, `top_logprobs` (0..20) the most likely
-        alternatives. Other arguments as create_completion."""
+        alternatives. A history longer than the context loses its oldest turns (the system prompt
+        stays; usage["dropped_messages"] counts them), or with `drop_turns=False` is refused.
+        Other arguments as create_completion."""
         params = C.chat_params(self.tokenizer, self.config, messages, self.chat_template, max_tokens,
                                temperature, top_p, seed, stop, logprobs, top_logprobs, response_format,
-                               grammar)
+                               grammar, drop_turns)
         answer = C.Answer(True, self.name, self.tokenizer, len(params.prompt),
-                          logprobs=params.logprobs is not None)
+                          logprobs=params.logprobs is not None, dropped_messages=params.dropped_messages)
         return self._answer(answer, params, stream, include_usage)
 
     def _answer(self, answer, params, stream, include_usage):

@@ -53,6 +53,10 @@ def register(sub):
     p.add_argument("--chat-template", metavar="NAME|FILE",
                    help="how chat messages become a prompt: llama2, chatml or a Jinja template file "
                         "(default: the model's own, else llama2 as run.c)")
+    p.add_argument("--refuse-long-chats", action="store_true",
+                   help="answer a chat whose history does not fit the context with a 400, instead of "
+                        "leaving out its oldest turns (the system prompt stays; usage.dropped_messages "
+                        "says how many)")
     p.add_argument("--max-body", type=int, default=d.max_body,
                    help=f"largest request body in bytes (default {d.max_body})")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
@@ -154,7 +158,8 @@ def run(args, io) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           kv_budget=kv_budget(args, llama, model_path, io),
                           prefix_cache=not args.no_prefix_cache,
-                          chat_template=template, invariant=not args.one_pass,
+                          chat_template=template, refuse_long_chats=args.refuse_long_chats,
+                          invariant=not args.one_pass,
                           max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
                           timeout_headers=args.timeout_headers, timeout_body=args.timeout_body)
     sock = bind(args.host, args.port)

@@ -259,7 +259,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     def prepare_chat(data: bytes) -> P.Request:  # on a worker thread
         body = P.parse_body(data)
         P.check_model(body, config.model_name)
-        return P.parse_chat(body, tokenizer, model_config, template)
+        return P.parse_chat(body, tokenizer, model_config, template, not config.refuse_long_chats)
 
     async def completions(request):
         req = await off_loop(prepare_completion, await read_body(request))
@@ -274,7 +274,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
         req = await off_loop(prepare_chat, await read_body(request))
         gen = submit(req.params)
         ans = Answer(True, config.model_name, tokenizer, len(req.params.prompt),
-                     logprobs=req.params.logprobs is not None)
+                     logprobs=req.params.logprobs is not None, dropped_messages=req.params.dropped_messages)
         if not req.stream:
             return await answer(request, gen, ans)
         return stream(gen, ans, req.include_usage)

@@ -415,18 +415,20 @@ def parse_completion(body: dict, tokenizer, config) -> Request:
     return Request(params, stream, usage, echo=bool(b.echo), prompt_text=text, body=b)
 
 
-def parse_chat(body: dict, tokenizer, config, template) -> Request:
+def parse_chat(body: dict, tokenizer, config, template, drop_turns: bool = True) -> Request:
     """POST /v1/chat/completions: messages rendered with the chat template; a system and a user
     message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
     b = _validate(ChatBody, body)
     _refuse(b)
     messages = [{"role": m.role, "content": m.content} for m in b.messages]
-    _check_text_fits("messages", [m["content"] for m in messages], config.seq_len)
+    # what must stay (older turns may be left out): the system prompt and the last message
+    kept = messages if not drop_turns else [m for m in messages[:1] if m["role"] == "system"] + messages[-1:]
+    _check_text_fits("messages", [m["content"] for m in kept], config.seq_len)
     stream, usage = _stream(b)
     try:
         params = C.chat_params(tokenizer, config, messages, template, b.max_tokens or b.max_completion_tokens,
                                b.temperature, b.top_p, b.seed, b.stop, bool(b.logprobs), b.top_logprobs,
-                               body.get("response_format"))
+                               body.get("response_format"), drop_turns=drop_turns)
     except C.RequestError as e:
         raise _from_request_error(e) from None
     return Request(params, stream, usage, body=b)
