@@ -72,7 +72,7 @@ def _tokenizers():
         import tokenizers
     except ImportError:
         raise FormatError("byte-level BPE tokenizers need the `tokenizers` package "
-                          "(pip install tokenizers)") from None
+                          "(pip install 'llama2[bpe]')") from None
     return tokenizers
 
 
