@@ -107,13 +107,10 @@ def test_sandboxed():
         evil.render([{"role": "user", "content": "x"}])
 
 
-def test_python_api_and_chat_completion_use_the_models_template(tmp_path, tokenizer_json):
-    """A GGUF carrying a byte-level vocabulary and Llama 3's template: Llama.apply_chat_template
-    equals transformers'; create_chat_completion encodes the same prompt and stops at <|eot_id|>."""
+def llama3_gguf(tmp_path, tokenizer_json):
+    """A tiny random model as a GGUF carrying a byte-level vocabulary and Llama 3's template (as
+    tokenizer_config.json gives it), written by our GGUF writer; returns (path, HF folder)."""
     import dataclasses
-
-    from llama2 import Llama
-    from llama2.completions import chat_params
 
     path = folder(tmp_path, tokenizer_json, "llama3")
     vocab = load_vocab(path / "tokenizer.json")
@@ -121,18 +118,79 @@ def test_python_api_and_chat_completion_use_the_models_template(tmp_path, tokeni
                                 eos_id=SPECIALS.index("<|eot_id|>"))
     config = dataclasses.replace(TINY, vocab_size=len(vocab.pieces), seq_len=256, bos_id=vocab.bos_id,
                                  eos_id=vocab.eos_id)
+    weights = random_weights(config, seed=3, scale=0.3)
     model = tmp_path / "m.gguf"
-    gguf.write(model, config, lambda name, layer=None: (random_weights(config)[name] if layer is None
-                                                        else random_weights(config)[name][layer]),
+    gguf.write(model, config, lambda name, layer=None: weights[name] if layer is None else weights[name][layer],
                vocab, chat_template=hf.read_chat_template(path))
+    return model, path
+
+
+def test_python_api_and_chat_completion_use_the_models_template(tmp_path, tokenizer_json):
+    """Llama.apply_chat_template equals transformers'; create_chat_completion encodes the same
+    prompt, stops at <|eot_id|> and prints no special token."""
+    from llama2 import Llama
+    from llama2.completions import chat_params
+
+    model, path = llama3_gguf(tmp_path, tokenizer_json)
     llama = Llama.load(model, kv_type="f32")
     ref = transformers.AutoTokenizer.from_pretrained(str(path))
     conv = CONVERSATIONS[2]
     assert llama.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False,
                                                                       add_generation_prompt=True)
+    assert llama.apply_chat_template(conv, False) == ref.apply_chat_template(conv, tokenize=False)
     params = chat_params(llama.tokenizer, llama.config, conv, llama.chat_template)
     assert list(params.prompt) == llama.chat_template.encode(llama.tokenizer, conv)
-    assert vocab.eos_id in params.stop_tokens
+    assert SPECIALS.index("<|eot_id|>") in params.stop_tokens
     answer = llama.create_chat_completion(conv, max_tokens=8, temperature=0)
     text = answer["choices"][0]["message"]["content"]
     assert not any(s in text for s in SPECIALS)
+
+
+def run_cli(argv, stdin=""):
+    import io
+
+    from llama2.cli import main
+    out, err = io.BytesIO(), io.StringIO()
+    code = main(argv, stdout=out, stderr=err, stdin=io.StringIO(stdin))
+    return code, out.getvalue().decode("utf-8", errors="replace"), err.getvalue()
+
+
+def test_cli_chat_turns_equal_the_api_over_the_whole_history(tmp_path, tokenizer_json):
+    """The CLI's chat renders the whole conversation with the model's template each turn and
+    keeps the cached positions it shares: each reply equals create_chat_completion's on the
+    history so far (greedy)."""
+    from llama2 import Llama
+    model, _ = llama3_gguf(tmp_path, tokenizer_json)
+    llama = Llama.load(model, kv_type="f32")
+    code, out, err = run_cli(["run", str(model), "--mode", "chat", "-t", "0", "-y", "Be brief.",
+                              "-i", "Tell me a story.", "--kv-type", "f32"], stdin="And then?\n")
+    assert code == 0, err
+    replies = [part.split("\nUser: ")[0].rstrip("\n") for part in out.split("Assistant: ")[1:]]
+    assert len(replies) == 2 and all(replies), out
+    history = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+    for turn, user in enumerate(["Tell me a story.", "And then?"]):
+        if turn:
+            history += [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": user}]
+        want = llama.create_chat_completion(history, temperature=0)
+        assert replies[turn] == want["choices"][0]["message"]["content"]
+
+
+def test_chat_template_file_overrides_and_a_raising_one_is_one_line(tmp_path, tokenizer_json):
+    from llama2 import Llama
+    from llama2.chat_template import override
+    model, _ = llama3_gguf(tmp_path, tokenizer_json)
+    chatml = tmp_path / "chatml.jinja"
+    chatml.write_text(FAMILIES["chatml"][0])
+    llama = Llama.load(model, chat_template=override(str(chatml)))
+    assert llama.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    code, out, err = run_cli(["run", str(model), "--mode", "chat", "-t", "0", "-n", "60", "-y", "",
+                              "-i", "hi", "--chat-template", str(chatml)])
+    assert code == 0 and out.startswith("Assistant: "), err
+    strict = tmp_path / "strict.jinja"
+    strict.write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system prompt, please') }}"
+                      "{% endif %}{{ messages[0]['content'] }}")
+    code, _, err = run_cli(["run", str(model), "--mode", "chat", "-y", "S", "-i", "hi", "--chat-template", str(strict)])
+    assert (code, err) == (1, f"llama2: error: {strict}: chat template: no system prompt, please\n")
+    code, _, err = run_cli(["run", str(model), "--mode", "chat", "-i", "hi", "--chat-template", "nope"])
+    assert code == 2 and err.count("\n") == 1 and "--chat-template" in err
