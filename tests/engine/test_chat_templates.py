@@ -194,3 +194,22 @@ def test_chat_template_file_overrides_and_a_raising_one_is_one_line(tmp_path, to
     assert (code, err) == (1, f"llama2: error: {strict}: chat template: no system prompt, please\n")
     code, _, err = run_cli(["run", str(model), "--mode", "chat", "-i", "hi", "--chat-template", "nope"])
     assert code == 2 and err.count("\n") == 1 and "--chat-template" in err
+
+
+def test_every_declared_end_token_ends_a_reply(tmp_path, tokenizer_json):
+    """eos_token_id lists of config.json and generation_config.json, and the end-of-turn special
+    tokens (<|eot_id|>, <|im_end|>) by their text."""
+    from llama2.chat import reply_end_ids
+    from llama2.errors import FormatError
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": [1, 5]}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 6}))
+    assert hf.eos_ids(tmp_path) == {1, 5, 6}
+    vocab = load_vocab(tokenizer_json)
+    vocab.eos_ids = tuple(hf.eos_ids(tmp_path))
+    tok = vocab.tokenizer(str(tokenizer_json))
+    template = hf.read_chat_template(folder(tmp_path, tokenizer_json, "llama3"))
+    turn_ends = {SPECIALS.index("<|eot_id|>"), SPECIALS.index("<|im_end|>")}  # special in this vocabulary
+    assert reply_end_ids(tok, template, tok.eos_id) == {tok.eos_id, 1, 5, 6} | turn_ends
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
+    with pytest.raises(FormatError, match=r"generation_config.json: eos_token_id: expected an id"):
+        hf.eos_ids(tmp_path)

@@ -310,24 +310,29 @@ class HFModel:
             vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
-        vocab.eos_ids = tuple(sorted(set(vocab.eos_ids) | self._eos_ids()))
+        vocab.eos_ids = tuple(sorted(set(vocab.eos_ids) | eos_ids(self.dir)))
         for i in range(len(vocab), self.config.vocab_size):
             vocab.pieces.append(f"<unused{i}>")
             vocab.scores.append(0.0)
             vocab.types.append(UNUSED)
         return vocab
 
-    def _eos_ids(self) -> set:
-        """Every id config.json and generation_config.json name as eos_token_id (an id or a list)."""
-        ids = set()
-        for name in ("config.json", "generation_config.json"):
-            if (self.dir / name).is_file():
-                eos = _read_json(self.dir / name, name).get("eos_token_id")
-                ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
-        return ids
-
     def _template(self):
         return read_chat_template(self.dir)
+
+
+def eos_ids(directory) -> set:
+    """Every id config.json and generation_config.json name as eos_token_id (an id or a list)."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(directory) / name
+        if path.is_file():
+            eos = _read_json(path, name).get("eos_token_id")
+            try:
+                ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+            except (TypeError, ValueError):
+                raise FormatError(f"{path}: eos_token_id: expected an id or a list of ids, got {eos!r}") from None
+    return ids
 
 
 def read_chat_template(directory):
