@@ -147,3 +147,16 @@ def test_unknown_pre_tokenizer_is_one_line_error(tmp_path):
     vocab = dataclasses.replace(load_vocab(train_tokenizer_json(tmp_path, "gpt-2")), source=None, pre="qwen9")
     with pytest.raises(FormatError, match=r"^model.gguf: pre-tokenizer 'qwen9' is not supported"):
         vocab.tokenizer("model.gguf")
+
+
+def test_tokenize_cli_reads_a_byte_level_tokenizer_json(tmp_path):
+    import io
+
+    from llama2.cli import main
+    path = train_tokenizer_json(tmp_path, "llama-bpe")
+    ref = tokenizers.Tokenizer.from_file(str(path))
+    out = io.BytesIO()
+    text = "Once upon a time, 12345 cats <|eot_id|>"
+    assert main(["tokenize", "-z", str(path), "--no-bos", text], stdout=out, stderr=io.StringIO()) == 0
+    ref.encode_special_tokens = True
+    assert out.getvalue().decode().split() == [str(i) for i in ref.encode(text, add_special_tokens=False).ids]
