@@ -89,6 +89,8 @@ class ByteLevelTokenizer:
     """A byte-level BPE vocabulary: ids are the `tokenizers` Tokenizer's. `special` (text -> id) are
     the control tokens; they decode to nothing and are parsed only when asked."""
 
+    space_after_bos_dropped = False  # a piece is its bytes, wherever it comes
+
     def __init__(self, tok, bos_id: int, eos_id: int, vocab_size: int = None, eos_ids=()):
         size = max(tok.get_vocab_size(with_added_tokens=True), vocab_size or 0)
         added = tok.get_added_tokens_decoder()  # id -> AddedToken

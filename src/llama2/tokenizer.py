@@ -50,6 +50,8 @@ class Tokenizer:
     "<s>" and "</s>"), parsed only by `encode(..., special=True)`; `hidden` ids decode to nothing
     (a model's control tokens); `eos_ids` end a reply besides BOS and EOS (run.c stops at both)."""
 
+    space_after_bos_dropped = True  # run.c's decode: a piece's leading space goes right after BOS
+
     def __init__(self, pieces, scores, max_token_length=None, bos_id=1, eos_id=2, special=None,
                  hidden=(), eos_ids=()):
         if len(pieces) != len(scores):

@@ -213,3 +213,20 @@ def test_every_declared_end_token_ends_a_reply(tmp_path, tokenizer_json):
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "x"}))
     with pytest.raises(FormatError, match=r"generation_config.json: eos_token_id: expected an id"):
         hf.eos_ids(tmp_path)
+
+
+def test_structured_output_on_a_byte_level_vocabulary(tmp_path, tokenizer_json):
+    """A grammar holds on byte-level tokens too, right after BOS as well (no piece loses its space
+    there, as sentencepiece pieces do)."""
+    import re
+
+    from llama2 import Llama
+    from llama2.structured import Spec
+    pytest.importorskip("llguidance")
+    model, _ = llama3_gguf(tmp_path, tokenizer_json)
+    llama = Llama.load(model, kv_type="f32")
+    pattern = r" [a-z]{1,6} [0-9]{2}"
+    for seed in (1, 2, 3):
+        r = llama.create_completion("", max_tokens=30, seed=seed, temperature=1.0, grammar=Spec("regex", pattern))
+        assert r["choices"][0]["finish_reason"] == "stop"
+        assert re.fullmatch(pattern, r["choices"][0]["text"]), r["choices"][0]["text"]
