@@ -129,16 +129,14 @@ class ByteLevelTokenizer:
                    _id(tok, eos_id, ("<|end_of_text|>", "</s>", "<|endoftext|>")), vocab_size, eos_ids)
 
     @classmethod
-    def from_vocab(cls, vocab, where: str, vocab_size=None):
-        """From a formats.vocab.Vocab of byte-level tokens, merges and a pre-tokenizer name (GGUF)."""
-        from .formats.vocab import CONTROL, USER_DEFINED
-        if vocab.pre not in PRE_TOKENIZERS:
-            raise FormatError(f"{where}: pre-tokenizer {vocab.pre!r} is not supported (expected one of "
+    def from_merges(cls, pieces, merges, pre: str, specials, bos_id: int, eos_id: int, where: str,
+                    vocab_size=None, eos_ids=()):
+        """From byte-level pieces, merges and a pre-tokenizer name (GGUF's); `specials` are the
+        pieces that are special tokens. `where` names the file in errors."""
+        if pre not in PRE_TOKENIZERS:
+            raise FormatError(f"{where}: pre-tokenizer {pre!r} is not supported (expected one of "
                               f"{', '.join(PRE_TOKENIZERS)})")
-        specials = [(i, p) for i, (p, t) in enumerate(zip(vocab.pieces, vocab.types))
-                    if t in (CONTROL, USER_DEFINED)]
-        tok = build(vocab.pieces, vocab.merges, vocab.pre, [p for _, p in specials])
-        return cls(tok, vocab.bos_id, vocab.eos_id, vocab_size, vocab.eos_ids)
+        return cls(build(pieces, merges, pre, specials), bos_id, eos_id, vocab_size, eos_ids)
 
     # -- encoding and decoding --------------------------------------------------------------------
 

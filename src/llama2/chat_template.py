@@ -11,8 +11,9 @@ Jinja; theirs is run.c's Llama 2 template (chat.py) or ChatML, named by the vers
 
 import json
 from datetime import datetime
+from pathlib import Path
 
-from .errors import FormatError, Llama2Error
+from .errors import FormatError, Llama2Error, UsageError
 from .tokenizer import split_special
 
 # name -> a canonical Jinja text, written into GGUF files so llama.cpp renders the same prompts
@@ -187,8 +188,6 @@ def from_model_files(text, origin: str, bos_token=None, eos_token=None):
 
 def override(value: str, flag: str = "--chat-template"):
     """--chat-template's value: a built-in name, or a Jinja template file as a ChatTemplate."""
-    from pathlib import Path
-    from .errors import UsageError
     if value in JINJA:
         return value
     path = Path(value)

@@ -45,7 +45,9 @@ class Vocab:
             if self.source is not None:
                 return ByteLevelTokenizer.from_json(self.source, self.bos_id, self.eos_id, vocab_size,
                                                     self.eos_ids)
-            return ByteLevelTokenizer.from_vocab(self, where, vocab_size)
+            specials = [p for p, t in zip(self.pieces, self.types) if t in (CONTROL, USER_DEFINED)]
+            return ByteLevelTokenizer.from_merges(self.pieces, self.merges, self.pre, specials, self.bos_id,
+                                                  self.eos_id, where, vocab_size, self.eos_ids)
         from ..tokenizer import Tokenizer
         special = {p: i for i, (p, t) in enumerate(zip(self.pieces, self.types)) if t in (CONTROL, USER_DEFINED)}
         special.setdefault("<s>", self.bos_id)
