@@ -133,6 +133,11 @@ def test_python_api_and_chat_completion_use_the_models_template(tmp_path, tokeni
 
     model, path = llama3_gguf(tmp_path, tokenizer_json)
     llama = Llama.load(model, kv_type="f32")
+    # the vocabulary came through our GGUF writer and reader: the same ids as `tokenizers`
+    words = tokenizers.Tokenizer.from_file(str(tokenizer_json))
+    words.encode_special_tokens = True
+    for text in ["Once upon a time, 42 cats   ran.\n\n", "<|eot_id|> as text", "日本語 🍰"]:
+        assert llama.encode(text, bos=False) == words.encode(text, add_special_tokens=False).ids
     ref = transformers.AutoTokenizer.from_pretrained(str(path))
     conv = CONVERSATIONS[2]
     assert llama.apply_chat_template(conv) == ref.apply_chat_template(conv, tokenize=False,
