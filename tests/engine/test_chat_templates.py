@@ -235,3 +235,25 @@ def test_structured_output_on_a_byte_level_vocabulary(tmp_path, tokenizer_json):
         r = llama.create_completion("", max_tokens=30, seed=seed, temperature=1.0, grammar=Spec("regex", pattern))
         assert r["choices"][0]["finish_reason"] == "stop"
         assert re.fullmatch(pattern, r["choices"][0]["text"]), r["choices"][0]["text"]
+
+
+def test_export_keeps_a_jinja_template_in_gguf_and_warns_for_llama2c(tmp_path):
+    import io
+
+    from conftest import byte_tokenizer
+    from llama2.cli import main
+    from llama2.formats import llama2c
+    model, tok = tmp_path / "m.bin", tmp_path / "tok.bin"
+    llama2c.write(model, TINY, random_weights(TINY), version=1)
+    byte_tokenizer(TINY.vocab_size).save(tok)
+    jinja = tmp_path / "t.jinja"
+    jinja.write_text(FAMILIES["zephyr"][0])
+    out, err = tmp_path / "m.gguf", io.StringIO()
+    assert main(["export", str(out), "--from", str(model), "--format", "gguf", "--tokenizer", str(tok),
+                 "--chat-template", str(jinja)], stdout=io.BytesIO(), stderr=err) == 0, err.getvalue()
+    assert gguf.read(out)[0]["tokenizer.chat_template"] == FAMILIES["zephyr"][0]
+    err = io.StringIO()
+    assert main(["export", str(tmp_path / "v3.bin"), "--from", str(model), "--chat-template", str(jinja)],
+                stdout=io.BytesIO(), stderr=err) == 0
+    assert f"{jinja}'s is left out" in err.getvalue()
+    assert llama2c.load(tmp_path / "v3.bin").chat_template is None
