@@ -24,7 +24,7 @@ class Vocab:
     """A vocabulary: pieces, scores, piece types. `model` says which kind (GGUF's names):
     "llama", sentencepiece terms ("▁" for space, scores order the merges); "gpt2", byte-level BPE
     (pieces in GPT-2's byte alphabet, `merges` in order, `pre` the pre-tokenizer's llama.cpp name,
-    and `source` the tokenizer.json or tiktoken file it came from, built from directly)."""
+    and `source` the tokenizer.json it came from, when there is one: the reference to build from)."""
     pieces: list  # str per id
     scores: list  # float per id (higher merges first)
     types: list  # int per id (NORMAL, CONTROL, BYTE, ...)
