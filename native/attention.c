@@ -1,11 +1,10 @@
-/* Attention over a paged KV cache, in the cache's own type (f32, f16, bf16, q8_0), for decode rows
+/* Attention over a paged KV cache, in the cache's own type (kv.h), for decode rows
  * and prompt rows alike. Compiled once per variant (the branches follow __AVX2__), like the type
  * files.
  *
  * Cache layout (src/llama2/kvcache): a layer's K (or V) pool is [blocks, kv_heads, block_tokens,
  * row_bytes]; row t of a sequence lies in block table[t / block_tokens] at t % block_tokens.
- * A row holds head_dim values: f32 / f16 / bf16 as such; q8_0 as groups of g = min(32, head_dim)
- * values, each {f16 d; int8 q[g]} (value = d * q).
+ * A row holds head_dim values in the type's encoding (kv.h).
  *
  * The arithmetic of one query head q against its n cached rows (the same for every caller, so a
  * prompt row gets exactly the bits a decode row at its position gets, at this variant):
@@ -17,7 +16,7 @@
  *   sum  = eight lanes (lane j adds e_t for t = j mod 8, t ascending), combined as hsum256_ps
  *   p_t  = e_t * (1 / sum)
  *   out_i = fma(p_t, v_t[i], out_i) for t = 0, 1, ..., n-1, from out_i = 0
- * Rows are decoded to float32 exactly (f16, bf16) or as d * q rounded once (q8_0).
+ * Rows are decoded to float32 by their type's record (kv.h).
  *
  * attn_group computes R consecutive rows of one sequence for the G query heads that share one kv
  * head: row i sees n0 + i cached rows. Each block of cached rows is decoded once for all R * G
@@ -26,64 +25,19 @@
 #include <math.h>
 #include <string.h>
 
+#include "kv.h"
 #include "level.h"
 
 #define HD_MAX 1024    /* longest head row (module.c checks it) */
 #define CHUNK_FLOATS 8192  /* decoded rows of one block processed together (32 KB) */
 _Static_assert(CHUNK_FLOATS >= HD_MAX, "a chunk holds at least one row");
 
-/* One row of `hd` values -> float32. */
-static void decode_row(int kvtype, const uint8_t *row, int64_t hd, float *out) {
-    switch (kvtype) {
-    case KV_F16: {
-        int64_t i = 0;
-#if defined(__AVX2__)
-        for (; i + 8 <= hd; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(load128(row + 2 * i)));
-#endif
-        for (; i < hd; i++) out[i] = f16_to_f32(load_u16(row + 2 * i));
-        break;
-    }
-    case KV_BF16: {
-        int64_t i = 0;
-#if defined(__AVX2__)
-        for (; i + 8 <= hd; i += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(load128(row + 2 * i));
-            _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-        }
-#endif
-        for (; i < hd; i++) out[i] = bf16_to_f32(load_u16(row + 2 * i));
-        break;
-    }
-    case KV_Q8_0: {
-        int64_t g = hd < 32 ? hd : 32;
-        for (int64_t b = 0; b < hd / g; b++) {
-            const uint8_t *blk = row + b * (2 + g);
-            float d = f16_to_f32(load_u16(blk));
-            const int8_t *q = (const int8_t *)(blk + 2);
-            float *o = out + b * g;
-            int64_t i = 0;
-#if defined(__AVX2__)
-            __m256 dv = _mm256_set1_ps(d);
-            for (; i + 8 <= g; i += 8) {
-                __m128i b8 = _mm_loadl_epi64((const __m128i *)(q + i));
-                _mm256_storeu_ps(o + i, _mm256_mul_ps(dv, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b8))));
-            }
-#endif
-            for (; i < g; i++) o[i] = d * (float)q[i];
-        }
-        break;
-    }
-    default:
-        memcpy(out, row, (size_t)hd * 4);
-    }
-}
-
 /* m consecutive rows of one block (row_bytes apart) as float32 [m, hd]: f32 rows in place, others
  * decoded into tmp. */
 static const float *block_rows(int kvtype, const uint8_t *row, size_t row_bytes, int64_t m, int64_t hd,
                                float *tmp) {
-    if (kvtype == KV_F32) return (const float *)row;
-    for (int64_t t = 0; t < m; t++) decode_row(kvtype, row + (size_t)t * row_bytes, hd, tmp + t * hd);
+    if (kv_rows_are_f32(kvtype)) return (const float *)row;
+    for (int64_t t = 0; t < m; t++) kv_decode(kvtype, row + (size_t)t * row_bytes, hd, tmp + t * hd);
     return tmp;
 }
 

@@ -7,7 +7,7 @@
  * activation row) pair keeps the dot kernel's own accumulators: two vectors (k mod 2V in the low /
  * high half), then reduce(acc0 + acc1), then the cols % 2V tail left to right. Widening is exact,
  * so every output has exactly the bits of the dot kernel at this level, whatever N, the steps, the
- * panels or the thread count (tests/test_native.py checks it). The scalar variant widens and calls
+ * panels or the thread count (tests/engine/test_native.py checks it). The scalar variant widens and calls
  * its own f32 dot kernel.
  *
  * Shapes: w [nrows, row_bytes], x float32 [n, cols] (rows xs floats apart), out[j * os + r] for

@@ -47,11 +47,8 @@ typedef void (*gemm_float_fn)(int type, int64_t cols, const void *w, size_t row_
 typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
-/* KV cache types (src/llama2/kvcache): how attention reads a cached row. */
-enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2, KV_Q8_0 = 3, KV_COUNT = 4 };
-
-/* Decode attention of one query head over n cached rows read through a block table
- * (attention.c): out [hd] = softmax(q . K / sqrt(hd)) V; scores: n floats of scratch. */
+/* Decode attention of one query head over n cached rows of KV type kvtype (kv.h) read through a
+ * block table (attention.c): out [hd] = softmax(q . K / sqrt(hd)) V; scores: n floats of scratch. */
 typedef void (*attn_fn)(int kvtype, int64_t hd, const float *q, const uint8_t *k, const uint8_t *v,
                         size_t row_bytes, size_t block_stride, int64_t block_tokens, const int32_t *table,
                         int64_t n, float *scores, float *out);

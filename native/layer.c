@@ -28,6 +28,7 @@
 #include <string.h>
 
 #include "dispatch.h"
+#include "kv.h"
 #include "pool.h"
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -59,59 +60,6 @@ void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d
         float ss = (acc[0] + acc[1]) + (acc[2] + acc[3]);
         float inv = 1.0f / sqrtf(ss / (float)d + eps);
         for (int64_t j = 0; j < d; j++) o[j] = w[j] * (xr[j] * inv);
-    }
-}
-
-int64_t lp_kv_row_bytes(int t, int64_t hd) {
-    switch (t) {
-    case KV_F32: return 4 * hd;
-    case KV_F16: case KV_BF16: return 2 * hd;
-    case KV_Q8_0: { int64_t g = hd < 32 ? hd : 32; return hd < 1 || hd % g ? -1 : hd / g * (2 + g); }
-    default: return -1;
-    }
-}
-
-void kv_encode(int kvtype, const float *x, int64_t hd, uint8_t *out) {
-    switch (kvtype) {
-    case KV_F16:  /* numpy's astype(float16): round to nearest even */
-        for (int64_t i = 0; i < hd; i++) {
-            f16_t h = f32_to_f16(x[i]);
-            memcpy(out + 2 * i, &h, 2);
-        }
-        break;
-    case KV_BF16:  /* kvcache/bf16.py: round to nearest even on the top 16 bits, NaN kept quiet */
-        for (int64_t i = 0; i < hd; i++) {
-            uint32_t b;
-            memcpy(&b, x + i, 4);
-            uint16_t r = (b & 0x7fffffffu) > 0x7f800000u ? (uint16_t)((b >> 16) | 0x40)
-                                                          : (uint16_t)((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);
-            memcpy(out + 2 * i, &r, 2);
-        }
-        break;
-    case KV_Q8_0: {  /* kvcache/q8_0.py: groups of min(32, hd) values, {f16 d; int8 q[g]} */
-        int64_t g = hd < 32 ? hd : 32;
-        for (int64_t b0 = 0; b0 < hd; b0 += g) {
-            const float *xg = x + b0;
-            uint8_t *blk = out + b0 / g * (2 + g);
-            float amax = 0.0f;
-            for (int64_t i = 0; i < g; i++) {
-                float a = fabsf(xg[i]);
-                if (a > amax || a != a) amax = a;  /* numpy's max: a NaN wins */
-                if (amax != amax) break;
-            }
-            float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-            f16_t dh = f32_to_f16(d);
-            memcpy(blk, &dh, 2);
-            int8_t *q = (int8_t *)(blk + 2);
-            for (int64_t i = 0; i < g; i++) {
-                float r = rintf(xg[i] * inv);
-                q[i] = r != r ? 0 : (int8_t)(r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r);
-            }
-        }
-        break;
-    }
-    default:
-        memcpy(out, x, (size_t)hd * 4);
     }
 }
 

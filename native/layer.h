@@ -39,7 +39,7 @@ typedef struct {
 } lp_plan;
 
 /* The paged cache of one call: k, v [n_layers, nblocks, n_kv_heads, bt, row_bytes] of KV type
- * kvtype; row b's sequence reads tables[b * maxb ...] and attends lens[b] rows, its new token at
+ * kvtype (kv.h); row b's sequence reads tables[b * maxb ...] and attends lens[b] rows, its new token at
  * position lens[b] - 1 (written by the call). */
 typedef struct {
     int kvtype;
@@ -59,14 +59,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
  * add, lanes combined as (l0 + l1) + (l2 + l3)): the bits of kernels.rmsnorm. */
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out);
 
-/* One row of hd floats -> its bytes in KV type kvtype, bit-equal to llama2.kvcache.<type>.encode. */
-void kv_encode(int kvtype, const float *x, int64_t hd, uint8_t *out);
-
 /* a [count] = silu(a) * b on the pool (native.silu_mul): the variant's kernel over contiguous
  * ranges, so every value has its one-thread bits. */
 void op_silu_mul(const kernel_table *kt, float *a, const float *b, int64_t count);
-
-/* Bytes of one cached row of hd values in KV type t, or -1 if t cannot hold such rows. */
-int64_t lp_kv_row_bytes(int t, int64_t hd);
 
 #endif

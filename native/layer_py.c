@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include "dispatch.h"
+#include "kv.h"
 #include "layer.h"
 
 #define CAPSULE "llama2.decode_plan"
@@ -213,8 +214,8 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
     const lp_plan *p = &h->plan;
     long t = PyLong_AsLong(args[4]);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    int64_t rb = lp_kv_row_bytes((int)t, p->head_dim);
-    if (t < 0 || t >= KV_COUNT || rb < 0)
+    int64_t rb = kv_row_bytes(t, p->head_dim);
+    if (rb < 0)
         return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t,
                             (long long)p->head_dim);
     buf b[6] = {{{0}}};

@@ -6,6 +6,7 @@
 
 #include "attention.h"
 #include "dispatch.h"
+#include "kv.h"
 #include "layer.h"
 #include "ops.h"
 #include "pool.h"
@@ -243,16 +244,6 @@ fail:
     return NULL;
 }
 
-/* Bytes of one cached row of hd values in KV type t (kvcache/<type>.py: ROW_BYTES). */
-static int64_t kv_row_bytes(int t, int64_t hd) {
-    switch (t) {
-    case KV_F32: return 4 * hd;
-    case KV_F16: case KV_BF16: return 2 * hd;
-    case KV_Q8_0: { int64_t g = hd < 32 ? hd : 32; return hd % g ? -1 : hd / g * (2 + g); }
-    default: return -1;
-    }
-}
-
 /* The arguments both attention bindings share: KV type t, q float32 [rows, H, hd] (b[0]), the
  * pools uint8 [blocks, KVH, block_tokens, row_bytes] (b[1], b[2]), tables int32 [?, maxb] (b[3])
  * and out float32 [rows, H * hd]. Fills the shape; -1 with the error set. */
@@ -265,11 +256,11 @@ static int attention_args(long t, const buf *b, const buf *out, const char *fn, 
         return -1;
     }
     a->rows = b[0].b.shape[0], a->H = b[0].b.shape[1], a->hd = b[0].b.shape[2];
-    if (t < 0 || t >= KV_COUNT || kv_row_bytes((int)t, a->hd) < 0 || a->hd > 1024) {
+    if (kv_row_bytes(t, a->hd) < 0 || a->hd > 1024) {
         PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)a->hd);
         return -1;
     }
-    a->rb = kv_row_bytes((int)t, a->hd);
+    a->rb = kv_row_bytes(t, a->hd);
     const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
     if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != a->rb || vp->ndim != 4 ||
         memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || a->H % kp->shape[1]) {
@@ -408,6 +399,68 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     Py_RETURN_NONE;
 fail:
     release(b, 7);
+    return NULL;
+}
+
+/* kv_types() -> ((name, needs), ...) in KV type id order (kv.h): needs says what head_dim must
+ * be, "" when any will do. */
+static PyObject *py_kv_types(PyObject *self, PyObject *unused) {
+    static const char *const facts[][2] = {
+#define KV_FACTS_(ID, name, f32, needs) {#name, needs},
+        KV_TYPES(KV_FACTS_)
+#undef KV_FACTS_
+    };
+    PyObject *t = PyTuple_New(KV_COUNT);
+    for (int i = 0; t && i < KV_COUNT; i++) {
+        PyObject *e = Py_BuildValue("(ss)", facts[i][0], facts[i][1]);
+        if (!e) Py_CLEAR(t);
+        else PyTuple_SET_ITEM(t, i, e);
+    }
+    return t;
+}
+
+/* kv_row_bytes(kvtype, hd) -> bytes of a cached row of hd values, or -1 when the type cannot hold it */
+static PyObject *py_kv_row_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs_ok(nargs, 2, "kv_row_bytes") < 0) return NULL;
+    long t = PyLong_AsLong(args[0]);
+    long long hd = PyLong_AsLongLong(args[1]);
+    if (PyErr_Occurred()) return NULL;
+    return PyLong_FromLongLong(kv_row_bytes(t, hd));
+}
+
+/* kv_encode(kvtype, x, out): x float32 [..., hd] -> out uint8 [..., row_bytes], each row as the
+ * decode step writes it into the cache (kv.h). */
+static PyObject *py_kv_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "kv_encode";
+    if (nargs_ok(nargs, 3, fn) < 0) return NULL;
+    long t = PyLong_AsLong(args[0]);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    buf b[2] = {{{0}}};
+    if (get(args[1], &b[0], 0, fn, "x") < 0 || get(args[2], &b[1], 1, fn, "out") < 0) goto fail;
+    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim < 1) {
+        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [..., head_dim]", fn);
+        goto fail;
+    }
+    int64_t hd = b[0].b.shape[b[0].b.ndim - 1], rows = hd ? b[0].b.len / 4 / hd : 0;
+    int64_t rb = kv_row_bytes(t, hd);
+    if (rb < 0) {
+        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
+        goto fail;
+    }
+    if (b[1].b.len != rows * rb) {
+        PyErr_Format(PyExc_ValueError, "%s: out must hold %lld rows of %lld bytes", fn, (long long)rows,
+                     (long long)rb);
+        goto fail;
+    }
+    const float *x = b[0].b.buf;
+    uint8_t *out = b[1].b.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (int64_t r = 0; r < rows; r++) kv_encode((int)t, x + r * hd, hd, out + r * rb);
+    Py_END_ALLOW_THREADS
+    release(b, 2);
+    Py_RETURN_NONE;
+fail:
+    release(b, 2);
     return NULL;
 }
 
@@ -641,6 +694,9 @@ static PyMethodDef methods[] = {
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
      "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)"},
+    {"kv_types", py_kv_types, METH_NOARGS, "kv_types() -> ((name, needs), ...) by KV type id"},
+    {"kv_row_bytes", (PyCFunction)(void (*)(void))py_kv_row_bytes, METH_FASTCALL, "kv_row_bytes(kvtype, hd) -> bytes"},
+    {"kv_encode", (PyCFunction)(void (*)(void))py_kv_encode, METH_FASTCALL, "kv_encode(kvtype, x, out)"},
     {"set_threads", py_set_threads, METH_O, "set_threads(n) -> n"},
     {"threads", py_threads, METH_NOARGS, "threads() -> n"},
     {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},

@@ -61,6 +61,7 @@ class Checkpoint:
     vocab: object = None  # a formats.vocab.Vocab when the model carries its own vocabulary
     chat_template: object = None  # the model's chat_template.ChatTemplate, a built-in name, or None
     format: str = "llama2c"  # llama2c, gguf, hf
+    kv_type: str = "f32"  # the KV cache type its models get unless asked: its format's KV_TYPE
 
     @property
     def quantized(self) -> bool:
@@ -100,6 +101,6 @@ class CheckpointSource:
 
 def load(path) -> Checkpoint:
     """Any model file `llama2 run` reads (llama2.c .bin, GGUF, Hugging Face folder), told apart by
-    its contents: `llama2.formats.load_checkpoint`, under the name the README's Python API gives."""
+    its contents: `llama2.formats.load_checkpoint`, under the name docs/python-api.md gives."""
     from .formats import load_checkpoint
     return load_checkpoint(path)

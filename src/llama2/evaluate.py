@@ -1,4 +1,4 @@
-"""Perplexity of a model on text, scored by our numpy engine (`Llama.logits`), no torch needed.
+"""Perplexity of a model on text, scored by our inference engine (`Llama.logits`), no torch needed.
 
 The text is encoded story by story (BOS before each, as `llama2 data prepare` does), concatenated,
 and scored in consecutive windows of seq_len predictions; every token after the first is predicted

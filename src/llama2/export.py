@@ -36,7 +36,7 @@ def materialize(source, path, fmt) -> Checkpoint:
         else:
             weights[name] = np.ascontiguousarray(source.tensor(name), dtype=np.float32)
     return Checkpoint(c, weights, 1, path, vocab=source.vocab, chat_template=source.chat_template,
-                      format=fmt)
+                      format=fmt, kv_type=formats.reader(fmt).KV_TYPE)
 
 
 def stored_by(dtype) -> list:

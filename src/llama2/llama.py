@@ -56,10 +56,9 @@ class Llama:
         `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
         "q6_k", or llama.cpp's mixes "q4_k_m", "q5_k_m" (each tensor in the type llama.cpp's
         quantizer gives it; see weights.quantizer); `threads` (default: all cores) applies to
-        every kernel, BLAS included. `kv_type` (f32, f16, bf16, q8_0) is the KV cache's type; by
-        default f32 for llama2.c checkpoints, f16 for GGUF and Hugging Face models
-        (`kvcache.default_type`). `chat_template` (a chat_template.ChatTemplate, or "llama2" /
-        "chatml") replaces the model's own."""
+        every kernel, BLAS included. `kv_type` (a name of kvcache.TYPES) is the KV cache's type; by
+        default the model format's (its reader's KV_TYPE). `chat_template` (a
+        chat_template.ChatTemplate, or "llama2" / "chatml") replaces the model's own."""
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)

@@ -5,23 +5,22 @@ makes of it; `available` reads MemAvailable (/proc/meminfo) and the address-spac
 less what the process already maps); `guard` refuses a model that cannot fit with one line naming
 both figures and what would fit, and turns a MemoryError during loading into the same kind of line.
 
-How the engine holds weights (keep in step with the loaders and llama2.weights):
+Each figure comes from the record that holds the fact, so a new format, weight type or KV type is
+budgeted by its own record:
 
-- Every loader maps its file(s) and uses each matrix as stored, a view of the map (llama2.c .bin of
-  any version, GGUF of any type we run, Hugging Face safetensors in bf16/f16/f32): a tensor costs
-  its stored bytes, resident and in address space (`tensor_bytes`: a weight type's blocks, or for
-  llama2.c's version-2 int8 the values plus a float32 scale per group). Norms are float32 copies.
-  pytorch_model.bin folders are the exception: read through torch into float32 (4 bytes a value).
-- `--quantize TYPE` replaces each float matrix (f32/f16/bf16) by a quantized copy in the type the
-  quantizer gives that tensor (`quantize.tensor_type`; q8_0 is our int8 with a float32 scale per
-  config.Q8_GROUP_SIZE values), sized by the quantizers' `row_bytes`. The float file stays mapped
-  (address space) but is not resident after loading; while a matrix is quantized its float32
-  widening and the quantizers' chunk temporaries exist once (`quantize_scratch`).
-- The KV cache (`kv_cache_bytes`) and a forward pass's activations (`scratch_bytes`) come on top.
-  The cache is blocks of llama2.kvcache.BLOCK_TOKENS positions in its KV type (f32, f16, bf16,
-  q8_0; the bytes a position takes come from the type's module, `kvcache.bytes_per_token`), as
-  many as the positions it may hold: one context for `llama2 run`, the pool's token budget for
-  `llama2 serve` (committed only as used, so these are the most it reaches).
+- the format's reader (llama2.formats): `describe`, how each matrix is stored, from the headers
+  alone (pytorch_model.bin folders, read through torch, say f32), and `KV_TYPE`, the cache its
+  models get without --kv-type;
+- the weight type (llama2.weights): `stored_bytes`, what a matrix costs used in place (resident
+  and in address space: the loaders map their files); `quantized_kind`, what `--quantize` makes of a
+  float matrix (its Matrix's STORES_FLOATS): the quantized copy is resident, the float file stays
+  mapped (address space only); while a matrix is quantized, its float32 widening and the
+  quantizers' temporaries (`quantize.SCRATCH_BYTES`) exist once;
+- the KV type (llama2.kvcache): `bytes_per_token` and `pool_bytes`, whole blocks of the positions
+  the cache may hold (one context for `llama2 run`, the pool's token budget for `llama2 serve`;
+  committed only as used, so these are the most it reaches).
+
+Norms are float32 copies; a forward pass's activations (`scratch_bytes`) come on top.
 """
 
 import contextlib
@@ -29,12 +28,14 @@ import os
 import resource
 from dataclasses import dataclass
 
+from . import formats, kvcache, quantize as quantizers, weights
+from .checkpoint import LAYER_MATRICES, tensor_shapes
+from .config import Q8_GROUP_SIZE
 from .errors import Llama2Error
+from .weights.base import DEQUANT_TILE
 
 MARGIN = 1.05  # interpreter, kernels and allocator slack on top of the estimate
 MARGIN_BYTES = 64 << 20
-FLOATS = ("f32", "f16", "bf16")  # what --quantize applies to
-QUANTIZER_TEMPS = 128 << 20  # the quantizers' float32 temporaries per chunk (about 30 x 1M floats)
 
 
 @dataclass(frozen=True)
@@ -56,38 +57,23 @@ class Need:
 
 def kv_position_bytes(config, kv_type: str = "f32") -> int:
     """Bytes one position of the KV cache takes in `kv_type` (keys and values of every layer)."""
-    from . import kvcache
-
     return kvcache.bytes_per_token(config, kv_type)
 
 
 def kv_cache_bytes(config, kv_type: str = "f32", positions: int = None) -> int:
     """The KV cache holding `positions` (default: one whole context) in `kv_type`, in whole blocks
     of kvcache.BLOCK_TOKENS: the most it commits (llama2.kvcache.Pool maps it lazily)."""
-    from . import kvcache
-
-    positions = config.seq_len if positions is None else positions
-    blocks = -(-positions // kvcache.BLOCK_TOKENS)
-    return blocks * kvcache.BLOCK_TOKENS * kv_position_bytes(config, kv_type)
+    return kvcache.pool_bytes(config, kv_type, config.seq_len if positions is None else positions)
 
 
 def default_kv_type(path) -> str:
-    """The KV type a model file gets without --kv-type (kvcache.default_type of its format)."""
-    from . import kvcache
-    from .formats import model_kind
-
-    try:
-        kind = model_kind(path)
-    except Exception:  # noqa: BLE001 -- advisory: the loader reports a bad file
-        kind = "llama2c"
-    return kvcache.default_type(kind if kind in ("gguf", "hf") else "llama2c")
+    """The KV type a model file gets without --kv-type: its format's KV_TYPE."""
+    return formats.reader(formats.model_kind(path)).KV_TYPE
 
 
 def scratch_bytes(config, slots: int = 1) -> int:
     """A full-context prompt's activations, the logits, a dequantized tile (weights.base.DEQUANT_TILE
     floats at most) and the RoPE tables, float32."""
-    from .weights.base import DEQUANT_TILE
-
     c = config
     return 4 * (c.seq_len * (6 * c.dim + 3 * c.hidden_dim + c.n_heads * 64)  # a prompt's activations
                 + c.vocab_size * (slots + 1)  # logits
@@ -95,79 +81,48 @@ def scratch_bytes(config, slots: int = 1) -> int:
                 + c.seq_len * c.head_dim)  # RoPE tables
 
 
-def _kind(stored: str) -> str:
-    from .weights import ALIASES
-
-    return ALIASES.get(stored, stored)
-
-
-def tensor_bytes(kind: str, rows: int, cols: int) -> int:
-    """Bytes of a [rows, cols] matrix stored as `kind`: a weight type's name (f32, f16, bf16, q8_0,
-    q4_0, ..., q6_k; fp32/fp16 accepted) or "q8_v2:GROUP" (llama2.c's version-2 int8)."""
-    kind = _kind(kind)
-    if kind.startswith("q8_v2"):
-        group = int(kind.partition(":")[2] or 32)
-        n = rows * cols
-        return n + 4 * (-(-n // group))
-    from .weights import module
-
-    m = module(kind)
-    return rows * (cols // m.BLOCK) * m.DTYPE.itemsize
-
-
-def quantized_kind(quantize: str, config, name: str, layer, cols: int) -> str:
-    """What `--quantize quantize` turns float matrix `name` (of block `layer`) into."""
-    if quantize in (True, "q8_0"):
-        from .config import Q8_GROUP_SIZE
-        return f"q8_v2:{Q8_GROUP_SIZE}"
-    from .quantize import tensor_type
-
-    c = config
-    return tensor_type(quantize, name, layer, c.n_layers, cols=cols, has_output=not c.shared_classifier,
-                       n_heads=c.n_heads, n_kv_heads=c.n_kv_heads)
+def _stores_floats(kind) -> bool:  # what --quantize applies to
+    return weights.stored_type(kind)[0].STORES_FLOATS
 
 
 def quantize_scratch(config) -> int:
     """Quantizing at load: the largest matrix widened to float32, plus the quantizers' temporaries."""
-    from .checkpoint import tensor_shapes
-
     largest = max(s[-1] * s[-2] for n, s in tensor_shapes(config).items() if not n.startswith("rms"))
-    return 4 * largest + QUANTIZER_TEMPS
+    return 4 * largest + quantizers.SCRATCH_BYTES
 
 
 def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str = "f32",
              kv_positions: int = None) -> Need:
     """What `config` (a ModelConfig) needs when its matrices are stored as `stored` (tensor name ->
-    a kind as `tensor_bytes` takes it, or a list of kinds per layer; missing names: f32; norms are
-    float32), run with `--quantize quantize` (a type or mix name; True means q8_0), `slots`
-    sequences at once and a `kv_type` KV cache of `kv_positions` positions (default: `slots`
-    whole contexts; the server's pool: its token budget)."""
-    from .checkpoint import LAYER_MATRICES, tensor_shapes
-
+    a kind as `weights.stored_type` takes it, or a list of kinds per layer; missing names: f32;
+    norms are float32), run with `--quantize quantize` (a type or mix name; True means q8_0),
+    `slots` sequences at once and a `kv_type` KV cache of `kv_positions` positions (default:
+    `slots` whole contexts; the server's pool: its token budget)."""
     c = config
-    weights = address = 0
+    to_type = "q8_0" if quantize is True else quantize
+    held = address = 0
     for name, shape in tensor_shapes(c).items():
         if name.startswith("rms"):
             n = 1
             for d in shape:
                 n *= d
-            weights, address = weights + 4 * n, address + 4 * n
+            held, address = held + 4 * n, address + 4 * n
             continue
         rows, cols = shape[-2:]
         layers = list(range(c.n_layers)) if name in LAYER_MATRICES else [None]
         kinds = stored.get(name, "f32")
         for i, layer in enumerate(layers):
-            kind = _kind(kinds[i] if isinstance(kinds, list) else kinds)
-            size = tensor_bytes(kind, rows, cols)
+            kind = kinds[i] if isinstance(kinds, list) else kinds
+            size = weights.stored_bytes(kind, rows, cols)
             address += size
-            if quantize and kind in FLOATS:
-                q = tensor_bytes(quantized_kind(quantize, c, name, layer, cols), rows, cols)
-                weights, address = weights + q, address + q
+            if to_type and _stores_floats(kind):  # a quantized copy resident; the file stays mapped
+                q = weights.stored_bytes(weights.quantized_kind(to_type, name, layer, cols, c), rows, cols)
+                held, address = held + q, address + q
             else:
-                weights += size
+                held += size
     scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)
     positions = slots * c.seq_len if kv_positions is None else kv_positions
-    return Need(int(weights), int(address), int(kv_cache_bytes(c, kv_type, positions)), int(scratch))
+    return Need(int(held), int(address), int(kv_cache_bytes(c, kv_type, positions)), int(scratch))
 
 
 # -- what the machine has -------------------------------------------------------------------------
@@ -237,8 +192,7 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
     line = (f"{name}: needs about {size(need)} (weights {gb(need.weights)}, {kv_type} KV cache "
             f"{gb(need.cache)} for {positions} positions) but {_room(have)}")
     options = []
-    kinds = [_kind(k) for v in stored.values() for k in (v if isinstance(v, list) else [v])]
-    floats = any(k in FLOATS for k in kinds)
+    floats = any(_stores_floats(k) for v in stored.values() for k in (v if isinstance(v, list) else [v]))
     if floats and not quantize:
         for q in ("q8_0", "q4_k_m"):
             with contextlib.suppress(ValueError):
@@ -252,19 +206,18 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
         if fewer:
             options.append(f"{slots_flag} {fewer}")
     if budget_flag and positions > 1:
-        from .kvcache import BLOCK_TOKENS
+        bt = kvcache.BLOCK_TOKENS
 
         def room(blocks):
-            return fits(estimate(config, stored, quantize, slots, kv_type, blocks * BLOCK_TOKENS), have)
-        lo, hi = 0, -(-positions // BLOCK_TOKENS) - 1  # the most whole blocks that fit, below the ask
+            return fits(estimate(config, stored, quantize, slots, kv_type, blocks * bt), have)
+        lo, hi = 0, -(-positions // bt) - 1  # the most whole blocks that fit, below the ask
         while lo < hi:
             mid = (lo + hi + 1) // 2
             lo, hi = (mid, hi) if room(mid) else (lo, mid - 1)
         if lo and room(lo):
-            options.append(f"{budget_flag} {lo * BLOCK_TOKENS}")
+            options.append(f"{budget_flag} {lo * bt}")
     export = f"an int8 file made by `llama2 export OUT.bin --from {name} --dtype q8_0`"
     if floats:
-        from .config import Q8_GROUP_SIZE
         q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
         if fits(q8, have):
             options.append(f"{export} (about {size(q8)})")
@@ -277,8 +230,6 @@ def describe(path):
     """(ModelConfig, {tensor name: how it is stored, or a list per layer}) from a model's headers
     alone (its format module's `describe`), or None when the file cannot be read that way (the
     loader then reports what is wrong)."""
-    from . import formats
-
     try:
         return formats.describe(path)
     except Exception:  # noqa: BLE001 -- advisory only: the loader gives the file's real error
@@ -293,7 +244,9 @@ def guard(path, quantize: str = None, slots: int = 1, slots_flag: str = None, ha
     fit, and turn a MemoryError while loading into one line (Llama2Error)."""
     described = describe(path)
     have = have or available()
-    kv = {"kv_type": kv_type or default_kv_type(path), "kv_positions": kv_positions, "budget_flag": budget_flag}
+    if described is not None:  # else the loader reports what is wrong with the path
+        kv_type = kv_type or default_kv_type(path)
+    kv = {"kv_type": kv_type, "kv_positions": kv_positions, "budget_flag": budget_flag}
     if described is not None:
         line = verdict(os.fspath(path), *described, quantize, slots, have, slots_flag, **kv)
         if line is not None:

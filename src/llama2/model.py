@@ -72,18 +72,16 @@ class Transformer:
     Matrices run in the type their file stores them in, without copies. `quantize` (q8_0: int8 in
     groups of `group_size`, our version-2 layout; q4_0 ... q6_k, q4_k_m, q5_k_m: llama.cpp's type per
     tensor, see `weights.quantizer`) turns matrices stored as floats into that type at load; matrices
-    stored quantized stay as they are. `kv_type` (f32, f16, bf16, q8_0; default
-    `kvcache.default_type` of the file's format) is the type of the caches `new_cache` makes.
+    stored quantized stay as they are. `kv_type` (a name of kvcache.TYPES; default the checkpoint's,
+    its format's choice) is the type of the caches `new_cache` makes.
     """
 
     def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE,
                  kv_type: str = None):
         c = self.config = ckpt.config
         to_type = weights.quantizer(quantize, group_size, c) if quantize else None
-        self.kv_type = kv_type or kvcache.default_type(getattr(ckpt, "format", "llama2c"))
-        kvcache.get(self.kv_type)
-        if self.kv_type == "q8_0":
-            kvcache.q8_0.group(c.head_dim)
+        self.kv_type = kv_type or ckpt.kv_type
+        kvcache.get(self.kv_type).row_bytes(c.head_dim)  # refused here if the type cannot hold its rows
 
         def matrix(value, name, layer=None):  # the tensor's name and layer pick its type in a mix
             m = weights.matrix(value)
@@ -178,7 +176,7 @@ class Transformer:
         att = np.empty((N, D), np.float32)
         # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
         # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
-        # (tests/test_kquant_files.py); run.c's goldens hold with either.
+        # (tests/engine/test_kquant_files.py); run.c's goldens hold with either.
         for l, layer in enumerate(self.layers):
             h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
             q, k, v = layer.qkv(h)

@@ -18,6 +18,8 @@ file stores them, row dequantization and activation quantization, on a thread po
                                      block tables over a paged KV cache (llama2.kvcache)
     attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)   a pass's attention,
                                      prompts (causal) and decode rows, with decode's bits per row
+    kv_types(), kv_row_bytes(kvtype, hd), kv_encode(kvtype, x, out)   the KV types' records
+                                     (native/kv.h), as llama2.kvcache reads them
     decode_plan(...), decode_forward(plan, ...)   a whole decode pass in one call (llama2.decode)
     rmsnorm_einsum(x, w, eps, out)   RMSNorm summing squares in numpy's einsum order
 
@@ -78,6 +80,15 @@ attention = _native.attention
 # dequantize_q8_split: out [R, cols] = W[ids] as float32, bit-equal to weights.q8_v2.dequantize.
 matmul_q8_any = _native.matmul_q8_any
 dequantize_q8_split = _native.dequantize_q8_split
+
+# The KV cache types, one record each in native/kv.h (llama2.kvcache builds its registry from them).
+# kv_types() -> ((name, needs), ...) in id order: needs says what head_dim must be ("" for any).
+# kv_row_bytes(kvtype, hd) -> bytes of one cached row of hd values, -1 when the type cannot hold it.
+# kv_encode(kvtype, x float32 [..., hd], out uint8 [..., row_bytes]): each row in the type's
+#   encoding, exactly as the decode step writes it into the cache.
+kv_types = _native.kv_types
+kv_row_bytes = _native.kv_row_bytes
+kv_encode = _native.kv_encode
 
 # The elementwise operations of a forward pass (native/ops_elementwise.c), float32 C-contiguous,
 # the same bits at every level. Each returns its output array.

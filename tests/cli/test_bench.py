@@ -3,10 +3,13 @@
 import io
 import json
 
+import pytest
+
 from conftest import ASSETS, asset
 from llama2.cli import main
 
 
+@pytest.mark.slow
 def test_bench_smoke_writes_rows(tmp_path, monkeypatch):
     asset("stories260K.bin")
     monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import asset
-from llama2.benchmarks import engine, files
+from llama2.benchmarks import child, engine, files
 from llama2.formats.bfloat16 import bf16_to_f32, f32_to_bf16
 from llama2.cli import main
 from llama2.formats import load_checkpoint, open_source
@@ -201,11 +201,6 @@ def test_agreement_counts_positions_and_the_common_greedy_prefix():
 
 
 def test_first_run_times_llama2_run_to_its_first_token():
-    try:
-        import llama2.native  # noqa: F401
-    except ImportError:
-        pytest.skip("without llama2.native a first run compiles every numba kernel (30-90 s): "
-                    "measured by `llama2 bench`, too slow for a test")
     took = engine.first_run(asset("stories260K.bin"), asset("tok512.bin"), 1)
     assert 0 < took < 60
 
@@ -225,7 +220,7 @@ def test_plan_drops_quantized_files_only_the_missing_quantizer_could_make(tmp_pa
 def test_first_run_failure_is_one_line(tmp_path):
     bad = tmp_path / "broken.bin"
     bad.write_bytes(b"\0" * 10)
-    with pytest.raises(engine.ChildError, match="first run of llama2 run on broken.bin failed: llama2: "):
+    with pytest.raises(child.ChildError, match="first run of llama2 run on broken.bin failed: llama2: "):
         engine.first_run(bad, asset("tok512.bin"), 1)
 
 
@@ -267,18 +262,18 @@ def test_peer_python_that_lacks_llama_cpp(tmp_path):
 
 
 def test_peer_children_run_a_script_that_imports_nothing_of_llama2():
-    cmd, env = engine.child_command("llama_cpp", "/some/python")
-    assert cmd == ["/some/python", str(engine.PEER_SCRIPT)]
+    cmd, env = child.child_command("llama_cpp", "/some/python")
+    assert cmd == ["/some/python", str(child.PEER_SCRIPT)]
     assert env.get("PYTHONPATH") == os.environ.get("PYTHONPATH")
-    assert engine.child_command("ours", "/some/python")[0] == [sys.executable, "-m",
+    assert child.child_command("ours", "/some/python")[0] == [sys.executable, "-m",
                                                                "llama2.benchmarks.engine"]
     code = ("import runpy, sys\n"
-            f"runpy.run_path({str(engine.PEER_SCRIPT)!r}, run_name='peer')\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('llama2', 'numba')))")
+            f"runpy.run_path({str(child.PEER_SCRIPT)!r}, run_name='peer')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'llama2'))")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, cwd="/")
     assert p.returncode == 0 and p.stdout.strip() == "[]", p.stderr
-    p = subprocess.run([sys.executable, str(engine.PEER_SCRIPT), "dance"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, str(child.PEER_SCRIPT), "dance"], capture_output=True, text=True)
     assert p.returncode == 2 and "unknown mode 'dance'" in p.stderr
 
 

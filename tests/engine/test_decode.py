@@ -68,8 +68,8 @@ MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
 def _pair(name, kv_type):
     """(per-matrix model, one-call model) of one checkpoint, or skip if the KV type cannot hold it."""
     ckpt, kw = MODELS[name]()
-    if kv_type == "q8_0" and ckpt.config.head_dim % min(32, ckpt.config.head_dim):
-        pytest.skip("q8_0 KV needs head_dim a multiple of 32 (or below 32)")
+    if not kvcache.TYPES[kv_type].holds(ckpt.config.head_dim):
+        pytest.skip(f"{kv_type} KV needs {kvcache.TYPES[kv_type].needs}")
     ref = Transformer(ckpt, kv_type=kv_type, **kw)
     ref.fused_decode = False
     return ref, Transformer(ckpt, kv_type=kv_type, **kw)

@@ -77,7 +77,7 @@ def f16_attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out):
     for table, start, T in zip(tables, starts, counts):
         S = start + T
         ids = table[:-(-S // bt)]
-        k, v = (t.decode(p[ids].transpose(1, 0, 2, 3).reshape(KVH, -1, rb)[:, :S], hd) for p in (k_pool, v_pool))
+        k, v = (t.reference.decode(p[ids].transpose(1, 0, 2, 3).reshape(KVH, -1, rb)[:, :S], hd) for p in (k_pool, v_pool))
         qh = np.ascontiguousarray(f16(q[row:row + T]).reshape(T, KVH, H // KVH, hd).transpose(1, 2, 0, 3))
         scores = np.matmul(qh, f16(k).transpose(0, 2, 1)[:, None]) / np.sqrt(np.float32(hd))  # [KVH, g, T, S]
         scores[..., np.arange(S)[None, :] > start + np.arange(T)[:, None]] = -np.inf  # query t sees start + t + 1 keys

@@ -11,8 +11,8 @@ validation sample. Figures at the time of writing (max |logit - f32 logit|; perp
 import numpy as np
 import pytest
 
-from llama2 import kvcache
 from llama2.llama import Llama
+from llama2 import formats
 from llama2.formats import llama2c, load_checkpoint
 from llama2.model import Transformer
 
@@ -67,8 +67,7 @@ def test_perplexity_of_stories260K_per_kv_type():
 
 
 def test_default_kv_type_follows_the_file_format():
-    assert kvcache.default_type("llama2c") == "f32"
-    assert kvcache.default_type("gguf") == kvcache.default_type("hf") == "f16"
+    assert formats.default_kv_types() == {"llama2c": "f32", "gguf": "f16", "hf": "f16"}
     assert Transformer(llama2c.load(asset("stories260K.bin"))).kv_type == "f32"
     assert Transformer(load_checkpoint(asset("stories260K.gguf"))).kv_type == "f16"
     assert Transformer(llama2c.load(asset("stories260K.bin")), kv_type="q8_0").kv_type == "q8_0"

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from llama2 import kvcache, native
+from llama2.errors import UsageError
 
 VARIANTS = native.variants()
 
@@ -27,8 +28,8 @@ def reference(t, q, kpool, vpool, tables, lens):  # numpy: decode every row, sof
         ids = tables[b, :-(-n // bt)]
         for h in range(H):
             g = h // (H // KVH)
-            k = t.decode(kpool[ids, g].reshape(-1, kpool.shape[3])[:n], hd).astype(np.float64)
-            v = t.decode(vpool[ids, g].reshape(-1, vpool.shape[3])[:n], hd).astype(np.float64)
+            k = t.reference.decode(kpool[ids, g].reshape(-1, kpool.shape[3])[:n], hd).astype(np.float64)
+            v = t.reference.decode(vpool[ids, g].reshape(-1, vpool.shape[3])[:n], hd).astype(np.float64)
             s = k @ q[b, h].astype(np.float64) / np.sqrt(hd)
             p = np.exp(s - s.max())
             out[b, h * hd:(h + 1) * hd] = (p / p.sum()) @ v
@@ -126,8 +127,9 @@ def per_row(tables, starts, counts):  # each row's table and the rows it attends
 
 
 def skip_if_unfit(kv_type, hd):
-    if kv_type == "q8_0" and hd % min(32, hd):
-        pytest.skip("q8_0 rows need head_dim a multiple of 32 (or below 32)")
+    t = kvcache.TYPES[kv_type]
+    if not t.holds(hd):
+        pytest.skip(f"{kv_type} rows need {t.needs}")
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -238,20 +240,97 @@ def test_attention_rejects_blocks_outside_the_pool_and_bad_segments():
 
 @pytest.mark.parametrize("hd", [8, 64])
 def test_kv_type_round_trips(hd):
+    """The numpy references (kvcache/<type>.py): what each type keeps of a value."""
     rng = np.random.default_rng(hd)
     x = (rng.standard_normal((50, 3, hd)) * rng.uniform(0.01, 10, (50, 3, 1))).astype(np.float32)
-    T = kvcache.TYPES
-    assert np.array_equal(T["f32"].decode(T["f32"].encode(x), hd), x)
-    assert np.array_equal(T["f16"].decode(T["f16"].encode(x), hd), x.astype(np.float16).astype(np.float32))
-    b = T["bf16"].decode(T["bf16"].encode(x), hd)
+    R = {name: t.reference for name, t in kvcache.TYPES.items()}
+    assert np.array_equal(R["f32"].decode(R["f32"].encode(x), hd), x)
+    assert np.array_equal(R["f16"].decode(R["f16"].encode(x), hd), x.astype(np.float16).astype(np.float32))
+    b = R["bf16"].decode(R["bf16"].encode(x), hd)
     assert np.all(np.abs(b - x) <= np.abs(x) * 2.0 ** -8)  # half an ulp of an 8-bit mantissa
     exact = (x.view(np.uint32) & np.uint32(0xFFFF0000)).view(np.float32)  # representable: kept as is
-    assert np.array_equal(T["bf16"].decode(T["bf16"].encode(exact), hd), exact)
-    q = T["q8_0"].decode(T["q8_0"].encode(x), hd)
+    assert np.array_equal(R["bf16"].decode(R["bf16"].encode(exact), hd), exact)
+    q = R["q8_0"].decode(R["q8_0"].encode(x), hd)
     g = min(32, hd)
     amax = np.abs(x.reshape(50, 3, hd // g, g)).max(-1, keepdims=True)
     err = np.abs(q - x).reshape(50, 3, hd // g, g)
     assert np.all(err <= amax / 127 * 0.5 * 1.01 + amax * 2.0 ** -11)  # half a step, plus d's fp16 rounding
-    assert T["q8_0"].encode(x).shape[-1] == T["q8_0"].row_bytes(hd) == hd // g * (g + 2)
+    assert R["q8_0"].encode(x).shape[-1] == kvcache.TYPES["q8_0"].row_bytes(hd) == hd // g * (g + 2)
     zeros = np.zeros((2, hd), np.float32)
-    assert np.array_equal(T["q8_0"].decode(T["q8_0"].encode(zeros), hd), zeros)
+    assert np.array_equal(R["q8_0"].decode(R["q8_0"].encode(zeros), hd), zeros)
+
+
+def awkward_rows(rng, hd):
+    """Rows that exercise every rounding rule: normal values at many scales, halfway cases of f16
+    and bf16, f16 subnormals and overflow, zeros, signed zeros, infinities, a row of one value."""
+    x = (rng.standard_normal((64, hd)) * np.exp2(rng.integers(-30, 30, (64, 1)))).astype(np.float32)
+    bits = x.view(np.uint32)
+    bits[1] = (bits[1] & np.uint32(0xFFFF0000)) | np.uint32(0x8000)  # bf16 halfway, both parities
+    bits[2] = (bits[2] & np.uint32(0xFFFFE000)) | np.uint32(0x1000)  # f16 halfway
+    x[3] = rng.standard_normal(hd) * 2.0 ** -20  # f16 subnormals
+    x[4] = rng.standard_normal(hd) * 7e4  # past f16's largest
+    x[5] = 0.0
+    x[6] = -0.0
+    x[7, ::2] = np.inf
+    x[7, 1::2] = -np.inf
+    x[8] = 3.0
+    x[9, :] = 0.0
+    x[9, 0] = 1e-30  # a group whose scale underflows f16
+    return x
+
+
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+@pytest.mark.parametrize("hd", [8, 16, 64, 96])
+def test_native_encode_equals_the_reference(kv_type, hd):
+    """What the cache is written with (native/kv.h, by prompt passes and the decode step alike) is
+    the type's numpy reference, bit for bit, on every awkward value; a NaN stays a NaN."""
+    t = kvcache.TYPES[kv_type]
+    x = awkward_rows(np.random.default_rng(hd), hd)
+    if kv_type == "q8_0":
+        x[7] = 5.0  # an infinite max makes numpy's q undefined (inf * 0)
+    got = t.encode(x.reshape(8, 8, hd))
+    assert got.shape == (8, 8, t.row_bytes(hd))
+    with np.errstate(over="ignore"):  # f16's overflow to infinity is the rule, not a mistake
+        assert got.tobytes() == t.reference.encode(x).tobytes()
+    nan = np.full((1, hd), np.nan, np.float32)
+    assert np.isnan(t.reference.decode(t.encode(nan), hd)).all() or kv_type == "q8_0"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+def test_native_decode_equals_the_reference(variant, kv_type):
+    """What attention reads (native/kv.h's decode, compiled per variant) is the type's reference
+    decode bit for bit: a sequence of one cached row gives it weight exactly 1 (exp(0) = 1, sum 1),
+    so the output is the decoded value row, fma(1, v, +0)."""
+    native.select_variant(variant)
+    t = kvcache.TYPES[kv_type]
+    for hd in (8, 16, 64, 96):
+        x = awkward_rows(np.random.default_rng(hd), hd)
+        if kv_type == "q8_0":
+            x[7] = 5.0  # no infinities: numpy's reference q is undefined there
+        rows = t.encode(x)  # [B, row_bytes]
+        B = len(rows)
+        vpool = np.ascontiguousarray(rows.reshape(B, 1, 1, -1))  # each row a block of one position
+        out = np.empty((B, hd), np.float32)
+        native.attention_decode(t.ID, np.zeros((B, 1, hd), np.float32), np.zeros_like(vpool), vpool,
+                                np.arange(B, dtype=np.int32).reshape(B, 1), np.ones(B, np.int64), out)
+        with np.errstate(all="ignore"):  # a q8_0 scale past f16's range: inf * 0 is NaN, as in C
+            want = t.reference.decode(rows, hd) + np.float32(0)  # + 0 as the fma adds it: -0 becomes +0
+        assert out.tobytes() == want.tobytes(), hd
+
+
+def test_kv_types_come_from_the_native_records():
+    """The registry is native/kv.h's list: ids in order, each with its module; a type refuses rows
+    it cannot hold, in one line naming the flag."""
+    assert [t.ID for t in kvcache.TYPES.values()] == list(range(len(kvcache.TYPES)))
+    for name, t in kvcache.TYPES.items():
+        assert t.NAME == name and t.reference.__name__ == f"llama2.kvcache.{name}"
+        assert t.row_bytes(64) == t.reference.encode(np.zeros((1, 64), np.float32)).shape[-1]
+    q8 = kvcache.TYPES["q8_0"]
+    assert q8.holds(8) and q8.holds(64) and not q8.holds(48)
+    with pytest.raises(UsageError, match="--kv-type q8_0: needs head_dim a multiple of 32"):
+        q8.row_bytes(48)
+    with pytest.raises(ValueError, match="KV type 9 cannot hold"):
+        native.kv_encode(9, np.zeros((1, 8), np.float32), np.zeros(32, np.uint8))
+    with pytest.raises(ValueError, match="out must hold 2 rows of 16 bytes"):
+        native.kv_encode(1, np.zeros((2, 8), np.float32), np.zeros(31, np.uint8))

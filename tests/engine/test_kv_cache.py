@@ -225,3 +225,33 @@ def test_cli_chat_computes_only_each_turns_new_tokens(monkeypatch):
     # the second turn's prompt pass holds its own tokens only, then one token per pass
     assert fed[0] == len(llama.tokenizer.encode("[INST] And then? [/INST]", bos=True)) < before
     assert fed[1:] == [1] * (len(fed) - 1) and chat.cache.pos[0] == chat.pos
+
+
+def test_a_kv_type_refuses_rows_it_cannot_hold():
+    """The type's record decides (native/kv.h): q8_0 needs head_dim a multiple of 32 (or below),
+    said in one line naming the flag, when the model is made."""
+    from llama2.errors import UsageError
+
+    c = ModelConfig(dim=96, hidden_dim=96, n_layers=1, n_heads=2, n_kv_heads=2, vocab_size=50, seq_len=32)
+    ckpt = checkpoint.Checkpoint(c, random_weights(c, 0), 1, "<memory>")
+    with pytest.raises(UsageError, match="--kv-type q8_0: needs head_dim a multiple of 32.* head_dim is 48"):
+        Transformer(ckpt, kv_type="q8_0")
+    assert Transformer(ckpt, kv_type="f16").new_cache().pool.k.shape[-1] == 2 * 48
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+def test_kv_type_help_is_made_from_the_records(command, capsys):
+    """--kv-type's help lists the registry's types and each format's default (its reader's KV_TYPE)."""
+    import re
+
+    from llama2 import formats
+    from llama2.cli import main
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    line = text[text.index("--kv-type TYPE KV cache type"):]
+    assert re.search(", ".join(list(kvcache.TYPES)[:-1]) + " or " + list(kvcache.TYPES)[-1], line)
+    for fmt, kv_type in formats.default_kv_types().items():
+        assert kv_type in kvcache.TYPES
+        assert re.search(rf"{kv_type} for [a-z0-9 ]*\b{fmt}\b", line), (fmt, kv_type)

@@ -114,6 +114,7 @@ def test_estimate_by_storage():
     assert quantized.scratch > bf16.scratch  # a matrix widened while it is quantized
 
 
+@pytest.mark.slow
 def test_quantize_estimate_follows_the_quantizers():
     """A mix at load: each tensor's bytes are those of the type llama.cpp's rule gives it."""
     from llama2 import quantize
@@ -289,3 +290,23 @@ def test_serve_refuses_a_kv_budget_that_does_not_fit(monkeypatch):
     assert "f32 KV cache" in err and "for 10000000 positions" in err
     budget = int(err.rsplit("--kv-budget ", 1)[1].split()[0].rstrip(",;"))
     assert config.seq_len <= budget < 10000000
+
+
+def test_each_record_gives_its_own_figure(monkeypatch):
+    """memory.py asks the records: a format's default KV type is its reader's KV_TYPE (a new format
+    is budgeted with its own), a matrix costs its weight type's stored bytes, a cache its KV type's."""
+    from llama2 import formats, kvcache, weights
+    from llama2.formats import gguf
+
+    monkeypatch.setattr(gguf, "KV_TYPE", "q8_0")
+    assert memory.default_kv_type(asset("stories260K.gguf")) == "q8_0"
+    config, stored = memory.describe(asset("stories260K.gguf"))
+    have = memory.Available(memory=memory.estimate(config, stored, kv_type="q8_0").resident)
+    with memory.guard(asset("stories260K.gguf"), have=have):  # f16's cache would not fit here
+        pass
+    assert formats.load_checkpoint(asset("stories260K.gguf")).kv_type == "q8_0"
+    for m in weights.MODULES:
+        if m.NAME != "q8_v2":
+            assert weights.stored_bytes(m.NAME, 3, 512) == 3 * 512 // m.BLOCK * m.DTYPE.itemsize
+    assert weights.stored_bytes("q8_v2:64", 3, 512) == weights.q8_v2.quantize(np.ones((3, 512)), 64).nbytes
+    assert memory.kv_cache_bytes(SMALL, "bf16", 17) == kvcache.pool_bytes(SMALL, "bf16", 17)

@@ -6,7 +6,6 @@ import pytest
 from conftest import TINY, random_weights
 from llama2 import checkpoint, kernels as K
 from llama2.config import ModelConfig
-from llama2.formats import llama2c
 from llama2.model import Transformer
 
 
@@ -157,21 +156,6 @@ def test_prompt_paths_agree_with_decoding_token_by_token(quantize):
         cache = model.new_cache()
         np.testing.assert_allclose(model.forward(tokens[:n], cache, all_logits=True), steps[:n],
                                    rtol=1e-4, atol=1e-5)
-
-
-def test_float_inference_never_imports_numba(tmp_path):
-    # A float32 model's prompt and decode steps run on numpy, BLAS and the native extension: nothing
-    # is compiled at run time (the paged KV cache's attention is native).
-    import subprocess
-    import sys
-    path = tmp_path / "m.bin"
-    llama2c.write(path, TINY, random_weights(TINY), version=1)
-    code = (f"import sys; from llama2.formats import llama2c; from llama2.model import Transformer;"
-            f"m = Transformer(llama2c.load({str(path)!r})); c = m.new_cache();"
-            f"m.forward([1, 5, 9], c); print('numba' in sys.modules, end=' ');"
-            f"m.forward([3], c); print('numba' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False", "False"]
 
 
 def test_warm_up_leaves_results_unchanged():

@@ -1,6 +1,6 @@
 """Weight types (llama2.weights): every type's numpy dequantization against the `gguf` package's
 reference, bit for bit on random blocks; every Matrix's product and row lookups against its
-dequantized matrix, on whichever path it takes (native kernels, numba, or tiles through BLAS)."""
+dequantized matrix, on whichever path it takes (native kernels, or tiles through BLAS)."""
 
 import mmap
 

@@ -73,6 +73,7 @@ CASES = [  # (kv heads, rope theta, tied embeddings)
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kv_heads,theta,tie", CASES)
 def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, tie):
     directory, model = tiny_hf(tmp_path, kv_heads, theta, tie)
@@ -102,6 +103,7 @@ def test_direct_load_and_export_match_transformers(tmp_path, kv_heads, theta, ti
         np.testing.assert_array_equal(w, exported.checkpoint.weights[name])
 
 
+@pytest.mark.slow
 def test_bf16_sharded_safetensors(tmp_path):
     directory, model = tiny_hf(tmp_path, kv_heads=2, theta=1e6, tie=False, dtype=torch.bfloat16,
                                max_shard_size="100KB")

@@ -33,7 +33,7 @@ class RandomSource:
 
 def held_kinds(ckpt) -> dict:
     """What the loader holds for each matrix: a weights type's name per layer (per tensor for the
-    others), int8 of llama2.c's layout as "q8_v2:GROUP", as memory.tensor_bytes names them."""
+    others), int8 of llama2.c's layout as "q8_v2:GROUP", as weights.stored_type names them."""
     def kind(m):
         if isinstance(m, np.ndarray):
             return "f32"

@@ -49,6 +49,7 @@ def test_export_equals_llama_cpp_file(tmp_path, dtype):
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 512  # the vocabulary came along
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["q4_k", "q5_k"])
 def test_export_uniform_k_types(tmp_path, dtype):
     """q4_k / q5_k: every matrix in that type except the classifier (Q6_K, as llama.cpp keeps it);

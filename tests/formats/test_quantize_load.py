@@ -59,6 +59,7 @@ def test_quantize_at_load_equals_llama_cpp_file(f16, mix):
     np.testing.assert_array_equal(logits(ours), logits(theirs))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix", ["q4_k", "q5_k"])
 def test_uniform_k_types_at_load(f16, mix):
     # no llama.cpp file type of that name: the base type everywhere but the classifier (Q6_K)

@@ -13,6 +13,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
 
+@pytest.mark.slow
 def test_bench_serve_quick(tmp_path):
     """Concurrent chats with a shared system prompt, the second turn against a fresh server without
     prefix reuse, the table and the --json report (machine, settings, results, ratios)."""

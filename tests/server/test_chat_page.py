@@ -243,6 +243,7 @@ def plain(text: str) -> str:
     return re.sub(r"[\s*_#>`~-]", "", text)
 
 
+@pytest.mark.browser
 def test_reply_streams_in_and_equals_the_api(page, http):
     page.open(system="You are a storyteller.", max_tokens="120")
     # every change to the reply's text, as the browser renders it
@@ -276,6 +277,7 @@ def test_reply_streams_in_and_equals_the_api(page, http):
     assert path.stat().st_size > 10_000
 
 
+@pytest.mark.browser
 def test_stop_then_regenerate(page, http):
     page.open(max_tokens="200")
     full = api_reply(http, page.request_body([("user", "Once upon a time")], max_tokens=200))
@@ -305,6 +307,7 @@ def test_stop_then_regenerate(page, http):
     assert len(page.messages()) == 2
 
 
+@pytest.mark.browser
 def test_edit_a_past_message_reload_and_delete(page, http):
     page.open(max_tokens="40")
     page.send("Lily had a ball.")
@@ -361,6 +364,7 @@ def test_edit_a_past_message_reload_and_delete(page, http):
     assert [m[0] for m in page.messages()] == ["user", "assistant"] and page.messages()[1][2] == ""
 
 
+@pytest.mark.browser
 def test_errors_are_shown(page, http):
     # a wrong API key: the page says the server wants one, and the request's 401 is shown
     page.open(key="wrong")
@@ -433,6 +437,7 @@ MARKDOWN = ("Some **bold**, *em*, _also em_ and `a <b>code</b> span`.\n"
             "[a link](javascript:alert(1)) " + INJECTION)
 
 
+@pytest.mark.browser
 def test_markdown_is_rendered_and_html_stays_text(page, http):
     page.open(max_tokens="20")
     page.send("Look: " + INJECTION)  # a user message, through the real server

@@ -36,6 +36,7 @@ def alone(llama, prompt, max_tokens):
     return "".join(e.text for e in events if not e.is_prompt), events[-1].finish_reason
 
 
+@pytest.mark.slow
 def test_32_clients_4_requests_each():
     from llama2 import Llama
     llama = Llama.load(asset("stories260K.bin"), asset("tok512.bin"))

@@ -16,6 +16,9 @@ pytest.importorskip("pydantic")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
+
 MODEL = "stories260K"
 FUZZ_EXAMPLES = 300
 RAW_EXAMPLES = 100

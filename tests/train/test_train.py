@@ -1,5 +1,5 @@
-"""Training with PyTorch on CPU: a tiny model learns, its export runs identically in the numpy engine,
-resume is bit-exact, and DDP under torchrun matches a single process. Expensive steps are shared."""
+"""Training with PyTorch on CPU: a tiny model learns, its export runs identically in our inference
+engine, resume is bit-exact, and DDP under torchrun matches a single process. Expensive steps are shared."""
 
 import io
 import json
@@ -13,6 +13,9 @@ import pytest
 
 from conftest import REPO, asset
 from llama2.cli import main
+
+pytestmark = pytest.mark.slow  # every test here trains a model with torch
+
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("sentencepiece")
@@ -78,9 +81,9 @@ def test_validation_loss_falls(trained):
     assert (trained / "ckpt.pt").exists() and (trained / "model.bin").exists()
 
 
-def test_export_matches_numpy_engine(trained):
+def test_export_matches_our_engine(trained):
     from llama2 import Llama
-    from llama2.train.data import read_stories
+    from llama2.train.stories import read_stories
     from llama2.train.trainer import load_model
 
     model = load_model(trained)
@@ -122,7 +125,7 @@ def test_run_and_eval_commands(trained):
     # the same windows scored by the torch model give the same loss
     from llama2 import Llama
     from llama2.evaluate import score
-    from llama2.train.data import read_stories
+    from llama2.train.stories import read_stories
     from llama2.train.trainer import load_model
 
     model = load_model(trained)

@@ -15,7 +15,7 @@ import pytest
 from conftest import asset
 from llama2.cli import main
 from llama2.errors import Llama2Error
-from llama2.train import data
+from llama2.train import data, stories
 
 pytest.importorskip("sentencepiece")
 
@@ -42,24 +42,24 @@ def one_line_error(code, err):
 def test_text_separator_and_blank_lines(tmp_path):
     p = tmp_path / "s.txt"
     p.write_text("One.\nTwo lines.<|endoftext|>\n  Second story.  \n<|endoftext|>\n\n<|endoftext|>Third\r\n")
-    assert list(data.read_stories(p)) == ["One.\nTwo lines.", "Second story.", "Third"]
+    assert list(stories.read_stories(p)) == ["One.\nTwo lines.", "Second story.", "Third"]
     q = tmp_path / "b.txt"
     q.write_text("Para one.\n\nPara two\nstill two.\n \nThree.\n")
-    assert list(data.read_stories(q, separator="blank")) == ["Para one.", "Para two\nstill two.", "Three."]
+    assert list(stories.read_stories(q, separator="blank")) == ["Para one.", "Para two\nstill two.", "Three."]
 
 
 def test_separator_across_chunk_boundary(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "CHUNK_BYTES", 7)
+    monkeypatch.setattr(stories, "CHUNK_BYTES", 7)
     p = tmp_path / "s.txt"
     p.write_text("alpha beta<|endoftext|>gamma delta é<|endoftext|>epsilon")
-    assert list(data.read_stories(p)) == ["alpha beta", "gamma delta é", "epsilon"]
+    assert list(stories.read_stories(p)) == ["alpha beta", "gamma delta é", "epsilon"]
 
 
 def test_jsonl_and_json(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": " one "}\n\n{"text": "two", "x": 1}\n')
-    assert list(data.read_stories(tmp_path / "a.jsonl")) == ["one", "two"]
+    assert list(stories.read_stories(tmp_path / "a.jsonl")) == ["one", "two"]
     (tmp_path / "b.json").write_text(json.dumps([{"story": "s1"}, {"story": "s2"}]))
-    assert list(data.read_stories(tmp_path / "b.json", text_field="story")) == ["s1", "s2"]
+    assert list(stories.read_stories(tmp_path / "b.json", text_field="story")) == ["s1", "s2"]
 
 
 @pytest.mark.parametrize("name, content, message", [

@@ -83,7 +83,7 @@ def test_cli_works_without_torch(tmp_path):
     import sys
     from pathlib import Path
 
-    src = Path(__file__).resolve().parent.parent / "src"
+    src = Path(__file__).resolve().parents[2] / "src"
     code = ("import sys; sys.modules['torch'] = None\n"
             "import io, llama2, llama2.cli, llama2.train.data, llama2.evaluate\n"
             "err = io.StringIO()\n"

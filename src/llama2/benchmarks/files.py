@@ -29,6 +29,7 @@ from ..checkpoint import tensor_shapes
 from ..formats.bfloat16 import f32_to_bf16
 from ..config import ModelConfig
 from ..errors import Llama2Error
+from .child import child_command, last_line
 
 FILES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k")
 QUANTIZED = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q6_k": "Q6_K"}  # LLAMA_FTYPE_MOSTLY_*
@@ -249,8 +250,6 @@ def write_hf_bf16(config: ModelConfig, folder, shard_bytes: int = SHARD_BYTES, s
 def quantize(source, out, kind: str, threads: int, python: str = None):
     """`out` = llama.cpp's quantizer applied to the GGUF `source` (LLAMA_FTYPE_MOSTLY_{kind}), run
     in a child of `python` (the peer's interpreter: the quantizer of the llama.cpp being measured)."""
-    from .engine import child_command, last_line
-
     out = Path(out)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     os.close(fd)

@@ -30,9 +30,9 @@ def register(sub):
                    help="instruction-set level of our kernels (sets LLAMA2_ISA in our child processes)")
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="run llama.cpp's children (and its quantizer) under this interpreter, e.g. a venv "
-                        "with llama-cpp-python built for AVX2 only (docs/engine.md)")
+                        "with llama-cpp-python built for AVX2 only (docs/benchmarks.md)")
     p.add_argument("--no-first-run", action="store_true",
-                   help="skip the first-run-after-install row (`llama2 run` with empty kernel caches)")
+                   help="skip the first-run column (a fresh `llama2 run` process to its first byte)")
     p.add_argument("--quick", action="store_true",
                    help="smoke mode: small models, one run, no peer, no first-run row (under a minute)")
     p.add_argument("--prepare", action="store_true",
@@ -124,6 +124,7 @@ def parse(args, have_260k: bool, assets) -> dict:
 
 def run(args, io) -> int:
     from ..benchmarks import engine
+    from ..benchmarks.child import ChildError
     from ..benchmarks.files import check_disk
     from ..fileio import atomic_write
 
@@ -132,7 +133,7 @@ def run(args, io) -> int:
     s = parse(args, have_260k, assets)
     try:
         level = engine.our_level(s["isa"])
-    except engine.ChildError as e:
+    except ChildError as e:
         if s["isa"]:
             raise UsageError(f"--isa {s['isa']}: {e}") from None
         raise

@@ -12,7 +12,7 @@ def _defaults():
 
 
 def register(sub):
-    from ..train.data import BLANK_LINES, STORY_SEPARATOR, TEXT_FIELD
+    from ..train.stories import BLANK_LINES, STORY_SEPARATOR, TEXT_FIELD
     d = _defaults()
     p = sub.add_parser("data", help="prepare training data",
                        description="Prepare training data for `llama2 train`.")

@@ -1,15 +1,15 @@
-"""`llama2 eval MODEL TEXT -z TOKENIZER`: perplexity of a model on a text file (numpy engine)."""
+"""`llama2 eval MODEL TEXT -z TOKENIZER`: perplexity of a model on a text file (no torch)."""
 
 import inspect
 
 
 def register(sub):
     from ..evaluate import score
-    from ..train.data import STORY_SEPARATOR
+    from ..train.stories import STORY_SEPARATOR
     max_tokens = inspect.signature(score).parameters["max_tokens"].default
     p = sub.add_parser("eval", help="perplexity of a model on a text file",
                        description="Report the mean loss and perplexity of MODEL on the stories of "
-                                   "TEXT (BOS before each story), scored by the numpy engine.")
+                                   "TEXT (BOS before each story), scored by our inference engine.")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("text", metavar="TEXT", help="a text, .jsonl or .json file of stories")
     p.add_argument("-z", "--tokenizer", default=None, help="tokenizer.bin (default: beside MODEL)")
@@ -25,7 +25,7 @@ def register(sub):
 def run(args, io) -> int:
     from ..evaluate import score
     from ..llama import Llama
-    from ..train.data import read_stories
+    from ..train.stories import read_stories
 
     llama = Llama.load(args.model, args.tokenizer)
     ids = []

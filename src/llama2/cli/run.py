@@ -17,7 +17,7 @@ from pathlib import Path
 from ..chat_template import override
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import UsageError
-from .. import kvcache
+from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 MODES = ("generate", "chat")
@@ -49,8 +49,7 @@ def register(sub):
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
                    help=QUANTIZE_HELP)
     p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
-                   help="KV cache type: f32, f16, bf16 or q8_0 (default: f32 for llama2.c checkpoints, "
-                        "exactly run.c; f16 for GGUF and Hugging Face models, as llama.cpp)")
+                   help=kvcache.help_text(formats.default_kv_types()))
     p.add_argument("--chat-template", metavar="NAME|FILE",
                    help="chat mode's prompt format: llama2, chatml or a Jinja template file "
                         "(default: the model's own, else llama2 as run.c)")

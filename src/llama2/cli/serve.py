@@ -15,7 +15,7 @@ import socket
 from pathlib import Path
 
 from ..errors import Llama2Error, UsageError
-from .. import kvcache
+from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
@@ -40,8 +40,7 @@ def register(sub):
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
                    help=QUANTIZE_HELP)
     p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
-                   help="KV cache type: f32, f16, bf16 or q8_0 (default: f32 for llama2.c checkpoints, "
-                        "exactly run.c; f16 for GGUF and Hugging Face models, as llama.cpp)")
+                   help=kvcache.help_text(formats.default_kv_types()))
     p.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
                    help="positions the shared KV cache holds for all requests together, in blocks of "
                         f"{kvcache.BLOCK_TOKENS} (default: what the memory free after the weights holds, "

@@ -19,8 +19,10 @@ from ..errors import FormatError
 READERS = ("hf", "gguf", "llama2c")
 HEAD_BYTES = 8
 # Each reader also has `describe(path) -> (ModelConfig, stored)`: how each matrix is stored, from the
-# file's headers alone (stored: tensor name -> a kind as memory.tensor_bytes takes it, or a list of
-# kinds per layer; norms left out), for memory.py's estimate before anything is loaded.
+# file's headers alone (stored: tensor name -> a kind as weights.stored_type takes it, or a list of
+# kinds per layer; norms left out), for memory.py's estimate before anything is loaded; and
+# `KV_TYPE`, the KV cache type its models get by default (put on its Checkpoints; memory.py's
+# estimate and --kv-type's help read it too).
 
 # The formats export.py writes, in --format's order. Each module has `WRITE_DTYPES` (the --dtype
 # values it stores), `FILES` (what its files are called in messages) and `export(path, config,
@@ -57,6 +59,11 @@ def load_checkpoint(path):
 def open_source(path):
     """The model as a tensor source for export.py, read one tensor at a time."""
     return reader(model_kind(path)).source(path)
+
+
+def default_kv_types() -> dict:
+    """Format -> the KV cache type its models get when none is asked for."""
+    return {kind: reader(kind).KV_TYPE for kind in READERS}
 
 
 def describe(path):

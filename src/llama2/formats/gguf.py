@@ -33,6 +33,7 @@ FLOAT_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}  # written as is
 FILE_TYPES = {"fp32": 0, "fp16": 1, "bf16": 32, **quantize.FILE_TYPES}
 WRITE_DTYPES = ("fp32", "fp16", "bf16", *quantize.MIXES)  # what `write` accepts (FILE_TYPES' names)
 FILES = "GGUF files"  # in messages
+KV_TYPE = "f16"  # the KV cache its models get by default: llama.cpp's
 
 # metadata value types
 U8, I8, U16, I16, U32, I32, F32V, BOOL, STRING, ARRAY, U64, I64, F64 = range(13)
@@ -252,7 +253,7 @@ def load(path) -> Checkpoint:
     first = m.kind("wq", 0)
     dtype = "mixed" if len(kinds) > 1 else {F32: "fp32", F16: "fp16"}.get(first, TYPE_NAMES[first].lower())
     return Checkpoint(c, w, 1, str(path), Q8_BLOCK if Q8_0 in kinds else 0, dtype=dtype,
-                      vocab=m.vocab, chat_template=m.chat_template, format="gguf")
+                      vocab=m.vocab, chat_template=m.chat_template, format="gguf", kv_type=KV_TYPE)
 
 
 # --- writing ------------------------------------------------------------------------------------

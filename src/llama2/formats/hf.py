@@ -45,6 +45,7 @@ NAMES = {
 SAFETENSORS_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8"}
 STORED_TYPES = {"F32": "f32", "F16": "f16", "BF16": "bf16"}  # safetensors dtype -> weights type
 MODEL_TYPES = ("llama", "mistral")
+KV_TYPE = "f16"  # the KV cache its models get by default: as llama.cpp's for the same model
 
 
 def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:  # [n_heads*hd, D] -> [n_heads*hd, D]
@@ -393,4 +394,5 @@ def load(directory) -> Checkpoint:
     names = {"f32": "fp32", "f16": "fp16", "bf16": "bf16"}
     dtype = names[next(iter(kinds))] if len(kinds) == 1 else "mixed"
     return Checkpoint(dataclasses.replace(c, rope_style="halves"), w, 1, str(directory), dtype=dtype,
-                      vocab=model.vocab, chat_template=model.chat_template, format="hf")
+                      vocab=model.vocab, chat_template=model.chat_template, format="hf",
+                      kv_type=KV_TYPE)

@@ -34,6 +34,7 @@ CHAT_TEMPLATES = (None, "llama2", "chatml")  # chat template byte (offset 38) of
 VERSIONS = (0, 1, 2, EXT_VERSION)  # what `write_stream` writes: 0-2 llama2.c's, 3 ours
 WRITE_DTYPES = tuple(DTYPES)  # what a version-3 file stores (export's --dtype)
 FILES = "llama2.c files"  # in messages
+KV_TYPE = "f32"  # the KV cache its models get by default: run.c's, so `llama2 run` prints run.c's bytes
 
 # Q8_0 of llama2.c's version 2 (and our version 3's q8_0): int8 values with one float32 scale per
 # group of the flattened tensor. The type lives in weights.q8_v2; these names are kept for callers.
@@ -168,7 +169,7 @@ def source(path) -> CheckpointSource:
 
 def describe(path):
     """(ModelConfig, {matrix name: how it is stored}) from the header alone: f32, f16, bf16, or
-    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as memory.tensor_bytes takes it)."""
+    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as weights.stored_type takes it)."""
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
     config, version, group_size, _ = read_header(path, head)
@@ -199,7 +200,7 @@ def load(path) -> Checkpoint:
         cur.skip(4 * config.seq_len * config.head_dim)  # legacy freq_cis_real and freq_cis_imag
         if not config.shared_classifier:
             w["wcls"] = cur.take(np.float32, shapes["wcls"])
-        return Checkpoint(config, w, version, str(path), group_size)
+        return Checkpoint(config, w, version, str(path), group_size, kv_type=KV_TYPE)
     for name in NORMS:
         w[name] = cur.take(np.float32, shapes[name])
 
@@ -224,7 +225,8 @@ def load(path) -> Checkpoint:
         else:
             w[name] = matrix(shapes[name])
     template = CHAT_TEMPLATES[buf[38]] if version == EXT_VERSION else None
-    return Checkpoint(config, w, version, str(path), group_size, dtype=dtype, chat_template=template)
+    return Checkpoint(config, w, version, str(path), group_size, dtype=dtype, chat_template=template,
+                      kv_type=KV_TYPE)
 
 
 def _rope_tables(c: ModelConfig):

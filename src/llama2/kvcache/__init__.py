@@ -1,7 +1,9 @@
 """The KV cache: keys and values of every layer in blocks of BLOCK_TOKENS positions, of one KV type.
 
-    TYPES                    name -> type module (f32, f16, bf16, q8_0): row_bytes, encode, decode
-    default_type(format)     the KV type a model gets when none is asked for (the one rule)
+    TYPES                    name -> KVType: a KV type's record (native/kv.h: id, row bytes,
+                             encode, decode) with its module here (kvcache/<name>.py: what it is,
+                             and the numpy reference the native record is tested against)
+    help_text(defaults)      the --kv-type help, from TYPES and each format's default
     Pool                     blocks for all sequences, in memory mapped lazily: a block's pages are
                              touched (committed) when a position in it is first written
     Cache                    the one mutable inference state: a pool, a block table and a position
@@ -19,31 +21,76 @@ blocks of the sequence's own table (native.attention checks every id against the
 import heapq
 import mmap
 from collections import OrderedDict
+from importlib import import_module
 
 import numpy as np
 
+from .. import native
 from ..errors import Llama2Error, UsageError
-from . import bf16, f16, f32, q8_0
 
 BLOCK_TOKENS = 16  # positions per block
-TYPES = {m.NAME: m for m in (f32, f16, bf16, q8_0)}
 
 
-def default_type(fmt: str) -> str:
-    """f32 for llama2.c checkpoints (run.c's cache: `llama2 run` prints its exact bytes), f16 for
-    GGUF and Hugging Face models (llama.cpp's default)."""
-    return "f32" if fmt == "llama2c" else "f16"
+class KVType:
+    """One KV type. Its facts are native/kv.h's record, the one list of types: `ID` (what the
+    kernels take), `needs` (what head_dim must be, "" for any), `row_bytes` and `encode` (what the
+    cache is written with, prompt rows and decode rows alike). `reference` is its module here,
+    kvcache/<NAME>.py: the description and a numpy encode/decode, the reference the tests hold the
+    native record to, bit for bit (nothing else runs it)."""
+
+    def __init__(self, kv_id: int, name: str, needs: str):
+        self.ID, self.NAME, self.needs = kv_id, name, needs
+        self.reference = import_module(f"{__name__}.{name}")
+
+    def holds(self, hd: int) -> bool:
+        """Whether rows of head_dim `hd` can be cached in this type."""
+        return native.kv_row_bytes(self.ID, hd) >= 0
+
+    def row_bytes(self, hd: int) -> int:
+        """Bytes of one cached row of `hd` values; UsageError when the type cannot hold such rows."""
+        n = native.kv_row_bytes(self.ID, hd)
+        if n < 0:
+            raise UsageError(f"--kv-type {self.NAME}: needs {self.needs}; this model's head_dim is {hd}")
+        return n
+
+    def encode(self, x) -> np.ndarray:  # float32 [..., hd] -> uint8 [..., row_bytes(hd)]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((*x.shape[:-1], self.row_bytes(x.shape[-1])), np.uint8)
+        native.kv_encode(self.ID, x, out)
+        return out
+
+    def __repr__(self):
+        return f"<KV type {self.NAME}>"
 
 
-def get(name: str, label: str = "--kv-type"):
+TYPES = {name: KVType(i, name, needs) for i, (name, needs) in enumerate(native.kv_types())}
+
+
+def get(name: str, label: str = "--kv-type") -> KVType:
     if name not in TYPES:
         raise UsageError(f"{label} {name}: expected one of {', '.join(TYPES)}")
     return TYPES[name]
 
 
+def help_text(defaults: dict) -> str:
+    """The --kv-type help: the types and the default (`defaults`: model format -> the KV type its
+    models get, from the formats' records)."""
+    names = list(TYPES)
+    by_type = {}
+    for fmt, t in defaults.items():
+        by_type.setdefault(t, []).append(fmt)
+    default = "; ".join(f"{t} for {' and '.join(fmts)} models" for t, fmts in by_type.items())
+    return f"KV cache type: {', '.join(names[:-1])} or {names[-1]} (default: {default})"
+
+
 def bytes_per_token(config, kv_type: str) -> int:
     """Cache bytes one position takes (keys and values of every layer)."""
     return 2 * config.n_layers * config.n_kv_heads * get(kv_type).row_bytes(config.head_dim)
+
+
+def pool_bytes(config, kv_type: str, positions: int) -> int:
+    """The most a Pool for `positions` positions (whole blocks) commits: every page touched."""
+    return -(-positions // BLOCK_TOKENS) * BLOCK_TOKENS * bytes_per_token(config, kv_type)
 
 
 class CacheFull(Llama2Error):
@@ -185,7 +232,7 @@ class Cache:
     def write(self, layer: int, where: tuple, k, v):
         """Store k, v [N, kv_heads, hd] float32 of `layer` at `where` (from `locate`)."""
         blocks, offs = where
-        self.pool.k[layer, blocks, :, offs] = self.type.encode(k)
+        self.pool.k[layer, blocks, :, offs] = self.type.encode(k)  # the decode step's bytes (native/kv.h)
         self.pool.v[layer, blocks, :, offs] = self.type.encode(v)
 
     def table_array(self, slots) -> np.ndarray:  # [B] -> int32 [B, max blocks], padded with 0

@@ -1,13 +1,9 @@
-"""KV type bf16: the top 16 bits of each float32, rounded to nearest even (NaN kept quiet)."""
+"""KV type bf16: the top 16 bits of each float32, rounded to nearest even (NaN kept quiet).
+
+The numpy reference of native/kv.h's bf16 record (tests hold the native encode to it bit for bit).
+"""
 
 import numpy as np
-
-NAME = "bf16"
-ID = 2  # native/kernels.h KV_BF16
-
-
-def row_bytes(hd: int) -> int:
-    return 2 * hd
 
 
 def encode(x):  # float32 [..., hd] -> uint8 [..., 2 hd]

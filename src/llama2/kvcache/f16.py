@@ -1,13 +1,9 @@
-"""KV type f16: IEEE half per value, rounded to nearest even (llama.cpp's default cache type)."""
+"""KV type f16: IEEE half per value, rounded to nearest even (llama.cpp's default cache type).
+
+The numpy reference of native/kv.h's f16 record (tests hold the native encode to it bit for bit).
+"""
 
 import numpy as np
-
-NAME = "f16"
-ID = 1  # native/kernels.h KV_F16
-
-
-def row_bytes(hd: int) -> int:
-    return 2 * hd
 
 
 def encode(x):  # float32 [..., hd] -> uint8 [..., 2 hd]

@@ -1,13 +1,9 @@
-"""KV type f32: rows kept as float32, exactly as computed (llama2.c's cache; run.c's bytes)."""
+"""KV type f32: rows kept as float32, exactly as computed (llama2.c's cache; run.c's bytes).
+
+The numpy reference of native/kv.h's f32 record (tests hold the native encode to it bit for bit).
+"""
 
 import numpy as np
-
-NAME = "f32"
-ID = 0  # native/kernels.h KV_F32
-
-
-def row_bytes(hd: int) -> int:
-    return 4 * hd
 
 
 def encode(x):  # float32 [..., hd] -> uint8 [..., 4 hd]

@@ -15,7 +15,11 @@ from . import kquants, legacy
 from .mix import FILE_TYPES, MIXES, tensor_type
 
 __all__ = ["TYPES", "NAMES", "BY_ID", "MIXES", "FILE_TYPES", "quantize", "tensor_type", "block_size",
-           "row_bytes"]
+           "row_bytes", "SCRATCH_BYTES"]
+
+# The most the quantizers hold beside their input and output: one chunk's float32 temporaries
+# (legacy.CHUNK blocks, kquants.CHUNK super-blocks: about 30 x 1M floats), for memory.py.
+SCRATCH_BYTES = 128 << 20
 
 # name -> (ggml type id, values per block, bytes per block)
 TYPES = {

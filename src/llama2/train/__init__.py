@@ -1,5 +1,5 @@
 """Training your own model: data preparation, tokenizer training, PyTorch training and export.
 
 Only `model`, `loader`, `trainer` and `export` import torch, and only when they are imported;
-`options`, `data` and `tokenizer` need numpy (and sentencepiece for tokenizers) alone.
+`options`, `stories`, `data` and `tokenizer` need numpy (and sentencepiece for tokenizers) alone.
 """

@@ -1,4 +1,4 @@
-"""The Llama 2 transformer in PyTorch, for training: the same math as our numpy engine and run.c.
+"""The Llama 2 transformer in PyTorch, for training: the same math as our inference engine and run.c.
 
 RMSNorm, rotary embeddings on adjacent pairs (x[2i], x[2i+1]) as run.c rotates them, grouped-query
 attention, SwiGLU feed-forward, classifier tied to the token embedding. No KV cache: training and

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import Llama2Error
 from ..fileio import atomic_write
+from .stories import read_inputs
 
 
 def _sentencepiece():
@@ -27,8 +28,6 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
 
     At most `max_sentences` lines are sampled (shuffled) by sentencepiece, as tinystories.py does.
     """
-    from . import data  # the same story readers as data preparation
-
     spm = _sentencepiece()
     if vocab_size < 259 + 3 or vocab_size > 1 << 20:
         # byte fallback needs the 256 byte pieces plus unk, bos and eos
@@ -42,7 +41,7 @@ def train_tokenizer(inputs, vocab_size: int, out_prefix, *, separator=None, text
         text_path = Path(tmp) / "stories.txt"
         count = 0
         with open(text_path, "w", encoding="utf-8") as f:
-            for story in data.read_inputs(inputs, separator=separator, text_field=text_field,
+            for story in read_inputs(inputs, separator=separator, text_field=text_field,
                                           progress=progress):
                 f.write(story + "\n")
                 count += 1

@@ -41,6 +41,21 @@ def supported(kind) -> bool:
         return False
 
 
+def stored_type(kind) -> tuple:
+    """How a matrix is stored, as a format's `describe` names it (a type name or ggml id, or
+    "q8_v2:GROUP") -> (its Matrix class, that class's parameters: (GROUP,) for q8_v2, else ())."""
+    if isinstance(kind, str) and ":" in kind:
+        name, _, param = kind.partition(":")
+        return module(name).Matrix, (int(param),)
+    return module(kind).Matrix, ()
+
+
+def stored_bytes(kind, rows: int, cols: int) -> int:
+    """Bytes of a [rows, cols] matrix stored as `kind` (see `stored_type`): what it costs loaded."""
+    cls, params = stored_type(kind)
+    return cls.stored_bytes(rows, cols, *params)
+
+
 def from_buffer(kind, buf, offset, shape, what="tensor") -> Matrix:
     """A matrix [out, in] of ggml type or name `kind` stored at byte `offset` of `buf`: a view."""
     return module(kind).Matrix.from_buffer(buf, offset, tuple(shape), what)
@@ -89,10 +104,7 @@ def quantizer(name, group_size=None, config=None):
     def run(array, tensor=None, layer=None):
         array = np.ascontiguousarray(array, dtype=np.float32)
         rows, cols = array.shape
-        kind = quantizers.tensor_type(
-            name, tensor or "matrix", layer, c.n_layers if c else None, cols=cols,
-            has_output=not (c and c.shared_classifier), n_heads=c.n_heads if c else None,
-            n_kv_heads=c.n_kv_heads if c else None)
+        kind = quantized_kind(name, tensor, layer, cols, c)
         block = quantizers.block_size(kind)
         if cols % block:
             where = _base_name(tensor) if tensor else "a matrix"
@@ -107,10 +119,24 @@ def quantizer(name, group_size=None, config=None):
     return run
 
 
+def quantized_kind(name, tensor, layer, cols: int, config=None, group_size=None) -> str:
+    """What `--quantize name` turns float matrix `tensor` (of block `layer`, rows of `cols` values)
+    into, as `stored_type` takes it: "q8_v2:GROUP" for q8_0, else `quantize.tensor_type`'s answer
+    (`quantizer` applies it; memory.py's estimate asks it before loading)."""
+    if name == "q8_0":
+        from ..config import Q8_GROUP_SIZE
+        return f"q8_v2:{group_size or Q8_GROUP_SIZE}"
+    from ..quantize import tensor_type
+    c = config
+    return tensor_type(name, tensor or "matrix", layer, c.n_layers if c else None, cols=cols,
+                       has_output=not (c and c.shared_classifier), n_heads=c.n_heads if c else None,
+                       n_kv_heads=c.n_kv_heads if c else None)
+
+
 def quantize(name, array, group_size=None, tensor=None, layer=None, config=None) -> Matrix:
     """One float32 matrix [out, in] quantized as `--quantize name` would (see `quantizer`)."""
     return quantizer(name, group_size, config)(array, tensor, layer)
 
 
 __all__ = ["Matrix", "MODULES", "module", "from_buffer", "matrix", "dense", "quantizer", "quantize",
-           "supported"]
+           "quantized_kind", "stored_bytes", "stored_type", "supported"]

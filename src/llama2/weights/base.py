@@ -99,6 +99,11 @@ class Matrix:
     def nbytes(self) -> int:
         return self.blocks.nbytes
 
+    @classmethod
+    def stored_bytes(cls, rows: int, cols: int) -> int:
+        """`nbytes` of a [rows, cols] matrix of this type, before there is one (memory.py's estimate)."""
+        return rows * (cols // cls.BLOCK) * cls.DTYPE.itemsize
+
     @property
     def storage(self) -> np.ndarray:  # the stored array(s) as loaded, for checks that it is a view
         return self.blocks

@@ -86,6 +86,10 @@ class Matrix(_Matrix):
     def nbytes(self) -> int:
         return self.q.nbytes + self.s.nbytes
 
+    @classmethod
+    def stored_bytes(cls, rows: int, cols: int, group_size: int) -> int:
+        return rows * cols * VALUES.itemsize + n_groups(rows * cols, group_size) * SCALES.itemsize
+
     @property
     def storage(self):
         return self.q, self.s
