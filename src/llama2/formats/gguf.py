@@ -146,16 +146,24 @@ def _tensor(buf, path, name, kind, shape, offset):
 
 
 def vocab_from_metadata(meta):
-    """The tokenizer a GGUF carries, when it is sentencepiece-style ("llama"); else None."""
-    if meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.tokens" not in meta:
+    """The tokenizer a GGUF carries: sentencepiece-style ("llama") or byte-level BPE ("gpt2", with
+    its merges and pre-tokenizer name); None when it has none or another kind."""
+    model = meta.get("tokenizer.ggml.model")
+    if model not in ("llama", "gpt2") or "tokenizer.ggml.tokens" not in meta:
         return None
     tokens = meta["tokenizer.ggml.tokens"]
     scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
     types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    eos_ids = tuple(int(meta[k]) for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+                    if k in meta)
+    extra = {}
+    if model == "gpt2":
+        extra = dict(merges=list(meta.get("tokenizer.ggml.merges") or []),
+                     pre=meta.get("tokenizer.ggml.pre", "default"))
     return Vocab(list(tokens), [float(s) for s in scores], list(types),
                  int(meta.get("tokenizer.ggml.bos_token_id", 1)),
                  int(meta.get("tokenizer.ggml.eos_token_id", 2)),
-                 int(meta.get("tokenizer.ggml.unknown_token_id", 0)))
+                 int(meta.get("tokenizer.ggml.unknown_token_id", 0)), model=model, eos_ids=eos_ids, **extra)
 
 
 class GGUFModel:
@@ -195,8 +203,7 @@ class GGUFModel:
                               f"{self.config.head_dim}) are not supported")
         self.shapes = tensor_shapes(self.config)
         self.vocab = vocab_from_metadata(meta)
-        text = meta.get("tokenizer.chat_template")
-        self.chat_template = templates.detect(text) if text else None
+        self.chat_template = templates.from_model_files(meta.get("tokenizer.chat_template"), str(path))
 
     def kind(self, name, layer=None) -> int:
         gname = NAMES[name].format(layer)
@@ -345,15 +352,18 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
     }
     if vocab is not None:
         meta.update({
-            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.model": vocab.model,
             "tokenizer.ggml.tokens": (STRING, vocab.pieces),
             "tokenizer.ggml.scores": (F32V, vocab.scores),
             "tokenizer.ggml.token_type": (I32, vocab.types),
             "tokenizer.ggml.bos_token_id": vocab.bos_id, "tokenizer.ggml.eos_token_id": vocab.eos_id,
             "tokenizer.ggml.unknown_token_id": vocab.unk_id,
         })
-    if chat_template is not None:
-        meta["tokenizer.chat_template"] = templates.JINJA[chat_template]
+        if vocab.model == "gpt2":
+            meta["tokenizer.ggml.pre"] = vocab.pre
+            meta["tokenizer.ggml.merges"] = (STRING, vocab.merges)
+    if chat_template is not None:  # a built-in name, or the model's own ChatTemplate
+        meta["tokenizer.chat_template"] = templates.resolve(chat_template).source
 
     parts = [MAGIC, struct.pack("<IQQ", 3, len(order), len(meta))]
     for key, value in meta.items():

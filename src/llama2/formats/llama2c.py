@@ -365,5 +365,10 @@ def export(path, config: ModelConfig, tensor, vocab=None, dtype="fp32", version=
              f"{', '.join(lost_fields(config))}; readers will assume the defaults (use --version 3)")
     if dtype == "q8_0" and group_size <= 0:
         raise FormatError(f"--group-size must be positive, got {group_size}")
+    if chat_template is not None and not isinstance(chat_template, str):  # a model's Jinja template:
+        if chat_template.name is None and version == EXT_VERSION:
+            warn(f"llama2: warning: a version-3 header records only the llama2 or chatml chat template; "
+                 f"{chat_template.origin}'s is left out (use --format gguf to keep it)")
+        chat_template = chat_template.name  # the header records the built-in one it spells, if any
     write_stream(path, config, tensor, version, group_size if dtype == "q8_0" else 0, dtype,
                  chat_template if version == EXT_VERSION else None)

@@ -42,6 +42,7 @@ class State:
     prepare: Preparer
     tokenizer: object
     model_config: object  # the model's llama2.ModelConfig
+    chat_template: object  # a chat_template.ChatTemplate or built-in name: --chat-template, else the model's
     started: int  # Unix time: the models' `created`
 
 
@@ -259,7 +260,8 @@ def _prepare_completion(state: State, data: bytes) -> P.Request:  # on a worker 
 def _prepare_chat(state: State, data: bytes) -> P.Request:  # on a worker thread
     body = P.parse_body(data)
     P.check_model(body, state.config.model_name)
-    return P.parse_chat(body, state.tokenizer, state.model_config, state.config.chat_template)
+    return P.parse_chat(body, state.tokenizer, state.model_config, state.chat_template,
+                        not state.config.refuse_long_chats)
 
 
 async def completions(request):
@@ -274,7 +276,7 @@ async def chat(request):
     state = _state(request)
     req = await state.prepare.run(_prepare_chat, state, await _read_body(request, state.config))
     ans = Answer(True, state.config.model_name, state.tokenizer, len(req.params.prompt),
-                 logprobs=req.params.logprobs is not None)
+                 logprobs=req.params.logprobs is not None, dropped_messages=req.params.dropped_messages)
     return await _generate(request, state, req, ans)
 
 
