@@ -8,9 +8,14 @@
 
 #include "blocks.h"
 
-/* ggml type ids (GGUF tensor types) of the weight types we run. */
-enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31 };
+/* ggml type ids (GGUF tensor types) of the weight types we run (blocks.h WEIGHT_TYPES): T_F32 ...
+ * T_COUNT bounds the ids (ggml's own count is larger; ours stop at BF16). */
+#define TYPE_ID(U, l, id, block, values, act, prompt) T_##U = id,
+enum { WEIGHT_TYPES(TYPE_ID) T_COUNT = 31 };
+#undef TYPE_ID
+#define TYPE_ID_FITS(U, l, id, block, values, act, prompt) _Static_assert(id < T_COUNT, "T_COUNT: " #U);
+WEIGHT_TYPES(TYPE_ID_FITS)
+#undef TYPE_ID_FITS
 
 /* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
 enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };

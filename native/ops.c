@@ -142,7 +142,7 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
               int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
     const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
-    if (n > kt->nx_tile && (type == T_F32 || type == T_F16 || type == T_BF16))  /* prompts: gemm.c */
+    if (n > kt->nx_tile && TYPE_INFO[type].act == ACT_F32)  /* the float types' prompts: gemm.c */
         return op_gemm_float(kt, type, w, row_bytes, rows, x, n, cols, out);
     mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
                 .n = n, .out = out};
