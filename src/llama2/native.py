@@ -13,6 +13,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     rmsnorm(x, w, eps, out)          out [N, D] = run.c's rmsnorm of x [N, D] with weight w [D]
     rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place
+    WEIGHT_TYPES                     our type name -> WeightType(id, name, block_values,
+                                     block_bytes, activations): native/blocks.h's records
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
@@ -31,6 +33,7 @@ level the CPU lacks is a one-line error. native/README.md says how the build and
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,7 +52,21 @@ ENV = "LLAMA2_ISA"
 # A level's variants, preferred first: avx512 uses the VNNI build where the CPU has AVX512_VNNI.
 _LEVEL_VARIANTS = {"scalar": ("scalar",), "avx2": ("avx2",), "avx512": ("avx512vnni", "avx512")}
 
-TYPES = {t: (name, values, nbytes) for t, (name, values, nbytes, _act) in _native.types().items()}
+
+
+class WeightType(NamedTuple):
+    """One weight type's record (native/blocks.h WEIGHT_TYPES), as the extension reports it."""
+    id: int  # ggml type id (GGUF tensor type)
+    name: str  # GGUF's name (F32, Q4_K, ...); ours is its lower case, weights/<ours>.py its module
+    block_values: int
+    block_bytes: int
+    activations: str  # how matmul hands it x: None (float32 rows), "q8_0" or "q8_k" blocks
+
+
+_ACTIVATIONS = (None, "q8_0", "q8_k")  # native/kernels.h ACT_F32, ACT_Q8_0, ACT_Q8_K
+WEIGHT_TYPES = {name.lower(): WeightType(t, name, values, nbytes, _ACTIVATIONS[act])
+                for t, (name, values, nbytes, act) in _native.types().items()}
+TYPES = {t.id: (t.name, t.block_values, t.block_bytes) for t in WEIGHT_TYPES.values()}
 
 matmul = _native.matmul
 dequantize_rows = _native.dequantize_rows

@@ -8,27 +8,19 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize
 
-from llama2 import native
+from llama2 import native, weights
 from llama2.threads import threads
 
 VARIANTS = native.variants()  # scalar, avx2, avx512, avx512vnni: whichever this CPU runs
 
-F16 = "<f2"
-# Block layouts (GGUF), to set the scale fields of random blocks.
-BLOCKS = {
-    GT.Q4_0: [("d", F16), ("qs", "u1", 16)],
-    GT.Q4_1: [("d", F16), ("m", F16), ("qs", "u1", 16)],
-    GT.Q5_0: [("d", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
-    GT.Q5_1: [("d", F16), ("m", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
-    GT.Q8_0: [("d", F16), ("qs", "i1", 32)],
-    GT.Q4_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qs", "u1", 128)],
-    GT.Q5_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)],
-    GT.Q6_K: [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", F16)],
-}
-FLOATS = (GT.F32, GT.F16, GT.BF16)
+# Block layouts (weights/<type>.py's DTYPE, whose sizes test_weight_types holds to gguf's), to set
+# the scale fields of random blocks: every ggml type the extension lists.
+GGML = [m for m in weights.MODULES if m.GGML_TYPE is not None]
+BLOCKS = {GT(m.GGML_TYPE): m.DTYPE for m in GGML if m.Matrix.ACTIVATIONS}
+FLOATS = tuple(GT(m.GGML_TYPE) for m in GGML if not m.Matrix.ACTIVATIONS)  # F32, F16, BF16
 QUANTS = tuple(BLOCKS)
 ALL = FLOATS + QUANTS
-K_QUANTS = (GT.Q4_K, GT.Q5_K, GT.Q6_K)
+K_QUANTS = tuple(t for t in QUANTS if native.TYPES[int(t)][1] == 256)  # Q4_K, Q5_K, Q6_K
 # Activation row counts: decode (1..8), the 4- and 8-row tiles and their tails, prompts.
 PROMPT_NS = (1, 3, 6, 8, 9, 31, 33, 64, 130)
 
@@ -450,7 +442,7 @@ def test_concurrent_callers_and_fork():
     starts its own workers."""
     code = """
 import os, threading, numpy as np
-from llama2 import native
+from llama2 import native, weights
 native.set_threads(2)
 rng = np.random.default_rng(0)
 w = rng.integers(0, 256, (300, 4 * 144), dtype=np.uint8)

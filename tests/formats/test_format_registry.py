@@ -12,7 +12,7 @@ from llama2 import formats, memory
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.config import ModelConfig
 from llama2.export import export
-from llama2.formats.bfloat16 import bf16_to_f32, f32_to_bf16
+from llama2.weights.bf16 import bf16_to_f32, f32_to_bf16
 from test_export_errors import write_safetensors
 
 # rows of 256 values, so every GGUF type (K-quants' 256-value super-blocks included) can store it

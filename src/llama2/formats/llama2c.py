@@ -17,7 +17,7 @@ from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write, read_user_file, user_file
 from ..weights import ALIASES, bf16, f16, q8_v2, dense as _dense
-from .bfloat16 import f32_to_bf16
+from ..weights.bf16 import f32_to_bf16
 
 MAGIC = 0x616B3432  # "ak42" as little-endian uint32
 HEADER_BYTES = 256  # versions 1 and 2

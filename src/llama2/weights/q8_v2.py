@@ -14,6 +14,8 @@ to `dequantize` below. Also our `--quantize q8_0` at load.
 
 import numpy as np
 
+from .. import native
+from .activations import rounded
 from .base import ALL_ROWS, Matrix as _Matrix
 
 NAME = "q8_v2"
@@ -21,12 +23,6 @@ GGML_TYPE = None
 VALUES = np.dtype("i1")  # [out, in]
 SCALES = np.dtype("<f4")  # [ceil(out * in / group_size)]
 SMALL_BATCH = 8  # up to this many rows (any layout): the native product reads the int8 values directly
-
-
-def _native():
-    from .. import native
-
-    return native
 
 
 def n_groups(numel: int, group_size: int) -> int:
@@ -105,11 +101,10 @@ class Matrix(_Matrix):
         if len(x) >= self.tile_rows:
             return self._tiled(x)
         out = np.empty((len(x), self.shape[0]), np.float32)
-        nat = _native()
         if self.split:
-            nat.matmul_q8_split(self.q, self.s, self.group_size, x, out)
+            native.matmul_q8_split(self.q, self.s, self.group_size, x, out)
         else:
-            nat.matmul_q8_any(self.q, self.s, self.group_size, x, out)
+            native.matmul_q8_any(self.q, self.s, self.group_size, x, out)
         return out
 
     def native_product(self):  # the kernels __call__ runs below tile_rows
@@ -120,14 +115,11 @@ class Matrix(_Matrix):
     def rows(self, ids):  # [R] -> [R, in]
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        _native().dequantize_q8_split(self.q, self.s, self.group_size, ids, out)
+        native.dequantize_q8_split(self.q, self.s, self.group_size, ids, out)
         return out
 
     def _activations(self, x):  # [N, in] -> [N, in]: x rounded as the native product rounds it
-        if not self.split:
-            return x
-        from . import q8_0
-        return q8_0.dequantize(_native().quantize_q8_0(x).view(q8_0.DTYPE)).reshape(x.shape)
+        return rounded("q8_0", x) if self.split else x
 
     def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in]
-        _native().dequantize_q8_split(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
+        native.dequantize_q8_split(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
