@@ -31,15 +31,7 @@
 #include "kv.h"
 #include "pool.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-/* Spins at a barrier before yielding the core (the machine may have more threads than cores). */
-#define SPIN_BEFORE_YIELD 2000
+#include "spin.h"
 
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out) {
     for (int64_t r = 0; r < n; r++) {
@@ -119,10 +111,9 @@ static void barrier(fw_job *j, int nth) {
         __atomic_store_n(&j->bar_gen, gen + 1, __ATOMIC_SEQ_CST);
         return;
     }
-    for (unsigned i = 1; __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen; i++) {
-        CPU_RELAX();
-        if (i >= SPIN_BEFORE_YIELD) sched_yield();
-    }
+    int done;  /* spin as the pool does, then yield the core (there may be more threads than cores) */
+    SPIN_WHILE(__atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen, pool_spin_ns(), done);
+    while (!done && __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen) sched_yield();
 }
 
 /* Row b of width cols quantized for every activation kind in `kinds` (a bit per ACT_*). */

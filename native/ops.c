@@ -16,36 +16,9 @@
 #include "dispatch.h"
 #include "gemm.h"
 #include "pool.h"
+#include "scratch.h"  /* this file's per-thread buffer: quantized activations */
 
 #define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
-
-/* Per-thread scratch for quantized activations, freed when the thread ends. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p; size_t size; } scratch;
-static void scratch_free(void *s) { free(((scratch *)s)->p); free(s); }
-static void scratch_key_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-static void *scratch_get(size_t size) {
-    pthread_once(&scratch_once, scratch_key_init);
-    scratch *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof(*s));
-        if (!s) return NULL;
-        pthread_setspecific(scratch_key, s);
-    }
-    if (s->size < size) {
-        free(s->p);
-        size_t grown = size + size / 2;
-        if (posix_memalign(&s->p, 64, grown) != 0) {
-            s->p = NULL;
-            s->size = 0;
-            return NULL;
-        }
-        s->size = grown;
-    }
-    return s->p;
-}
 
 typedef struct {
     quant_fn quant;
