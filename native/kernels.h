@@ -28,8 +28,8 @@ enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
  * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
 typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
                        size_t x_stride, int nx, float *out, size_t out_stride);
-/* The same for llama2.c's version-2 Q8 (type_q8s.c): int8 rows plus float scales per gs values. */
-typedef void (*q8s_dot_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
+/* The same for llama2.c's version-2 Q8 (type_int8_rows.c): int8 rows plus float scales per gs values. */
+typedef void (*int8_rows_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
                            const void *x, size_t x_stride, int nx, float *out, size_t out_stride);
 /* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
@@ -40,7 +40,7 @@ typedef void (*rmsnorm_fn)(const float *x, const float *w, float eps, int64_t n,
 typedef void (*rope_fn)(float *x, const float *cos_, const float *sin_, int64_t n, int64_t h, int64_t hd,
                         int halves);
 typedef void (*silu_mul_fn)(float *a, const float *b, int64_t count);
-typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
+typedef void (*int8_flat_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
                            const float *x, int64_t n, float *out, size_t out_stride);
 /* Prompt products on float weights (gemm_float.c): nrows weight rows of `type` (F32, F16, BF16)
  * against n activation rows (x_stride floats apart), each output bit-equal to the type's dot
@@ -49,7 +49,7 @@ typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t 
 typedef void (*gemm_float_fn)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
                               const float *x, int64_t x_stride, int64_t n, float *out, size_t out_stride,
                               float *buf);
-typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
+typedef void (*int8_flat_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
 /* Decode attention of one query head over n cached rows of KV type kvtype (kv.h) read through a
@@ -73,8 +73,8 @@ typedef struct {
     dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
     dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];
-    q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
-    q8s_dot_fn q8s_gemm;
+    int8_rows_fn int8_rows_dot;    /* llama2.c version-2 Q8 */
+    int8_rows_fn int8_rows_gemm;
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
@@ -83,8 +83,8 @@ typedef struct {
     rmsnorm_fn rmsnorm;
     rope_fn rope;
     silu_mul_fn silu_mul;
-    q8g_dot_fn q8g_dot;    /* version-2 Q8 in any layout, float activations */
-    q8g_dequant_fn q8g_dequant;
+    int8_flat_fn int8_flat_dot;    /* version-2 Q8 in any layout, float activations */
+    int8_flat_dequant_fn int8_flat_dequant;
     gemm_float_fn gemm_float;  /* prompts on F32 / F16 / BF16 weights (gemm.c) */
 } kernel_table;
 

@@ -143,8 +143,8 @@ static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r
     const lp_product *m = pt->m;
     const kernel_table *kt = j->kt;
     int64_t B = j->B, rows = m->rows, cols = m->cols;
-    if (m->kind == LP_Q8G) {  /* what op_matmul_q8g runs: all activation rows at once, floats */
-        kt->q8g_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, pt->xf, B, pt->out, (size_t)rows);
+    if (m->kind == LP_INT8_FLAT) {  /* what op_matmul_int8_flat runs: all activation rows at once, floats */
+        kt->int8_flat_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, pt->xf, B, pt->out, (size_t)rows);
         return;
     }
     const char *x = m->act == ACT_F32 ? (const char *)pt->xf : pt->bufs[m->act];
@@ -152,12 +152,12 @@ static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r
     /* ops.c's run_matmul choice: from three rows on the gemm kernels (the same bits as dot) */
     int many = B >= 3;
     int tile = many && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
-    q8s_dot_fn q8s = many ? kt->q8s_gemm : kt->q8s_dot;
+    int8_rows_fn int8_rows = many ? kt->int8_rows_gemm : kt->int8_rows_dot;
     dot_fn dot = many ? kt->gemm[m->type] : kt->dot[m->type];
     for (int64_t i = 0; i < B; i += tile) {  /* what ops.c's mm_task runs for a chunk */
         int nx = B - i < tile ? (int)(B - i) : tile;
-        if (m->kind == LP_Q8S)
-            q8s(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
+        if (m->kind == LP_INT8_ROWS)
+            int8_rows(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
                 x + i * xs, xs, nx, pt->out + i * rows + r0, (size_t)rows);
         else
             dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, x + i * xs, xs, nx,

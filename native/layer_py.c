@@ -57,7 +57,7 @@ static const float *f32_vector(holder *h, PyObject *o, int64_t n, const char *wh
     return b->buf;
 }
 
-/* A product spec: ("type", ggml_type, w) | ("q8_split", q, s, group_size) | ("q8_any", q, s,
+/* A product spec: ("type", ggml_type, w) | ("int8_rows", q, s, group_size) | ("int8_flat", q, s,
  * group_size), checked to be [rows, cols]. */
 static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const char *what, lp_product *m) {
     memset(m, 0, sizeof(*m));
@@ -88,8 +88,8 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
                           .rows = rows, .cols = cols};
         return 0;
     }
-    int split = !strcmp(kind, "q8_split");
-    if ((split || !strcmp(kind, "q8_any")) && PyTuple_GET_SIZE(spec) == 4) {
+    int split = !strcmp(kind, "int8_rows");
+    if ((split || !strcmp(kind, "int8_flat")) && PyTuple_GET_SIZE(spec) == 4) {
         long long gs = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 3));
         if (gs == -1 && PyErr_Occurred()) return -1;
         Py_buffer *q = hold(h, PyTuple_GET_ITEM(spec, 1), what);
@@ -111,7 +111,8 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
                          (long long)groups);
             return -1;
         }
-        *m = (lp_product){.kind = split ? LP_Q8S : LP_Q8G, .act = split ? ACT_Q8_0 : ACT_F32, .w = q->buf,
+        *m = (lp_product){.kind = split ? LP_INT8_ROWS : LP_INT8_FLAT, .act = split ? ACT_Q8_0 : ACT_F32,
+                          .w = q->buf,
                           .row_bytes = (size_t)cols, .s = s->buf, .gs = gs, .rows = rows, .cols = cols};
         return 0;
     }

@@ -57,7 +57,7 @@ static int check_product_out(const Py_buffer *out, const Py_buffer *x, int64_t n
 }
 
 /* q and s of a version-2 Q8 matrix with group size gs, checked: returns rows, or -1. */
-static int64_t q8_split_shape(const Py_buffer *q, const Py_buffer *s, long long gs, int64_t cols, const char *fn) {
+static int64_t int8_shape(const Py_buffer *q, const Py_buffer *s, long long gs, int64_t cols, const char *fn) {
     if (q->ndim != 2 || q->itemsize != 1 || q->shape[1] != cols) {
         PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld]", fn, (long long)cols);
         return -1;
@@ -95,10 +95,10 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
-/* matmul_q8_split(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
+/* matmul_int8_rows(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
  * s float32 [rows * cols / group_size] (one scale per group of the flattened matrix). */
-static PyObject *py_matmul_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "matmul_q8_split";
+static PyObject *py_matmul_int8_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_int8_rows";
     PB_ARGS a = {0};
     if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
                  {4, "out", PB_F32, 1}) < 0)
@@ -110,11 +110,11 @@ static PyObject *py_matmul_q8_split(PyObject *self, PyObject *const *args, Py_ss
     if (gs <= 0 || gs % QK || cols % gs)  /* the integer kernel takes whole Q8_0 blocks per row */
         return PyErr_Format(PyExc_ValueError, "%s: group size %lld must be a multiple of %d that divides the %lld "
                             "columns", fn, gs, QK, (long long)cols);
-    int64_t rows = q8_split_shape(q, s, gs, cols, fn);
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
     if (rows < 0 || check_product_out(out, x, n, rows, fn, "q") < 0) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_matmul_q8s(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
+    rc = op_matmul_int8_rows(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -436,9 +436,9 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
     return args[0];
 }
 
-/* matmul_q8_any(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
-static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "matmul_q8_any";
+/* matmul_int8_flat(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
+static PyObject *py_matmul_int8_flat(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_int8_flat";
     PB_ARGS a = {0};
     if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
                  {4, "out", PB_F32, 1}) < 0)
@@ -447,17 +447,17 @@ static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssiz
     if (gs == -1 && PyErr_Occurred()) return NULL;
     const Py_buffer *q = &a.b[0], *s = &a.b[1], *x = &a.b[2], *out = &a.b[3];
     int64_t cols = pb_cols(x), n = pb_rows(x);
-    int64_t rows = q8_split_shape(q, s, gs, cols, fn);
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
     if (rows < 0 || check_product_out(out, x, n, rows, fn, "q") < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    op_matmul_q8g(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
+    op_matmul_int8_flat(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
-/* dequantize_q8_split(q, s, group_size, ids, out): out [R, cols] = rows ids, dequantized */
-static PyObject *py_dequantize_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "dequantize_q8_split";
+/* dequantize_int8(q, s, group_size, ids, out): out [R, cols] = rows ids, dequantized */
+static PyObject *py_dequantize_int8(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "dequantize_int8";
     PB_ARGS a = {0};
     if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "ids", PB_IDS, 0},
                  {4, "out", PB_F32, 1}) < 0)
@@ -467,10 +467,10 @@ static PyObject *py_dequantize_q8_split(PyObject *self, PyObject *const *args, P
     const Py_buffer *q = &a.b[0], *s = &a.b[1], *ids = &a.b[2], *out = &a.b[3];
     int64_t cols = rows_out(out, ids, fn);
     if (cols < 0) return NULL;
-    int64_t rows = q8_split_shape(q, s, gs, cols, fn);
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
     if (rows < 0 || ids_in(ids, rows, fn) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    op_dequantize_q8g(q->buf, s->buf, gs, cols, ids->buf, ids->shape[0], out->buf);
+    op_dequantize_int8(q->buf, s->buf, gs, cols, ids->buf, ids->shape[0], out->buf);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -527,17 +527,17 @@ static PyObject *py_types(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "matmul(wtype, w, x, out)"},
-    {"matmul_q8_split", (PyCFunction)(void (*)(void))py_matmul_q8_split, METH_FASTCALL,
-     "matmul_q8_split(q, s, group_size, x, out)"},
+    {"matmul_int8_rows", (PyCFunction)(void (*)(void))py_matmul_int8_rows, METH_FASTCALL,
+     "matmul_int8_rows(q, s, group_size, x, out)"},
     {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
      "dequantize_rows(wtype, w, ids, out)"},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, out) -> out"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, cos, sin, style) -> x"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(a, b) -> a"},
-    {"matmul_q8_any", (PyCFunction)(void (*)(void))py_matmul_q8_any, METH_FASTCALL,
-     "matmul_q8_any(q, s, group_size, x, out)"},
-    {"dequantize_q8_split", (PyCFunction)(void (*)(void))py_dequantize_q8_split, METH_FASTCALL,
-     "dequantize_q8_split(q, s, group_size, ids, out)"},
+    {"matmul_int8_flat", (PyCFunction)(void (*)(void))py_matmul_int8_flat, METH_FASTCALL,
+     "matmul_int8_flat(q, s, group_size, x, out)"},
+    {"dequantize_int8", (PyCFunction)(void (*)(void))py_dequantize_int8, METH_FASTCALL,
+     "dequantize_int8(q, s, group_size, ids, out)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},

@@ -8,10 +8,10 @@
     void KN(l##_dequant)(const void *, float *, int64_t);
 WEIGHT_TYPES(DECLARE)
 #undef DECLARE
-void KN(q8s_dot)(int64_t, const int8_t *, const float *, int64_t, int64_t, const void *, size_t, int, float *,
-                 size_t);
-void KN(q8s_gemm)(int64_t, const int8_t *, const float *, int64_t, int64_t, const void *, size_t, int, float *,
-                  size_t);
+void KN(int8_rows_dot)(int64_t, const int8_t *, const float *, int64_t, int64_t, const void *, size_t, int,
+                       float *, size_t);
+void KN(int8_rows_gemm)(int64_t, const int8_t *, const float *, int64_t, int64_t, const void *, size_t, int,
+                        float *, size_t);
 void KN(quant_q8_0)(const float *, void *, int64_t);
 void KN(quant_q8_0x)(const float *, void *, int64_t);
 void KN(quant_q8_k)(const float *, void *, int64_t);
@@ -22,9 +22,9 @@ void KN(attn_group)(int, int64_t, int64_t, int64_t, const float *, size_t, const
 void KN(rmsnorm)(const float *, const float *, float, int64_t, int64_t, float *);
 void KN(rope)(float *, const float *, const float *, int64_t, int64_t, int64_t, int);
 void KN(silu_mul)(float *, const float *, int64_t);
-void KN(q8g_dot)(const int8_t *, const float *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t, float *,
-                 size_t);
-void KN(q8g_dequant)(const int8_t *, const float *, int64_t, int64_t, int64_t, float *);
+void KN(int8_flat_dot)(const int8_t *, const float *, int64_t, int64_t, int64_t, int64_t, const float *, int64_t,
+                       float *, size_t);
+void KN(int8_flat_dequant)(const int8_t *, const float *, int64_t, int64_t, int64_t, float *);
 void KN(gemm_float)(int, int64_t, const void *, size_t, int64_t, const float *, int64_t, int64_t, float *, size_t,
                     float *);
 
@@ -44,8 +44,8 @@ const kernel_table KN(table) = {
 #undef DOT
 #undef GEMM
 #undef DEQUANT
-    .q8s_dot = KN(q8s_dot),
-    .q8s_gemm = KN(q8s_gemm),
+    .int8_rows_dot = KN(int8_rows_dot),
+    .int8_rows_gemm = KN(int8_rows_gemm),
     .q8_0 = KN(quant_q8_0),
     .q8_0x = KN(quant_q8_0x),
     .q8_k = KN(quant_q8_k),
@@ -54,7 +54,7 @@ const kernel_table KN(table) = {
     .rmsnorm = KN(rmsnorm),
     .rope = KN(rope),
     .silu_mul = KN(silu_mul),
-    .q8g_dot = KN(q8g_dot),
-    .q8g_dequant = KN(q8g_dequant),
+    .int8_flat_dot = KN(int8_flat_dot),
+    .int8_flat_dequant = KN(int8_flat_dequant),
     .gemm_float = KN(gemm_float),
 };

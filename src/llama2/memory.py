@@ -218,7 +218,7 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
             options.append(f"{budget_flag} {lo * bt}")
     export = f"an int8 file made by `llama2 export OUT.bin --from {name} --dtype q8_0`"
     if floats:
-        q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
+        q8 = estimate(config, {k: f"int8_groups:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
         if fits(q8, have):
             options.append(f"{export} (about {size(q8)})")
         elif not options:

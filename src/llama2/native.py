@@ -6,10 +6,10 @@ file stores them, row dequantization and activation quantization, on a thread po
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
-    matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
+    matmul_int8_rows(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
-    matmul_q8_any(q, s, group_size, x, out)          version-2 Q8 in any layout, float activations
-    dequantize_q8_split(q, s, group_size, ids, out)  rows of version-2 Q8, any layout
+    matmul_int8_flat(q, s, group_size, x, out)          version-2 Q8 in any layout, float activations
+    dequantize_int8(q, s, group_size, ids, out)  rows of version-2 Q8, any layout
     rmsnorm(x, w, eps, out)          out [N, D] = run.c's rmsnorm of x [N, D] with weight w [D]
     rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place
@@ -74,7 +74,7 @@ dequantize_rows = _native.dequantize_rows
 # [rows * cols / group_size] (a scale per group of the flattened matrix; whole groups per row and
 # group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
 # to Q8_0 blocks as for GGUF Q8_0.
-matmul_q8_split = _native.matmul_q8_split
+matmul_int8_rows = _native.matmul_int8_rows
 # One new query per sequence over its cached rows, read through its block table in the cache's
 # type (kvtype: llama2.kvcache.<type>.ID): q float32 [B, H, hd]; k_pool, v_pool uint8 [blocks,
 # kv_heads, block_tokens, row_bytes] (one layer); tables int32 [B, max_blocks]; lens int64 [B]
@@ -90,13 +90,13 @@ attention_decode = _native.attention_decode
 # its position gets), whatever the thread count or the other segments.
 attention = _native.attention
 # Version-2 Q8 in any layout (a group of any size, rows may start or end inside one; the tail group
-# may be short), for what matmul_q8_split refuses: q int8 [rows, cols], s float32
-# [ceil(rows * cols / group_size)]. matmul_q8_any: out [N, rows] = x [N, cols] @ W.T with x as floats,
+# may be short), for what matmul_int8_rows refuses: q int8 [rows, cols], s float32
+# [ceil(rows * cols / group_size)]. matmul_int8_flat: out [N, rows] = x [N, cols] @ W.T with x as floats,
 # each row summed segment by segment (a segment is the part of the row in one group: s[g] * the
 # segment's dot, the dot in eight fixed lanes), the same bits at every level and thread count.
-# dequantize_q8_split: out [R, cols] = W[ids] as float32, bit-equal to weights.q8_v2.dequantize.
-matmul_q8_any = _native.matmul_q8_any
-dequantize_q8_split = _native.dequantize_q8_split
+# dequantize_int8: out [R, cols] = W[ids] as float32, bit-equal to weights.int8_groups.dequantize.
+matmul_int8_flat = _native.matmul_int8_flat
+dequantize_int8 = _native.dequantize_int8
 
 # The KV cache types, one record each in native/kv.h (llama2.kvcache builds its registry from them).
 # kv_types() -> ((name, needs), ...) in id order: needs says what head_dim must be ("" for any).
@@ -123,7 +123,7 @@ silu_mul = _native.silu_mul
 # decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final,
 #   classifier, cos, sin) -> plan: layers a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2,
 #   w3), each matrix a spec from Matrix.native_product(): ("type", ggml type, w),
-#   ("q8_split", q, s, group_size) or ("q8_any", q, s, group_size); norms float32 [dim]; cos, sin
+#   ("int8_rows", q, s, group_size) or ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
 #   holds the arrays' buffers for its life.
 # decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] the

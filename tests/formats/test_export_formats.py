@@ -272,7 +272,7 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
     for name in ("token_embedding", "wq", "w2"):
         x = g.weights[name][1] if name != "token_embedding" else g.weights[name]
         y = b.weights[name][1] if name != "token_embedding" else b.weights[name]
-        assert x.NAME == "q8_0" and y.NAME == "q8_v2"
+        assert x.NAME == "q8_0" and y.NAME == "int8_groups"
         np.testing.assert_array_equal(x.blocks["qs"].reshape(y.q.shape), y.q)
         np.testing.assert_array_equal(x.blocks["d"].astype(np.float32).reshape(-1), y.s)
     tok = byte_tokenizer(TINY.vocab_size)

@@ -5,7 +5,7 @@ rows through the native kernels, reading the stored bytes in place.
 
 The model asks this package for a Matrix per tensor (`matrix`) and never looks at the type.
 Loaders build matrices with `from_buffer` (a view of the memory-mapped file) or a module's Matrix.
-Type ids are ggml's (GGUF tensor types); names are ours (`f32` ... `q6_k`, and `q8_v2` for
+Type ids are ggml's (GGUF tensor types); names are ours (`f32` ... `q6_k`, and `int8_groups` for
 llama2.c's version-2 int8 layout). The ggml types are the extension's list (native/blocks.h
 WEIGHT_TYPES): each has its module here, weights/<name>.py, found by its name.
 """
@@ -18,13 +18,13 @@ from .. import native
 from ..config import Q8_GROUP_SIZE
 from ..errors import Llama2Error, UsageError
 from ..quantize import mix
-from . import q8_v2
+from . import int8_groups
 from .base import Matrix
 
-MODULES = (*(import_module(f".{name}", __name__) for name in native.WEIGHT_TYPES), q8_v2)
+MODULES = (*(import_module(f".{name}", __name__) for name in native.WEIGHT_TYPES), int8_groups)
 BY_GGML_TYPE = {m.GGML_TYPE: m for m in MODULES if m.GGML_TYPE is not None}
 BY_NAME = {m.NAME: m for m in MODULES}
-ALIASES = {"fp32": "f32", "fp16": "f16"}  # llama2.c version-3 dtype names (its "q8_0" is q8_v2)
+ALIASES = {"fp32": "f32", "fp16": "f16"}  # llama2.c version-3 dtype names (its "q8_0" is int8_groups)
 GGML_NAMES = {m.GGML_TYPE: m.NAME.upper() for m in BY_GGML_TYPE.values()}
 
 # --quantize at load: q8_0 means our version-2 int8 layout (float32 scale per group of `group_size`
@@ -50,7 +50,7 @@ def supported(kind) -> bool:
 
 def stored_type(kind) -> tuple:
     """How a matrix is stored, as a format's `describe` names it (a type name or ggml id, or
-    "q8_v2:GROUP") -> (its Matrix class, that class's parameters: (GROUP,) for q8_v2, else ())."""
+    "int8_groups:GROUP") -> (its Matrix class, that class's parameters: (GROUP,) for int8_groups, else ())."""
     if isinstance(kind, str) and ":" in kind:
         name, _, param = kind.partition(":")
         return module(name).Matrix, (int(param),)
@@ -116,7 +116,7 @@ def quantizer(name, group_size=None, config=None):
     and whether the classifier is the embedding.
     """
     if name == "q8_0":
-        return lambda array, tensor=None, layer=None: q8_v2.quantize(array, group_size or Q8_GROUP_SIZE)
+        return lambda array, tensor=None, layer=None: int8_groups.quantize(array, group_size or Q8_GROUP_SIZE)
     if name not in mix.QUANTIZE_TYPES:
         names = (*LOAD_QUANTIZE, *(n for n in mix.QUANTIZE_TYPES if n not in LOAD_QUANTIZE))
         raise Llama2Error(f"--quantize {name!r}: expected one of {', '.join(names)}")
@@ -139,10 +139,10 @@ def quantizer(name, group_size=None, config=None):
 
 def quantized_kind(name, tensor, layer, cols: int, config=None, group_size=None) -> str:
     """What `--quantize name` turns float matrix `tensor` (of block `layer`, rows of `cols` values)
-    into, as `stored_type` takes it: "q8_v2:GROUP" for q8_0, else `quantize.tensor_type`'s answer
+    into, as `stored_type` takes it: "int8_groups:GROUP" for q8_0, else `quantize.tensor_type`'s answer
     (`quantizer` applies it; memory.py's estimate asks it before loading)."""
     if name == "q8_0":
-        return f"q8_v2:{group_size or Q8_GROUP_SIZE}"
+        return f"int8_groups:{group_size or Q8_GROUP_SIZE}"
     c = config
     return mix.tensor_type(name, tensor or "matrix", layer, c.n_layers if c else None, cols=cols,
                        has_output=not (c and c.shared_classifier), n_heads=c.n_heads if c else None,

@@ -17,7 +17,7 @@ from .activations import rounded
 # at most this many values (16 MiB) and lets BLAS multiply each tile (its columns of the product
 # written in place); below `tile_rows` the native kernel reads the stored blocks directly. Every
 # ggml type's native kernels beat dequantization + BLAS at every N (tile_rows = ALL_ROWS); only
-# q8_v2's any-layout kernel, or a matrix that is not contiguous, reaches the tiles.
+# int8_groups's any-layout kernel, or a matrix that is not contiguous, reaches the tiles.
 DEQUANT_TILE = 1 << 22
 ALL_ROWS = 1 << 62  # a row count no product reaches: "every N"
 

@@ -3,7 +3,7 @@
 value = d * q. The native kernel quantizes the activations to Q8_0 as well and multiplies in
 integers, as llama.cpp does (so the block layout is the activations' one, weights.activations.Q8_0).
 (llama2.c's version-2 int8 layout, fp32 scales over groups of the flattened matrix, is a different
-type: q8_v2.) Quantizing (llama.cpp's quantize_row_q8_0_ref): d = amax / 127, q = roundf(x / d).
+type: int8_groups.) Quantizing (llama.cpp's quantize_row_q8_0_ref): d = amax / 127, q = roundf(x / d).
 """
 
 import numpy as np
