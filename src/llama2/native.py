@@ -6,10 +6,11 @@ file stores them, row dequantization and activation quantization, on a thread po
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
-    matmul_int8_rows(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
+    matmul_int8_rows(q, s, group_size, x, out)   the same for llama2.c int8 (weights.int8_groups)
+                                     whose rows hold whole groups of a multiple of 32 values
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
-    matmul_int8_flat(q, s, group_size, x, out)          version-2 Q8 in any layout, float activations
-    dequantize_int8(q, s, group_size, ids, out)  rows of version-2 Q8, any layout
+    matmul_int8_flat(q, s, group_size, x, out)   llama2.c int8 in any layout, float activations
+    dequantize_int8(q, s, group_size, ids, out)  rows of llama2.c int8, any layout
     rmsnorm(x, w, eps, out)          out [N, D] = run.c's rmsnorm of x [N, D] with weight w [D]
     rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place

@@ -23,8 +23,8 @@ from .vocab import Vocab
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
-F32, F16, Q8_0, BF16 = 0, 1, 8, 30
-Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
+F32, F16, Q8_0, BF16 = (weights.module(t).GGML_TYPE for t in ("f32", "f16", "q8_0", "bf16"))  # ggml ids
+Q8_BLOCK = weights.q8_0.BLOCK  # values per Q8_0 block: float16 scale + 32 int8
 Q8_DTYPE = weights.q8_0.DTYPE  # one block, 34 bytes: float16 scale + 32 int8
 TYPE_NAMES = weights.GGML_NAMES
 FLOAT_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}  # written as is
