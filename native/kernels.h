@@ -20,6 +20,13 @@ WEIGHT_TYPES(TYPE_ID_FITS)
 /* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
 enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
 
+/* Bytes of one activation row of `cols` values as kind `act` hands it to the kernels. */
+static inline size_t act_row_bytes(int act, int64_t cols) {
+    if (act == ACT_Q8_0) return (size_t)(cols / QK) * sizeof(block_q8_0x);
+    if (act == ACT_Q8_K) return (size_t)(cols / QK_K) * sizeof(block_q8_k);
+    return (size_t)cols * sizeof(float);
+}
+
 #define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
 
 /* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with

@@ -97,12 +97,6 @@ typedef struct {
     int bar_count, bar_gen;
 } fw_job;
 
-static size_t act_stride(int act, int64_t cols) {
-    if (act == ACT_Q8_0) return (size_t)(cols / QK) * sizeof(block_q8_0x);
-    if (act == ACT_Q8_K) return (size_t)(cols / QK_K) * sizeof(block_q8_k);
-    return (size_t)cols * sizeof(float);
-}
-
 static void barrier(fw_job *j, int nth) {
     if (nth == 1) return;
     int gen = __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST);
@@ -304,8 +298,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     size_t fl = (size_t)B * (4 * D + 2 * KVD + 2 * HID) + (size_t)threads * (size_t)j.maxn;
     size_t need = fl * sizeof(float) + 64;
     for (int a = ACT_Q8_0; a < NACT; a++) {
-        j.xs_d[a] = act_stride(a, D);
-        j.xs_h[a] = act_stride(a, HID);
+        j.xs_d[a] = act_row_bytes(a, D);
+        j.xs_h[a] = act_row_bytes(a, HID);
         need += (size_t)B * (j.xs_d[a] + j.xs_h[a]) + 128;
     }
     size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
@@ -331,8 +325,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
     j.ctr = (int64_t *)at;
     memset(j.ctr, 0, nctr * sizeof(int64_t));
-    j.xs_d[ACT_F32] = act_stride(ACT_F32, D);
-    j.xs_h[ACT_F32] = act_stride(ACT_F32, HID);
+    j.xs_d[ACT_F32] = act_row_bytes(ACT_F32, D);
+    j.xs_h[ACT_F32] = act_row_bytes(ACT_F32, HID);
 
     if (threads > 1) pool_run(fw_task, &j);
     else fw_task(&j, 0, 1);

@@ -85,15 +85,13 @@ static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x
     j->tile = prompt && act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
     if (j->int8_rows_dot) j->int8_rows_dot = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
     else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
+    j->x_stride = act_row_bytes(act, j->cols);
     if (act == ACT_F32) {
         j->x = (const char *)x;
-        j->x_stride = (size_t)j->cols * sizeof(float);
     } else {
-        int k = act == ACT_Q8_K;
-        j->x_stride = (size_t)(j->cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
         char *xq = scratch_get(j->x_stride * (size_t)j->n + 64);
         if (!xq) return -1;
-        quantize_rows(k ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
+        quantize_rows(act == ACT_Q8_K ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
         j->x = xq;
     }
     int nth = pool_threads();
