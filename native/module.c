@@ -95,16 +95,22 @@ static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+/* The arguments of both int8 products (q, s, group_size, x, out): the arrays into a, the group size. */
+static int int8_product_args(pb_args *a, const char *fn, PyObject *const *args, Py_ssize_t nargs, long long *gs) {
+    if (PB_PARSE(*a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
+                 {4, "out", PB_F32, 1}) < 0)
+        return -1;
+    *gs = PyLong_AsLongLong(args[2]);
+    return *gs == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
 /* matmul_int8_rows(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
  * s float32 [rows * cols / group_size] (one scale per group of the flattened matrix). */
 static PyObject *py_matmul_int8_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "matmul_int8_rows";
     PB_ARGS a = {0};
-    if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
-                 {4, "out", PB_F32, 1}) < 0)
-        return NULL;
-    long long gs = PyLong_AsLongLong(args[2]);
-    if (gs == -1 && PyErr_Occurred()) return NULL;
+    long long gs;
+    if (int8_product_args(&a, fn, args, nargs, &gs) < 0) return NULL;
     const Py_buffer *q = &a.b[0], *s = &a.b[1], *x = &a.b[2], *out = &a.b[3];
     int64_t cols = pb_cols(x), n = pb_rows(x);
     if (gs <= 0 || gs % QK || cols % gs)  /* the integer kernel takes whole Q8_0 blocks per row */
@@ -440,11 +446,8 @@ static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t n
 static PyObject *py_matmul_int8_flat(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "matmul_int8_flat";
     PB_ARGS a = {0};
-    if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
-                 {4, "out", PB_F32, 1}) < 0)
-        return NULL;
-    long long gs = PyLong_AsLongLong(args[2]);
-    if (gs == -1 && PyErr_Occurred()) return NULL;
+    long long gs;
+    if (int8_product_args(&a, fn, args, nargs, &gs) < 0) return NULL;
     const Py_buffer *q = &a.b[0], *s = &a.b[1], *x = &a.b[2], *out = &a.b[3];
     int64_t cols = pb_cols(x), n = pb_rows(x);
     int64_t rows = int8_shape(q, s, gs, cols, fn);
