@@ -25,7 +25,7 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import open_user_file, read_user_text
-from .bfloat16 import bf16_to_f32
+from ..weights.bf16 import bf16_to_f32
 from .vocab import UNUSED, from_tokenizer_json, load_vocab
 
 # our name -> Hugging Face name ("{}" is the layer)
