@@ -302,7 +302,7 @@ async def _warm_next_turn(state: State, req: P.Request, ans: Answer):
         return
     try:
         ids = await state.prepare.run(C.history_ids, state.tokenizer, req.body, state.chat_template, ans.text())
-    except P.APIError:  # the parsing threads are busy: this is only a head start
+    except (P.APIError, RuntimeError):  # the parsing threads are busy or shut down: only a head start
         return
     if ids is not None and len(ids) <= state.model_config.seq_len:
         state.scheduler.warm(ids)
