@@ -63,7 +63,8 @@ def encode_dialog(tokenizer, messages, template="llama2", add_generation_prompt:
 
     `messages` is a list of (role, content) pairs: an optional system message first, then user and
     assistant messages alternating, ending with a user message (with add_generation_prompt=False:
-    an assistant message; ValueError otherwise, naming the index). Llama 2 (Meta's chat_completion): each finished exchange is encoded on its own as
+    an assistant message; ValueError otherwise, naming the index). Llama 2 (Meta's
+    chat_completion): each finished exchange is encoded on its own as
     `<s>[INST] {user} [/INST] {assistant} </s>` (BOS and EOS ids, the reply stripped, as Meta does),
     the system prompt folded into the first user message, and the last user message as run.c
     renders a turn: a one-turn dialog gives exactly the tokens of run.c's chat mode. ChatML renders

@@ -2,7 +2,8 @@
 demand queues, then refuses (503 with Retry-After); every admitted request completes with the text
 it gets alone; blocks come back on finish, cancel and disconnect (pool accounting checked after
 every pass); a request larger than the pool ends with "length"; prefix reuse computes only the
-new tokens of a chat's next turn."""
+new tokens of a chat's next turn, also when its reply comes back as text whose tokens are not those
+sampled (the history is computed ahead when the reply ends), with the bytes of no reuse."""
 
 import queue
 import threading
@@ -274,6 +275,10 @@ def _turns(client, first, edit=lambda reply: reply, **extra):
     return (reply, usage), _chat(client, second, **extra)
 
 
+def _cached(usage) -> int:
+    return usage["prompt_tokens_details"]["cached_tokens"]
+
+
 def _pairs(messages):
     return [(m["role"], m["content"]) for m in messages]
 
@@ -292,7 +297,7 @@ def test_a_chats_second_turn_computes_only_its_new_message_with_the_bytes_of_no_
     and one block; every answer is byte for byte that of a server that reuses nothing."""
     from llama2.chat import encode_dialog
     reuse, fresh = Server(), Server("--no-prefix-cache")
-    differs = 0
+    differs = cached = 0
     try:
         with httpx.Client(base_url=reuse.url, timeout=TIMEOUT_S) as a, \
              httpx.Client(base_url=fresh.url, timeout=TIMEOUT_S) as b:
@@ -301,17 +306,19 @@ def test_a_chats_second_turn_computes_only_its_new_message_with_the_bytes_of_no_
                 (reply, u1), (answer, u2) = _turns(a, first, **sampling)
                 (reply_b, u1_b), (answer_b, u2_b) = _turns(b, first, **sampling)
                 assert (reply, answer) == (reply_b, answer_b)  # seeded: the same bytes
-                assert u2_b["prompt_tokens_details"]["cached_tokens"] == 0
+                assert _cached(u1_b) == _cached(u2_b) == 0
+                cached += _cached(u1) + _cached(u2)
                 assert u2["prompt_tokens"] == u2_b["prompt_tokens"]
                 new = len(llama.tokenizer.encode(f"[INST] {NEXT} [/INST]", bos=True))  # Meta's last turn
-                computed = u2["prompt_tokens"] - u2["prompt_tokens_details"]["cached_tokens"]
+                computed = u2["prompt_tokens"] - _cached(u2)
                 assert computed <= new + 16, (user, computed, new)
                 # a reply that does not begin with a space is not what the template sends back
                 # ("[/INST] " + reply): no block past turn 1's prompt would match it
                 differs += not reply.startswith(" ")
-                assert u2["prompt_tokens_details"]["cached_tokens"] > len(encode_dialog(llama.tokenizer, _pairs(first)))
+                prompt1 = encode_dialog(llama.tokenizer, _pairs(first))
+                assert _cached(u2) > len(prompt1)
             page = a.get(reuse.base + "/metrics").text
-            assert metric(page, "llama2_prompt_tokens_cached_total") > 0
+            assert metric(page, "llama2_prompt_tokens_cached_total") == cached
         assert differs  # at least one chat needed more than the blocks turn 1 left behind
     finally:
         assert reuse.terminate() == 0 and fresh.terminate() == 0
@@ -342,7 +349,7 @@ def test_an_edited_reply_is_reused_only_up_to_the_edit(llama):
         edited = encode_dialog(llama.tokenizer, pairs + [("assistant", edit(reply)), ("user", NEXT)])
         same = next(i for i, (x, y) in enumerate(zip(verbatim, edited)) if x != y)
         assert same > len(encode_dialog(llama.tokenizer, pairs)) + 16  # the edit is well inside the reply
-        assert usage["prompt_tokens_details"]["cached_tokens"] == same // 16 * 16  # not one block past it
+        assert _cached(usage) == same // 16 * 16  # not one block past it
     finally:
         assert reuse.terminate() == 0 and fresh.terminate() == 0
 
@@ -369,8 +376,8 @@ def test_warm_indexes_a_prompt_before_the_requests_behind_it_get_their_slot(llam
     from llama2.server.metrics import Metrics
     metrics = Metrics()
     sched = Checked(llama.model, llama.tokenizer, max_batch=2, max_queue=2, kv_budget=256, metrics=metrics)
-    text = ("Once upon a time there was a little girl named Lily who loved her dog and her red ball very much. "
-            "One day they went to the park and played until the sun went down.")
+    text = ("Once upon a time there was a little girl named Lily who loved her dog and her red ball "
+            "very much. One day they went to the park and played until the sun went down.")
     p = params(llama, text, 8, seed=3)
     assert len(p.prompt) > 40
     assert sched.warm(p.prompt[:40])  # not started: both wait for the loop, the warm-up first

@@ -301,7 +301,8 @@ async def _warm_next_turn(state: State, req: P.Request, ans: Answer):
     if not state.config.prefix_cache or req.params.dropped_messages:
         return
     try:
-        ids = await state.prepare.run(C.history_ids, state.tokenizer, req.body, state.chat_template, ans.text())
+        ids = await state.prepare.run(C.history_ids, state.tokenizer, req.body, state.chat_template,
+                                      ans.text())
     except (P.APIError, RuntimeError):  # the parsing threads are busy or shut down: only a head start
         return
     if ids is not None and len(ids) <= state.model_config.seq_len:

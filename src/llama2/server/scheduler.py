@@ -169,7 +169,8 @@ class Scheduler:
         find its blocks. False when it was not taken (no room, or no prefix cache)."""
         if not self.prefix_cache or not 0 < len(prompt) <= self.budget:
             return False
-        job = Job(Params(prompt=tuple(prompt), max_tokens=0, temperature=0.0, top_p=1.0, seed=1), lambda item: None)
+        params = Params(prompt=tuple(prompt), max_tokens=0, temperature=0.0, top_p=1.0, seed=1)
+        job = Job(params, lambda item: None)
         job.scheduler, job.warm = self, True
         with self._cond:
             if not self._accepting or self._waiting or not self._room(job):
