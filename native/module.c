@@ -284,10 +284,11 @@ static int attention_args(long t, const buf *b, const buf *out, const char *fn, 
     return 0;
 }
 
-/* Every block of table row i that `positions` positions read names a block of the pool. */
-static int table_row_ok(const int32_t *table, int64_t positions, const attn_shape *a, const char *fn,
-                        const char *what, int64_t i) {
-    for (int64_t j = 0; j < (positions + a->bt - 1) / a->bt; j++)
+/* Every block of table row i that positions first..positions-1 read names a block of the pool
+ * (those before `first`, out of a sliding window, may have been freed). */
+static int table_row_ok(const int32_t *table, int64_t first, int64_t positions, const attn_shape *a,
+                        const char *fn, const char *what, int64_t i) {
+    for (int64_t j = first / a->bt; j < (positions + a->bt - 1) / a->bt; j++)
         if (table[j] < 0 || table[j] >= a->nblocks) {
             PyErr_Format(PyExc_IndexError, "%s: %s %lld names block %d of a pool of %lld", fn, what, (long long)i,
                          table[j], (long long)a->nblocks);
@@ -329,7 +330,7 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
                          (long long)i, (long long)lens[i], (long long)(a.maxb * a.bt));
             goto fail;
         }
-        if (table_row_ok(tables + i * a.maxb, lens[i], &a, fn, "sequence", i) < 0) goto fail;
+        if (table_row_ok(tables + i * a.maxb, 0, lens[i], &a, fn, "sequence", i) < 0) goto fail;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -344,16 +345,20 @@ fail:
     return NULL;
 }
 
-/* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out): a pass's rows in segments of
- * one sequence each; segment s is counts[s] rows at positions starts[s]... (their keys and values
- * cached), its rows following the previous segment's in q float32 [N, H, hd] and out float32
- * [N, H * hd]; pools uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [S, maxb];
- * starts, counts int64 [S]. Every block a segment reads is checked against the pool. */
+/* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window]): a pass's rows in
+ * segments of one sequence each; segment s is counts[s] rows at positions starts[s]... (their keys
+ * and values cached), its rows following the previous segment's in q float32 [N, H, hd] and out
+ * float32 [N, H * hd]; pools uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [S, maxb];
+ * starts, counts int64 [S]; window > 0: each row attends its last `window` positions only.
+ * Every block a segment reads is checked against the pool. */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "attention";
-    if (nargs_ok(nargs, 8, fn) < 0) return NULL;
+    if (nargs != 9 && nargs_ok(nargs, 8, fn) < 0) return NULL;
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
+    long long window = nargs == 9 ? PyLong_AsLongLong(args[8]) : 0;
+    if (window == -1 && PyErr_Occurred()) return NULL;
+    if (window < 0) return PyErr_Format(PyExc_ValueError, "%s: window must be >= 0, got %lld", fn, window);
     buf b[7] = {{{0}}};
     attn_shape a;
     if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
@@ -381,7 +386,8 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
                          (long long)(a.maxb * a.bt - 1));
             goto fail;
         }
-        if (table_row_ok(tables + i * a.maxb, starts[i] + counts[i], &a, fn, "segment", i) < 0) goto fail;
+        int64_t first = window > 0 && starts[i] + 1 > window ? starts[i] + 1 - window : 0;
+        if (table_row_ok(tables + i * a.maxb, first, starts[i] + counts[i], &a, fn, "segment", i) < 0) goto fail;
         rows += counts[i];
     }
     if (rows != N) {
@@ -392,7 +398,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = op_attention((int)t, S, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb, tables,
-                      a.maxb, starts, counts, b[6].b.buf);
+                      a.maxb, starts, counts, (int64_t)window, b[6].b.buf);
     Py_END_ALLOW_THREADS
     release(b, 7);
     if (rc < 0) return PyErr_NoMemory();
@@ -693,7 +699,7 @@ static PyMethodDef methods[] = {
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
-     "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)"},
+     "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window])"},
     {"kv_types", py_kv_types, METH_NOARGS, "kv_types() -> ((name, needs), ...) by KV type id"},
     {"kv_row_bytes", (PyCFunction)(void (*)(void))py_kv_row_bytes, METH_FASTCALL, "kv_row_bytes(kvtype, hd) -> bytes"},
     {"kv_encode", (PyCFunction)(void (*)(void))py_kv_encode, METH_FASTCALL, "kv_encode(kvtype, x, out)"},

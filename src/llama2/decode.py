@@ -61,6 +61,8 @@ class Plan:
         if nat is None or not hasattr(nat, "decode_plan"):
             return None
         c = model.config
+        if c.q_dim != c.dim or c.sliding_window:  # not in layer.c's plan: decoded matrix by matrix
+            return None
         layers = []
         for layer in model.layers:
             norms = [_norm(layer.rms_att), _norm(layer.rms_ffn)]

@@ -16,7 +16,7 @@ file stores them, row dequantization and activation quantization, on a thread po
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
-    attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)   a pass's attention,
+    attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window])   a pass's attention,
                                      prompts (causal) and decode rows, with decode's bits per row
     kv_types(), kv_row_bytes(kvtype, hd), kv_encode(kvtype, x, out)   the KV types' records
                                      (native/kv.h), as llama2.kvcache reads them
@@ -68,7 +68,8 @@ attention_decode = _native.attention_decode
 # A pass's attention, prompt rows and decode rows alike: segments of consecutive rows of one
 # sequence each, segment s holding counts[s] rows at positions starts[s]... (keys and values already
 # cached); q float32 [N, H, hd] and out float32 [N, H * hd] hold the segments' rows one after the
-# other; tables int32 [S, max_blocks]; starts, counts int64 [S]. Row p attends rows 0..p, each
+# other; tables int32 [S, max_blocks]; starts, counts int64 [S]. Row p attends rows 0..p (with
+# window W > 0: rows p-W+1..p; the blocks before are not read, so a cache may free them), each
 # (row, head) with exactly attention_decode's arithmetic (a prompt row gets the bits a decode row at
 # its position gets), whatever the thread count or the other segments.
 attention = _native.attention
