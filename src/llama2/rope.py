@@ -36,6 +36,14 @@ def llama3_factors(head_dim: int, theta: float, s: RopeScaling) -> np.ndarray:  
     return np.where(wavelen < high_wavelen, 1.0, np.where(wavelen > low_wavelen, s.factor, medium))
 
 
+def divisors(c: ModelConfig):  # -> float64 [hd/2], or None
+    """The per-frequency divisors of "llama3" and "factors" scaling: what GGUF's rope_freqs holds."""
+    s = c.rope_scaling
+    if s.kind == "llama3":
+        return llama3_factors(c.head_dim, c.rope_theta, s)
+    return np.asarray(s.freq_factors, np.float64) if s.kind == "factors" else None
+
+
 def frequencies(c: ModelConfig, seq_len: int) -> np.ndarray:  # -> float32 [seq_len or 1, hd/2]
     """Each position's frequencies: one row shared by all positions, except for "dynamic" scaling,
     whose position p uses the base for a sequence of max(p + 1, original context) positions."""
@@ -46,8 +54,7 @@ def frequencies(c: ModelConfig, seq_len: int) -> np.ndarray:  # -> float32 [seq_
     if s.kind == "linear":
         return (base / np.float64(s.factor)).astype(F32)[None, :]
     if s.kind in ("llama3", "factors"):
-        div = llama3_factors(hd, c.rope_theta, s) if s.kind == "llama3" else np.asarray(s.freq_factors, np.float64)
-        return (base / div).astype(F32)[None, :]
+        return (base / divisors(c)).astype(F32)[None, :]
     # dynamic (NTK-aware): the base for a sequence of L positions, L = the position + 1
     L = np.maximum(np.arange(1, seq_len + 1, dtype=np.float64), s.original_context)[:, None]
     theta = c.rope_theta * (s.factor * L / s.original_context - (s.factor - 1)) ** (hd / (hd - 2))

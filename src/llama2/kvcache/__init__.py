@@ -237,7 +237,9 @@ class Cache:
         blocks, offs = [], []
         for slot, start, n in spans:
             pos = np.arange(start, start + n)
-            blocks.append(np.asarray(self.tables[slot], np.int64)[pos // bt])
+            table = self.tables[slot]  # the new positions' blocks are never released ones
+            blocks.append(np.array([table[i] for i in range(start // bt, (start + n - 1) // bt + 1)],
+                                   np.int64)[pos // bt - start // bt])
             offs.append(pos % bt)
         return np.concatenate(blocks), np.concatenate(offs)
 
