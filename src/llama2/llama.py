@@ -75,6 +75,14 @@ class Llama:
         return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
                    chat_template=chat_template)
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str = None, quant: str = None, **kwargs) -> "Llama":
+        """Download a model from the Hugging Face hub (llama-cpp-python's name for it) and load it:
+        `filename` (a glob allowed, e.g. "*q8_0.gguf") names the file; without it, `quant` (or
+        llama.cpp's default, Q4_K_M) picks the GGUF file, and a repo without GGUF files gives its
+        safetensors folder. Other arguments as `load`. See llama2.hub.from_hub."""
+        return cls.load(hub.from_hub(repo_id, filename, quant), **kwargs)
+
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)
 

@@ -6,6 +6,7 @@
     llama2 run CHECKPOINT [-t T] [-p P] [-s SEED] [-n STEPS] [-i PROMPT] [-z TOKENIZER]
                [-m generate|chat] [-y SYSTEM]    # exactly as run.c; the prompt defaults to ""
     llama2 run 'A cat:' --json-schema cat.json   # structured output (also --regex RE, --grammar FILE)
+    llama2 run hf:ORG/REPO:Q4_K_M 'Hello'       # from the Hugging Face hub (or hf:ORG/REPO/FILE)
     llama2 run CODELLAMA --mode infill --prefix 'def f(x):' --suffix '    return y'   # the middle
 
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
@@ -69,6 +70,9 @@ def register(sub):
 
 
 def _looks_like_model(word: str) -> bool:
+    from ..hub import HF_PREFIX
+    if word.startswith(HF_PREFIX):  # a model on the Hugging Face hub
+        return True
     # anything that exists at that path (a FIFO, /dev/zero, a broken link too) is a model to load,
     # which then says what is wrong with it, not a prompt
     return Path(word).suffix in MODEL_SUFFIXES or os.path.lexists(word)
