@@ -24,7 +24,7 @@ import sys
 import urllib.request
 from pathlib import Path, PurePosixPath
 
-from .errors import Llama2Error
+from .errors import Llama2Error, UsageError
 
 # file name -> (Hugging Face repo, file in the repo) or a direct URL
 KNOWN_FILES = {
@@ -154,7 +154,7 @@ def parse_hf(spec: str) -> tuple:
     rest, _, quant = rest.partition(":")
     parts = rest.split("/")
     if len(parts) < 2 or not all(parts) or (quant and len(parts) > 2) or ":" in quant:
-        raise Llama2Error(f"{spec}: expected hf:ORG/REPO, hf:ORG/REPO:QUANT or hf:ORG/REPO/FILE")
+        raise UsageError(f"{spec}: expected hf:ORG/REPO, hf:ORG/REPO:QUANT or hf:ORG/REPO/FILE")
     return "/".join(parts[:2]), "/".join(parts[2:]) or None, quant or None
 
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import asset
 from llama2 import Llama, hub
 from llama2.cli import main
-from llama2.errors import Llama2Error
+from llama2.errors import Llama2Error, UsageError
 
 hh_constants = pytest.importorskip("huggingface_hub.constants", reason="hub downloads go through huggingface_hub")
 
@@ -149,8 +149,10 @@ def test_parse_hf():
     assert hub.parse_hf("hf:org/repo:Q4_K_M") == ("org/repo", None, "Q4_K_M")
     assert hub.parse_hf("hf:org/repo/sub/model.gguf") == ("org/repo", "sub/model.gguf", None)
     for bad in ("hf:org", "hf:org/", "hf:org/repo/f.gguf:Q8_0", "hf:org/repo:a:b"):
-        with pytest.raises(Llama2Error, match="expected hf:ORG/REPO"):
+        with pytest.raises(UsageError, match="expected hf:ORG/REPO"):
             hub.parse_hf(bad)
+    out, err = io.BytesIO(), io.StringIO()
+    assert main(["run", "hf:org"], stdout=out, stderr=err, stdin=io.StringIO("")) == 2
 
 
 def test_quant_tag_picks_the_gguf_and_the_default_is_q4_k_m(fake_hub):
