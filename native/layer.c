@@ -242,8 +242,9 @@ static void fw_task(void *arg, int ith, int nth) {
                 int64_t bh = __atomic_fetch_add(actr, 1, __ATOMIC_RELAXED);
                 if (bh >= B * H) break;
                 int64_t b = bh / H, g = (bh % H) / (H / KVH);
-                kt->attn_decode(c->kvtype, hd, j->q + bh * hd, kl + g * head_stride, vl + g * head_stride, rb,
-                                block_stride, c->bt, c->tables + b * c->maxb, c->lens[b], scores, j->att + bh * hd);
+                kt->attn_group(c->kvtype, hd, 1, 1, j->q + bh * hd, 0, kl + g * head_stride, vl + g * head_stride, rb,
+                               block_stride, c->bt, c->tables + b * c->maxb, c->lens[b], p->window, scores,
+                               j->att + bh * hd, 0);  /* attn_decode's arithmetic, over the window */
             }
         barrier(j, nth);
 

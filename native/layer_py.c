@@ -125,7 +125,7 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
 
 static const char *const MAT_NAMES[LP_NMAT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
 
-/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan.
+/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window]), layers, rms_final, classifier, cos, sin) -> plan.
  * layers: a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product
  * specs; cos, sin float32 [seq_len, head_dim / 2]. */
 static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -133,7 +133,9 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
     long long H, KVH, hidden, vocab;
     double eps;
     int halves;
-    if (!PyArg_ParseTuple(args[0], "LLLLdp", &H, &KVH, &hidden, &vocab, &eps, &halves)) return NULL;
+    long long window = 0;
+    if (!PyArg_ParseTuple(args[0], "LLLLdp|L", &H, &KVH, &hidden, &vocab, &eps, &halves, &window)) return NULL;
+    if (window < 0) return PyErr_Format(PyExc_ValueError, "decode_plan: window must be >= 0, got %lld", window);
     PyObject *layers = PySequence_Fast(args[1], "decode_plan: layers must be a sequence");
     if (!layers) return NULL;
     holder *h = PyMem_Calloc(1, sizeof(holder));
@@ -155,6 +157,7 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
         goto fail;
     }
     p->n_heads = H, p->n_kv_heads = KVH, p->n_layers = nl, p->eps = (float)eps, p->halves = halves;
+    p->window = window;
     p->hidden = hidden, p->vocab = vocab;
     p->dim = H * p->head_dim;
     int64_t D = p->dim, KVD = KVH * p->head_dim;
@@ -260,7 +263,8 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
                          "hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
             goto fail;
         }
-        for (int64_t k = 0; k < (lens[i] + bt - 1) / bt; k++)
+        int64_t first = p->window > 0 && lens[i] > p->window ? lens[i] - p->window : 0;  /* blocks before: freed */
+        for (int64_t k = first / bt; k < (lens[i] + bt - 1) / bt; k++)
             if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks) {
                 PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn, (long long)i,
                              tables[i * maxb + k], (long long)nblocks);
@@ -312,7 +316,7 @@ fail:
 
 PyMethodDef layer_methods[] = {
     {"decode_plan", (PyCFunction)(void (*)(void))py_decode_plan, METH_FASTCALL,
-     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan"},
+     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window]), layers, rms_final, classifier, cos, sin) -> plan"},
     {"decode_forward", (PyCFunction)(void (*)(void))py_decode_forward, METH_FASTCALL,
      "decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits)"},
     {"rmsnorm_einsum", (PyCFunction)(void (*)(void))py_rmsnorm_einsum, METH_FASTCALL,

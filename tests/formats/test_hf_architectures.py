@@ -106,23 +106,27 @@ def test_family_matches_transformers_in_place_and_through_gguf(tmp_path, family)
 @pytest.mark.parametrize("family", ["llama3.2", "llama3.1", "mistral", "smollm"])
 def test_decoding_token_by_token_matches_transformers(tmp_path, family):
     """Through the cache one token at a time (the decode step: llama2.decode's one native call
-    where the plan takes the model, else matrix by matrix). With Mistral's window each step attends
+    where the plan takes the model, bit for bit the matrix-by-matrix path). With Mistral's window each step attends
     the last 12 positions, and the cache gives back the blocks that fell out of the window."""
     directory, model = make_hf(tmp_path, family)
     ids = token_ids()
     ref = reference_logits(model, ids)
-    m = Transformer(Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).checkpoint, kv_type="f32")
-    cache = m.new_cache(seq_len=64)
+    ckpt = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).checkpoint
+    m, by_matrix = Transformer(ckpt, kv_type="f32"), Transformer(ckpt, kv_type="f32")
+    by_matrix.fused_decode = False  # the reference path, which the one-call step equals bit for bit
+    cache, cache2 = m.new_cache(seq_len=64), by_matrix.new_cache(seq_len=64)
     for t, token in enumerate(ids):
-        np.testing.assert_allclose(m.forward([token], cache)[0], ref[t], atol=1e-4, rtol=0)
+        got = m.forward([token], cache)[0]
+        np.testing.assert_allclose(got, ref[t], atol=1e-4, rtol=0)
+        assert got.tobytes() == by_matrix.forward([token], cache2)[0].tobytes()
         cache.check()
         if family == "mistral":  # blocks of 16, from the one holding the next row's first visible
             live = [b for b in cache.tables[0] if b is not None]  # position (t + 2 - 12) to t's
             assert len(live) == t // 16 - max(0, t + 2 - 12) // 16 + 1
     if family == "mistral":
         assert cache.tables[0][0] is None and cache.pool.free_blocks == cache.pool.n_blocks - 2
-    # the one-call decode step runs every model it can: here all but the explicit head_dim and the window
-    assert (m._decode_plan() is not None) == (family in ("llama3.1", "smollm"))
+    # the one-call decode step runs every model it can: here all but the explicit head_dim
+    assert (m._decode_plan() is not None) == (family != "llama3.2")
 
 
 def test_dynamic_scaling_matches_transformers_decoding_past_the_trained_context(tmp_path):
