@@ -224,5 +224,6 @@ def test_offline_uses_the_cache_or_says_what_to_do_in_one_line(fake_hub, monkeyp
 
 
 def test_unknown_repo_is_one_line(fake_hub):
-    with pytest.raises(Llama2Error, match=r"^hf:test/missing: no such repo on the hub \(or it is private: set HF_TOKEN\)$"):
+    with pytest.raises(Llama2Error, match=r"^hf:test/missing: no such repo on the hub \(or it is private: "
+                                          r"set HF_TOKEN\)$"):
         hub.resolve("hf:test/missing")

@@ -13,10 +13,11 @@
 A layer's keys (and values) are one array [blocks, kv_heads, BLOCK_TOKENS, row_bytes] of uint8; a
 row is head_dim values in the type's encoding. Sequence slot s holds positions 0..pos[s]-1; position
 t lies in block tables[s][t // BLOCK_TOKENS] at t % BLOCK_TOKENS; with a sliding window, blocks
-that fell out of it are released and their entries are None (`forget_before`). Blocks are reference counted:
-a block may be in several tables (a shared prefix, a forked sequence) and in the prefix index; a
-write into a block someone else also holds copies it first. The attention kernels read only the
-blocks of the sequence's own table (native.attention checks every id against the pool).
+that fell out of it are released and their entries are None (`forget_before`). Blocks are
+reference counted: a block may be in several tables (a shared prefix, a forked sequence) and in
+the prefix index; a write into a block someone else also holds copies it first. The attention
+kernels read only the blocks of the sequence's own table (native.attention checks every id
+against the pool).
 """
 
 import heapq
