@@ -61,8 +61,6 @@ class Plan:
         if nat is None or not hasattr(nat, "decode_plan"):
             return None
         c = model.config
-        if c.q_dim != c.dim:  # not in layer.c's plan: decoded matrix by matrix
-            return None
         layers = []
         for layer in model.layers:
             norms = [_norm(layer.rms_att), _norm(layer.rms_ffn)]
@@ -76,7 +74,7 @@ class Plan:
         if not _rmsnorm_agrees(nat, [final] + [n for lay in layers for n in lay[:2]], c.dim, c.norm_eps):
             return None
         handle = nat.decode_plan((c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, float(c.norm_eps),
-                                  c.rope_style == "halves", c.sliding_window or 0),
+                                  c.rope_style == "halves", c.sliding_window or 0, c.dim),
                                  layers, final, classifier, model.cos, model.sin)
         return cls(handle, model.invariant_rows, c.vocab_size, nat)
 

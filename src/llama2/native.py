@@ -104,8 +104,9 @@ rope = _native.rope
 silu_mul = _native.silu_mul
 
 # The decode step in one call (native/layer.c; llama2.decode builds the plan and documents it).
-# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window]), layers, rms_final,
-#   classifier, cos, sin) -> plan (window > 0: each row attends its last `window` positions):
+# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
+#   rms_final, classifier, cos, sin) -> plan (window > 0: each row attends its last `window`
+#   positions; dim: the model's width, when its heads are not dim / n_heads wide):
 #   layers a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), each matrix a spec from Matrix.native_product(): ("type", ggml type, w),
 #   ("q8_split", q, s, group_size) or ("q8_any", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan

@@ -125,8 +125,22 @@ def test_decoding_token_by_token_matches_transformers(tmp_path, family):
             assert len(live) == t // 16 - max(0, t + 2 - 12) // 16 + 1
     if family == "mistral":
         assert cache.tables[0][0] is None and cache.pool.free_blocks == cache.pool.n_blocks - 2
-    # the one-call decode step runs every model it can: here all but the explicit head_dim
-    assert (m._decode_plan() is not None) == (family != "llama3.2")
+    assert m._decode_plan() is not None  # the one-call decode step runs every one of them
+
+
+@pytest.mark.parametrize("quantize", ["q4_0", "q8_0"])
+def test_wide_heads_decode_in_one_call_equals_matrix_by_matrix_quantized(tmp_path, quantize):
+    """Heads wider than dim / n_heads (q and the attention output 128 wide, the model 64) with wo's
+    activations quantized at q's width (q4_0: llama.cpp's Q8_0 activations): the one-call decode
+    step gives the matrix-by-matrix path's bits."""
+    directory, _ = make_hf(tmp_path, "llama3.2")
+    ckpt = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).checkpoint
+    m, by_matrix = Transformer(ckpt, quantize=quantize), Transformer(ckpt, quantize=quantize)
+    by_matrix.fused_decode = False
+    assert m._decode_plan() is not None and m.config.q_dim == 2 * m.config.dim
+    cache, cache2 = m.new_cache(seq_len=32), by_matrix.new_cache(seq_len=32)
+    for token in token_ids(20):
+        assert m.forward([token], cache)[0].tobytes() == by_matrix.forward([token], cache2)[0].tobytes()
 
 
 def test_dynamic_scaling_matches_transformers_decoding_past_the_trained_context(tmp_path):
