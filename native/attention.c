@@ -280,13 +280,15 @@ static inline int64_t chunk_end(int64_t t0, int64_t in_block, int64_t chunk, int
 }
 
 /* R consecutive rows of one sequence, G query heads sharing one kv head: query (i, h) is
- * q + i * q_stride + h * hd, sees rows 0..n0+i-1 and writes out + i * out_stride + h * hd.
- * k, v: the kv head's base in block 0 (a block is block_stride bytes, a row row_bytes); table: the
- * sequence's blocks. scores: R * G * (n0 + R - 1) floats of scratch. */
+ * q + i * q_stride + h * hd, sees rows lo(i)..n0+i-1 and writes out + i * out_stride + h * hd;
+ * lo(i) = 0, or with a sliding window of W rows (window > 0) max(0, n0 + i - W): the rows before
+ * are not read (their blocks may have been freed). k, v: the kv head's base in block 0 (a block
+ * is block_stride bytes, a row row_bytes); table: the sequence's blocks. scores: R * G *
+ * (n0 + R - 1) floats of scratch. */
 void KN(attn_group)(int kvtype, int64_t hd, int64_t G, int64_t R, const float *q, size_t q_stride,
                     const uint8_t *k, const uint8_t *v, size_t row_bytes, size_t block_stride,
-                    int64_t block_tokens, const int32_t *table, int64_t n0, float *scores, float *out,
-                    size_t out_stride) {
+                    int64_t block_tokens, const int32_t *table, int64_t n0, int64_t window, float *scores,
+                    float *out, size_t out_stride) {
     float tmp[CHUNK_FLOATS];
     const float root = sqrtf((float)hd);
     const int64_t Q = R * G, n_max = n0 + R - 1;
@@ -296,49 +298,57 @@ void KN(attn_group)(int kvtype, int64_t hd, int64_t G, int64_t R, const float *q
 #define OUT(j) (out + (size_t)((j) / G) * out_stride + (size_t)((j) % G) * hd)
 #define SCORES(j) (scores + (size_t)(j) * (size_t)n_max)
 #define LEN(j) (n0 + (j) / G)
-    /* keys, a block's worth of rows at a time */
-    for (int64_t t0 = 0, t1; t0 < n_max; t0 = t1) {
+#define LO(j) (window > 0 && LEN(j) > window ? LEN(j) - window : 0)
+    /* keys, a block's worth of rows at a time, from the first row any query sees */
+    for (int64_t t0 = LO(0), t1; t0 < n_max; t0 = t1) {
         int64_t in_block = t0 % block_tokens;
         t1 = chunk_end(t0, in_block, chunk, block_tokens, n_max);
         const uint8_t *row = k + (size_t)table[t0 / block_tokens] * block_stride + (size_t)in_block * row_bytes;
         const float *kr = block_rows(kvtype, row, row_bytes, t1 - t0, hd, tmp);
         int64_t j = 0;
-        for (; j + 2 <= Q; j += 2) {  /* query j+1 sees what j sees, and maybe one row more */
-            int64_t na = LEN(j), nb = LEN(j + 1);
+        for (; j + 2 <= Q; j += 2) {  /* query j+1 sees what j sees from lo(j+1) on, and maybe one row more */
+            int64_t na = LEN(j), nb = LEN(j + 1), la = LO(j), lb = LO(j + 1);
+            int64_t sa = la > t0 ? la : t0, sb = lb > t0 ? lb : t0;
             int64_t ea = na < t1 ? na : t1, eb = nb < t1 ? nb : t1;
-            if (ea > t0) qk_2(QUERY(j), QUERY(j + 1), kr, ea - t0, hd, root, SCORES(j) + t0, SCORES(j + 1) + t0);
-            int64_t from = ea > t0 ? ea : t0;
+            if (sb > sa) {  /* rows only query j sees (sliding window) */
+                int64_t e = sb < ea ? sb : ea;
+                if (e > sa) qk_1(QUERY(j), kr + (sa - t0) * hd, e - sa, hd, root, SCORES(j) + sa);
+            }
+            if (ea > sb) qk_2(QUERY(j), QUERY(j + 1), kr + (sb - t0) * hd, ea - sb, hd, root, SCORES(j) + sb,
+                              SCORES(j + 1) + sb);
+            int64_t from = ea > sb ? ea : sb;
             if (eb > from) qk_1(QUERY(j + 1), kr + (from - t0) * hd, eb - from, hd, root, SCORES(j + 1) + from);
         }
         if (j < Q) {
-            int64_t n = LEN(j), e = n < t1 ? n : t1;
-            if (e > t0) qk_1(QUERY(j), kr, e - t0, hd, root, SCORES(j) + t0);
+            int64_t n = LEN(j), lo = LO(j), s = lo > t0 ? lo : t0, e = n < t1 ? n : t1;
+            if (e > s) qk_1(QUERY(j), kr + (s - t0) * hd, e - s, hd, root, SCORES(j) + s);
         }
     }
     for (int64_t j = 0; j < Q; j++) {
-        softmax(SCORES(j), LEN(j));
+        softmax(SCORES(j) + LO(j), LEN(j) - LO(j));
         memset(OUT(j), 0, (size_t)hd * 4);
     }
     /* values, the same way */
-    for (int64_t t0 = 0, t1; t0 < n_max; t0 = t1) {
+    for (int64_t t0 = LO(0), t1; t0 < n_max; t0 = t1) {
         int64_t in_block = t0 % block_tokens;
         t1 = chunk_end(t0, in_block, chunk, block_tokens, n_max);
         const uint8_t *row = v + (size_t)table[t0 / block_tokens] * block_stride + (size_t)in_block * row_bytes;
         const float *vr = block_rows(kvtype, row, row_bytes, t1 - t0, hd, tmp);
         for (int64_t j = 0; j < Q; j++) {
-            int64_t n = LEN(j), e = n < t1 ? n : t1;
-            if (e > t0) pv(SCORES(j) + t0, vr, e - t0, hd, OUT(j));
+            int64_t n = LEN(j), lo = LO(j), s = lo > t0 ? lo : t0, e = n < t1 ? n : t1;
+            if (e > s) pv(SCORES(j) + s, vr + (s - t0) * hd, e - s, hd, OUT(j));
         }
     }
 #undef QUERY
 #undef OUT
 #undef SCORES
 #undef LEN
+#undef LO
 }
 
 /* One query head: q [hd] against rows 0..n-1 of one kv head -> out [hd]. scores: n floats. */
 void KN(attn_decode)(int kvtype, int64_t hd, const float *q, const uint8_t *k, const uint8_t *v,
                      size_t row_bytes, size_t block_stride, int64_t block_tokens, const int32_t *table,
                      int64_t n, float *scores, float *out) {
-    KN(attn_group)(kvtype, hd, 1, 1, q, 0, k, v, row_bytes, block_stride, block_tokens, table, n, scores, out, 0);
+    KN(attn_group)(kvtype, hd, 1, 1, q, 0, k, v, row_bytes, block_stride, block_tokens, table, n, 0, scores, out, 0);
 }

@@ -24,7 +24,7 @@ typedef struct {
 typedef struct {
     attn_group_fn attend;
     int kvtype;
-    int64_t H, G, hd, maxb, block_tokens;
+    int64_t H, G, hd, maxb, block_tokens, window;
     const float *q;
     const uint8_t *k, *v;
     size_t row_bytes, block_stride, head_stride;
@@ -55,14 +55,14 @@ static void task(void *arg, int ith, int nth) {
         size_t at = (size_t)it->row * stride + (size_t)(it->g * j->G * j->hd);
         j->attend(j->kvtype, j->hd, j->G, it->R, j->q + at, stride, j->k + it->g * j->head_stride,
                   j->v + it->g * j->head_stride, j->row_bytes, j->block_stride, j->block_tokens,
-                  j->tables + it->seg * j->maxb, it->n0, scores, j->out + at, stride);
+                  j->tables + it->seg * j->maxb, it->n0, j->window, scores, j->out + at, stride);
     }
     free(scores);
 }
 
 int op_attention(int kvtype, int64_t S, int64_t H, int64_t KVH, int64_t hd, const float *q, const uint8_t *k,
                  const uint8_t *v, int64_t block_tokens, size_t row_bytes, const int32_t *tables, int64_t maxb,
-                 const int64_t *starts, const int64_t *counts, float *out) {
+                 const int64_t *starts, const int64_t *counts, int64_t window, float *out) {
     const int64_t G = H / KVH;
     int64_t R = ITEM_QUERIES / G;
     R = R < ITEM_ROWS_MIN ? ITEM_ROWS_MIN : R > ITEM_ROWS_MAX ? ITEM_ROWS_MAX : R;
@@ -82,7 +82,7 @@ int op_attention(int kvtype, int64_t S, int64_t H, int64_t KVH, int64_t hd, cons
         }
     qsort(items, (size_t)n_items, sizeof(item), by_work);
     job j = {.attend = active_table->attn_group, .kvtype = kvtype, .H = H, .G = G, .hd = hd, .maxb = maxb,
-             .block_tokens = block_tokens, .q = q, .k = k, .v = v, .row_bytes = row_bytes,
+             .block_tokens = block_tokens, .window = window, .q = q, .k = k, .v = v, .row_bytes = row_bytes,
              .block_stride = (size_t)KVH * (size_t)block_tokens * row_bytes,
              .head_stride = (size_t)block_tokens * row_bytes, .tables = tables, .out = out, .items = items,
              .n_items = n_items, .scratch = scratch};

@@ -66,12 +66,13 @@ typedef void (*attn_fn)(int kvtype, int64_t hd, const float *q, const uint8_t *k
                         int64_t n, float *scores, float *out);
 
 /* R consecutive rows of one sequence for the G query heads of one kv head (attention.c): query
- * (i, h) at q + i * q_stride + h * hd attends n0 + i rows -> out + i * out_stride + h * hd, each
- * with exactly attn_decode's arithmetic; scores: R * G * (n0 + R - 1) floats of scratch. */
+ * (i, h) at q + i * q_stride + h * hd attends n0 + i rows (the last `window` of them when window
+ * > 0) -> out + i * out_stride + h * hd, each with exactly attn_decode's arithmetic; scores:
+ * R * G * (n0 + R - 1) floats of scratch. */
 typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, const float *q, size_t q_stride,
                               const uint8_t *k, const uint8_t *v, size_t row_bytes, size_t block_stride,
-                              int64_t block_tokens, const int32_t *table, int64_t n0, float *scores, float *out,
-                              size_t out_stride);
+                              int64_t block_tokens, const int32_t *table, int64_t n0, int64_t window, float *scores,
+                              float *out, size_t out_stride);
 
 typedef struct {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */

@@ -87,9 +87,9 @@ typedef struct {
     const lp_cache *c;
     int64_t B;
     float *x, *logits;
-    float *h, *q, *k, *v, *att, *o, *hb, *hb2;  /* [B, dim] x4 (h q att o), [B, kv dim] x2, [B, hidden] x2 */
-    char *act_d[NACT], *act_h[NACT];             /* quantized rows of width dim / hidden, per kind */
-    size_t xs_d[NACT], xs_h[NACT];               /* their row strides */
+    float *h, *q, *k, *v, *att, *o, *hb, *hb2;  /* [B, dim] (h o), [B, q dim] (q att), [B, kv dim] x2, [B, hidden] x2 */
+    char *act_d[NACT], *act_h[NACT], *act_q[NACT];  /* quantized rows of width dim / hidden / q dim, per kind */
+    size_t xs_d[NACT], xs_h[NACT], xs_q[NACT];      /* their row strides */
     float *scores;                               /* [score_threads, maxn] */
     int64_t maxn;
     int score_threads;
@@ -187,6 +187,7 @@ static void fw_task(void *arg, int ith, int nth) {
     const kernel_table *kt = j->kt;
     const lp_cache *c = j->c;
     const int64_t B = j->B, D = p->dim, HID = p->hidden, hd = p->head_dim, H = p->n_heads, KVH = p->n_kv_heads;
+    const int64_t QD = p->q_dim;
     const int64_t KVD = KVH * hd, half = hd / 2;
     const size_t rb = c->row_bytes, head_stride = (size_t)c->bt * rb, block_stride = (size_t)KVH * head_stride;
     const size_t layer_stride = (size_t)c->nblocks * block_stride;
@@ -211,7 +212,7 @@ static void fw_task(void *arg, int ith, int nth) {
         uint8_t *kl = c->k + l * layer_stride, *vl = c->v + l * layer_stride;
         for (int64_t b = ith; b < B; b += nth) {
             int64_t pos = c->lens[b] - 1;
-            kt->rope(j->q + b * D, p->cos + pos * half, p->sin + pos * half, 1, H, hd, p->halves);
+            kt->rope(j->q + b * QD, p->cos + pos * half, p->sin + pos * half, 1, H, hd, p->halves);
             kt->rope(j->k + b * KVD, p->cos + pos * half, p->sin + pos * half, 1, KVH, hd, p->halves);
             size_t at = (size_t)c->tables[b * c->maxb + pos / c->bt] * block_stride + (size_t)(pos % c->bt) * rb;
             for (int64_t g = 0; g < KVH; g++) {
@@ -227,16 +228,17 @@ static void fw_task(void *arg, int ith, int nth) {
                 int64_t bh = __atomic_fetch_add(actr, 1, __ATOMIC_RELAXED);
                 if (bh >= B * H) break;
                 int64_t b = bh / H, g = (bh % H) / (H / KVH);
-                kt->attn_decode(c->kvtype, hd, j->q + bh * hd, kl + g * head_stride, vl + g * head_stride, rb,
-                                block_stride, c->bt, c->tables + b * c->maxb, c->lens[b], scores, j->att + bh * hd);
+                kt->attn_group(c->kvtype, hd, 1, 1, j->q + bh * hd, 0, kl + g * head_stride, vl + g * head_stride, rb,
+                               block_stride, c->bt, c->tables + b * c->maxb, c->lens[b], p->window, scores,
+                               j->att + bh * hd, 0);  /* attn_decode's arithmetic, over the window */
             }
         barrier(j, nth);
 
         if (m[LP_WO].act != ACT_F32) {
-            for (int64_t b = ith; b < B; b += nth) quant_row(j, kinds_of(&m[LP_WO], 1), j->att + b * D, D, j->act_d, j->xs_d, b);
+            for (int64_t b = ith; b < B; b += nth) quant_row(j, kinds_of(&m[LP_WO], 1), j->att + b * QD, QD, j->act_q, j->xs_q, b);
             barrier(j, nth);
         }
-        part wo = {&m[LP_WO], j->att, j->act_d, j->xs_d, j->o};
+        part wo = {&m[LP_WO], j->att, j->act_q, j->xs_q, j->o};
         products(j, &wo, 1, ctr++, nth);
         barrier(j, nth);
 
@@ -280,7 +282,7 @@ static void fw_task(void *arg, int ith, int nth) {
 int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *logits) {
     if (B == 0) return 0;
     fw_job j = {.p = p, .kt = active_table, .c = c, .B = B, .x = x, .logits = logits};
-    const int64_t D = p->dim, HID = p->hidden, KVD = p->n_kv_heads * p->head_dim;
+    const int64_t D = p->dim, HID = p->hidden, KVD = p->n_kv_heads * p->head_dim, QD = p->q_dim;
     for (int64_t b = 0; b < B; b++)
         if (c->lens[b] > j.maxn) j.maxn = c->lens[b];
     int threads = pool_threads();
@@ -295,12 +297,13 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     j.score_threads = threads;
 
     /* One allocation: the float rows, the quantized rows, the scores, the counters. */
-    size_t fl = (size_t)B * (4 * D + 2 * KVD + 2 * HID) + (size_t)threads * (size_t)j.maxn;
+    size_t fl = (size_t)B * (2 * D + 2 * QD + 2 * KVD + 2 * HID) + (size_t)threads * (size_t)j.maxn;
     size_t need = fl * sizeof(float) + 64;
     for (int a = ACT_Q8_0; a < NACT; a++) {
         j.xs_d[a] = act_row_bytes(a, D);
         j.xs_h[a] = act_row_bytes(a, HID);
-        need += (size_t)B * (j.xs_d[a] + j.xs_h[a]) + 128;
+        j.xs_q[a] = act_row_bytes(a, QD);
+        need += (size_t)B * (j.xs_d[a] + j.xs_h[a] + j.xs_q[a]) + 192;
     }
     size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
     need += nctr * sizeof(int64_t);
@@ -308,8 +311,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     if (!mem) return -1;
     float *f = (float *)mem;
     j.h = f, f += B * D;
-    j.q = f, f += B * D;
-    j.att = f, f += B * D;
+    j.q = f, f += B * QD;
+    j.att = f, f += B * QD;
     j.o = f, f += B * D;
     j.k = f, f += B * KVD;
     j.v = f, f += B * KVD;
@@ -321,12 +324,15 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
         at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
         j.act_d[a] = at, at += (size_t)B * j.xs_d[a];
         j.act_h[a] = at, at += (size_t)B * j.xs_h[a];
+        at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
+        j.act_q[a] = at, at += (size_t)B * j.xs_q[a];
     }
     at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
     j.ctr = (int64_t *)at;
     memset(j.ctr, 0, nctr * sizeof(int64_t));
     j.xs_d[ACT_F32] = act_row_bytes(ACT_F32, D);
     j.xs_h[ACT_F32] = act_row_bytes(ACT_F32, HID);
+    j.xs_q[ACT_F32] = act_row_bytes(ACT_F32, QD);
 
     if (threads > 1) pool_run(fw_task, &j);
     else fw_task(&j, 0, 1);

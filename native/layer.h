@@ -30,8 +30,10 @@ typedef struct {
 
 typedef struct {
     int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, seq_len;
+    int64_t q_dim;             /* n_heads * head_dim: q's and the attention output's width (dim, or not) */
     float eps;
     int halves;                /* RoPE pairs (i, i + hd/2) instead of (2i, 2i+1) */
+    int64_t window;            /* > 0: each row attends its last `window` positions (sliding window) */
     const float *cos, *sin;    /* [seq_len, head_dim / 2] */
     const float *rms_final;    /* [dim] */
     lp_product cls;            /* [vocab, dim] */

@@ -122,7 +122,8 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
 
 static const char *const MAT_NAMES[LP_NMAT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
 
-/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan.
+/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin)
+ * -> plan. dim: the model's width when its heads are not dim / n_heads wide (0: n_heads * head_dim).
  * layers: a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product
  * specs; cos, sin float32 [seq_len, head_dim / 2]. */
 static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -130,7 +131,10 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
     long long H, KVH, hidden, vocab;
     double eps;
     int halves;
-    if (!PyArg_ParseTuple(args[0], "LLLLdp", &H, &KVH, &hidden, &vocab, &eps, &halves)) return NULL;
+    long long window = 0, dim = 0;
+    if (!PyArg_ParseTuple(args[0], "LLLLdp|LL", &H, &KVH, &hidden, &vocab, &eps, &halves, &window, &dim)) return NULL;
+    if (window < 0 || dim < 0)
+        return PyErr_Format(PyExc_ValueError, "decode_plan: window and dim must be >= 0, got %lld and %lld", window, dim);
     PyObject *layers = PySequence_Fast(args[1], "decode_plan: layers must be a sequence");
     if (!layers) return NULL;
     holder *h = PyMem_Calloc(1, sizeof(holder));
@@ -152,9 +156,11 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
         goto fail;
     }
     p->n_heads = H, p->n_kv_heads = KVH, p->n_layers = nl, p->eps = (float)eps, p->halves = halves;
+    p->window = window;
     p->hidden = hidden, p->vocab = vocab;
-    p->dim = H * p->head_dim;
-    int64_t D = p->dim, KVD = KVH * p->head_dim;
+    p->q_dim = H * p->head_dim;
+    p->dim = dim ? dim : p->q_dim;
+    int64_t D = p->dim, KVD = KVH * p->head_dim, QD = p->q_dim;
     p->layers = PyMem_Calloc((size_t)nl, sizeof(lp_layer));
     if (!p->layers) { PyErr_NoMemory(); goto fail; }
     for (Py_ssize_t l = 0; l < nl; l++) {
@@ -168,7 +174,7 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
         if (!(L->rms_att = f32_vector(h, PyTuple_GET_ITEM(lay, 0), D, what))) goto fail;
         snprintf(what, sizeof what, "layer %zd rms_ffn", l);
         if (!(L->rms_ffn = f32_vector(h, PyTuple_GET_ITEM(lay, 1), D, what))) goto fail;
-        const int64_t shapes[LP_NMAT][2] = {{D, D}, {KVD, D}, {KVD, D}, {D, D}, {p->hidden, D}, {D, p->hidden},
+        const int64_t shapes[LP_NMAT][2] = {{QD, D}, {KVD, D}, {KVD, D}, {D, QD}, {p->hidden, D}, {D, p->hidden},
                                            {p->hidden, D}};
         for (int i = 0; i < LP_NMAT; i++) {
             snprintf(what, sizeof what, "layer %zd %s", l, MAT_NAMES[i]);
@@ -232,7 +238,8 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
         if (lens[i] < 1 || lens[i] > most)
             return PyErr_Format(PyExc_ValueError, "%s: row %lld attends %lld positions; its table and the RoPE "
                                 "tables hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
-        for (int64_t k = 0; k < (lens[i] + bt - 1) / bt; k++)
+        int64_t first = p->window > 0 && lens[i] > p->window ? lens[i] - p->window : 0;  /* blocks before: freed */
+        for (int64_t k = first / bt; k < (lens[i] + bt - 1) / bt; k++)
             if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks)
                 return PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn,
                                     (long long)i, tables[i * maxb + k], (long long)nblocks);
@@ -268,7 +275,7 @@ static PyObject *py_rmsnorm_einsum(PyObject *self, PyObject *const *args, Py_ssi
 
 PyMethodDef layer_methods[] = {
     {"decode_plan", (PyCFunction)(void (*)(void))py_decode_plan, METH_FASTCALL,
-     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final, classifier, cos, sin) -> plan"},
+     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin) -> plan"},
     {"decode_forward", (PyCFunction)(void (*)(void))py_decode_forward, METH_FASTCALL,
      "decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits)"},
     {"rmsnorm_einsum", (PyCFunction)(void (*)(void))py_rmsnorm_einsum, METH_FASTCALL,

@@ -223,10 +223,11 @@ static int attention_args(long t, const Py_buffer *b, const Py_buffer *out, cons
     return 0;
 }
 
-/* Every block of table row i that `positions` positions read names a block of the pool. */
-static int table_row_ok(const int32_t *table, int64_t positions, const attn_shape *a, const char *fn,
-                        const char *what, int64_t i) {
-    for (int64_t j = 0; j < (positions + a->bt - 1) / a->bt; j++)
+/* Every block of table row i that positions first..positions-1 read names a block of the pool
+ * (those before `first`, out of a sliding window, may have been freed). */
+static int table_row_ok(const int32_t *table, int64_t first, int64_t positions, const attn_shape *a,
+                        const char *fn, const char *what, int64_t i) {
+    for (int64_t j = first / a->bt; j < (positions + a->bt - 1) / a->bt; j++)
         if (table[j] < 0 || table[j] >= a->nblocks) {
             PyErr_Format(PyExc_IndexError, "%s: %s %lld names block %d of a pool of %lld", fn, what, (long long)i,
                          table[j], (long long)a->nblocks);
@@ -261,7 +262,7 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
         if (lens[i] < 1 || lens[i] > s.maxb * s.bt)
             return PyErr_Format(PyExc_ValueError, "%s: sequence %lld attends %lld rows; its table holds 1..%lld", fn,
                                 (long long)i, (long long)lens[i], (long long)(s.maxb * s.bt));
-        if (table_row_ok(tables + i * s.maxb, lens[i], &s, fn, "sequence", i) < 0) return NULL;
+        if (table_row_ok(tables + i * s.maxb, 0, lens[i], &s, fn, "sequence", i) < 0) return NULL;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -272,20 +273,24 @@ static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_s
     Py_RETURN_NONE;
 }
 
-/* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out): a pass's rows in segments of
- * one sequence each; segment s is counts[s] rows at positions starts[s]... (their keys and values
- * cached), its rows following the previous segment's in q float32 [N, H, hd] and out float32
- * [N, H * hd]; pools uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [S, maxb];
- * starts, counts int64 [S]. Every block a segment reads is checked against the pool. */
+/* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window]): a pass's rows in
+ * segments of one sequence each; segment s is counts[s] rows at positions starts[s]... (their keys
+ * and values cached), its rows following the previous segment's in q float32 [N, H, hd] and out
+ * float32 [N, H * hd]; pools uint8 [blocks, KVH, block_tokens, row_bytes]; tables int32 [S, maxb];
+ * starts, counts int64 [S]; window > 0: each row attends its last `window` positions only.
+ * Every block a segment reads is checked against the pool. */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "attention";
     PB_ARGS a = {0};
-    if (PB_PARSE(a, fn, args, nargs, 8, {1, "q", PB_BYTES, 0}, {2, "k_pool", PB_BYTES, 0},
+    if (PB_PARSE(a, fn, args, nargs, nargs == 9 ? 9 : 8, {1, "q", PB_BYTES, 0}, {2, "k_pool", PB_BYTES, 0},
                  {3, "v_pool", PB_BYTES, 0}, {4, "tables", PB_BYTES, 0}, {5, "starts", PB_BYTES, 0},
                  {6, "counts", PB_BYTES, 0}, {7, "out", PB_BYTES, 1}) < 0)
         return NULL;
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
+    long long window = nargs == 9 ? PyLong_AsLongLong(args[8]) : 0;  /* 0: no sliding window */
+    if (window == -1 && PyErr_Occurred()) return NULL;
+    if (window < 0) return PyErr_Format(PyExc_ValueError, "%s: window must be >= 0, got %lld", fn, window);
     const Py_buffer *b = a.b;
     attn_shape s;
     if (attention_args(t, b, &b[6], fn, "N", &s) < 0) return NULL;
@@ -302,7 +307,8 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
             return PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds "
                                 "0..%lld", fn, (long long)i, (long long)starts[i],
                                 (long long)(starts[i] + counts[i] - 1), (long long)(s.maxb * s.bt - 1));
-        if (table_row_ok(tables + i * s.maxb, starts[i] + counts[i], &s, fn, "segment", i) < 0) return NULL;
+        int64_t first = window > 0 && starts[i] + 1 > window ? starts[i] + 1 - window : 0;  /* blocks before: freed */
+        if (table_row_ok(tables + i * s.maxb, first, starts[i] + counts[i], &s, fn, "segment", i) < 0) return NULL;
         rows += counts[i];
     }
     if (rows != N)
@@ -311,7 +317,7 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
     int rc;
     Py_BEGIN_ALLOW_THREADS
     rc = op_attention((int)t, S, s.H, s.KVH, s.hd, b[0].buf, b[1].buf, b[2].buf, s.bt, (size_t)s.rb, tables,
-                      s.maxb, starts, counts, b[6].buf);
+                      s.maxb, starts, counts, (int64_t)window, b[6].buf);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -545,7 +551,7 @@ static PyMethodDef methods[] = {
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},
     {"attention", (PyCFunction)(void (*)(void))py_attention, METH_FASTCALL,
-     "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)"},
+     "attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window])"},
     {"kv_types", py_kv_types, METH_NOARGS, "kv_types() -> ((name, needs), ...) by KV type id"},
     {"kv_row_bytes", (PyCFunction)(void (*)(void))py_kv_row_bytes, METH_FASTCALL, "kv_row_bytes(kvtype, hd) -> bytes"},
     {"kv_encode", (PyCFunction)(void (*)(void))py_kv_encode, METH_FASTCALL, "kv_encode(kvtype, x, out)"},

@@ -18,7 +18,7 @@ void KN(quant_q8_k)(const float *, void *, int64_t);
 void KN(attn_decode)(int, int64_t, const float *, const uint8_t *, const uint8_t *, size_t, size_t, int64_t,
                      const int32_t *, int64_t, float *, float *);
 void KN(attn_group)(int, int64_t, int64_t, int64_t, const float *, size_t, const uint8_t *, const uint8_t *, size_t,
-                    size_t, int64_t, const int32_t *, int64_t, float *, float *, size_t);
+                    size_t, int64_t, const int32_t *, int64_t, int64_t, float *, float *, size_t);
 void KN(rmsnorm)(const float *, const float *, float, int64_t, int64_t, float *);
 void KN(rope)(float *, const float *, const float *, int64_t, int64_t, int64_t, int);
 void KN(silu_mul)(float *, const float *, int64_t);

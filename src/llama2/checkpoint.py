@@ -22,14 +22,14 @@ STACKED = ("rms_att", "rms_ffn", *LAYER_MATRICES)
 
 def tensor_shapes(c: ModelConfig) -> dict:
     """name -> shape (per layer for stacked tensors: the leading n_layers axis is included)."""
-    L, D, H, KV, V = c.n_layers, c.dim, c.hidden_dim, c.kv_dim, c.vocab_size
+    L, D, H, KV, V, Q = c.n_layers, c.dim, c.hidden_dim, c.kv_dim, c.vocab_size, c.q_dim
     shapes = {
         "token_embedding": (V, D),
         "rms_att": (L, D),
-        "wq": (L, D, D),
+        "wq": (L, Q, D),
         "wk": (L, KV, D),
         "wv": (L, KV, D),
-        "wo": (L, D, D),
+        "wo": (L, D, Q),
         "rms_ffn": (L, D),
         "w1": (L, H, D),
         "w2": (L, D, H),

@@ -58,16 +58,25 @@ def _params(prompt, field, seq_len, body, default_max, grammar, **extra) -> Para
 def completion_params(tokenizer, config, body, grammar=None) -> tuple:
     """(Params, prompt text) of a validated request.CompletionBody; `grammar`: its compiled
     structure (compile_structure). A string prompt is encoded with BOS, token ids are used as
-    given; generation stops at BOS or EOS, as run.c's."""
-    prompt = body.prompt
-    if isinstance(prompt, str):
+    given; generation stops at BOS or EOS, as run.c's. A `suffix` (OpenAI's insertion) makes it an
+    infill: the text between the prompt and the suffix in Code Llama's layout (llama2.infill),
+    ending at its end-of-middle token."""
+    prompt, fim = body.prompt, None
+    if body.suffix:
+        from . import infill
+        fim = infill.fim_tokens(tokenizer)
+        if fim is None:
+            raise RequestError("suffix", infill.missing_message("the model"))
+        ids, text = infill.prompt(tokenizer, fim, prompt, body.suffix), prompt
+    elif isinstance(prompt, str):
         ids, text = tokenizer.encode(prompt, bos=True), prompt
     else:
         if min(prompt) < 0 or max(prompt) >= config.vocab_size:
             raise RequestError("prompt", f"token ids must be in [0, {config.vocab_size})")
         ids, text = list(prompt), tokenizer.decode(prompt)
+    ends = {config.bos_id, config.eos_id} | tokenizer.end_ids | ({fim.end} if fim else set())
     params = _params(ids, "prompt", config.seq_len, body, COMPLETION_MAX_TOKENS, grammar,
-                     stop_tokens=frozenset({config.bos_id, config.eos_id} | tokenizer.end_ids), logprobs=body.logprobs)
+                     stop_tokens=frozenset(ends), logprobs=body.logprobs)
     return params, text
 
 

@@ -9,6 +9,22 @@ from .errors import FormatError
 
 
 ROPE_STYLES = ("interleaved", "halves")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3", "factors")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How a model stretches RoPE past the context it was trained on (llama2.rope computes the
+    tables). "linear": positions divided by `factor`; "dynamic": NTK-aware, the base grows with the
+    position past `original_context` (transformers' dynamic_ntk); "llama3": Meta's per-frequency
+    rule (`factor`, `low_freq_factor`, `high_freq_factor`, `original_context`); "factors": each
+    frequency divided by its entry of `freq_factors`, as GGUF's rope_freqs tensor gives them."""
+    kind: str = "none"
+    factor: float = 1.0
+    original_context: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    freq_factors: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -29,10 +45,20 @@ class ModelConfig:
     # y1 ...) or "halves" (Hugging Face: all x first, then all y; the rotate-half form). A property
     # of the weights as stored, so HF folders run in place without un-permuting a copy.
     rope_style: str = "interleaved"
+    rope_scaling: RopeScaling = RopeScaling()
+    # Set where a model's heads are not dim / n_heads wide (Mistral Nemo, some Llama 3 exports);
+    # None: dim // n_heads.
+    explicit_head_dim: int = None
+    # Attention over the last `sliding_window` positions only (Mistral 7B v0.1); None: all.
+    sliding_window: int = None
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.explicit_head_dim or self.dim // self.n_heads
+
+    @property
+    def q_dim(self) -> int:  # the width of q and of the attention output: n_heads * head_dim
+        return self.head_dim * self.n_heads
 
     @property
     def kv_dim(self) -> int:
@@ -44,7 +70,7 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise FormatError(f"{source}: {name} must be a positive integer, got {value}")
-        if self.dim % self.n_heads:
+        if self.explicit_head_dim is None and self.dim % self.n_heads:
             raise FormatError(f"{source}: dim {self.dim} is not a multiple of n_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
             raise FormatError(
@@ -55,6 +81,20 @@ class ModelConfig:
             raise FormatError(f"{source}: rope_style {self.rope_style!r} is not one of {', '.join(ROPE_STYLES)}")
         if not self.rope_theta > 0:
             raise FormatError(f"{source}: rope_theta must be positive, got {self.rope_theta}")
+        rs = self.rope_scaling
+        if rs.kind not in ROPE_SCALINGS:
+            raise FormatError(f"{source}: RoPE scaling {rs.kind!r} is not one of {', '.join(ROPE_SCALINGS)}")
+        if rs.kind != "none" and not rs.factor > 0:
+            raise FormatError(f"{source}: RoPE scaling factor must be positive, got {rs.factor}")
+        if rs.kind in ("dynamic", "llama3") and rs.original_context <= 0:
+            raise FormatError(f"{source}: RoPE scaling {rs.kind!r} needs original_max_position_embeddings")
+        if rs.kind == "factors" and len(rs.freq_factors) != self.head_dim // 2:
+            raise FormatError(f"{source}: RoPE frequency factors hold {len(rs.freq_factors)} values; "
+                              f"expected head size / 2 = {self.head_dim // 2}")
+        for name in ("explicit_head_dim", "sliding_window"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise FormatError(f"{source}: {name} must be a positive integer, got {value}")
         return self
 
 

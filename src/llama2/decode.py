@@ -74,7 +74,7 @@ class Plan:
         if not _rmsnorm_agrees(nat, [final] + [n for lay in layers for n in lay[:2]], c.dim, c.norm_eps):
             return None
         handle = nat.decode_plan((c.n_heads, c.n_kv_heads, c.hidden_dim, c.vocab_size, float(c.norm_eps),
-                                  c.rope_style == "halves"),
+                                  c.rope_style == "halves", c.sliding_window or 0, c.dim),
                                  layers, final, classifier, model.cos, model.sin)
         return cls(handle, model.invariant_rows, c.vocab_size, nat)
 

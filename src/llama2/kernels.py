@@ -16,15 +16,6 @@ def rmsnorm(x, weight, eps):  # [T, D], [D], float -> [T, D]
     return weight * (x * (F32(1.0) / np.sqrt(ss, dtype=F32))[:, None])
 
 
-def rope_tables(head_dim, seq_len, theta):  # -> cos, sin: [seq_len, head_dim // 2] float32
-    """run.c: freq = 1/powf(theta, i/head_dim) for even i; angle = pos * freq in float32. The power
-    and trigonometry are evaluated in float64 and rounded once, as a correctly rounded libm does."""
-    i = np.arange(0, head_dim, 2, dtype=F32)
-    freq = (1.0 / np.power(np.float64(F32(theta)), np.float64(i / F32(head_dim)))).astype(F32)
-    angle = np.arange(seq_len, dtype=F32)[:, None] * freq[None, :]  # float32 product, as in C
-    return np.cos(angle.astype(np.float64)).astype(F32), np.sin(angle.astype(np.float64)).astype(F32)
-
-
 def rope(x, cos, sin, style="interleaved"):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
     """Rotate each pair of every head by its position's angle. Pair i is (2i, 2i+1) when the weights
     interleave them (llama2.c), (i, i + hd/2) when they keep halves (Hugging Face's rotate_half)."""

@@ -75,6 +75,14 @@ class Llama:
         return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
                    chat_template=chat_template)
 
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str = None, quant: str = None, **kwargs) -> "Llama":
+        """Download a model from the Hugging Face hub (llama-cpp-python's name for it) and load it:
+        `filename` (a glob allowed, e.g. "*q8_0.gguf") names the file; without it, `quant` (or
+        llama.cpp's default, Q4_K_M) picks the GGUF file, and a repo without GGUF files gives its
+        safetensors folder. Other arguments as `load`. See llama2.hub.from_hub."""
+        return cls.load(hub.from_hub(repo_id, filename, quant), **kwargs)
+
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)
 
@@ -118,7 +126,7 @@ class Llama:
 
     def create_completion(self, prompt, max_tokens=C.COMPLETION_MAX_TOKENS, temperature=GENERATION.temperature,
                           top_p=GENERATION.top_p, seed=None, stop=None, stream=False, logprobs=None,
-                          echo=False, response_format=None, grammar=None, include_usage=False):
+                          echo=False, response_format=None, grammar=None, include_usage=False, suffix=None):
         """A text completion as OpenAI's /v1/completions answers it (a dict), or with `stream=True`
         an iterator of its chunks (`include_usage`: a last chunk with the usage).
 
@@ -127,12 +135,14 @@ class Llama:
         the text (never part of it). `logprobs`: k in 0..5 gives each sampled token's log
         probability and the k most likely. `response_format`: OpenAI's ({"type": "json_object"} or
         {"type": "json_schema", "json_schema": {"name", "schema", "strict"}}); `grammar`: GBNF
-        text, a llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar. Raises
-        errors.RequestError naming the argument at fault (validated by llama2.request)."""
+        text, a llama2.structured.Spec (regex, Lark, GBNF, JSON schema) or a compiled Grammar.
+        `suffix` (OpenAI's): the text after the completion, which then fills the middle (Code
+        Llama's infilling; models without its tokens refuse it). Raises errors.RequestError naming
+        the argument at fault (validated by llama2.request)."""
         from . import request  # pydantic: only completions need it
         body = request.validate(request.CompletionBody, dict(
             prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop,
-            logprobs=logprobs, response_format=response_format, grammar=grammar))
+            logprobs=logprobs, response_format=response_format, grammar=grammar, suffix=suffix))
         params, text = C.completion_params(self.tokenizer, self.config, body,
                                            C.compile_structure(body, self.tokenizer, self.config.vocab_size))
         answer = C.Answer(False, self.name, self.tokenizer, len(params.prompt), text if echo else "",

@@ -60,6 +60,15 @@ def kv_position_bytes(config, kv_type: str = "f32") -> int:
     return kvcache.bytes_per_token(config, kv_type)
 
 
+def held_positions(config) -> int:
+    """The most positions one sequence keeps in the cache: its context, or with a sliding window
+    of W the window's blocks (the cache frees those before it): W positions plus a partial block
+    at either end."""
+    if not config.sliding_window:
+        return config.seq_len
+    return min(config.seq_len, config.sliding_window + 2 * kvcache.BLOCK_TOKENS)
+
+
 def kv_cache_bytes(config, kv_type: str = "f32", positions: int = None) -> int:
     """The KV cache holding `positions` (default: one whole context) in `kv_type`, in whole blocks
     of kvcache.BLOCK_TOKENS: the most it commits (llama2.kvcache.Pool maps it lazily)."""
@@ -121,7 +130,7 @@ def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str =
             else:
                 held += size
     scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)
-    positions = slots * c.seq_len if kv_positions is None else kv_positions
+    positions = slots * held_positions(c) if kv_positions is None else kv_positions
     return Need(int(held), int(address), int(kv_cache_bytes(c, kv_type, positions)), int(scratch))
 
 
@@ -188,7 +197,7 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
     def size(n: Need) -> str:
         return gb(n.address if by_address else n.resident)
 
-    positions = slots * config.seq_len if kv_positions is None else kv_positions
+    positions = slots * held_positions(config) if kv_positions is None else kv_positions
     line = (f"{name}: needs about {size(need)} (weights {gb(need.weights)}, {kv_type} KV cache "
             f"{gb(need.cache)} for {positions} positions) but {_room(have)}")
     options = []

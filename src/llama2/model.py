@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K, kvcache, weights
+from . import kernels as K, kvcache, rope, weights
 from .checkpoint import LAYER_MATRICES, Checkpoint
 from .config import Q8_GROUP_SIZE
 from .errors import Llama2Error
@@ -44,10 +44,10 @@ def _last_rows(x, spans, all_logits):  # [N, D] -> each segment's last row, unle
 @dataclass
 class Layer:
     rms_att: np.ndarray  # [D]
-    wq: weights.Matrix  # [D, D]
+    wq: weights.Matrix  # [Q, D] (Q = n_heads * head_dim, D unless the config sets head_dim)
     wk: weights.Matrix  # [KV, D]
     wv: weights.Matrix  # [KV, D]
-    wo: weights.Matrix  # [D, D]
+    wo: weights.Matrix  # [D, Q]
     rms_ffn: np.ndarray  # [D]
     w1: weights.Matrix  # [H, D]
     w2: weights.Matrix  # [D, H]
@@ -96,7 +96,7 @@ class Transformer:
         self.embedding = matrix(w["token_embedding"], "token_embedding")  # [V, D]
         self.rms_final = w["rms_final"]  # [D]
         self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
-        self.cos, self.sin = K.rope_tables(c.head_dim, c.seq_len, c.rope_theta)
+        self.cos, self.sin = rope.tables(c)  # [seq_len, head_dim / 2]
         # The most rows a pass may hold with every row's logits bit for bit those it gets alone:
         # the products are the only step that may mix rows (each matrix's `invariant_rows`); the
         # rest is per row (embedding lookup, RMSNorm, RoPE, SiLU, the KV write, attention: each
@@ -160,11 +160,13 @@ class Transformer:
             logits = self._forward_layers(x, spans, cache, all_logits)
         for slot, st, _, T in spans:
             cache.pos[slot] = st + T
+            if c.sliding_window:  # the next row attends from st + T + 1 - W on
+                cache.forget_before(slot, st + T + 1 - c.sliding_window)
         return logits
 
     def _forward_layers(self, x, spans, cache, all_logits):  # [N, D] -> logits, matrix by matrix
         c = self.config
-        D, hd = c.dim, c.head_dim
+        hd = c.head_dim
         N = len(x)
         positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
         where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
@@ -173,7 +175,7 @@ class Transformer:
         starts = np.array([st for _, st, _, _ in spans], np.int64)
         counts = np.array([T for _, _, _, T in spans], np.int64)
         nat = _native()
-        att = np.empty((N, D), np.float32)
+        att = np.empty((N, c.q_dim), np.float32)
         # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
         # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
         # (tests/engine/test_kquant_files.py); run.c's goldens hold with either.
@@ -183,7 +185,8 @@ class Transformer:
             q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
             k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
             cache.write(l, where, k, v.reshape(N, c.n_kv_heads, hd))
-            nat.attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att)
+            nat.attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att,
+                          c.sliding_window or 0)
             x = x + layer.wo(att)
             h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
             x = x + layer.ffn(h)

@@ -19,7 +19,7 @@ file stores them, row dequantization and activation quantization, on a thread po
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
-    attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out)   a pass's attention,
+    attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out[, window])   a pass's attention,
                                      prompts (causal) and decode rows, with decode's bits per row
     kv_types(), kv_row_bytes(kvtype, hd), kv_encode(kvtype, x, out)   the KV types' records
                                      (native/kv.h), as llama2.kvcache reads them
@@ -86,7 +86,8 @@ attention_decode = _native.attention_decode
 # A pass's attention, prompt rows and decode rows alike: segments of consecutive rows of one
 # sequence each, segment s holding counts[s] rows at positions starts[s]... (keys and values already
 # cached); q float32 [N, H, hd] and out float32 [N, H * hd] hold the segments' rows one after the
-# other; tables int32 [S, max_blocks]; starts, counts int64 [S]. Row p attends rows 0..p, each
+# other; tables int32 [S, max_blocks]; starts, counts int64 [S]. Row p attends rows 0..p (with
+# window W > 0: rows p-W+1..p; the blocks before are not read, so a cache may free them), each
 # (row, head) with exactly attention_decode's arithmetic (a prompt row gets the bits a decode row at
 # its position gets), whatever the thread count or the other segments.
 attention = _native.attention
@@ -121,10 +122,12 @@ rope = _native.rope
 silu_mul = _native.silu_mul
 
 # The decode step in one call (native/layer.c; llama2.decode builds the plan and documents it).
-# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final,
-#   classifier, cos, sin) -> plan: layers a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2,
-#   w3), each matrix a spec from Matrix.native_product(): ("type", ggml type, w),
-#   ("int8_rows", q, s, group_size) or ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
+# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
+#   rms_final, classifier, cos, sin) -> plan (window > 0: each row attends its last `window`
+#   positions; dim: the model's width, when its heads are not dim / n_heads wide): layers a
+#   sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), each matrix a spec from
+#   Matrix.native_product(): ("type", ggml type, w), ("int8_rows", q, s, group_size) or
+#   ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
 #   holds the arrays' buffers for its life.
 # decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] the

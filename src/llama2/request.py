@@ -156,7 +156,7 @@ class Message(_Model):
 
 class _Body(_Model):
     """The fields both endpoints share. Options that would change the answer but are not
-    implemented (n, best_of, penalties, logit_bias, tools, suffix) are refused, not ignored."""
+    implemented (n, best_of, penalties, logit_bias, tools) are refused, not ignored."""
     model: Optional[Any] = None  # the server checks it first (protocol.check_model)
     max_tokens: Optional[Count] = None
     temperature: Optional[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = None
@@ -267,8 +267,8 @@ class CompletionBody(_Body):
     def _completion_only(self):
         if (self.best_of or 1) != 1:
             raise _fail("only best_of=1 is supported", "best_of")
-        if self.suffix:
-            raise _fail("suffix (insertion) is not supported", "suffix")
+        if self.suffix and not isinstance(self.prompt, str):  # an infill (llama2.infill) of text
+            raise _fail("with a suffix, the prompt must be a string", "prompt")
         if self.top_logprobs:
             raise _fail(f"completions take logprobs: N (0 to {MAX_LOGPROBS}) for the N most likely tokens",
                         "top_logprobs")

@@ -64,10 +64,12 @@ def test_every_tensor_is_a_view_of_the_file_in_its_stored_type(name):
     assert seen == set(types) - {"F32"} or seen == set(types)  # F32 holds the norms only
 
 
-def f16_attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out):
+def f16_attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out, window=0):
     """native.attention as llama.cpp computes it (no flash attention): q, k, v rounded to float16
     (its KV cache, and q converted for the F16 dot products); the scaled causal softmax in float32;
-    the probabilities rounded to float16 for the product with v."""
+    the probabilities rounded to float16 for the product with v. No sliding window (these models
+    have none)."""
+    assert window == 0
     f16 = lambda a: a.astype(np.float16).astype(np.float32)  # noqa: E731
     t = next(m for m in kvcache.TYPES.values() if m.ID == kvtype)
     _, H, hd = q.shape

@@ -334,3 +334,51 @@ def test_kv_types_come_from_the_native_records():
         native.kv_encode(9, np.zeros((1, 8), np.float32), np.zeros(32, np.uint8))
     with pytest.raises(ValueError, match="out must hold 2 rows of 16 bytes"):
         native.kv_encode(1, np.zeros((2, 8), np.float32), np.zeros(31, np.uint8))
+
+
+# -- a sliding window (Mistral): row p attends rows p-W+1..p ----------------------------------------
+
+def windowed_reference(t, q, kpool, vpool, tables, starts, counts, window):
+    """reference()'s arithmetic over each row's last `window` rows only."""
+    rows, lens = per_row(tables, starts, counts)
+    N, H, hd = q.shape
+    KVH = kpool.shape[1]
+    out = np.zeros((N, H * hd), np.float64)
+    for i in range(N):
+        lo = max(0, lens[i] - window)
+        for h in range(H):
+            g = h // (H // KVH)
+            k = t.reference.decode(kpool[rows[i], g].reshape(-1, kpool.shape[3])[lo:lens[i]], hd).astype(np.float64)
+            v = t.reference.decode(vpool[rows[i], g].reshape(-1, vpool.shape[3])[lo:lens[i]], hd).astype(np.float64)
+            s = k @ q[i, h].astype(np.float64) / np.sqrt(hd)
+            p = np.exp(s - s.max())
+            out[i, h * hd:(h + 1) * hd] = (p / p.sum()) @ v
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
+@pytest.mark.parametrize("window", [1, 7, 16, 23])
+def test_sliding_window_attention_equals_reference_and_decode_rows(variant, kv_type, window):
+    native.select_variant(variant)
+    hd, H, KVH = 32, 8, 2
+    t, q, kpool, vpool, tables, starts, counts = segments_case(np.random.default_rng(window), kv_type, hd, H, KVH)
+    out = np.empty((len(q), H * hd), np.float32)
+    native.attention(t.ID, q, kpool, vpool, tables, starts, counts, out, window)
+    np.testing.assert_allclose(out, windowed_reference(t, q, kpool, vpool, tables, starts, counts, window),
+                               rtol=2e-5, atol=2e-5)
+    # every row has the bits it gets as a decode row of its own, with the blocks before its window
+    # released (-1: never read)
+    rows, lens = per_row(tables, starts, counts)
+    for i in range(len(q)):
+        table = rows[i:i + 1].copy()
+        table[0, :max(0, lens[i] - window) // kpool.shape[2]] = -1
+        one = np.empty((1, H * hd), np.float32)
+        native.attention(t.ID, q[i:i + 1].copy(), kpool, vpool, table, lens[i:i + 1] - 1,
+                         np.ones(1, np.int64), one, window)
+        assert one.tobytes() == out[i].tobytes(), i
+    with pytest.raises(IndexError, match="names block -1"):  # a released block inside the window
+        table = rows[-1:].copy()
+        table[0, (lens[-1] - 1) // kpool.shape[2]] = -1
+        native.attention(t.ID, q[-1:].copy(), kpool, vpool, table, lens[-1:] - 1, np.ones(1, np.int64),
+                         np.empty((1, H * hd), np.float32), window)

@@ -311,3 +311,15 @@ def test_each_record_gives_its_own_figure(monkeypatch):
             assert weights.stored_bytes(m.NAME, 3, 512) == 3 * 512 // m.BLOCK * m.DTYPE.itemsize
     assert weights.stored_bytes("int8_groups:64", 3, 512) == weights.int8_groups.quantize(np.ones((3, 512)), 64).nbytes
     assert memory.kv_cache_bytes(SMALL, "bf16", 17) == kvcache.pool_bytes(SMALL, "bf16", 17)
+
+
+def test_a_sliding_window_bounds_the_cache_estimate():
+    """Mistral 7B v0.1's shape: a 32768-position context attended through a 4096-position window;
+    the cache frees the blocks before the window, so a sequence holds at most 4096 + 32 positions."""
+    import dataclasses
+    from llama2.config import PRESETS
+    c = dataclasses.replace(PRESETS["llama2-7b"], n_kv_heads=8, seq_len=32768, sliding_window=4096)
+    assert memory.held_positions(c) == 4096 + 32
+    assert memory.held_positions(dataclasses.replace(c, sliding_window=None)) == 32768
+    need = memory.estimate(c, {}, slots=2, kv_type="f16")
+    assert need.cache == memory.kv_cache_bytes(c, "f16", 2 * (4096 + 32))

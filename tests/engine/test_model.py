@@ -4,9 +4,14 @@ import numpy as np
 import pytest
 
 from conftest import TINY, random_weights
-from llama2 import checkpoint, kernels as K
+from llama2 import checkpoint, kernels as K, rope
 from llama2.config import ModelConfig
 from llama2.model import Transformer
+
+
+def _rope_tables(head_dim, seq_len, theta):  # unscaled RoPE tables of a head size (llama2.rope)
+    return rope.tables(ModelConfig(dim=head_dim, hidden_dim=1, n_layers=1, n_heads=1, n_kv_heads=1,
+                                   vocab_size=1, seq_len=seq_len, rope_theta=theta))
 
 
 def reference_forward(w, c: ModelConfig, tokens):
@@ -68,7 +73,7 @@ def test_matches_reference(config):
 
 
 def test_rope_at_position_zero_is_identity():
-    cos, sin = K.rope_tables(8, 4, 10000.0)
+    cos, sin = _rope_tables(8, 4, 10000.0)
     x = np.random.default_rng(0).standard_normal((1, 3, 8)).astype(np.float32)
     np.testing.assert_array_equal(K.rope(x, cos[:1], sin[:1]), x)
 
@@ -116,7 +121,7 @@ def test_rope_halves_is_interleaved_rope_on_permuted_heads():
     # HF keeps each head's pairs as (i, i + hd/2); rotating that layout equals rotating the
     # interleaved layout and permuting the result the same way.
     from llama2.formats.hf import permute
-    cos, sin = K.rope_tables(8, 16, 10000.0)
+    cos, sin = _rope_tables(8, 16, 10000.0)
     x = np.random.default_rng(3).standard_normal((4, 3, 8)).astype(np.float32)
     pos = np.array([0, 1, 9, 15])
 

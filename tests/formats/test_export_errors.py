@@ -129,8 +129,14 @@ def test_unknown_dtype_flag(tmp_path):
 def test_unsupported_model_type_and_rope_scaling(tmp_path):
     d = hf_dir(tmp_path, cfg=HF_CONFIG | {"model_type": "gpt2"})
     assert_one_line_failure(tmp_path, ["--hf", str(d)], "gpt2")
+    (d / "config.json").write_text(json.dumps(HF_CONFIG | {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert_one_line_failure(tmp_path, ["--hf", str(d)], "yarn")
     (d / "config.json").write_text(json.dumps(HF_CONFIG | {"rope_scaling": {"rope_type": "llama3"}}))
-    assert_one_line_failure(tmp_path, ["--hf", str(d)], "llama3")
+    assert_one_line_failure(tmp_path, ["--hf", str(d)], "rope_scaling", "factor")
+    # a scaling llama2.c's header cannot hold: GGUF can
+    scaled = {"rope_type": "linear", "factor": 4.0}
+    (d / "config.json").write_text(json.dumps(HF_CONFIG | {"rope_scaling": scaled}))
+    assert_one_line_failure(tmp_path, ["--hf", str(d)], "rope_scaling=linear", "GGUF")
 
 
 def test_not_a_model(tmp_path):

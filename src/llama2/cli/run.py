@@ -6,6 +6,8 @@
     llama2 run CHECKPOINT [-t T] [-p P] [-s SEED] [-n STEPS] [-i PROMPT] [-z TOKENIZER]
                [-m generate|chat] [-y SYSTEM]    # exactly as run.c; the prompt defaults to ""
     llama2 run 'A cat:' --json-schema cat.json   # structured output (also --regex RE, --grammar FILE)
+    llama2 run hf:ORG/REPO:Q4_K_M 'Hello'       # from the Hugging Face hub (or hf:ORG/REPO/FILE)
+    llama2 run CODELLAMA --mode infill --prefix 'def f(x):' --suffix '    return y'   # the middle
 
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
@@ -22,7 +24,7 @@ from ..fileio import read_user_text
 from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
 
-MODES = ("generate", "chat")
+MODES = ("generate", "chat", "infill")
 MODEL_SUFFIXES = (".bin", ".gguf", ".safetensors")
 
 
@@ -44,8 +46,11 @@ def register(sub):
     p.add_argument("-m", dest="m", metavar="MODE|MODEL",
                    help="'generate' or 'chat' (as run.c), or else a model file")
     p.add_argument("--model", help="the model file (default %s)" % DEFAULT_MODEL)
-    p.add_argument("--mode", choices=MODES, help="generate (default) or chat")
+    p.add_argument("--mode", choices=MODES, help="generate (default), chat, or infill (fill in the "
+                   "middle between --prefix and --suffix: Code Llama)")
     p.add_argument("-y", "--system", help="system prompt, chat mode")
+    p.add_argument("--prefix", help="infill mode: the text before the middle (default: the prompt)")
+    p.add_argument("--suffix", help="infill mode: the text after the middle")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every kernel, BLAS included (default: the cores available)")
     p.add_argument("--quantize", choices=QUANTIZE_TYPES, default=None, metavar="TYPE",
@@ -65,6 +70,9 @@ def register(sub):
 
 
 def _looks_like_model(word: str) -> bool:
+    from ..hub import HF_PREFIX
+    if word.startswith(HF_PREFIX):  # a model on the Hugging Face hub
+        return True
     # anything that exists at that path (a FIFO, /dev/zero, a broken link too) is a model to load,
     # which then says what is wrong with it, not a prompt
     return Path(word).suffix in MODEL_SUFFIXES or os.path.lexists(word)
@@ -79,7 +87,7 @@ def parse(args):
         elif model is None:
             model = args.m
         else:
-            raise UsageError(f"-m {args.m!r}: expected 'generate' or 'chat' (the model is given by --model)")
+            raise UsageError(f"-m {args.m!r}: expected one of {', '.join(MODES)} (the model is given by --model)")
     words = list(args.words)
     positional_model = False
     if model is None and words and (len(words) >= 2 or _looks_like_model(words[0])):
@@ -102,7 +110,16 @@ def parse(args):
         raise UsageError(f"-n {args.steps}: steps must be >= 0")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads {args.threads}: expected at least 1")
-    return model or DEFAULT_MODEL, prompt, mode or GENERATION.mode, given
+    mode = mode or GENERATION.mode
+    if mode != "infill":
+        for flag in ("prefix", "suffix"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag}: only in --mode infill")
+    elif args.prefix is not None and given:
+        raise UsageError(f"prefix given twice: the prompt {prompt!r} and --prefix {args.prefix!r}")
+    elif args.suffix is None:
+        raise UsageError("--mode infill needs --suffix (the text after the middle)")
+    return model or DEFAULT_MODEL, prompt, mode, given
 
 
 def structured_spec(args):
@@ -157,6 +174,9 @@ def run(args, io) -> int:
     if mode == "chat":
         return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
                      llama.chat_template, grammar)
+    if mode == "infill":
+        return _infill(llama, sampler, args.prefix if args.prefix is not None else prompt if prompt_given else "",
+                       args.suffix, args.steps, io, model_path, grammar)
     from ..generate import generate
 
     start, count = None, 0
@@ -171,6 +191,30 @@ def run(args, io) -> int:
     io.out(b"\n")
     if start is not None and count > 1:
         io.err(f"achieved tok/s: {(count - 1) / (time.perf_counter() - start):f}\n")
+    return 0
+
+
+def _infill(llama, sampler, prefix, suffix, steps, io, model_path, grammar) -> int:
+    """Print the middle the model writes between `prefix` and `suffix`, up to its end token."""
+    from .. import infill
+    from ..generate import Params, complete, resolve_steps
+
+    fim = infill.fim_tokens(llama.tokenizer)
+    if fim is None:
+        raise UsageError(f"--mode infill: {infill.missing_message(model_path)}")
+    ids = infill.prompt(llama.tokenizer, fim, prefix, suffix)
+    steps = resolve_steps(steps, llama.config.seq_len)
+    if len(ids) > steps:
+        raise UsageError(f"--mode infill: the prompt is {len(ids)} tokens, more than -n {steps} positions")
+    c = llama.config
+    params = Params(tuple(ids), max_tokens=steps - len(ids) + 1, temperature=sampler.temperature,
+                    top_p=sampler.top_p, seed=sampler.seed,
+                    stop_tokens=frozenset({c.bos_id, c.eos_id, fim.end} | llama.tokenizer.end_ids),
+                    grammar=grammar)
+    for event in complete(llama.model, params, llama.tokenizer, sampler=sampler):
+        if event.raw:
+            io.out(event.raw)
+    io.out(b"\n")
     return 0
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import chat_template as templates, quantize, weights
+from .. import chat_template as templates, quantize, rope, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError
 from ..fileio import atomic_write, user_file
 from .vocab import Vocab
@@ -48,6 +48,7 @@ NAMES = {
     "rms_ffn": "blk.{}.ffn_norm.weight",
 }
 BLOCK_ORDER = ("wq", "wk", "wv", "wo", "rms_att", "w1", "w2", "w3", "rms_ffn")
+ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling), F32 [hd/2]
 
 
 class _Reader:
@@ -185,13 +186,21 @@ class GGUFModel:
         if "token_embd.weight" not in self.infos:
             raise FormatError(f"{path}: GGUF has no tensor token_embd.weight")
         heads = int(key("attention.head_count"))
+        head_dim = int(key("attention.key_length", 0)) or None
+        if int(key("attention.value_length", head_dim or 0)) != (head_dim or 0):
+            raise FormatError(f"{path}: llama.attention.value_length {meta['llama.attention.value_length']} "
+                              f"!= key_length {head_dim} is not supported")
+        if head_dim is not None and head_dim * heads == int(key("embedding_length")):
+            head_dim = None  # the usual dim / n_heads
+        window = meta.get("llama.attention.sliding_window")
         self.config = ModelConfig(
             dim=int(key("embedding_length")), hidden_dim=int(key("feed_forward_length")),
             n_layers=int(key("block_count")), n_heads=heads,
             n_kv_heads=int(key("attention.head_count_kv", heads)),
             vocab_size=self.infos["token_embd.weight"][1][0], seq_len=int(key("context_length")),
             shared_classifier="output.weight" not in self.infos,
-            rope_theta=float(key("rope.freq_base", 10000.0)),
+            rope_theta=float(key("rope.freq_base", 10000.0)), rope_scaling=self._rope_scaling(meta),
+            explicit_head_dim=head_dim, sliding_window=None if window is None else int(window),
             norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             bos_id=int(meta.get("tokenizer.ggml.bos_token_id", 1)),
             eos_id=int(meta.get("tokenizer.ggml.eos_token_id", 2)))
@@ -203,6 +212,27 @@ class GGUFModel:
         self.shapes = tensor_shapes(self.config)
         self.vocab = vocab_from_metadata(meta)
         self.chat_template = templates.from_model_files(meta.get("tokenizer.chat_template"), str(path))
+
+    def _rope_scaling(self, meta) -> RopeScaling:
+        """llama.cpp's keys: rope.scaling.type (none, linear; yarn and others are not supported)
+        with rope.scaling.factor (older files: rope.scale_linear), and the rope_freqs tensor, whose
+        divisors Llama 3.1-style files carry instead of a type."""
+        kind = meta.get("llama.rope.scaling.type", "linear" if "llama.rope.scale_linear" in meta else "none")
+        factor = float(meta.get("llama.rope.scaling.factor", meta.get("llama.rope.scale_linear", 1.0)))
+        if kind not in ("none", "linear"):
+            raise FormatError(f"{self.path}: RoPE scaling {kind!r} (llama.rope.scaling.type) is not supported "
+                              "(expected none or linear)")
+        if ROPE_FREQS in self.infos:
+            if kind != "none":
+                raise FormatError(f"{self.path}: has both {ROPE_FREQS} and RoPE scaling {kind!r}")
+            kind_id, shape, offset = self.infos[ROPE_FREQS]
+            if kind_id != F32 or len(shape) != 1:
+                raise FormatError(f"{self.path}: tensor {ROPE_FREQS} must be a float32 vector")
+            factors = np.frombuffer(self.buf, "<f4", shape[0], offset)
+            return RopeScaling("factors", freq_factors=tuple(float(f) for f in factors))
+        if kind == "none" or factor == 1.0:
+            return RopeScaling()
+        return RopeScaling("linear", factor=factor)
 
     def kind(self, name, layer=None) -> int:
         gname = NAMES[name].format(layer)
@@ -305,10 +335,16 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         raise FormatError(f"cannot write {path}: GGUF dtype {dtype!r} is not one of "
                           f"{', '.join(FILE_TYPES)}")
     c = config
+    if c.rope_scaling.kind == "dynamic":
+        raise FormatError(f"cannot write {path}: GGUF has no dynamic RoPE scaling (llama.cpp does not "
+                          "run it); run the model from its Hugging Face folder")
     shapes = tensor_shapes(c)
     shapes.setdefault("wcls", shapes["token_embedding"])
-    order = [("token_embedding", None), ("rms_final", None), ("wcls", None)]
+    rope_freqs = rope.divisors(c)  # llama3 scaling: written as llama.cpp's converter does
+    order = [("rope_freqs", None)] if rope_freqs is not None else []
+    order += [("token_embedding", None), ("rms_final", None), ("wcls", None)]
     order += [(n, i) for i in range(c.n_layers) for n in BLOCK_ORDER]
+    shapes["rope_freqs"] = (c.head_dim // 2,)
 
     def type_of(name, layer):  # -> a weight type's name
         if name.startswith("rms"):
@@ -318,8 +354,8 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
 
     kinds = {}
     for name, layer in order:
-        if dtype in FLOAT_TYPES:
-            kinds[name, layer] = F32 if name.startswith("rms") else FLOAT_TYPES[dtype]
+        if dtype in FLOAT_TYPES or name == "rope_freqs":
+            kinds[name, layer] = F32 if name.startswith(("rms", "rope")) else FLOAT_TYPES[dtype]
             continue
         kind = type_of(name, layer)
         block, cols = weights.module(kind).BLOCK, shapes[name][-1]
@@ -336,7 +372,12 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         "llama.attention.head_count_kv": c.n_kv_heads, "llama.block_count": c.n_layers,
         "llama.rope.dimension_count": c.head_dim, "llama.rope.freq_base": float(c.rope_theta),
         "llama.attention.layer_norm_rms_epsilon": float(c.norm_eps),
+        "llama.attention.key_length": c.head_dim, "llama.attention.value_length": c.head_dim,
     }
+    if c.rope_scaling.kind == "linear":
+        meta.update({"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": float(c.rope_scaling.factor)})
+    if c.sliding_window:  # the key llama.cpp reads for the architectures it runs windowed
+        meta["llama.attention.sliding_window"] = c.sliding_window
     if vocab is not None:
         meta.update({
             "tokenizer.ggml.model": vocab.model,
@@ -363,7 +404,8 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         numel = int(np.prod(shape))
         size = weights.stored_bytes(kind, numel // shape[-1], shape[-1])
         dims = list(reversed(shape))
-        parts += [_pack_string(NAMES[name].format(layer)), struct.pack("<I", len(dims)),
+        gname = ROPE_FREQS if name == "rope_freqs" else NAMES[name].format(layer)
+        parts += [_pack_string(gname), struct.pack("<I", len(dims)),
                   struct.pack(f"<{len(dims)}Q", *dims), struct.pack("<IQ", kind, offset)]
         sizes.append(size)
         offset += -(-size // ALIGNMENT) * ALIGNMENT
@@ -372,7 +414,7 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         f.write(header + b"\0" * (-len(header) % ALIGNMENT))
         for (name, layer), size in zip(order, sizes):
             src = "token_embedding" if name == "wcls" and c.shared_classifier else name
-            arr = np.asarray(tensor(src, layer), dtype=np.float32)
+            arr = np.asarray(rope_freqs if name == "rope_freqs" else tensor(src, layer), dtype=np.float32)
             want = shapes[name][1:] if layer is not None else shapes[name]
             if arr.shape != tuple(want):
                 raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import chat_template as templates, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError
 from ..fileio import open_user_file, read_user_text
 from ..weights.bf16 import bf16_to_f32
@@ -193,12 +193,21 @@ def read_config(directory) -> ModelConfig:
                           f"{', '.join(MODEL_TYPES)})")
     try:
         dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+        context = int(cfg["max_position_embeddings"])
+        theta, scaling = _rope(cfg, context, path)
+        head_dim = cfg.get("head_dim")
+        window = cfg.get("sliding_window")
         config = ModelConfig(
             dim=dim, hidden_dim=int(cfg["intermediate_size"]), n_layers=int(cfg["num_hidden_layers"]),
             n_heads=heads, n_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            vocab_size=int(cfg["vocab_size"]), seq_len=int(cfg["max_position_embeddings"]),
+            vocab_size=int(cfg["vocab_size"]),
+            # dynamic scaling is there to run past the trained context: up to factor times it
+            seq_len=int(context * scaling.factor) if scaling.kind == "dynamic" else context,
             shared_classifier=bool(cfg.get("tie_word_embeddings", False)),
-            rope_theta=float(_rope(cfg, path).get("rope_theta", 10000.0)),
+            rope_theta=theta, rope_scaling=scaling,
+            explicit_head_dim=None if head_dim is None or int(head_dim) * heads == dim else int(head_dim),
+            # a window as long as the context is no window (Mistral's configs often say 4096 or 32768)
+            sliding_window=None if window is None or int(window) >= context else int(window),
             norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             bos_id=_first(cfg.get("bos_token_id"), 1), eos_id=_first(cfg.get("eos_token_id"), 2))
     except KeyError as e:
@@ -206,29 +215,36 @@ def read_config(directory) -> ModelConfig:
     except (TypeError, ValueError) as e:
         raise FormatError(f"{path}: bad field value ({e})") from None
     config.validate(str(path))
-    if cfg.get("head_dim") not in (None, config.head_dim):
-        raise FormatError(f"{path}: head_dim {cfg['head_dim']} != hidden_size / num_attention_heads "
-                          f"({config.head_dim}) is not supported")
     for flag in ("attention_bias", "mlp_bias"):
         if cfg.get(flag):
             raise FormatError(f"{path}: {flag} is true; biases are not supported")
     if cfg.get("hidden_act", "silu") != "silu":
         raise FormatError(f"{path}: hidden_act {cfg['hidden_act']!r} is not supported (expected silu)")
-    window = cfg.get("sliding_window")
-    if window is not None and window < config.seq_len:
-        raise FormatError(f"{path}: sliding_window attention ({window}) is not supported")
     return config
 
 
-def _rope(cfg, path) -> dict:
-    """RoPE settings: transformers 5 keeps them in rope_parameters, older versions at the top level."""
-    rope = dict(cfg.get("rope_parameters") or {})
-    rope.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = cfg.get("rope_scaling") or {}
-    kind = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise FormatError(f"{path}: RoPE scaling {kind!r} is not supported")
-    return rope
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}
+
+
+def _rope(cfg, context, path) -> tuple:
+    """(rope_theta, RopeScaling): transformers 5 keeps them in rope_parameters, older versions in
+    rope_theta and rope_scaling ("type" before 4.45, then "rope_type")."""
+    rope = {**(cfg.get("rope_scaling") or {}), **(cfg.get("rope_parameters") or {})}
+    theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind not in ROPE_TYPES:
+        raise FormatError(f"{path}: RoPE scaling {kind!r} is not supported (expected one of "
+                          f"{', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return theta, RopeScaling()
+    if "factor" not in rope:
+        raise FormatError(f"{path}: rope_scaling {kind!r} lacks its factor")
+    # dynamic: transformers measures the growth from max_position_embeddings itself
+    original = rope.get("original_max_position_embeddings") if kind == "llama3" else context
+    return theta, RopeScaling(
+        ROPE_TYPES[kind], factor=float(rope["factor"]), original_context=int(original or 0),
+        low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(rope.get("high_freq_factor", 4.0)))
 
 
 def _first(value, default) -> int:

@@ -277,6 +277,12 @@ def write_stream(path, config: ModelConfig, tensor, version: int = 1, group_size
         raise FormatError(f"cannot write {path}: unknown chat template {chat_template!r}")
     if dtype == "q8_0" and group_size <= 0:
         raise FormatError(f"cannot write {path}: group size must be positive, got {group_size}")
+    unsaid = [f"{name}={value}" for name, value in (
+        ("head_dim", config.explicit_head_dim), ("sliding_window", config.sliding_window),
+        ("rope_scaling", None if config.rope_scaling.kind == "none" else config.rope_scaling.kind)) if value]
+    if unsaid:
+        raise FormatError(f"cannot write {path}: llama2.c headers cannot record {', '.join(unsaid)}; "
+                          "export to GGUF (--format gguf) instead")
     if dtype != "q8_0":
         group_size = 0  # only Q8_0 has groups; the header says 0 otherwise
     config.validate("config")

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import tensor_shapes
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError
 from ..fileio import open_user_file, read_user_text
 from .vocab import load_vocab
@@ -78,6 +78,10 @@ class MetaModel:
                 n_kv_heads=int(params.get("n_kv_heads") or heads), vocab_size=int(vocab),
                 seq_len=int(seq_len), shared_classifier=shared,
                 rope_theta=float(params.get("rope_theta") or 10000.0),
+                # Llama 3.1+: llama-models' apply_scaling, whose other constants are fixed in its code
+                rope_scaling=RopeScaling("llama3", factor=float(params.get("rope_scaling_factor") or 8.0),
+                                         original_context=8192, low_freq_factor=1.0, high_freq_factor=4.0)
+                if params.get("use_scaled_rope") else RopeScaling(),
                 norm_eps=float(params.get("norm_eps", 1e-5)))
         except KeyError as e:
             raise FormatError(f"{source}: params lack field {e.args[0]}") from None

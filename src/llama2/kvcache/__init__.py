@@ -12,10 +12,12 @@
 
 A layer's keys (and values) are one array [blocks, kv_heads, BLOCK_TOKENS, row_bytes] of uint8; a
 row is head_dim values in the type's encoding. Sequence slot s holds positions 0..pos[s]-1; position
-t lies in block tables[s][t // BLOCK_TOKENS] at t % BLOCK_TOKENS. Blocks are reference counted:
-a block may be in several tables (a shared prefix, a forked sequence) and in the prefix index; a
-write into a block someone else also holds copies it first. The attention kernels read only the
-blocks of the sequence's own table (native.attention checks every id against the pool).
+t lies in block tables[s][t // BLOCK_TOKENS] at t % BLOCK_TOKENS; with a sliding window, blocks
+that fell out of it are released and their entries are None (`forget_before`). Blocks are
+reference counted: a block may be in several tables (a shared prefix, a forked sequence) and in
+the prefix index; a write into a block someone else also holds copies it first. The attention
+kernels read only the blocks of the sequence's own table (native.attention checks every id
+against the pool).
 """
 
 import heapq
@@ -168,7 +170,8 @@ class Cache:
     def reset(self, slot: int = 0):
         """Forget slot's positions and return its blocks."""
         for b in self.tables[slot]:
-            self.pool.release(b)
+            if b is not None:
+                self.pool.release(b)
         self.tables[slot] = []
         self.pos[slot] = 0
 
@@ -212,9 +215,19 @@ class Cache:
         """Slot dst continues from slot src's positions, sharing its blocks (copied when written)."""
         self.reset(dst)
         for b in self.tables[src]:
-            self.pool.ref(b)
+            if b is not None:
+                self.pool.ref(b)
         self.tables[dst] = list(self.tables[src])
         self.pos[dst] = self.pos[src]
+
+    def forget_before(self, slot: int, position: int):
+        """Release slot's blocks that hold only positions before `position` (a sliding window has
+        moved past them: attention will not read them again); their table entries become None."""
+        table = self.tables[slot]
+        for i in range(min(len(table), position // self.block_tokens)):
+            if table[i] is not None:
+                self.pool.release(table[i])
+                table[i] = None
 
     # -- reading and writing ------------------------------------------------------------------
 
@@ -225,7 +238,9 @@ class Cache:
         blocks, offs = [], []
         for slot, start, n in spans:
             pos = np.arange(start, start + n)
-            blocks.append(np.asarray(self.tables[slot], np.int64)[pos // bt])
+            table = self.tables[slot]  # the new positions' blocks are never released ones
+            blocks.append(np.array([table[i] for i in range(start // bt, (start + n - 1) // bt + 1)],
+                                   np.int64)[pos // bt - start // bt])
             offs.append(pos % bt)
         return np.concatenate(blocks), np.concatenate(offs)
 
@@ -239,7 +254,7 @@ class Cache:
         tabs = [self.tables[s] for s in slots]
         out = np.zeros((len(tabs), max(1, max(len(t) for t in tabs))), np.int32)
         for i, t in enumerate(tabs):
-            out[i, :len(t)] = t
+            out[i, :len(t)] = [-1 if b is None else b for b in t]  # -1: released (out of the window)
         return out
 
     # -- prefix reuse ---------------------------------------------------------------------------
@@ -270,6 +285,8 @@ class Cache:
         bt, parent = self.block_tokens, 0
         n = min(len(tokens), int(self.pos[slot])) // bt
         for i in range(n):
+            if self.tables[slot][i] is None:  # out of a sliding window: the chain stops here
+                break
             key = (parent, tuple(tokens[i * bt:(i + 1) * bt]))
             hit = self._index.get(key)
             if hit is None:
@@ -301,7 +318,8 @@ class Cache:
         held = np.zeros(self.pool.n_blocks, np.int64)
         for t in self.tables:
             for b in t:
-                held[b] += 1
+                if b is not None:
+                    held[b] += 1
         for _, b in self._index.values():
             held[b] += 1
         assert np.array_equal(held, self.pool.refs), "KV block reference counts disagree with their holders"
