@@ -389,10 +389,13 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
                      (long long)N);
         goto fail;
     }
+    attn_pass pass = {.kvtype = (int)t, .S = S, .H = a.H, .KVH = a.KVH, .hd = a.hd, .block_tokens = a.bt,
+                      .maxb = a.maxb, .starts = starts, .counts = counts, .tables = tables, .k = b[1].b.buf,
+                      .v = b[2].b.buf, .row_bytes = (size_t)a.rb, .q = b[0].b.buf, .out = b[6].b.buf,
+                      .q_stride = (size_t)(a.H * a.hd), .out_stride = (size_t)(a.H * a.hd)};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention((int)t, S, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb, tables,
-                      a.maxb, starts, counts, b[6].b.buf);
+    rc = op_attention(&pass);
     Py_END_ALLOW_THREADS
     release(b, 7);
     if (rc < 0) return PyErr_NoMemory();
@@ -580,10 +583,12 @@ static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssiz
     int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
     if (rows < 0) goto fail;
     if (check_product_out(&b[3], &b[2], n, rows, fn, "q") < 0) goto fail;
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    op_matmul_q8g(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
+    rc = op_matmul_q8g(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
     Py_END_ALLOW_THREADS
     release(b, 4);
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 fail:
     release(b, 4);
