@@ -1,8 +1,8 @@
-"""The forward pass in one native call (llama2.plan, native/layer.c) against a reference that feeds
-every token alone, step by step in Python (each product one row of Matrix(x), numpy's RMSNorm, the
-cache type's numpy encoder, decode attention): the same logits and the same cache bytes, bit for
-bit, for every weight type and KV type, prompts and decode rows of several sequences of different
-lengths (and a forked one) in a pass, at every instruction-set variant and thread count."""
+"""The forward pass in one native call (llama2.plan, native/layer.c) against the step-by-step Python
+reference (tests/forward_reference.py: each product one row of Matrix(x), numpy's RMSNorm, the cache
+type's numpy encoder, native.attention): the same logits and the same cache bytes, bit for bit, for
+every weight type and KV type, prompts and decode rows of several sequences of different lengths
+(and a forked one) in a pass, at every instruction-set variant and thread count."""
 
 import io
 import json
@@ -11,8 +11,9 @@ import threading
 import numpy as np
 import pytest
 
+import forward_reference
 from conftest import GOLDEN, asset, random_weights
-from llama2 import checkpoint, kernels as K, kvcache, native
+from llama2 import checkpoint, kvcache, native
 from llama2.config import ModelConfig
 from llama2.formats import load_checkpoint
 from llama2.model import Transformer
@@ -72,38 +73,8 @@ def _model(name, kv_type):
     return Transformer(ckpt, kv_type=kv_type, **kw)
 
 
-def reference_step(model, token, cache, slot):
-    """One token of one sequence through every layer, step by step: the reference the native pass
-    is held to. -> logits [1, vocab]."""
-    c = model.config
-    H, KVH, hd = c.n_heads, c.n_kv_heads, c.head_dim
-    pos = int(cache.pos[slot])
-    cache.reserve(slot, 1)
-    where = cache.locate([(slot, pos, 1)])
-    tables, lens = cache.table_array([slot]), np.array([pos + 1], np.int64)
-    cos, sin = model.cos[[pos]], model.sin[[pos]]
-    x = model.embedding.rows([token])
-    for l, layer in enumerate(model.layers):
-        h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
-        q = native.rope(layer.wq(h).reshape(1, H, hd), cos, sin, c.rope_style)
-        k = native.rope(layer.wk(h).reshape(1, KVH, hd), cos, sin, c.rope_style)
-        cache.write(l, where, k, layer.wv(h).reshape(1, KVH, hd))
-        att = np.empty((1, H * hd), F32)
-        native.attention_decode(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, lens, att)
-        x = x + layer.wo(att)
-        h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
-        x = x + layer.w2(native.silu_mul(layer.w1(h), layer.w3(h)))
-    cache.pos[slot] = pos + 1
-    return model.classifier(K.rmsnorm(x, model.rms_final, c.norm_eps))
-
-
-def reference_pass(model, segments, cache, all_logits=False):
-    """model.forward_batch's logits, every token fed alone."""
-    out = []
-    for slot, tokens in segments:
-        logits = [reference_step(model, int(t), cache, slot) for t in tokens]
-        out.extend(logits if all_logits else logits[-1:])
-    return np.concatenate(out)
+def reference_pass(model, segments, cache, all_logits):
+    return forward_reference.forward_batch(model, segments, cache, all_logits)
 
 
 def _session(model, forward):

@@ -1,0 +1,52 @@
+"""The forward pass step by step in Python: the reference the native one-call pass (llama2.plan,
+native/layer.c) is held to, bit for bit (tests/engine/test_forward.py), and the place to swap a step
+for another implementation's (tests/engine/test_kquant_files.py: llama.cpp's float16 attention).
+
+Each product is one row of `Matrix(x)` at a time (so every row's product is its own, whatever the
+pass), RMSNorm is numpy's (kernels.rmsnorm), RoPE the native kernel, keys and values encoded by the
+cache type's numpy encoder, attention `native.attention` (every row with a decode row's arithmetic)
+unless another is given. Reference: llama2.c run.c `forward`.
+"""
+
+import numpy as np
+
+from llama2 import kernels as K, native
+
+
+def rows_alone(m, x):  # [N, in] -> [N, out]: each row's product computed alone
+    return np.concatenate([m(x[i:i + 1]) for i in range(len(x))])
+
+
+def forward_batch(model, segments, cache, all_logits=False, attention=None):
+    """model.forward_batch(segments, cache, all_logits), step by step. `attention(kvtype, q, k_pool,
+    v_pool, tables, starts, counts, out)` replaces native.attention."""
+    attention = attention or native.attention
+    c = model.config
+    H, KVH, hd = c.n_heads, c.n_kv_heads, c.head_dim
+    spans = [(slot, int(cache.pos[slot]), len(tokens)) for slot, tokens in segments]
+    for slot, _, T in spans:
+        cache.reserve(slot, T)
+    tokens = np.concatenate([np.asarray(t, np.int64).reshape(-1) for _, t in segments])
+    N = len(tokens)
+    positions = np.concatenate([np.arange(st, st + T) for _, st, T in spans])
+    where = cache.locate(spans)
+    cos, sin = model.cos[positions], model.sin[positions]
+    tables = cache.table_array([slot for slot, _, _ in spans])
+    starts = np.array([st for _, st, _ in spans], np.int64)
+    counts = np.array([T for _, _, T in spans], np.int64)
+    x = model.embedding.rows(tokens)  # [N, D]
+    for l, layer in enumerate(model.layers):
+        h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
+        q = native.rope(rows_alone(layer.wq, h).reshape(N, H, hd), cos, sin, c.rope_style)
+        k = native.rope(rows_alone(layer.wk, h).reshape(N, KVH, hd), cos, sin, c.rope_style)
+        cache.write(l, where, k, rows_alone(layer.wv, h).reshape(N, KVH, hd))
+        att = np.empty((N, H * hd), np.float32)
+        attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att)
+        x = x + rows_alone(layer.wo, att)
+        h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
+        x = x + rows_alone(layer.w2, native.silu_mul(rows_alone(layer.w1, h), rows_alone(layer.w3, h)))
+    for slot, st, T in spans:
+        cache.pos[slot] = st + T
+    if not all_logits:
+        x = x[np.cumsum(counts) - 1]
+    return rows_alone(model.classifier, K.rmsnorm(x, model.rms_final, c.norm_eps))
