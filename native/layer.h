@@ -45,7 +45,7 @@ int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all
 
 /* out [n, d] = w * (x * (1 / sqrt(ss / d + eps))), ss summed in numpy's einsum order ("td,td->t"
  * on an x86-64 build: four float lanes, sixteen values a step, each product rounded before its
- * add, lanes combined as (l0 + l1) + (l2 + l3)): the bits of kernels.rmsnorm there. */
+ * add, lanes combined as (l0 + l1) + (l2 + l3)): the bits of numpy's einsum there. */
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out);
 
 /* a [count] = silu(a) * b on the pool (native.silu_mul): the variant's kernel over contiguous

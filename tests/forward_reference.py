@@ -3,14 +3,44 @@ native/layer.c) is held to, bit for bit (tests/engine/test_forward.py), and the 
 for another implementation's (tests/engine/test_kquant_files.py: llama.cpp's float16 attention).
 
 Each product is one row of `Matrix(x)` at a time (so every row's product is its own, whatever the
-pass), RMSNorm is numpy's (kernels.rmsnorm), RoPE the native kernel, keys and values encoded by the
-cache type's numpy encoder, attention `native.attention` (every row with a decode row's arithmetic)
-unless another is given. Reference: llama2.c run.c `forward`.
+pass), RMSNorm numpy's (`rmsnorm` below), RoPE and the SiLU gate the native kernels (libm's expf),
+keys and values stored by the cache's own `write`, attention `native.attention` (every row
+with a decode row's arithmetic) unless another is given. Reference: llama2.c run.c `forward`.
 """
 
 import numpy as np
 
-from llama2 import kernels as K, native
+from llama2 import native
+
+F32 = np.float32
+
+
+def rmsnorm(x, weight, eps):  # [T, D], [D], float -> [T, D]
+    ss = np.einsum("td,td->t", x, x) / F32(x.shape[-1]) + F32(eps)
+    return weight * (x * (F32(1.0) / np.sqrt(ss, dtype=F32))[:, None])
+
+
+def rope(x, cos, sin, style="interleaved"):  # [T, H, hd], [T, hd/2], [T, hd/2] -> [T, H, hd]
+    """Rotate each pair of every head by its position's angle. Pair i is (2i, 2i+1) when the weights
+    interleave them (llama2.c), (i, i + hd/2) when they keep halves (Hugging Face's rotate_half)."""
+    half = x.shape[-1] // 2
+    pair = (np.s_[..., 0::2], np.s_[..., 1::2]) if style == "interleaved" else \
+        (np.s_[..., :half], np.s_[..., half:])
+    x0, x1 = x[pair[0]], x[pair[1]]
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = np.empty_like(x)
+    out[pair[0]] = x0 * c - x1 * s
+    out[pair[1]] = x0 * s + x1 * c
+    return out
+
+
+def silu_mul(a, b):  # [N, H], [N, H] -> [N, H]: silu(a) * b, computed in place in `a`
+    t = np.negative(a)
+    np.exp(t, out=t)
+    t += F32(1.0)
+    np.divide(a, t, out=a)
+    a *= b
+    return a
 
 
 def rows_alone(m, x):  # [N, in] -> [N, out]: each row's product computed alone
@@ -36,17 +66,17 @@ def forward_batch(model, segments, cache, all_logits=False, attention=None):
     counts = np.array([T for _, _, T in spans], np.int64)
     x = model.embedding.rows(tokens)  # [N, D]
     for l, layer in enumerate(model.layers):
-        h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
+        h = rmsnorm(x, layer.rms_att, c.norm_eps)
         q = native.rope(rows_alone(layer.wq, h).reshape(N, H, hd), cos, sin, c.rope_style)
         k = native.rope(rows_alone(layer.wk, h).reshape(N, KVH, hd), cos, sin, c.rope_style)
         cache.write(l, where, k, rows_alone(layer.wv, h).reshape(N, KVH, hd))
         att = np.empty((N, H * hd), np.float32)
         attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att)
         x = x + rows_alone(layer.wo, att)
-        h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
+        h = rmsnorm(x, layer.rms_ffn, c.norm_eps)
         x = x + rows_alone(layer.w2, native.silu_mul(rows_alone(layer.w1, h), rows_alone(layer.w3, h)))
     for slot, st, T in spans:
         cache.pos[slot] = st + T
     if not all_logits:
         x = x[np.cumsum(counts) - 1]
-    return rows_alone(model.classifier, K.rmsnorm(x, model.rms_final, c.norm_eps))
+    return rows_alone(model.classifier, rmsnorm(x, model.rms_final, c.norm_eps))

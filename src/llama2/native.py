@@ -96,7 +96,7 @@ kv_encode = _native.kv_encode
 #   with ss = x[0]*x[0] + x[1]*x[1] + ... summed in that order in float32, as run.c does.
 # rope(x [N, H, hd], cos [N, hd/2], sin [N, hd/2], style) -> x, in place: pair i of each head is
 #   (2i, 2i+1) for style "interleaved" (llama2.c), (i, i + hd/2) for "halves" (Hugging Face),
-#   x0' = x0*c - x1*s, x1' = x0*s + x1*c, products rounded (bit-equal to kernels.rope).
+#   x0' = x0*c - x1*s, x1' = x0*s + x1*c, products rounded (bit-equal to tests/forward_reference.py's rope).
 # silu_mul(a [N, H], b [N, H]) -> a, in place: a / (1 + expf(-a)) * b with libm's expf.
 rmsnorm = _native.rmsnorm
 rope = _native.rope
@@ -116,7 +116,7 @@ silu_mul = _native.silu_mul
 #   written there; each row attends its sequence's rows up to its own); logits float32 [N, vocab]
 #   (every row's) or [S, vocab] (each segment's last row's) out. Block ids and positions are
 #   checked (IndexError, ValueError).
-# rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: kernels.rmsnorm's formula with the sum
+# rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: the RMSNorm of the forward pass (native/layer.c), with the sum
 #   of squares in numpy's einsum order on x86-64 (four float lanes over sixteen values a step,
 #   products rounded before their adds, lanes combined (l0 + l1) + (l2 + l3)).
 forward_plan = _native.forward_plan
