@@ -1,11 +1,12 @@
 /* matmul, dequantize_rows and activation quantization on the pool.
  *
  * A product (ops.h) is the one implementation of a matrix product, whoever runs it: matmul here,
- * or a phase of a forward pass (layer.c). matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
- * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
- * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. For each tile of activation rows (nx_tile for dot, gemm_tile for gemm) the kernel runs over the
- * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
+ * or a phase of a forward pass (layer.c). matmul: the activations are first quantized into a
+ * scratch buffer of the calling thread (Q8_0x or Q8_K blocks, as the weight type asks; f32 types
+ * use x as it is), grown as needed and kept, so decoding allocates nothing. Then the product's
+ * units (chunks of the rows of w, or float gemm panels) are claimed by the pool's threads one at a
+ * time. For each tile of activation rows (nx_tile for dot, gemm_tile for gemm) the kernel runs over
+ * the chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
  * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
  * the following tiles. Results do not depend on the thread count or the chunking: each output is
  * one dot body's own sum. */
