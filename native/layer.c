@@ -262,6 +262,37 @@ static void *carve(char **at, size_t bytes) {
     return p;
 }
 
+/* Each row's position, segment and logits row (-1: none), into pos [3 * N]. */
+static void set_rows(fw_job *j, int64_t *pos, int all_rows) {
+    const lp_cache *c = j->c;
+    int64_t *seg = pos + j->N, *out_row = seg + j->N;
+    for (int64_t s = 0, b = 0; s < c->S; s++)
+        for (int64_t i = 0; i < c->counts[s]; i++, b++) {
+            pos[b] = c->starts[s] + i, seg[b] = s;
+            out_row[b] = all_rows ? b : i == c->counts[s] - 1 ? s : -1;
+        }
+    j->pos = pos, j->seg = seg, j->out_row = out_row;
+}
+
+/* Every product of the pass: its weights, its input rows (in its activation kind), its output rows. */
+static void set_products(fw_job *j, int threads) {
+    const lp_plan *p = j->p;
+    for (int64_t l = 0; l < p->n_layers; l++) {
+        const matrix *m = p->layers[l].m;
+        const char *in[LP_NMAT] = {j->act_d[m[LP_WQ].act], j->act_d[m[LP_WK].act], j->act_d[m[LP_WV].act],
+                                   m[LP_WO].act == ACT_F32 ? (char *)j->att : j->act_d[m[LP_WO].act],
+                                   j->act_d[m[LP_W1].act], j->act_h[m[LP_W2].act], j->act_d[m[LP_W3].act]};
+        const size_t xs[LP_NMAT] = {j->xs_d[m[LP_WQ].act], j->xs_d[m[LP_WK].act], j->xs_d[m[LP_WV].act],
+                                    j->xs_d[m[LP_WO].act], j->xs_d[m[LP_W1].act], j->xs_h[m[LP_W2].act],
+                                    j->xs_d[m[LP_W3].act]};
+        float *out[LP_NMAT] = {j->q, j->k, j->v, j->o, j->hb, j->o, j->hb2};
+        for (int i = 0; i < LP_NMAT; i++)
+            product_init(&j->prods[l * LP_NMAT + i], j->kt, &m[i], in[i], xs[i], j->N, out[i], threads);
+    }
+    product_init(&j->prods[p->n_layers * LP_NMAT], j->kt, &p->cls, j->act_d[p->cls.act], j->xs_d[p->cls.act], j->M,
+                 j->logits, threads);
+}
+
 int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits) {
     if (N == 0) return 0;
     const int64_t D = p->dim, HID = p->hidden, KVD = p->n_kv_heads * p->head_dim, M = all_rows ? N : c->S;
@@ -307,31 +338,12 @@ int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all
         j.act_h[a] = carve(&at, (size_t)N * j.xs_h[a]);
     }
     j.act_d[ACT_F32] = (char *)j.h, j.act_h[ACT_F32] = (char *)j.hb;
-    int64_t *pos = carve(&at, 3 * (size_t)N * sizeof(int64_t)), *seg = pos + N, *out_row = seg + N;
-    for (int64_t s = 0, b = 0; s < c->S; s++)
-        for (int64_t i = 0; i < c->counts[s]; i++, b++) {
-            pos[b] = c->starts[s] + i, seg[b] = s;
-            out_row[b] = all_rows ? b : i == c->counts[s] - 1 ? s : -1;
-        }
-    j.pos = pos, j.seg = seg, j.out_row = out_row;
+    set_rows(&j, carve(&at, 3 * (size_t)N * sizeof(int64_t)), all_rows);
     j.ctr = carve(&at, nctr * sizeof(int64_t));
     memset(j.ctr, 0, nctr * sizeof(int64_t));
     j.prods = carve(&at, nprod * sizeof(product));
     j.attn.q = j.q, j.attn.out = j.att;
-    for (int64_t l = 0; l < p->n_layers; l++) {
-        const matrix *m = p->layers[l].m;
-        product *pr = j.prods + l * LP_NMAT;
-        /* each product's input rows (in its activation kind) and output rows */
-        const char *in[LP_NMAT] = {j.act_d[m[LP_WQ].act], j.act_d[m[LP_WK].act], j.act_d[m[LP_WV].act],
-                                   m[LP_WO].act == ACT_F32 ? (char *)j.att : j.act_d[m[LP_WO].act],
-                                   j.act_d[m[LP_W1].act], j.act_h[m[LP_W2].act], j.act_d[m[LP_W3].act]};
-        const size_t xs[LP_NMAT] = {j.xs_d[m[LP_WQ].act], j.xs_d[m[LP_WK].act], j.xs_d[m[LP_WV].act],
-                                    j.xs_d[m[LP_WO].act], j.xs_d[m[LP_W1].act], j.xs_h[m[LP_W2].act],
-                                    j.xs_d[m[LP_W3].act]};
-        float *out[LP_NMAT] = {j.q, j.k, j.v, j.o, j.hb, j.o, j.hb2};
-        for (int i = 0; i < LP_NMAT; i++) product_init(&pr[i], j.kt, &m[i], in[i], xs[i], N, out[i], threads);
-    }
-    product_init(&j.prods[nprod - 1], j.kt, &p->cls, j.act_d[p->cls.act], j.xs_d[p->cls.act], M, logits, threads);
+    set_products(&j, threads);
 
     if (threads > 1) pool_run(fw_task, &j);
     else fw_task(&j, 0, 1);
