@@ -1,6 +1,6 @@
 """The forward pass in one native call (llama2.plan, native/layer.c) against the step-by-step Python
-reference (tests/forward_reference.py: each product one row of Matrix(x), numpy's RMSNorm, the cache
-type's encode (Cache.write), native.attention): the same logits and the same cache bytes, bit for bit, for
+reference (tests/forward_reference.py: each product one row of Matrix(x), numpy's RMSNorm, the
+cache's own write, native.attention): the same logits and the same cache bytes, bit for bit, for
 every weight type and KV type, prompts and decode rows of several sequences of different lengths
 (and a forked one) in a pass, at every instruction-set variant and thread count."""
 
