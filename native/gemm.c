@@ -10,40 +10,10 @@
  * panel buffers (a few hundred KB) are per thread, kept between calls, freed when the thread ends. */
 #include "gemm.h"
 
-#include <pthread.h>
-#include <stdlib.h>
+#include "scratch.h"  /* this file's per-thread buffer: widened weight panels */
 
 #define PANEL_BYTES (192 << 10)  /* a panel of widened rows stays in L2 while the activations pass */
 #define PANEL_STEP 6             /* panel rows: a multiple of every variant's rows per kernel call */
-
-static pthread_key_t panel_key;
-static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
-typedef struct { float *p; size_t size; } panel_buf;
-static void panel_free(void *s) { free(((panel_buf *)s)->p); free(s); }
-static void panel_key_init(void) { pthread_key_create(&panel_key, panel_free); }
-
-/* This thread's panel buffer, at least `floats` long and 64-byte aligned; NULL when out of memory. */
-static float *panel_get(size_t floats) {
-    pthread_once(&panel_once, panel_key_init);
-    panel_buf *b = pthread_getspecific(panel_key);
-    if (!b) {
-        b = calloc(1, sizeof(*b));
-        if (!b) return NULL;
-        pthread_setspecific(panel_key, b);
-    }
-    if (b->size < floats) {
-        free(b->p);
-        void *p;
-        if (posix_memalign(&p, 64, floats * sizeof(float)) != 0) {
-            b->p = NULL;
-            b->size = 0;
-            return NULL;
-        }
-        b->p = p;
-        b->size = floats;
-    }
-    return b->p;
-}
 
 int64_t gemm_panel_rows(int64_t rows, int64_t cols, int nth) {
     /* Panels: within PANEL_BYTES of floats, and at least 4 per thread. */
@@ -55,7 +25,7 @@ int64_t gemm_panel_rows(int64_t rows, int64_t cols, int nth) {
 
 int gemm_panel(const kernel_table *kt, int type, const uint8_t *w, size_t row_bytes, int64_t r0, int64_t r1,
                int64_t cols, const float *x, int64_t xs, int64_t n, float *out, size_t os) {
-    float *buf = panel_get((size_t)((r1 - r0) * GEMM_STRIDE(cols)));
+    float *buf = scratch_get((size_t)((r1 - r0) * GEMM_STRIDE(cols)) * sizeof(float));
     if (!buf) return -1;
     kt->gemm_float(type, cols, w + r0 * row_bytes, row_bytes, r1 - r0, x, xs, n, out + r0, os, buf);
     return 0;

@@ -35,15 +35,7 @@
 #include "kv.h"
 #include "pool.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-/* Spins at a barrier before yielding the core (the machine may have more threads than cores). */
-#define SPIN_BEFORE_YIELD 2000
+#include "spin.h"
 
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out) {
     for (int64_t r = 0; r < n; r++) {
@@ -121,10 +113,9 @@ static void barrier(fw_job *j, int nth) {
         __atomic_store_n(&j->bar_gen, gen + 1, __ATOMIC_SEQ_CST);
         return;
     }
-    for (unsigned i = 1; __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen; i++) {
-        CPU_RELAX();
-        if (i >= SPIN_BEFORE_YIELD) sched_yield();
-    }
+    int done;  /* spin as the pool does, then yield the core (there may be more threads than cores) */
+    SPIN_WHILE(__atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen, pool_spin_ns(), done);
+    while (!done && __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen) sched_yield();
 }
 
 /* Row b of width cols quantized for every activation kind in `kinds` (a bit per ACT_*). */
@@ -323,12 +314,12 @@ int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all
     size_t need = 3 * (size_t)N * sizeof(int64_t) + nctr * sizeof(int64_t) + nprod * sizeof(product) + 64 * 32;
     for (int i = 0; i < 9; i++) need += fl[i] * sizeof(float);
     for (int a = ACT_Q8_0; a < NACT; a++) {
-        j.xs_d[a] = act_stride(a, D);
-        j.xs_h[a] = act_stride(a, HID);
+        j.xs_d[a] = act_row_bytes(a, D);
+        j.xs_h[a] = act_row_bytes(a, HID);
         need += (size_t)N * (j.xs_d[a] + j.xs_h[a]);
     }
-    j.xs_d[ACT_F32] = act_stride(ACT_F32, D);
-    j.xs_h[ACT_F32] = act_stride(ACT_F32, HID);
+    j.xs_d[ACT_F32] = act_row_bytes(ACT_F32, D);
+    j.xs_h[ACT_F32] = act_row_bytes(ACT_F32, HID);
     char *mem = malloc(need), *at = mem;
     if (!mem) { free(items); return -1; }
     float **bufs[9] = {&j.h, &j.q, &j.att, &j.o, &j.k, &j.v, &j.hb, &j.hb2, &j.scores};

@@ -12,7 +12,6 @@
  * one dot body's own sum. */
 #include "ops.h"
 
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,36 +19,9 @@
 #include "dispatch.h"
 #include "gemm.h"
 #include "pool.h"
+#include "scratch.h"  /* this file's per-thread buffer: quantized activations */
 
 #define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
-
-/* Per-thread scratch for quantized activations, freed when the thread ends. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p; size_t size; } scratch;
-static void scratch_free(void *s) { free(((scratch *)s)->p); free(s); }
-static void scratch_key_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-static void *scratch_get(size_t size) {
-    pthread_once(&scratch_once, scratch_key_init);
-    scratch *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof(*s));
-        if (!s) return NULL;
-        pthread_setspecific(scratch_key, s);
-    }
-    if (s->size < size) {
-        free(s->p);
-        size_t grown = size + size / 2;
-        if (posix_memalign(&s->p, 64, grown) != 0) {
-            s->p = NULL;
-            s->size = 0;
-            return NULL;
-        }
-        s->size = grown;
-    }
-    return s->p;
-}
 
 typedef struct {
     quant_fn quant;
@@ -70,17 +42,11 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
     else quant_task(&j, 0, 1);
 }
 
-size_t act_stride(int act, int64_t cols) {
-    if (act == ACT_Q8_0) return (size_t)(cols / QK) * sizeof(block_q8_0x);
-    if (act == ACT_Q8_K) return (size_t)(cols / QK_K) * sizeof(block_q8_k);
-    return (size_t)cols * sizeof(float);
-}
-
 void product_init(product *p, const kernel_table *kt, const matrix *m, const void *x, size_t x_stride, int64_t n,
                   float *out, int nth) {
     *p = (product){.m = m, .kt = kt, .x = x, .x_stride = x_stride, .n = n, .out = out};
     int64_t rows = m->rows;
-    if (m->kind == MAT_TYPE && n > kt->nx_tile && (m->type == T_F32 || m->type == T_F16 || m->type == T_BF16)) {
+    if (m->kind == MAT_TYPE && m->act == ACT_F32 && n > kt->nx_tile) {
         p->float_gemm = 1;  /* prompts on float weights: gemm.c's panels */
         p->chunk = gemm_panel_rows(rows, m->cols, nth);
     } else {
@@ -91,7 +57,7 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
         int prompt = n >= 3;
         p->tile = prompt && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
         p->dot = prompt ? kt->gemm[m->type] : kt->dot[m->type];
-        p->q8s = prompt ? kt->q8s_gemm : kt->q8s_dot;
+        p->int8_rows = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
         /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile
          * of activation rows passes over them; at least 4 rows, whole row pairs for the prompt
          * kernels. */
@@ -109,15 +75,15 @@ int product_unit(const product *p, int64_t u) {
     if (p->float_gemm)
         return gemm_panel(p->kt, m->type, m->w, m->row_bytes, r0, r1, cols, (const float *)p->x,
                           (int64_t)(p->x_stride / sizeof(float)), p->n, p->out, (size_t)rows);
-    if (m->kind == MAT_Q8G) {  /* every activation row at once, floats */
-        p->kt->q8g_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, (const float *)p->x, p->n, p->out,
+    if (m->kind == MAT_INT8_FLAT) {  /* every activation row at once, floats */
+        p->kt->int8_flat_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, (const float *)p->x, p->n, p->out,
                        (size_t)rows);
         return 0;
     }
     for (int64_t i = 0; i < p->n; i += p->tile) {
         int nx = p->n - i < p->tile ? (int)(p->n - i) : p->tile;
-        if (m->kind == MAT_Q8S)
-            p->q8s(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
+        if (m->kind == MAT_INT8_ROWS)
+            p->int8_rows(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
                    p->x + i * p->x_stride, p->x_stride, nx, p->out + i * rows + r0, (size_t)rows);
         else
             p->dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, p->x + i * p->x_stride, p->x_stride, nx,
@@ -149,7 +115,7 @@ static int matmul(const matrix *m, const float *x, int64_t n, float *out) {
     const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
     int nth = pool_threads();
     product p;
-    product_init(&p, kt, m, x, act_stride(m->act, m->cols), n, out, nth);
+    product_init(&p, kt, m, x, act_row_bytes(m->act, m->cols), n, out, nth);
     void *copy = NULL;
     if (m->act != ACT_F32) {
         char *xq = scratch_get(p.x_stride * (size_t)n + 64);
@@ -179,16 +145,16 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
     return matmul(&m, x, n, out);
 }
 
-int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out) {
-    matrix m = {.kind = MAT_Q8S, .act = ACT_Q8_0, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
+    matrix m = {.kind = MAT_INT8_ROWS, .act = ACT_Q8_0, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
                 .gs = gs, .rows = rows, .cols = cols};
     return matmul(&m, x, n, out);
 }
 
-int op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out) {
-    matrix m = {.kind = MAT_Q8G, .act = ACT_F32, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
+    matrix m = {.kind = MAT_INT8_FLAT, .act = ACT_F32, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
                 .gs = gs, .rows = rows, .cols = cols};
     return matmul(&m, x, n, out);
 }
@@ -221,8 +187,8 @@ void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out) {
     quantize_rows(k ? kt->q8_k : kt->q8_0, x, n, cols, out, stride);
 }
 
-/* Rows of llama2.c version-2 Q8 in any layout (ops_elementwise.c's q8g kernels), split evenly over
- * the pool. */
+/* Rows of llama2.c version-2 Q8 in any layout (ops_elementwise.c's int8_flat kernels), split evenly
+ * over the pool. */
 typedef struct {
     const kernel_table *kt;
     const int8_t *q;
@@ -230,17 +196,17 @@ typedef struct {
     int64_t gs, cols, n;
     const int64_t *ids;
     float *out;
-} q8g_job;
+} int8_dq_job;
 
-static void q8g_dq_task(void *arg, int ith, int nth) {
-    q8g_job *j = arg;
+static void int8_dq_task(void *arg, int ith, int nth) {
+    int8_dq_job *j = arg;
     int64_t per = (j->n + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->n ? i0 + per : j->n;
-    for (int64_t i = i0; i < i1; i++) j->kt->q8g_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
+    for (int64_t i = i0; i < i1; i++) j->kt->int8_flat_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
 }
 
-void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
                        float *out) {
-    q8g_job j = {active_table, q, s, gs, cols, r, ids, out};
-    if (r >= 2 && r * cols >= (1 << 18)) pool_run(q8g_dq_task, &j);
-    else q8g_dq_task(&j, 0, 1);
+    int8_dq_job j = {active_table, q, s, gs, cols, r, ids, out};
+    if (r >= 2 && r * cols >= (1 << 18)) pool_run(int8_dq_task, &j);
+    else int8_dq_task(&j, 0, 1);
 }

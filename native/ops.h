@@ -5,13 +5,13 @@
 
 /* One weight matrix [rows, cols] as the product kernels read it: a ggml type through the kernel
  * table's dot / gemm (w: rows of row_bytes), llama2.c version-2 Q8 with whole groups of a multiple
- * of 32 per row (MAT_Q8S: q8s_dot / q8s_gemm), or version-2 Q8 in any other layout (MAT_Q8G:
- * q8g_dot). act: how its kernel takes the activations (ACT_F32, ACT_Q8_0 or ACT_Q8_K rows). */
-enum { MAT_TYPE = 0, MAT_Q8S = 1, MAT_Q8G = 2 };
+ * of 32 per row (MAT_INT8_ROWS: int8_rows_dot / int8_rows_gemm), or version-2 Q8 in any other layout
+ * (MAT_INT8_FLAT: int8_flat_dot). act: how its kernel takes the activations (ACT_F32, ACT_Q8_0 or ACT_Q8_K rows). */
+enum { MAT_TYPE = 0, MAT_INT8_ROWS = 1, MAT_INT8_FLAT = 2 };
 
 typedef struct {
     int kind, type, act;
-    const uint8_t *w;  /* MAT_TYPE: [rows, row_bytes]; MAT_Q8S / MAT_Q8G: int8 q [rows, cols] */
+    const uint8_t *w;  /* MAT_TYPE: [rows, row_bytes]; MAT_INT8_*: int8 q [rows, cols] */
     size_t row_bytes;
     const float *s;    /* version-2 Q8 scales, one per gs values of the flattened matrix */
     int64_t gs, rows, cols;
@@ -26,7 +26,7 @@ typedef struct {
     const kernel_table *kt;
     int float_gemm;    /* F32 / F16 / BF16 with more rows than a dot call takes: gemm.c's panels */
     dot_fn dot;
-    q8s_dot_fn q8s;
+    int8_rows_fn int8_rows;
     int tile;          /* activation rows per kernel call */
     const char *x;     /* as m's kernel takes them (act rows), x_stride bytes apart */
     size_t x_stride;
@@ -34,8 +34,6 @@ typedef struct {
     float *out;
 } product;
 
-/* Bytes of one activation row of `cols` values in kind act. */
-size_t act_stride(int act, int64_t cols);
 /* The product of m with n rows x (already in m->act's form) for nth threads. */
 void product_init(product *p, const kernel_table *kt, const matrix *m, const void *x, size_t x_stride, int64_t n,
                   float *out, int nth);
@@ -46,7 +44,7 @@ int product_unit(const product *p, int64_t u);
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
                int64_t cols, float *out);
 /* The same for llama2.c version-2 Q8: q int8 [rows, cols], s float [rows * cols / gs] */
-int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out);
 /* out [R, cols] = dequantize(w[ids]) */
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
@@ -55,9 +53,9 @@ void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int6
 void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out);
 /* llama2.c version-2 Q8 in any layout (groups of any size, rows may straddle them), activations as
  * floats: out [N, rows] = x [N, cols] @ (q * s per group).T; -1 when out of memory */
-int op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out);
 /* out [R, cols] = rows ids of the same layout, dequantized */
-void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
                        float *out);
 #endif

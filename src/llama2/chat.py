@@ -1,11 +1,15 @@
-"""Multi-turn chat over one KV cache, with the Llama 2 chat template as llama2.c's run.c renders it.
+"""Multi-turn chat over one KV cache: the model's own Jinja template (chat_template.ChatTemplate),
+or for llama2.c files the Llama 2 chat template as run.c renders it (or ChatML).
 
-Each turn is rendered, encoded with BOS and appended to the conversation already in the cache; the
-assistant's turn ends at EOS, which is fed back before the next turn (as run.c does). Running out of
-positions ends the conversation with finish reason "length".
+run.c's way: each turn is rendered, encoded with BOS and appended to the conversation already in the
+cache; the assistant's turn ends at EOS, which is fed back before the next turn. A Jinja template
+renders the whole conversation each turn; the cache keeps the tokens it shares with the last one.
+Running out of positions ends the conversation with finish reason "length".
 """
 
 import re
+
+from .chat_template import ChatTemplate
 
 from .generate import Event, Params, Sequence, resolve_steps
 from .sampler import Sampler
@@ -52,17 +56,23 @@ def encode_turn(tokenizer, text, markers: dict) -> list:
 ROLES = ("system", "user", "assistant")
 
 
-def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
-    """Token ids of a whole conversation, ending where the assistant's next reply begins.
+def encode_dialog(tokenizer, messages, template="llama2", add_generation_prompt: bool = True) -> list:
+    """Token ids of a whole conversation, ending where the assistant's next reply begins (or, with
+    add_generation_prompt=False, where the next user message begins: the tokens a chat's next
+    turn starts with).
 
     `messages` is a list of (role, content) pairs: an optional system message first, then user and
-    assistant messages alternating, ending with a user message (ValueError otherwise, naming the
-    index). Llama 2 (Meta's chat_completion): each finished exchange is encoded on its own as
+    assistant messages alternating, ending with a user message (with add_generation_prompt=False:
+    an assistant message; ValueError otherwise, naming the index). Llama 2 (Meta's
+    chat_completion): each finished exchange is encoded on its own as
     `<s>[INST] {user} [/INST] {assistant} </s>` (BOS and EOS ids, the reply stripped, as Meta does),
     the system prompt folded into the first user message, and the last user message as run.c
     renders a turn: a one-turn dialog gives exactly the tokens of run.c's chat mode. ChatML renders
     every message in one block, encoded as ChatSession encodes a turn (BOS, markers as their ids).
+    A ChatTemplate (the model's own) renders the messages as they are, and says what it refuses.
     """
+    if isinstance(template, ChatTemplate):
+        return template.encode(tokenizer, messages, add_generation_prompt)
     messages = list(messages)
     system = ""
     if messages and messages[0][0] == "system":
@@ -77,50 +87,65 @@ def encode_dialog(tokenizer, messages, template: str = "llama2") -> list:
         if role != expected:
             raise ValueError(f"messages[{i + offset}]: expected role {expected!r}, got {role!r}"
                              " (an optional system message first, then user and assistant alternate)")
-    if len(messages) % 2 == 0:
-        raise ValueError(f"messages[{len(messages) + offset - 1}]: the last message must be from the user")
+    if len(messages) % 2 != add_generation_prompt:
+        last = "user" if add_generation_prompt else "assistant"
+        raise ValueError(f"messages[{len(messages) + offset - 1}]: the last message must be from the {last}")
     if template == "chatml":
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         for role, content in messages:
             text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-        return encode_turn(tokenizer, text + "<|im_start|>assistant\n", marker_ids(tokenizer, template))
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return encode_turn(tokenizer, text, marker_ids(tokenizer, template))
     if template != "llama2":
         raise ValueError(f"unknown chat template {template!r}")
     tokens = []
     for k in range(0, len(messages) - 1, 2):
         turn = render_llama2(messages[k][1], system if k == 0 else "")
         tokens += tokenizer.encode(f"{turn} {messages[k + 1][1].strip()} ", bos=True, eos=True)
+    if not add_generation_prompt:
+        return tokens
     return tokens + tokenizer.encode(render_llama2(messages[-1][1], system if len(messages) == 1 else ""),
                                      bos=True)
 
 
-def reply_end_ids(tokenizer, template: str, eos_id: int) -> frozenset:
-    """Token ids that end the assistant's reply: EOS, and the template's closing marker when the
-    vocabulary has it as one piece (as ChatSession stops)."""
+def reply_end_ids(tokenizer, template, eos_id: int) -> frozenset:
+    """Token ids that end the assistant's reply: EOS and every end token the model declares
+    (tokenizer.end_ids: eos_token_id lists, <|eot_id|> and its kind, BOS for llama2.c vocabularies
+    as run.c stops there), and a built-in template's closing marker when the vocabulary has it as
+    one piece."""
+    ends = {eos_id} | set(tokenizer.end_ids)
+    if isinstance(template, ChatTemplate):
+        return frozenset(ends)
     markers = marker_ids(tokenizer, template)
-    return frozenset({eos_id} | {markers[m] for m in MARKERS[template][-1:] if m in markers})
+    return frozenset(ends | {markers[m] for m in MARKERS[template][-1:] if m in markers})
 
 
 class ChatSession:
     """A conversation: `turn(user, system)` yields the assistant's Events for one user message.
     With `grammar` (a structured.Grammar) every reply matches it."""
 
-    def __init__(self, llama, sampler: Sampler, steps: int = 0, template: str = "llama2", grammar=None):
+    def __init__(self, llama, sampler: Sampler, steps: int = 0, template="llama2", grammar=None):
         self.llama = llama
         self.model = llama.model
         self.tokenizer = llama.tokenizer
         self.sampler = sampler
         self.grammar = grammar
         self.steps = resolve_steps(steps, self.model.config.seq_len)
-        self.render = TEMPLATES[template]
-        self.markers = marker_ids(self.tokenizer, template)
-        end = MARKERS[template][-1:]
-        self.stop_ids = {self.model.config.eos_id} | {self.markers[m] for m in end if m in self.markers}
+        self.template = template
+        if not isinstance(template, ChatTemplate):
+            self.render = TEMPLATES[template]
+            self.markers = marker_ids(self.tokenizer, template)
+        self.stop_ids = reply_end_ids(self.tokenizer, template, self.model.config.eos_id)
         self.cache = self.model.new_cache()
         self.pos = 0  # positions run so far
         self._pending = []  # the EOS that closed the last reply, fed with the next turn
+        self.messages = []  # a Jinja template's conversation so far, as (role, content)
+        self.fed = []  # a Jinja template's tokens in the cache
 
     def turn(self, user: str, system: str = ""):
+        if isinstance(self.template, ChatTemplate):
+            yield from self._render_turn(user, system)
+            return
         cfg = self.model.config
         text = self.render(user, system if self.pos == 0 and not self._pending else "")
         tokens = self._pending + encode_turn(self.tokenizer, text, self.markers)
@@ -143,8 +168,49 @@ class ChatSession:
             events = seq.advance(logits)
             yield from events
             if events[-1].finish_reason == "stop":  # the reply's end is fed with the next turn
-                self._pending = [seq.stop_token if seq.stop_token is not None else cfg.eos_id]
+                # a reply that ends at BOS is closed with EOS: the next turn brings its own BOS
+                end = seq.stop_token
+                self._pending = [end if end not in (None, self.tokenizer.bos_id) else cfg.eos_id]
             if events[-1].finish_reason is not None:
                 return
             logits = self.model.forward(seq.feed, self.cache)[-1]
             self.pos += 1
+
+    def _render_turn(self, user: str, system: str):
+        """One turn with a Jinja template: the whole conversation rendered and encoded; the cache
+        keeps the positions it shares with what was fed before (a reply re-encoded from its text
+        may differ from the tokens sampled), the rest is computed."""
+        messages = list(self.messages)
+        if not messages and system:
+            messages.append(("system", system))
+        messages.append(("user", user))
+        ids = self.template.encode(self.tokenizer, messages)
+        if len(ids) > self.steps:
+            yield Event(None, b"", "", finish_reason="length")
+            return
+        keep = 0
+        while keep < min(len(ids) - 1, len(self.fed)) and ids[keep] == self.fed[keep]:
+            keep += 1
+        self.cache.pos[0] = keep  # positions past `keep` are written again
+        tokens = ids[keep:]
+        s = self.sampler
+        params = Params(tuple(tokens), max_tokens=self.steps - len(ids) + 1, temperature=s.temperature,
+                        top_p=s.top_p, seed=s.seed, stop_tokens=self.stop_ids, grammar=self.grammar)
+        seq = Sequence(params, self.tokenizer, sampler=s)
+        self.fed, self.pos = ids, len(ids)
+        reply = []
+        logits = self.model.forward(tokens, self.cache)[-1]
+        try:
+            while True:
+                events = seq.advance(logits)
+                for event in events:
+                    reply.append(event.text)
+                    yield event
+                if events[-1].finish_reason is not None:
+                    return
+                logits = self.model.forward(seq.feed, self.cache)[-1]
+                self.fed = self.fed + seq.feed
+                self.pos += 1
+        finally:  # also when the caller stops reading: the reply so far is the assistant's turn
+            self.messages = messages + [("assistant", "".join(reply))]
+            seq.close()

@@ -59,7 +59,7 @@ class Checkpoint:
     group_size: int = 0  # Q8_0 group size when matrices are QuantizedTensor, else 0
     dtype: str = "fp32"  # how the file stores its matrices: fp32, fp16, bf16, q8_0, a GGUF type, mixed
     vocab: object = None  # a formats.vocab.Vocab when the model carries its own vocabulary
-    chat_template: str = None  # "llama2" or "chatml" when the model says which, else None
+    chat_template: object = None  # the model's chat_template.ChatTemplate, a built-in name, or None
     format: str = "llama2c"  # llama2c, gguf, hf
     kv_type: str = "f32"  # the KV cache type its models get unless asked: its format's KV_TYPE
 
@@ -69,12 +69,11 @@ class Checkpoint:
 
     @property
     def tokenizer(self):
-        """The model's own tokenizer (a llama2.tokenizer.Tokenizer), or None if it has no vocabulary."""
+        """The model's own tokenizer (a llama2.tokenizer.Tokenizer, or a bytelevel.ByteLevelTokenizer
+        for byte-level BPE), or None if it has no vocabulary."""
         if self.vocab is None:
             return None
-        from .tokenizer import Tokenizer
-        v = self.vocab
-        return Tokenizer(v.bin_pieces(), v.scores, bos_id=v.bos_id, eos_id=v.eos_id)
+        return self.vocab.tokenizer(self.path, self.config.vocab_size)
 
     def dense(self, name) -> np.ndarray:
         """A tensor as float32 (dequantized if stored otherwise), stacked per layer."""
@@ -99,9 +98,3 @@ class CheckpointSource:
             w = w[layer]
         return _dense(w)
 
-
-def load(path) -> Checkpoint:
-    """Any model file `llama2 run` reads (llama2.c .bin, GGUF, Hugging Face folder), told apart by
-    its contents: `llama2.formats.load_checkpoint`, under the name docs/python-api.md gives."""
-    from .formats import load_checkpoint
-    return load_checkpoint(path)

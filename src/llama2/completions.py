@@ -13,6 +13,7 @@ import time
 import uuid
 
 from .chat import encode_dialog, reply_end_ids
+from .chat_template import TemplateError
 from .config import GENERATION
 from .errors import RequestError
 from .generate import Event, Params
@@ -66,23 +67,60 @@ def completion_params(tokenizer, config, body, grammar=None) -> tuple:
             raise RequestError("prompt", f"token ids must be in [0, {config.vocab_size})")
         ids, text = list(prompt), tokenizer.decode(prompt)
     params = _params(ids, "prompt", config.seq_len, body, COMPLETION_MAX_TOKENS, grammar,
-                     stop_tokens=frozenset((config.bos_id, config.eos_id)), logprobs=body.logprobs)
+                     stop_tokens=frozenset({config.bos_id, config.eos_id} | tokenizer.end_ids), logprobs=body.logprobs)
     return params, text
 
 
-def chat_params(tokenizer, config, body, template="llama2", grammar=None) -> Params:
+def fit_dialog(tokenizer, pairs, template, seq_len: int, reserve: int) -> tuple:
+    """(ids, dropped): the dialog's ids; when they do not fit the context, the oldest exchanges
+    (a user message and the reply after it) are left out, the system prompt and the last message
+    kept, until `reserve` positions are left for the reply (ollama keeps long chats going so)."""
+    ids = encode_dialog(tokenizer, pairs, template)
+    if len(ids) <= seq_len:
+        return ids, 0
+    system = [p for p in pairs[:1] if p[0] == "system"]
+    rest, dropped = pairs[len(system):], 0
+    while len(ids) > seq_len - reserve and len(rest) > 1:
+        n = 2 if len(rest) > 2 and rest[1][0] == "assistant" else 1
+        rest, dropped = rest[n:], dropped + n
+        ids = encode_dialog(tokenizer, system + rest, template)
+    return ids, dropped
+
+
+def chat_params(tokenizer, config, body, template="llama2", grammar=None, drop_turns=True) -> Params:
     """Params of a validated request.ChatBody: the messages rendered with the chat template; a
     system and a user message give exactly the tokens (and, seeded, the text) of
-    `llama2 run -m chat -y SYS -i USER`."""
+    `llama2 run -m chat -y SYS -i USER`. A history that does not fit the context loses its oldest
+    turns (`drop_turns`; the count is Params.dropped_messages) or, with drop_turns=False, is refused."""
+    pairs = [(m.role, m.content) for m in body.messages]
     try:
-        ids = encode_dialog(tokenizer, [(m.role, m.content) for m in body.messages], template)
+        if drop_turns:
+            max_tokens = body.max_tokens or body.max_completion_tokens
+            reserve = max_tokens if max_tokens else config.seq_len // 4
+            ids, dropped = fit_dialog(tokenizer, pairs, template, config.seq_len, min(reserve, config.seq_len // 2))
+        else:
+            ids, dropped = encode_dialog(tokenizer, pairs, template), 0
     except ValueError as e:
         raise RequestError(str(e).split(":", 1)[0], str(e).split(": ", 1)[-1]) from None
+    except TemplateError as e:  # the model's template refuses these messages
+        raise RequestError("messages", str(e)) from None
     # run.c's chat mode: EOS (or the template's end marker) ends the reply; it draws a coin at every
     # prompt position but the last.
     stop_tokens = reply_end_ids(tokenizer, template, config.eos_id)
     return _params(ids, "messages", config.seq_len, body, None, grammar, stop_tokens=stop_tokens,
-                   skip_coins=len(ids) - 1, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+                   skip_coins=len(ids) - 1, dropped_messages=dropped,
+                   logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+
+
+def history_ids(tokenizer, body, template, reply: str) -> list:
+    """The ids a chat's next turn starts with when it sends back `reply` verbatim: the messages of
+    a validated request.ChatBody and `reply` as the assistant's, rendered with no generation prompt;
+    None when the template refuses that."""
+    pairs = [(m.role, m.content) for m in body.messages] + [("assistant", reply)]
+    try:
+        return encode_dialog(tokenizer, pairs, template, add_generation_prompt=False)
+    except (ValueError, TemplateError):
+        return None
 
 
 # -- Events -> responses --------------------------------------------------------------------------
@@ -105,11 +143,12 @@ class Answer:
     """
 
     def __init__(self, chat: bool, model: str, tokenizer, prompt_tokens: int, prefix: str = "",
-                 logprobs: bool = False, id: str = None):
+                 logprobs: bool = False, id: str = None, dropped_messages: int = 0):
         self.chat, self.model, self.tokenizer = chat, model, tokenizer
         self.id = id or new_id("chatcmpl" if chat else "cmpl")
         self.object = "chat.completion" if chat else "text_completion"
         self.prompt_tokens = prompt_tokens
+        self.dropped_messages = dropped_messages  # said in the usage: the oldest turns left out
         self.prefix = prefix
         self.logprobs = logprobs  # the request asked for log probabilities
         self.pieces = [prefix]
@@ -117,6 +156,7 @@ class Answer:
         self.entries = []  # one logprobs entry per sampled token, when asked for
         self.tokens = 0
         self.finish_reason = None
+        self.cached_tokens = None  # prompt tokens whose keys and values were reused (the server's)
 
     # -- logprobs entries ---------------------------------------------------------------------
 
@@ -184,11 +224,20 @@ class Answer:
         return chunks
 
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, self.tokens)
+        u = usage(self.prompt_tokens, self.tokens)
+        if self.cached_tokens is not None:  # OpenAI's field for prompt caching
+            u["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.dropped_messages:
+            u["dropped_messages"] = self.dropped_messages
+        return u
 
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": int(time.time()), "model": self.model, "choices": [], "usage": self.usage()}
+
+    def text(self) -> str:
+        """The answer's text so far (a completion's echoed prompt included)."""
+        return "".join(self.pieces)
 
     def stream(self, events, include_usage: bool = False):
         """The chunks of a whole stream of Events (the Python API's stream=True)."""
@@ -201,7 +250,7 @@ class Answer:
     # -- whole ------------------------------------------------------------------------------
 
     def result(self) -> dict:
-        text = "".join(self.pieces)
+        text = self.text()
         logprobs = self._logprobs(self.entries) if self.logprobs else None
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}

@@ -2,7 +2,7 @@
 
 A source is anything with `config` (ModelConfig), `tensor(name, layer) -> float32 array` in our
 layout (checkpoint.tensor_shapes, one layer at a time), `vocab` (formats.vocab.Vocab or None) and
-`chat_template` (a chat.TEMPLATES name or None): hf.HFModel, meta.MetaModel, CheckpointSource.
+`chat_template` (a chat_template.ChatTemplate, a built-in name, or None): hf.HFModel, meta.MetaModel, CheckpointSource.
 Writers pull one tensor at a time, so memory stays near one layer plus the output buffer.
 """
 

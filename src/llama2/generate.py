@@ -52,6 +52,7 @@ class Params:
     skip_coins: int = 0  # coins drawn before the first sample (run.c's chat samples at prompt positions)
     grammar: object = None  # a structured.Grammar the text must match, or None
     logprobs: int | None = None  # None: no log probabilities; k: the sampled token's and the top k
+    dropped_messages: int = 0  # chat: the oldest messages left out so that the prompt fits
 
 
 def resolve_steps(steps: int, seq_len: int) -> int:
@@ -221,5 +222,5 @@ def generate(model: Transformer, tokenizer: Tokenizer, sampler: Sampler, prompt_
         return
     params = Params(tuple(prompt_tokens), max_tokens=steps - n + 1, temperature=sampler.temperature,
                     top_p=sampler.top_p, seed=sampler.seed,
-                    stop_tokens=frozenset((cfg.bos_id, cfg.eos_id)), grammar=grammar)
+                    stop_tokens=frozenset({cfg.bos_id, cfg.eos_id} | tokenizer.end_ids), grammar=grammar)
     yield from complete(model, params, tokenizer, cache, slot, sampler, stream)

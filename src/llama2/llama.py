@@ -12,6 +12,7 @@ from . import hub
 from .threads import set_threads
 from .config import DEFAULT_TOKENIZER, GENERATION
 from .errors import FormatError
+from .chat_template import resolve as resolve_template, token_texts
 from .generate import Event, complete, generate
 from .formats import load_checkpoint
 from .model import Transformer
@@ -37,24 +38,27 @@ class Llama:
     """A model ready to run: `Llama.load("stories15M.bin")`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint=None, name: str = "llama2",
-                 chat_template: str = None):
+                 chat_template=None):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
         self.config = model.config
         self.name = name  # the "model" field of create_completion's answers (the server's model id)
-        # how create_chat_completion renders messages: the model's own template, else run.c's
+        # how chats become prompts (a chat_template.ChatTemplate or a built-in name): the one given,
+        # else the model's own, else run.c's Llama 2 template
         self.chat_template = chat_template or getattr(checkpoint, "chat_template", None) or "llama2"
 
     @classmethod
-    def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None) -> "Llama":
+    def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None,
+             chat_template=None) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
         `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
         "q6_k", or llama.cpp's mixes "q4_k_m", "q5_k_m" (each tensor in the type llama.cpp's
         quantizer gives it; see weights.quantizer); `threads` (default: all cores) applies to
         every kernel, BLAS included. `kv_type` (a name of kvcache.TYPES) is the KV cache's type; by
-        default the model format's (its reader's KV_TYPE)."""
+        default the model format's (its reader's KV_TYPE). `chat_template` (a
+        chat_template.ChatTemplate, or "llama2" / "chatml") replaces the model's own."""
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
@@ -68,13 +72,21 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem)
+        return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
+                   chat_template=chat_template)
 
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)
 
     def decode(self, ids) -> str:
         return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        """The prompt text `messages` ([{"role", "content"}]) become, as transformers'
+        apply_chat_template(messages, tokenize=False, add_generation_prompt=...) renders the same
+        template. Raises chat_template.TemplateError (naming the model's file) when it refuses."""
+        template = resolve_template(self.chat_template)
+        return template.render(messages, add_generation_prompt, *token_texts(self.tokenizer))
 
     def logits(self, token_ids) -> np.ndarray:
         """Teacher-forced logits, float32 [len(token_ids), vocab], through the same forward pass."""
@@ -129,22 +141,26 @@ class Llama:
 
     def create_chat_completion(self, messages, max_tokens=None, temperature=GENERATION.temperature,
                                top_p=GENERATION.top_p, seed=None, stop=None, stream=False, logprobs=False,
-                               top_logprobs=None, response_format=None, grammar=None, include_usage=False):
+                               top_logprobs=None, response_format=None, grammar=None, include_usage=False,
+                               drop_turns=True):
         """A chat completion as OpenAI's /v1/chat/completions answers it (a dict), or with
         `stream=True` an iterator of `chat.completion.chunk` dicts. `messages`: [{"role", "content"}]
         (system first if any, then user and assistant alternating, ending with a user message),
         rendered with the model's chat template. `max_tokens` None: the rest of the context.
         `logprobs=True` gives each token's log probability, `top_logprobs` (0..20) the most likely
-        alternatives. Other arguments as create_completion."""
+        alternatives. A history longer than the context loses its oldest turns (the system prompt
+        stays; usage["dropped_messages"] counts them), or with `drop_turns=False` is refused.
+        Other arguments as create_completion."""
         from . import request  # pydantic: only completions need it
         body = request.validate(request.ChatBody, dict(
             messages=messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
             stop=stop, logprobs=logprobs, top_logprobs=top_logprobs, response_format=response_format,
             grammar=grammar))
         params = C.chat_params(self.tokenizer, self.config, body, self.chat_template,
-                               C.compile_structure(body, self.tokenizer, self.config.vocab_size))
+                               C.compile_structure(body, self.tokenizer, self.config.vocab_size),
+                               drop_turns=drop_turns)
         answer = C.Answer(True, self.name, self.tokenizer, len(params.prompt),
-                          logprobs=params.logprobs is not None)
+                          logprobs=params.logprobs is not None, dropped_messages=params.dropped_messages)
         return self._answer(answer, params, stream, include_usage)
 
     def _answer(self, answer, params, stream, include_usage):

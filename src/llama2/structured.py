@@ -97,7 +97,8 @@ class Vocabulary:
         self.special = frozenset(special)
         # a piece that starts with a space loses it right after BOS (run.c's decode): such tokens
         # would print other bytes than the grammar saw, so they are not offered there
-        self.space_first = np.array([not (i in special) and tokenizer.pieces[i][:1] == b" "
+        self.space_first = np.array([tokenizer.space_after_bos_dropped and not (i in special)
+                                     and tokenizer.pieces[i][:1] == b" "
                                      for i in range(n)], dtype=bool)
         # one-byte tokens that print their byte even after BOS (the `<0xNN>` pieces)
         self.byte_ids = [i for i in range(n) if i not in special and len(tokens[i]) == 1

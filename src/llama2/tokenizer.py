@@ -16,12 +16,45 @@ from .fileio import MAX_TEXT_BYTES, atomic_write, read_user_file
 _BYTE_PIECE = re.compile(rb"<0x([0-9A-Fa-f]{1,2})")
 # C's isprint / isspace in the "C" locale, for run.c's safe_printf.
 _PRINTABLE = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\v\f\r ")
+# Special tokens that end an assistant's turn wherever a vocabulary has them (llama.cpp treats the
+# same texts as end-of-generation): Llama 3's, ChatML's, Phi's, Gemma's, GPT-2's, Code Llama's infill.
+END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
+               "<EOT>")
+
+
+def special_ids_of(special: dict) -> set:
+    """The ids of the END_OF_TURN texts among `special` (text -> id)."""
+    return {special[t] for t in END_OF_TURN if t in special}
+
+
+def split_special(text: str, special: dict) -> list:
+    """`text` cut at every occurrence of a key of `special` (text -> id), longest first: a list of
+    ids (the special tokens) and strings (the text between them, never empty)."""
+    if not special:
+        return [text] if text else []
+    pattern = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True))))
+    out, pos = [], 0
+    for m in pattern.finditer(text):
+        if m.start() > pos:
+            out.append(text[pos:m.start()])
+        out.append(special[m.group()])
+        pos = m.end()
+    if pos < len(text):
+        out.append(text[pos:])
+    return out
 
 
 class Tokenizer:
-    """A vocabulary of byte pieces with merge scores. Ids are positions in the vocabulary."""
+    """A vocabulary of byte pieces with merge scores. Ids are positions in the vocabulary.
 
-    def __init__(self, pieces, scores, max_token_length=None, bos_id=1, eos_id=2):
+    `special` (text -> id): the control tokens a chat template may spell (default BOS and EOS as
+    "<s>" and "</s>"), parsed only by `encode(..., special=True)`; `hidden` ids decode to nothing
+    (a model's control tokens); `eos_ids` end a reply besides BOS and EOS (run.c stops at both)."""
+
+    space_after_bos_dropped = True  # run.c's decode: a piece's leading space goes right after BOS
+
+    def __init__(self, pieces, scores, max_token_length=None, bos_id=1, eos_id=2, special=None,
+                 hidden=(), eos_ids=()):
         if len(pieces) != len(scores):
             raise ValueError("pieces and scores differ in length")
         self.pieces = [bytes(p) for p in pieces]
@@ -34,6 +67,10 @@ class Tokenizer:
         for i, p in enumerate(self.pieces):
             self._ids.setdefault(p.split(b"\0", 1)[0], i)
         self._decoded = [self._piece_bytes(p) for p in self.pieces]
+        for i in hidden:
+            self._decoded[i] = b""
+        self.special = dict(special) if special is not None else {"<s>": bos_id, "</s>": eos_id}
+        self.end_ids = frozenset({bos_id, eos_id, *eos_ids} | special_ids_of(self.special))
 
     @property
     def vocab_size(self) -> int:
@@ -80,9 +117,18 @@ class Tokenizer:
 
     # -- encoding ---------------------------------------------------------------------------------
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False, prefix_space: bool = True) -> list:
+    def encode(self, text: str, bos: bool = True, eos: bool = False, prefix_space: bool = True,
+               special: bool = False) -> list:
         """run.c's encode(): BPE over UTF-8 code points with byte fallback. `prefix_space=False`
-        leaves out sentencepiece's dummy-prefix space (text that continues other text)."""
+        leaves out sentencepiece's dummy-prefix space (text that continues other text). `special`
+        (chat templates only): the texts of `self.special` become their ids and the text between
+        them is encoded piece by piece, each with its dummy prefix (as sentencepiece encodes the
+        segments between special tokens)."""
+        if special:
+            tokens = [self.bos_id] if bos else []
+            for part in split_special(text, self.special):
+                tokens.extend([part] if isinstance(part, int) else self.encode(part, bos=False))
+            return tokens + ([self.eos_id] if eos else [])
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
         data = data.split(b"\0", 1)[0]  # run.c reads the text as a C string
         ids = self._ids

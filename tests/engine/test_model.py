@@ -132,11 +132,11 @@ def test_rope_halves_is_interleaved_rope_on_permuted_heads():
 @pytest.mark.parametrize("tile", [1 << 22, 200])  # one tile, or several column blocks of the product
 def test_int8_prefill_product_equals_dequantized(monkeypatch, tile):
     from llama2.formats.llama2c import quantize_q80
-    from llama2.weights import base, q8_v2
+    from llama2.weights import base, int8_groups
     monkeypatch.setattr(base, "DEQUANT_TILE", tile)
     rng = np.random.default_rng(6)
     qt = quantize_q80(rng.standard_normal((37, 30)).astype(np.float32), 8)  # rows straddle groups
-    x = rng.standard_normal((q8_v2.SMALL_BATCH + 5, 30)).astype(np.float32)  # past the native rows: tiles
+    x = rng.standard_normal((int8_groups.SMALL_BATCH + 5, 30)).astype(np.float32)  # past the native rows: tiles
     np.testing.assert_allclose(qt(x), x @ qt.dequantize().T, rtol=1e-5, atol=1e-5)
     ids = [36, 0, 5]
     np.testing.assert_array_equal(qt.rows(ids), qt.dequantize()[ids])

@@ -137,7 +137,7 @@ def test_tokenizer_bin_whose_first_byte_looks_like_protobuf(tmp_path):
     assert vocab.to_bin() == path.read_bytes() and (vocab.bos_id, vocab.eos_id) == (1, 2)
 
 
-def test_byte_level_tokenizer_json_is_refused(tmp_path):
+def test_byte_level_tokenizer_json_cannot_become_tokenizer_bin(tmp_path):
     path = tmp_path / "tokenizer.json"
     path.write_text(json.dumps({"pre_tokenizer": {"type": "ByteLevel"},
                                 "model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}}))

@@ -3,7 +3,7 @@ model to a llama2.c checkpoint (--version 0, 1, 2 exactly as llama2.c writes the
 our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
 """
 
-from ..chat import TEMPLATES
+from ..chat_template import override
 from ..export import DEFAULT_GROUP_SIZE, DEFAULT_VERSION, DTYPES, FORMATS, VERSIONS
 
 
@@ -33,8 +33,9 @@ def register(sub):
     p.add_argument("--tokenizer", metavar="PATH",
                    help="vocabulary to embed in a GGUF (tokenizer.model, tokenizer.json or "
                         "tokenizer.bin); default: the model's own")
-    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
-                   help="record this chat template (default: the model's own, if it says)")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="record this chat template: llama2, chatml, or a Jinja file for a GGUF "
+                        "(default: the model's own)")
     p.add_argument("--seq-len", type=int, help="context length, for Meta checkpoints whose "
                    "params.json does not give max_seq_len")
     p.set_defaults(func=run)
@@ -72,8 +73,9 @@ def run(args, io) -> int:
     if args.tokenizer is not None:
         from ..formats.vocab import load_vocab
         vocab = load_vocab(args.tokenizer)
+    template = override(args.chat_template) if args.chat_template else None
     source = open_source(args)
     export(args.out, source, args.format, args.version, args.dtype, args.group_size, vocab,
-           args.chat_template, warn=lambda text: io.err(text + "\n"))
+           template, warn=lambda text: io.err(text + "\n"))
     io.err(f"wrote {args.out}\n")
     return 0

@@ -15,7 +15,7 @@ import os
 import time
 from pathlib import Path
 
-from ..chat import TEMPLATES
+from ..chat_template import override
 from ..config import DEFAULT_MODEL, DEFAULT_PROMPT, GENERATION
 from ..errors import FormatError, UsageError
 from ..fileio import read_user_text
@@ -52,8 +52,9 @@ def register(sub):
                    help=QUANTIZE_HELP)
     p.add_argument("--kv-type", choices=tuple(kvcache.TYPES), default=None, metavar="TYPE",
                    help=kvcache.help_text(formats.default_kv_types()))
-    p.add_argument("--chat-template", choices=tuple(TEMPLATES),
-                   help="chat mode's prompt format (default: the model's own, else llama2 as run.c)")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="chat mode's prompt format: llama2, chatml or a Jinja template file "
+                        "(default: the model's own, else llama2 as run.c)")
     shape = p.add_mutually_exclusive_group()
     shape.add_argument("--json-schema", metavar="FILE",
                        help="structured output (each reply in chat mode): JSON valid against this schema")
@@ -146,16 +147,16 @@ def run(args, io) -> int:
 
     model_path, prompt, mode, prompt_given = parse(args)
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
+    template = override(args.chat_template) if args.chat_template else None
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type):  # one context
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
-                           kv_type=args.kv_type)
+                           kv_type=args.kv_type, chat_template=template)
     grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
-        template = args.chat_template or getattr(llama.checkpoint, "chat_template", None) or "llama2"
         return _chat(llama, sampler, prompt if prompt_given else None, args.system, args.steps, io,
-                     template, grammar)
+                     llama.chat_template, grammar)
     from ..generate import generate
 
     start, count = None, 0

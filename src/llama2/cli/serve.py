@@ -51,8 +51,13 @@ def register(sub):
                    help="do not reuse the KV blocks of a prefix shared with earlier requests (each "
                         "request's logits then equal it run alone to the bit)")
     p.add_argument("--model-alias", help="the model's name in the API (default: the file name's stem)")
-    p.add_argument("--chat-template", default=d.chat_template,
-                   help=f"how chat messages become a prompt: llama2 or chatml (default {d.chat_template})")
+    p.add_argument("--chat-template", metavar="NAME|FILE",
+                   help="how chat messages become a prompt: llama2, chatml or a Jinja template file "
+                        "(default: the model's own, else llama2 as run.c)")
+    p.add_argument("--refuse-long-chats", action="store_true",
+                   help="answer a chat whose history does not fit the context with a 400, instead of "
+                        "leaving out its oldest turns (the system prompt stays; usage.dropped_messages "
+                        "says how many)")
     p.add_argument("--max-body", type=int, default=d.max_body,
                    help=f"largest request body in bytes (default {d.max_body})")
     p.add_argument("--max-connections", type=int, default=d.max_connections,
@@ -151,10 +156,9 @@ def run(args, io) -> int:
         value = getattr(args, flag)
         if not (math.isfinite(value) and value > 0):
             raise UsageError(f"--{flag.replace('_', '-')} {value}: expected a number of seconds > 0")
-    from ..chat import TEMPLATES
+    from ..chat_template import override
 
-    if args.chat_template not in TEMPLATES:
-        raise UsageError(f"--chat-template {args.chat_template!r}: expected one of {', '.join(TEMPLATES)}")
+    template = override(args.chat_template) if args.chat_template else None
     try:
         import uvicorn
 
@@ -179,7 +183,8 @@ def run(args, io) -> int:
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           kv_budget=kv_budget(args, llama, model_path, io),
                           prefix_cache=not args.no_prefix_cache,
-                          chat_template=args.chat_template, invariant=not args.one_pass,
+                          chat_template=template, refuse_long_chats=args.refuse_long_chats,
+                          invariant=not args.one_pass,
                           max_connections=args.max_connections, timeout_keep_alive=args.timeout_keep_alive,
                           timeout_headers=args.timeout_headers, timeout_body=args.timeout_body,
                           cors_origins=args.cors_origins)

@@ -25,8 +25,8 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import open_user_file, read_user_text
-from .bfloat16 import bf16_to_f32
-from .vocab import UNUSED, from_sentencepiece, from_tokenizer_json
+from ..weights.bf16 import bf16_to_f32
+from .vocab import UNUSED, from_tokenizer_json, load_vocab
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
@@ -306,12 +306,13 @@ class HFModel:
         embedding has more rows than the tokenizer has tokens (padded for speed), the extra ids get
         placeholder pieces so every id the model can produce decodes to something."""
         # a name that is there but no regular file (a FIFO, a loop) is an error, not skipped
-        if os.path.lexists(self.dir / "tokenizer.model"):
-            vocab = from_sentencepiece(self.dir / "tokenizer.model")
+        if os.path.lexists(self.dir / "tokenizer.model"):  # sentencepiece, or Meta's tiktoken (Llama 3)
+            vocab = load_vocab(self.dir / "tokenizer.model")
         elif os.path.lexists(self.dir / "tokenizer.json"):
             vocab = from_tokenizer_json(self.dir / "tokenizer.json", self.config.bos_id, self.config.eos_id)
         else:
             return None
+        vocab.eos_ids = tuple(sorted(set(vocab.eos_ids) | eos_ids(self.dir)))
         for i in range(len(vocab), self.config.vocab_size):
             vocab.pieces.append(f"<unused{i}>")
             vocab.scores.append(0.0)
@@ -319,13 +320,35 @@ class HFModel:
         return vocab
 
     def _template(self):
-        jinja = self.dir / "chat_template.jinja"
-        if os.path.lexists(jinja):
-            return templates.detect(read_user_text(jinja, "chat template"))
-        tc = self.dir / "tokenizer_config.json"
-        if os.path.lexists(tc):
-            return templates.detect(_read_json(tc, "tokenizer_config.json").get("chat_template"))
-        return None
+        return read_chat_template(self.dir)
+
+
+def eos_ids(directory) -> set:
+    """Every id config.json and generation_config.json name as eos_token_id (an id or a list)."""
+    ids = set()
+    for name in ("config.json", "generation_config.json"):
+        path = Path(directory) / name
+        if os.path.lexists(path):
+            eos = _read_json(path, name).get("eos_token_id")
+            try:
+                ids.update(int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None)
+            except (TypeError, ValueError):
+                raise FormatError(f"{path}: eos_token_id: expected an id or a list of ids, got {eos!r}") from None
+    return ids
+
+
+def read_chat_template(directory):
+    """The chat template of a Hugging Face folder (chat_template.jinja, else tokenizer_config.json's
+    chat_template) with tokenizer_config.json's BOS / EOS texts, as a chat_template.ChatTemplate;
+    None when it has none."""
+    directory = Path(directory)
+    tc = directory / "tokenizer_config.json"
+    # a name that is there but no regular file (a FIFO, a loop) is an error, not skipped
+    spec = _read_json(tc, "tokenizer_config.json") if os.path.lexists(tc) else {}
+    jinja = directory / "chat_template.jinja"
+    text, origin = ((read_user_text(jinja, "chat template"), jinja) if os.path.lexists(jinja)
+                    else (spec.get("chat_template"), tc))
+    return templates.from_model_files(text, str(origin), spec.get("bos_token"), spec.get("eos_token"))
 
 
 def matches(path, head) -> bool:

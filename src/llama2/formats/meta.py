@@ -16,7 +16,7 @@ from ..checkpoint import tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import open_user_file, read_user_text
-from .vocab import from_sentencepiece
+from .vocab import load_vocab
 
 # our name -> (Meta name, axis the model-parallel shards are concatenated along; None: replicated)
 NAMES = {
@@ -130,7 +130,7 @@ def open_meta(directory, seq_len=None) -> MetaModel:
     # Meta's downloads keep tokenizer.model beside the model folders, or inside one
     for candidate in (directory / "tokenizer.model", directory.parent / "tokenizer.model"):
         if candidate.is_file():
-            model.vocab = from_sentencepiece(candidate)
+            model.vocab = load_vocab(candidate)  # sentencepiece (Llama 2) or tiktoken (Llama 3)
             break
     return model
 

@@ -1,7 +1,8 @@
 """Vocabularies from wherever a model keeps them, and llama2.c's tokenizer.bin written from them.
 
 Sources: a sentencepiece `.model` (parsed here from its protobuf, no sentencepiece needed), a llama2.c
-`tokenizer.bin`, a Hugging Face `tokenizer.json` (BPE with byte fallback), GGUF metadata (gguf.py).
+`tokenizer.bin`, a Hugging Face `tokenizer.json` (BPE with byte fallback, or byte-level BPE), Meta's
+tiktoken `tokenizer.model` (Llama 3), GGUF metadata (gguf.py).
 `Vocab.to_bin()` follows llama2.c's tokenizer.py export byte for byte.
 """
 
@@ -20,13 +21,40 @@ SPACE = "\u2581"  # sentencepiece's visible space
 
 @dataclass
 class Vocab:
-    """A vocabulary in sentencepiece terms: pieces with "▁" for space, scores, piece types."""
+    """A vocabulary: pieces, scores, piece types. `model` says which kind (GGUF's names):
+    "llama", sentencepiece terms ("▁" for space, scores order the merges); "gpt2", byte-level BPE
+    (pieces in GPT-2's byte alphabet, `merges` in order, `pre` the pre-tokenizer's llama.cpp name,
+    and `source` the tokenizer.json it came from, when there is one: the reference to build from)."""
     pieces: list  # str per id
     scores: list  # float per id (higher merges first)
     types: list  # int per id (NORMAL, CONTROL, BYTE, ...)
     bos_id: int = 1
     eos_id: int = 2
     unk_id: int = 0
+    model: str = "llama"
+    merges: list = None  # "a b" strings, first merge first ("gpt2" only)
+    pre: str = None  # "gpt2" only: a key of bytelevel.PRE_TOKENIZERS
+    source: object = None  # "gpt2" only: the tokenizer.json to build the tokenizer from
+    eos_ids: tuple = ()  # further ids that end a reply (eos_token_id lists, end-of-turn tokens)
+
+    def tokenizer(self, where: str, vocab_size: int = None):
+        """The tokenizer of this vocabulary (llama2.tokenizer.Tokenizer, or a
+        bytelevel.ByteLevelTokenizer for "gpt2"); `where` names the file in errors."""
+        if self.model == "gpt2":
+            from ..bytelevel import ByteLevelTokenizer
+            if self.source is not None:
+                return ByteLevelTokenizer.from_json(self.source, self.bos_id, self.eos_id, vocab_size,
+                                                    self.eos_ids)
+            specials = [p for p, t in zip(self.pieces, self.types) if t in (CONTROL, USER_DEFINED)]
+            return ByteLevelTokenizer.from_merges(self.pieces, self.merges, self.pre, specials, self.bos_id,
+                                                  self.eos_id, where, vocab_size, self.eos_ids)
+        from ..tokenizer import Tokenizer
+        special = {p: i for i, (p, t) in enumerate(zip(self.pieces, self.types)) if t in (CONTROL, USER_DEFINED)}
+        special.setdefault("<s>", self.bos_id)
+        special.setdefault("</s>", self.eos_id)
+        hidden = [i for i, t in enumerate(self.types) if t == CONTROL]
+        return Tokenizer(self.bin_pieces(), self.scores, bos_id=self.bos_id, eos_id=self.eos_id,
+                         special=special, hidden=hidden, eos_ids=self.eos_ids)
 
     def __len__(self):
         return len(self.pieces)
@@ -54,6 +82,9 @@ class Vocab:
 
 
 def write_bin(path, vocab: Vocab):
+    if vocab.model != "llama":  # run.c's encoder merges by score over code points, not bytes
+        raise FormatError(f"{path}: a byte-level BPE ({vocab.model}) vocabulary cannot be written as a "
+                          "llama2.c tokenizer.bin; use the model's own tokenizer file")
     with atomic_write(path) as f:
         f.write(vocab.to_bin())
 
@@ -181,8 +212,7 @@ def from_tokenizer_json(path, bos_id=None, eos_id=None) -> Vocab:
         raise FormatError(f"{path}: only BPE tokenizer.json files are supported "
                           f"(found model type {model.get('type')!r})")
     if "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")]):
-        raise FormatError(f"{path}: byte-level BPE (GPT-2 / Llama 3 style) is not supported; "
-                          "expected a sentencepiece-style vocabulary with byte fallback")
+        return _byte_level_json(path, spec, bos_id, eos_id)
     vocab = dict(model["vocab"])
     for tok in spec.get("added_tokens") or []:
         vocab[tok["content"]] = tok["id"]
@@ -211,13 +241,60 @@ def from_tokenizer_json(path, bos_id=None, eos_id=None) -> Vocab:
     return Vocab(pieces, scores, types, bos, eos, unk)
 
 
+def _byte_level_json(path, spec, bos_id, eos_id) -> Vocab:
+    """A byte-level BPE tokenizer.json as a Vocab (tokens, merges, the pre-tokenizer's GGUF name, so
+    that it can be written to GGUF); the tokenizer itself is built from the file."""
+    from ..bytelevel import LLAMA3_PATTERN
+    model = spec["model"]
+    vocab = dict(model["vocab"])
+    added = spec.get("added_tokens") or []
+    for tok in added:
+        vocab[tok["content"]] = tok["id"]
+    pieces = [f"<unused{i}>" for i in range(max(vocab.values()) + 1)]
+    for piece, i in vocab.items():
+        pieces[i] = piece
+    types = [NORMAL] * len(pieces)
+    for tok in added:
+        types[tok["id"]] = CONTROL if tok.get("special") else USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    pre = json.dumps(spec.get("pre_tokenizer"))
+    name = ("llama-bpe" if json.dumps(LLAMA3_PATTERN)[1:-1] in pre else
+            "smollm" if '"Digits"' in pre else "gpt-2")
+
+    def named(ids, *names):
+        return ids if ids is not None else next((vocab[n] for n in names if n in vocab), 0)
+    return Vocab(pieces, [0.0] * len(pieces), types, named(bos_id, "<|begin_of_text|>", "<s>", "<|endoftext|>"),
+                 named(eos_id, "<|end_of_text|>", "</s>", "<|endoftext|>"), 0, model="gpt2", merges=merges,
+                 pre=name, source=path)
+
+
+def from_tiktoken(path) -> Vocab:
+    """Meta's Llama 3 tiktoken tokenizer.model as a Vocab (pieces in GPT-2's byte alphabet, merges
+    derived from the ranks, Meta's special tokens after them)."""
+    from ..bytelevel import LLAMA3_SPECIAL_COUNT, LLAMA3_SPECIALS, byte_alphabet, merges_of, read_tiktoken
+    ranks = read_tiktoken(path)
+    alphabet = byte_alphabet()
+    pieces = ["".join(alphabet[b] for b in t) for t in ranks]
+    specials = list(LLAMA3_SPECIALS) + [f"<|reserved_special_token_{2 + i}|>"
+                                        for i in range(LLAMA3_SPECIAL_COUNT - len(LLAMA3_SPECIALS))]
+    n = len(pieces)
+    merges = [f"{a} {b}" for a, b in merges_of(ranks)]
+    return Vocab(pieces + specials, [0.0] * (n + len(specials)), [NORMAL] * n + [CONTROL] * len(specials),
+                 n, n + 1, 0, model="gpt2", merges=merges, pre="llama-bpe",
+                 eos_ids=(n + LLAMA3_SPECIALS.index("<|eot_id|>"), n + LLAMA3_SPECIALS.index("<|eom_id|>")))
+
+
 def load_vocab(path, vocab_size=None) -> Vocab:
-    """Any tokenizer file: sentencepiece .model, tokenizer.json or llama2.c tokenizer.bin,
-    told apart by content (JSON text, protobuf pieces, or a llama2.c header)."""
+    """Any tokenizer file: sentencepiece .model, tokenizer.json, tiktoken tokenizer.model or llama2.c
+    tokenizer.bin, told apart by content (JSON text, "base64 rank" lines, protobuf pieces, or a
+    llama2.c header)."""
     path = Path(path)
     head = read_user_file(path, "tokenizer file", 64, exact=False)
     if head.lstrip()[:1] == b"{":
         return from_tokenizer_json(path)
+    from ..bytelevel import is_tiktoken
+    if is_tiktoken(head):
+        return from_tiktoken(path)
     # protobuf field 1, length-delimited (ModelProto.pieces), whose message starts with a tag;
     # a tokenizer.bin starts with a small uint32 max_token_length, so bytes 2-3 are zero there
     if head[:1] == b"\x0a" and head[2:4] != b"\0\0":

@@ -44,7 +44,8 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
                           prefix_cache=config.prefix_cache)
     prepare = Preparer(llama.tokenizer, llama.config.vocab_size, config.prepare_threads, config.max_parses,
                        config.max_compiles, config.retry_after_s)
-    state = routes.State(config, scheduler, metrics, prepare, llama.tokenizer, llama.config, int(time.time()))
+    state = routes.State(config, scheduler, metrics, prepare, llama.tokenizer, llama.config,
+                         config.chat_template or llama.chat_template, int(time.time()))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -16,7 +16,8 @@ class ServerConfig:
     #                        `llama2 serve` defaults to what the memory free after the weights holds)
     prefix_cache: bool = True  # requests reuse the KV blocks of a prefix they share with earlier ones
     max_body: int = 1 << 20  # request body bytes; beyond: 413
-    chat_template: str = "llama2"  # a key of llama2.chat.TEMPLATES
+    chat_template: object = None  # a chat_template.ChatTemplate or built-in name; None: the model's own
+    refuse_long_chats: bool = False  # a chat longer than the context: 400, instead of dropping old turns
     retry_after_s: int = 1  # the Retry-After of a 503
     invariant: bool = True  # passes that keep each request's logits bit-identical to it run alone
     # connection hygiene (docs/server.md, "Limits and timeouts")

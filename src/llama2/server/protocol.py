@@ -140,13 +140,15 @@ def parse_completion(body: dict, tokenizer, config) -> Request:
     return Request(params, *_stream(b), b, echo=bool(b.echo), prompt_text=text)
 
 
-def parse_chat(body: dict, tokenizer, config, template: str) -> Request:
+def parse_chat(body: dict, tokenizer, config, template, drop_turns: bool = True) -> Request:
     """POST /v1/chat/completions: messages rendered with the chat template; a system and a user
     message give exactly the tokens (and, seeded, the text) of `llama2 run -m chat -y SYS -i USER`."""
     b = _validated(ChatBody, body)
-    _check_text_fits("messages", [m.content for m in b.messages], config.seq_len)
+    # what must stay (older turns may be left out): the system prompt and the last message
+    kept = b.messages if not drop_turns else [m for m in b.messages[:1] if m.role == "system"] + b.messages[-1:]
+    _check_text_fits("messages", [m.content for m in kept], config.seq_len)
     try:
-        params = C.chat_params(tokenizer, config, b, template)
+        params = C.chat_params(tokenizer, config, b, template, drop_turns=drop_turns)
     except RequestError as e:
         raise APIError.of(e) from None
     return Request(params, *_stream(b), b)

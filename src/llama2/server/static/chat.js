@@ -305,7 +305,8 @@ async function checkKey() {
 }
 
 function requestBody(messages) {
-  const body = {model, stream: true, messages: []};
+  // the last chunk's usage says when the server left out the oldest turns to fit the context
+  const body = {model, stream: true, stream_options: {include_usage: true}, messages: []};
   if (settings.system.trim()) body.messages.push({role: "system", content: settings.system});
   for (const m of messages) body.messages.push({role: m.role, content: m.content});
   for (const name of NUMBER_FIELDS) {
@@ -379,7 +380,10 @@ async function generate(conv) {
     const complete = await readEvents(response, (event) => {
       if (event.error) throw new Error(`Server error: ${event.error.message || JSON.stringify(event.error)}`);
       const choice = event.choices && event.choices[0];
-      if (!choice) return;  // the usage chunk
+      if (!choice) {  // the usage chunk
+        if (event.usage && event.usage.dropped_messages) reply.dropped = event.usage.dropped_messages;
+        return;
+      }
       if (choice.delta && typeof choice.delta.content === "string" && choice.delta.content) {
         reply.content += choice.delta.content;
         updateReply(conv, reply);
@@ -515,6 +519,9 @@ function renderMeta(message, meta) {
   if (message.pending) meta.append(el("span", "pending", "…"));
   if (message.stopped) meta.append(el("span", "stopped", "stopped"));
   if (message.finish === "length") meta.append(el("span", "length", "cut at the token limit"));
+  if (message.dropped) {
+    meta.append(el("span", "dropped", `the ${message.dropped} oldest messages no longer fit the context and were left out`));
+  }
   if (message.error) meta.append(el("div", "error", message.error));
 }
 
