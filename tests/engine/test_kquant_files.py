@@ -10,7 +10,7 @@ import pytest
 
 import forward_reference
 from conftest import asset, golden
-from llama2 import kvcache, weights
+from llama2 import kvcache, native, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.formats import gguf
 from llama2.model import Transformer
