@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import TINY, asset, random_weights
-from llama2 import Llama, checkpoint, formats
+from llama2 import Llama, formats
 from llama2.errors import FormatError
 from llama2.formats import llama2c
 
