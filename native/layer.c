@@ -1,24 +1,28 @@
-/* The decode step in one call: see layer.h. Compiled once (baseline flags); the kernels come from
+/* The forward pass in one call: see layer.h. Compiled once (baseline flags); the kernels come from
  * the active variant's table, so every variant runs the same phases with its own dot products.
+ * This is the model's one executor: prompt passes, decode passes and passes that mix them
+ * (llama2.model runs every pass here).
  *
  * One pool job runs the whole pass. Its threads go through the phases together, a barrier
  * between two phases (no fork/join per kernel, no Python between them):
  *   per layer: [rows] RMSNorm, activations quantized as each of wq/wk/wv asks
- *              [rows of wq, wk, wv, in chunks] the three products
- *              [rows] RoPE on q and k, k and v written into the cache in its type
- *              [(row, head)] attention through the block tables
+ *              [units of wq, wk, wv] the three products
+ *              [rows] RoPE on q and k at the row's position, k and v written into the cache in its type
+ *              [attention items] each row over its sequence's cached rows 0..its position (the
+ *              last `window` of them with a sliding window: attn_pass.window)
  *              [rows] att quantized for wo (only when wo takes quantized activations)
- *              [rows of wo] the product
+ *              [units of wo] the product
  *              [rows] residual, RMSNorm, quantized for w1/w3
- *              [rows of w1, w3] the products
+ *              [units of w1, w3] the products
  *              [rows] silu(w1 h) * w3 h, quantized for w2
- *              [rows of w2] the product
+ *              [units of w2] the product
  *              [rows] residual, then the next layer's (or the final) RMSNorm and quantization
- *   then [rows of the classifier] the logits.
- * Every value is computed by the same kernel call the per-matrix path makes for it (matmul's dot
- * over a range of weight rows, attention per (row, head), rope and silu_mul per row), and each of
- * those gives a value the same bits whatever the range, tile or thread: the pass equals the
- * per-matrix path (model.py) bit for bit at every thread count. */
+ *   then [units of the classifier] the logits of every row, or of each segment's last.
+ * The products are ops.h's (the units matmul runs: dot kernels for one or two rows, gemm kernels
+ * from three, gemm.c's panels for float weights past a dot call's rows), the attention items
+ * attention_pool.c's; every value is one kernel call's own arithmetic, the same whatever the
+ * unit, tile, thread or the other rows of the pass: a row's logits are the same bits alone or
+ * batched, and a prompt's are those of feeding its tokens one at a time, at every thread count. */
 #define _GNU_SOURCE
 #include "layer.h"
 
@@ -27,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attention.h"
 #include "dispatch.h"
 #include "kv.h"
 #include "pool.h"
@@ -85,16 +90,20 @@ typedef struct {
     const lp_plan *p;
     const kernel_table *kt;
     const lp_cache *c;
-    int64_t B;
+    int64_t N, M;                                /* rows of the pass, rows of logits */
+    const int64_t *pos, *seg, *out_row;          /* per row: its position, its segment, its logits row or -1 */
     float *x, *logits;
-    float *h, *q, *k, *v, *att, *o, *hb, *hb2;  /* [B, dim] (h o), [B, q dim] (q att), [B, kv dim] x2, [B, hidden] x2 */
+    float *h, *q, *k, *v, *att, *o, *hb, *hb2;  /* [N, dim] (h o), [N, q dim] (q att), [N, kv dim] x2, [N, hidden] x2 */
     char *act_d[NACT], *act_h[NACT], *act_q[NACT];  /* quantized rows of width dim / hidden / q dim, per kind */
     size_t xs_d[NACT], xs_h[NACT], xs_q[NACT];      /* their row strides */
-    float *scores;                               /* [score_threads, maxn] */
-    int64_t maxn;
+    product *prods;                              /* each layer's LP_NMAT products, then the classifier's */
+    attn_pass attn;                              /* the pass's attention (k, v set per layer) */
+    const attn_item *items;
+    int64_t n_items, scratch;
+    float *scores;                               /* [score_threads, scratch] */
     int score_threads;
     int64_t *ctr;                                /* one work counter per claimed phase */
-    int bar_count, bar_gen;
+    int bar_count, bar_gen, failed;
 } fw_job;
 
 static void barrier(fw_job *j, int nth) {
@@ -117,63 +126,22 @@ static void quant_row(const fw_job *j, unsigned kinds, const float *row, int64_t
     if (kinds & (1u << ACT_Q8_K)) j->kt->q8_k(row, bufs[ACT_Q8_K] + (size_t)b * xs[ACT_Q8_K], cols);
 }
 
-static unsigned kinds_of(const lp_product *m, int n) {
+static unsigned kinds_of(const matrix *m, int n) {
     unsigned k = 0;
     for (int i = 0; i < n; i++) k |= 1u << m[i].act;
     return k;
 }
 
-/* A product of this phase: weights m, activations x (as m's kernel takes them: the float rows
- * `xf` for ACT_F32, else the quantized rows in bufs[m->act]) -> out [B, m->rows]. */
-typedef struct {
-    const lp_product *m;
-    const float *xf;
-    char *const *bufs;
-    const size_t *xs;
-    float *out;
-} part;
-
-static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r1) {
-    const lp_product *m = pt->m;
-    const kernel_table *kt = j->kt;
-    int64_t B = j->B, rows = m->rows, cols = m->cols;
-    if (m->kind == LP_INT8_FLAT) {  /* what op_matmul_int8_flat runs: all activation rows at once, floats */
-        kt->int8_flat_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, pt->xf, B, pt->out, (size_t)rows);
-        return;
-    }
-    const char *x = m->act == ACT_F32 ? (const char *)pt->xf : pt->bufs[m->act];
-    size_t xs = pt->xs[m->act];
-    /* ops.c's run_matmul choice: from three rows on the gemm kernels (the same bits as dot) */
-    int many = B >= 3;
-    int tile = many && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
-    int8_rows_fn int8_rows = many ? kt->int8_rows_gemm : kt->int8_rows_dot;
-    dot_fn dot = many ? kt->gemm[m->type] : kt->dot[m->type];
-    for (int64_t i = 0; i < B; i += tile) {  /* what ops.c's mm_task runs for a chunk */
-        int nx = B - i < tile ? (int)(B - i) : tile;
-        if (m->kind == LP_INT8_ROWS)
-            int8_rows(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
-                x + i * xs, xs, nx, pt->out + i * rows + r0, (size_t)rows);
-        else
-            dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, x + i * xs, xs, nx,
-                pt->out + i * rows + r0, (size_t)rows);
-    }
-}
-
-/* The parts' weight rows in chunks (about 8 per thread, at least 4 rows), claimed through *ctr. */
-static void products(const fw_job *j, const part *parts, int np, int64_t *ctr, int nth) {
-    int64_t chunk[4], first[5] = {0};
-    for (int i = 0; i < np; i++) {
-        int64_t rows = parts[i].m->rows, c = (rows + 8 * nth - 1) / (8 * nth);
-        chunk[i] = c < 4 ? 4 : c + (c & 1);  /* whole row pairs for the two-row gemm kernels */
-        first[i + 1] = first[i] + (rows + chunk[i] - 1) / chunk[i];
-    }
+/* The units of np products, claimed through *ctr. */
+static void products(fw_job *j, const product *ps, int np, int64_t *ctr) {
+    int64_t first[LP_NMAT + 1] = {0};
+    for (int i = 0; i < np; i++) first[i + 1] = first[i] + ps[i].units;
     for (;;) {
-        int64_t c = __atomic_fetch_add(ctr, 1, __ATOMIC_RELAXED);
-        if (c >= first[np]) return;
+        int64_t u = __atomic_fetch_add(ctr, 1, __ATOMIC_RELAXED);
+        if (u >= first[np]) return;
         int i = 0;
-        while (c >= first[i + 1]) i++;
-        int64_t r0 = (c - first[i]) * chunk[i], r1 = r0 + chunk[i];
-        product_chunk(j, &parts[i], r0, r1 < parts[i].m->rows ? r1 : parts[i].m->rows);
+        while (u >= first[i + 1]) i++;
+        if (product_unit(&ps[i], u - first[i]) < 0) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
@@ -186,35 +154,34 @@ static void fw_task(void *arg, int ith, int nth) {
     const lp_plan *p = j->p;
     const kernel_table *kt = j->kt;
     const lp_cache *c = j->c;
-    const int64_t B = j->B, D = p->dim, HID = p->hidden, hd = p->head_dim, H = p->n_heads, KVH = p->n_kv_heads;
-    const int64_t QD = p->q_dim;
-    const int64_t KVD = KVH * hd, half = hd / 2;
+    const int64_t N = j->N, D = p->dim, HID = p->hidden, hd = p->head_dim, H = p->n_heads, KVH = p->n_kv_heads;
+    const int64_t KVD = KVH * hd, QD = p->q_dim, half = hd / 2;
     const size_t rb = c->row_bytes, head_stride = (size_t)c->bt * rb, block_stride = (size_t)KVH * head_stride;
     const size_t layer_stride = (size_t)c->nblocks * block_stride;
     int64_t *ctr = j->ctr;
-    float *scores = ith < j->score_threads ? j->scores + (size_t)ith * (size_t)j->maxn : NULL;
+    float *scores = ith < j->score_threads ? j->scores + (size_t)ith * (size_t)j->scratch : NULL;
 
     for (int64_t l = 0; l < p->n_layers; l++) {
         const lp_layer *L = &p->layers[l];
-        const lp_product *m = L->m;
+        const matrix *m = L->m;
+        const product *pr = j->prods + l * LP_NMAT;
         if (l == 0) {
-            for (int64_t b = ith; b < B; b += nth) {
+            for (int64_t b = ith; b < N; b += nth) {
                 rmsnorm_np4(j->x + b * D, L->rms_att, p->eps, 1, D, j->h + b * D);
                 quant_row(j, kinds_of(m, 3), j->h + b * D, D, j->act_d, j->xs_d, b);
             }
             barrier(j, nth);
         }
-        part qkv[3] = {{&m[LP_WQ], j->h, j->act_d, j->xs_d, j->q}, {&m[LP_WK], j->h, j->act_d, j->xs_d, j->k},
-                       {&m[LP_WV], j->h, j->act_d, j->xs_d, j->v}};
-        products(j, qkv, 3, ctr++, nth);
+        products(j, pr + LP_WQ, 3, ctr++);  /* wq, wk, wv */
         barrier(j, nth);
 
         uint8_t *kl = c->k + l * layer_stride, *vl = c->v + l * layer_stride;
-        for (int64_t b = ith; b < B; b += nth) {
-            int64_t pos = c->lens[b] - 1;
+        for (int64_t b = ith; b < N; b += nth) {
+            int64_t pos = j->pos[b];
+            const int32_t *table = c->tables + j->seg[b] * c->maxb;
             kt->rope(j->q + b * QD, p->cos + pos * half, p->sin + pos * half, 1, H, hd, p->halves);
             kt->rope(j->k + b * KVD, p->cos + pos * half, p->sin + pos * half, 1, KVH, hd, p->halves);
-            size_t at = (size_t)c->tables[b * c->maxb + pos / c->bt] * block_stride + (size_t)(pos % c->bt) * rb;
+            size_t at = (size_t)table[pos / c->bt] * block_stride + (size_t)(pos % c->bt) * rb;
             for (int64_t g = 0; g < KVH; g++) {
                 kv_encode(c->kvtype, j->k + b * KVD + g * hd, hd, kl + at + g * head_stride);
                 kv_encode(c->kvtype, j->v + b * KVD + g * hd, hd, vl + at + g * head_stride);
@@ -223,119 +190,161 @@ static void fw_task(void *arg, int ith, int nth) {
         barrier(j, nth);
 
         int64_t *actr = ctr++;
-        if (scores)
+        if (scores) {
+            attn_pass a = j->attn;
+            a.k = kl, a.v = vl;
             for (;;) {
-                int64_t bh = __atomic_fetch_add(actr, 1, __ATOMIC_RELAXED);
-                if (bh >= B * H) break;
-                int64_t b = bh / H, g = (bh % H) / (H / KVH);
-                kt->attn_group(c->kvtype, hd, 1, 1, j->q + bh * hd, 0, kl + g * head_stride, vl + g * head_stride, rb,
-                               block_stride, c->bt, c->tables + b * c->maxb, c->lens[b], p->window, scores,
-                               j->att + bh * hd, 0);  /* attn_decode's arithmetic, over the window */
+                int64_t i = __atomic_fetch_add(actr, 1, __ATOMIC_RELAXED);
+                if (i >= j->n_items) break;
+                attn_item_run(kt, &a, &j->items[i], scores);
             }
+        }
         barrier(j, nth);
 
         if (m[LP_WO].act != ACT_F32) {
-            for (int64_t b = ith; b < B; b += nth) quant_row(j, kinds_of(&m[LP_WO], 1), j->att + b * QD, QD, j->act_q, j->xs_q, b);
+            for (int64_t b = ith; b < N; b += nth)
+                quant_row(j, kinds_of(&m[LP_WO], 1), j->att + b * QD, QD, j->act_q, j->xs_q, b);
             barrier(j, nth);
         }
-        part wo = {&m[LP_WO], j->att, j->act_q, j->xs_q, j->o};
-        products(j, &wo, 1, ctr++, nth);
+        products(j, pr + LP_WO, 1, ctr++);
         barrier(j, nth);
 
-        for (int64_t b = ith; b < B; b += nth) {
+        for (int64_t b = ith; b < N; b += nth) {
             add_rows(j->x + b * D, j->o + b * D, D);
             rmsnorm_np4(j->x + b * D, L->rms_ffn, p->eps, 1, D, j->h + b * D);
             quant_row(j, (1u << m[LP_W1].act) | (1u << m[LP_W3].act), j->h + b * D, D, j->act_d, j->xs_d, b);
         }
         barrier(j, nth);
 
-        part w13[2] = {{&m[LP_W1], j->h, j->act_d, j->xs_d, j->hb}, {&m[LP_W3], j->h, j->act_d, j->xs_d, j->hb2}};
-        products(j, w13, 2, ctr++, nth);
+        const product w13[2] = {pr[LP_W1], pr[LP_W3]};
+        products(j, w13, 2, ctr++);
         barrier(j, nth);
 
-        for (int64_t b = ith; b < B; b += nth) {
+        for (int64_t b = ith; b < N; b += nth) {
             kt->silu_mul(j->hb + b * HID, j->hb2 + b * HID, HID);
             quant_row(j, kinds_of(&m[LP_W2], 1), j->hb + b * HID, HID, j->act_h, j->xs_h, b);
         }
         barrier(j, nth);
 
-        part w2 = {&m[LP_W2], j->hb, j->act_h, j->xs_h, j->o};
-        products(j, &w2, 1, ctr++, nth);
+        products(j, pr + LP_W2, 1, ctr++);
         barrier(j, nth);
 
+        /* the residual, then the next layer's norm, or the final norm of the rows that give logits
+         * (into rows 0..M-1 of h: row b's logits row is at most b, and h is not read here) */
         const int last = l == p->n_layers - 1;
         const float *norm = last ? p->rms_final : p->layers[l + 1].rms_att;
         unsigned kinds = last ? kinds_of(&p->cls, 1) : kinds_of(p->layers[l + 1].m, 3);
-        for (int64_t b = ith; b < B; b += nth) {
+        for (int64_t b = ith; b < N; b += nth) {
             add_rows(j->x + b * D, j->o + b * D, D);
-            rmsnorm_np4(j->x + b * D, norm, p->eps, 1, D, j->h + b * D);
-            quant_row(j, kinds, j->h + b * D, D, j->act_d, j->xs_d, b);
+            int64_t r = last ? j->out_row[b] : b;
+            if (r < 0) continue;
+            rmsnorm_np4(j->x + b * D, norm, p->eps, 1, D, j->h + r * D);
+            quant_row(j, kinds, j->h + r * D, D, j->act_d, j->xs_d, r);
         }
         barrier(j, nth);
     }
-    part cls = {&p->cls, j->h, j->act_d, j->xs_d, j->logits};
-    products(j, &cls, 1, ctr, nth);
+    products(j, j->prods + p->n_layers * LP_NMAT, 1, ctr);
 }
 
 #define COUNTERS_PER_LAYER 5
 
-int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *logits) {
-    if (B == 0) return 0;
-    fw_job j = {.p = p, .kt = active_table, .c = c, .B = B, .x = x, .logits = logits};
+/* Bump allocation of one block: each piece 64-byte aligned. */
+static void *carve(char **at, size_t bytes) {
+    char *p = (char *)(((uintptr_t)*at + 63) & ~(uintptr_t)63);
+    *at = p + bytes;
+    return p;
+}
+
+/* Each row's position, segment and logits row (-1: none), into pos [3 * N]. */
+static void set_rows(fw_job *j, int64_t *pos, int all_rows) {
+    const lp_cache *c = j->c;
+    int64_t *seg = pos + j->N, *out_row = seg + j->N;
+    for (int64_t s = 0, b = 0; s < c->S; s++)
+        for (int64_t i = 0; i < c->counts[s]; i++, b++) {
+            pos[b] = c->starts[s] + i, seg[b] = s;
+            out_row[b] = all_rows ? b : i == c->counts[s] - 1 ? s : -1;
+        }
+    j->pos = pos, j->seg = seg, j->out_row = out_row;
+}
+
+/* Every product of the pass: its weights, its input rows (in its activation kind), its output rows. */
+static void set_products(fw_job *j, int threads) {
+    const lp_plan *p = j->p;
+    for (int64_t l = 0; l < p->n_layers; l++) {
+        const matrix *m = p->layers[l].m;
+        const char *in[LP_NMAT] = {j->act_d[m[LP_WQ].act], j->act_d[m[LP_WK].act], j->act_d[m[LP_WV].act],
+                                   j->act_q[m[LP_WO].act],
+                                   j->act_d[m[LP_W1].act], j->act_h[m[LP_W2].act], j->act_d[m[LP_W3].act]};
+        const size_t xs[LP_NMAT] = {j->xs_d[m[LP_WQ].act], j->xs_d[m[LP_WK].act], j->xs_d[m[LP_WV].act],
+                                    j->xs_q[m[LP_WO].act], j->xs_d[m[LP_W1].act], j->xs_h[m[LP_W2].act],
+                                    j->xs_d[m[LP_W3].act]};
+        float *out[LP_NMAT] = {j->q, j->k, j->v, j->o, j->hb, j->o, j->hb2};
+        for (int i = 0; i < LP_NMAT; i++)
+            product_init(&j->prods[l * LP_NMAT + i], j->kt, &m[i], in[i], xs[i], j->N, out[i], threads);
+    }
+    product_init(&j->prods[p->n_layers * LP_NMAT], j->kt, &p->cls, j->act_d[p->cls.act], j->xs_d[p->cls.act], j->M,
+                 j->logits, threads);
+}
+
+int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits) {
+    if (N == 0) return 0;
     const int64_t D = p->dim, HID = p->hidden, KVD = p->n_kv_heads * p->head_dim, QD = p->q_dim;
-    for (int64_t b = 0; b < B; b++)
-        if (c->lens[b] > j.maxn) j.maxn = c->lens[b];
+    const int64_t M = all_rows ? N : c->S;
+    fw_job j = {.p = p, .kt = active_table, .c = c, .N = N, .M = M, .x = x, .logits = logits};
+    j.attn = (attn_pass){.kvtype = c->kvtype, .S = c->S, .H = p->n_heads, .KVH = p->n_kv_heads, .hd = p->head_dim,
+                         .block_tokens = c->bt, .maxb = c->maxb, .starts = c->starts, .counts = c->counts,
+                         .tables = c->tables, .row_bytes = c->row_bytes, .window = p->window,
+                         .q_stride = (size_t)QD, .out_stride = (size_t)QD};
+    attn_item *items = attn_items(&j.attn, &j.n_items, &j.scratch);
+    if (!items) return -1;
+    j.items = items;
     int threads = pool_threads();
-    /* Every product in one thread when the largest is small (tiny models: the pool's wake-ups
+    /* Every phase in one thread when the largest product is small (tiny models: the pool's wake-ups
      * would cost more than they save); the bits are the same either way. */
     int64_t work = 0;
     for (int i = 0; i < LP_NMAT; i++) {
-        const lp_product *m = &p->layers[0].m[i];
+        const matrix *m = &p->layers[0].m[i];
         if (m->rows * m->cols > work) work = m->rows * m->cols;
     }
-    if (work * B < (1 << 15)) threads = 1;
+    if (work * N < (1 << 15)) threads = 1;
     j.score_threads = threads;
 
-    /* One allocation: the float rows, the quantized rows, the scores, the counters. */
-    size_t fl = (size_t)B * (2 * D + 2 * QD + 2 * KVD + 2 * HID) + (size_t)threads * (size_t)j.maxn;
-    size_t need = fl * sizeof(float) + 64;
+    /* One allocation: the rows' bookkeeping, the float rows, the quantized rows, the scores, the
+     * counters, the products. */
+    const int nprod = (int)p->n_layers * LP_NMAT + 1;
+    const size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
+    size_t fl[9] = {N * D, N * QD, N * QD, N * D, N * KVD, N * KVD, N * HID, N * HID, (size_t)threads * j.scratch};
+    size_t need = 3 * (size_t)N * sizeof(int64_t) + nctr * sizeof(int64_t) + nprod * sizeof(product) + 64 * 32;
+    for (int i = 0; i < 9; i++) need += fl[i] * sizeof(float);
     for (int a = ACT_Q8_0; a < NACT; a++) {
         j.xs_d[a] = act_row_bytes(a, D);
         j.xs_h[a] = act_row_bytes(a, HID);
         j.xs_q[a] = act_row_bytes(a, QD);
-        need += (size_t)B * (j.xs_d[a] + j.xs_h[a] + j.xs_q[a]) + 192;
+        need += (size_t)N * (j.xs_d[a] + j.xs_h[a] + j.xs_q[a]);
     }
-    size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
-    need += nctr * sizeof(int64_t);
-    char *mem = malloc(need);
-    if (!mem) return -1;
-    float *f = (float *)mem;
-    j.h = f, f += B * D;
-    j.q = f, f += B * QD;
-    j.att = f, f += B * QD;
-    j.o = f, f += B * D;
-    j.k = f, f += B * KVD;
-    j.v = f, f += B * KVD;
-    j.hb = f, f += B * HID;
-    j.hb2 = f, f += B * HID;
-    j.scores = f, f += (size_t)threads * (size_t)j.maxn;
-    char *at = (char *)f;
-    for (int a = ACT_Q8_0; a < NACT; a++) {
-        at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
-        j.act_d[a] = at, at += (size_t)B * j.xs_d[a];
-        j.act_h[a] = at, at += (size_t)B * j.xs_h[a];
-        at = (char *)(((uintptr_t)at + 63) & ~(uintptr_t)63);
-        j.act_q[a] = at, at += (size_t)B * j.xs_q[a];
-    }
-    at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
-    j.ctr = (int64_t *)at;
-    memset(j.ctr, 0, nctr * sizeof(int64_t));
     j.xs_d[ACT_F32] = act_row_bytes(ACT_F32, D);
     j.xs_h[ACT_F32] = act_row_bytes(ACT_F32, HID);
     j.xs_q[ACT_F32] = act_row_bytes(ACT_F32, QD);
+    char *mem = malloc(need), *at = mem;
+    if (!mem) { free(items); return -1; }
+    float **bufs[9] = {&j.h, &j.q, &j.att, &j.o, &j.k, &j.v, &j.hb, &j.hb2, &j.scores};
+    for (int i = 0; i < 9; i++) *bufs[i] = carve(&at, fl[i] * sizeof(float));
+    for (int a = ACT_Q8_0; a < NACT; a++) {
+        j.act_d[a] = carve(&at, (size_t)N * j.xs_d[a]);
+        j.act_h[a] = carve(&at, (size_t)N * j.xs_h[a]);
+        j.act_q[a] = carve(&at, (size_t)N * j.xs_q[a]);
+    }
+    j.act_d[ACT_F32] = (char *)j.h, j.act_h[ACT_F32] = (char *)j.hb, j.act_q[ACT_F32] = (char *)j.att;
+    set_rows(&j, carve(&at, 3 * (size_t)N * sizeof(int64_t)), all_rows);
+    j.ctr = carve(&at, nctr * sizeof(int64_t));
+    memset(j.ctr, 0, nctr * sizeof(int64_t));
+    j.prods = carve(&at, nprod * sizeof(product));
+    j.attn.q = j.q, j.attn.out = j.att;
+    set_products(&j, threads);
 
     if (threads > 1) pool_run(fw_task, &j);
     else fw_task(&j, 0, 1);
     free(mem);
-    return 0;
+    free(items);
+    return j.failed ? -1 : 0;
 }

@@ -1,31 +1,18 @@
-/* The decode step in one call (layer.c): every layer of a model's forward pass, then the final norm
- * and the classifier, for B decode rows (one new token per sequence) over the paged KV cache,
- * on the pool's threads kept across phases (barriers, no fork/join per kernel). A plan, built once
- * per model (layer_py.c), holds the pointers, types and shapes; a call passes only the rows. */
+/* The forward pass in one call (layer.c): every layer of a model, then the final norm and the
+ * classifier, for the rows of a pass (prompt rows and decode rows of several sequences) over the
+ * paged KV cache, on the pool's threads kept across phases (barriers, no fork/join per kernel). A
+ * plan, built once per model (layer_py.c), is the model's description: its shapes, norms, RoPE
+ * tables and each matrix as the product kernels read it; a call passes only the rows. */
 #ifndef LLAMA2_LAYER_H
 #define LLAMA2_LAYER_H
 
-#include "kernels.h"
-
-/* How a product reads its weights: a ggml type through the kernel table's dot (w: rows of
- * row_bytes), llama2.c version-2 Q8 with whole groups of a multiple of 32 per row (int8_rows_dot), or
- * version-2 Q8 in any other layout (int8_flat_dot). The same kernels matmul / matmul_int8_rows /
- * matmul_int8_flat use for a few rows, so a row's result is theirs bit for bit. */
-enum { LP_TYPE = 0, LP_INT8_ROWS = 1, LP_INT8_FLAT = 2 };
-
-typedef struct {
-    int kind, type, act;  /* act: ACT_F32, ACT_Q8_0 or ACT_Q8_K (how x is handed to the kernel) */
-    const uint8_t *w;     /* LP_TYPE: [rows, row_bytes]; LP_INT8_ROWS / LP_INT8_FLAT: int8 q [rows, cols] */
-    size_t row_bytes;
-    const float *s;       /* version-2 Q8 scales, one per gs values of the flattened matrix */
-    int64_t gs, rows, cols;
-} lp_product;
+#include "ops.h"
 
 enum { LP_WQ, LP_WK, LP_WV, LP_WO, LP_W1, LP_W2, LP_W3, LP_NMAT };
 
 typedef struct {
     const float *rms_att, *rms_ffn;  /* [dim] */
-    lp_product m[LP_NMAT];
+    matrix m[LP_NMAT];
 } lp_layer;
 
 typedef struct {
@@ -33,32 +20,34 @@ typedef struct {
     int64_t q_dim;             /* n_heads * head_dim: q's and the attention output's width (dim, or not) */
     float eps;
     int halves;                /* RoPE pairs (i, i + hd/2) instead of (2i, 2i+1) */
-    int64_t window;            /* > 0: each row attends its last `window` positions (sliding window) */
-    const float *cos, *sin;    /* [seq_len, head_dim / 2] */
+    int64_t window;            /* > 0: each row attends its last `window` positions (attn_pass.window) */
+    const float *cos, *sin;    /* [seq_len, head_dim / 2]: the model's RoPE angles, position by position */
     const float *rms_final;    /* [dim] */
-    lp_product cls;            /* [vocab, dim] */
+    matrix cls;                /* [vocab, dim] */
     lp_layer *layers;          /* [n_layers] */
 } lp_plan;
 
-/* The paged cache of one call: k, v [n_layers, nblocks, n_kv_heads, bt, row_bytes] of KV type
- * kvtype (kv.h); row b's sequence reads tables[b * maxb ...] and attends lens[b] rows, its new token at
- * position lens[b] - 1 (written by the call). */
+/* The paged cache and the pass's rows: k, v [n_layers, nblocks, n_kv_heads, bt, row_bytes] of KV
+ * type kvtype (kv.h); S segments, segment s holding counts[s] rows of the sequence whose blocks are
+ * tables[s * maxb ...], at positions starts[s]... (their keys and values written by the call,
+ * blocks already reserved). */
 typedef struct {
     int kvtype;
     uint8_t *k, *v;
     int64_t nblocks, bt;
     size_t row_bytes;
     const int32_t *tables;
-    int64_t maxb;
-    const int64_t *lens;
+    int64_t maxb, S;
+    const int64_t *starts, *counts;
 } lp_cache;
 
-/* x [B, dim] (the rows' embeddings, overwritten) -> logits [B, vocab]; 0, or -1 out of memory. */
-int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *logits);
+/* x [N, dim] (the rows' embeddings, N = the sum of counts; overwritten) -> logits [M, vocab]: every
+ * row's (all_rows) or each segment's last row's; 0, or -1 out of memory. */
+int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits);
 
 /* out [n, d] = w * (x * (1 / sqrt(ss / d + eps))), ss summed in numpy's einsum order ("td,td->t"
  * on an x86-64 build: four float lanes, sixteen values a step, each product rounded before its
- * add, lanes combined as (l0 + l1) + (l2 + l3)): the bits of kernels.rmsnorm. */
+ * add, lanes combined as (l0 + l1) + (l2 + l3)): the bits of numpy's einsum there. */
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out);
 
 /* a [count] = silu(a) * b on the pool (native.silu_mul): the variant's kernel over contiguous

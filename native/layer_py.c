@@ -1,16 +1,17 @@
-/* The Python side of the one-call decode step (layer.c): decode_plan builds a plan once per model
- * from its arrays (checked here, held as buffer exports for the plan's life, so the memory stays
- * mapped), decode_forward runs a pass of decode rows through it with the GIL released, and
- * rmsnorm_einsum exposes the plan's RMSNorm for tests. Registered by module.c. */
+/* The Python side of the forward pass in one call (layer.c): forward_plan builds a plan once per
+ * model from its arrays (checked here, held as buffer exports for the plan's life, so the memory
+ * stays mapped), forward runs a pass through it with the GIL released, and rmsnorm_einsum exposes
+ * the plan's RMSNorm for tests. Registered by module.c. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include "attention.h"
 #include "dispatch.h"
 #include "kv.h"
 #include "layer.h"
 #include "pybuf.h"
 
-#define CAPSULE "llama2.decode_plan"
+#define CAPSULE "llama2.forward_plan"
 
 typedef struct {
     lp_plan plan;
@@ -40,7 +41,7 @@ static Py_buffer *hold(holder *h, PyObject *o, const char *what) {
     }
     Py_buffer *b = &h->bufs[h->nbufs];
     if (PyObject_GetBuffer(o, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
-        PyErr_Format(PyExc_ValueError, "decode_plan: %s must be a C-contiguous array", what);
+        PyErr_Format(PyExc_ValueError, "forward_plan: %s must be a C-contiguous array", what);
         return NULL;
     }
     h->nbufs++;
@@ -51,7 +52,7 @@ static const float *f32_vector(holder *h, PyObject *o, int64_t n, const char *wh
     Py_buffer *b = hold(h, o, what);
     if (!b) return NULL;
     if (pb_fmt(b) != 'f' || b->itemsize != 4 || b->ndim != 1 || b->shape[0] != n) {
-        PyErr_Format(PyExc_ValueError, "decode_plan: %s must be float32 [%lld]", what, (long long)n);
+        PyErr_Format(PyExc_ValueError, "forward_plan: %s must be float32 [%lld]", what, (long long)n);
         return NULL;
     }
     return b->buf;
@@ -59,10 +60,10 @@ static const float *f32_vector(holder *h, PyObject *o, int64_t n, const char *wh
 
 /* A product spec: ("type", ggml_type, w) | ("int8_rows", q, s, group_size) | ("int8_flat", q, s,
  * group_size), checked to be [rows, cols]. */
-static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const char *what, lp_product *m) {
+static int matrix_spec(holder *h, PyObject *spec, int64_t rows, int64_t cols, const char *what, matrix *m) {
     memset(m, 0, sizeof(*m));
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) < 3 || !PyUnicode_Check(PyTuple_GET_ITEM(spec, 0))) {
-        PyErr_Format(PyExc_ValueError, "decode_plan: %s: expected a product spec tuple", what);
+        PyErr_Format(PyExc_ValueError, "forward_plan: %s: expected a product spec tuple", what);
         return -1;
     }
     const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(spec, 0));
@@ -71,7 +72,7 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
         long t = PyLong_AsLong(PyTuple_GET_ITEM(spec, 1));
         if (t == -1 && PyErr_Occurred()) return -1;
         if (t < 0 || t >= T_COUNT || !TYPE_INFO[t].name) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: %s: ggml type %ld is not a weight type we run", what, t);
+            PyErr_Format(PyExc_ValueError, "forward_plan: %s: ggml type %ld is not a weight type we run", what, t);
             return -1;
         }
         Py_buffer *w = hold(h, PyTuple_GET_ITEM(spec, 2), what);
@@ -80,11 +81,11 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
         size_t row_bytes = w->ndim == 2 ? (size_t)w->shape[1] * (size_t)w->itemsize : 0;
         if (w->ndim != 2 || w->shape[0] != rows || cols % ti->block_values ||
             row_bytes != (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: %s must be %s [%lld, %lld]", what, ti->name,
+            PyErr_Format(PyExc_ValueError, "forward_plan: %s must be %s [%lld, %lld]", what, ti->name,
                          (long long)rows, (long long)cols);
             return -1;
         }
-        *m = (lp_product){.kind = LP_TYPE, .type = (int)t, .act = ti->act, .w = w->buf, .row_bytes = row_bytes,
+        *m = (matrix){.kind = MAT_TYPE, .type = (int)t, .act = ti->act, .w = w->buf, .row_bytes = row_bytes,
                           .rows = rows, .cols = cols};
         return 0;
     }
@@ -97,45 +98,47 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
         Py_buffer *s = hold(h, PyTuple_GET_ITEM(spec, 2), what);
         if (!s) return -1;
         if (q->ndim != 2 || q->itemsize != 1 || q->shape[0] != rows || q->shape[1] != cols) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: %s must be int8 [%lld, %lld]", what, (long long)rows,
+            PyErr_Format(PyExc_ValueError, "forward_plan: %s must be int8 [%lld, %lld]", what, (long long)rows,
                          (long long)cols);
             return -1;
         }
         if (gs <= 0 || (split && (gs % QK || cols % gs))) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: %s: group size %lld does not fit %s", what, gs, kind);
+            PyErr_Format(PyExc_ValueError, "forward_plan: %s: group size %lld does not fit %s", what, gs, kind);
             return -1;
         }
         int64_t groups = (rows * cols + gs - 1) / gs;
         if (pb_fmt(s) != 'f' || s->itemsize != 4 || s->len / 4 < groups) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: %s: s must be float32 with at least %lld scales", what,
+            PyErr_Format(PyExc_ValueError, "forward_plan: %s: s must be float32 with at least %lld scales", what,
                          (long long)groups);
             return -1;
         }
-        *m = (lp_product){.kind = split ? LP_INT8_ROWS : LP_INT8_FLAT, .act = split ? ACT_Q8_0 : ACT_F32,
+        *m = (matrix){.kind = split ? MAT_INT8_ROWS : MAT_INT8_FLAT, .act = split ? ACT_Q8_0 : ACT_F32,
                           .w = q->buf,
                           .row_bytes = (size_t)cols, .s = s->buf, .gs = gs, .rows = rows, .cols = cols};
         return 0;
     }
-    PyErr_Format(PyExc_ValueError, "decode_plan: %s: unknown product spec %s", what, kind);
+    PyErr_Format(PyExc_ValueError, "forward_plan: %s: unknown product spec %s", what, kind);
     return -1;
 }
 
 static const char *const MAT_NAMES[LP_NMAT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
 
-/* decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin)
- * -> plan. dim: the model's width when its heads are not dim / n_heads wide (0: n_heads * head_dim).
- * layers: a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product
- * specs; cos, sin float32 [seq_len, head_dim / 2]. */
-static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "decode_plan takes 6 arguments (%zd given)", nargs);
+/* forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final,
+ * classifier, cos, sin) -> plan. window > 0: each row attends its last `window` positions; dim: the
+ * model's width when its heads are not dim / n_heads wide (0: n_heads * head_dim). layers: a
+ * sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product specs; cos,
+ * sin float32 [seq_len, head_dim / 2]. */
+static PyObject *py_forward_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "forward_plan takes 6 arguments (%zd given)", nargs);
     long long H, KVH, hidden, vocab;
     double eps;
     int halves;
     long long window = 0, dim = 0;
     if (!PyArg_ParseTuple(args[0], "LLLLdp|LL", &H, &KVH, &hidden, &vocab, &eps, &halves, &window, &dim)) return NULL;
     if (window < 0 || dim < 0)
-        return PyErr_Format(PyExc_ValueError, "decode_plan: window and dim must be >= 0, got %lld and %lld", window, dim);
-    PyObject *layers = PySequence_Fast(args[1], "decode_plan: layers must be a sequence");
+        return PyErr_Format(PyExc_ValueError, "forward_plan: window and dim must be >= 0, got %lld and %lld", window,
+                            dim);
+    PyObject *layers = PySequence_Fast(args[1], "forward_plan: layers must be a sequence");
     if (!layers) return NULL;
     holder *h = PyMem_Calloc(1, sizeof(holder));
     if (!h) { Py_DECREF(layers); return PyErr_NoMemory(); }
@@ -146,13 +149,13 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
     if (!sb) goto fail;
     if (pb_fmt(cb) != 'f' || cb->itemsize != 4 || cb->ndim != 2 || sb->ndim != 2 || pb_fmt(sb) != 'f' ||
         sb->itemsize != 4 || cb->shape[0] != sb->shape[0] || cb->shape[1] != sb->shape[1] || cb->shape[1] < 1) {
-        PyErr_SetString(PyExc_ValueError, "decode_plan: cos and sin must be float32 [seq_len, head_dim / 2]");
+        PyErr_SetString(PyExc_ValueError, "forward_plan: cos and sin must be float32 [seq_len, head_dim / 2]");
         goto fail;
     }
     p->seq_len = cb->shape[0], p->head_dim = 2 * cb->shape[1], p->cos = cb->buf, p->sin = sb->buf;
     if (H < 1 || KVH < 1 || H % KVH || nl < 1 || p->head_dim > 1024 || hidden < 1 || vocab < 1) {
-        PyErr_Format(PyExc_ValueError, "decode_plan: %lld heads over %lld kv heads of %lld values in %zd layers "
-                     "is not a shape the decode step runs", H, KVH, (long long)p->head_dim, nl);
+        PyErr_Format(PyExc_ValueError, "forward_plan: %lld heads over %lld kv heads of %lld values in %zd layers "
+                     "is not a shape the plan runs", H, KVH, (long long)p->head_dim, nl);
         goto fail;
     }
     p->n_heads = H, p->n_kv_heads = KVH, p->n_layers = nl, p->eps = (float)eps, p->halves = halves;
@@ -166,7 +169,7 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
     for (Py_ssize_t l = 0; l < nl; l++) {
         PyObject *lay = PySequence_Fast_GET_ITEM(layers, l);
         if (!PyTuple_Check(lay) || PyTuple_GET_SIZE(lay) != 2 + LP_NMAT) {
-            PyErr_Format(PyExc_ValueError, "decode_plan: layer %zd must be a tuple of %d items", l, 2 + LP_NMAT);
+            PyErr_Format(PyExc_ValueError, "forward_plan: layer %zd must be a tuple of %d items", l, 2 + LP_NMAT);
             goto fail;
         }
         lp_layer *L = &p->layers[l];
@@ -178,11 +181,11 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
                                            {p->hidden, D}};
         for (int i = 0; i < LP_NMAT; i++) {
             snprintf(what, sizeof what, "layer %zd %s", l, MAT_NAMES[i]);
-            if (product(h, PyTuple_GET_ITEM(lay, 2 + i), shapes[i][0], shapes[i][1], what, &L->m[i]) < 0) goto fail;
+            if (matrix_spec(h, PyTuple_GET_ITEM(lay, 2 + i), shapes[i][0], shapes[i][1], what, &L->m[i]) < 0) goto fail;
         }
     }
     if (!(p->rms_final = f32_vector(h, args[2], D, "rms_final"))) goto fail;
-    if (product(h, args[3], p->vocab, D, "classifier", &p->cls) < 0) goto fail;
+    if (matrix_spec(h, args[3], p->vocab, D, "classifier", &p->cls) < 0) goto fail;
     Py_DECREF(layers);
     PyObject *cap = PyCapsule_New(h, CAPSULE, capsule_free);
     if (!cap) holder_free(h);
@@ -193,16 +196,17 @@ fail:
     return NULL;
 }
 
-/* decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] (the
+/* forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits): x float32 [N, dim] (the
  * rows' embeddings; overwritten), pools uint8 [n_layers, blocks, kv_heads, block_tokens, row_bytes],
- * tables int32 [B, max_blocks], lens int64 [B] (row b's new token at position lens[b] - 1, written
- * into the cache), logits float32 [B, vocab] out. */
-static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "decode_forward";
+ * S segments: tables int32 [S, max_blocks], starts, counts int64 [S] (segment s: counts[s] rows at
+ * positions starts[s]..., N rows in all, their keys and values written into the cache), logits
+ * float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out. */
+static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "forward";
     PB_ARGS a = {0};
-    if (PB_PARSE(a, fn, args, nargs, 8, {1, "x", PB_BYTES, 1}, {2, "k_pool", PB_BYTES, 1},
-                 {3, "v_pool", PB_BYTES, 1}, {5, "tables", PB_BYTES, 0}, {6, "lens", PB_BYTES, 0},
-                 {7, "logits", PB_BYTES, 1}) < 0)
+    if (PB_PARSE(a, fn, args, nargs, 9, {1, "x", PB_BYTES, 1}, {2, "k_pool", PB_BYTES, 1},
+                 {3, "v_pool", PB_BYTES, 1}, {5, "tables", PB_BYTES, 0}, {6, "starts", PB_BYTES, 0},
+                 {7, "counts", PB_BYTES, 0}, {8, "logits", PB_BYTES, 1}) < 0)
         return NULL;
     holder *h = PyCapsule_GetPointer(args[0], CAPSULE);
     if (!h) return NULL;
@@ -213,42 +217,50 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
     if (rb < 0)
         return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t,
                             (long long)p->head_dim);
-    const Py_buffer *x = &a.b[0], *kp = &a.b[1], *vp = &a.b[2], *tb = &a.b[3], *lb = &a.b[4], *ob = &a.b[5];
+    const Py_buffer *x = &a.b[0], *kp = &a.b[1], *vp = &a.b[2], *tb = &a.b[3], *ob = &a.b[6];
     if (!pb_is_f32(x) || x->ndim != 2 || x->shape[1] != p->dim)
-        return PyErr_Format(PyExc_ValueError, "%s: x must be float32 [B, %lld]", fn, (long long)p->dim);
-    int64_t B = x->shape[0];
+        return PyErr_Format(PyExc_ValueError, "%s: x must be float32 [N, %lld]", fn, (long long)p->dim);
+    int64_t N = x->shape[0];
     if (kp->ndim != 5 || kp->itemsize != 1 || kp->shape[0] != p->n_layers || kp->shape[2] != p->n_kv_heads ||
         kp->shape[4] != rb || kp->shape[1] < 1 || kp->shape[3] < 1 || vp->ndim != 5 ||
         memcmp(kp->shape, vp->shape, 5 * sizeof(Py_ssize_t)) != 0)
         return PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [%lld, blocks, %lld, "
                             "block_tokens, %lld]", fn, (long long)p->n_layers, (long long)p->n_kv_heads, (long long)rb);
     int64_t nblocks = kp->shape[1], bt = kp->shape[3];
-    if (tb->ndim != 2 || !pb_is_i32(tb) || tb->shape[0] != B)
-        return PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
-    if (lb->ndim != 1 || !pb_is_i64(lb) || lb->shape[0] != B)
-        return PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
-    if (!pb_is_f32(ob) || ob->ndim != 2 || ob->shape[0] != B || ob->shape[1] != p->vocab)
-        return PyErr_Format(PyExc_ValueError, "%s: logits must be float32 [%lld, %lld]", fn, (long long)B,
-                            (long long)p->vocab);
+    if (tb->ndim != 2 || !pb_is_i32(tb) || tb->shape[0] < 1)
+        return PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [S, max_blocks]", fn);
+    int64_t S = tb->shape[0];
+    for (int i = 4; i < 6; i++)
+        if (a.b[i].ndim != 1 || !pb_is_i64(&a.b[i]) || a.b[i].shape[0] != S)
+            return PyErr_Format(PyExc_ValueError, "%s: %s must be int64 [%lld]", fn, i == 4 ? "starts" : "counts",
+                                (long long)S);
+    if (!pb_is_f32(ob) || ob->ndim != 2 || (ob->shape[0] != N && ob->shape[0] != S) || ob->shape[1] != p->vocab)
+        return PyErr_Format(PyExc_ValueError, "%s: logits must be float32 [%lld or %lld, %lld]", fn, (long long)N,
+                            (long long)S, (long long)p->vocab);
     int64_t maxb = tb->shape[1];
     const int32_t *tables = tb->buf;
-    const int64_t *lens = lb->buf;
-    int64_t most = maxb * bt < p->seq_len ? maxb * bt : p->seq_len;
-    for (int64_t i = 0; i < B; i++) {
-        if (lens[i] < 1 || lens[i] > most)
-            return PyErr_Format(PyExc_ValueError, "%s: row %lld attends %lld positions; its table and the RoPE "
-                                "tables hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
-        int64_t first = p->window > 0 && lens[i] > p->window ? lens[i] - p->window : 0;  /* blocks before: freed */
-        for (int64_t k = first / bt; k < (lens[i] + bt - 1) / bt; k++)
+    const int64_t *starts = a.b[4].buf, *counts = a.b[5].buf;
+    int64_t most = maxb * bt < p->seq_len ? maxb * bt : p->seq_len, rows = 0;
+    for (int64_t i = 0; i < S; i++) {
+        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > most)
+            return PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table and the "
+                                "RoPE tables hold 0..%lld", fn, (long long)i, (long long)starts[i],
+                                (long long)(starts[i] + counts[i] - 1), (long long)(most - 1));
+        for (int64_t k = attn_first_row(starts[i], p->window) / bt; k < (starts[i] + counts[i] + bt - 1) / bt; k++)
             if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks)
-                return PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn,
+                return PyErr_Format(PyExc_IndexError, "%s: segment %lld names block %d of a pool of %lld", fn,
                                     (long long)i, tables[i * maxb + k], (long long)nblocks);
+        rows += counts[i];
     }
+    if (rows != N)
+        return PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; x has %lld", fn, (long long)rows,
+                            (long long)N);
     lp_cache c = {.kvtype = (int)t, .k = kp->buf, .v = vp->buf, .nblocks = nblocks, .bt = bt,
-                  .row_bytes = (size_t)rb, .tables = tables, .maxb = maxb, .lens = lens};
-    int rc;
+                  .row_bytes = (size_t)rb, .tables = tables, .maxb = maxb, .S = S, .starts = starts,
+                  .counts = counts};
+    int all_rows = ob->shape[0] == N, rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = lp_forward(p, B, x->buf, &c, ob->buf);
+    rc = lp_forward(p, N, x->buf, &c, all_rows, ob->buf);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -274,10 +286,10 @@ static PyObject *py_rmsnorm_einsum(PyObject *self, PyObject *const *args, Py_ssi
 }
 
 PyMethodDef layer_methods[] = {
-    {"decode_plan", (PyCFunction)(void (*)(void))py_decode_plan, METH_FASTCALL,
-     "decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin) -> plan"},
-    {"decode_forward", (PyCFunction)(void (*)(void))py_decode_forward, METH_FASTCALL,
-     "decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits)"},
+    {"forward_plan", (PyCFunction)(void (*)(void))py_forward_plan, METH_FASTCALL,
+     "forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin) -> plan"},
+    {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL,
+     "forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits)"},
     {"rmsnorm_einsum", (PyCFunction)(void (*)(void))py_rmsnorm_einsum, METH_FASTCALL,
      "rmsnorm_einsum(x, w, eps, out) -> out"},
     {NULL, NULL, 0, NULL},

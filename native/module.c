@@ -307,17 +307,21 @@ static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t 
             return PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds "
                                 "0..%lld", fn, (long long)i, (long long)starts[i],
                                 (long long)(starts[i] + counts[i] - 1), (long long)(s.maxb * s.bt - 1));
-        int64_t first = window > 0 && starts[i] + 1 > window ? starts[i] + 1 - window : 0;  /* blocks before: freed */
-        if (table_row_ok(tables + i * s.maxb, first, starts[i] + counts[i], &s, fn, "segment", i) < 0) return NULL;
+        if (table_row_ok(tables + i * s.maxb, attn_first_row(starts[i], window), starts[i] + counts[i], &s, fn,
+                         "segment", i) < 0)
+            return NULL;
         rows += counts[i];
     }
     if (rows != N)
         return PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; q has %lld", fn, (long long)rows,
                             (long long)N);
+    attn_pass pass = {.kvtype = (int)t, .S = S, .H = s.H, .KVH = s.KVH, .hd = s.hd, .block_tokens = s.bt,
+                      .maxb = s.maxb, .starts = starts, .counts = counts, .tables = tables, .k = b[1].buf,
+                      .v = b[2].buf, .row_bytes = (size_t)s.rb, .window = window, .q = b[0].buf, .out = b[6].buf,
+                      .q_stride = (size_t)(s.H * s.hd), .out_stride = (size_t)(s.H * s.hd)};
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention((int)t, S, s.H, s.KVH, s.hd, b[0].buf, b[1].buf, b[2].buf, s.bt, (size_t)s.rb, tables,
-                      s.maxb, starts, counts, (int64_t)window, b[6].buf);
+    rc = op_attention(&pass);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -458,9 +462,11 @@ static PyObject *py_matmul_int8_flat(PyObject *self, PyObject *const *args, Py_s
     int64_t cols = pb_cols(x), n = pb_rows(x);
     int64_t rows = int8_shape(q, s, gs, cols, fn);
     if (rows < 0 || check_product_out(out, x, n, rows, fn, "q") < 0) return NULL;
+    int rc;
     Py_BEGIN_ALLOW_THREADS
-    op_matmul_int8_flat(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
+    rc = op_matmul_int8_flat(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
+    if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

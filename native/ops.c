@@ -1,17 +1,20 @@
 /* matmul, dequantize_rows and activation quantization on the pool.
  *
- * matmul: the activations are first quantized into a scratch buffer of the calling thread (Q8_0x
- * or Q8_K blocks, as the weight type asks; f32 types use x as it is), grown as needed and kept, so
- * decoding allocates nothing. Then the rows of w are cut into chunks that the pool's threads claim
- * one at a time. For each tile of activation rows (nx_tile for dot, gemm_tile for gemm) the kernel runs over the
- * chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
+ * A product (ops.h) is the one implementation of a matrix product, whoever runs it: matmul here,
+ * or a phase of a forward pass (layer.c). matmul: the activations are first quantized into a
+ * scratch buffer of the calling thread (Q8_0x or Q8_K blocks, as the weight type asks; f32 types
+ * use x as it is), grown as needed and kept, so decoding allocates nothing. Then the product's
+ * units (chunks of the rows of w, or float gemm panels) are claimed by the pool's threads one at a
+ * time. For each tile of activation rows (nx_tile for dot, gemm_tile for gemm) the kernel runs over
+ * the chunk's rows, reading every weight block once for the tile: decode (N <= 4) streams each
  * weight byte once, and for prompts the chunk (at most CHUNK_CACHE bytes) is read from cache by
  * the following tiles. Results do not depend on the thread count or the chunking: each output is
  * one dot body's own sum. */
 #include "ops.h"
 
-#include <pthread.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "dispatch.h"
 #include "gemm.h"
@@ -39,94 +42,121 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
     else quant_task(&j, 0, 1);
 }
 
+void product_init(product *p, const kernel_table *kt, const matrix *m, const void *x, size_t x_stride, int64_t n,
+                  float *out, int nth) {
+    *p = (product){.m = m, .kt = kt, .x = x, .x_stride = x_stride, .n = n, .out = out};
+    int64_t rows = m->rows;
+    if (m->kind == MAT_TYPE && m->act == ACT_F32 && n > kt->nx_tile) {
+        p->float_gemm = 1;  /* prompts on float weights: gemm.c's panels */
+        p->chunk = gemm_panel_rows(rows, m->cols, nth);
+    } else {
+        /* One or two activation rows: the one-row kernels, whose single stream through the weights
+         * the memory keeps up with best; from three rows on the products are compute bound and take
+         * the gemm kernels (two weight rows per register on AVX-512). Both give every output the
+         * same bits (kernels.h), so the choice changes no result. */
+        int prompt = n >= 3;
+        p->tile = prompt && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
+        p->dot = prompt ? kt->gemm[m->type] : kt->dot[m->type];
+        p->int8_rows = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
+        /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile
+         * of activation rows passes over them; at least 4 rows, whole row pairs for the prompt
+         * kernels. */
+        int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
+        if (n > p->tile && chunk * (int64_t)m->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)m->row_bytes;
+        if (chunk < 4) chunk = 4;
+        p->chunk = chunk + (chunk & 1);
+    }
+    p->units = (rows + p->chunk - 1) / p->chunk;
+}
+
+int product_unit(const product *p, int64_t u) {
+    const matrix *m = p->m;
+    int64_t rows = m->rows, cols = m->cols, r0 = u * p->chunk, r1 = r0 + p->chunk < rows ? r0 + p->chunk : rows;
+    if (p->float_gemm)
+        return gemm_panel(p->kt, m->type, m->w, m->row_bytes, r0, r1, cols, (const float *)p->x,
+                          (int64_t)(p->x_stride / sizeof(float)), p->n, p->out, (size_t)rows);
+    if (m->kind == MAT_INT8_FLAT) {  /* every activation row at once, floats */
+        p->kt->int8_flat_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, (const float *)p->x, p->n, p->out,
+                       (size_t)rows);
+        return 0;
+    }
+    for (int64_t i = 0; i < p->n; i += p->tile) {
+        int nx = p->n - i < p->tile ? (int)(p->n - i) : p->tile;
+        if (m->kind == MAT_INT8_ROWS)
+            p->int8_rows(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
+                   p->x + i * p->x_stride, p->x_stride, nx, p->out + i * rows + r0, (size_t)rows);
+        else
+            p->dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, p->x + i * p->x_stride, p->x_stride, nx,
+                   p->out + i * rows + r0, (size_t)rows);
+    }
+    return 0;
+}
+
 typedef struct {
-    dot_fn dot;
-    int8_rows_fn int8_rows_dot;  /* instead of dot, with scales s every gs values */
-    const float *s;
-    int64_t gs;
-    const uint8_t *w;
-    size_t row_bytes;
-    int64_t rows, cols, n;
-    const char *x;
-    size_t x_stride;
-    float *out;
-    int64_t chunk, nchunks;
-    int tile;      /* activation rows per dot call */
-    int64_t next;  /* next chunk to claim (atomic) */
+    const product *p;
+    int64_t next;  /* next unit to claim (atomic) */
+    int failed;
 } mm_job;
 
 static void mm_task(void *arg, int ith, int nth) {
     (void)ith, (void)nth;
     mm_job *j = arg;
     for (;;) {
-        int64_t c = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-        if (c >= j->nchunks) return;
-        int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
-        for (int64_t i = 0; i < j->n; i += j->tile) {
-            int nx = j->n - i < j->tile ? (int)(j->n - i) : j->tile;
-            if (j->int8_rows_dot)
-                j->int8_rows_dot(j->cols, (const int8_t *)j->w + r0 * j->cols, j->s + r0 * (j->cols / j->gs), j->gs,
-                           r1 - r0, j->x + i * j->x_stride, j->x_stride, nx, j->out + i * j->rows + r0,
-                           (size_t)j->rows);
-            else
-                j->dot(j->cols, j->w + r0 * j->row_bytes, j->row_bytes, r1 - r0, j->x + i * j->x_stride,
-                       j->x_stride, nx, j->out + i * j->rows + r0, (size_t)j->rows);
-        }
+        int64_t u = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (u >= j->p->units) return;
+        if (product_unit(j->p, u) < 0) __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
     }
 }
 
-/* Quantize x as `act` asks, split the rows, run. */
-static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x, int type) {
-    /* One or two activation rows: the one-row kernels, whose single stream through the weights
-     * the memory keeps up with best; from three rows on the products are compute bound and take
-     * the gemm kernels (two weight rows per register on AVX-512). Both give every output the same
-     * bits (kernels.h), so the choice changes no result. */
-    int prompt = j->n >= 3;
-    j->tile = prompt && act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
-    if (j->int8_rows_dot) j->int8_rows_dot = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
-    else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
-    j->x_stride = act_row_bytes(act, j->cols);
-    if (act == ACT_F32) {
-        j->x = (const char *)x;
-    } else {
-        char *xq = scratch_get(j->x_stride * (size_t)j->n + 64);
-        if (!xq) return -1;
-        quantize_rows(act == ACT_Q8_K ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
-        j->x = xq;
-    }
+/* x as m's kernel takes it (quantized into this thread's scratch, or float rows copied to aligned
+ * GEMM_STRIDE rows for the float gemm, unless they already are), then the product on the pool. */
+static int matmul(const matrix *m, const float *x, int64_t n, float *out) {
+    if (n == 0 || m->rows == 0) return 0;
+    const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
     int nth = pool_threads();
-    /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile of
-     * activation rows passes over them; at least 4 rows. */
-    int64_t chunk = (j->rows + 8 * nth - 1) / (8 * nth);
-    if (j->n > j->tile && chunk * (int64_t)j->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)j->row_bytes;
-    if (chunk < 4) chunk = 4;
-    chunk += chunk & 1;  /* whole row pairs for the prompt kernels */
-    j->chunk = chunk;
-    j->nchunks = (j->rows + chunk - 1) / chunk;
-    j->next = 0;
-    if (nth > 1 && j->nchunks > 1 && j->rows * j->cols * j->n >= (1 << 15)) pool_run(mm_task, j);
-    else mm_task(j, 0, 1);
-    return 0;
+    product p;
+    product_init(&p, kt, m, x, act_row_bytes(m->act, m->cols), n, out, nth);
+    void *copy = NULL;
+    if (m->act != ACT_F32) {
+        char *xq = scratch_get(p.x_stride * (size_t)n + 64);
+        if (!xq) return -1;
+        quantize_rows(m->act == ACT_Q8_K ? kt->q8_k : kt->q8_0x, x, n, m->cols, xq, p.x_stride);
+        p.x = xq;
+    } else if (p.float_gemm && (GEMM_STRIDE(m->cols) != m->cols || ((uintptr_t)x & 63))) {
+        /* a vector load that crosses a cache line costs about twice; the copy is cheap beside the product */
+        int64_t xs = GEMM_STRIDE(m->cols);
+        if (posix_memalign(&copy, 64, (size_t)(n * xs) * sizeof(float)) != 0) return -1;
+        float *xa = copy;
+        for (int64_t i = 0; i < n; i++) memcpy(xa + i * xs, x + i * m->cols, (size_t)m->cols * sizeof(float));
+        p.x = copy;
+        p.x_stride = (size_t)xs * sizeof(float);
+    }
+    mm_job j = {&p, 0, 0};
+    if (nth > 1 && p.units > 1 && (p.float_gemm || m->rows * m->cols * n >= (1 << 15))) pool_run(mm_task, &j);
+    else mm_task(&j, 0, 1);
+    free(copy);
+    return j.failed ? -1 : 0;
 }
 
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
               int64_t cols, float *out) {
-    if (n == 0 || rows == 0) return 0;
-    const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
-    if (n > kt->nx_tile && TYPE_INFO[type].act == ACT_F32)  /* the float types' prompts: gemm.c */
-        return op_gemm_float(kt, type, w, row_bytes, rows, x, n, cols, out);
-    mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
-                .n = n, .out = out};
-    return run_matmul(&j, kt, TYPE_INFO[type].act, x, type);
+    matrix m = {.kind = MAT_TYPE, .type = type, .act = TYPE_INFO[type].act, .w = w, .row_bytes = row_bytes,
+                .rows = rows, .cols = cols};
+    return matmul(&m, x, n, out);
 }
 
 int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out) {
-    if (n == 0 || rows == 0) return 0;
-    const kernel_table *kt = active_table;
-    mm_job j = {.int8_rows_dot = kt->int8_rows_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
-                .row_bytes = (size_t)cols, .rows = rows, .cols = cols, .n = n, .out = out};
-    return run_matmul(&j, kt, ACT_Q8_0, x, 0);
+    matrix m = {.kind = MAT_INT8_ROWS, .act = ACT_Q8_0, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
+                .gs = gs, .rows = rows, .cols = cols};
+    return matmul(&m, x, n, out);
+}
+
+int op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+                  int64_t cols, float *out) {
+    matrix m = {.kind = MAT_INT8_FLAT, .act = ACT_F32, .w = (const uint8_t *)q, .row_bytes = (size_t)cols, .s = s,
+                .gs = gs, .rows = rows, .cols = cols};
+    return matmul(&m, x, n, out);
 }
 
 typedef struct {
@@ -157,91 +187,26 @@ void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out) {
     quantize_rows(k ? kt->q8_k : kt->q8_0, x, n, cols, out, stride);
 }
 
-typedef struct {
-    attn_fn attn;
-    int kvtype;
-    int64_t B, H, KVH, hd, maxb, maxn, block_tokens;
-    const float *q;
-    const uint8_t *k, *v;
-    size_t row_bytes, block_stride, head_stride;
-    const int32_t *tables;
-    const int64_t *lens;
-    float *out;
-    int64_t next;  /* next (sequence, head) to claim (atomic) */
-    int failed;
-} attn_job;
-
-static void attn_task(void *arg, int ith, int nth) {
-    (void)ith, (void)nth;
-    attn_job *j = arg;
-    float *scores = malloc((size_t)(j->maxn > 0 ? j->maxn : 1) * sizeof(float));
-    if (!scores) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return; }
-    for (;;) {
-        int64_t bh = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
-        if (bh >= j->B * j->H) break;
-        int64_t b = bh / j->H, h = bh % j->H, g = h / (j->H / j->KVH);
-        j->attn(j->kvtype, j->hd, j->q + bh * j->hd, j->k + g * j->head_stride, j->v + g * j->head_stride,
-                j->row_bytes, j->block_stride, j->block_tokens, j->tables + b * j->maxb, j->lens[b], scores,
-                j->out + bh * j->hd);
-    }
-    free(scores);
-}
-
-int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t hd, const float *q,
-                        const uint8_t *k, const uint8_t *v, int64_t block_tokens, size_t row_bytes,
-                        const int32_t *tables, int64_t maxb, const int64_t *lens, float *out) {
-    if (B == 0) return 0;
-    attn_job j = {.attn = active_table->attn_decode, .kvtype = kvtype, .B = B, .H = H, .KVH = KVH, .hd = hd,
-                  .maxb = maxb, .block_tokens = block_tokens, .q = q, .k = k, .v = v, .row_bytes = row_bytes,
-                  .head_stride = (size_t)block_tokens * row_bytes,
-                  .block_stride = (size_t)KVH * (size_t)block_tokens * row_bytes, .tables = tables,
-                  .lens = lens, .out = out};
-    int64_t work = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (lens[b] > j.maxn) j.maxn = lens[b];
-        work += lens[b];
-    }
-    /* each (sequence, head) is computed by one call whatever the thread count */
-    if (pool_threads() > 1 && B * H > 1 && work * H * hd >= (1 << 15)) pool_run(attn_task, &j);
-    else attn_task(&j, 0, 1);
-    return j.failed ? -1 : 0;
-}
-
-/* llama2.c version-2 Q8 in any layout (ops_elementwise.c's int8_flat kernels): rows split evenly over
- * the pool; each output is one kernel's own sum, so the split does not change it. */
+/* Rows of llama2.c version-2 Q8 in any layout (ops_elementwise.c's int8_flat kernels), split evenly
+ * over the pool. */
 typedef struct {
     const kernel_table *kt;
     const int8_t *q;
     const float *s;
-    int64_t gs, rows, cols, n;
-    const float *x;
-    const int64_t *ids;  /* dequantize: which rows */
+    int64_t gs, cols, n;
+    const int64_t *ids;
     float *out;
-} int8_flat_job;
-
-static void int8_flat_mm_task(void *arg, int ith, int nth) {
-    int8_flat_job *j = arg;
-    int64_t per = (j->rows + nth - 1) / nth, r0 = ith * per, r1 = r0 + per < j->rows ? r0 + per : j->rows;
-    if (r0 < r1) j->kt->int8_flat_dot(j->q, j->s, j->gs, j->cols, r0, r1, j->x, j->n, j->out, (size_t)j->rows);
-}
-
-void op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
-                   int64_t cols, float *out) {
-    int8_flat_job j = {active_table, q, s, gs, rows, cols, n, x, NULL, out};
-    if (pool_threads() > 1 && rows >= 8 && rows * cols * n >= (1 << 15)) pool_run(int8_flat_mm_task, &j);
-    else int8_flat_mm_task(&j, 0, 1);
-}
+} int8_dq_job;
 
 static void int8_dq_task(void *arg, int ith, int nth) {
-    int8_flat_job *j = arg;
+    int8_dq_job *j = arg;
     int64_t per = (j->n + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->n ? i0 + per : j->n;
-    for (int64_t i = i0; i < i1; i++)
-        j->kt->int8_flat_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
+    for (int64_t i = i0; i < i1; i++) j->kt->int8_flat_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
 }
 
 void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
                        float *out) {
-    int8_flat_job j = {active_table, q, s, gs, 0, cols, r, NULL, ids, out};
+    int8_dq_job j = {active_table, q, s, gs, cols, r, ids, out};
     if (r >= 2 && r * cols >= (1 << 18)) pool_run(int8_dq_task, &j);
     else int8_dq_task(&j, 0, 1);
 }

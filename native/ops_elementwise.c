@@ -25,7 +25,7 @@ void KN(rmsnorm)(const float *x, const float *w, float eps, int64_t n, int64_t d
 
 /* x [n, h, hd] rotated in place; cos, sin [n, hd/2] (row r's angles). Pair i of every head is
  * (2i, 2i+1) (interleaved, llama2.c) or (i, i + hd/2) (halves, Hugging Face's rotate_half):
- * x0' = x0*c - x1*s, x1' = x0*s + x1*c, each product rounded (kernels.rope's arithmetic). */
+ * x0' = x0*c - x1*s, x1' = x0*s + x1*c, each product rounded (tests/forward_reference.py's rope). */
 void KN(rope)(float *x, const float *cos_, const float *sin_, int64_t n, int64_t h, int64_t hd, int halves) {
     int64_t half = hd / 2;
     for (int64_t r = 0; r < n; r++) {

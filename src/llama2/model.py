@@ -1,17 +1,14 @@
-"""The Llama 2 transformer forward pass in numpy float32, over a paged KV cache (llama2.kvcache).
+"""The Llama 2 transformer: its weights, read from a `Checkpoint`, and its forward pass over a paged
+KV cache (llama2.kvcache).
 
 Weights come from a `Checkpoint` (any source the loader reads) and are used as stored: each matrix is
 a `weights.Matrix` of its type (float32, float16, bfloat16, int8 blocks, 4-6-bit k-quants...) over a
 view of the memory-mapped file; this module never looks at the type, nor at the KV cache's type.
-Every pass runs per matrix, each Matrix choosing its own product (native kernels for a few rows,
-whose every row is computed alone, or BLAS); keys and values go into the cache's blocks in its
-type; then every row of the pass, prompt rows and decode rows alike, attends in one native call
-per layer, reading its sequence's blocks in the cache's type (`native.attention`), each row with the
-arithmetic of a decode row at its position. A pass of decode rows only (up to `invariant_rows`) runs
-as one native call instead (llama2.decode), with the same bits. A row's result never depends on the
-other rows of its pass, so a sequence decodes to the same bits alone or batched, and a prompt of up
-to `invariant_rows` tokens gives the logits of feeding its tokens one at a time. Reference:
-llama2.c run.c `forward`.
+Every pass, prompt rows and decode rows of any number of sequences alike, runs as one native call
+through the model's `Plan` (llama2.plan, native/layer.c): the rows' embeddings go in, logits come
+out, and the rows' keys and values are written into the cache. Every row is computed alone, with a
+decode row's arithmetic at its position: a sequence decodes to the same bits alone or batched, and a
+prompt gives the logits of feeding its tokens one at a time. Reference: llama2.c run.c `forward`.
 """
 
 
@@ -19,26 +16,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import kernels as K, kvcache, rope, weights
+from . import kvcache, rope, weights
 from .checkpoint import LAYER_MATRICES, Checkpoint
 from .config import Q8_GROUP_SIZE
 from .errors import Llama2Error
+from .plan import Plan
 
 KVCache = kvcache.Cache  # the one explicit state of inference
-
-# Rows that every weight type's native product computes one by one (f32's and the llama2.c int8's
-# small-batch kernels); a type's own figure is its Matrix.invariant_rows, a model's the minimum.
-SMALL_BATCH = 8
-
-
-def _native():
-    from . import native
-
-    return native
-
-
-def _last_rows(x, spans, all_logits):  # [N, D] -> each segment's last row, unless all are wanted
-    return x if all_logits else x[[r + T - 1 for _, _, r, T in spans]]
 
 
 @dataclass
@@ -52,12 +36,6 @@ class Layer:
     w1: weights.Matrix  # [H, D]
     w2: weights.Matrix  # [D, H]
     w3: weights.Matrix  # [H, D]
-
-    def qkv(self, h):  # [N, D] -> q [N, D], k [N, KV], v [N, KV]
-        return self.wq(h), self.wk(h), self.wv(h)
-
-    def ffn(self, h):  # [N, D] -> [N, D]: w2(silu(w1 h) * w3 h)
-        return self.w2(_native().silu_mul(self.w1(h), self.w3(h)))
 
     def matrices(self) -> list:  # in LAYER_MATRICES order
         return [getattr(self, name) for name in LAYER_MATRICES]
@@ -98,15 +76,11 @@ class Transformer:
         self.classifier = self.embedding if c.shared_classifier else matrix(w["wcls"], "wcls")  # [V, D]
         self.cos, self.sin = rope.tables(c)  # [seq_len, head_dim / 2]
         # The most rows a pass may hold with every row's logits bit for bit those it gets alone:
-        # the products are the only step that may mix rows (each matrix's `invariant_rows`); the
-        # rest is per row (embedding lookup, RMSNorm, RoPE, SiLU, the KV write, attention: each
-        # row with a decode row's arithmetic over its own sequence's blocks).
-        self.invariant_rows = max(1, min(m.invariant_rows for m in self.matrices()))
-
-        # Passes of decode rows only (up to invariant_rows) run as one native call (llama2.decode)
-        # where every matrix has a native kernel; False: always matrix by matrix (the reference).
-        self.fused_decode = True
-        self._plan = False  # not built yet
+        # the plan computes every row alone (each product kernel's outputs, RMSNorm, RoPE, SiLU,
+        # the KV write, attention: each row with a decode row's arithmetic over its own
+        # sequence's blocks), so any number. The server packs passes up to it.
+        self.invariant_rows = weights.base.ALL_ROWS
+        self.plan = Plan(self)  # the forward pass as one native call
 
     def matrices(self) -> list:  # every matrix a pass multiplies by (not the embedding's lookups)
         return [m for layer in self.layers for m in layer.matrices()] + [self.classifier]
@@ -124,15 +98,14 @@ class Transformer:
 
     def forward_batch(self, segments, cache: KVCache, all_logits: bool = False) -> np.ndarray:
         """One pass for several sequences: `segments` is a list of (slot, tokens); each segment's
-        tokens continue its slot's sequence. All rows share the matrix products; each row attends
-        over its own sequence's blocks (one native call per layer). Returns logits
+        tokens continue its slot's sequence. All rows share the matrix products (one native call for
+        the pass); each row attends over its own sequence's blocks. Returns logits
         [len(segments), V] of each segment's last token, or [total tokens, V] with `all_logits`.
-        A segment's result does not depend on the others' tokens, and while the pass holds at most
-        `invariant_rows` rows its bits are exactly those it gets in a pass of its own. Blocks are
-        reserved before any work: kvcache.CacheFull when the pool has none left (the cache's
-        positions unchanged)."""
+        A segment's result does not depend on the others' tokens: its bits are exactly those it
+        gets in a pass of its own. Blocks are reserved before any work: kvcache.CacheFull when the
+        pool has none left (the cache's positions unchanged)."""
         c = self.config
-        spans, rows, start_row = [], [], 0
+        spans, rows = [], []
         if len({slot for slot, _ in segments}) != len(segments):
             raise ValueError("a slot may appear only once in a batch")
         for slot, tokens in segments:
@@ -144,62 +117,21 @@ class Transformer:
                 raise Llama2Error(f"context is full: {start + T} positions exceed seq_len {cache.seq_len}")
             if tokens.min() < 0 or tokens.max() >= c.vocab_size:
                 raise Llama2Error(f"token id out of range for a vocabulary of {c.vocab_size}")
-            spans.append((slot, start, start_row, T))
+            spans.append((slot, start, T))
             rows.append(tokens)
-            start_row += T
-        for slot, _, _, T in spans:
+        for slot, _, T in spans:
             cache.reserve(slot, T)
         tokens = np.concatenate(rows)
         x = self.embedding.rows(tokens)  # [N, D]
-        plan = self._decode_plan() if all(T == 1 for *_, T in spans) else None
-        if plan is not None and len(spans) <= plan.rows:  # one native call: every layer, the final norm, the classifier
-            tables = cache.table_array([slot for slot, *_ in spans])  # [B, max blocks]
-            lens = np.array([st + 1 for _, st, _, _ in spans], np.int64)
-            logits = plan(x, cache, tables, lens)
-        else:
-            logits = self._forward_layers(x, spans, cache, all_logits)
-        for slot, st, _, T in spans:
+        tables = cache.table_array([slot for slot, _, _ in spans])  # [S, max blocks]
+        starts = np.array([st for _, st, _ in spans], np.int64)
+        counts = np.array([T for _, _, T in spans], np.int64)
+        logits = self.plan(x, cache, tables, starts, counts, all_logits)
+        for slot, st, T in spans:
             cache.pos[slot] = st + T
             if c.sliding_window:  # the next row attends from st + T + 1 - W on
                 cache.forget_before(slot, st + T + 1 - c.sliding_window)
         return logits
-
-    def _forward_layers(self, x, spans, cache, all_logits):  # [N, D] -> logits, matrix by matrix
-        c = self.config
-        hd = c.head_dim
-        N = len(x)
-        positions = np.concatenate([np.arange(st, st + T) for _, st, _, T in spans])
-        where = cache.locate([(slot, st, T) for slot, st, _, T in spans])  # each row's block and offset
-        cos, sin = self.cos[positions], self.sin[positions]  # [N, hd/2]
-        tables = cache.table_array([slot for slot, _, _, _ in spans])  # [S, max blocks]
-        starts = np.array([st for _, st, _, _ in spans], np.int64)
-        counts = np.array([T for _, _, _, T in spans], np.int64)
-        nat = _native()
-        att = np.empty((N, c.q_dim), np.float32)
-        # RMSNorm stays numpy's: its sum of squares (einsum's four lanes) is closer to llama.cpp's (double)
-        # than native.rmsnorm's sequential float sum, which moves k-quant activations' rounding
-        # (tests/engine/test_kquant_files.py); run.c's goldens hold with either.
-        for l, layer in enumerate(self.layers):
-            h = K.rmsnorm(x, layer.rms_att, c.norm_eps)
-            q, k, v = layer.qkv(h)
-            q = nat.rope(q.reshape(N, c.n_heads, hd), cos, sin, c.rope_style)
-            k = nat.rope(k.reshape(N, c.n_kv_heads, hd), cos, sin, c.rope_style)
-            cache.write(l, where, k, v.reshape(N, c.n_kv_heads, hd))
-            nat.attention(cache.type.ID, q, cache.pool.k[l], cache.pool.v[l], tables, starts, counts, att,
-                          c.sliding_window or 0)
-            x = x + layer.wo(att)
-            h = K.rmsnorm(x, layer.rms_ffn, c.norm_eps)
-            x = x + layer.ffn(h)
-        h = K.rmsnorm(_last_rows(x, spans, all_logits), self.rms_final, c.norm_eps)
-        return self.classifier(h)
-
-    def _decode_plan(self):  # the one-call decode step (llama2.decode), built at first use
-        if not self.fused_decode:
-            return None
-        if self._plan is False:
-            from .decode import Plan
-            self._plan = Plan.build(self)
-        return self._plan
 
     def warm_up(self):
         """One decode step on a scratch cache, so a server's first request finds every kernel and

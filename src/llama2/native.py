@@ -23,7 +23,7 @@ file stores them, row dequantization and activation quantization, on a thread po
                                      prompts (causal) and decode rows, with decode's bits per row
     kv_types(), kv_row_bytes(kvtype, hd), kv_encode(kvtype, x, out)   the KV types' records
                                      (native/kv.h), as llama2.kvcache reads them
-    decode_plan(...), decode_forward(plan, ...)   a whole decode pass in one call (llama2.decode)
+    forward_plan(...), forward(plan, ...)   a whole forward pass in one call (llama2.plan)
     rmsnorm_einsum(x, w, eps, out)   RMSNorm summing squares in numpy's einsum order
 
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
@@ -115,14 +115,14 @@ kv_encode = _native.kv_encode
 #   with ss = x[0]*x[0] + x[1]*x[1] + ... summed in that order in float32, as run.c does.
 # rope(x [N, H, hd], cos [N, hd/2], sin [N, hd/2], style) -> x, in place: pair i of each head is
 #   (2i, 2i+1) for style "interleaved" (llama2.c), (i, i + hd/2) for "halves" (Hugging Face),
-#   x0' = x0*c - x1*s, x1' = x0*s + x1*c, products rounded (bit-equal to kernels.rope).
+#   x0' = x0*c - x1*s, x1' = x0*s + x1*c, products rounded (bit-equal to tests/forward_reference.py's rope).
 # silu_mul(a [N, H], b [N, H]) -> a, in place: a / (1 + expf(-a)) * b with libm's expf.
 rmsnorm = _native.rmsnorm
 rope = _native.rope
 silu_mul = _native.silu_mul
 
-# The decode step in one call (native/layer.c; llama2.decode builds the plan and documents it).
-# decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
+# The forward pass in one call (native/layer.c; llama2.plan builds the plan and documents it).
+# forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
 #   rms_final, classifier, cos, sin) -> plan (window > 0: each row attends its last `window`
 #   positions; dim: the model's width, when its heads are not dim / n_heads wide): layers a
 #   sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), each matrix a spec from
@@ -130,16 +130,19 @@ silu_mul = _native.silu_mul
 #   ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
 #   holds the arrays' buffers for its life.
-# decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] the
+# forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits): x float32 [N, dim] the
 #   rows' embeddings (overwritten); k_pool, v_pool uint8 [n_layers, blocks, kv_heads, block_tokens,
-#   row_bytes] of KV type kvtype; tables int32 [B, max_blocks]; lens int64 [B]: row b's new token
-#   is at position lens[b] - 1 (its key and value written there) and attends lens[b] rows;
-#   logits float32 [B, vocab] out. Block ids and lengths are checked (IndexError, ValueError).
-# rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: kernels.rmsnorm's formula with the sum
+#   row_bytes] of KV type kvtype; S segments: tables int32 [S, max_blocks], starts, counts int64 [S]
+#   (segment s: counts[s] rows of one sequence at positions starts[s]..., their keys and values
+#   written there; each row attends its sequence's rows up to its own, the plan's window of them);
+#   logits float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out. Block
+#   ids and positions are checked (IndexError, ValueError), those out of the window not at all
+#   (a cache may have freed them).
+# rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: the RMSNorm of the forward pass (native/layer.c), with the sum
 #   of squares in numpy's einsum order on x86-64 (four float lanes over sixteen values a step,
 #   products rounded before their adds, lanes combined (l0 + l1) + (l2 + l3)).
-decode_plan = _native.decode_plan
-decode_forward = _native.decode_forward
+forward_plan = _native.forward_plan
+forward = _native.forward
 rmsnorm_einsum = _native.rmsnorm_einsum
 
 

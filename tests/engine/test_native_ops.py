@@ -4,7 +4,8 @@ every instruction-set variant this CPU runs, against numpy references of the sam
 import numpy as np
 import pytest
 
-from llama2 import kernels as K, native, rope
+import forward_reference as R
+from llama2 import native, rope
 from llama2.config import ModelConfig
 from llama2.weights import int8_groups
 
@@ -53,7 +54,7 @@ def test_rmsnorm_is_bit_equal_to_runc_order(variant, d):
     np.testing.assert_array_equal(out, ref_rmsnorm(x, w, 1e-5))
     if d <= 288:
         np.testing.assert_array_equal(out, runc_rmsnorm(x, w, 1e-5))
-    np.testing.assert_allclose(out, K.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)  # numpy's own sum order
+    np.testing.assert_allclose(out, R.rmsnorm(x, w, 1e-5), rtol=1e-5, atol=1e-6)  # numpy's own sum order
     inplace = x.copy()
     native.rmsnorm(inplace, w, 1e-5, inplace)  # out may be x
     np.testing.assert_array_equal(inplace, out)
@@ -63,14 +64,14 @@ def test_rmsnorm_is_bit_equal_to_runc_order(variant, d):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("style", ["interleaved", "halves"])
 @pytest.mark.parametrize("shape", [(1, 6, 48), (7, 4, 64), (3, 2, 2)])
-def test_rope_is_bit_equal_to_kernels_rope(variant, style, shape):
+def test_rope_is_bit_equal_to_the_numpy_reference(variant, style, shape):
     native.select_variant(variant)
     N, H, hd = shape
     rng = np.random.default_rng(N * H + hd)
     cos_t, sin_t = _rope_tables(hd, 64, 10000.0)
     pos = rng.integers(0, 64, N)
     x = rng.standard_normal(shape).astype(F32)
-    want = K.rope(x, cos_t[pos], sin_t[pos], style)
+    want = R.rope(x, cos_t[pos], sin_t[pos], style)
     got = x.copy()
     assert native.rope(got, cos_t[pos], sin_t[pos], style) is got
     np.testing.assert_array_equal(got, want)
@@ -87,7 +88,7 @@ def test_silu_mul_matches_libm_expf(variant):
     with np.errstate(over="ignore"):
         e = np.exp(-a.astype(np.float64)).astype(F32)
         want = a / (F32(1.0) + e) * b
-        numpy_silu = K.silu_mul(a.copy(), b)
+        numpy_silu = R.silu_mul(a.copy(), b)
     got = a.copy()
     assert native.silu_mul(got, b) is got
     np.testing.assert_allclose(got, want, rtol=3e-7, atol=0)
@@ -174,24 +175,23 @@ def _golden_cases():
 
 @pytest.mark.parametrize("case", _golden_cases())
 def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_path):
-    """Every run.c golden, byte for byte, with every pass on the per-matrix path and its RMSNorm,
-    RoPE and SiLU gate on the native ops (what a decode path built on them computes)."""
+    """Every run.c golden, byte for byte, with every pass the step-by-step reference
+    (tests/forward_reference.py) on the native RMSNorm: run.c's sequential sum, not the forward
+    pass's einsum order."""
     import io
 
     from conftest import asset
     from llama2.cli import main
+    from llama2.model import Transformer
 
     def rmsnorm(x, w, eps):
         x = np.ascontiguousarray(x, dtype=F32)
         return native.rmsnorm(x, np.ascontiguousarray(w, dtype=F32), eps, np.empty_like(x))
 
-    def rope(x, cos, sin, style="interleaved"):
-        return native.rope(np.array(x, dtype=F32, order="C"), np.ascontiguousarray(cos), np.ascontiguousarray(sin),
-                           style)
-
-    monkeypatch.setattr(K, "rmsnorm", rmsnorm)
-    monkeypatch.setattr(K, "rope", rope)
-    monkeypatch.setattr(K, "silu_mul", lambda a, b: native.silu_mul(a, np.ascontiguousarray(b)))
+    monkeypatch.setattr(R, "rmsnorm", rmsnorm)
+    monkeypatch.setattr(Transformer, "forward_batch",
+                        lambda self, segments, cache, all_logits=False:
+                        R.forward_batch(self, segments, cache, all_logits))
     monkeypatch.chdir(tmp_path)
     out, err = io.BytesIO(), io.StringIO()
     code = main(["run", str(asset(case["model"])), "-z", str(asset(case["tokenizer"])), *case["args"]],

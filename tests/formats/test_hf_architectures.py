@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+import forward_reference
 from conftest import asset, byte_tokenizer, golden
 from llama2 import Llama
 from llama2.cli import main
@@ -105,42 +106,43 @@ def test_family_matches_transformers_in_place_and_through_gguf(tmp_path, family)
 
 @pytest.mark.parametrize("family", ["llama3.2", "llama3.1", "mistral", "smollm"])
 def test_decoding_token_by_token_matches_transformers(tmp_path, family):
-    """Through the cache one token at a time (the decode step: llama2.decode's one native call
-    where the plan takes the model, bit for bit the matrix-by-matrix path). With Mistral's window each step attends
+    """Through the cache one token at a time (each step llama2.plan's one native call, bit for bit
+    the step-by-step reference, tests/forward_reference.py). With Mistral's window each step attends
     the last 12 positions, and the cache gives back the blocks that fell out of the window."""
     directory, model = make_hf(tmp_path, family)
     ids = token_ids()
     ref = reference_logits(model, ids)
     ckpt = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).checkpoint
-    m, by_matrix = Transformer(ckpt, kv_type="f32"), Transformer(ckpt, kv_type="f32")
-    by_matrix.fused_decode = False  # the reference path, which the one-call step equals bit for bit
-    cache, cache2 = m.new_cache(seq_len=64), by_matrix.new_cache(seq_len=64)
+    m = Transformer(ckpt, kv_type="f32")
+    cache, cache2 = m.new_cache(seq_len=64), m.new_cache(seq_len=64)
     for t, token in enumerate(ids):
         got = m.forward([token], cache)[0]
         np.testing.assert_allclose(got, ref[t], atol=1e-4, rtol=0)
-        assert got.tobytes() == by_matrix.forward([token], cache2)[0].tobytes()
+        assert got.tobytes() == forward_reference.forward_batch(m, [(0, [token])], cache2)[0].tobytes()
         cache.check()
         if family == "mistral":  # blocks of 16, from the one holding the next row's first visible
             live = [b for b in cache.tables[0] if b is not None]  # position (t + 2 - 12) to t's
             assert len(live) == t // 16 - max(0, t + 2 - 12) // 16 + 1
     if family == "mistral":
         assert cache.tables[0][0] is None and cache.pool.free_blocks == cache.pool.n_blocks - 2
-    assert m._decode_plan() is not None  # the one-call decode step runs every one of them
 
 
 @pytest.mark.parametrize("quantize", ["q4_0", "q8_0"])
-def test_wide_heads_decode_in_one_call_equals_matrix_by_matrix_quantized(tmp_path, quantize):
+def test_wide_heads_in_one_call_equal_the_reference_quantized(tmp_path, quantize):
     """Heads wider than dim / n_heads (q and the attention output 128 wide, the model 64) with wo's
-    activations quantized at q's width (q4_0: llama.cpp's Q8_0 activations): the one-call decode
-    step gives the matrix-by-matrix path's bits."""
+    activations quantized at q's width (q4_0: llama.cpp's Q8_0 activations): a prompt, then decode
+    steps, each one native call, give the step-by-step reference's bits."""
     directory, _ = make_hf(tmp_path, "llama3.2")
     ckpt = Llama.load(directory, tokenizer=byte_tokenizer(VOCAB)).checkpoint
-    m, by_matrix = Transformer(ckpt, quantize=quantize), Transformer(ckpt, quantize=quantize)
-    by_matrix.fused_decode = False
-    assert m._decode_plan() is not None and m.config.q_dim == 2 * m.config.dim
-    cache, cache2 = m.new_cache(seq_len=32), by_matrix.new_cache(seq_len=32)
-    for token in token_ids(20):
-        assert m.forward([token], cache)[0].tobytes() == by_matrix.forward([token], cache2)[0].tobytes()
+    m = Transformer(ckpt, quantize=quantize)
+    assert m.config.q_dim == 2 * m.config.dim
+    cache, cache2 = m.new_cache(seq_len=32), m.new_cache(seq_len=32)
+    ids = token_ids(20)
+    got = m.forward(ids[:8], cache, all_logits=True)
+    assert got.tobytes() == forward_reference.forward_batch(m, [(0, ids[:8])], cache2, True).tobytes()
+    for token in ids[8:]:
+        got = m.forward([token], cache)[0]
+        assert got.tobytes() == forward_reference.forward_batch(m, [(0, [token])], cache2)[0].tobytes()
 
 
 def test_dynamic_scaling_matches_transformers_decoding_past_the_trained_context(tmp_path):

@@ -113,12 +113,11 @@ class Matrix:
         return self._tiled(x)
 
     def native_product(self):
-        """How the native one-call decode step (llama2.decode) multiplies by this matrix: a spec
-        native.decode_plan takes, giving each row the bits `self(x)` gives it for up to
-        `invariant_rows` rows; None for a matrix that is not contiguous."""
-        if self.data is None:
-            return None
-        return ("type", self.GGML_TYPE, self.data)
+        """How the native forward pass (llama2.plan) multiplies by this matrix: a spec
+        native.forward_plan takes, whose kernels give each row the bits `self(x)` gives it alone."""
+        data = self.data if self.data is not None else \
+            np.ascontiguousarray(self.blocks).view(np.uint8).reshape(self.shape[0], -1)
+        return ("type", self.GGML_TYPE, data)
 
     def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

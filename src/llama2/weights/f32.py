@@ -45,9 +45,7 @@ class Matrix(_Matrix):
         return x @ self.w.T
 
     def native_product(self):
-        if not self.w.flags.c_contiguous:
-            return None
-        return ("type", GGML_TYPE, self.w)
+        return ("type", GGML_TYPE, np.ascontiguousarray(self.w))
 
     def rows(self, ids):  # [R] -> [R, in]
         return np.asarray(self.w[np.asarray(ids, dtype=np.int64).reshape(-1)], dtype=np.float32)

@@ -109,10 +109,9 @@ class Matrix(_Matrix):
             native.matmul_int8_flat(self.q, self.s, self.group_size, x, out)
         return out
 
-    def native_product(self):  # the kernels __call__ runs below tile_rows
-        if not (self.q.flags.c_contiguous and self.s.flags.c_contiguous):
-            return None
-        return ("int8_rows" if self.split else "int8_flat", self.q, self.s, self.group_size)
+    def native_product(self):  # the kernels __call__ runs below tile_rows, at any number of rows
+        return ("int8_rows" if self.split else "int8_flat", np.ascontiguousarray(self.q),
+                np.ascontiguousarray(self.s), self.group_size)
 
     def rows(self, ids):  # [R] -> [R, in]
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -1,20 +1,20 @@
-"""The decode step in one native call (llama2.decode, native/layer.c) against the per-matrix path:
-the same logits and the same cache bytes, bit for bit, for every weight type and KV type, several
-sequences of different lengths (and a forked one) in a batch, at every instruction-set variant and
-thread count."""
+"""The forward pass in one native call (llama2.plan, native/layer.c) against the step-by-step Python
+reference (tests/forward_reference.py: each product one row of Matrix(x), numpy's RMSNorm, the
+cache's own write, native.attention): the same logits and the same cache bytes, bit for bit, for
+every weight type and KV type, prompts and decode rows of several sequences of different lengths
+(and a forked one) in a pass, at every instruction-set variant and thread count."""
 
 import io
 import json
-import platform
 import threading
 
 import numpy as np
 import pytest
 
+import forward_reference
 from conftest import GOLDEN, asset, random_weights
-from llama2 import checkpoint, kernels as K, kvcache, native
+from llama2 import checkpoint, kvcache, native
 from llama2.config import ModelConfig
-from llama2.decode import Plan
 from llama2.formats import load_checkpoint
 from llama2.model import Transformer
 from llama2.weights import bf16
@@ -65,88 +65,80 @@ MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
 }
 
 
-def _pair(name, kv_type):
-    """(per-matrix model, one-call model) of one checkpoint, or skip if the KV type cannot hold it."""
+def _model(name, kv_type):
+    """A Transformer of one checkpoint, or skip if the KV type cannot hold it."""
     ckpt, kw = MODELS[name]()
     if not kvcache.TYPES[kv_type].holds(ckpt.config.head_dim):
         pytest.skip(f"{kv_type} KV needs {kvcache.TYPES[kv_type].needs}")
-    ref = Transformer(ckpt, kv_type=kv_type, **kw)
-    ref.fused_decode = False
-    return ref, Transformer(ckpt, kv_type=kv_type, **kw)
+    return Transformer(ckpt, kv_type=kv_type, **kw)
 
 
-def _session(model):
-    """Prompts of 4, 2, 17 (past a block), 3 and 1 tokens, a forked sequence sharing slot 0's blocks,
-    then decode passes over different sets of sequences -> (logits of every decode pass, k, v)."""
+def reference_pass(model, segments, cache, all_logits):
+    return forward_reference.forward_batch(model, segments, cache, all_logits)
+
+
+def _session(model, forward):
+    """Prompts of 4, 2, 17 (past a block and past 8 rows), 3 and 1 tokens in two passes, a forked
+    sequence sharing slot 0's blocks, then decode passes over different sets of sequences, one with a
+    prompt beside them -> (logits of every pass, k, v)."""
     V = model.config.vocab_size
     rng = np.random.default_rng(5)
     cache = model.new_cache(slots=6, seq_len=64)
-    lens = {0: 4, 1: 2, 2: 17, 3: 3, 4: 1}  # one prompt pass below tile_rows: native products
-    model.forward_batch([(s, rng.integers(0, V, n)) for s, n in lens.items() if s != 4], cache)
-    model.forward_batch([(4, [1])], cache)
+    lens = {0: 4, 1: 2, 2: 17, 3: 3}
+    out = [forward(model, [(s, rng.integers(0, V, n)) for s, n in lens.items()], cache, True)]
+    out.append(forward(model, [(4, [1])], cache, False))
     cache.fork(0, 5)  # slot 5 continues slot 0: its first decode copies the shared last block
-    out = []
     groups = [[0, 1, 2, 3, 4, 5], [2], [5, 0], [1, 2, 3, 4], [0, 1, 2, 3, 4, 5]]
     for step in range(8):
-        group = groups[step % len(groups)]
-        out.append(model.forward_batch([(s, [int(rng.integers(0, V))]) for s in group], cache))
+        segments = [(s, [int(rng.integers(0, V))]) for s in groups[step % len(groups)]]
+        if step == 3:
+            segments.append((0, rng.integers(0, V, 5)))  # a prompt continuing slot 0 beside decode rows
+        out.append(forward(model, segments, cache, step == 3))
     cache.check()
     return out, cache.pool.k.copy(), cache.pool.v.copy()
 
 
-def _assert_same(ref, fused):
-    a, b = _session(ref), _session(fused)
-    assert isinstance(fused._plan, Plan), "the one-call decode step did not run"
-    assert ref._plan is False
+def _native_pass(model, segments, cache, all_logits):
+    return model.forward_batch(segments, cache, all_logits)
+
+
+def _assert_same(model):
+    a, b = _session(model, reference_pass), _session(model, _native_pass)
     for x, y in zip(a[0], b[0]):
-        assert x.dtype == y.dtype == F32
+        assert x.dtype == y.dtype == F32 and x.shape == y.shape
         assert x.tobytes() == y.tobytes()
     assert a[1].tobytes() == b[1].tobytes() and a[2].tobytes() == b[2].tobytes()
 
 
 @pytest.mark.parametrize("kv_type", KV_TYPES)
 @pytest.mark.parametrize("name", MODELS)
-def test_one_call_equals_per_matrix_path(name, kv_type):
+def test_one_call_equals_the_reference(name, kv_type):
     native.set_threads(2)
-    _assert_same(*_pair(name, kv_type))
+    _assert_same(_model(name, kv_type))
 
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", MODELS)
-def test_one_call_equals_per_matrix_path_at_every_level(name, variant, threads):
+def test_one_call_equals_the_reference_at_every_level(name, variant, threads):
     native.select_variant(variant)
     native.set_threads(threads)
     kv = KV_TYPES[(len(name) + VARIANTS.index(variant) + threads) % len(KV_TYPES)]  # each KV type somewhere
     if "stories260K" in name or "gguf-q4" in name:
         kv = "q8_0" if threads == 1 else kv  # the encoder of every type at every level
-    _assert_same(*_pair(name, kv))
-
-
-def test_passes_beyond_invariant_rows_take_the_per_matrix_path(monkeypatch):
-    # int8 in groups of 8 (rows straddle groups): 8 rows on the native kernel, more on tiles + BLAS
-    ckpt = load_checkpoint(asset("stories260K-q8.bin"))
-    model = Transformer(ckpt)
-    assert model.invariant_rows == 8
-    calls = []
-    real = Plan.__call__
-    monkeypatch.setattr(Plan, "__call__", lambda self, x, *a: calls.append(len(x)) or real(self, x, *a))
-    cache = model.new_cache(slots=9)
-    model.forward_batch([(s, [1]) for s in range(9)], cache)
-    model.forward_batch([(s, [2]) for s in range(8)], cache)
-    model.forward_batch([(0, [3, 4])], cache)
-    assert calls == [8] and model._plan.rows == 8
+    _assert_same(_model(name, kv))
 
 
 def test_concurrent_passes_share_the_pool():
-    """Two threads decoding at once: one finds the pool busy and runs alone; both get their bits."""
+    """Two threads running passes at once: one finds the pool busy and runs alone; both get their
+    bits."""
     native.set_threads(2)
     ckpt = load_checkpoint(asset("rand-gqa-unshared.bin"))
-    want = _session(Transformer(ckpt))
+    want = _session(Transformer(ckpt), _native_pass)
     got = [None, None]
 
     def run(i):
-        got[i] = _session(Transformer(ckpt))
+        got[i] = _session(Transformer(ckpt), _native_pass)
 
     ts = [threading.Thread(target=run, args=(i,)) for i in range(2)]
     for t in ts:
@@ -193,19 +185,6 @@ def test_rmsnorm_einsum_follows_numpy_einsum_order(d):
     assert native.rmsnorm_einsum(x, w, 1e-5, x) is x and x.tobytes() == got.tobytes()  # in place
 
 
-def test_plan_exists_exactly_where_numpy_sums_in_that_order():
-    """On x86-64 numpy's einsum sums in the order above (kernels.rmsnorm's bits), and the model gets
-    its plan; a numpy that sums otherwise keeps the per-matrix path (never different bits)."""
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((3, 288)).astype(F32)
-    w = np.ones(288, F32)
-    same = K.rmsnorm(x, w, 1e-5).tobytes() == einsum_order_rmsnorm(x, w, 1e-5).tobytes()
-    if platform.machine().lower() in ("x86_64", "amd64"):
-        assert same
-    model = Transformer(load_checkpoint(asset("stories260K.bin")))
-    assert (Plan.build(model) is not None) == same
-
-
 # -- bad input ------------------------------------------------------------------------------------
 
 def _plan_args(model):
@@ -219,7 +198,7 @@ def test_plan_and_call_errors_are_one_line():
     model = Transformer(load_checkpoint(asset("stories260K.bin")))
     c = model.config
     args = _plan_args(model)
-    plan = native.decode_plan(*args)
+    plan = native.forward_plan(*args)
     bad_plans = [
         (lambda a: a.__setitem__(2, np.ones(7, F32)), "rms_final must be float32 \\[64\\]"),
         (lambda a: a.__setitem__(0, (8, 3, 172, 512, 1e-5, False)), "heads over 3 kv heads"),
@@ -236,35 +215,47 @@ def test_plan_and_call_errors_are_one_line():
         a = list(args)
         edit(a)
         with pytest.raises(ValueError, match=message) as e:
-            native.decode_plan(*a)
+            native.forward_plan(*a)
         assert "\n" not in str(e.value)
 
     cache = model.new_cache(slots=2, blocks=4)
     cache.reserve(0, 1)
     k, v = cache.pool.k, cache.pool.v
-    x, lens, logits = np.zeros((1, c.dim), F32), np.array([1], np.int64), np.empty((1, c.vocab_size), F32)
-    tables = np.zeros((1, 1), np.int32)
-    native.decode_forward(plan, x.copy(), k, v, 0, tables, lens, logits)  # the good call runs
+    x, logits = np.zeros((1, c.dim), F32), np.empty((1, c.vocab_size), F32)
+    tables, starts, counts = np.zeros((1, 1), np.int32), np.array([0], np.int64), np.array([1], np.int64)
+    native.forward(plan, x.copy(), k, v, 0, tables, starts, counts, logits)  # the good call runs
+    good = (plan, x, k, v, 0, tables, starts, counts, logits)
+
+    def call(**edits):  # the good call with some arguments replaced
+        names = ("plan", "x", "k", "v", "kv", "tables", "starts", "counts", "logits")
+        return tuple(edits.get(n, a) for n, a in zip(names, good))
+
     bad_calls = [
-        ((plan, np.zeros((1, 63), F32), k, v, 0, tables, lens, logits), ValueError, "x must be float32 \\[B, 64\\]"),
-        ((plan, x, k, v, 7, tables, lens, logits), ValueError, "KV type 7 cannot hold"),
-        ((plan, x, k, v, 1, tables, lens, logits), ValueError, "k_pool and v_pool must be uint8"),
-        ((plan, x, k, v[:, :2].copy(), 0, tables, lens, logits), ValueError, "k_pool and v_pool"),
-        ((plan, x, k, v[:, :2], 0, tables, lens, logits), ValueError, "v_pool must be a C-contiguous writable"),
-        ((plan, x, k, v, 0, np.array([[4]], np.int32), lens, logits), IndexError, "names block 4 of a pool of 4"),
-        ((plan, x, k, v, 0, tables, np.array([17], np.int64), logits), ValueError, "attends 17 positions"),
-        ((plan, x, k, v, 0, tables, np.array([0], np.int64), logits), ValueError, "attends 0 positions"),
-        ((plan, x, k, v, 0, tables.astype(np.int64), lens, logits), ValueError, "tables must be int32"),
-        ((plan, x, k, v, 0, tables, lens, np.empty((1, 5), F32)), ValueError, "logits must be float32 \\[1, 512\\]"),
-        ((object(), x, k, v, 0, tables, lens, logits), (ValueError, TypeError), "capsule|PyCapsule"),
+        (call(x=np.zeros((1, 63), F32)), ValueError, "x must be float32 \\[N, 64\\]"),
+        (call(kv=7), ValueError, "KV type 7 cannot hold"),
+        (call(kv=1), ValueError, "k_pool and v_pool must be uint8"),
+        (call(v=v[:, :2].copy()), ValueError, "k_pool and v_pool"),
+        (call(v=v[:, :2]), ValueError, "v_pool must be a C-contiguous writable"),
+        (call(tables=np.array([[4]], np.int32)), IndexError, "segment 0 names block 4 of a pool of 4"),
+        (call(counts=np.array([17], np.int64)), ValueError,
+         "holds positions 0..16; its table and the RoPE tables hold 0..15"),
+        (call(starts=np.array([16], np.int64)), ValueError, "holds positions 16..16"),
+        (call(counts=np.array([0], np.int64)), ValueError, "holds positions 0..-1"),
+        (call(starts=np.array([-1], np.int64)), ValueError, "holds positions -1..-1"),
+        (call(x=np.zeros((2, c.dim), F32), logits=np.empty((2, c.vocab_size), F32)), ValueError,
+         "the segments hold 1 rows; x has 2"),
+        (call(tables=tables.astype(np.int64)), ValueError, "tables must be int32"),
+        (call(counts=np.array([1, 1], np.int64)), ValueError, "counts must be int64 \\[1\\]"),
+        (call(logits=np.empty((1, 5), F32)), ValueError, "logits must be float32 \\[1 or 1, 512\\]"),
+        (call(plan=object()), (ValueError, TypeError), "capsule|PyCapsule"),
     ]
-    for call, kind, message in bad_calls:
+    for args, kind, message in bad_calls:
         with pytest.raises(kind, match=message) as e:
-            native.decode_forward(*call)
+            native.forward(*args)
         assert "\n" not in str(e.value)
 
 
-# -- run.c's goldens through the one-call step ---------------------------------------------------
+# -- run.c's goldens at every level ----------------------------------------------------------------
 
 def _golden_cases():
     path = GOLDEN / "runc.jsonl"
@@ -278,18 +269,14 @@ def _golden_cases():
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", _golden_cases())
 def test_runc_goldens_at_every_level_and_thread_count(case, variant, threads, monkeypatch, tmp_path):
-    """Every run.c golden byte for byte with each decode step in one native call, at every
-    compiled variant and at one and two threads."""
+    """Every run.c golden byte for byte (prompts and decode steps, each pass one native call), at
+    every compiled variant and at one and two threads."""
     from llama2.cli import main
 
     native.select_variant(variant)
-    built = []
-    real_build = Plan.build
-    monkeypatch.setattr(Plan, "build", classmethod(lambda cls, m: built.append(real_build(m)) or built[-1]))
     monkeypatch.chdir(tmp_path)
     out, err = io.BytesIO(), io.StringIO()
     code = main(["run", str(asset(case["model"])), "-z", str(asset(case["tokenizer"])), *case["args"],
                  "--threads", str(threads)], stdout=out, stderr=err, stdin=io.StringIO(""))
     assert code == 0, err.getvalue()
     assert out.getvalue() == bytes.fromhex(case["stdout_hex"])
-    assert built and all(isinstance(p, Plan) for p in built)  # the decode steps ran in one call
