@@ -45,14 +45,20 @@ def _bf16(a):  # float32 [out, in] -> bf16 Matrix (round to nearest even)
                        .astype(np.uint16))
 
 
-def _random(kind):
-    w = random_weights(SMALL, seed=11)
+# Heads wider than dim / n_heads (q and the attention output 128 wide, the model 64) and a sliding
+# window shorter than the session's prompts, so the cache frees blocks the rows no longer attend.
+WIDE_WINDOW = ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, seq_len=80,
+                          shared_classifier=False, explicit_head_dim=32, sliding_window=6)
+
+
+def _random(kind, config=SMALL):
+    w = random_weights(config, seed=11)
     if kind == "bf16":
         for name in checkpoint.LAYER_MATRICES:
             w[name] = [_bf16(m) for m in w[name]]
         w["wcls"] = _bf16(w["wcls"])
-    ckpt = checkpoint.Checkpoint(SMALL, w, 1, "<memory>")
-    return ckpt, {"int8_rows": dict(quantize="q8_0", group_size=32)}.get(kind, {})
+    ckpt = checkpoint.Checkpoint(config, w, 1, "<memory>")
+    return ckpt, {"int8_rows": dict(quantize="q8_0", group_size=32), "q4_0": dict(quantize="q4_0")}.get(kind, {})
 
 
 MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
@@ -61,6 +67,8 @@ MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
     "rand-gqa-unshared": lambda: (load_checkpoint(asset("rand-gqa-unshared.bin")), {}),
     "random-bf16-mqa-halves": lambda: _random("bf16"),
     "random-int8-rows-mqa-halves": lambda: _random("int8_rows"),
+    "random-wide-heads-window": lambda: _random("f32", WIDE_WINDOW),
+    "random-wide-heads-window-q4_0": lambda: _random("q4_0", WIDE_WINDOW),  # wo's Q8_0 activations at q's width
     **{f"gguf-{t}": (lambda t=t: (load_checkpoint(asset(f"kquant/rand256-{t}.gguf")), {})) for t in KQUANT},
 }
 
@@ -95,6 +103,8 @@ def _session(model, forward):
             segments.append((0, rng.integers(0, V, 5)))  # a prompt continuing slot 0 beside decode rows
         out.append(forward(model, segments, cache, step == 3))
     cache.check()
+    if model.config.sliding_window:  # blocks out of the window went back to the pool, their entries gone
+        assert any(b is None for table in cache.tables for b in table)
     return out, cache.pool.k.copy(), cache.pool.v.copy()
 
 
@@ -210,6 +220,8 @@ def test_plan_and_call_errors_are_one_line():
          "group size 48 does not fit int8_rows"),
         (lambda a: a.__setitem__(3, ("int8_flat", np.zeros((512, 64), np.int8), np.ones(3, F32), 8)),
          "at least 4096 scales"),
+        (lambda a: a.__setitem__(0, (8, 4, 172, 512, 1e-5, False, -1)), "window and dim must be >= 0"),
+        (lambda a: a.__setitem__(0, (8, 4, 172, 512, 1e-5, False, 0, 65)), "layer 0 rms_att must be float32 \\[65\\]"),
     ]
     for edit, message in bad_plans:
         a = list(args)
@@ -253,6 +265,36 @@ def test_plan_and_call_errors_are_one_line():
         with pytest.raises(kind, match=message) as e:
             native.forward(*args)
         assert "\n" not in str(e.value)
+
+
+def test_blocks_out_of_the_window_are_neither_checked_nor_read():
+    """With a window of 4, a row at position 20 attends 17..20: block 0 of its table (positions 0..15)
+    may have been freed (-1 here) and is not checked; without the window it is refused."""
+    model = Transformer(load_checkpoint(asset("stories260K.bin")))
+    c = model.config
+    args = _plan_args(model)
+    windowed = native.forward_plan((*args[0], 4), *args[1:])
+    cache = model.new_cache(slots=1, blocks=4)
+    cache.reserve(0, 21)
+    k, v = cache.pool.k, cache.pool.v
+    x, logits = np.ones((1, c.dim), F32), np.empty((1, c.vocab_size), F32)
+    tables = np.array([[-1, cache.tables[0][1]]], np.int32)
+    starts, counts = np.array([20], np.int64), np.array([1], np.int64)
+    native.forward(windowed, x.copy(), k, v, 0, tables, starts, counts, logits)
+    assert np.isfinite(logits).all()
+    # what block 0 would hold does not matter: a free block of 0xFF bytes (NaN) there gives the same bits
+    spare = next(b for b in range(4) if b not in cache.tables[0])
+    k[:, spare], v[:, spare] = 0xFF, 0xFF
+    again = np.empty_like(logits)
+    native.forward(windowed, x.copy(), k, v, 0, np.array([[spare, tables[0, 1]]], np.int32), starts, counts, again)
+    assert again.tobytes() == logits.tobytes()
+    with pytest.raises(IndexError, match="segment 0 names block -1 of a pool of 4"):
+        native.forward(native.forward_plan(*args), x.copy(), k, v, 0, tables, starts, counts, logits)
+    # and the same through native.attention, the per-layer entry to the same attention pass
+    q, out = np.ones((1, c.n_heads, c.head_dim), F32), np.empty((1, c.q_dim), F32)
+    native.attention(0, q, k[0], v[0], tables, starts, counts, out, 4)
+    with pytest.raises(IndexError, match="segment 0 names block -1"):
+        native.attention(0, q, k[0], v[0], tables, starts, counts, out)
 
 
 # -- run.c's goldens at every level ----------------------------------------------------------------
