@@ -25,6 +25,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "attention.h"
 #include "kv.h"
 #include "level.h"
 
@@ -298,7 +299,7 @@ void KN(attn_group)(int kvtype, int64_t hd, int64_t G, int64_t R, const float *q
 #define OUT(j) (out + (size_t)((j) / G) * out_stride + (size_t)((j) % G) * hd)
 #define SCORES(j) (scores + (size_t)(j) * (size_t)n_max)
 #define LEN(j) (n0 + (j) / G)
-#define LO(j) (window > 0 && LEN(j) > window ? LEN(j) - window : 0)
+#define LO(j) attn_first_row(LEN(j) - 1, window)
     /* keys, a block's worth of rows at a time, from the first row any query sees */
     for (int64_t t0 = LO(0), t1; t0 < n_max; t0 = t1) {
         int64_t in_block = t0 % block_tokens;
