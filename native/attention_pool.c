@@ -39,16 +39,17 @@ attn_item *attn_items(const attn_pass *a, int64_t *n_items, int64_t *scratch) {
     n = 0;
     for (int64_t s = 0, row = 0; s < a->S; row += a->counts[s], s++) {
         if (a->counts[s] == 1) {
-            int64_t n0 = a->starts[s] + 1;
-            for (int64_t h = 0; h < a->H; h++) items[n++] = (attn_item){s, h, 1, row, 1, n0, n0};
+            int64_t n0 = a->starts[s] + 1, work = n0 - attn_first_row(n0 - 1, a->window);
+            for (int64_t h = 0; h < a->H; h++) items[n++] = (attn_item){s, h, 1, row, 1, n0, work};
             if (n0 > *scratch) *scratch = n0;
             continue;
         }
         for (int64_t r0 = 0; r0 < a->counts[s]; r0 += R) {
             int64_t r = a->counts[s] - r0 < R ? a->counts[s] - r0 : R, n0 = a->starts[s] + r0 + 1;
-            int64_t need = r * G * (n0 + r - 1);
+            int64_t need = r * G * (n0 + r - 1);  /* scores are kept at their positions, window or not */
+            int64_t work = r * G * (n0 + r - 1 - attn_first_row(n0 - 1, a->window));
             if (need > *scratch) *scratch = need;
-            for (int64_t g = 0; g < a->KVH; g++) items[n++] = (attn_item){s, g * G, G, row + r0, r, n0, need};
+            for (int64_t g = 0; g < a->KVH; g++) items[n++] = (attn_item){s, g * G, G, row + r0, r, n0, work};
         }
     }
     qsort(items, (size_t)n, sizeof(attn_item), by_work);
