@@ -67,7 +67,8 @@ class Llama:
         against the model's; or `lookup` N proposes tokens found after the latest earlier
         occurrence of the text's last N tokens. `draft_max`: the longest draft (default
         speculative.MAX_DRAFT), its length adapting below that; `slots`: sequences the draft's
-        cache holds (the server's batch)."""
+        cache holds (the server's batch). A draft file without a vocabulary of its own (llama2.c's)
+        uses the model's tokenizer."""
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
@@ -83,10 +84,10 @@ class Llama:
                               f"vocabulary has {vocab}")
         llama = cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
                     chat_template=chat_template, path=path)
-        llama.speculator = llama.speculate(draft, lookup, draft_max, slots, tokenizer, kv_type)
+        llama.speculator = llama.speculate(draft, lookup, draft_max, slots, kv_type)
         return llama
 
-    def speculate(self, draft=None, lookup=None, draft_max=None, slots=1, tokenizer=None, kv_type=None):
+    def speculate(self, draft=None, lookup=None, draft_max=None, slots=1, kv_type=None):
         """The speculative.Speculator of a draft model (a path or a Llama) or of prompt lookup
         (`lookup`: the n-gram size), None for neither (see `load`)."""
         from . import speculative as S
@@ -95,11 +96,22 @@ class Llama:
         most = S.MAX_DRAFT if draft_max is None else draft_max
         if draft is not None:
             if not isinstance(draft, Llama):
-                draft = Llama.load(draft, tokenizer, kv_type=kv_type)
+                draft = self._load_draft(draft, kv_type)
             return S.Speculator(S.DraftModel.checked(draft, self, slots), self.model, most)
         if lookup is not None:
             return S.Speculator(S.PromptLookup(lookup), self.model, most)
         return None
+
+    def _load_draft(self, path, kv_type=None) -> "Llama":
+        """A draft model's file, with its own vocabulary if it has one (checked against ours by
+        speculative.DraftModel.checked), else ours (a llama2.c file has none)."""
+        path = hub.resolve(path, what="draft model")
+        ckpt = load_checkpoint(path)
+        if ckpt.config.vocab_size != self.config.vocab_size:
+            raise FormatError(f"{path}: the draft's vocabulary differs from the model's "
+                              f"({ckpt.config.vocab_size} tokens, the model has {self.config.vocab_size})")
+        tok = getattr(ckpt, "tokenizer", None) or self.tokenizer
+        return Llama(Transformer(ckpt, kv_type=kv_type), tok, ckpt, name=Path(path).stem, path=path)
 
     def encode(self, text, bos=True, eos=False) -> list:
         return self.tokenizer.encode(text, bos=bos, eos=eos)
