@@ -13,8 +13,9 @@ target's output distribution exactly.
     PromptLookup                        proposals copied from the text itself: the tokens that followed
                                         the latest earlier occurrence of the last n tokens (prompt lookup
                                         decoding, Saxena 2023; llama.cpp's and llama-cpp-python's)
-    DraftLength                         how many tokens to draft next: backs off to plain decoding when
-                                        acceptance is too low to pay for the proposals
+    Costs, DraftLength                  how many tokens to draft next, from the measured costs of the
+                                        passes and the acceptance so far: backs off to plain decoding
+                                        when the guesses do not pay for themselves
     Speculator                          a proposer and its settings; `start` gives a sequence's Drafting
 
 At temperature 0 p and q are one-hot, a guess is kept exactly when it is the target's argmax and the
@@ -25,6 +26,7 @@ exactly as in plain decoding. A sampled sequence keeps the target's distribution
 in another order, so a seed gives other (equally distributed) text than without a draft.
 """
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,11 +34,12 @@ import numpy as np
 from .errors import FormatError, UsageError
 from .sampler import Sampler, sample_multinomial
 
-# A verification pass's cost per extra row, in decode steps of the target: a decode step reads every
-# weight once and the extra rows reuse what was read, so they cost little while the products stay
-# memory-bound (an estimate; `llama2 bench spec` measures the real figures).
+# A verification pass's cost per extra row, in decode steps of the target, until measured: a decode
+# step reads every weight once and the extra rows reuse what was read, so they cost little while the
+# products stay memory-bound. Costs measured as the passes run replace it (Costs).
 ROW_COST = 0.1
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before any draft was checked
+PROBE_SHARE = 0.02  # at most this share of the time goes to re-trying drafts that did not pay
 MAX_DRAFT = 8  # the longest draft by default (also capped by the target's invariant rows)
 
 
@@ -184,29 +187,80 @@ class PromptLookup:
         return []
 
 
+class Costs:
+    """Seconds of the target's passes by their rows, and of the proposer's passes, as measured
+    (exponential averages): what DraftLength weighs guesses against. Shared by a Speculator's
+    sequences (the server's slots record their batched passes here)."""
+
+    def __init__(self, proposer_cost: float):
+        self.proposer_cost = proposer_cost  # a proposer pass in target decode steps until measured
+        self.passes = {}  # rows -> seconds
+        self.draft = None  # seconds of one proposer pass (one guess per sequence)
+
+    @staticmethod
+    def _ema(old, new):
+        return new if old is None else 0.8 * old + 0.2 * new
+
+    def record_pass(self, rows: int, seconds: float):
+        self.passes[rows] = self._ema(self.passes.get(rows), seconds)
+
+    def record_draft(self, passes: int, seconds: float):
+        if passes:
+            self.draft = self._ema(self.draft, seconds / passes)
+
+    def pass_time(self, rows: int):
+        """Measured, or estimated from the largest measured smaller pass (ROW_COST a row); None
+        before any pass of at most `rows` rows was measured."""
+        below = [r for r in self.passes if r <= rows]
+        if not below:
+            return None
+        r = max(below)
+        return self.passes[r] * (1 + ROW_COST * (rows - r) / r)
+
+    def draft_time(self, base: float) -> float:
+        return self.draft if self.draft is not None else self.proposer_cost * base
+
+
 class DraftLength:
     """The draft length for the next step: the k in 0..`most` that maximizes expected tokens per
-    unit of work, E(k) / W(k), with E(k) = (1 - a^(k+1)) / (1 - a) tokens a step when each guess is
-    kept with probability a (an exponential average of what was kept so far), and W(k) = 1 + k *
-    (cost + ROW_COST) target steps. k = 0 is plain decoding (E = W = 1); while there, the estimate
-    relaxes toward its prior, so drafting is tried again now and then. `adaptive=False`: always
-    `most` (tests, and users who know their pair)."""
+    second, E(k) / T(k), with E(k) = (1 - a^(k+1)) / (1 - a) tokens a step when each guess is kept
+    with probability a (an exponential average of what was kept so far), and T(k) = k proposer
+    passes + a target pass of base + k rows, from `costs` (measured). k = 0 is plain decoding; while
+    there, the estimate relaxes toward its prior, and a draft is re-tried once the time since the
+    last try makes its cost at most PROBE_SHARE of it, so a pair that does not pay costs about that
+    much. `adaptive=False`: always `most` (tests, and users who know their pair).
 
-    def __init__(self, most: int, cost: float, adaptive: bool = True):
-        self.most, self.cost, self.adaptive = most, cost, adaptive
+    Measured costs make the lengths, so a sampled (seeded) completion may draw its coins in another
+    order from run to run; its distribution is the target's whatever the lengths (greedy output
+    never changes)."""
+
+    def __init__(self, most: int, costs: Costs, adaptive: bool = True):
+        self.most, self.costs, self.adaptive = most, costs, adaptive
         self.rate = PRIOR_ACCEPTANCE
+        self.idle = 0.0  # seconds of plain decoding since drafting last paid or was tried
 
-    def next(self) -> int:
+    def next(self, base: int = 1) -> int:
         if not self.adaptive:
             return self.most
-        a, best, best_k = min(self.rate, 0.999), 1.0, 0
+        t1 = self.costs.pass_time(base)
+        if t1 is None:
+            return 0  # measure a plain step first
+        draft = self.costs.draft_time(t1)
+        a, best, best_k = min(self.rate, 0.999), 1.0 / t1, 0
         for k in range(1, self.most + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (1 + k * (self.cost + ROW_COST))
+            gain = (1 - a ** (k + 1)) / (1 - a) / (k * draft + self.costs.pass_time(base + k))
             if gain > best * 1.001:
                 best, best_k = gain, k
-        if best_k == 0:
-            self.rate += (PRIOR_ACCEPTANCE - self.rate) * 0.02
-        return best_k
+        if best_k:
+            self.idle = 0.0
+            return best_k
+        self.rate += (PRIOR_ACCEPTANCE - self.rate) * 0.02
+        self.idle += t1
+        probe = draft + self.costs.pass_time(base + 1)
+        if probe <= PROBE_SHARE * self.idle:
+            self.idle = 0.0
+            return 1
+        return 0
 
     def update(self, proposed: int, kept: int):
         if proposed:
@@ -225,6 +279,7 @@ class Speculator:
         self.most = max(1, min(most, target_model.invariant_rows - 1))
         self.adaptive = adaptive
         self.vocab = target_model.config.vocab_size
+        self.costs = Costs(proposer.cost)
         self.steps = self.proposed = self.kept = 0  # over every sequence: passes, guesses, guesses kept
 
     @property
@@ -244,11 +299,12 @@ class Drafting:
 
     def __init__(self, speculator: Speculator, slot: int, context: list, sampler: Sampler):
         self.speculator, self.slot, self.context, self.sampler = speculator, slot, context, sampler
-        self.length = DraftLength(speculator.most, speculator.proposer.cost, speculator.adaptive)
+        self.length = DraftLength(speculator.most, speculator.costs, speculator.adaptive)
 
-    def ask(self, room: int):
-        """The Ask for this step's draft (None: decode plainly): `room` positions are left."""
-        k = min(self.length.next(), room)
+    def ask(self, room: int, base: int = 1):
+        """The Ask for this step's draft (None: decode plainly): `room` positions are left; `base`:
+        the rows of the pass besides this sequence's guesses."""
+        k = min(self.length.next(base), room)
         return Ask(self.slot, self.context, k, self.sampler) if k > 0 else None
 
     def settle(self, seq, rows: np.ndarray, draft: Draft) -> tuple:
@@ -284,13 +340,21 @@ class Drafting:
 
     def step(self, model, cache, seq) -> list:
         """One step of a sequence alone (after its prompt pass): draft, verify, roll back."""
-        slot = self.slot
+        slot, costs = self.slot, self.speculator.costs
         start = int(cache.pos[slot])
         a = self.ask(min(cache.seq_len - start - 1, seq.params.max_tokens - seq.generated - 1))
-        draft = self.speculator.proposer.propose([a])[0] if a is not None else None
+        draft = None
+        if a is not None:
+            t0 = time.perf_counter()
+            draft = self.speculator.proposer.propose([a])[0]
+            costs.record_draft(len(draft.tokens), time.perf_counter() - t0)
+        t0 = time.perf_counter()
         if draft is None or not draft.tokens:
-            return self.plain(seq, model.forward(seq.feed, cache, slot)[-1])
+            logits = model.forward(seq.feed, cache, slot)[-1]
+            costs.record_pass(1, time.perf_counter() - t0)
+            return self.plain(seq, logits)
         rows = model.forward(seq.feed + draft.tokens, cache, slot, all_logits=True)
+        costs.record_pass(len(rows), time.perf_counter() - t0)
         events, kept = self.settle(seq, rows, draft)
         cache.truncate(slot, start + 1 + kept)
         return events

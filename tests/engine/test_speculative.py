@@ -14,7 +14,8 @@ from llama2 import Llama
 from llama2.errors import FormatError, UsageError
 from llama2.generate import complete
 from llama2.sampler import Sampler
-from llama2.speculative import (Ask, DraftLength, DraftModel, PromptLookup, Speculator, accept)
+from llama2.speculative import (PROBE_SHARE, Ask, Costs, DraftLength, DraftModel, PromptLookup, Speculator,
+                                accept)
 from llama2.structured import Spec
 
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park. Lily and Tom", ""]
@@ -64,20 +65,46 @@ def test_adaptive_length_greedy_equals_plain(llama, q8, kind):
         [e.token for e in llama.stream(prompt, steps=300, temperature=0)]
 
 
+def costs(draft, **passes):
+    c = Costs(draft)
+    for rows, seconds in passes.items():
+        c.record_pass(int(rows[1:]), seconds)
+    return c
+
+
 def test_adaptive_length_backs_off():
-    """Guesses that are never kept send the length to 0 (plain decoding); it comes back to try
-    again later; a cheap proposer whose guesses are all kept drafts the longest allowed."""
-    dl = DraftLength(most=7, cost=0.3)
+    """Guesses that are never kept send the length to 0 (plain decoding); it tries again later; a
+    cheap proposer whose guesses are all kept drafts the longest allowed; nothing is drafted before
+    a plain step was measured."""
+    dl = DraftLength(7, costs(0.3, r1=1.0))
     assert dl.next() > 0
     for _ in range(20):
         dl.update(dl.next() or 1, 0)
     assert dl.next() == 0
-    assert any(dl.next() > 0 for _ in range(500))  # relaxed toward the prior: tried again
-    good = DraftLength(most=7, cost=0.0)
+    assert any(dl.next() > 0 for _ in range(500))  # tried again
+    good = DraftLength(7, costs(0.0, r1=1.0))
     for _ in range(20):
         good.update(good.next(), good.next())
     assert good.next() == 7
-    assert DraftLength(most=7, cost=1.0).next() == 0  # a draft as dear as the model never pays
+    assert DraftLength(7, costs(1.0, r1=1.0)).next() == 0  # a draft as dear as the model never pays
+    assert DraftLength(7, Costs(0.0)).next() == 0
+
+
+def test_adaptive_length_bounds_what_bad_drafts_cost():
+    """Verification passes measured 50 times dearer than a plain step (a tiny model whose plain
+    step is one fused native call): re-tries take at most about PROBE_SHARE of the time."""
+    c = costs(0.1, r1=1.0, r2=50.0)
+    dl = DraftLength(7, c)
+    spent = plain = 0.0
+    for _ in range(20000):
+        k = dl.next()
+        if k:
+            dl.update(k, 0)
+            spent += k * 0.1 + c.pass_time(1 + k)
+        else:
+            plain += 1.0
+    assert spent > 0  # it does re-try
+    assert spent <= PROBE_SHARE * 1.5 * (spent + plain) + 60
 
 
 def test_prompt_lookup_proposes_what_followed():

@@ -29,6 +29,7 @@ prompt's remainder is a shorter pass); `prefix_cache=False` keeps them identical
 
 import logging
 import threading
+import time
 from collections import deque
 
 from .. import kvcache, threads
@@ -247,6 +248,7 @@ class Scheduler:
         """Speculative decoding: the guesses of every decoding sequence whose length policy asks
         for some, proposed together (a draft model's steps batched over the slots)."""
         asks, seqs = [], []
+        decoding = sum(seq.prefilled for seq in batch)
         for seq in batch:
             seq.draft = None
             if seq.drafting is None or not seq.prefilled or seq.job.cancelled:
@@ -254,14 +256,16 @@ class Scheduler:
             # at most the positions its admission promised (prompt + max_tokens) and the context
             room = min(self.cache.seq_len - int(self.cache.pos[seq.slot]) - 1,
                        seq.params.max_tokens - seq.generated - 1)
-            ask = seq.drafting.ask(room)
+            ask = seq.drafting.ask(room, base=decoding)
             if ask is not None:
                 asks.append(ask)
                 seqs.append(seq)
         if not asks:
             return
         try:
+            t0 = time.perf_counter()
             drafts = self.speculator.proposer.propose(asks)
+            self.speculator.costs.record_draft(max(a.k for a in asks), time.perf_counter() - t0)
         except Exception:  # a bug: decode these plainly
             log.exception("drafting failed")
             return
@@ -301,6 +305,7 @@ class Scheduler:
         prefilled = sum(len(seq.feed) for seq in group if not seq.prefilled)
         drafted = any(seq.draft is not None for seq in group)
         starts = [int(self.cache.pos[seq.slot]) for seq in group]
+        t0 = time.perf_counter()
         try:
             # [len(group), vocab]; with drafts every row's, and each sequence gets its own rows
             logits = self.model.forward_batch(segments, self.cache, all_logits=True) if drafted else \
@@ -312,6 +317,8 @@ class Scheduler:
                     self._finish(seq, e)
             return
         generated = 0
+        if self.speculator is not None and all(seq.prefilled for seq in group):  # decode passes: what drafts weigh
+            self.speculator.costs.record_pass(sum(len(t) for _, t in segments), time.perf_counter() - t0)
         if drafted:
             ends = [0]
             for _, tokens in segments:
