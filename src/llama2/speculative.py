@@ -225,7 +225,8 @@ class DraftLength:
     """The draft length for the next step: the k in 0..`most` that maximizes expected tokens per
     second, E(k) / T(k), with E(k) = (1 - a^(k+1)) / (1 - a) tokens a step when each guess is kept
     with probability a (an exponential average of what was kept so far), and T(k) = k proposer
-    passes + a target pass of base + k rows, from `costs` (measured). k = 0 is plain decoding; while
+    passes + a target pass of base + k rows, from `costs` (measured; k grows a row at a time beyond
+    the largest pass measured). k = 0 is plain decoding; while
     there, the estimate relaxes toward its prior, and a draft is re-tried once the time since the
     last try makes its cost at most PROBE_SHARE of it, so a pair that does not pay costs about that
     much. `adaptive=False`: always `most` (tests, and users who know their pair).
@@ -247,7 +248,9 @@ class DraftLength:
             return 0  # measure a plain step first
         draft = self.costs.draft_time(t1)
         a, best, best_k = min(self.rate, 0.999), 1.0 / t1, 0
-        for k in range(1, self.most + 1):
+        # one row more than the largest pass measured: a pass dearer than thought is found out
+        # at the smallest cost
+        for k in range(1, min(self.most, max(self.costs.passes) - base + 1) + 1):
             gain = (1 - a ** (k + 1)) / (1 - a) / (k * draft + self.costs.pass_time(base + k))
             if gain > best * 1.001:
                 best, best_k = gain, k
