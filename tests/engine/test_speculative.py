@@ -54,7 +54,6 @@ def test_greedy_equals_plain_decoding(llama, q8, kind, most):
     assert sp.proposed > 0 and sp.kept > 0  # drafts were made, and some kept
     if kind == "self":
         assert sp.kept == sp.proposed  # the model agrees with itself
-    assert sp.steps < 3 * 255 - sp.kept  # fewer target passes than tokens
 
 
 @pytest.mark.parametrize("kind", ["q8", "lookup"])
@@ -201,6 +200,7 @@ def test_acceptance_keeps_the_target_distribution(case):
         assert not chi_square_ok(naive, p, n)
 
 
+@pytest.mark.slow
 def test_sampled_completions_keep_the_first_drafted_token_distribution(llama, q8):
     """Whole completions, sampled: the second token (the first one drafted, then verified) has the
     target's distribution given the first. The prompt is chosen so the first token is fixed."""
