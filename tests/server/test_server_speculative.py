@@ -94,3 +94,44 @@ def test_serve_with_draft_flag():
     finally:
         assert server.terminate() == 0, server.stderr
 
+
+
+class Recording:
+    """The real model, recording each pass's segments as (slot, rows)."""
+
+    def __init__(self, model):
+        self.model, self.passes = model, []
+        self.config, self.invariant_rows = model.config, model.invariant_rows
+
+    def new_cache(self, *args, **kw):
+        return self.model.new_cache(*args, **kw)
+
+    def warm_up(self):
+        self.model.warm_up()
+
+    def matrices(self):
+        return self.model.matrices()
+
+    def forward_batch(self, segments, cache, all_logits=False):
+        self.passes.append([(slot, len(tokens)) for slot, tokens in segments])
+        return self.model.forward_batch(segments, cache, all_logits)
+
+
+def test_slots_verify_their_drafts_in_shared_passes(llama, q8):
+    """Several slots' guesses (k+1 rows each) are verified in one pass, and the draft model's
+    steps for several slots run in one pass too."""
+    rec, draft_rec = Recording(llama.model), Recording(q8.model)
+    spec = Speculator(DraftModel(draft_rec, llama.model, 4), llama.model, 3, adaptive=False)
+    ps = [params(llama, p, 30, temperature=0) for p in PROMPTS[:4]]
+    sched = Scheduler(rec, llama.tokenizer, max_batch=4, max_queue=4, speculator=spec)
+    queues = [queue.Queue() for _ in ps]
+    for p, q in zip(ps, queues):
+        sched.submit(p, q.put)
+    sched.start()
+    try:
+        for q in queues:
+            assert collect(q)[1] is None
+    finally:
+        sched.stop(TIMEOUT_S)
+    assert any(sum(rows > 1 for _, rows in segs) >= 2 for segs in rec.passes)
+    assert any(len(segs) >= 2 for segs in draft_rec.passes)
