@@ -201,14 +201,16 @@ def complete(model: Transformer, params: Params, tokenizer: Tokenizer, cache: KV
     cache.reset(slot)
     drafting = speculator.start(params, slot) if speculator is not None else None
     try:
-        events = seq.advance(model.forward(seq.feed, cache, slot)[-1]) if drafting is None else \
-            drafting.plain(seq, model.forward(seq.feed, cache, slot)[-1])
         while True:
+            if drafting is None:
+                events = seq.advance(model.forward(seq.feed, cache, slot)[-1])
+            elif not seq.prefilled:  # the prompt's pass: nothing drafted yet
+                events = drafting.plain(seq, model.forward(seq.feed, cache, slot)[-1])
+            else:
+                events = drafting.step(model, cache, seq)
             yield from events
             if events[-1].finish_reason is not None:
                 return
-            events = seq.advance(model.forward(seq.feed, cache, slot)[-1]) if drafting is None else \
-                drafting.step(model, cache, seq)
     finally:
         seq.close()
 
