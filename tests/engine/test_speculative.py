@@ -81,10 +81,15 @@ def test_adaptive_length_backs_off():
         dl.update(dl.next() or 1, 0)
     assert dl.next() == 0
     assert any(dl.next() > 0 for _ in range(500))  # tried again
-    good = DraftLength(7, costs(0.0, r1=1.0))
+    c = costs(0.0, r1=1.0)
+    good = DraftLength(7, c)
+    seen = []
     for _ in range(20):
-        good.update(good.next(), good.next())
-    assert good.next() == 7
+        k = good.next()
+        c.record_pass(1 + k, 1.0 + 0.05 * k)  # extra rows nearly free: memory-bound
+        good.update(k, k)
+        seen.append(k)
+    assert seen[:7] == [1, 2, 3, 4, 5, 6, 7] and good.next() == 7  # a row more at a time
     assert DraftLength(7, costs(1.0, r1=1.0)).next() == 0  # a draft as dear as the model never pays
     assert DraftLength(7, Costs(0.0)).next() == 0
 
