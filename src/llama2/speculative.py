@@ -290,11 +290,15 @@ class Speculator:
         """The share of guesses kept so far."""
         return self.kept / self.proposed if self.proposed else 0.0
 
-    def start(self, params, slot: int = 0) -> "Drafting":
-        """A sequence's drafting state; its draft sampler is seeded from the request's seed."""
-        self.proposer.release(slot)
+    def start(self, params, slot: int = 0, context=None) -> "Drafting":
+        """A sequence's drafting state; its draft sampler is seeded from the request's seed.
+        `context`: the whole text the slot continues (a chat's earlier turns, then params.prompt),
+        whose common start the draft's cache keeps; None: params.prompt, a new sequence."""
+        if context is None:
+            self.proposer.release(slot)
+            context = params.prompt
         seed = (params.seed * 0x9E3779B97F4A7C15 + 1) & ((1 << 63) - 1) or 1  # not the target's coins
-        return Drafting(self, slot, list(params.prompt), Sampler(self.vocab, params.temperature, params.top_p, seed))
+        return Drafting(self, slot, list(context), Sampler(self.vocab, params.temperature, params.top_p, seed))
 
 
 class Drafting:

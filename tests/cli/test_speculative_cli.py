@@ -1,4 +1,5 @@
-"""`llama2 run --draft/--lookup` prints exactly the bytes of plain decoding at temperature 0; bad
+"""`llama2 run --draft/--lookup` prints exactly the bytes of plain decoding at temperature 0 (chat
+mode too); bad
 speculation flags are one-line errors with exit 2 (usage) or 1 (a file); `llama2 bench spec` runs its
 pairs on stories260K (plumbing only: --reps 1, no timing asserted)."""
 
@@ -33,13 +34,23 @@ def test_run_speculative_prints_plain_bytes(prompt, flags):
     assert fast == plain
 
 
+def test_chat_speculative_prints_plain_bytes():
+    argv = ["run", *base(), "-n", "400", "-m", "chat", "-y", ""]
+    stdin = "Tell me a story about Lily and Lily\nAnd then what did Lily do\n"
+    outs = []
+    for flags in ([], ["--lookup", "2"], ["--draft", str(asset("stories260K-q8.bin"))]):
+        out, err = io.BytesIO(), io.StringIO()
+        assert main(argv + flags, stdout=out, stderr=err, stdin=io.StringIO(stdin)) == 0, err.getvalue()
+        outs.append(out.getvalue())
+    assert outs[1] == outs[0] and outs[2] == outs[0]
+
+
 @pytest.mark.parametrize("flags, code, message", [
     (["--lookup", "0"], 2, "--lookup 0: expected an n-gram size of at least 1"),
     (["--draft-max", "0", "--lookup", "2"], 2, "--draft-max 0: expected at least 1"),
     (["--draft", "x.bin", "--lookup", "2"], 2, "not allowed with argument"),
     (["--draft", "nowhere/x.bin"], 1, "nowhere/x.bin: no such draft model file"),
     (["--draft", "rand-gqa-unshared.bin"], 1, "the draft's vocabulary differs from the model's (32000 tokens"),
-    (["-m", "chat", "--lookup", "2"], 2, "--draft and --lookup apply to generate mode"),
 ])
 def test_bad_speculation_flags(flags, code, message):
     flags = [str(asset(f)) if f == "rand-gqa-unshared.bin" else f for f in flags]

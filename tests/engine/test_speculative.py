@@ -299,3 +299,25 @@ def test_draft_batch_of_slots(llama, q8):
         alone = DraftModel(q8.model, llama.model, slots=1)
         assert alone.propose([Ask(0, c, asks[s].k, Sampler(512, 0.0, 0.9, 1))])[0].tokens == batched[s]
     assert [len(t) for t in batched] == [4, 2, 5]
+
+
+JINJA = ('{% for m in messages %}{{ m["role"] }}: {{ m["content"] }}\n{% endfor %}'
+         '{% if add_generation_prompt %}assistant:{% endif %}')
+
+
+@pytest.mark.parametrize("template", ["llama2", "jinja"])
+@pytest.mark.parametrize("kind", ["q8", "lookup"])
+def test_chat_turns_greedy_equal_plain(llama, q8, template, kind):
+    """`llama2 run -m chat`'s session: every turn's reply is plain decoding's, the draft following
+    the whole conversation across turns (run.c's template and a Jinja one)."""
+    from llama2.chat import ChatSession
+    from llama2.chat_template import ChatTemplate
+    tpl = ChatTemplate(JINJA, "test") if template == "jinja" else "llama2"
+    spec = with_spec(llama, proposers(llama, q8)[kind], 4)
+    users = ["Tell me a story about Lily and Lily", "And then what did Lily do", "More about Lily please"]
+    replies = []
+    for model in (llama, spec):
+        session = ChatSession(model, Sampler(512, 0.0, 0.9, 1), 450, tpl)
+        replies.append([[e.token for e in session.turn(u, "" if i else "Be brief")] for i, u in enumerate(users)])
+    assert replies[0] == replies[1]
+    assert spec.speculator.kept > 0

@@ -165,8 +165,6 @@ def run(args, io) -> int:
     model_path, prompt, mode, prompt_given = parse(args)
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
     template = override(args.chat_template) if args.chat_template else None
-    if mode == "chat" and (args.draft is not None or args.lookup is not None):
-        raise UsageError("--draft and --lookup apply to generate mode; chat mode decodes without them")
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type):  # one context
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
