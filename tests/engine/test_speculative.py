@@ -12,7 +12,7 @@ import pytest
 from conftest import asset
 from llama2 import Llama
 from llama2.errors import FormatError, UsageError
-from llama2.generate import complete
+from llama2.generate import Params, complete
 from llama2.sampler import Sampler
 from llama2.speculative import (PROBE_SHARE, Ask, Costs, DraftLength, DraftModel, PromptLookup, Speculator,
                                 accept)
@@ -123,7 +123,6 @@ def test_draft_rows_roll_back(llama, q8):
     """Rejected rows' blocks go back to the pool; the target and the draft caches keep exactly the
     accepted text."""
     spec = with_spec(llama, DraftModel.checked(q8, llama), 7)
-    from llama2.generate import Params
     cache = llama.model.new_cache()
     params = Params(tuple(llama.encode(PROMPTS[0])), max_tokens=150, temperature=0.0, top_p=0.9, seed=1,
                     stop_tokens=frozenset({1, 2}))
@@ -218,7 +217,6 @@ def test_sampled_completions_keep_the_first_drafted_token_distribution(llama, q8
     first = int(np.argmax(p1))
     p2 = sampler.distribution(llama.model.forward([first], cache)[-1])
     seconds, n = [], 0
-    from llama2.generate import Params
     for seed in range(1, 1600):
         params = Params(tuple(prompt), max_tokens=3, temperature=1.0, top_p=1.0, seed=seed)
         ev = [e.token for e in complete(llama.model, params, llama.tokenizer, speculator=spec.speculator)

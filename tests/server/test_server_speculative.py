@@ -87,8 +87,8 @@ def test_serve_with_draft_flag():
         "Once upon a time", max_tokens=60, temperature=0)["choices"][0]["text"]
     server = Server("--draft", str(asset("stories260K-q8.bin")), "--draft-max", "4", "--max-batch", "2")
     try:
-        r = httpx.post(server.url + "/completions", json={"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 60,
-                                                           "temperature": 0}, timeout=60)
+        body = {"model": "stories260K", "prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
+        r = httpx.post(server.url + "/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["text"] == want
     finally:
