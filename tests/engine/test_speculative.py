@@ -284,7 +284,7 @@ def test_load_with_draft(llama):
     assert r["choices"][0]["text"] == llama.create_completion("Once upon a time", max_tokens=50,
                                                               temperature=0)["choices"][0]["text"]
     assert gguf.speculator.steps > 0
-    assert gguf.speculator.proposed == 0  # adaptive: a draft as dear as the model never pays
+    assert gguf.speculator.proposer.cost == pytest.approx(1.0)  # the same weights: as dear as the model
 
 
 def test_draft_batch_of_slots(llama, q8):
