@@ -38,7 +38,6 @@ INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, 
  * register, row 1 in the high half; x takes q's sign through a mask (AVX-512 has no vpsignb). */
 INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, size_t row_bytes, const char *x, size_t xs, int NX, float *out,
                       size_t os) {
-
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
