@@ -1,7 +1,7 @@
 """The Llama 2 transformer in PyTorch, for training: the same math as our inference engine and run.c.
 
 RMSNorm, rotary embeddings on adjacent pairs (x[2i], x[2i+1]) as run.c rotates them, grouped-query
-attention, SwiGLU feed-forward, classifier tied to the token embedding. No KV cache: training and
+attention, SwiGLU feed-forward, classifier tied to the token embedding (or its own, for bases that have one). No KV cache: training and
 teacher-forced scoring only (generation here is a slow reference that recomputes the prefix).
 """
 
@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from ..config import ModelConfig
@@ -31,17 +32,24 @@ def rope_tables(head_dim: int, seq_len: int, theta: float):  # -> cos, sin: floa
     return torch.cos(angles), torch.sin(angles)
 
 
-def apply_rope(x, cos, sin):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd lanes, [B, T, H, hd/2]
+def apply_rope(x, cos, sin, halves=False):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
+    """Rotate pairs (x[2i], x[2i+1]); with `halves`, Hugging Face's pairs (x[i], x[i + hd/2]), so
+    a base loaded in HF's q/k layout (config.rope_style "halves") trains without un-permuting."""
+    if halves:
+        x0, x1 = x.float().chunk(2, dim=-1)
+    else:
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd lanes, [B, T, H, hd/2]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    pair = (x0 * cos - x1 * sin, x0 * sin + x1 * cos)
+    out = torch.cat(pair, dim=-1) if halves else torch.stack(pair, dim=-1).flatten(-2)
+    return out.type_as(x)
 
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, dropout: float):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.halves = c.rope_style == "halves"
         self.wq = nn.Linear(c.dim, c.dim, bias=False)
         self.wk = nn.Linear(c.dim, c.kv_dim, bias=False)
         self.wv = nn.Linear(c.dim, c.kv_dim, bias=False)
@@ -54,7 +62,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.halves), apply_rope(k, cos, sin, self.halves)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
             group = self.n_heads // self.n_kv_heads
@@ -93,15 +101,15 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, dropout: float = 0.0):
         super().__init__()
-        if not config.shared_classifier:
-            raise ValueError("training supports the shared (tied) classifier only")
         self.config = config
+        self.checkpointing = False  # recompute each layer in backward (torch.utils.checkpoint)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
+        if config.shared_classifier:
+            self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
         cos, sin = rope_tables(config.head_dim, config.seq_len, config.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -125,7 +133,10 @@ class Transformer(nn.Module):
         x = self.dropout(self.tok_embeddings(tokens))
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits
@@ -168,4 +179,6 @@ class Transformer(nn.Module):
             "w2": stack(lambda b: b.feed_forward.w2.weight),
             "w3": stack(lambda b: b.feed_forward.w3.weight),
             "rms_final": self.norm.weight.detach().float().cpu().numpy(),
+            **({} if self.config.shared_classifier else
+               {"wcls": self.output.weight.detach().float().cpu().numpy()}),
         }

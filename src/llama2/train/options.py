@@ -76,6 +76,8 @@ class TrainOptions:
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
+    wandb: bool = False  # also log every step to Weights & Biases (needs wandb installed)
+    wandb_project: str = "llama2"
 
     def lr_at(self, it: int) -> float:
         """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
