@@ -24,7 +24,7 @@ from .. import chat_template as templates, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
-from ..fileio import open_user_file, read_user_text
+from ..fileio import atomic_write, open_user_file, read_user_text
 from .bfloat16 import bf16_to_f32
 from .vocab import UNUSED, from_tokenizer_json, load_vocab
 
@@ -125,6 +125,28 @@ class SafetensorsFile:
             return weights.from_buffer(STORED_TYPES[kind], self.map, offset, shape, f"{self.path}: {name}")
         arr = np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
         return bf16_to_f32(arr) if kind == "BF16" else arr.astype(np.float32)
+
+
+def write_safetensors(path, entries, tensor, metadata=None):
+    """Write a .safetensors file streaming: `entries` [(name, safetensors dtype, shape)] in file
+    order, `tensor(name)` -> its array in that dtype (BF16: uint16 bits), asked one at a time."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape in entries:
+        size = int(np.prod(shape)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as the format recommends
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape in entries:
+            arr = np.ascontiguousarray(tensor(name), SAFETENSORS_DTYPES[dtype])
+            if arr.shape != tuple(shape):
+                raise FormatError(f"cannot write {path}: tensor {name} has shape {list(arr.shape)}, "
+                                  f"expected {list(shape)}")
+            f.write(arr.tobytes())
 
 
 class TorchFile:

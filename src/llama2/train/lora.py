@@ -14,17 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import weights
-from ..errors import UsageError
 from ..weights.base import DEQUANT_TILE
-
-# our matrix name -> the target name users give (--targets) and HF's module path under a layer
-TARGETS = {
-    "q": ("wq", "self_attn.q_proj"), "k": ("wk", "self_attn.k_proj"), "v": ("wv", "self_attn.v_proj"),
-    "o": ("wo", "self_attn.o_proj"), "gate": ("w1", "mlp.gate_proj"), "up": ("w3", "mlp.up_proj"),
-    "down": ("w2", "mlp.down_proj"),
-}
-DEFAULT_TARGETS = tuple(TARGETS)
-
+from .model import LAYER_PARAMS
+from .options import TARGETS
 
 def _tiles(matrix):  # (r0, r1) row ranges of at most DEQUANT_TILE values each
     rows, cols = matrix.shape
@@ -108,28 +100,14 @@ class LoRALinear(nn.Module):
         return self.scale * (self.lora_B @ self.lora_A)
 
 
-def parse_targets(text: str) -> tuple:
-    """--targets "q,k,v" -> ("q", "k", "v"); a one-line error for a name we do not have."""
-    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
-    if not names:
-        raise UsageError(f"--targets {text!r}: expected a comma-separated list of {','.join(TARGETS)}")
-    for name in names:
-        if name not in TARGETS:
-                raise UsageError(f"--targets: unknown target {name!r} (expected some of {','.join(TARGETS)})")
-    return names
+def module_path(target: str) -> str:
+    """The path of `target`'s linear layer in a train.model Block ("attention.wq")."""
+    return LAYER_PARAMS[TARGETS[target]].removesuffix(".weight")
 
 
-def layer_module(model, layer: int, target: str):
-    """The linear module of `target` ("q" ... "down") in block `layer` of a train.model.Transformer."""
-    block = model.layers[layer]
-    ours = TARGETS[target][0]
-    return getattr(block.attention if ours in ("wq", "wk", "wv", "wo") else block.feed_forward, ours)
-
-
-def set_layer_module(model, layer: int, target: str, module):
-    block = model.layers[layer]
-    ours = TARGETS[target][0]
-    setattr(block.attention if ours in ("wq", "wk", "wv", "wo") else block.feed_forward, ours, module)
+def replace_module(root, path: str, module):
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
 
 
 def adapters(model):
@@ -137,7 +115,7 @@ def adapters(model):
     out = []
     for layer in range(len(model.layers)):
         for target in TARGETS:
-            m = layer_module(model, layer, target)
+            m = model.layers[layer].get_submodule(module_path(target))
             if isinstance(m, LoRALinear):
                 out.append((layer, target, m))
     return out

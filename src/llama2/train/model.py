@@ -7,12 +7,20 @@ teacher-forced scoring only (generation here is a slow reference that recomputes
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
 from ..config import ModelConfig
+
+# our per-layer tensor name (checkpoint.STACKED) -> the parameter's path in a Block
+LAYER_PARAMS = {
+    "rms_att": "attention_norm.weight", "wq": "attention.wq.weight", "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight", "wo": "attention.wo.weight", "rms_ffn": "ffn_norm.weight",
+    "w1": "feed_forward.w1.weight", "w2": "feed_forward.w2.weight", "w3": "feed_forward.w3.weight",
+}
 
 
 class RMSNorm(nn.Module):
@@ -140,8 +148,11 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        flat = targets.reshape(-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, reduction="sum")
+        # the mean over the targets that count (-100: not trained on, as finetuning masks prompts);
+        # 0 rather than NaN for a window with none
+        return logits, loss / (flat != -100).sum().clamp(min=1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied weight counts once
@@ -164,21 +175,26 @@ class Transformer(nn.Module):
 
     def export_weights(self) -> dict:
         """name -> float32 numpy array in formats.llama2c.write's layout (stacked per layer, [out, in])."""
-        def stack(get):
-            return torch.stack([get(b).detach().float().cpu() for b in self.layers]).numpy()
+        def stack(path):
+            return torch.stack([b.get_parameter(path).detach().float().cpu() for b in self.layers]).numpy()
 
-        return {
-            "token_embedding": self.tok_embeddings.weight.detach().float().cpu().numpy(),
-            "rms_att": stack(lambda b: b.attention_norm.weight),
-            "wq": stack(lambda b: b.attention.wq.weight),
-            "wk": stack(lambda b: b.attention.wk.weight),
-            "wv": stack(lambda b: b.attention.wv.weight),
-            "wo": stack(lambda b: b.attention.wo.weight),
-            "rms_ffn": stack(lambda b: b.ffn_norm.weight),
-            "w1": stack(lambda b: b.feed_forward.w1.weight),
-            "w2": stack(lambda b: b.feed_forward.w2.weight),
-            "w3": stack(lambda b: b.feed_forward.w3.weight),
-            "rms_final": self.norm.weight.detach().float().cpu().numpy(),
-            **({} if self.config.shared_classifier else
-               {"wcls": self.output.weight.detach().float().cpu().numpy()}),
-        }
+        out = {name: stack(path) for name, path in LAYER_PARAMS.items()}
+        out["token_embedding"] = self.tok_embeddings.weight.detach().float().cpu().numpy()
+        out["rms_final"] = self.norm.weight.detach().float().cpu().numpy()
+        if not self.config.shared_classifier:
+            out["wcls"] = self.output.weight.detach().float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, tensor):
+        """Set every weight from `tensor(name, layer) -> float32 array` (export.py's source form)."""
+        def put(param, array):
+            param.copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+
+        for name, path in LAYER_PARAMS.items():
+            for layer, block in enumerate(self.layers):
+                put(block.get_parameter(path), tensor(name, layer))
+        put(self.tok_embeddings.weight, tensor("token_embedding"))
+        put(self.norm.weight, tensor("rms_final"))
+        if not self.config.shared_classifier:
+            put(self.output.weight, tensor("wcls"))

@@ -120,6 +120,17 @@ def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progre
             torch.distributed.destroy_process_group()
 
 
+def run(make_job, t, log=print, progress=None) -> Result:
+    """Build a Job (`make_job(dist, log)`) in each process and train it with `fit`."""
+    dist = _init_dist(t)
+    try:
+        say = log if dist.master else (lambda line: None)
+        return fit(make_job(dist, say), t, dist, say, progress)
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+
+
 @dataclass
 class Job:
     """What the loop trains: `llama2 train`'s model from scratch, or `llama2 finetune`'s base with
