@@ -161,6 +161,38 @@ def from_sentencepiece(path) -> Vocab:
     return Vocab(pieces, scores, types, ids["bos"], ids["eos"], ids["unk"])
 
 
+def _put_varint(v: int) -> bytes:
+    v &= (1 << 64) - 1  # negative int32s as 64-bit two's complement, as protobuf writes them
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _put(number: int, value) -> bytes:  # one field: int (varint), float (fixed32), bytes/str
+    if isinstance(value, float):
+        return _put_varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bytes, str)):
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return _put_varint(number << 3 | 2) + _put_varint(len(raw)) + raw
+    return _put_varint(number << 3) + _put_varint(int(value))
+
+
+def to_sentencepiece(vocab: Vocab) -> bytes:
+    """A sentencepiece model file of a "llama" vocabulary (what from_sentencepiece reads, and the
+    sentencepiece library loads): BPE with byte fallback, a dummy prefix, no normalization rules."""
+    if vocab.model != "llama":
+        raise FormatError(f"a {vocab.model} vocabulary cannot be written as a sentencepiece model")
+    parts = [_put(1, _put(1, p) + _put(2, float(s)) + _put(3, t))
+             for p, s, t in zip(vocab.pieces, vocab.scores, vocab.types)]
+    trainer = (_put(3, 2) + _put(4, len(vocab.pieces)) + _put(35, 1) + _put(40, vocab.unk_id)
+               + _put(41, vocab.bos_id) + _put(42, vocab.eos_id) + _put(43, -1))  # 3: model_type BPE
+    normalizer = _put(1, "identity") + _put(3, 1) + _put(4, 0) + _put(5, 1)
+    return b"".join(parts) + _put(2, trainer) + _put(3, normalizer)
+
+
 # --- llama2.c tokenizer.bin ---------------------------------------------------------------------
 
 def from_llama2c(path, vocab_size=None) -> Vocab:
