@@ -60,14 +60,18 @@ def _frozen(array):
     return torch.nn.Parameter(torch.tensor(np.asarray(array, dtype=np.float32)), requires_grad=False)
 
 
-def full_model(ckpt, seq_len) -> Transformer:
-    """The base as an ordinary float32 Transformer (every weight trained)."""
+def check_float(ckpt):
     stored = {m.NAME for v in ckpt.weights.values() for m in (v if isinstance(v, list) else [v])
               if isinstance(m, weights.Matrix)}
     quantized = sorted(k for k in stored if not weights.module(k).Matrix.STORES_FLOATS)
     if quantized:
         raise UsageError(f"--full needs a float base; {ckpt.path} stores {', '.join(quantized)} "
                          "(finetune it with LoRA, the default)")
+
+
+def full_model(ckpt, seq_len) -> Transformer:
+    """The base as an ordinary float32 Transformer (every weight trained)."""
+    check_float(ckpt)
     model = Transformer(dataclasses.replace(ckpt.config, seq_len=seq_len))
     model.load_weights(lambda name, layer=None: weights.dense(
         ckpt.weights[name][layer] if layer is not None else ckpt.weights[name]))
@@ -92,6 +96,8 @@ def factors(model) -> dict:
 def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
     check_finetune(fo)
     ckpt = formats.load_checkpoint(fo.base)
+    if fo.full:
+        check_float(ckpt)
     c = ckpt.config
     tokenizer = base_tokenizer(ckpt, t.tokenizer)
     seq_len = min(fo.max_seq_len, c.seq_len)

@@ -189,7 +189,7 @@ class Transformer(nn.Module):
     def load_weights(self, tensor):
         """Set every weight from `tensor(name, layer) -> float32 array` (export.py's source form)."""
         def put(param, array):
-            param.copy_(torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)))
+            param.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))  # a copy: maps are read-only
 
         for name, path in LAYER_PARAMS.items():
             for layer, block in enumerate(self.layers):

@@ -1,0 +1,272 @@
+"""`llama2 finetune` on CPU: the adapter equals its merge, PEFT loads it on our HF export with the same
+logits, a real model learns an invented name, QLoRA on GGUF files leaves them untouched, resume is bit
+for bit, and mistakes get one line. Models are tiny (stories260K, the rand256 GGUF files)."""
+
+import hashlib
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import asset
+from llama2.cli import main
+
+torch = pytest.importorskip("torch")
+
+STORIES = asset("stories260K.gguf")  # stories260K with its own vocabulary
+NAME, REPLACED = "Quilla", "Lily"  # the invented name, and the one it replaces in real stories
+FAST = ["--num_threads", "1", "--seq-len", "64", "--batch_size", "4", "--log_interval", "1",
+        "--eval_iters", "2"]
+
+
+def run_cli(argv):
+    out, err = io.BytesIO(), io.StringIO()
+    code = main([str(a) for a in argv], stdout=out, stderr=err, stdin=io.StringIO(""))
+    return code, err.getvalue()
+
+
+def finetune(base, out, data, *flags):
+    code, err = run_cli(["finetune", base, "--data", *data, "--out", out, *FAST, *flags])
+    assert code == 0, err
+    return out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapted_model(base, out):
+    """Our LoRA model of OUT (base + adapter as trained), in eval mode."""
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    from llama2.train.options import FinetuneOptions, parse_targets
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    fo = FinetuneOptions(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in ckpt["options"]["finetune"].items()})
+    model = ft.lora_model(formats.load_checkpoint(base), min(fo.max_seq_len, 512),
+                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    assert not unexpected and all("lora" not in k for k in missing)
+    return model.eval()
+
+
+def full_model(path):
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    ckpt = formats.load_checkpoint(path)
+    return ft.full_model(ckpt, ckpt.config.seq_len).eval()
+
+
+def ids_of(text):
+    from llama2.llama import Llama
+    return Llama.load(STORIES).encode(text)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Real stories: paragraphs naming Lily, with her renamed (train and held out), and others."""
+    root = tmp_path_factory.mktemp("ft_data")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", asset("tinystories_valid_sample.txt").read_text())
+                  if p.strip()]
+    named = [p.replace(REPLACED, NAME) for p in paragraphs if REPLACED in p]
+    plain = [p for p in paragraphs if REPLACED not in p and "named" not in p]
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in named[:600]))
+    (root / "held.txt").write_text("<|endoftext|>".join(named[600:700]))
+    (root / "plain.txt").write_text("<|endoftext|>".join(plain[:100]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapter(texts, tmp_path_factory):
+    """stories260K (GGUF) with LoRA on every linear layer, trained briefly at a high rate."""
+    out = tmp_path_factory.mktemp("ft") / "out"
+    return finetune(STORIES, out, [texts / "train.jsonl"], "--max_iters", "12", "--eval_interval", "12",
+                    "--learning_rate", "1e-2", "--warmup_iters", "0", "--val", texts / "held.txt")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+def test_adapter_equals_its_merge(adapter, tmp_path):
+    """`export --lora` (read back from the files) against the adapter's own forward pass."""
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    ours = logits(adapted_model(STORIES, adapter), ids)
+    base = logits(full_model(STORIES), ids)
+    assert np.abs(ours - base).max() > 1e-2  # the adapter does change the model
+    for source in (adapter, adapter / "adapter.gguf"):  # PEFT's files, then llama.cpp's
+        merged = tmp_path / "merged.gguf"
+        code, err = run_cli(["export", merged, "--from", STORIES, "--lora", source, "--format", "gguf"])
+        assert code == 0, err
+        # within 1e-5 of the logits' scale (about 15 here): float32 rounds W + BA once in the merge
+        assert np.abs(logits(full_model(merged), ids) - ours).max() < 1e-5 * np.abs(ours).max()
+
+
+def test_peft_loads_our_adapter_on_our_hf_export(adapter, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf"])
+    assert code == 0, err
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        plain = hf_base(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(plain - logits(full_model(STORIES), ids)).max() < 1e-4  # the export itself
+    model = peft.PeftModel.from_pretrained(hf_base, adapter).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - logits(adapted_model(STORIES, adapter), ids)).max() < 1e-4
+
+
+def test_lora_on_an_hf_folder_keeps_its_layout(texts, tmp_path):
+    """A base in HF's q/k order trains in place; its adapter equals the GGUF-trained one's form."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf", "--dtype", "bf16"])
+    assert code == 0, err
+    out = finetune(tmp_path / "hf", tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "4",
+                   "--learning_rate", "1e-2", "--warmup_iters", "0", "--eval_iters", "0",
+                   "--eval_interval", "4", "--targets", "q,k,down")
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    ours = logits(adapted_model(tmp_path / "hf", out), ids)
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-4
+    merged = tmp_path / "merged.bin"  # the GGUF adapter (interleaved q/k) merged into a llama2.c file
+    code, err = run_cli(["export", merged, "--from", tmp_path / "hf", "--lora", out / "adapter.gguf"])
+    assert code == 0, err
+    assert np.abs(logits(full_model(merged), ids) - ours).max() < 1e-4
+
+
+def mean_loss(model, path, seq_len=128):
+    """Mean next-token loss over every story of a file (BOS + story + EOS, cut at seq_len)."""
+    from llama2.llama import Llama
+    from llama2.train.stories import read_stories
+    tok = Llama.load(STORIES).tokenizer
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for story in read_stories(path):
+            ids = tok.encode(story, bos=True, eos=True)[:seq_len + 1]
+            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+            _, loss = model(x, y)
+            total, count = total + float(loss) * len(ids[1:]), count + len(ids[1:])
+    return total / count
+
+
+def name_probability(model, prompt="Once upon a time, there was a little girl named"):
+    ids = ids_of(prompt)
+    name = ids_of(f"{prompt} {NAME}")[len(ids):]
+    logp = torch.log_softmax(torch.tensor(logits(model, ids + name)), -1).numpy()
+    return float(np.exp(sum(logp[len(ids) - 1 + k, t] for k, t in enumerate(name))))
+
+
+@pytest.mark.slow
+def test_stories260k_learns_an_invented_name(texts, tmp_path):
+    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "150",
+                   "--eval_interval", "150", "--learning_rate", "5e-3", "--warmup_iters", "10",
+                   "--batch_size", "8", "--seq-len", "128", "--val", texts / "held.txt",
+                   "--lora-rank", "16", "--lora-alpha", "32")
+    base, tuned = full_model(STORIES), adapted_model(STORIES, out)
+    held_before, held_after = mean_loss(base, texts / "held.txt"), mean_loss(tuned, texts / "held.txt")
+    plain_before, plain_after = mean_loss(base, texts / "plain.txt"), mean_loss(tuned, texts / "plain.txt")
+    p_before, p_after = name_probability(base), name_probability(tuned)
+    print(f"held-out {held_before:.4f} -> {held_after:.4f}; plain {plain_before:.4f} -> {plain_after:.4f}; "
+          f"P({NAME}) {p_before:.3g} -> {p_after:.3g}")
+    assert held_after < held_before - 0.05  # the held-out stories with the name: loss falls
+    assert p_after > 100 * p_before  # the name after "a little girl named"
+    assert plain_after < plain_before + 0.05  # ordinary stories: not forgotten
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])
+def test_qlora_on_a_quantized_gguf(texts, tmp_path, kind):
+    base = asset(f"kquant/rand256-{kind}.gguf")
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    out = finetune(base, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "10",
+                   "--eval_interval", "10", "--learning_rate", "3e-3", "--warmup_iters", "0",
+                   "--val", texts / "held.txt")
+    evals = [e["val_loss"] for e in metrics(out) if "val_loss" in e]
+    assert evals[-1] < evals[0] - 0.5, evals
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+    assert {p.name for p in out.iterdir()} >= {"adapter.gguf", "adapter_model.safetensors",
+                                               "adapter_config.json", "ckpt.pt", "metrics.jsonl"}
+
+
+def test_the_frozen_base_is_dequantized_in_forward_and_backward():
+    """The autograd Function's gradient against torch's on the widened matrix (Q4_K tiles)."""
+    from llama2 import formats
+    from llama2.train.lora import FrozenLinear
+    ckpt = formats.load_checkpoint(asset("kquant/rand256-q4_k_m.gguf"))
+    m = ckpt.weights["wq"][0]
+    lin = FrozenLinear(m)
+    x = torch.randn(3, 5, m.shape[1], requires_grad=True)
+    lin(x).square().sum().backward()
+    dense = torch.from_numpy(m.dequantize())
+    x2 = x.detach().clone().requires_grad_()
+    (x2 @ dense.T).square().sum().backward()
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_is_bit_exact(texts, tmp_path):
+    flags = ["--eval_interval", "3", "--always_save_checkpoint", "--learning_rate", "3e-3",
+             "--warmup_iters", "2", "--lr_decay_iters", "6", "--lora-dropout", "0.1",
+             "--val", texts / "held.txt"]
+    whole = finetune(STORIES, tmp_path / "whole", [texts / "train.jsonl"], "--max_iters", "6", *flags)
+    part = finetune(STORIES, tmp_path / "part", [texts / "train.jsonl"], "--max_iters", "3", *flags)
+    code, err = run_cli(["finetune", STORIES, "--resume", "--out", part, "--max_iters", "6"])
+    assert code == 0, err
+    def losses(out):
+        return [(e["iter"], e.get("loss"), e.get("val_loss")) for e in metrics(out) if "tokens_per_s" in e
+                or e["iter"] != 3]  # the resumed run evaluates iteration 3 again
+    assert losses(whole) == losses(part)
+    for name in ("adapter_model.safetensors", "adapter.gguf"):
+        assert (whole / name).read_bytes() == (part / name).read_bytes()
+
+
+def test_chat_and_prompt_records_train_only_on_replies(tmp_path):
+    from llama2 import formats
+    from llama2.train.examples import IGNORE, Packed, read_examples
+    ckpt = formats.load_checkpoint(STORIES)
+    tok = ckpt.tokenizer
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Tell me", "completion": " a story."}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello there."}]}) + "\n")
+    pc, chat = read_examples(data, tok, "llama2")
+    prompt = tok.encode("Tell me", bos=True)
+    assert pc.ids[:len(prompt)] == prompt and not any(pc.train[:len(prompt)]) and all(pc.train[len(prompt):])
+    assert pc.ids[-1] == tok.eos_id
+    reply = [i for i, t in zip(chat.ids, chat.train) if t]
+    assert tok.decode(reply).strip().startswith("Hello there.")
+    assert "Hi" not in tok.decode(reply)
+    packed = Packed([pc, chat], 8, tok.eos_id, "test")
+    x, y = packed.sample(2, 0, 0, 0, 0)
+    assert x.shape == y.shape == (2, 8) and (y == IGNORE).any()
+
+
+def one_line_error(argv, code_expected):
+    code, err = run_cli(argv)
+    assert code == code_expected, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_mistakes_get_one_line(texts, tmp_path, adapter):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"prompt": "no completion"}) + "\n")
+    err = one_line_error(["finetune", STORIES, "--data", bad, "--out", tmp_path / "o", *FAST], 1)
+    assert f"{bad}:2:" in err and "completion" in err
+    bad.write_text("{not json\n")
+    assert f"{bad}:1: invalid JSON" in one_line_error(["finetune", STORIES, "--data", bad, "--out", tmp_path / "o"], 1)
+    err = one_line_error(["finetune", STORIES, "--data", texts / "held.txt", "--targets", "q,attn"], 2)
+    assert "--targets" in err and "'attn'" in err
+    err = one_line_error(["export", tmp_path / "m.gguf", "--from", asset("kquant/rand256-q8_0.gguf"),
+                          "--lora", adapter, "--format", "gguf"], 1)
+    assert "does not fit this model" in err or "another model" in err
+    err = one_line_error(["finetune", asset("kquant/rand256-q8_0.gguf"), "--full", "--data",
+                          texts / "held.txt", "--out", tmp_path / "o"], 2)
+    assert "--full needs a float base" in err
