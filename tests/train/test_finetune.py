@@ -177,9 +177,10 @@ def test_stories260k_learns_an_invented_name(texts, tmp_path):
     p_before, p_after = name_probability(base), name_probability(tuned)
     print(f"held-out {held_before:.4f} -> {held_after:.4f}; plain {plain_before:.4f} -> {plain_after:.4f}; "
           f"P({NAME}) {p_before:.3g} -> {p_after:.3g}")
-    assert held_after < held_before - 0.05  # the held-out stories with the name: loss falls
-    assert p_after > 100 * p_before  # the name after "a little girl named"
-    assert plain_after < plain_before + 0.05  # ordinary stories: not forgotten
+    # measured (2026-12-07, CPU): held-out 1.971 -> 1.369, plain 1.731 -> 1.666, P 8.2e-16 -> 0.976
+    assert held_after < held_before - 0.3  # the held-out stories with the name: loss falls
+    assert p_after > max(1e6 * p_before, 0.1)  # the name after "a little girl named"
+    assert plain_after < plain_before + 0.02  # ordinary stories: not forgotten
 
 
 @pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])
@@ -270,3 +271,29 @@ def test_mistakes_get_one_line(texts, tmp_path, adapter):
     err = one_line_error(["finetune", asset("kquant/rand256-q8_0.gguf"), "--full", "--data",
                           texts / "held.txt", "--out", tmp_path / "o"], 2)
     assert "--full needs a float base" in err
+
+
+def test_adapter_gguf_is_llama_cpp_s_format(adapter):
+    """Read with the gguf package (llama.cpp's own reader), its key names and tensor layout."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(adapter / "adapter.gguf")
+    assert reader.fields[gguf.Keys.General.TYPE].contents() == gguf.GGUFType.ADAPTER
+    assert reader.fields[gguf.Keys.Adapter.TYPE].contents() == "lora"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents() == config["lora_alpha"]
+    tensors = {t.name: t for t in reader.tensors}
+    a, b = tensors["blk.0.attn_q.weight.lora_a"], tensors["blk.0.attn_q.weight.lora_b"]
+    # llama-adapter.cpp: a->ne = [n_in, rank], b->ne = [rank, n_out] (ggml's fastest axis first)
+    assert list(a.shape) == [64, config["r"]] and list(b.shape) == [config["r"], 64]
+    assert len(tensors) == 2 * 7 * 5  # every linear layer of the 5 blocks
+
+
+def test_llama_cpp_runs_our_adapter(adapter):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    llm = llama_cpp.Llama(str(STORIES), lora_path=str(adapter / "adapter.gguf"), logits_all=True,
+                          n_ctx=64, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = logits(adapted_model(STORIES, adapter), ids)
+    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()  # f16 KV, their own kernels
