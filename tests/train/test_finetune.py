@@ -297,3 +297,35 @@ def test_llama_cpp_runs_our_adapter(adapter):
     theirs = np.array(llm.scores[:len(ids)])
     ours = logits(adapted_model(STORIES, adapter), ids)
     assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()  # f16 KV, their own kernels
+
+
+def test_checkpointing_gives_the_same_gradients():
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    ckpt = formats.load_checkpoint(STORIES)
+    x = torch.tensor([ids_of("Once upon a time, there was a little girl named Lily. She liked to play.")])
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 0.0, 0.1)
+        model.checkpointing = on
+        model.train()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+def test_full_finetune_of_a_float_base(texts, tmp_path):
+    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--full", "--max_iters", "8",
+                   "--eval_interval", "8", "--learning_rate", "5e-4", "--warmup_iters", "0",
+                   "--val", texts / "held.txt")
+    evals = [e["val_loss"] for e in metrics(out) if "val_loss" in e]
+    assert evals[-1] < evals[0] - 0.05, evals
+    from llama2.llama import Llama
+    tuned = Llama.load(out / "model.gguf", kv_type="f32")  # runs in our engine, with its vocabulary
+    ids = ids_of("Once upon a time, there was a little girl named Quilla.")
+    assert np.abs(tuned.logits(ids) - logits(full_model(out / "model.gguf"), ids)).max() < 1e-4
