@@ -329,3 +329,9 @@ def test_full_finetune_of_a_float_base(texts, tmp_path):
     tuned = Llama.load(out / "model.gguf", kv_type="f32")  # runs in our engine, with its vocabulary
     ids = ids_of("Once upon a time, there was a little girl named Quilla.")
     assert np.abs(tuned.logits(ids) - logits(full_model(out / "model.gguf"), ids)).max() < 1e-4
+
+
+def test_loss_png_with_matplotlib(adapter):
+    pytest.importorskip("matplotlib")
+    png = (adapter / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
