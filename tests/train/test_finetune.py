@@ -335,3 +335,22 @@ def test_loss_png_with_matplotlib(adapter):
     pytest.importorskip("matplotlib")
     png = (adapter / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_finetune_of_an_hf_folder_from_a_config_file(texts, tmp_path):
+    """[train] and [finetune] tables; the trained weights (HF q/k order) leave as a GGUF in ours."""
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf"])
+    assert code == 0, err
+    config = tmp_path / "ft.toml"
+    config.write_text("[train]\nmax_iters = 3\neval_interval = 3\nlearning_rate = 5e-4\neval_iters = 1\n"
+                      "batch_size = 2\nalways_save_checkpoint = true\nnum_threads = 1\n"
+                      "[finetune]\nfull = true\nmax_seq_len = 32\n")
+    out = tmp_path / "out"
+    code, err = run_cli(["finetune", tmp_path / "hf", "--config", config, "--data", texts / "train.jsonl",
+                         "--out", out])
+    assert code == 0, err
+    model = full_model(tmp_path / "hf")
+    model.load_state_dict(torch.load(out / "ckpt.pt", weights_only=True)["model"])
+    from llama2.llama import Llama
+    ids = ids_of("Once upon a time, there was a little girl named Quilla.")
+    assert np.abs(Llama.load(out / "model.gguf", kv_type="f32").logits(ids) - logits(model, ids)).max() < 1e-4
