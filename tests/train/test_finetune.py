@@ -354,3 +354,16 @@ def test_full_finetune_of_an_hf_folder_from_a_config_file(texts, tmp_path):
     from llama2.llama import Llama
     ids = ids_of("Once upon a time, there was a little girl named Quilla.")
     assert np.abs(Llama.load(out / "model.gguf", kv_type="f32").logits(ids) - logits(model, ids)).max() < 1e-4
+
+
+def test_chat_records_with_a_named_template(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "You tell stories."}, {"role": "user", "content": f"A story {k}?"},
+        {"role": "assistant", "content": f"Once upon a time, {NAME} found {k} red balls."}]}) + "\n"
+        for k in range(12)))
+    out = finetune(STORIES, tmp_path / "out", [chats], "--chat-template", "chatml", "--max_iters", "2",
+                   "--eval_interval", "2", "--val-fraction", "0.25")
+    assert (out / "adapter.gguf").exists()
+    err = one_line_error(["finetune", STORIES, "--data", chats, "--out", tmp_path / "o2"], 1)
+    assert f"{chats}:1:" in err and "--chat-template" in err

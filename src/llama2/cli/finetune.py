@@ -39,7 +39,7 @@ def resolve(args) -> tuple:
     import dataclasses
 
     from ..train import options
-    from ..train.options import TRAIN_DEFAULTS, FinetuneOptions, check_finetune
+    from ..train.options import TRAIN_DEFAULTS, FinetuneOptions
 
     sections = {"train": options.TrainOptions, "finetune": FinetuneOptions}
     given = {k: v for k, v in vars(args).items()
@@ -74,8 +74,7 @@ def resolve(args) -> tuple:
         t = options.TrainOptions(**{k: v for k, v in values.items() if k in train_names})
     except TypeError as e:
         raise UsageError(str(e)) from None
-    options.check(options.ModelOptions(), t)
-    check_finetune(fo)
+    options.check(options.ModelOptions(), t)  # finetune's own options: checked by build_job
     return fo, dataclasses.replace(t)
 
 

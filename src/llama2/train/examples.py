@@ -88,7 +88,8 @@ def _record(tokenizer, template, record, where) -> Example:
     if isinstance(record, dict):
         if set(record) >= {"messages"}:
             if template is None:
-                raise Llama2Error(f"{where}: a chat record, but the base model has no chat template")
+                raise Llama2Error(f"{where}: a chat record, but the base model has no chat template "
+                                  "(pass --chat-template llama2, chatml or a Jinja file)")
             return _chat_example(tokenizer, template, _messages(record["messages"], where), where)
         if set(record) >= {"prompt", "completion"}:
             if isinstance(record["prompt"], str) and isinstance(record["completion"], str):

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .. import formats, weights
+from ..chat_template import override
 from ..errors import Llama2Error, UsageError
 from ..formats import adapter as adapter_files
 from ..formats.hf import unpermute
@@ -101,7 +102,7 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
     c = ckpt.config
     tokenizer = base_tokenizer(ckpt, t.tokenizer)
     seq_len = min(fo.max_seq_len, c.seq_len)
-    template = ckpt.chat_template
+    template = override(fo.chat_template, "--chat-template") if fo.chat_template else ckpt.chat_template
     examples = [ex for path in fo.data for ex in read_examples(path, tokenizer, template)]
     if fo.val:
         train_ex, val_ex = examples, [ex for p in fo.val for ex in read_examples(p, tokenizer, template)]
@@ -112,7 +113,7 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
     val_batches = Packed(val_ex, seq_len, pad, "validation data") if val_ex else None
     log(f"data: {len(train_ex)} training examples ({train_batches.tokens} trained tokens), "
         f"{len(val_ex)} validation examples")
-    device = trainer._device(t, dist)
+    device = trainer.device_for(t, dist)
     torch.manual_seed(t.seed)  # the same adapter initialization in every process
     out_dir = Path(t.out_dir)
     targets = parse_targets(fo.targets)

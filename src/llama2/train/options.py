@@ -113,6 +113,7 @@ class FinetuneOptions:
     targets: str = ",".join(TARGETS)
     full: bool = False  # every weight (float bases only) instead of LoRA
     checkpointing: bool = False  # recompute each layer in backward (less memory, ~1/3 more time)
+    chat_template: str = ""  # for {"messages"} records: llama2, chatml or a Jinja file; "": the model's
 
 
 # train's options that finetuning starts from other values of (flags and --config still win):

@@ -74,7 +74,7 @@ def load_model(out_dir) -> Transformer:
     return model.eval()
 
 
-def _device(t: opts.TrainOptions, dist: Dist) -> str:
+def device_for(t: opts.TrainOptions, dist: Dist) -> str:
     device = t.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -166,7 +166,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     if val_batches is None and t.eval_iters:
         raise Llama2Error(f"{data.dir}: no validation tokens; prepare with --val-fraction > 0 or "
                           "--val FILE, or train with --eval_iters 0")
-    device = _device(t, dist)
+    device = device_for(t, dist)
     torch.manual_seed(t.seed)  # the same initial weights in every process
     model = Transformer(config, model_opts.dropout).to(device)
     if dist.master:
@@ -190,7 +190,7 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     out_dir = Path(t.out_dir)
     resume = t.init_from == "resume"
     ckpt = read_checkpoint(out_dir) if resume else None
-    device = _device(t, dist)
+    device = device_for(t, dist)
     dtype = _dtype(t, device)
     seq_len = job.seq_len
     train_batches, val_batches = job.train_batches, job.val_batches
