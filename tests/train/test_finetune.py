@@ -168,8 +168,8 @@ def name_probability(model, prompt="Once upon a time, there was a little girl na
 
 @pytest.mark.slow
 def test_stories260k_learns_an_invented_name(texts, tmp_path):
-    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "150",
-                   "--eval_interval", "150", "--learning_rate", "5e-3", "--warmup_iters", "10",
+    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "50",
+                   "--eval_interval", "50", "--learning_rate", "1e-2", "--warmup_iters", "5",
                    "--batch_size", "8", "--seq-len", "128", "--val", texts / "held.txt",
                    "--lora-rank", "16", "--lora-alpha", "32")
     base, tuned = full_model(STORIES), adapted_model(STORIES, out)
@@ -178,7 +178,7 @@ def test_stories260k_learns_an_invented_name(texts, tmp_path):
     p_before, p_after = name_probability(base), name_probability(tuned)
     print(f"held-out {held_before:.4f} -> {held_after:.4f}; plain {plain_before:.4f} -> {plain_after:.4f}; "
           f"P({NAME}) {p_before:.3g} -> {p_after:.3g}")
-    # measured (2026-12-07, CPU): held-out 1.971 -> 1.369, plain 1.731 -> 1.666, P 8.2e-16 -> 0.976
+    # measured (2026-12-07, CPU): held-out 1.971 -> 1.420, plain 1.731 -> 1.722, P 8.2e-16 -> 0.904
     assert held_after < held_before - 0.3  # the held-out stories with the name: loss falls
     assert p_after > max(1e6 * p_before, 0.1)  # the name after "a little girl named"
     assert plain_after < plain_before + 0.02  # ordinary stories: not forgotten
