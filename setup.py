@@ -14,10 +14,9 @@ from setuptools.command.build_ext import build_ext
 
 NATIVE = "native"
 COMMON = ["module.c", "dispatch.c", "ops.c", "pool.c", "gemm.c", "layer.c", "layer_py.c", "attention_pool.c"]
-PER_VARIANT = ["table.c", "act.c", "type_f32.c", "type_f16.c", "type_bf16.c", "type_q8_0.c",
-               "type_q4_0.c", "type_q4_1.c", "type_q5_0.c", "type_q5_1.c", "type_q4_k.c",
-               "type_q5_k.c", "type_q6_k.c", "type_q8s.c", "ops_elementwise.c", "attention.c",
-               "gemm_float.c"]
+# every type_*.c is a weight type's kernels (blocks.h's WEIGHT_TYPES lists the types)
+PER_VARIANT = ["table.c", "act.c", "ops_elementwise.c", "attention.c", "gemm_float.c"] + sorted(
+    f for f in os.listdir(NATIVE) if f.startswith("type_") and f.endswith(".c"))
 
 # Every file: optimized, and no silent fusing of a*b+c into fma (dequantization must round each
 # product like the gguf reference; the kernels use fma explicitly where they want it).

@@ -57,6 +57,26 @@ _Static_assert(sizeof(block_q6_k) == 210, "block_q6_k");
 _Static_assert(sizeof(block_q8_0x) == 40, "block_q8_0x");
 _Static_assert(sizeof(block_q8_k) == 292, "block_q8_k");
 
+/* The weight types, one record each; everything else is generated from this list: the type ids
+ * (kernels.h), TYPE_INFO (dispatch.c), each variant's kernel table (table.c) and, through the
+ * extension's types(), the Python side's ids, block sizes and bytes (llama2.native).
+ *   X(NAME, name, ggml id, block struct, values per block, activations, prompt kernel)
+ * NAME is the GGUF name (weights/<name>.py is its Python module); type_<name>.c defines
+ * KN(<name>_dot), KN(<name>_dequant) and KN(<name>_<prompt kernel>) (gemm, or dot itself for the
+ * float types, whose prompts run gemm_float.c). Activations: how matmul hands the type x (ACT_*). */
+#define WEIGHT_TYPES(X)                                          \
+    X(F32, f32, 0, float, 1, ACT_F32, dot)                       \
+    X(F16, f16, 1, f16_t, 1, ACT_F32, dot)                       \
+    X(Q4_0, q4_0, 2, block_q4_0, QK, ACT_Q8_0, gemm)             \
+    X(Q4_1, q4_1, 3, block_q4_1, QK, ACT_Q8_0, gemm)             \
+    X(Q5_0, q5_0, 6, block_q5_0, QK, ACT_Q8_0, gemm)             \
+    X(Q5_1, q5_1, 7, block_q5_1, QK, ACT_Q8_0, gemm)             \
+    X(Q8_0, q8_0, 8, block_q8_0, QK, ACT_Q8_0, gemm)             \
+    X(Q4_K, q4_k, 12, block_q4_k, QK_K, ACT_Q8_K, gemm)          \
+    X(Q5_K, q5_k, 13, block_q5_k, QK_K, ACT_Q8_K, gemm)          \
+    X(Q6_K, q6_k, 14, block_q6_k, QK_K, ACT_Q8_K, gemm)          \
+    X(BF16, bf16, 30, bf16_t, 1, ACT_F32, dot)
+
 /* Exact half -> float (every half is a float; NaN payloads are kept). Integer operations only,
  * so a flush-to-zero or denormals-are-zero mode set by another library cannot change it. */
 static inline float f16_to_f32(f16_t h) {

@@ -4,14 +4,9 @@
 
 #include <string.h>
 
-const type_info TYPE_INFO[T_COUNT] = {
-    [T_F32] = {"F32", 1, 4, ACT_F32},        [T_F16] = {"F16", 1, 2, ACT_F32},
-    [T_BF16] = {"BF16", 1, 2, ACT_F32},      [T_Q8_0] = {"Q8_0", QK, 34, ACT_Q8_0},
-    [T_Q4_0] = {"Q4_0", QK, 18, ACT_Q8_0},   [T_Q4_1] = {"Q4_1", QK, 20, ACT_Q8_0},
-    [T_Q5_0] = {"Q5_0", QK, 22, ACT_Q8_0},   [T_Q5_1] = {"Q5_1", QK, 24, ACT_Q8_0},
-    [T_Q4_K] = {"Q4_K", QK_K, 144, ACT_Q8_K}, [T_Q5_K] = {"Q5_K", QK_K, 176, ACT_Q8_K},
-    [T_Q6_K] = {"Q6_K", QK_K, 210, ACT_Q8_K},
-};
+#define INFO(U, l, id, block, values, act, prompt) [T_##U] = {#U, values, sizeof(block), act},
+const type_info TYPE_INFO[T_COUNT] = {WEIGHT_TYPES(INFO)};
+#undef INFO
 
 /* Best first. */
 static const kernel_table *const VARIANTS[] = {

@@ -14,38 +14,10 @@
 #include <string.h>
 
 #include "pool.h"
+#include "scratch.h"  /* this file's per-thread buffer: widened weight panels */
 
 #define PANEL_BYTES (192 << 10)  /* a panel of widened rows stays in L2 while the activations pass */
 #define PANEL_STEP 6             /* panel rows: a multiple of every variant's rows per kernel call */
-
-static pthread_key_t panel_key;
-static pthread_once_t panel_once = PTHREAD_ONCE_INIT;
-typedef struct { float *p; size_t size; } panel_buf;
-static void panel_free(void *s) { free(((panel_buf *)s)->p); free(s); }
-static void panel_key_init(void) { pthread_key_create(&panel_key, panel_free); }
-
-/* This thread's panel buffer, at least `floats` long and 64-byte aligned; NULL when out of memory. */
-static float *panel_get(size_t floats) {
-    pthread_once(&panel_once, panel_key_init);
-    panel_buf *b = pthread_getspecific(panel_key);
-    if (!b) {
-        b = calloc(1, sizeof(*b));
-        if (!b) return NULL;
-        pthread_setspecific(panel_key, b);
-    }
-    if (b->size < floats) {
-        free(b->p);
-        void *p;
-        if (posix_memalign(&p, 64, floats * sizeof(float)) != 0) {
-            b->p = NULL;
-            b->size = 0;
-            return NULL;
-        }
-        b->p = p;
-        b->size = floats;
-    }
-    return b->p;
-}
 
 typedef struct {
     gemm_float_fn gemm;
@@ -62,7 +34,7 @@ typedef struct {
 static void gemm_task(void *arg, int ith, int nth) {
     (void)ith, (void)nth;
     gemm_job *j = arg;
-    float *buf = panel_get((size_t)(j->panel * GEMM_STRIDE(j->cols)));
+    float *buf = scratch_get((size_t)(j->panel * GEMM_STRIDE(j->cols)) * sizeof(float));
     if (!buf) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;

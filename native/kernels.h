@@ -8,12 +8,24 @@
 
 #include "blocks.h"
 
-/* ggml type ids (GGUF tensor types) of the weight types we run. */
-enum { T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
-       T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_BF16 = 30, T_COUNT = 31 };
+/* ggml type ids (GGUF tensor types) of the weight types we run (blocks.h WEIGHT_TYPES): T_F32 ...
+ * T_COUNT bounds the ids (ggml's own count is larger; ours stop at BF16). */
+#define TYPE_ID(U, l, id, block, values, act, prompt) T_##U = id,
+enum { WEIGHT_TYPES(TYPE_ID) T_COUNT = 31 };
+#undef TYPE_ID
+#define TYPE_ID_FITS(U, l, id, block, values, act, prompt) _Static_assert(id < T_COUNT, "T_COUNT: " #U);
+WEIGHT_TYPES(TYPE_ID_FITS)
+#undef TYPE_ID_FITS
 
 /* How matmul hands a type its activations: f32 rows, Q8_0x blocks or Q8_K blocks. */
 enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
+
+/* Bytes of one activation row of `cols` values as kind `act` hands it to the kernels. */
+static inline size_t act_row_bytes(int act, int64_t cols) {
+    if (act == ACT_Q8_0) return (size_t)(cols / QK) * sizeof(block_q8_0x);
+    if (act == ACT_Q8_K) return (size_t)(cols / QK_K) * sizeof(block_q8_k);
+    return (size_t)cols * sizeof(float);
+}
 
 #define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
 
@@ -23,8 +35,8 @@ enum { ACT_F32 = 0, ACT_Q8_0 = 1, ACT_Q8_K = 2 };
  * (row, activation row) result is computed by the same operations whatever nx and nrows are. */
 typedef void (*dot_fn)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x,
                        size_t x_stride, int nx, float *out, size_t out_stride);
-/* The same for llama2.c's version-2 Q8 (type_q8s.c): int8 rows plus float scales per gs values. */
-typedef void (*q8s_dot_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
+/* The same for llama2.c's version-2 Q8 (type_int8_rows.c): int8 rows plus float scales per gs values. */
+typedef void (*int8_rows_fn)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows,
                            const void *x, size_t x_stride, int nx, float *out, size_t out_stride);
 /* One weight row -> `cols` floats, bit-equal to gguf.quants.dequantize. */
 typedef void (*dequant_fn)(const void *w, float *out, int64_t cols);
@@ -35,7 +47,7 @@ typedef void (*rmsnorm_fn)(const float *x, const float *w, float eps, int64_t n,
 typedef void (*rope_fn)(float *x, const float *cos_, const float *sin_, int64_t n, int64_t h, int64_t hd,
                         int halves);
 typedef void (*silu_mul_fn)(float *a, const float *b, int64_t count);
-typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
+typedef void (*int8_flat_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
                            const float *x, int64_t n, float *out, size_t out_stride);
 /* Prompt products on float weights (gemm_float.c): nrows weight rows of `type` (F32, F16, BF16)
  * against n activation rows (x_stride floats apart), each output bit-equal to the type's dot
@@ -44,7 +56,7 @@ typedef void (*q8g_dot_fn)(const int8_t *q, const float *s, int64_t gs, int64_t 
 typedef void (*gemm_float_fn)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
                               const float *x, int64_t x_stride, int64_t n, float *out, size_t out_stride,
                               float *buf);
-typedef void (*q8g_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
+typedef void (*int8_flat_dequant_fn)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row,
                                float *out);
 
 /* Decode attention of one query head over n cached rows of KV type kvtype (kv.h) read through a
@@ -68,8 +80,8 @@ typedef struct {
     dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
     dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];
-    q8s_dot_fn q8s_dot;    /* llama2.c version-2 Q8 */
-    q8s_dot_fn q8s_gemm;
+    int8_rows_fn int8_rows_dot;    /* llama2.c version-2 Q8 */
+    int8_rows_fn int8_rows_gemm;
     quant_fn q8_0;         /* -> block_q8_0 (public layout) */
     quant_fn q8_0x;        /* -> block_q8_0x (matmul's layout) */
     quant_fn q8_k;         /* -> block_q8_k */
@@ -78,8 +90,8 @@ typedef struct {
     rmsnorm_fn rmsnorm;
     rope_fn rope;
     silu_mul_fn silu_mul;
-    q8g_dot_fn q8g_dot;    /* version-2 Q8 in any layout, float activations */
-    q8g_dequant_fn q8g_dequant;
+    int8_flat_fn int8_flat_dot;    /* version-2 Q8 in any layout, float activations */
+    int8_flat_dequant_fn int8_flat_dequant;
     gemm_float_fn gemm_float;  /* prompts on F32 / F16 / BF16 weights (gemm.c) */
 } kernel_table;
 

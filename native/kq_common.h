@@ -32,13 +32,55 @@ INLINE __m256i widen8x2(const uint8_t b[8]) {
     return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v)));
 }
 #define scale16(w, s) _mm256_shuffle_epi8((w), _mm256_set1_epi16((short)(0x0100 + 0x0202 * (s))))
+
+/* Sub-blocks 2i and 2i+1 of a super-block as bytes: the low and high nibbles of qs[32i..32i+31],
+ * with Q5_K's fifth bits (bits 2i and 2i+1 of qh) on top. */
+INLINE void kq_codes(const uint8_t *w, kq_layout L, __m256i qh, int i, __m256i *lo, __m256i *hi) {
+    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
+    __m256i q = load256(w + L.qs + 32 * i);
+    *lo = _mm256_and_si256(q, m4), *hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+    if (L.five) {
+        *lo = _mm256_or_si256(*lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i), 4), m16));
+        *hi = _mm256_or_si256(*hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i + 1), 4), m16));
+    }
+}
+
+/* A super-block's end for each activation row: its scaled integer sum, minus the mins against
+ * Q8_K's block sums, into acc. */
+INLINE void kq_block_end(__m256 *acc, const __m256i *sumi, __m256i mins, float d, float dmin, const char *x, size_t xs,
+                         int64_t b, int NX) {
+    for (int j = 0; j < NX; j++) {
+        const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+        __m256i m = _mm256_madd_epi16(load256(xb->bsums), mins);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * xb->d), acc[j]);
+    }
+}
 #endif
+
+/* One row of `cols` values (super-blocks L.bytes apart) -> floats: d * sc[s] * q - dmin * mn[s]. */
+static void kq_dequant(const uint8_t *w, kq_layout L, float *out, int64_t cols) {
+    for (int64_t i = 0; i < cols / QK_K; i++, out += QK_K, w += L.bytes) {
+        float d = KQ_D(w), dmin = KQ_DMIN(w);
+        uint8_t sc[8], mn[8];
+        k_scale_min(KQ_SCALES(w), sc, mn);
+        for (int s = 0; s < 8; s++) {
+            float ds = d * (float)sc[s], ms = dmin * (float)mn[s];
+            const uint8_t *q = w + L.qs + 32 * (s / 2);
+            int shift = 4 * (s & 1);
+            for (int l = 0; l < 32; l++) {
+                int v = (q[l] >> shift) & 15;
+                if (L.five) v |= ((w[L.qh + l] >> s) & 1) << 4;
+                out[32 * s + l] = ds * (float)v - ms;
+            }
+        }
+    }
+}
 
 /* One weight row (super-blocks at w, L.bytes apart) against NX activation rows. */
 INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
                         size_t os) {
 #if defined(__AVX2__)
-    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
@@ -49,12 +91,8 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
         __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256(), sumi[NX_MAX];
         for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
-            __m256i q = load256(w + L.qs + 32 * i);
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (L.five) {
-                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i), 4), m16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i + 1), 4), m16));
-            }
+            __m256i lo, hi;
+            kq_codes(w, L, qh, i, &lo, &hi);
             __m256i s_lo = scale16(scw, 2 * i), s_hi = scale16(scw, 2 * i + 1);
             for (int j = 0; j < NX; j++) {
                 const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 64 * i;
@@ -62,12 +100,7 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
                 sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
             }
         }
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m256i m = _mm256_madd_epi16(load256(xb->bsums), mins);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * xb->d), acc[j]);
-        }
+        kq_block_end(acc, sumi, mins, d, dmin, x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 #else
@@ -153,7 +186,6 @@ INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size_
  * measured as fast.) */
 INLINE void kq_gemm_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
                          size_t os) {
-    const __m256i m4 = _mm256_set1_epi8(15), m16 = _mm256_set1_epi8(16);
     __m256i qv[8], sv[8];
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
@@ -163,12 +195,8 @@ INLINE void kq_gemm_body(int64_t nb, const uint8_t *w, kq_layout L, const char *
         __m256i scw = widen8x2(sc);
         __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
-            __m256i q = load256(w + L.qs + 32 * i);
-            __m256i lo = _mm256_and_si256(q, m4), hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
-            if (L.five) {
-                lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i), 4), m16));
-                hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16(_mm256_srli_epi16(qh, 2 * i + 1), 4), m16));
-            }
+            __m256i lo, hi;
+            kq_codes(w, L, qh, i, &lo, &hi);
             qv[2 * i] = lo, qv[2 * i + 1] = hi;
             sv[2 * i] = scale16(scw, 2 * i), sv[2 * i + 1] = scale16(scw, 2 * i + 1);
         }
@@ -183,12 +211,7 @@ INLINE void kq_gemm_body(int64_t nb, const uint8_t *w, kq_layout L, const char *
         }
         __m256i mins = pairs16(mn);
         float d = KQ_D(w), dmin = KQ_DMIN(w);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m256i m = _mm256_madd_epi16(load256(xb->bsums), mins);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * xb->d), acc[j]);
-        }
+        kq_block_end(acc, sumi, mins, d, dmin, x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 }

@@ -31,15 +31,7 @@
 #include "kv.h"
 #include "pool.h"
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-/* Spins at a barrier before yielding the core (the machine may have more threads than cores). */
-#define SPIN_BEFORE_YIELD 2000
+#include "spin.h"
 
 void rmsnorm_np4(const float *x, const float *w, float eps, int64_t n, int64_t d, float *out) {
     for (int64_t r = 0; r < n; r++) {
@@ -105,12 +97,6 @@ typedef struct {
     int bar_count, bar_gen;
 } fw_job;
 
-static size_t act_stride(int act, int64_t cols) {
-    if (act == ACT_Q8_0) return (size_t)(cols / QK) * sizeof(block_q8_0x);
-    if (act == ACT_Q8_K) return (size_t)(cols / QK_K) * sizeof(block_q8_k);
-    return (size_t)cols * sizeof(float);
-}
-
 static void barrier(fw_job *j, int nth) {
     if (nth == 1) return;
     int gen = __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST);
@@ -119,10 +105,9 @@ static void barrier(fw_job *j, int nth) {
         __atomic_store_n(&j->bar_gen, gen + 1, __ATOMIC_SEQ_CST);
         return;
     }
-    for (unsigned i = 1; __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen; i++) {
-        CPU_RELAX();
-        if (i >= SPIN_BEFORE_YIELD) sched_yield();
-    }
+    int done;  /* spin as the pool does, then yield the core (there may be more threads than cores) */
+    SPIN_WHILE(__atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen, pool_spin_ns(), done);
+    while (!done && __atomic_load_n(&j->bar_gen, __ATOMIC_SEQ_CST) == gen) sched_yield();
 }
 
 /* Row b of width cols quantized for every activation kind in `kinds` (a bit per ACT_*). */
@@ -152,8 +137,8 @@ static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r
     const lp_product *m = pt->m;
     const kernel_table *kt = j->kt;
     int64_t B = j->B, rows = m->rows, cols = m->cols;
-    if (m->kind == LP_Q8G) {  /* what op_matmul_q8g runs: all activation rows at once, floats */
-        kt->q8g_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, pt->xf, B, pt->out, (size_t)rows);
+    if (m->kind == LP_INT8_FLAT) {  /* what op_matmul_int8_flat runs: all activation rows at once, floats */
+        kt->int8_flat_dot((const int8_t *)m->w, m->s, m->gs, cols, r0, r1, pt->xf, B, pt->out, (size_t)rows);
         return;
     }
     const char *x = m->act == ACT_F32 ? (const char *)pt->xf : pt->bufs[m->act];
@@ -161,12 +146,12 @@ static void product_chunk(const fw_job *j, const part *pt, int64_t r0, int64_t r
     /* ops.c's run_matmul choice: from three rows on the gemm kernels (the same bits as dot) */
     int many = B >= 3;
     int tile = many && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
-    q8s_dot_fn q8s = many ? kt->q8s_gemm : kt->q8s_dot;
+    int8_rows_fn int8_rows = many ? kt->int8_rows_gemm : kt->int8_rows_dot;
     dot_fn dot = many ? kt->gemm[m->type] : kt->dot[m->type];
     for (int64_t i = 0; i < B; i += tile) {  /* what ops.c's mm_task runs for a chunk */
         int nx = B - i < tile ? (int)(B - i) : tile;
-        if (m->kind == LP_Q8S)
-            q8s(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
+        if (m->kind == LP_INT8_ROWS)
+            int8_rows(cols, (const int8_t *)m->w + r0 * cols, m->s + r0 * (cols / m->gs), m->gs, r1 - r0,
                 x + i * xs, xs, nx, pt->out + i * rows + r0, (size_t)rows);
         else
             dot(cols, m->w + r0 * m->row_bytes, m->row_bytes, r1 - r0, x + i * xs, xs, nx,
@@ -313,8 +298,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     size_t fl = (size_t)B * (4 * D + 2 * KVD + 2 * HID) + (size_t)threads * (size_t)j.maxn;
     size_t need = fl * sizeof(float) + 64;
     for (int a = ACT_Q8_0; a < NACT; a++) {
-        j.xs_d[a] = act_stride(a, D);
-        j.xs_h[a] = act_stride(a, HID);
+        j.xs_d[a] = act_row_bytes(a, D);
+        j.xs_h[a] = act_row_bytes(a, HID);
         need += (size_t)B * (j.xs_d[a] + j.xs_h[a]) + 128;
     }
     size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
@@ -340,8 +325,8 @@ int lp_forward(const lp_plan *p, int64_t B, float *x, const lp_cache *c, float *
     at = (char *)(((uintptr_t)at + 7) & ~(uintptr_t)7);
     j.ctr = (int64_t *)at;
     memset(j.ctr, 0, nctr * sizeof(int64_t));
-    j.xs_d[ACT_F32] = act_stride(ACT_F32, D);
-    j.xs_h[ACT_F32] = act_stride(ACT_F32, HID);
+    j.xs_d[ACT_F32] = act_row_bytes(ACT_F32, D);
+    j.xs_h[ACT_F32] = act_row_bytes(ACT_F32, HID);
 
     if (threads > 1) pool_run(fw_task, &j);
     else fw_task(&j, 0, 1);

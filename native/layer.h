@@ -8,14 +8,14 @@
 #include "kernels.h"
 
 /* How a product reads its weights: a ggml type through the kernel table's dot (w: rows of
- * row_bytes), llama2.c version-2 Q8 with whole groups of a multiple of 32 per row (q8s_dot), or
- * version-2 Q8 in any other layout (q8g_dot). The same kernels matmul / matmul_q8_split /
- * matmul_q8_any use for a few rows, so a row's result is theirs bit for bit. */
-enum { LP_TYPE = 0, LP_Q8S = 1, LP_Q8G = 2 };
+ * row_bytes), llama2.c version-2 Q8 with whole groups of a multiple of 32 per row (int8_rows_dot), or
+ * version-2 Q8 in any other layout (int8_flat_dot). The same kernels matmul / matmul_int8_rows /
+ * matmul_int8_flat use for a few rows, so a row's result is theirs bit for bit. */
+enum { LP_TYPE = 0, LP_INT8_ROWS = 1, LP_INT8_FLAT = 2 };
 
 typedef struct {
     int kind, type, act;  /* act: ACT_F32, ACT_Q8_0 or ACT_Q8_K (how x is handed to the kernel) */
-    const uint8_t *w;     /* LP_TYPE: [rows, row_bytes]; LP_Q8S / LP_Q8G: int8 q [rows, cols] */
+    const uint8_t *w;     /* LP_TYPE: [rows, row_bytes]; LP_INT8_ROWS / LP_INT8_FLAT: int8 q [rows, cols] */
     size_t row_bytes;
     const float *s;       /* version-2 Q8 scales, one per gs values of the flattened matrix */
     int64_t gs, rows, cols;

@@ -8,6 +8,7 @@
 #include "dispatch.h"
 #include "kv.h"
 #include "layer.h"
+#include "pybuf.h"
 
 #define CAPSULE "llama2.decode_plan"
 
@@ -27,11 +28,6 @@ static void holder_free(holder *h) {
 static void capsule_free(PyObject *cap) {
     holder *h = PyCapsule_GetPointer(cap, CAPSULE);
     if (h) holder_free(h);
-}
-
-static char fmt_of(const Py_buffer *b) {
-    const char *f = b->format ? b->format : "B";
-    return f[strlen(f) - 1];
 }
 
 /* A C-contiguous buffer of o, kept by the holder; NULL with ValueError naming `what`. */
@@ -54,14 +50,14 @@ static Py_buffer *hold(holder *h, PyObject *o, const char *what) {
 static const float *f32_vector(holder *h, PyObject *o, int64_t n, const char *what) {
     Py_buffer *b = hold(h, o, what);
     if (!b) return NULL;
-    if (fmt_of(b) != 'f' || b->itemsize != 4 || b->ndim != 1 || b->shape[0] != n) {
+    if (pb_fmt(b) != 'f' || b->itemsize != 4 || b->ndim != 1 || b->shape[0] != n) {
         PyErr_Format(PyExc_ValueError, "decode_plan: %s must be float32 [%lld]", what, (long long)n);
         return NULL;
     }
     return b->buf;
 }
 
-/* A product spec: ("type", ggml_type, w) | ("q8_split", q, s, group_size) | ("q8_any", q, s,
+/* A product spec: ("type", ggml_type, w) | ("int8_rows", q, s, group_size) | ("int8_flat", q, s,
  * group_size), checked to be [rows, cols]. */
 static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const char *what, lp_product *m) {
     memset(m, 0, sizeof(*m));
@@ -92,8 +88,8 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
                           .rows = rows, .cols = cols};
         return 0;
     }
-    int split = !strcmp(kind, "q8_split");
-    if ((split || !strcmp(kind, "q8_any")) && PyTuple_GET_SIZE(spec) == 4) {
+    int split = !strcmp(kind, "int8_rows");
+    if ((split || !strcmp(kind, "int8_flat")) && PyTuple_GET_SIZE(spec) == 4) {
         long long gs = PyLong_AsLongLong(PyTuple_GET_ITEM(spec, 3));
         if (gs == -1 && PyErr_Occurred()) return -1;
         Py_buffer *q = hold(h, PyTuple_GET_ITEM(spec, 1), what);
@@ -110,12 +106,13 @@ static int product(holder *h, PyObject *spec, int64_t rows, int64_t cols, const 
             return -1;
         }
         int64_t groups = (rows * cols + gs - 1) / gs;
-        if (fmt_of(s) != 'f' || s->itemsize != 4 || s->len / 4 < groups) {
+        if (pb_fmt(s) != 'f' || s->itemsize != 4 || s->len / 4 < groups) {
             PyErr_Format(PyExc_ValueError, "decode_plan: %s: s must be float32 with at least %lld scales", what,
                          (long long)groups);
             return -1;
         }
-        *m = (lp_product){.kind = split ? LP_Q8S : LP_Q8G, .act = split ? ACT_Q8_0 : ACT_F32, .w = q->buf,
+        *m = (lp_product){.kind = split ? LP_INT8_ROWS : LP_INT8_FLAT, .act = split ? ACT_Q8_0 : ACT_F32,
+                          .w = q->buf,
                           .row_bytes = (size_t)cols, .s = s->buf, .gs = gs, .rows = rows, .cols = cols};
         return 0;
     }
@@ -143,7 +140,7 @@ static PyObject *py_decode_plan(PyObject *self, PyObject *const *args, Py_ssize_
     char what[64];
     Py_buffer *cb = hold(h, args[4], "cos"), *sb = cb ? hold(h, args[5], "sin") : NULL;
     if (!sb) goto fail;
-    if (fmt_of(cb) != 'f' || cb->itemsize != 4 || cb->ndim != 2 || sb->ndim != 2 || fmt_of(sb) != 'f' ||
+    if (pb_fmt(cb) != 'f' || cb->itemsize != 4 || cb->ndim != 2 || sb->ndim != 2 || pb_fmt(sb) != 'f' ||
         sb->itemsize != 4 || cb->shape[0] != sb->shape[0] || cb->shape[1] != sb->shape[1] || cb->shape[1] < 1) {
         PyErr_SetString(PyExc_ValueError, "decode_plan: cos and sin must be float32 [seq_len, head_dim / 2]");
         goto fail;
@@ -190,25 +187,17 @@ fail:
     return NULL;
 }
 
-typedef struct { Py_buffer b; int held; } buf;
-
-static int get(PyObject *o, buf *out, int writable, const char *name) {
-    if (PyObject_GetBuffer(o, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Format(PyExc_ValueError, "decode_forward: %s must be a C-contiguous%s array", name,
-                     writable ? " writable" : "");
-        return -1;
-    }
-    out->held = 1;
-    return 0;
-}
-
 /* decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] (the
  * rows' embeddings; overwritten), pools uint8 [n_layers, blocks, kv_heads, block_tokens, row_bytes],
  * tables int32 [B, max_blocks], lens int64 [B] (row b's new token at position lens[b] - 1, written
  * into the cache), logits float32 [B, vocab] out. */
 static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "decode_forward";
-    if (nargs != 8) return PyErr_Format(PyExc_TypeError, "%s takes 8 arguments (%zd given)", fn, nargs);
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 8, {1, "x", PB_BYTES, 1}, {2, "k_pool", PB_BYTES, 1},
+                 {3, "v_pool", PB_BYTES, 1}, {5, "tables", PB_BYTES, 0}, {6, "lens", PB_BYTES, 0},
+                 {7, "logits", PB_BYTES, 1}) < 0)
+        return NULL;
     holder *h = PyCapsule_GetPointer(args[0], CAPSULE);
     if (!h) return NULL;
     const lp_plan *p = &h->plan;
@@ -218,54 +207,35 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
     if (rb < 0)
         return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t,
                             (long long)p->head_dim);
-    buf b[6] = {{{0}}};
-    if (get(args[1], &b[0], 1, "x") < 0 || get(args[2], &b[1], 1, "k_pool") < 0 ||
-        get(args[3], &b[2], 1, "v_pool") < 0 || get(args[5], &b[3], 0, "tables") < 0 ||
-        get(args[6], &b[4], 0, "lens") < 0 || get(args[7], &b[5], 1, "logits") < 0)
-        goto fail;
-    const Py_buffer *x = &b[0].b, *kp = &b[1].b, *vp = &b[2].b, *tb = &b[3].b, *lb = &b[4].b, *ob = &b[5].b;
-    if (fmt_of(x) != 'f' || x->itemsize != 4 || x->ndim != 2 || x->shape[1] != p->dim) {
-        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [B, %lld]", fn, (long long)p->dim);
-        goto fail;
-    }
+    const Py_buffer *x = &a.b[0], *kp = &a.b[1], *vp = &a.b[2], *tb = &a.b[3], *lb = &a.b[4], *ob = &a.b[5];
+    if (!pb_is_f32(x) || x->ndim != 2 || x->shape[1] != p->dim)
+        return PyErr_Format(PyExc_ValueError, "%s: x must be float32 [B, %lld]", fn, (long long)p->dim);
     int64_t B = x->shape[0];
     if (kp->ndim != 5 || kp->itemsize != 1 || kp->shape[0] != p->n_layers || kp->shape[2] != p->n_kv_heads ||
         kp->shape[4] != rb || kp->shape[1] < 1 || kp->shape[3] < 1 || vp->ndim != 5 ||
-        memcmp(kp->shape, vp->shape, 5 * sizeof(Py_ssize_t)) != 0) {
-        PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [%lld, blocks, %lld, block_tokens, %lld]",
-                     fn, (long long)p->n_layers, (long long)p->n_kv_heads, (long long)rb);
-        goto fail;
-    }
+        memcmp(kp->shape, vp->shape, 5 * sizeof(Py_ssize_t)) != 0)
+        return PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [%lld, blocks, %lld, "
+                            "block_tokens, %lld]", fn, (long long)p->n_layers, (long long)p->n_kv_heads, (long long)rb);
     int64_t nblocks = kp->shape[1], bt = kp->shape[3];
-    char tf = fmt_of(tb), lf = fmt_of(lb);
-    if (tb->ndim != 2 || tb->itemsize != 4 || (tf != 'i' && tf != 'l') || tb->shape[0] != B) {
-        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
-        goto fail;
-    }
-    if (lb->ndim != 1 || lb->itemsize != 8 || (lf != 'q' && lf != 'l') || lb->shape[0] != B) {
-        PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
-        goto fail;
-    }
-    if (fmt_of(ob) != 'f' || ob->itemsize != 4 || ob->ndim != 2 || ob->shape[0] != B || ob->shape[1] != p->vocab) {
-        PyErr_Format(PyExc_ValueError, "%s: logits must be float32 [%lld, %lld]", fn, (long long)B, (long long)p->vocab);
-        goto fail;
-    }
+    if (tb->ndim != 2 || !pb_is_i32(tb) || tb->shape[0] != B)
+        return PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
+    if (lb->ndim != 1 || !pb_is_i64(lb) || lb->shape[0] != B)
+        return PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
+    if (!pb_is_f32(ob) || ob->ndim != 2 || ob->shape[0] != B || ob->shape[1] != p->vocab)
+        return PyErr_Format(PyExc_ValueError, "%s: logits must be float32 [%lld, %lld]", fn, (long long)B,
+                            (long long)p->vocab);
     int64_t maxb = tb->shape[1];
     const int32_t *tables = tb->buf;
     const int64_t *lens = lb->buf;
     int64_t most = maxb * bt < p->seq_len ? maxb * bt : p->seq_len;
     for (int64_t i = 0; i < B; i++) {
-        if (lens[i] < 1 || lens[i] > most) {
-            PyErr_Format(PyExc_ValueError, "%s: row %lld attends %lld positions; its table and the RoPE tables "
-                         "hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
-            goto fail;
-        }
+        if (lens[i] < 1 || lens[i] > most)
+            return PyErr_Format(PyExc_ValueError, "%s: row %lld attends %lld positions; its table and the RoPE "
+                                "tables hold 1..%lld", fn, (long long)i, (long long)lens[i], (long long)most);
         for (int64_t k = 0; k < (lens[i] + bt - 1) / bt; k++)
-            if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks) {
-                PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn, (long long)i,
-                             tables[i * maxb + k], (long long)nblocks);
-                goto fail;
-            }
+            if (tables[i * maxb + k] < 0 || tables[i * maxb + k] >= nblocks)
+                return PyErr_Format(PyExc_IndexError, "%s: row %lld names block %d of a pool of %lld", fn,
+                                    (long long)i, tables[i * maxb + k], (long long)nblocks);
     }
     lp_cache c = {.kvtype = (int)t, .k = kp->buf, .v = vp->buf, .nblocks = nblocks, .bt = bt,
                   .row_bytes = (size_t)rb, .tables = tables, .maxb = maxb, .lens = lens};
@@ -273,41 +243,27 @@ static PyObject *py_decode_forward(PyObject *self, PyObject *const *args, Py_ssi
     Py_BEGIN_ALLOW_THREADS
     rc = lp_forward(p, B, x->buf, &c, ob->buf);
     Py_END_ALLOW_THREADS
-    for (int i = 0; i < 6; i++) PyBuffer_Release(&b[i].b);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    for (int i = 0; i < 6; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
-    return NULL;
 }
 
 /* rmsnorm_einsum(x, w, eps, out) -> out: x [N, D], w [D], out [N, D] float32 (out may be x) */
 static PyObject *py_rmsnorm_einsum(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "rmsnorm_einsum";
-    if (nargs != 4) return PyErr_Format(PyExc_TypeError, "%s takes 4 arguments (%zd given)", fn, nargs);
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 4, {0, "x", PB_BYTES, 0}, {1, "w", PB_BYTES, 0}, {3, "out", PB_BYTES, 1}) < 0)
+        return NULL;
     double eps = PyFloat_AsDouble(args[2]);
     if (eps == -1.0 && PyErr_Occurred()) return NULL;
-    buf b[3] = {{{0}}};
-    if (get(args[0], &b[0], 0, "x") < 0 || get(args[1], &b[1], 0, "w") < 0 || get(args[3], &b[2], 1, "out") < 0)
-        goto fail;
-    const Py_buffer *x = &b[0].b, *w = &b[1].b, *o = &b[2].b;
-    if (fmt_of(x) != 'f' || x->itemsize != 4 || x->ndim != 2 || fmt_of(o) != 'f' || o->itemsize != 4 ||
-        o->ndim != 2 || o->shape[0] != x->shape[0] || o->shape[1] != x->shape[1] || fmt_of(w) != 'f' ||
-        w->itemsize != 4 || w->ndim != 1 || w->shape[0] != x->shape[1]) {
-        PyErr_Format(PyExc_ValueError, "%s: x and out must be float32 [N, D], w float32 [D]", fn);
-        goto fail;
-    }
+    const Py_buffer *x = &a.b[0], *w = &a.b[1], *o = &a.b[2];
+    if (!pb_is_f32(x) || x->ndim != 2 || !pb_is_f32(o) || o->ndim != 2 || o->shape[0] != x->shape[0] ||
+        o->shape[1] != x->shape[1] || !pb_is_f32(w) || w->ndim != 1 || w->shape[0] != x->shape[1])
+        return PyErr_Format(PyExc_ValueError, "%s: x and out must be float32 [N, D], w float32 [D]", fn);
     Py_BEGIN_ALLOW_THREADS
     rmsnorm_np4(x->buf, w->buf, (float)eps, x->shape[0], x->shape[1], o->buf);
     Py_END_ALLOW_THREADS
-    for (int i = 0; i < 3; i++) PyBuffer_Release(&b[i].b);
     Py_INCREF(args[3]);
     return args[3];
-fail:
-    for (int i = 0; i < 3; i++)
-        if (b[i].held) PyBuffer_Release(&b[i].b);
-    return NULL;
 }
 
 PyMethodDef layer_methods[] = {

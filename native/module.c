@@ -10,37 +10,7 @@
 #include "layer.h"
 #include "ops.h"
 #include "pool.h"
-
-typedef struct { Py_buffer b; int held; } buf;
-
-static void release(buf *bs, int n) {
-    for (int i = 0; i < n; i++)
-        if (bs[i].held) PyBuffer_Release(&bs[i].b), bs[i].held = 0;
-}
-
-static int get(PyObject *o, buf *out, int writable, const char *fn, const char *name) {
-    if (PyObject_GetBuffer(o, &out->b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0)) < 0) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must be a C-contiguous%s array", fn, name,
-                     writable ? " writable" : "");
-        return -1;
-    }
-    out->held = 1;
-    return 0;
-}
-
-/* The last character of a struct format code ('f', '<f', '=f' -> 'f'). */
-static char fmt(const Py_buffer *b) {
-    const char *f = b->format ? b->format : "B";
-    return f[strlen(f) - 1];
-}
-
-static int check_f32(const buf *x, const char *fn, const char *name) {
-    if (fmt(&x->b) != 'f' || x->b.itemsize != 4 || x->b.ndim < 1 || x->b.ndim > 2) {
-        PyErr_Format(PyExc_ValueError, "%s: %s must be a float32 array [N, cols]", fn, name);
-        return -1;
-    }
-    return 0;
-}
+#include "pybuf.h"
 
 static int weight_type(PyObject *o, const char *fn) {
     long t = PyLong_AsLong(o);
@@ -53,10 +23,10 @@ static int weight_type(PyObject *o, const char *fn) {
 }
 
 /* rows and row bytes of a weight array, checked against `cols` values per row. */
-static int weight_shape(const buf *w, int t, int64_t cols, int64_t *rows, size_t *row_bytes, const char *fn) {
+static int weight_shape(const Py_buffer *w, int t, int64_t cols, int64_t *rows, size_t *row_bytes, const char *fn) {
     const type_info *ti = &TYPE_INFO[t];
-    if (w->b.ndim != 2) {
-        PyErr_Format(PyExc_ValueError, "%s: w must be a 2-d array [rows, row_bytes], got %d dimensions", fn, w->b.ndim);
+    if (w->ndim != 2) {
+        PyErr_Format(PyExc_ValueError, "%s: w must be a 2-d array [rows, row_bytes], got %d dimensions", fn, w->ndim);
         return -1;
     }
     if (cols % ti->block_values) {
@@ -64,8 +34,8 @@ static int weight_shape(const buf *w, int t, int64_t cols, int64_t *rows, size_t
                      (long long)cols, ti->name, ti->block_values);
         return -1;
     }
-    *rows = w->b.shape[0];
-    *row_bytes = (size_t)w->b.shape[1] * (size_t)w->b.itemsize;
+    *rows = w->shape[0];
+    *row_bytes = (size_t)w->shape[1] * (size_t)w->itemsize;
     size_t want = (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes;
     if (*row_bytes != want) {
         PyErr_Format(PyExc_ValueError, "%s: w rows hold %zu bytes; %lld columns of %s need %zu", fn, *row_bytes,
@@ -75,17 +45,10 @@ static int weight_shape(const buf *w, int t, int64_t cols, int64_t *rows, size_t
     return 0;
 }
 
-static int nargs_ok(Py_ssize_t n, Py_ssize_t want, const char *fn) {
-    if (n == want) return 0;
-    PyErr_Format(PyExc_TypeError, "%s takes %zd arguments (%zd given)", fn, want, n);
-    return -1;
-}
-
 /* out must be float32 shaped like x [N, cols] @ w.T: [N, rows] (or [rows] for a 1-d x) */
-static int check_product_out(const buf *out, const buf *x, int64_t n, int64_t rows, const char *fn,
+static int check_product_out(const Py_buffer *out, const Py_buffer *x, int64_t n, int64_t rows, const char *fn,
                              const char *w) {
-    if (out->b.ndim != x->b.ndim || out->b.shape[out->b.ndim - 1] != rows ||
-        (out->b.ndim == 2 && out->b.shape[0] != n)) {
+    if (out->ndim != x->ndim || out->shape[out->ndim - 1] != rows || (out->ndim == 2 && out->shape[0] != n)) {
         PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld] like x [N, cols] @ %s.T", fn,
                      (long long)n, (long long)rows, w);
         return -1;
@@ -93,21 +56,9 @@ static int check_product_out(const buf *out, const buf *x, int64_t n, int64_t ro
     return 0;
 }
 
-/* row ids: a 1-d int64 array */
-static int check_ids(const buf *ids, const char *fn) {
-    char f = fmt(&ids->b);
-    if (ids->b.ndim != 1 || ids->b.itemsize != 8 || (f != 'q' && f != 'l')) {
-        PyErr_Format(PyExc_ValueError, "%s: ids must be a 1-d int64 array", fn);
-        return -1;
-    }
-    return 0;
-}
-
-static int is_f32(const buf *x) { return fmt(&x->b) == 'f' && x->b.itemsize == 4; }
-
 /* q and s of a version-2 Q8 matrix with group size gs, checked: returns rows, or -1. */
-static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t cols, const char *fn) {
-    if (q->b.ndim != 2 || q->b.itemsize != 1 || q->b.shape[1] != cols) {
+static int64_t int8_shape(const Py_buffer *q, const Py_buffer *s, long long gs, int64_t cols, const char *fn) {
+    if (q->ndim != 2 || q->itemsize != 1 || q->shape[1] != cols) {
         PyErr_Format(PyExc_ValueError, "%s: q must be int8 [rows, %lld]", fn, (long long)cols);
         return -1;
     }
@@ -115,8 +66,8 @@ static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t 
         PyErr_Format(PyExc_ValueError, "%s: group size %lld must be positive", fn, gs);
         return -1;
     }
-    int64_t rows = q->b.shape[0], groups = (rows * cols + gs - 1) / gs;
-    if (!is_f32(s) || s->b.len / 4 < groups) {
+    int64_t rows = q->shape[0], groups = (rows * cols + gs - 1) / gs;
+    if (!pb_is_f32(s) || s->len / 4 < groups) {
         PyErr_Format(PyExc_ValueError, "%s: s must be float32 with at least %lld scales", fn, (long long)groups);
         return -1;
     }
@@ -126,122 +77,111 @@ static int64_t q8_split_shape(const buf *q, const buf *s, long long gs, int64_t 
 /* matmul(wtype, w, x, out): out [N, rows] = x [N, cols] @ dequantize(w).T */
 static PyObject *py_matmul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "matmul";
-    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 4, {1, "w", PB_BYTES, 0}, {2, "x", PB_F32, 0}, {3, "out", PB_F32, 1}) < 0)
+        return NULL;
     int t = weight_type(args[0], fn);
     if (t < 0) return NULL;
-    buf b[3] = {{{0}}};
-    if (get(args[1], &b[0], 0, fn, "w") < 0 || get(args[2], &b[1], 0, fn, "x") < 0 ||
-        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[1], fn, "x") < 0 || check_f32(&b[2], fn, "out") < 0)
-        goto fail;
-    int64_t cols = b[1].b.shape[b[1].b.ndim - 1], n = b[1].b.ndim == 2 ? b[1].b.shape[0] : 1, rows;
+    const Py_buffer *w = &a.b[0], *x = &a.b[1], *out = &a.b[2];
+    int64_t cols = pb_cols(x), n = pb_rows(x), rows;
     size_t row_bytes;
-    if (weight_shape(&b[0], t, cols, &rows, &row_bytes, fn) < 0) goto fail;
-    if (check_product_out(&b[2], &b[1], n, rows, fn, "w") < 0) goto fail;
+    if (weight_shape(w, t, cols, &rows, &row_bytes, fn) < 0 || check_product_out(out, x, n, rows, fn, "w") < 0)
+        return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_matmul(t, b[0].b.buf, row_bytes, rows, b[1].b.buf, n, cols, b[2].b.buf);
+    rc = op_matmul(t, w->buf, row_bytes, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 3);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    release(b, 3);
-    return NULL;
 }
 
-/* matmul_q8_split(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
+/* The arguments of both int8 products (q, s, group_size, x, out): the arrays into a, the group size. */
+static int int8_product_args(pb_args *a, const char *fn, PyObject *const *args, Py_ssize_t nargs, long long *gs) {
+    if (PB_PARSE(*a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "x", PB_F32, 0},
+                 {4, "out", PB_F32, 1}) < 0)
+        return -1;
+    *gs = PyLong_AsLongLong(args[2]);
+    return *gs == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* matmul_int8_rows(q, s, group_size, x, out): llama2.c version-2 Q8, q int8 [rows, cols] and
  * s float32 [rows * cols / group_size] (one scale per group of the flattened matrix). */
-static PyObject *py_matmul_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "matmul_q8_split";
-    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
-    long long gs = PyLong_AsLongLong(args[2]);
-    if (gs == -1 && PyErr_Occurred()) return NULL;
-    buf b[4] = {{{0}}};
-    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
-        get(args[3], &b[2], 0, fn, "x") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
-        check_f32(&b[2], fn, "x") < 0 || check_f32(&b[3], fn, "out") < 0)
-        goto fail;
-    int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
-    if (gs <= 0 || gs % QK || cols % gs) {  /* the integer kernel takes whole Q8_0 blocks per row */
-        PyErr_Format(PyExc_ValueError, "%s: group size %lld must be a multiple of %d that divides the %lld columns",
-                     fn, gs, QK, (long long)cols);
-        goto fail;
-    }
-    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
-    if (rows < 0) goto fail;
-    if (check_product_out(&b[3], &b[2], n, rows, fn, "q") < 0) goto fail;
+static PyObject *py_matmul_int8_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_int8_rows";
+    PB_ARGS a = {0};
+    long long gs;
+    if (int8_product_args(&a, fn, args, nargs, &gs) < 0) return NULL;
+    const Py_buffer *q = &a.b[0], *s = &a.b[1], *x = &a.b[2], *out = &a.b[3];
+    int64_t cols = pb_cols(x), n = pb_rows(x);
+    if (gs <= 0 || gs % QK || cols % gs)  /* the integer kernel takes whole Q8_0 blocks per row */
+        return PyErr_Format(PyExc_ValueError, "%s: group size %lld must be a multiple of %d that divides the %lld "
+                            "columns", fn, gs, QK, (long long)cols);
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
+    if (rows < 0 || check_product_out(out, x, n, rows, fn, "q") < 0) return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_matmul_q8s(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
+    rc = op_matmul_int8_rows(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 4);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    release(b, 4);
-    return NULL;
+}
+
+/* Every id names one of `rows` rows (IndexError otherwise). */
+static int ids_in(const Py_buffer *ids, int64_t rows, const char *fn) {
+    const int64_t *id = ids->buf;
+    for (int64_t i = 0; i < ids->shape[0]; i++)
+        if (id[i] < 0 || id[i] >= rows) {
+            PyErr_Format(PyExc_IndexError, "%s: row %lld is outside the matrix's %lld rows", fn, (long long)id[i],
+                         (long long)rows);
+            return -1;
+        }
+    return 0;
+}
+
+/* out float32 [R, cols] for R ids: its cols, or -1. */
+static int64_t rows_out(const Py_buffer *out, const Py_buffer *ids, const char *fn) {
+    if (out->ndim != 2 || out->shape[0] != ids->shape[0]) {
+        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)ids->shape[0]);
+        return -1;
+    }
+    return out->shape[1];
 }
 
 /* dequantize_rows(wtype, w, ids, out): out [R, cols] = dequantize(w[ids]) */
 static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "dequantize_rows";
-    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 4, {1, "w", PB_BYTES, 0}, {2, "ids", PB_IDS, 0}, {3, "out", PB_F32, 1}) < 0)
+        return NULL;
     int t = weight_type(args[0], fn);
     if (t < 0) return NULL;
-    buf b[3] = {{{0}}};
-    if (get(args[1], &b[0], 0, fn, "w") < 0 || get(args[2], &b[1], 0, fn, "ids") < 0 ||
-        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[2], fn, "out") < 0)
-        goto fail;
-    if (check_ids(&b[1], fn) < 0) goto fail;
-    int64_t r = b[1].b.shape[0], cols = b[2].b.shape[b[2].b.ndim - 1], rows;
-    if (b[2].b.ndim != 2 || b[2].b.shape[0] != r) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
-        goto fail;
-    }
+    const Py_buffer *w = &a.b[0], *ids = &a.b[1], *out = &a.b[2];
+    int64_t cols = rows_out(out, ids, fn), rows;
     size_t row_bytes;
-    if (weight_shape(&b[0], t, cols, &rows, &row_bytes, fn) < 0) goto fail;
-    const int64_t *ids = b[1].b.buf;
-    for (int64_t i = 0; i < r; i++)
-        if (ids[i] < 0 || ids[i] >= rows) {
-            PyErr_Format(PyExc_IndexError, "%s: row %lld is outside the matrix's %lld rows", fn,
-                         (long long)ids[i], (long long)rows);
-            goto fail;
-        }
+    if (cols < 0 || weight_shape(w, t, cols, &rows, &row_bytes, fn) < 0 || ids_in(ids, rows, fn) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    op_dequantize_rows(t, b[0].b.buf, row_bytes, ids, r, cols, b[2].b.buf);
+    op_dequantize_rows(t, w->buf, row_bytes, ids->buf, ids->shape[0], cols, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 3);
     Py_RETURN_NONE;
-fail:
-    release(b, 3);
-    return NULL;
 }
 
 /* quantize(kind, x, out): kind 0 -> Q8_0 blocks, 1 -> Q8_K blocks; out uint8 [N, row bytes] */
 static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "quantize";
-    if (nargs_ok(nargs, 3, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 3, {1, "x", PB_F32, 0}, {2, "out", PB_BYTES, 1}) < 0) return NULL;
     int k = PyObject_IsTrue(args[0]);
     if (k < 0) return NULL;
-    buf b[2] = {{{0}}};
-    if (get(args[1], &b[0], 0, fn, "x") < 0 || get(args[2], &b[1], 1, fn, "out") < 0 ||
-        check_f32(&b[0], fn, "x") < 0)
-        goto fail;
-    int64_t cols = b[0].b.shape[b[0].b.ndim - 1], n = b[0].b.ndim == 2 ? b[0].b.shape[0] : 1;
+    const Py_buffer *x = &a.b[0], *out = &a.b[1];
+    int64_t cols = pb_cols(x), n = pb_rows(x);
     int bv = k ? QK_K : QK;
     size_t need = (size_t)n * (size_t)(cols / bv) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0));
-    if (cols % bv || (size_t)b[1].b.len != need) {
-        PyErr_Format(PyExc_ValueError, "%s: x needs a multiple of %d columns and out %zu bytes", fn, bv, need);
-        goto fail;
-    }
+    if (cols % bv || (size_t)out->len != need)
+        return PyErr_Format(PyExc_ValueError, "%s: x needs a multiple of %d columns and out %zu bytes", fn, bv, need);
     Py_BEGIN_ALLOW_THREADS
-    op_quantize(k, b[0].b.buf, n, cols, b[1].b.buf);
+    op_quantize(k, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 2);
     Py_RETURN_NONE;
-fail:
-    release(b, 2);
-    return NULL;
 }
 
 /* The arguments both attention bindings share: KV type t, q float32 [rows, H, hd] (b[0]), the
@@ -249,19 +189,19 @@ fail:
  * and out float32 [rows, H * hd]. Fills the shape; -1 with the error set. */
 typedef struct { int64_t rows, H, hd, rb, nblocks, KVH, bt, maxb; } attn_shape;
 
-static int attention_args(long t, const buf *b, const buf *out, const char *fn, const char *rows_name,
+static int attention_args(long t, const Py_buffer *b, const Py_buffer *out, const char *fn, const char *rows_name,
                           attn_shape *a) {
-    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim != 3) {
+    if (!pb_is_f32(&b[0]) || b[0].ndim != 3) {
         PyErr_Format(PyExc_ValueError, "%s: q must be float32 [%s, H, head_dim]", fn, rows_name);
         return -1;
     }
-    a->rows = b[0].b.shape[0], a->H = b[0].b.shape[1], a->hd = b[0].b.shape[2];
+    a->rows = b[0].shape[0], a->H = b[0].shape[1], a->hd = b[0].shape[2];
     if (kv_row_bytes(t, a->hd) < 0 || a->hd > 1024) {
         PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)a->hd);
         return -1;
     }
     a->rb = kv_row_bytes(t, a->hd);
-    const Py_buffer *kp = &b[1].b, *vp = &b[2].b;
+    const Py_buffer *kp = &b[1], *vp = &b[2];
     if (kp->ndim != 4 || kp->itemsize != 1 || kp->shape[3] != a->rb || vp->ndim != 4 ||
         memcmp(kp->shape, vp->shape, 4 * sizeof(Py_ssize_t)) != 0 || kp->shape[1] < 1 || a->H % kp->shape[1]) {
         PyErr_Format(PyExc_ValueError, "%s: k_pool and v_pool must be uint8 [blocks, kv_heads, block_tokens, %lld] "
@@ -269,14 +209,13 @@ static int attention_args(long t, const buf *b, const buf *out, const char *fn, 
         return -1;
     }
     a->nblocks = kp->shape[0], a->KVH = kp->shape[1], a->bt = kp->shape[2];
-    char tf = fmt(&b[3].b);
-    if (b[3].b.ndim != 2 || b[3].b.itemsize != 4 || (tf != 'i' && tf != 'l')) {
+    if (b[3].ndim != 2 || !pb_is_i32(&b[3])) {
         PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%s, max_blocks]", fn,
                      rows_name[0] == 'B' ? "B" : "segments");
         return -1;
     }
-    a->maxb = b[3].b.shape[1];
-    if (fmt(&out->b) != 'f' || out->b.itemsize != 4 || out->b.len != a->rows * a->H * a->hd * 4) {
+    a->maxb = b[3].shape[1];
+    if (!pb_is_f32(out) || out->len != a->rows * a->H * a->hd * 4) {
         PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, %lld]", fn, (long long)a->rows,
                      (long long)(a->H * a->hd));
         return -1;
@@ -301,47 +240,36 @@ static int table_row_ok(const int32_t *table, int64_t positions, const attn_shap
  * out float32 [B, H * hd]. Every block a sequence reads is checked against the pool. */
 static PyObject *py_attention_decode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "attention_decode";
-    if (nargs_ok(nargs, 7, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 7, {1, "q", PB_BYTES, 0}, {2, "k_pool", PB_BYTES, 0},
+                 {3, "v_pool", PB_BYTES, 0}, {4, "tables", PB_BYTES, 0}, {5, "lens", PB_BYTES, 0},
+                 {6, "out", PB_BYTES, 1}) < 0)
+        return NULL;
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    buf b[6] = {{{0}}};
-    attn_shape a;
-    if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
-        get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
-        get(args[5], &b[4], 0, fn, "lens") < 0 || get(args[6], &b[5], 1, fn, "out") < 0)
-        goto fail;
-    if (attention_args(t, b, &b[5], fn, "B", &a) < 0) goto fail;
-    int64_t B = a.rows;
-    char lf = fmt(&b[4].b);
-    if (b[3].b.shape[0] != B) {
-        PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
-        goto fail;
-    }
-    if (b[4].b.ndim != 1 || b[4].b.itemsize != 8 || (lf != 'q' && lf != 'l') || b[4].b.shape[0] != B) {
-        PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
-        goto fail;
-    }
-    const int32_t *tables = b[3].b.buf;
-    const int64_t *lens = b[4].b.buf;
+    const Py_buffer *b = a.b;
+    attn_shape s;
+    if (attention_args(t, b, &b[5], fn, "B", &s) < 0) return NULL;
+    int64_t B = s.rows;
+    if (b[3].shape[0] != B)
+        return PyErr_Format(PyExc_ValueError, "%s: tables must be int32 [%lld, max_blocks]", fn, (long long)B);
+    if (b[4].ndim != 1 || !pb_is_i64(&b[4]) || b[4].shape[0] != B)
+        return PyErr_Format(PyExc_ValueError, "%s: lens must be int64 [%lld]", fn, (long long)B);
+    const int32_t *tables = b[3].buf;
+    const int64_t *lens = b[4].buf;
     for (int64_t i = 0; i < B; i++) {
-        if (lens[i] < 1 || lens[i] > a.maxb * a.bt) {
-            PyErr_Format(PyExc_ValueError, "%s: sequence %lld attends %lld rows; its table holds 1..%lld", fn,
-                         (long long)i, (long long)lens[i], (long long)(a.maxb * a.bt));
-            goto fail;
-        }
-        if (table_row_ok(tables + i * a.maxb, lens[i], &a, fn, "sequence", i) < 0) goto fail;
+        if (lens[i] < 1 || lens[i] > s.maxb * s.bt)
+            return PyErr_Format(PyExc_ValueError, "%s: sequence %lld attends %lld rows; its table holds 1..%lld", fn,
+                                (long long)i, (long long)lens[i], (long long)(s.maxb * s.bt));
+        if (table_row_ok(tables + i * s.maxb, lens[i], &s, fn, "sequence", i) < 0) return NULL;
     }
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention_decode((int)t, B, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb,
-                             tables, a.maxb, lens, b[5].b.buf);
+    rc = op_attention_decode((int)t, B, s.H, s.KVH, s.hd, b[0].buf, b[1].buf, b[2].buf, s.bt, (size_t)s.rb,
+                             tables, s.maxb, lens, b[5].buf);
     Py_END_ALLOW_THREADS
-    release(b, 6);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    release(b, 6);
-    return NULL;
 }
 
 /* attention(kvtype, q, k_pool, v_pool, tables, starts, counts, out): a pass's rows in segments of
@@ -351,55 +279,42 @@ fail:
  * starts, counts int64 [S]. Every block a segment reads is checked against the pool. */
 static PyObject *py_attention(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "attention";
-    if (nargs_ok(nargs, 8, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 8, {1, "q", PB_BYTES, 0}, {2, "k_pool", PB_BYTES, 0},
+                 {3, "v_pool", PB_BYTES, 0}, {4, "tables", PB_BYTES, 0}, {5, "starts", PB_BYTES, 0},
+                 {6, "counts", PB_BYTES, 0}, {7, "out", PB_BYTES, 1}) < 0)
+        return NULL;
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    buf b[7] = {{{0}}};
-    attn_shape a;
-    if (get(args[1], &b[0], 0, fn, "q") < 0 || get(args[2], &b[1], 0, fn, "k_pool") < 0 ||
-        get(args[3], &b[2], 0, fn, "v_pool") < 0 || get(args[4], &b[3], 0, fn, "tables") < 0 ||
-        get(args[5], &b[4], 0, fn, "starts") < 0 || get(args[6], &b[5], 0, fn, "counts") < 0 ||
-        get(args[7], &b[6], 1, fn, "out") < 0)
-        goto fail;
-    if (attention_args(t, b, &b[6], fn, "N", &a) < 0) goto fail;
-    int64_t N = a.rows, S = b[3].b.shape[0];
-    for (int i = 4; i < 6; i++) {
-        char f = fmt(&b[i].b);
-        if (b[i].b.ndim != 1 || b[i].b.itemsize != 8 || (f != 'q' && f != 'l') || b[i].b.shape[0] != S) {
-            PyErr_Format(PyExc_ValueError, "%s: %s must be int64 [%lld]", fn, i == 4 ? "starts" : "counts",
-                         (long long)S);
-            goto fail;
-        }
-    }
-    const int32_t *tables = b[3].b.buf;
-    const int64_t *starts = b[4].b.buf, *counts = b[5].b.buf;
+    const Py_buffer *b = a.b;
+    attn_shape s;
+    if (attention_args(t, b, &b[6], fn, "N", &s) < 0) return NULL;
+    int64_t N = s.rows, S = b[3].shape[0];
+    for (int i = 4; i < 6; i++)
+        if (b[i].ndim != 1 || !pb_is_i64(&b[i]) || b[i].shape[0] != S)
+            return PyErr_Format(PyExc_ValueError, "%s: %s must be int64 [%lld]", fn, i == 4 ? "starts" : "counts",
+                                (long long)S);
+    const int32_t *tables = b[3].buf;
+    const int64_t *starts = b[4].buf, *counts = b[5].buf;
     int64_t rows = 0;
     for (int64_t i = 0; i < S; i++) {
-        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > a.maxb * a.bt) {
-            PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds 0..%lld", fn,
-                         (long long)i, (long long)starts[i], (long long)(starts[i] + counts[i] - 1),
-                         (long long)(a.maxb * a.bt - 1));
-            goto fail;
-        }
-        if (table_row_ok(tables + i * a.maxb, starts[i] + counts[i], &a, fn, "segment", i) < 0) goto fail;
+        if (starts[i] < 0 || counts[i] < 1 || starts[i] + counts[i] > s.maxb * s.bt)
+            return PyErr_Format(PyExc_ValueError, "%s: segment %lld holds positions %lld..%lld; its table holds "
+                                "0..%lld", fn, (long long)i, (long long)starts[i],
+                                (long long)(starts[i] + counts[i] - 1), (long long)(s.maxb * s.bt - 1));
+        if (table_row_ok(tables + i * s.maxb, starts[i] + counts[i], &s, fn, "segment", i) < 0) return NULL;
         rows += counts[i];
     }
-    if (rows != N) {
-        PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; q has %lld", fn, (long long)rows,
-                     (long long)N);
-        goto fail;
-    }
+    if (rows != N)
+        return PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; q has %lld", fn, (long long)rows,
+                            (long long)N);
     int rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = op_attention((int)t, S, a.H, a.KVH, a.hd, b[0].b.buf, b[1].b.buf, b[2].b.buf, a.bt, (size_t)a.rb, tables,
-                      a.maxb, starts, counts, b[6].b.buf);
+    rc = op_attention((int)t, S, s.H, s.KVH, s.hd, b[0].buf, b[1].buf, b[2].buf, s.bt, (size_t)s.rb, tables,
+                      s.maxb, starts, counts, b[6].buf);
     Py_END_ALLOW_THREADS
-    release(b, 7);
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
-fail:
-    release(b, 7);
-    return NULL;
 }
 
 /* kv_types() -> ((name, needs), ...) in KV type id order (kv.h): needs says what head_dim must
@@ -421,7 +336,7 @@ static PyObject *py_kv_types(PyObject *self, PyObject *unused) {
 
 /* kv_row_bytes(kvtype, hd) -> bytes of a cached row of hd values, or -1 when the type cannot hold it */
 static PyObject *py_kv_row_bytes(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs_ok(nargs, 2, "kv_row_bytes") < 0) return NULL;
+    if (pb_nargs("kv_row_bytes", nargs, 2) < 0) return NULL;
     long t = PyLong_AsLong(args[0]);
     long long hd = PyLong_AsLongLong(args[1]);
     if (PyErr_Occurred()) return NULL;
@@ -432,198 +347,135 @@ static PyObject *py_kv_row_bytes(PyObject *self, PyObject *const *args, Py_ssize
  * decode step writes it into the cache (kv.h). */
 static PyObject *py_kv_encode(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "kv_encode";
-    if (nargs_ok(nargs, 3, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 3, {1, "x", PB_BYTES, 0}, {2, "out", PB_BYTES, 1}) < 0) return NULL;
     long t = PyLong_AsLong(args[0]);
     if (t == -1 && PyErr_Occurred()) return NULL;
-    buf b[2] = {{{0}}};
-    if (get(args[1], &b[0], 0, fn, "x") < 0 || get(args[2], &b[1], 1, fn, "out") < 0) goto fail;
-    if (fmt(&b[0].b) != 'f' || b[0].b.itemsize != 4 || b[0].b.ndim < 1) {
-        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [..., head_dim]", fn);
-        goto fail;
-    }
-    int64_t hd = b[0].b.shape[b[0].b.ndim - 1], rows = hd ? b[0].b.len / 4 / hd : 0;
+    const Py_buffer *xb = &a.b[0], *ob = &a.b[1];
+    if (!pb_is_f32(xb) || xb->ndim < 1)
+        return PyErr_Format(PyExc_ValueError, "%s: x must be float32 [..., head_dim]", fn);
+    int64_t hd = pb_cols(xb), rows = hd ? xb->len / 4 / hd : 0;
     int64_t rb = kv_row_bytes(t, hd);
-    if (rb < 0) {
-        PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
-        goto fail;
-    }
-    if (b[1].b.len != rows * rb) {
-        PyErr_Format(PyExc_ValueError, "%s: out must hold %lld rows of %lld bytes", fn, (long long)rows,
-                     (long long)rb);
-        goto fail;
-    }
-    const float *x = b[0].b.buf;
-    uint8_t *out = b[1].b.buf;
+    if (rb < 0)
+        return PyErr_Format(PyExc_ValueError, "%s: KV type %ld cannot hold rows of %lld values", fn, t, (long long)hd);
+    if (ob->len != rows * rb)
+        return PyErr_Format(PyExc_ValueError, "%s: out must hold %lld rows of %lld bytes", fn, (long long)rows,
+                            (long long)rb);
+    const float *x = xb->buf;
+    uint8_t *out = ob->buf;
     Py_BEGIN_ALLOW_THREADS
     for (int64_t r = 0; r < rows; r++) kv_encode((int)t, x + r * hd, hd, out + r * rb);
     Py_END_ALLOW_THREADS
-    release(b, 2);
     Py_RETURN_NONE;
-fail:
-    release(b, 2);
-    return NULL;
 }
 
 
-static int same_shape(const buf *a, const buf *b) {
-    if (a->b.ndim != b->b.ndim) return 0;
-    for (int i = 0; i < a->b.ndim; i++)
-        if (a->b.shape[i] != b->b.shape[i]) return 0;
+static int same_shape(const Py_buffer *a, const Py_buffer *b) {
+    if (a->ndim != b->ndim) return 0;
+    for (int i = 0; i < a->ndim; i++)
+        if (a->shape[i] != b->shape[i]) return 0;
     return 1;
 }
 
 /* rmsnorm(x, w, eps, out) -> out: x [N, D] (or [D]), w [D], out like x (may be x) */
 static PyObject *py_rmsnorm(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "rmsnorm";
-    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 4, {0, "x", PB_F32, 0}, {1, "w", PB_BYTES, 0}, {3, "out", PB_F32, 1}) < 0)
+        return NULL;
     double eps = PyFloat_AsDouble(args[2]);
     if (eps == -1.0 && PyErr_Occurred()) return NULL;
-    buf b[3] = {{{0}}};
-    if (get(args[0], &b[0], 0, fn, "x") < 0 || get(args[1], &b[1], 0, fn, "w") < 0 ||
-        get(args[3], &b[2], 1, fn, "out") < 0 || check_f32(&b[0], fn, "x") < 0 || check_f32(&b[2], fn, "out") < 0)
-        goto fail;
-    int64_t d = b[0].b.shape[b[0].b.ndim - 1], n = b[0].b.ndim == 2 ? b[0].b.shape[0] : 1;
-    if (!is_f32(&b[1]) || b[1].b.ndim != 1 || b[1].b.shape[0] != d) {
-        PyErr_Format(PyExc_ValueError, "%s: w must be float32 [%lld] like x's rows", fn, (long long)d);
-        goto fail;
-    }
-    if (!same_shape(&b[0], &b[2])) {
-        PyErr_Format(PyExc_ValueError, "%s: out must have x's shape", fn);
-        goto fail;
-    }
+    const Py_buffer *x = &a.b[0], *w = &a.b[1], *out = &a.b[2];
+    int64_t d = pb_cols(x), n = pb_rows(x);
+    if (!pb_is_f32(w) || w->ndim != 1 || w->shape[0] != d)
+        return PyErr_Format(PyExc_ValueError, "%s: w must be float32 [%lld] like x's rows", fn, (long long)d);
+    if (!same_shape(x, out)) return PyErr_Format(PyExc_ValueError, "%s: out must have x's shape", fn);
     const kernel_table *kt = active_table;
     Py_BEGIN_ALLOW_THREADS
-    kt->rmsnorm(b[0].b.buf, b[1].b.buf, (float)eps, n, d, b[2].b.buf);
+    kt->rmsnorm(x->buf, w->buf, (float)eps, n, d, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 3);
     Py_INCREF(args[3]);
     return args[3];
-fail:
-    release(b, 3);
-    return NULL;
 }
 
 /* rope(x, cos, sin, style) -> x: x [N, H, hd] rotated in place, cos/sin [N, hd/2],
  * style "interleaved" or "halves" */
 static PyObject *py_rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "rope";
-    if (nargs_ok(nargs, 4, fn) < 0) return NULL;
+    if (pb_nargs(fn, nargs, 4) < 0) return NULL;
     const char *style = PyUnicode_Check(args[3]) ? PyUnicode_AsUTF8(args[3]) : NULL;
     int halves;
     if (style && !strcmp(style, "halves")) halves = 1;
     else if (style && !strcmp(style, "interleaved")) halves = 0;
-    else {
-        PyErr_Format(PyExc_ValueError, "%s: style must be 'interleaved' or 'halves'", fn);
+    else return PyErr_Format(PyExc_ValueError, "%s: style must be 'interleaved' or 'halves'", fn);
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 4, {0, "x", PB_BYTES, 1}, {1, "cos", PB_BYTES, 0}, {2, "sin", PB_BYTES, 0}) < 0)
         return NULL;
-    }
-    buf b[3] = {{{0}}};
-    if (get(args[0], &b[0], 1, fn, "x") < 0 || get(args[1], &b[1], 0, fn, "cos") < 0 ||
-        get(args[2], &b[2], 0, fn, "sin") < 0)
-        goto fail;
-    if (!is_f32(&b[0]) || b[0].b.ndim != 3 || b[0].b.shape[2] % 2) {
-        PyErr_Format(PyExc_ValueError, "%s: x must be float32 [N, heads, head_dim] with an even head_dim", fn);
-        goto fail;
-    }
-    int64_t n = b[0].b.shape[0], h = b[0].b.shape[1], hd = b[0].b.shape[2];
+    const Py_buffer *b = a.b;
+    if (!pb_is_f32(&b[0]) || b[0].ndim != 3 || b[0].shape[2] % 2)
+        return PyErr_Format(PyExc_ValueError, "%s: x must be float32 [N, heads, head_dim] with an even head_dim", fn);
+    int64_t n = b[0].shape[0], h = b[0].shape[1], hd = b[0].shape[2];
     for (int i = 1; i < 3; i++)
-        if (!is_f32(&b[i]) || b[i].b.ndim != 2 || b[i].b.shape[0] != n || b[i].b.shape[1] != hd / 2) {
-            PyErr_Format(PyExc_ValueError, "%s: %s must be float32 [%lld, %lld]", fn, i == 1 ? "cos" : "sin",
-                         (long long)n, (long long)(hd / 2));
-            goto fail;
-        }
+        if (!pb_is_f32(&b[i]) || b[i].ndim != 2 || b[i].shape[0] != n || b[i].shape[1] != hd / 2)
+            return PyErr_Format(PyExc_ValueError, "%s: %s must be float32 [%lld, %lld]", fn, i == 1 ? "cos" : "sin",
+                                (long long)n, (long long)(hd / 2));
     const kernel_table *kt = active_table;
     Py_BEGIN_ALLOW_THREADS
-    kt->rope(b[0].b.buf, b[1].b.buf, b[2].b.buf, n, h, hd, halves);
+    kt->rope(b[0].buf, b[1].buf, b[2].buf, n, h, hd, halves);
     Py_END_ALLOW_THREADS
-    release(b, 3);
     Py_INCREF(args[0]);
     return args[0];
-fail:
-    release(b, 3);
-    return NULL;
 }
 
 /* silu_mul(a, b) -> a: a = silu(a) * b in place, a and b float32 of one shape */
 static PyObject *py_silu_mul(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "silu_mul";
-    if (nargs_ok(nargs, 2, fn) < 0) return NULL;
-    buf b[2] = {{{0}}};
-    if (get(args[0], &b[0], 1, fn, "a") < 0 || get(args[1], &b[1], 0, fn, "b") < 0) goto fail;
-    if (!is_f32(&b[0]) || !is_f32(&b[1]) || !same_shape(&b[0], &b[1])) {
-        PyErr_Format(PyExc_ValueError, "%s: a and b must be float32 arrays of one shape", fn);
-        goto fail;
-    }
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 2, {0, "a", PB_BYTES, 1}, {1, "b", PB_BYTES, 0}) < 0) return NULL;
+    if (!pb_is_f32(&a.b[0]) || !pb_is_f32(&a.b[1]) || !same_shape(&a.b[0], &a.b[1]))
+        return PyErr_Format(PyExc_ValueError, "%s: a and b must be float32 arrays of one shape", fn);
     const kernel_table *kt = active_table;
     Py_BEGIN_ALLOW_THREADS
-    op_silu_mul(kt, b[0].b.buf, b[1].b.buf, (int64_t)(b[0].b.len / 4));  /* layer.c: on the pool */
+    op_silu_mul(kt, a.b[0].buf, a.b[1].buf, (int64_t)(a.b[0].len / 4));  /* layer.c: on the pool */
     Py_END_ALLOW_THREADS
-    release(b, 2);
     Py_INCREF(args[0]);
     return args[0];
-fail:
-    release(b, 2);
-    return NULL;
 }
 
-/* matmul_q8_any(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
-static PyObject *py_matmul_q8_any(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "matmul_q8_any";
-    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
-    long long gs = PyLong_AsLongLong(args[2]);
-    if (gs == -1 && PyErr_Occurred()) return NULL;
-    buf b[4] = {{{0}}};
-    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
-        get(args[3], &b[2], 0, fn, "x") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
-        check_f32(&b[2], fn, "x") < 0 || check_f32(&b[3], fn, "out") < 0)
-        goto fail;
-    int64_t cols = b[2].b.shape[b[2].b.ndim - 1], n = b[2].b.ndim == 2 ? b[2].b.shape[0] : 1;
-    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
-    if (rows < 0) goto fail;
-    if (check_product_out(&b[3], &b[2], n, rows, fn, "q") < 0) goto fail;
+/* matmul_int8_flat(q, s, group_size, x, out): version-2 Q8 in any layout, x [N, cols] as floats */
+static PyObject *py_matmul_int8_flat(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "matmul_int8_flat";
+    PB_ARGS a = {0};
+    long long gs;
+    if (int8_product_args(&a, fn, args, nargs, &gs) < 0) return NULL;
+    const Py_buffer *q = &a.b[0], *s = &a.b[1], *x = &a.b[2], *out = &a.b[3];
+    int64_t cols = pb_cols(x), n = pb_rows(x);
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
+    if (rows < 0 || check_product_out(out, x, n, rows, fn, "q") < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    op_matmul_q8g(b[0].b.buf, b[1].b.buf, gs, rows, b[2].b.buf, n, cols, b[3].b.buf);
+    op_matmul_int8_flat(q->buf, s->buf, gs, rows, x->buf, n, cols, out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 4);
     Py_RETURN_NONE;
-fail:
-    release(b, 4);
-    return NULL;
 }
 
-/* dequantize_q8_split(q, s, group_size, ids, out): out [R, cols] = rows ids, dequantized */
-static PyObject *py_dequantize_q8_split(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    static const char *fn = "dequantize_q8_split";
-    if (nargs_ok(nargs, 5, fn) < 0) return NULL;
+/* dequantize_int8(q, s, group_size, ids, out): out [R, cols] = rows ids, dequantized */
+static PyObject *py_dequantize_int8(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "dequantize_int8";
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 5, {0, "q", PB_BYTES, 0}, {1, "s", PB_BYTES, 0}, {3, "ids", PB_IDS, 0},
+                 {4, "out", PB_F32, 1}) < 0)
+        return NULL;
     long long gs = PyLong_AsLongLong(args[2]);
     if (gs == -1 && PyErr_Occurred()) return NULL;
-    buf b[4] = {{{0}}};
-    if (get(args[0], &b[0], 0, fn, "q") < 0 || get(args[1], &b[1], 0, fn, "s") < 0 ||
-        get(args[3], &b[2], 0, fn, "ids") < 0 || get(args[4], &b[3], 1, fn, "out") < 0 ||
-        check_f32(&b[3], fn, "out") < 0)
-        goto fail;
-    if (check_ids(&b[2], fn) < 0) goto fail;
-    int64_t r = b[2].b.shape[0], cols = b[3].b.shape[b[3].b.ndim - 1];
-    if (b[3].b.ndim != 2 || b[3].b.shape[0] != r) {
-        PyErr_Format(PyExc_ValueError, "%s: out must be float32 [%lld, cols]", fn, (long long)r);
-        goto fail;
-    }
-    int64_t rows = q8_split_shape(&b[0], &b[1], gs, cols, fn);
-    if (rows < 0) goto fail;
-    const int64_t *ids = b[2].b.buf;
-    for (int64_t i = 0; i < r; i++)
-        if (ids[i] < 0 || ids[i] >= rows) {
-            PyErr_Format(PyExc_IndexError, "%s: row %lld is outside the matrix's %lld rows", fn,
-                         (long long)ids[i], (long long)rows);
-            goto fail;
-        }
+    const Py_buffer *q = &a.b[0], *s = &a.b[1], *ids = &a.b[2], *out = &a.b[3];
+    int64_t cols = rows_out(out, ids, fn);
+    if (cols < 0) return NULL;
+    int64_t rows = int8_shape(q, s, gs, cols, fn);
+    if (rows < 0 || ids_in(ids, rows, fn) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
-    op_dequantize_q8g(b[0].b.buf, b[1].b.buf, gs, cols, ids, r, b[3].b.buf);
+    op_dequantize_int8(q->buf, s->buf, gs, cols, ids->buf, ids->shape[0], out->buf);
     Py_END_ALLOW_THREADS
-    release(b, 4);
     Py_RETURN_NONE;
-fail:
-    release(b, 4);
-    return NULL;
 }
 
 static PyObject *py_set_threads(PyObject *self, PyObject *arg) {
@@ -678,17 +530,17 @@ static PyObject *py_types(PyObject *self, PyObject *unused) {
 
 static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "matmul(wtype, w, x, out)"},
-    {"matmul_q8_split", (PyCFunction)(void (*)(void))py_matmul_q8_split, METH_FASTCALL,
-     "matmul_q8_split(q, s, group_size, x, out)"},
+    {"matmul_int8_rows", (PyCFunction)(void (*)(void))py_matmul_int8_rows, METH_FASTCALL,
+     "matmul_int8_rows(q, s, group_size, x, out)"},
     {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
      "dequantize_rows(wtype, w, ids, out)"},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, out) -> out"},
     {"rope", (PyCFunction)(void (*)(void))py_rope, METH_FASTCALL, "rope(x, cos, sin, style) -> x"},
     {"silu_mul", (PyCFunction)(void (*)(void))py_silu_mul, METH_FASTCALL, "silu_mul(a, b) -> a"},
-    {"matmul_q8_any", (PyCFunction)(void (*)(void))py_matmul_q8_any, METH_FASTCALL,
-     "matmul_q8_any(q, s, group_size, x, out)"},
-    {"dequantize_q8_split", (PyCFunction)(void (*)(void))py_dequantize_q8_split, METH_FASTCALL,
-     "dequantize_q8_split(q, s, group_size, ids, out)"},
+    {"matmul_int8_flat", (PyCFunction)(void (*)(void))py_matmul_int8_flat, METH_FASTCALL,
+     "matmul_int8_flat(q, s, group_size, x, out)"},
+    {"dequantize_int8", (PyCFunction)(void (*)(void))py_dequantize_int8, METH_FASTCALL,
+     "dequantize_int8(q, s, group_size, ids, out)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL, "quantize(k_quants, x, out)"},
     {"attention_decode", (PyCFunction)(void (*)(void))py_attention_decode, METH_FASTCALL,
      "attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)"},

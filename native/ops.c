@@ -16,36 +16,9 @@
 #include "dispatch.h"
 #include "gemm.h"
 #include "pool.h"
+#include "scratch.h"  /* this file's per-thread buffer: quantized activations */
 
 #define CHUNK_CACHE (256 << 10)  /* a prompt's chunk of weight rows stays within this many bytes */
-
-/* Per-thread scratch for quantized activations, freed when the thread ends. */
-static pthread_key_t scratch_key;
-static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
-typedef struct { void *p; size_t size; } scratch;
-static void scratch_free(void *s) { free(((scratch *)s)->p); free(s); }
-static void scratch_key_init(void) { pthread_key_create(&scratch_key, scratch_free); }
-
-static void *scratch_get(size_t size) {
-    pthread_once(&scratch_once, scratch_key_init);
-    scratch *s = pthread_getspecific(scratch_key);
-    if (!s) {
-        s = calloc(1, sizeof(*s));
-        if (!s) return NULL;
-        pthread_setspecific(scratch_key, s);
-    }
-    if (s->size < size) {
-        free(s->p);
-        size_t grown = size + size / 2;
-        if (posix_memalign(&s->p, 64, grown) != 0) {
-            s->p = NULL;
-            s->size = 0;
-            return NULL;
-        }
-        s->size = grown;
-    }
-    return s->p;
-}
 
 typedef struct {
     quant_fn quant;
@@ -68,7 +41,7 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
 
 typedef struct {
     dot_fn dot;
-    q8s_dot_fn q8s_dot;  /* instead of dot, with scales s every gs values */
+    int8_rows_fn int8_rows_dot;  /* instead of dot, with scales s every gs values */
     const float *s;
     int64_t gs;
     const uint8_t *w;
@@ -91,8 +64,8 @@ static void mm_task(void *arg, int ith, int nth) {
         int64_t r0 = c * j->chunk, r1 = r0 + j->chunk < j->rows ? r0 + j->chunk : j->rows;
         for (int64_t i = 0; i < j->n; i += j->tile) {
             int nx = j->n - i < j->tile ? (int)(j->n - i) : j->tile;
-            if (j->q8s_dot)
-                j->q8s_dot(j->cols, (const int8_t *)j->w + r0 * j->cols, j->s + r0 * (j->cols / j->gs), j->gs,
+            if (j->int8_rows_dot)
+                j->int8_rows_dot(j->cols, (const int8_t *)j->w + r0 * j->cols, j->s + r0 * (j->cols / j->gs), j->gs,
                            r1 - r0, j->x + i * j->x_stride, j->x_stride, nx, j->out + i * j->rows + r0,
                            (size_t)j->rows);
             else
@@ -110,17 +83,15 @@ static int run_matmul(mm_job *j, const kernel_table *kt, int act, const float *x
      * bits (kernels.h), so the choice changes no result. */
     int prompt = j->n >= 3;
     j->tile = prompt && act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
-    if (j->q8s_dot) j->q8s_dot = prompt ? kt->q8s_gemm : kt->q8s_dot;
+    if (j->int8_rows_dot) j->int8_rows_dot = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
     else j->dot = prompt ? kt->gemm[type] : kt->dot[type];
+    j->x_stride = act_row_bytes(act, j->cols);
     if (act == ACT_F32) {
         j->x = (const char *)x;
-        j->x_stride = (size_t)j->cols * sizeof(float);
     } else {
-        int k = act == ACT_Q8_K;
-        j->x_stride = (size_t)(j->cols / (k ? QK_K : QK)) * (k ? sizeof(block_q8_k) : sizeof(block_q8_0x));
         char *xq = scratch_get(j->x_stride * (size_t)j->n + 64);
         if (!xq) return -1;
-        quantize_rows(k ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
+        quantize_rows(act == ACT_Q8_K ? kt->q8_k : kt->q8_0x, x, j->n, j->cols, xq, j->x_stride);
         j->x = xq;
     }
     int nth = pool_threads();
@@ -142,18 +113,18 @@ int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const 
               int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
     const kernel_table *kt = active_table;  /* read once: select() may run in another thread */
-    if (n > kt->nx_tile && (type == T_F32 || type == T_F16 || type == T_BF16))  /* prompts: gemm.c */
+    if (n > kt->nx_tile && TYPE_INFO[type].act == ACT_F32)  /* the float types' prompts: gemm.c */
         return op_gemm_float(kt, type, w, row_bytes, rows, x, n, cols, out);
     mm_job j = {.dot = kt->dot[type], .w = w, .row_bytes = row_bytes, .rows = rows, .cols = cols,
                 .n = n, .out = out};
     return run_matmul(&j, kt, TYPE_INFO[type].act, x, type);
 }
 
-int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out) {
     if (n == 0 || rows == 0) return 0;
     const kernel_table *kt = active_table;
-    mm_job j = {.q8s_dot = kt->q8s_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
+    mm_job j = {.int8_rows_dot = kt->int8_rows_dot, .s = s, .gs = gs, .w = (const uint8_t *)q,
                 .row_bytes = (size_t)cols, .rows = rows, .cols = cols, .n = n, .out = out};
     return run_matmul(&j, kt, ACT_Q8_0, x, 0);
 }
@@ -236,7 +207,7 @@ int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t h
     return j.failed ? -1 : 0;
 }
 
-/* llama2.c version-2 Q8 in any layout (ops_elementwise.c's q8g kernels): rows split evenly over
+/* llama2.c version-2 Q8 in any layout (ops_elementwise.c's int8_flat kernels): rows split evenly over
  * the pool; each output is one kernel's own sum, so the split does not change it. */
 typedef struct {
     const kernel_table *kt;
@@ -246,30 +217,31 @@ typedef struct {
     const float *x;
     const int64_t *ids;  /* dequantize: which rows */
     float *out;
-} q8g_job;
+} int8_flat_job;
 
-static void q8g_mm_task(void *arg, int ith, int nth) {
-    q8g_job *j = arg;
+static void int8_flat_mm_task(void *arg, int ith, int nth) {
+    int8_flat_job *j = arg;
     int64_t per = (j->rows + nth - 1) / nth, r0 = ith * per, r1 = r0 + per < j->rows ? r0 + per : j->rows;
-    if (r0 < r1) j->kt->q8g_dot(j->q, j->s, j->gs, j->cols, r0, r1, j->x, j->n, j->out, (size_t)j->rows);
+    if (r0 < r1) j->kt->int8_flat_dot(j->q, j->s, j->gs, j->cols, r0, r1, j->x, j->n, j->out, (size_t)j->rows);
 }
 
-void op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+void op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                    int64_t cols, float *out) {
-    q8g_job j = {active_table, q, s, gs, rows, cols, n, x, NULL, out};
-    if (pool_threads() > 1 && rows >= 8 && rows * cols * n >= (1 << 15)) pool_run(q8g_mm_task, &j);
-    else q8g_mm_task(&j, 0, 1);
+    int8_flat_job j = {active_table, q, s, gs, rows, cols, n, x, NULL, out};
+    if (pool_threads() > 1 && rows >= 8 && rows * cols * n >= (1 << 15)) pool_run(int8_flat_mm_task, &j);
+    else int8_flat_mm_task(&j, 0, 1);
 }
 
-static void q8g_dq_task(void *arg, int ith, int nth) {
-    q8g_job *j = arg;
+static void int8_dq_task(void *arg, int ith, int nth) {
+    int8_flat_job *j = arg;
     int64_t per = (j->n + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->n ? i0 + per : j->n;
-    for (int64_t i = i0; i < i1; i++) j->kt->q8g_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
+    for (int64_t i = i0; i < i1; i++)
+        j->kt->int8_flat_dequant(j->q, j->s, j->gs, j->cols, j->ids[i], j->out + i * j->cols);
 }
 
-void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
                        float *out) {
-    q8g_job j = {active_table, q, s, gs, 0, cols, r, NULL, ids, out};
-    if (r >= 2 && r * cols >= (1 << 18)) pool_run(q8g_dq_task, &j);
-    else q8g_dq_task(&j, 0, 1);
+    int8_flat_job j = {active_table, q, s, gs, 0, cols, r, NULL, ids, out};
+    if (r >= 2 && r * cols >= (1 << 18)) pool_run(int8_dq_task, &j);
+    else int8_dq_task(&j, 0, 1);
 }

@@ -7,7 +7,7 @@
 int op_matmul(int type, const uint8_t *w, size_t row_bytes, int64_t rows, const float *x, int64_t n,
                int64_t cols, float *out);
 /* The same for llama2.c version-2 Q8: q int8 [rows, cols], s float [rows * cols / gs] */
-int op_matmul_q8s(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                   int64_t cols, float *out);
 /* out [R, cols] = dequantize(w[ids]) */
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
@@ -21,9 +21,9 @@ int op_attention_decode(int kvtype, int64_t B, int64_t H, int64_t KVH, int64_t h
                         const int32_t *tables, int64_t maxb, const int64_t *lens, float *out);
 /* llama2.c version-2 Q8 in any layout (groups of any size, rows may straddle them), activations as
  * floats: out [N, rows] = x [N, cols] @ (q * s per group).T */
-void op_matmul_q8g(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
+void op_matmul_int8_flat(const int8_t *q, const float *s, int64_t gs, int64_t rows, const float *x, int64_t n,
                    int64_t cols, float *out);
 /* out [R, cols] = rows ids of the same layout, dequantized */
-void op_dequantize_q8g(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
+void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t cols, const int64_t *ids, int64_t r,
                        float *out);
 #endif

@@ -1,5 +1,5 @@
 /* The elementwise operations of a forward pass, and llama2.c's version-2 Q8 for the layouts
- * type_q8s.c refuses (groups that are not a multiple of 32 values, or rows that straddle groups).
+ * type_int8_rows.c refuses (groups that are not a multiple of 32 values, or rows that straddle groups).
  * Compiled per variant like the type files: the loops are written so that the compiler may
  * vectorize them without changing any rounding (-ffp-contract=off, no reassociation), so every
  * variant gives the same bits, and those equal the numpy references named below.
@@ -73,7 +73,7 @@ static inline float dot_i8_f32(const int8_t *q, const float *x, int64_t len) {
  * per gs values of the flattened matrix). Weight rows r0..r1-1 against activation rows x [n, cols]
  * (floats, not quantized): out[j * out_stride + r] = sum over the segments of row r that lie in one
  * group g of s[g] * dot(segment), segments in order. */
-void KN(q8g_dot)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
+void KN(int8_flat_dot)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t r0, int64_t r1,
                  const float *x, int64_t n, float *out, size_t out_stride) {
     for (int64_t r = r0; r < r1; r++) {
         const int8_t *qr = q + r * cols;
@@ -93,8 +93,8 @@ void KN(q8g_dot)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int6
 }
 
 /* Row `row` of the same layout -> out [cols]: q * s[group of its flat index], one rounding (the
- * numpy reference q8_v2.dequantize, bit for bit). */
-void KN(q8g_dequant)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row, float *out) {
+ * numpy reference int8_groups.dequantize, bit for bit). */
+void KN(int8_flat_dequant)(const int8_t *q, const float *s, int64_t gs, int64_t cols, int64_t row, float *out) {
     const int8_t *qr = q + row * cols;
     int64_t base = row * cols;
     for (int64_t c = 0; c < cols;) {

@@ -8,13 +8,8 @@
 
 #include <pthread.h>
 #include <stdlib.h>
-#include <time.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define CPU_RELAX() _mm_pause()
-#else
-#define CPU_RELAX() ((void)0)
-#endif
+
+#include "spin.h"
 
 #define MAX_THREADS 256
 
@@ -40,33 +35,12 @@ static struct {
 #define LOAD(x) __atomic_load_n(&(x), __ATOMIC_SEQ_CST)
 #define STORE(x, v) __atomic_store_n(&(x), (v), __ATOMIC_SEQ_CST)
 
-static long now_ns(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1000000000L + t.tv_nsec;
-}
-
-/* Spin until cond() is false or the spin time is over; returns 1 if cond() became false. */
-#define SPIN_WHILE(cond, result)                                       \
-    do {                                                               \
-        long t0_ = 0;                                                  \
-        (result) = 1;                                                  \
-        for (unsigned i_ = 1; (cond); i_++) {                          \
-            CPU_RELAX();                                               \
-            if ((i_ & 255) == 0) {                                     \
-                long t_ = now_ns();                                    \
-                if (!t0_) t0_ = t_;                                    \
-                else if (t_ - t0_ > P.spin_ns) { (result) = 0; break; } \
-            }                                                          \
-        }                                                              \
-    } while (0)
-
 static void *worker(void *p) {
     int ith = (int)(long)p;
     unsigned seen = P.start_gen;  /* not P.gen: the first job may be published before we run */
     for (;;) {
         int ok;
-        SPIN_WHILE(LOAD(P.gen) == seen && !LOAD(P.stop), ok);
+        SPIN_WHILE(LOAD(P.gen) == seen && !LOAD(P.stop), P.spin_ns, ok);
         if (!ok) {
             pthread_mutex_lock(&P.lock);
             __atomic_add_fetch(&P.sleepers, 1, __ATOMIC_SEQ_CST);
@@ -129,7 +103,7 @@ void pool_run(task_fn fn, void *arg) {
     }
     fn(arg, 0, P.nworkers + 1);
     int ok;
-    SPIN_WHILE(LOAD(P.pending) != 0, ok);
+    SPIN_WHILE(LOAD(P.pending) != 0, P.spin_ns, ok);
     if (!ok) {
         pthread_mutex_lock(&P.lock);
         STORE(P.caller_sleeping, 1);
@@ -150,6 +124,7 @@ void pool_set_threads(int n) {
 }
 
 int pool_threads(void) { return P.nthreads; }
+long pool_spin_ns(void) { return P.spin_ns; }
 
 static void reset(void) {
     pthread_mutex_init(&P.lock, NULL);

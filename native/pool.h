@@ -10,6 +10,7 @@ typedef void (*task_fn)(void *arg, int ith, int nth);
 void pool_run(task_fn fn, void *arg);
 void pool_set_threads(int n);  /* n >= 1; workers stop now and start again at the next job */
 int pool_threads(void);
+long pool_spin_ns(void);       /* how long a waiting thread spins before it sleeps (LLAMA2_SPIN_US) */
 void pool_init(void);          /* once, at import */
 
 #endif

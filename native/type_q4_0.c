@@ -1,6 +1,6 @@
 /* Q4_0 weights: blocks of 32, w = d * (q - 8), q in 0..15. Byte l of qs holds element l (low
  * nibble) and element l + 16 (high nibble). Activations: Q8_0x. */
-#include "level.h"
+#include "signed_q8.h"
 
 static void dequant(const void *w, float *out, int64_t cols) {
     const block_q4_0 *b = (const block_q4_0 *)w;
@@ -21,15 +21,7 @@ INLINE void dot_body(int64_t nb, const block_q4_0 *w, const char *x, size_t xs, 
     for (int64_t b = 0; b < nb; b++) {
         __m128i qs = load128(w[b].qs);
         __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
-        q = _mm256_sub_epi8(q, off);         /* signed -8..7 */
-        __m256i u = _mm256_sign_epi8(q, q);  /* |q| */
-        float dw = load_f16(&w[b].d);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            __m256i s = _mm256_sign_epi8(load256(xb->qs), q);
-            __m256i p = dpbusd256(_mm256_setzero_si256(), u, s);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[j]);
-        }
+        signed_block(acc, _mm256_sub_epi8(q, off) /* signed -8..7 */, load_f16(&w[b].d), x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 #else
@@ -64,15 +56,8 @@ INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, si
         prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q4_0));
         __m512i qs = join256(_mm256_broadcastsi128_si256(load128(w0[b].qs)), _mm256_broadcastsi128_si256(load128(w1[b].qs)));
         __m512i q = _mm512_sub_epi8(_mm512_and_si512(_mm512_srlv_epi16(qs, cnt), m4), off);  /* -8..7 */
-        __m512i u = _mm512_abs_epi8(q);
-        __mmask64 neg = _mm512_movepi8_mask(q);
         __m512 dw = set2_ps(load_f16(&w0[b].d), load_f16(&w1[b].d));
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            __m512i xx = bcast256(xb->qs);
-            __m512i p = dpbusd512(_mm512_setzero_si512(), u, _mm512_mask_sub_epi8(xx, neg, _mm512_setzero_si512(), xx));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[j]);
-        }
+        signed_block2(acc, q, dw, x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
 }

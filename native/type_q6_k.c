@@ -30,11 +30,39 @@ static const uint8_t PAIR_MASK[8][16] __attribute__((aligned(16))) = {
     P(0), P(1), P(2), P(3), P(4), P(5), P(6), P(7)
 #undef P
 };
+
+/* Values 32k..32k+31 of a half block as bytes 0..63: the low nibbles of ql0 / ql1, then the high
+ * nibbles, with qh's bit pair k on top. */
+INLINE __m256i q6_codes(__m256i ql0, __m256i ql1, __m256i qh, int k) {
+    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
+    __m256i lo = k & 1 ? ql1 : ql0;
+    lo = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), m4);
+    __m256i hi = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
+               : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
+    return _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
+}
+
+/* The int16 scales of groups 2g and 2g + 1 (16 values each) of a block's 32-value group g. */
+INLINE __m256i q6_scales(__m128i s8, int g) {
+    return _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[g])));
+}
+
+/* A block's end for each activation row: the integer sum less 32 * scales . bsums (q's offset),
+ * scaled into acc. */
+INLINE void q6_block_end(__m256 *acc, __m256i *sumi, __m128i s8, float d, const char *x, size_t xs, int64_t b,
+                         int NX) {
+    __m256i s16 = _mm256_cvtepi8_epi16(s8);
+    for (int j = 0; j < NX; j++) {
+        const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+        __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
+        sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
+        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+    }
+}
 #endif
 
 INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
 #if defined(__AVX2__)
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -45,27 +73,14 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
             __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
             __m256i qh = load256(w[b].qh + 32 * h);
             for (int k = 0; k < 4; k++) {
-                /* values 32k..32k+31 of the half: low nibbles of ql0 / ql1, then high nibbles */
-                __m256i lo = k & 1 ? ql1 : ql0;
-                lo = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), m4);
-                __m256i hi = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
-                           : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
-                __m256i q = _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
-                __m256i sv = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[4 * h + k])));
+                __m256i q = q6_codes(ql0, ql1, qh, k), sv = q6_scales(s8, 4 * h + k);
                 for (int j = 0; j < NX; j++) {
                     const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
                     sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv);
                 }
             }
         }
-        __m256i s16 = _mm256_cvtepi8_epi16(s8);
-        float d = load_f16(&w[b].d);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
-            sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
-        }
+        q6_block_end(acc, sumi, s8, load_f16(&w[b].d), x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 #else
@@ -145,7 +160,6 @@ INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, si
  * exactly dot_body's registers), which the NX activation rows then read: the NX integer sums stay
  * in the 16 registers (dot_body with NX = 8 spills them). */
 INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
-    const __m256i m4 = _mm256_set1_epi8(15), m30 = _mm256_set1_epi8(0x30);
     __m256i qv[8], sv[8];
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
@@ -155,12 +169,8 @@ INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs,
             __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
             __m256i qh = load256(w[b].qh + 32 * h);
             for (int k = 0; k < 4; k++) {
-                __m256i lo = k & 1 ? ql1 : ql0;
-                lo = _mm256_and_si256(k < 2 ? lo : _mm256_srli_epi16(lo, 4), m4);
-                __m256i hi = k == 0 ? _mm256_slli_epi16(qh, 4) : k == 1 ? _mm256_slli_epi16(qh, 2)
-                           : k == 2 ? qh : _mm256_srli_epi16(qh, 2);
-                qv[4 * h + k] = _mm256_or_si256(lo, _mm256_and_si256(hi, m30));
-                sv[4 * h + k] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(s8, load128(PAIR_MASK[4 * h + k])));
+                qv[4 * h + k] = q6_codes(ql0, ql1, qh, k);
+                sv[4 * h + k] = q6_scales(s8, 4 * h + k);
             }
         }
         __m256i sumi[NX_MAX];
@@ -172,14 +182,7 @@ INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs,
                 sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv[g]);
             }
         }
-        __m256i s16 = _mm256_cvtepi8_epi16(s8);
-        float d = load_f16(&w[b].d);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
-            sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
-        }
+        q6_block_end(acc, sumi, s8, load_f16(&w[b].d), x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 }

@@ -1,6 +1,6 @@
 /* Q8_0 weights: blocks of 32, w = d * q with q int8 (block_q8_0). Activations: Q8_0x.
  * Per block the integer dot sum(q_w * q_x) is exact; the row sums d_w * d_x * isum in float. */
-#include "level.h"
+#include "signed_q8.h"
 
 static void dequant(const void *w, float *out, int64_t cols) {
     const block_q8_0 *b = (const block_q8_0 *)w;
@@ -15,15 +15,7 @@ INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, 
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
-        __m256i q = load256(w[b].qs);
-        __m256i u = _mm256_sign_epi8(q, q);  /* |q| as u8 (|-128| = 128) */
-        float dw = load_f16(&w[b].d);
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            __m256i s = _mm256_sign_epi8(load256(xb->qs), q);  /* x with q's sign */
-            __m256i p = dpbusd256(_mm256_setzero_si256(), u, s);
-            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[j]);
-        }
+        signed_block(acc, load256(w[b].qs), load_f16(&w[b].d), x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 #else
@@ -52,16 +44,8 @@ INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, si
     for (int64_t b = 0; b < nb; b++) {
         prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q8_0));
         prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q8_0));
-        __m512i q = load2x256(w0[b].qs, w1[b].qs);
-        __m512i u = _mm512_abs_epi8(q);
-        __mmask64 neg = _mm512_movepi8_mask(q);
         __m512 dw = set2_ps(load_f16(&w0[b].d), load_f16(&w1[b].d));
-        for (int j = 0; j < NX; j++) {
-            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-            __m512i xx = bcast256(xb->qs);
-            __m512i p = dpbusd512(_mm512_setzero_si512(), u, _mm512_mask_sub_epi8(xx, neg, _mm512_setzero_si512(), xx));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(dw, _mm512_set1_ps(xb->d)), acc[j]);
-        }
+        signed_block2(acc, load2x256(w0[b].qs, w1[b].qs), dw, x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
 }

@@ -105,6 +105,27 @@ def openai_fixture():
     return client
 
 
+def app_client_fixture(model_name, **settings):
+    """A module-scoped `client` fixture: starlette's in-process TestClient of create_app over the
+    module's `llama` with ServerConfig(model_name, **settings); after the module's tests no request
+    may still be active."""
+
+    @pytest.fixture(scope="module")
+    def client(llama):
+        from starlette.testclient import TestClient
+
+        from llama2.server.app import create_app
+        from llama2.server.config import ServerConfig
+
+        app = create_app(llama, ServerConfig(model_name=model_name, **settings))
+        with TestClient(app, base_url="http://127.0.0.1") as c:  # a loopback Host (security.py)
+            yield c
+            health = c.get("/health")
+            assert health.status_code == 200 and health.json()["active"] == 0
+
+    return client
+
+
 def http_fixture(key):
     """A module-scoped `http` fixture: an httpx client of the module's `server`, sending `key`."""
 

@@ -56,12 +56,15 @@ def encode_turn(tokenizer, text, markers: dict) -> list:
 ROLES = ("system", "user", "assistant")
 
 
-def encode_dialog(tokenizer, messages, template="llama2") -> list:
-    """Token ids of a whole conversation, ending where the assistant's next reply begins.
+def encode_dialog(tokenizer, messages, template="llama2", add_generation_prompt: bool = True) -> list:
+    """Token ids of a whole conversation, ending where the assistant's next reply begins (or, with
+    add_generation_prompt=False, where the next user message begins: the tokens a chat's next
+    turn starts with).
 
     `messages` is a list of (role, content) pairs: an optional system message first, then user and
-    assistant messages alternating, ending with a user message (ValueError otherwise, naming the
-    index). Llama 2 (Meta's chat_completion): each finished exchange is encoded on its own as
+    assistant messages alternating, ending with a user message (with add_generation_prompt=False:
+    an assistant message; ValueError otherwise, naming the index). Llama 2 (Meta's
+    chat_completion): each finished exchange is encoded on its own as
     `<s>[INST] {user} [/INST] {assistant} </s>` (BOS and EOS ids, the reply stripped, as Meta does),
     the system prompt folded into the first user message, and the last user message as run.c
     renders a turn: a one-turn dialog gives exactly the tokens of run.c's chat mode. ChatML renders
@@ -69,7 +72,7 @@ def encode_dialog(tokenizer, messages, template="llama2") -> list:
     A ChatTemplate (the model's own) renders the messages as they are, and says what it refuses.
     """
     if isinstance(template, ChatTemplate):
-        return template.encode(tokenizer, messages)
+        return template.encode(tokenizer, messages, add_generation_prompt)
     messages = list(messages)
     system = ""
     if messages and messages[0][0] == "system":
@@ -84,19 +87,23 @@ def encode_dialog(tokenizer, messages, template="llama2") -> list:
         if role != expected:
             raise ValueError(f"messages[{i + offset}]: expected role {expected!r}, got {role!r}"
                              " (an optional system message first, then user and assistant alternate)")
-    if len(messages) % 2 == 0:
-        raise ValueError(f"messages[{len(messages) + offset - 1}]: the last message must be from the user")
+    if len(messages) % 2 != add_generation_prompt:
+        last = "user" if add_generation_prompt else "assistant"
+        raise ValueError(f"messages[{len(messages) + offset - 1}]: the last message must be from the {last}")
     if template == "chatml":
         text = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
         for role, content in messages:
             text += f"<|im_start|>{role}\n{content}<|im_end|>\n"
-        return encode_turn(tokenizer, text + "<|im_start|>assistant\n", marker_ids(tokenizer, template))
+        text += "<|im_start|>assistant\n" if add_generation_prompt else ""
+        return encode_turn(tokenizer, text, marker_ids(tokenizer, template))
     if template != "llama2":
         raise ValueError(f"unknown chat template {template!r}")
     tokens = []
     for k in range(0, len(messages) - 1, 2):
         turn = render_llama2(messages[k][1], system if k == 0 else "")
         tokens += tokenizer.encode(f"{turn} {messages[k + 1][1].strip()} ", bos=True, eos=True)
+    if not add_generation_prompt:
+        return tokens
     return tokens + tokenizer.encode(render_llama2(messages[-1][1], system if len(messages) == 1 else ""),
                                      bos=True)
 

@@ -98,9 +98,3 @@ class CheckpointSource:
             w = w[layer]
         return _dense(w)
 
-
-def load(path) -> Checkpoint:
-    """Any model file `llama2 run` reads (llama2.c .bin, GGUF, Hugging Face folder), told apart by
-    its contents: `llama2.formats.load_checkpoint`, under the name docs/python-api.md gives."""
-    from .formats import load_checkpoint
-    return load_checkpoint(path)

@@ -112,6 +112,17 @@ def chat_params(tokenizer, config, body, template="llama2", grammar=None, drop_t
                    logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
+def history_ids(tokenizer, body, template, reply: str) -> list:
+    """The ids a chat's next turn starts with when it sends back `reply` verbatim: the messages of
+    a validated request.ChatBody and `reply` as the assistant's, rendered with no generation prompt;
+    None when the template refuses that."""
+    pairs = [(m.role, m.content) for m in body.messages] + [("assistant", reply)]
+    try:
+        return encode_dialog(tokenizer, pairs, template, add_generation_prompt=False)
+    except (ValueError, TemplateError):
+        return None
+
+
 # -- Events -> responses --------------------------------------------------------------------------
 
 def new_id(prefix: str) -> str:
@@ -145,6 +156,7 @@ class Answer:
         self.entries = []  # one logprobs entry per sampled token, when asked for
         self.tokens = 0
         self.finish_reason = None
+        self.cached_tokens = None  # prompt tokens whose keys and values were reused (the server's)
 
     # -- logprobs entries ---------------------------------------------------------------------
 
@@ -213,6 +225,8 @@ class Answer:
 
     def usage(self) -> dict:
         u = usage(self.prompt_tokens, self.tokens)
+        if self.cached_tokens is not None:  # OpenAI's field for prompt caching
+            u["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         if self.dropped_messages:
             u["dropped_messages"] = self.dropped_messages
         return u
@@ -220,6 +234,10 @@ class Answer:
     def usage_chunk(self) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": int(time.time()), "model": self.model, "choices": [], "usage": self.usage()}
+
+    def text(self) -> str:
+        """The answer's text so far (a completion's echoed prompt included)."""
+        return "".join(self.pieces)
 
     def stream(self, events, include_usage: bool = False):
         """The chunks of a whole stream of Events (the Python API's stream=True)."""
@@ -232,7 +250,7 @@ class Answer:
     # -- whole ------------------------------------------------------------------------------
 
     def result(self) -> dict:
-        text = "".join(self.pieces)
+        text = self.text()
         logprobs = self._logprobs(self.entries) if self.logprobs else None
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}

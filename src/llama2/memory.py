@@ -15,7 +15,7 @@ budgeted by its own record:
   and in address space: the loaders map their files); `quantized_kind`, what `--quantize` makes of a
   float matrix (its Matrix's STORES_FLOATS): the quantized copy is resident, the float file stays
   mapped (address space only); while a matrix is quantized, its float32 widening and the
-  quantizers' temporaries (`quantize.SCRATCH_BYTES`) exist once;
+  quantizers' temporaries (`weights.ggml_quants.SCRATCH_BYTES`) exist once;
 - the KV type (llama2.kvcache): `bytes_per_token` and `pool_bytes`, whole blocks of the positions
   the cache may hold (one context for `llama2 run`, the pool's token budget for `llama2 serve`;
   committed only as used, so these are the most it reaches).
@@ -28,7 +28,7 @@ import os
 import resource
 from dataclasses import dataclass
 
-from . import formats, kvcache, quantize as quantizers, weights
+from . import formats, kvcache, weights
 from .checkpoint import LAYER_MATRICES, tensor_shapes
 from .config import Q8_GROUP_SIZE
 from .errors import Llama2Error
@@ -88,7 +88,7 @@ def _stores_floats(kind) -> bool:  # what --quantize applies to
 def quantize_scratch(config) -> int:
     """Quantizing at load: the largest matrix widened to float32, plus the quantizers' temporaries."""
     largest = max(s[-1] * s[-2] for n, s in tensor_shapes(config).items() if not n.startswith("rms"))
-    return 4 * largest + quantizers.SCRATCH_BYTES
+    return 4 * largest + weights.ggml_quants.SCRATCH_BYTES
 
 
 def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str = "f32",
@@ -218,7 +218,7 @@ def verdict(name: str, config, stored: dict, quantize, slots: int, have: Availab
             options.append(f"{budget_flag} {lo * bt}")
     export = f"an int8 file made by `llama2 export OUT.bin --from {name} --dtype q8_0`"
     if floats:
-        q8 = estimate(config, {k: f"q8_v2:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
+        q8 = estimate(config, {k: f"int8_groups:{Q8_GROUP_SIZE}" for k in stored}, None, slots, **kv)
         if fits(q8, have):
             options.append(f"{export} (about {size(q8)})")
         elif not options:

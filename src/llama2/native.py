@@ -6,13 +6,16 @@ file stores them, row dequantization and activation quantization, on a thread po
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
-    matmul_q8_split(q, s, group_size, x, out)   the same for llama2.c version-2 Q8 files
+    matmul_int8_rows(q, s, group_size, x, out)   the same for llama2.c int8 (weights.int8_groups)
+                                     whose rows hold whole groups of a multiple of 32 values
     quantize_q8_0(x), quantize_q8_k(x)    activation blocks, as matmul makes them
-    matmul_q8_any(q, s, group_size, x, out)          version-2 Q8 in any layout, float activations
-    dequantize_q8_split(q, s, group_size, ids, out)  rows of version-2 Q8, any layout
+    matmul_int8_flat(q, s, group_size, x, out)   llama2.c int8 in any layout, float activations
+    dequantize_int8(q, s, group_size, ids, out)  rows of llama2.c int8, any layout
     rmsnorm(x, w, eps, out)          out [N, D] = run.c's rmsnorm of x [N, D] with weight w [D]
     rope(x, cos, sin, style)         x [N, H, hd] rotated in place (style "interleaved" or "halves")
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place
+    WEIGHT_TYPES                     our type name -> WeightType(id, name, block_values,
+                                     block_bytes, activations): native/blocks.h's records
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
@@ -31,6 +34,7 @@ level the CPU lacks is a one-line error. native/README.md says how the build and
 """
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 
@@ -49,7 +53,21 @@ ENV = "LLAMA2_ISA"
 # A level's variants, preferred first: avx512 uses the VNNI build where the CPU has AVX512_VNNI.
 _LEVEL_VARIANTS = {"scalar": ("scalar",), "avx2": ("avx2",), "avx512": ("avx512vnni", "avx512")}
 
-TYPES = {t: (name, values, nbytes) for t, (name, values, nbytes, _act) in _native.types().items()}
+
+
+class WeightType(NamedTuple):
+    """One weight type's record (native/blocks.h WEIGHT_TYPES), as the extension reports it."""
+    id: int  # ggml type id (GGUF tensor type)
+    name: str  # GGUF's name (F32, Q4_K, ...); ours is its lower case, weights/<ours>.py its module
+    block_values: int
+    block_bytes: int
+    activations: str  # how matmul hands it x: None (float32 rows), "q8_0" or "q8_k" blocks
+
+
+_ACTIVATIONS = (None, "q8_0", "q8_k")  # native/kernels.h ACT_F32, ACT_Q8_0, ACT_Q8_K
+WEIGHT_TYPES = {name.lower(): WeightType(t, name, values, nbytes, _ACTIVATIONS[act])
+                for t, (name, values, nbytes, act) in _native.types().items()}
+TYPES = {t.id: (t.name, t.block_values, t.block_bytes) for t in WEIGHT_TYPES.values()}
 
 matmul = _native.matmul
 dequantize_rows = _native.dequantize_rows
@@ -57,7 +75,7 @@ dequantize_rows = _native.dequantize_rows
 # [rows * cols / group_size] (a scale per group of the flattened matrix; whole groups per row and
 # group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
 # to Q8_0 blocks as for GGUF Q8_0.
-matmul_q8_split = _native.matmul_q8_split
+matmul_int8_rows = _native.matmul_int8_rows
 # One new query per sequence over its cached rows, read through its block table in the cache's
 # type (kvtype: llama2.kvcache.<type>.ID): q float32 [B, H, hd]; k_pool, v_pool uint8 [blocks,
 # kv_heads, block_tokens, row_bytes] (one layer); tables int32 [B, max_blocks]; lens int64 [B]
@@ -73,13 +91,13 @@ attention_decode = _native.attention_decode
 # its position gets), whatever the thread count or the other segments.
 attention = _native.attention
 # Version-2 Q8 in any layout (a group of any size, rows may start or end inside one; the tail group
-# may be short), for what matmul_q8_split refuses: q int8 [rows, cols], s float32
-# [ceil(rows * cols / group_size)]. matmul_q8_any: out [N, rows] = x [N, cols] @ W.T with x as floats,
+# may be short), for what matmul_int8_rows refuses: q int8 [rows, cols], s float32
+# [ceil(rows * cols / group_size)]. matmul_int8_flat: out [N, rows] = x [N, cols] @ W.T with x as floats,
 # each row summed segment by segment (a segment is the part of the row in one group: s[g] * the
 # segment's dot, the dot in eight fixed lanes), the same bits at every level and thread count.
-# dequantize_q8_split: out [R, cols] = W[ids] as float32, bit-equal to weights.q8_v2.dequantize.
-matmul_q8_any = _native.matmul_q8_any
-dequantize_q8_split = _native.dequantize_q8_split
+# dequantize_int8: out [R, cols] = W[ids] as float32, bit-equal to weights.int8_groups.dequantize.
+matmul_int8_flat = _native.matmul_int8_flat
+dequantize_int8 = _native.dequantize_int8
 
 # The KV cache types, one record each in native/kv.h (llama2.kvcache builds its registry from them).
 # kv_types() -> ((name, needs), ...) in id order: needs says what head_dim must be ("" for any).
@@ -106,7 +124,7 @@ silu_mul = _native.silu_mul
 # decode_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves), layers, rms_final,
 #   classifier, cos, sin) -> plan: layers a sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2,
 #   w3), each matrix a spec from Matrix.native_product(): ("type", ggml type, w),
-#   ("q8_split", q, s, group_size) or ("q8_any", q, s, group_size); norms float32 [dim]; cos, sin
+#   ("int8_rows", q, s, group_size) or ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
 #   holds the arrays' buffers for its life.
 # decode_forward(plan, x, k_pool, v_pool, kvtype, tables, lens, logits): x float32 [B, dim] the

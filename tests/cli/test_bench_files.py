@@ -13,7 +13,7 @@ import pytest
 
 from conftest import asset
 from llama2.benchmarks import child, engine, files
-from llama2.formats.bfloat16 import bf16_to_f32, f32_to_bf16
+from llama2.weights.bf16 import bf16_to_f32, f32_to_bf16
 from llama2.cli import main
 from llama2.formats import load_checkpoint, open_source
 from llama2.model import Transformer

@@ -259,3 +259,19 @@ def test_export_keeps_a_jinja_template_in_gguf_and_warns_for_llama2c(tmp_path):
                 stdout=io.BytesIO(), stderr=err) == 0
     assert f"{jinja}'s is left out" in err.getvalue()
     assert llama2c.load(tmp_path / "v3.bin").chat_template is None
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_a_history_ending_with_a_reply_is_where_its_next_turn_begins(tmp_path, tokenizer_json, family):
+    """encode_dialog(..., add_generation_prompt=False): the ids a chat's next turn starts with
+    (what the server computes ahead of that turn, server/routes.py)."""
+    from llama2.chat import encode_dialog
+    path = folder(tmp_path, tokenizer_json, family)
+    template = hf.read_chat_template(path)
+    tok = load_vocab(path / "tokenizer.json").tokenizer(str(path))
+    for conv in conversations(family):
+        history = [(m["role"], m["content"]) for m in conv] + [("assistant", " Once upon a time, a dog.")]
+        ids = encode_dialog(tok, history, template, add_generation_prompt=False)
+        assert ids == template.encode(tok, history, add_generation_prompt=False)
+        nxt = encode_dialog(tok, history + [("user", "And then?")], template)
+        assert nxt[:len(ids)] == ids and len(nxt) > len(ids), (family, conv)

@@ -52,7 +52,7 @@ def _random(kind):
             w[name] = [_bf16(m) for m in w[name]]
         w["wcls"] = _bf16(w["wcls"])
     ckpt = checkpoint.Checkpoint(SMALL, w, 1, "<memory>")
-    return ckpt, {"q8_split": dict(quantize="q8_0", group_size=32)}.get(kind, {})
+    return ckpt, {"int8_rows": dict(quantize="q8_0", group_size=32)}.get(kind, {})
 
 
 MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
@@ -60,7 +60,7 @@ MODELS = {  # name -> () -> (checkpoint, Transformer kwargs)
     "stories260K-q8-any-layout": lambda: (load_checkpoint(asset("stories260K-q8.bin")), {}),
     "rand-gqa-unshared": lambda: (load_checkpoint(asset("rand-gqa-unshared.bin")), {}),
     "random-bf16-mqa-halves": lambda: _random("bf16"),
-    "random-q8-split-mqa-halves": lambda: _random("q8_split"),
+    "random-int8-rows-mqa-halves": lambda: _random("int8_rows"),
     **{f"gguf-{t}": (lambda t=t: (load_checkpoint(asset(f"kquant/rand256-{t}.gguf")), {})) for t in KQUANT},
 }
 
@@ -227,9 +227,9 @@ def test_plan_and_call_errors_are_one_line():
         (lambda a: a.__setitem__(3, ("type", 5, np.ones((512, 64), F32))), "ggml type 5 is not"),
         (lambda a: a.__setitem__(3, ("nope", 1, 2)), "unknown product spec nope"),
         (lambda a: a.__setitem__(1, [a[1][0][:5]]), "layer 0 must be a tuple of 9 items"),
-        (lambda a: a.__setitem__(3, ("q8_split", np.zeros((512, 64), np.int8), np.ones(1024, F32), 48)),
-         "group size 48 does not fit q8_split"),
-        (lambda a: a.__setitem__(3, ("q8_any", np.zeros((512, 64), np.int8), np.ones(3, F32), 8)),
+        (lambda a: a.__setitem__(3, ("int8_rows", np.zeros((512, 64), np.int8), np.ones(1024, F32), 48)),
+         "group size 48 does not fit int8_rows"),
+        (lambda a: a.__setitem__(3, ("int8_flat", np.zeros((512, 64), np.int8), np.ones(3, F32), 8)),
          "at least 4096 scales"),
     ]
     for edit, message in bad_plans:

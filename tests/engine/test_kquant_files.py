@@ -13,7 +13,6 @@ from llama2 import kvcache, native, weights
 from llama2.checkpoint import LAYER_MATRICES
 from llama2.formats import gguf
 from llama2.model import Transformer
-from llama2.weights import base
 
 FILES = ["f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k"]
 
@@ -106,14 +105,12 @@ def test_teacher_forced_logits_match_llama_cpp(name):
 @pytest.fixture(params=["scalar", "avx2", "avx512"])
 def isa_level(request):
     """Each instruction-set level of the native kernels this CPU runs, restored afterwards."""
-    nat = base.native_module()
-    assert nat is not None, "the native extension is not built (pip install .)"
-    if request.param not in nat.supported():
+    if request.param not in native.supported():
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    before = nat.level()
-    nat.select(request.param)
+    before = native.level()
+    native.select(request.param)
     yield request.param
-    nat.select(before)
+    native.select(before)
 
 
 @pytest.mark.parametrize("name", FILES)

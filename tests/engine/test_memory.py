@@ -104,7 +104,7 @@ def test_estimate_by_storage():
     assert bf16.weights == bf16.address_weights == 2 * m + norms  # in place, not widened
     q8 = memory.estimate(SEVEN_B, {n: "q8_0" for n in names})  # GGUF Q8_0: 34 bytes per 32 values
     assert q8.weights == q8.address_weights == 34 * m // 32 + norms
-    v2 = memory.estimate(SEVEN_B, {n: "q8_v2:64" for n in names})  # llama2.c int8, scale per 64
+    v2 = memory.estimate(SEVEN_B, {n: "int8_groups:64" for n in names})  # llama2.c int8, scale per 64
     assert v2.weights == pytest.approx(m * (1 + 4 / 64) + norms, abs=len(names) * 32 * 4)
     q6 = memory.estimate(SEVEN_B, {n: "q6_k" for n in names})
     assert q6.weights == 210 * m // 256 + norms
@@ -169,7 +169,7 @@ def test_describe_reads_headers_only(tmp_path):
     config, stored = memory.describe(asset("stories260K.bin"))
     assert config.dim == 64 and set(stored.values()) == {"f32"}
     _, stored = memory.describe(asset("stories260K-q8.bin"))
-    assert stored["wq"] == "q8_v2:8"
+    assert stored["wq"] == "int8_groups:8"
     config, stored = memory.describe(asset("stories260K.gguf"))
     assert config.dim == 64 and stored["wq"] == ["f32"] * config.n_layers
     config, stored = memory.describe(asset("kquant/rand256-q4_k_m.gguf"))
@@ -307,7 +307,7 @@ def test_each_record_gives_its_own_figure(monkeypatch):
         pass
     assert formats.load_checkpoint(asset("stories260K.gguf")).kv_type == "q8_0"
     for m in weights.MODULES:
-        if m.NAME != "q8_v2":
+        if m.NAME != "int8_groups":
             assert weights.stored_bytes(m.NAME, 3, 512) == 3 * 512 // m.BLOCK * m.DTYPE.itemsize
-    assert weights.stored_bytes("q8_v2:64", 3, 512) == weights.q8_v2.quantize(np.ones((3, 512)), 64).nbytes
+    assert weights.stored_bytes("int8_groups:64", 3, 512) == weights.int8_groups.quantize(np.ones((3, 512)), 64).nbytes
     assert memory.kv_cache_bytes(SMALL, "bf16", 17) == kvcache.pool_bytes(SMALL, "bf16", 17)

@@ -8,27 +8,19 @@ import pytest
 from gguf import GGMLQuantizationType as GT
 from gguf.quants import dequantize
 
-from llama2 import native
+from llama2 import native, weights
 from llama2.threads import threads
 
 VARIANTS = native.variants()  # scalar, avx2, avx512, avx512vnni: whichever this CPU runs
 
-F16 = "<f2"
-# Block layouts (GGUF), to set the scale fields of random blocks.
-BLOCKS = {
-    GT.Q4_0: [("d", F16), ("qs", "u1", 16)],
-    GT.Q4_1: [("d", F16), ("m", F16), ("qs", "u1", 16)],
-    GT.Q5_0: [("d", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
-    GT.Q5_1: [("d", F16), ("m", F16), ("qh", "u1", 4), ("qs", "u1", 16)],
-    GT.Q8_0: [("d", F16), ("qs", "i1", 32)],
-    GT.Q4_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qs", "u1", 128)],
-    GT.Q5_K: [("d", F16), ("dmin", F16), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)],
-    GT.Q6_K: [("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", F16)],
-}
-FLOATS = (GT.F32, GT.F16, GT.BF16)
+# Block layouts (weights/<type>.py's DTYPE, whose sizes test_weight_types holds to gguf's), to set
+# the scale fields of random blocks: every ggml type the extension lists.
+GGML = [m for m in weights.MODULES if m.GGML_TYPE is not None]
+BLOCKS = {GT(m.GGML_TYPE): m.DTYPE for m in GGML if m.Matrix.ACTIVATIONS}
+FLOATS = tuple(GT(m.GGML_TYPE) for m in GGML if not m.Matrix.ACTIVATIONS)  # F32, F16, BF16
 QUANTS = tuple(BLOCKS)
 ALL = FLOATS + QUANTS
-K_QUANTS = (GT.Q4_K, GT.Q5_K, GT.Q6_K)
+K_QUANTS = tuple(t for t in QUANTS if native.TYPES[int(t)][1] == 256)  # Q4_K, Q5_K, Q6_K
 # Activation row counts: decode (1..8), the 4- and 8-row tiles and their tails, prompts.
 PROMPT_NS = (1, 3, 6, 8, 9, 31, 33, 64, 130)
 
@@ -302,7 +294,7 @@ def test_gemm_rows_equal_rows_alone_at_every_batch_size(t, variant, rows):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_q8_split_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
+def test_int8_rows_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
     native.select_variant(variant)
     rng = np.random.default_rng(7 + len(variant))
     rows, cols, gs = 37, 512, 64
@@ -312,7 +304,7 @@ def test_q8_split_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
 
     def product(a):
         out = np.empty((len(a), rows), np.float32)
-        native.matmul_q8_split(q, s, gs, a, out)
+        native.matmul_int8_rows(q, s, gs, a, out)
         return out.view(np.uint32)
     alone = np.stack([product(x[i:i + 1])[0] for i in range(len(x))])
     for n in BATCH_NS:
@@ -341,7 +333,7 @@ def test_simd_variants_give_the_same_bits(t):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_matmul_q8_split_rows_alone_or_in_any_batch(variant):
+def test_matmul_int8_rows_rows_alone_or_in_any_batch(variant):
     native.select_variant(variant)
     rng = np.random.default_rng(len(variant))
     rows, cols, gs = 37, 512, 64
@@ -350,7 +342,7 @@ def test_matmul_q8_split_rows_alone_or_in_any_batch(variant):
 
     def product(a):
         out = np.empty((len(a), rows), np.float32)
-        native.matmul_q8_split(q, s, gs, a, out)
+        native.matmul_int8_rows(q, s, gs, a, out)
         return out
     batch_rows_alone(product, activations(rng, 41, cols), rows)
 
@@ -450,7 +442,7 @@ def test_concurrent_callers_and_fork():
     starts its own workers."""
     code = """
 import os, threading, numpy as np
-from llama2 import native
+from llama2 import native, weights
 native.set_threads(2)
 rng = np.random.default_rng(0)
 w = rng.integers(0, 256, (300, 4 * 144), dtype=np.uint8)
@@ -483,7 +475,7 @@ print(len(bad), os.waitstatus_to_exitcode(status))
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("gs", (32, 64, 256))
-def test_matmul_q8_split_equals_dequantized_product(gs, variant):
+def test_matmul_int8_rows_equals_dequantized_product(gs, variant):
     """llama2.c version-2 Q8 read in place: int8 q [rows, cols] and a float scale per group."""
     native.select_variant(variant)
     rng = np.random.default_rng(gs + len(variant))
@@ -494,7 +486,7 @@ def test_matmul_q8_split_equals_dequantized_product(gs, variant):
     for n in PROMPT_NS:
         x = activations(rng, n, cols)
         out = np.full((n, rows), np.nan, np.float32)
-        native.matmul_q8_split(q, s, gs, x, out)
+        native.matmul_int8_rows(q, s, gs, x, out)
         scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
         exact = dequantized_activations(GT.Q8_0, x) @ wd.T
         np.testing.assert_array_less(np.abs(out - exact), 2e-6 * scale + 1e-30)
@@ -510,17 +502,17 @@ def test_matmul_q8_split_equals_dequantized_product(gs, variant):
         a, b = np.empty((5, rows), np.float32), np.empty((5, rows), np.float32)
         x = activations(rng, 5, cols)
         native.matmul(int(GT.Q8_0), blocks.reshape(rows, -1), x, a)
-        native.matmul_q8_split(q, s16.astype(np.float32), 32, x, b)
+        native.matmul_int8_rows(q, s16.astype(np.float32), 32, x, b)
         np.testing.assert_array_equal(a, b)
 
 
-def test_matmul_q8_split_errors():
+def test_matmul_int8_rows_errors():
     q = np.zeros((4, 96), np.int8)
     x = np.zeros((1, 96), np.float32)
     with pytest.raises(ValueError, match="group size 48 must be a multiple of 32 that divides the 96 columns"):
-        native.matmul_q8_split(q, np.zeros(8, np.float32), 48, x, np.empty((1, 4), np.float32))
+        native.matmul_int8_rows(q, np.zeros(8, np.float32), 48, x, np.empty((1, 4), np.float32))
     with pytest.raises(ValueError, match="s must be float32 with at least 12 scales"):
-        native.matmul_q8_split(q, np.zeros(11, np.float32), 32, x, np.empty((1, 4), np.float32))
+        native.matmul_int8_rows(q, np.zeros(11, np.float32), 32, x, np.empty((1, 4), np.float32))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

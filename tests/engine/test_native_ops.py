@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from llama2 import kernels as K, native
-from llama2.weights import q8_v2
+from llama2.weights import int8_groups
 
 VARIANTS = native.variants()
 F32 = np.float32
@@ -92,9 +92,9 @@ def test_silu_mul_matches_libm_expf(variant):
         np.testing.assert_array_equal(native.silu_mul(other, b), got)  # every level alike
 
 
-def ref_q8_any(q, s, gs, x):  # segment by segment, as matmul_q8_any sums (tolerance: lane order)
+def ref_int8_flat(q, s, gs, x):  # segment by segment, as matmul_int8_flat sums (tolerance: lane order)
     rows, cols = q.shape
-    w = q8_v2.dequantize(q, s, gs)
+    w = int8_groups.dequantize(q, s, gs)
     return x.astype(np.float64) @ w.astype(np.float64).T
 
 
@@ -103,33 +103,33 @@ LAYOUTS = [(37, 30, 8), (64, 172, 8), (16, 96, 32), (9, 64, 64), (5, 13, 7), (12
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("rows,cols,gs", LAYOUTS)
-def test_q8_any_layout(variant, rows, cols, gs):
+def test_int8_flat_layout(variant, rows, cols, gs):
     native.select_variant(variant)
     rng = np.random.default_rng(rows * cols + gs)
-    m = q8_v2.quantize(rng.standard_normal((rows, cols)).astype(F32), gs)
+    m = int8_groups.quantize(rng.standard_normal((rows, cols)).astype(F32), gs)
     ids = rng.integers(0, rows, 11).astype(np.int64)
     out = np.empty((11, cols), F32)
-    native.dequantize_q8_split(m.q, m.s, gs, ids, out)
-    np.testing.assert_array_equal(out, q8_v2.dequantize(m.q, m.s, gs)[ids])
+    native.dequantize_int8(m.q, m.s, gs, ids, out)
+    np.testing.assert_array_equal(out, int8_groups.dequantize(m.q, m.s, gs)[ids])
     for n in (1, 3, 9):
         x = rng.standard_normal((n, cols)).astype(F32)
         got = np.empty((n, rows), F32)
-        native.matmul_q8_any(m.q, m.s, gs, x, got)
-        want = ref_q8_any(m.q, m.s, gs, x)
+        native.matmul_int8_flat(m.q, m.s, gs, x, got)
+        want = ref_int8_flat(m.q, m.s, gs, x)
         bound = 1e-5 * (np.abs(x).astype(np.float64) @ np.abs(m.dequantize()).T.astype(np.float64)) + 1e-6
         assert (np.abs(got - want) <= bound).all()
         for r in range(n):  # a row's result does not depend on the others
             one = np.empty((1, rows), F32)
-            native.matmul_q8_any(m.q, m.s, gs, x[r:r + 1], one)
+            native.matmul_int8_flat(m.q, m.s, gs, x[r:r + 1], one)
             np.testing.assert_array_equal(one[0], got[r])
         if variant == VARIANTS[0]:
             continue
         native.select_variant(VARIANTS[0])  # bits equal at every level ...
         again = np.empty_like(got)
-        native.matmul_q8_any(m.q, m.s, gs, x, again)
+        native.matmul_int8_flat(m.q, m.s, gs, x, again)
         np.testing.assert_array_equal(again, got)
         native.set_threads(1)  # ... and thread count
-        native.matmul_q8_any(m.q, m.s, gs, x, again)
+        native.matmul_int8_flat(m.q, m.s, gs, x, again)
         np.testing.assert_array_equal(again, got)
         native.set_threads(2)
         native.select_variant(variant)
@@ -145,9 +145,9 @@ def test_shape_errors_are_one_line():
         (lambda: native.rope(np.zeros((2, 1, 8), F32), np.zeros((2, 3), F32), np.zeros((2, 4), F32), "halves"),
          r"rope: cos must be float32 \[2, 4\]"),
         (lambda: native.silu_mul(x, np.zeros((2, 7), F32)), "silu_mul: a and b must be"),
-        (lambda: native.matmul_q8_any(np.zeros((3, 8), np.int8), np.zeros(2, F32), 8, x, np.empty((2, 3), F32)),
-         "matmul_q8_any: s must be float32 with at least 3 scales"),
-        (lambda: native.dequantize_q8_split(np.zeros((3, 8), np.int8), np.zeros(3, F32), 8,
+        (lambda: native.matmul_int8_flat(np.zeros((3, 8), np.int8), np.zeros(2, F32), 8, x, np.empty((2, 3), F32)),
+         "matmul_int8_flat: s must be float32 with at least 3 scales"),
+        (lambda: native.dequantize_int8(np.zeros((3, 8), np.int8), np.zeros(3, F32), 8,
                                             np.array([3]), np.empty((1, 8), F32)), "row 3 is outside"),
     ]
     for call, message in cases:

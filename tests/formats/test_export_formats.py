@@ -16,7 +16,8 @@ from llama2 import weights as llama2_weights
 from llama2.cli import main
 from llama2.config import ModelConfig
 from llama2.errors import FormatError
-from llama2.formats import bfloat16, gguf, llama2c, load_checkpoint
+from llama2.formats import gguf, llama2c, load_checkpoint
+from llama2.weights import bf16 as bfloat16
 from llama2.tokenizer import Tokenizer
 from test_export_errors import HF_CONFIG, hf_tensors, write_safetensors
 
@@ -271,7 +272,7 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
     for name in ("token_embedding", "wq", "w2"):
         x = g.weights[name][1] if name != "token_embedding" else g.weights[name]
         y = b.weights[name][1] if name != "token_embedding" else b.weights[name]
-        assert x.NAME == "q8_0" and y.NAME == "q8_v2"
+        assert x.NAME == "q8_0" and y.NAME == "int8_groups"
         np.testing.assert_array_equal(x.blocks["qs"].reshape(y.q.shape), y.q)
         np.testing.assert_array_equal(x.blocks["d"].astype(np.float32).reshape(-1), y.s)
     tok = byte_tokenizer(TINY.vocab_size)
@@ -286,7 +287,7 @@ def test_gguf_q8_0_runs_int8_and_exports_losslessly(tmp_path):
 def test_gguf_q8_0_encoding_in_chunks(monkeypatch):
     w = np.random.default_rng(1).standard_normal((40, 64)).astype(np.float32)
     whole = gguf._encode(w, gguf.Q8_0).tobytes()
-    monkeypatch.setattr("llama2.quantize.legacy.CHUNK", 7)
+    monkeypatch.setattr("llama2.weights.ggml_quants.CHUNK_VALUES", 7 * 32)
     assert gguf._encode(w, gguf.Q8_0).tobytes() == whole
 
 

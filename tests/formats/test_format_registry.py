@@ -12,7 +12,7 @@ from llama2 import formats, memory
 from llama2.checkpoint import LAYER_MATRICES, STACKED
 from llama2.config import ModelConfig
 from llama2.export import export
-from llama2.formats.bfloat16 import bf16_to_f32, f32_to_bf16
+from llama2.weights.bf16 import bf16_to_f32, f32_to_bf16
 from test_export_errors import write_safetensors
 
 # rows of 256 values, so every GGUF type (K-quants' 256-value super-blocks included) can store it
@@ -33,11 +33,11 @@ class RandomSource:
 
 def held_kinds(ckpt) -> dict:
     """What the loader holds for each matrix: a weights type's name per layer (per tensor for the
-    others), int8 of llama2.c's layout as "q8_v2:GROUP", as weights.stored_type names them."""
+    others), int8 of llama2.c's layout as "int8_groups:GROUP", as weights.stored_type names them."""
     def kind(m):
         if isinstance(m, np.ndarray):
             return "f32"
-        return f"q8_v2:{m.group_size}" if m.NAME == "q8_v2" else m.NAME
+        return f"int8_groups:{m.group_size}" if m.NAME == "int8_groups" else m.NAME
 
     out = {}
     for name, value in ckpt.weights.items():

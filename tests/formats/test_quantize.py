@@ -1,4 +1,5 @@
-"""llama2.quantize: our quantizers give llama.cpp's bytes, and its per-tensor type rule.
+"""The weight types' quantizers (weights.encode) give llama.cpp's bytes, and llama2.quantize its
+per-tensor type rule.
 
 The reference is llama.cpp's own quantizer: ../shared/assets/kquant/rand256-NAME.gguf were made by
 it (llama-cpp-python 0.3.36) from rand256-f16.gguf. Without an importance matrix every type here
@@ -14,12 +15,17 @@ from gguf import GGMLQuantizationType as T
 from gguf.quants import dequantize as gguf_dequantize, quantize as gguf_quantize
 
 from conftest import asset
-from llama2 import quantize
-from llama2.quantize import kquants, legacy
+from llama2 import native, quantize, weights
 from llama2.quantize.mix import use_more_bits
+from llama2.weights import ggml_quants
 
 LLAMA_CPP_FILES = ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q4_k_m", "q5_k_m")
-QTYPES = quantize.NAMES  # q4_0 q4_1 q5_0 q5_1 q8_0 q4_k q5_k q6_k
+QTYPES = tuple(n for n, t in native.WEIGHT_TYPES.items() if t.activations)  # q4_0 ... q8_0, q4_k ... q6_k
+
+
+def encode(w, kind):  # -> (ggml type id, uint8 [rows, row_bytes])
+    m = weights.encode(kind, w)
+    return m.GGML_TYPE, m.data
 
 
 def read(name):
@@ -44,10 +50,10 @@ def test_bytes_equal_llama_cpp(name):
         kind = t.tensor_type.name.lower()
         if kind == "f32":
             continue
-        tid, ours = quantize.quantize(src[t.name], kind)
+        tid, ours = encode(src[t.name], kind)
         assert tid == int(t.tensor_type)
         theirs = np.array(t.data).view(np.uint8).reshape(ours.shape)
-        block = quantize.TYPES[kind][2]
+        block = weights.module(kind).DTYPE.itemsize
         same = (ours.reshape(-1, block) == theirs.reshape(-1, block)).all(axis=1)
         assert same.all(), f"{t.name} {kind}: {same.sum()} of {same.size} blocks equal"
         seen.add(kind)
@@ -81,7 +87,7 @@ def edge_blocks(cols=256, seed=0):
 def test_legacy_equals_gguf_package(kind):
     """The gguf package implements the legacy types after llama.cpp's reference; equal bytes."""
     w = edge_blocks(cols=256)
-    _, ours = quantize.quantize(w, kind)
+    _, ours = encode(w, kind)
     theirs = gguf_quantize(w, T[kind.upper()])
     np.testing.assert_array_equal(ours, theirs)
 
@@ -102,7 +108,7 @@ RMS_BOUNDS = {"q4_0": 0.094, "q4_1": 0.085, "q5_0": 0.047, "q5_1": 0.042, "q8_0"
 def test_dequantized_close(kind):
     rng = np.random.default_rng(3)
     w = rng.standard_normal((64, 512)).astype(np.float32)
-    tid, raw = quantize.quantize(w, kind)
+    tid, raw = encode(w, kind)
     back = gguf_dequantize(raw, T(tid)).reshape(w.shape)
     rel = np.sqrt(np.mean((back - w) ** 2) / np.mean(w ** 2))
     assert rel < RMS_BOUNDS[kind], rel
@@ -118,7 +124,7 @@ def test_edge_blocks(kind):
     """Zero, constant, tiny and huge blocks: finite scales, zeros stay exactly zero, constants close."""
     w = edge_blocks()
     with np.errstate(all="raise", under="ignore"):  # every division is guarded, as in the reference
-        tid, raw = quantize.quantize(w, kind)
+        tid, raw = encode(w, kind)
     back = gguf_dequantize(raw, T(tid)).reshape(w.shape)
     assert np.isfinite(back).all()
     assert not back[0].any()  # an all-zero row comes back exactly zero
@@ -130,23 +136,21 @@ def test_edge_blocks(kind):
 @pytest.mark.parametrize("kind", QTYPES)
 def test_chunking_does_not_change_bytes(kind, monkeypatch):
     w = edge_blocks(seed=1)
-    whole = quantize.quantize(w, kind)[1]
-    monkeypatch.setattr(legacy, "CHUNK", 5)
-    monkeypatch.setattr(kquants, "CHUNK", 3)
-    np.testing.assert_array_equal(quantize.quantize(w, kind)[1], whole)
+    whole = encode(w, kind)[1]
+    monkeypatch.setattr(ggml_quants, "CHUNK_VALUES", 3 * 256)  # 24 blocks of 32, 3 super-blocks
+    np.testing.assert_array_equal(encode(w, kind)[1], whole)
 
 
 def test_quantize_shapes_and_errors():
     w = np.ones((3, 256), np.float32)
     for kind in QTYPES:
-        tid, raw = quantize.quantize(w, kind)
-        assert raw.dtype == np.uint8 and raw.shape == (3, quantize.row_bytes(kind, 256))
-        assert quantize.BY_ID[tid] == kind
-    assert quantize.quantize("q4_0", w)[1].tobytes() == quantize.quantize(w, "q4_0")[1].tobytes()
+        tid, raw = encode(w, kind)
+        assert raw.dtype == np.uint8 and raw.size == weights.stored_bytes(kind, 3, 256) and len(raw) == 3
+        assert weights.module(tid).NAME == kind
     with pytest.raises(ValueError, match="multiple of 256"):
-        quantize.quantize(np.ones((2, 96), np.float32), "q4_k")
-    with pytest.raises(ValueError, match="unknown quantization type"):
-        quantize.quantize(w, "q3_k")
+        encode(np.ones((2, 96), np.float32), "q4_k")
+    with pytest.raises(ValueError, match="unknown weight type"):
+        encode(w, "q3_k")
 
 
 def test_mix_rule_for_llama_2_7b():

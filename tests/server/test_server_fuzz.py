@@ -15,7 +15,7 @@ pytest.importorskip("pydantic")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from server_helpers import JSON  # noqa: E402
+from server_helpers import JSON, app_client_fixture  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -99,18 +99,7 @@ def encode(fields: dict, nesting: int) -> bytes:
 
 # -- the app ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def client(llama):
-    from starlette.testclient import TestClient
-
-    from llama2.server.app import create_app
-    from llama2.server.config import ServerConfig
-
-    app = create_app(llama, ServerConfig(model_name=MODEL, max_batch=4, max_queue=8))
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        yield c
-        health = c.get("/health")
-        assert health.status_code == 200 and health.json()["active"] == 0
+client = app_client_fixture(MODEL, max_batch=4, max_queue=8)
 
 
 def check(r):

@@ -2,7 +2,8 @@
 demand queues, then refuses (503 with Retry-After); every admitted request completes with the text
 it gets alone; blocks come back on finish, cancel and disconnect (pool accounting checked after
 every pass); a request larger than the pool ends with "length"; prefix reuse computes only the
-new tokens of a chat's next turn."""
+new tokens of a chat's next turn, also when its reply comes back as text whose tokens are not those
+sampled (the history is computed ahead when the reply ends), with the bytes of no reuse."""
 
 import queue
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import asset
 from llama2.server.scheduler import Params, PromptTooLong, QueueFull, Scheduler
-from server_helpers import Server
+from server_helpers import Server, metric
 from test_server_scheduler import TIMEOUT_S, collect, params, reference
 
 
@@ -251,3 +252,158 @@ def test_kv_flags_are_checked_before_loading():
         code = main(["serve", str(asset("stories260K.bin")), *flags], stdout=io.BytesIO(), stderr=err,
                     stdin=io.StringIO(""))
         assert code == 2 and message in err.getvalue()
+
+
+# -- a chat's next turn -------------------------------------------------------------------------
+
+SYSTEM = ("You are a storyteller who tells short stories about a little girl named Lily, her dog "
+          "and their friends in the park.")
+NEXT = "Thank you. And could you say that again more briefly?"
+
+
+def _chat(client, messages, **extra):
+    body = {"model": "stories260K", "messages": messages, "max_tokens": 100, **extra}
+    r = client.post("/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"], r.json()["usage"]
+
+
+def _turns(client, first, edit=lambda reply: reply, **extra):
+    """Turn 1, then turn 2 with turn 1's reply sent back (through `edit`): (reply, usage) of each."""
+    reply, usage = _chat(client, first, **extra)
+    second = first + [{"role": "assistant", "content": edit(reply)}, {"role": "user", "content": NEXT}]
+    return (reply, usage), _chat(client, second, **extra)
+
+
+def _cached(usage) -> int:
+    return usage["prompt_tokens_details"]["cached_tokens"]
+
+
+def _pairs(messages):
+    return [(m["role"], m["content"]) for m in messages]
+
+
+CHATS = [  # (first turn's user message, sampling): greedy and seeded
+    ("Round 1000, reader 0: can you help me with mystery novels?", {"temperature": 0}),
+    ("Tell me a story.", {"temperature": 0.8, "seed": 1}),
+    ("Tell me a story about the dog.", {"temperature": 0.8, "seed": 4}),
+]
+
+
+def test_a_chats_second_turn_computes_only_its_new_message_with_the_bytes_of_no_reuse(llama):
+    """The reply comes back as text inside the template: its tokens there may differ from those
+    sampled (here the template's space after [/INST], which the model did not write). The server
+    computes that history when the reply ends, so the second turn computes at most its new message
+    and one block; every answer is byte for byte that of a server that reuses nothing."""
+    from llama2.chat import encode_dialog
+    reuse, fresh = Server(), Server("--no-prefix-cache")
+    differs = cached = 0
+    try:
+        with httpx.Client(base_url=reuse.url, timeout=TIMEOUT_S) as a, \
+             httpx.Client(base_url=fresh.url, timeout=TIMEOUT_S) as b:
+            for user, sampling in CHATS:
+                first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+                (reply, u1), (answer, u2) = _turns(a, first, **sampling)
+                (reply_b, u1_b), (answer_b, u2_b) = _turns(b, first, **sampling)
+                assert (reply, answer) == (reply_b, answer_b)  # seeded: the same bytes
+                assert _cached(u1_b) == _cached(u2_b) == 0
+                cached += _cached(u1) + _cached(u2)
+                assert u2["prompt_tokens"] == u2_b["prompt_tokens"]
+                new = len(llama.tokenizer.encode(f"[INST] {NEXT} [/INST]", bos=True))  # Meta's last turn
+                computed = u2["prompt_tokens"] - _cached(u2)
+                assert computed <= new + 16, (user, computed, new)
+                # a reply that does not begin with a space is not what the template sends back
+                # ("[/INST] " + reply): no block past turn 1's prompt would match it
+                differs += not reply.startswith(" ")
+                prompt1 = encode_dialog(llama.tokenizer, _pairs(first))
+                assert _cached(u2) > len(prompt1)
+            page = a.get(reuse.base + "/metrics").text
+            assert metric(page, "llama2_prompt_tokens_cached_total") == cached
+        assert differs  # at least one chat needed more than the blocks turn 1 left behind
+    finally:
+        assert reuse.terminate() == 0 and fresh.terminate() == 0
+
+
+def test_an_edited_reply_is_reused_only_up_to_the_edit(llama):
+    """The client changes the reply before sending it back: the blocks hold the reply as it was,
+    so the second turn reuses them up to the block of the edit and computes the rest, with the
+    bytes of a server that reuses nothing."""
+    from llama2.chat import encode_dialog
+    reuse, fresh = Server(), Server("--no-prefix-cache")
+
+    def edit(reply):
+        cut = reply.index(" ", len(reply) // 2)
+        return reply[:cut] + " and a big red balloon" + reply[cut:]
+
+    try:
+        with httpx.Client(base_url=reuse.url, timeout=TIMEOUT_S) as a, \
+             httpx.Client(base_url=fresh.url, timeout=TIMEOUT_S) as b:
+            user, sampling = CHATS[1]
+            first = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
+            (reply, _), (answer, usage) = _turns(a, first, edit, **sampling)
+            (reply_b, _), (answer_b, usage_b) = _turns(b, first, edit, **sampling)
+            assert (reply, answer) == (reply_b, answer_b)
+            assert usage["prompt_tokens"] == usage_b["prompt_tokens"]
+        pairs = _pairs(first)
+        verbatim = encode_dialog(llama.tokenizer, pairs + [("assistant", reply), ("user", NEXT)])
+        edited = encode_dialog(llama.tokenizer, pairs + [("assistant", edit(reply)), ("user", NEXT)])
+        same = next(i for i, (x, y) in enumerate(zip(verbatim, edited)) if x != y)
+        assert same > len(encode_dialog(llama.tokenizer, pairs)) + 16  # the edit is well inside the reply
+        assert _cached(usage) == same // 16 * 16  # not one block past it
+    finally:
+        assert reuse.terminate() == 0 and fresh.terminate() == 0
+
+
+@pytest.mark.parametrize("template", ["llama2", "chatml"])
+def test_a_history_ending_with_a_reply_is_where_its_next_turn_begins(llama, template):
+    """What the server computes ahead of a chat's next turn (llama2.c files' built-in templates;
+    tests/engine/test_chat_templates.py checks the Jinja families)."""
+    from llama2.chat import encode_dialog
+    tok = llama.tokenizer
+    history = [("system", SYSTEM), ("user", "Tell me a story."), ("assistant", " Lily had a dog."),
+               ("user", "And then?"), ("assistant", "The dog ran.")]
+    for n in (3, 5):
+        ids = encode_dialog(tok, history[:n], template, add_generation_prompt=False)
+        nxt = encode_dialog(tok, history[:n] + [("user", NEXT)], template)
+        assert nxt[:len(ids)] == ids and len(nxt) > len(ids)
+    if template == "llama2":  # Meta's chat_completion: each exchange ends with EOS
+        assert ids[-1] == llama.config.eos_id and ids.count(llama.config.bos_id) == 2
+    with pytest.raises(ValueError, match=r"messages\[3\]: the last message must be from the assistant"):
+        encode_dialog(tok, history[:4], template, add_generation_prompt=False)
+
+
+def test_warm_indexes_a_prompt_before_the_requests_behind_it_get_their_slot(llama):
+    from llama2.server.metrics import Metrics
+    metrics = Metrics()
+    sched = Checked(llama.model, llama.tokenizer, max_batch=2, max_queue=2, kv_budget=256, metrics=metrics)
+    text = ("Once upon a time there was a little girl named Lily who loved her dog and her red ball "
+            "very much. One day they went to the park and played until the sun went down.")
+    p = params(llama, text, 8, seed=3)
+    assert len(p.prompt) > 40
+    assert sched.warm(p.prompt[:40])  # not started: both wait for the loop, the warm-up first
+    q = queue.Queue()
+    job = sched.submit(p, q.put)
+    sched.start()
+    try:
+        events, err = collect(q)
+        assert err is None
+        assert [(e.token, e.text, e.finish_reason) for e in events] == reference(llama, p)  # the same bits
+        assert job.reused == 32  # the warm-up's two full blocks, though both were admitted together
+        assert sched.passes[:2] == [[40], [len(p.prompt) - 32]]
+        assert metrics.requests == {("scheduler", "ok"): 1} and metrics.cached_tokens == 32
+        assert metrics.prompt_tokens == 40 + len(p.prompt) - 32  # every prompt token computed is counted
+        for _ in range(100):
+            if sched.load() == (0, 0):
+                break
+            import time
+            time.sleep(0.05)
+        idle_and_whole(sched)
+    finally:
+        sched.stop(TIMEOUT_S)
+    off = Scheduler(llama.model, llama.tokenizer, max_batch=1, max_queue=1, kv_budget=64, prefix_cache=False)
+    assert not off.warm(p.prompt)  # nothing to index into
+    busy = Scheduler(llama.model, llama.tokenizer, max_batch=1, max_queue=1, kv_budget=64)
+    busy.submit(params(llama, "Tom", 3), print)
+    busy.submit(params(llama, "Lily", 3), print)  # waits: no slot
+    assert not busy.warm(p.prompt[:20])  # a warm-up never waits, nor goes before a request
+    assert busy.load() == (0, 2)

@@ -17,6 +17,7 @@ pytest.importorskip("llguidance")
 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from server_helpers import app_client_fixture  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -67,18 +68,7 @@ BREAKAGE = [
 schema = st.one_of(bounded, st.tuples(st.sampled_from(BREAKAGE), bounded).map(lambda fs: fs[0](fs[1])))
 
 
-@pytest.fixture(scope="module")
-def client(llama):
-    from starlette.testclient import TestClient
-
-    from llama2.server.app import create_app
-    from llama2.server.config import ServerConfig
-
-    app = create_app(llama, ServerConfig(model_name=MODEL, max_batch=4, max_queue=8))
-    with TestClient(app, base_url="http://127.0.0.1") as c:
-        yield c
-        health = c.get("/health")
-        assert health.status_code == 200 and health.json()["active"] == 0
+client = app_client_fixture(MODEL, max_batch=4, max_queue=8)
 
 
 @settings(**SETTINGS)

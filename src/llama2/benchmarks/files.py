@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..checkpoint import tensor_shapes
-from ..formats.bfloat16 import f32_to_bf16
+from ..weights.bf16 import f32_to_bf16
 from ..config import ModelConfig
 from ..errors import Llama2Error
 from .child import child_command, last_line

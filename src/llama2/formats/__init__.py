@@ -3,8 +3,9 @@
 `llama2c` (llama2.c .bin, versions 0-3), `gguf` (llama.cpp) and `hf` (Hugging Face folders) are read
 into a `Checkpoint` (`load_checkpoint`) or opened as an export source (`open_source`), told apart by
 their contents, never by a name's words. `meta` (Meta and llama2.c training checkpoints, needs torch)
-is an export source named by its own flag; `vocab` reads and writes tokenizer files; `bfloat16` is
-what the binary formats share. `llama2c` and `gguf` are also written (`WRITERS`, for export.py).
+is an export source named by its own flag; `vocab` reads and writes tokenizer files (bfloat16's
+conversions, which the binary formats share, are the weight type's: weights/bf16.py). `llama2c`
+and `gguf` are also written (`WRITERS`, for export.py).
 """
 
 from importlib import import_module

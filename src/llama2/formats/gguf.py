@@ -19,13 +19,12 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write, user_file
-from .bfloat16 import f32_to_bf16
 from .vocab import Vocab
 
 MAGIC = b"GGUF"
 ALIGNMENT = 32
-F32, F16, Q8_0, BF16 = 0, 1, 8, 30
-Q8_BLOCK = 32  # values per Q8_0 block: float16 scale + 32 int8
+F32, F16, Q8_0, BF16 = (weights.module(t).GGML_TYPE for t in ("f32", "f16", "q8_0", "bf16"))  # ggml ids
+Q8_BLOCK = weights.q8_0.BLOCK  # values per Q8_0 block: float16 scale + 32 int8
 Q8_DTYPE = weights.q8_0.DTYPE  # one block, 34 bytes: float16 scale + 32 int8
 TYPE_NAMES = weights.GGML_NAMES
 FLOAT_TYPES = {"fp32": F32, "fp16": F16, "bf16": BF16}  # written as is
@@ -290,21 +289,9 @@ def _pack_value(value):
 
 
 def _encode(arr, kind):  # float32 [rows, cols] -> a contiguous array of ggml type `kind`'s bytes
-    if kind == F32:
-        return np.ascontiguousarray(arr, "<f4")
-    if kind == F16:
-        return np.ascontiguousarray(arr, "<f2")
-    if kind == BF16:
-        return f32_to_bf16(arr)
     arr = np.asarray(arr, np.float32)
     rows = arr.reshape(-1, arr.shape[-1]) if arr.ndim > 1 else arr.reshape(1, -1)
-    return quantize.quantize(rows, quantize.BY_ID[kind])[1]  # llama.cpp's reference rule, its bytes
-
-
-def _row_bytes(kind, cols):
-    if kind == BF16:
-        return cols * 2
-    return quantize.row_bytes(quantize.BY_ID[kind], cols)
+    return weights.module(kind).quantize(rows)  # for the quantized types llama.cpp's reference rule
 
 
 def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", chat_template=None,
@@ -323,7 +310,7 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
     order = [("token_embedding", None), ("rms_final", None), ("wcls", None)]
     order += [(n, i) for i in range(c.n_layers) for n in BLOCK_ORDER]
 
-    def type_of(name, layer):  # -> quantize.TYPES name
+    def type_of(name, layer):  # -> a weight type's name
         if name.startswith("rms"):
             return "f32"
         return quantize.tensor_type(dtype, name, layer, c.n_layers, cols=shapes[name][-1],
@@ -335,12 +322,12 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
             kinds[name, layer] = F32 if name.startswith("rms") else FLOAT_TYPES[dtype]
             continue
         kind = type_of(name, layer)
-        block, cols = quantize.block_size(kind), shapes[name][-1]
+        block, cols = weights.module(kind).BLOCK, shapes[name][-1]
         if cols % block:
             raise FormatError(f"cannot write {path}: GGUF {kind.upper()} needs dim ({c.dim}) and "
                               f"hidden_dim ({c.hidden_dim}) to be multiples of {block}; use "
                               f"--dtype fp16 or fp32")
-        kinds[name, layer] = quantize.TYPES[kind][0]
+        kinds[name, layer] = weights.module(kind).GGML_TYPE
     meta = {
         "general.architecture": "llama", "general.name": name,
         "general.file_type": FILE_TYPES[dtype],
@@ -374,7 +361,7 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         shape = shapes[name][1:] if layer is not None else shapes[name]
         kind = kinds[name, layer]
         numel = int(np.prod(shape))
-        size = numel // shape[-1] * _row_bytes(kind, shape[-1])
+        size = weights.stored_bytes(kind, numel // shape[-1], shape[-1])
         dims = list(reversed(shape))
         parts += [_pack_string(NAMES[name].format(layer)), struct.pack("<I", len(dims)),
                   struct.pack(f"<{len(dims)}Q", *dims), struct.pack("<IQ", kind, offset)]

@@ -25,7 +25,7 @@ from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write, open_user_file, read_user_text
-from .bfloat16 import bf16_to_f32, f32_to_bf16
+from ..weights.bf16 import bf16_to_f32, f32_to_bf16
 from .vocab import UNUSED, from_tokenizer_json, load_vocab, to_sentencepiece
 
 # our name -> Hugging Face name ("{}" is the layer)

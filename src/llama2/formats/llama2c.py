@@ -16,8 +16,8 @@ from ..checkpoint import (LAYER_MATRICES, MATRICES, NORMS, STACKED, Checkpoint, 
 from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write, read_user_file, user_file
-from ..weights import ALIASES, bf16, f16, q8_v2, dense as _dense
-from .bfloat16 import f32_to_bf16
+from ..weights import ALIASES, bf16, f16, int8_groups, dense as _dense
+from ..weights.bf16 import f32_to_bf16
 
 MAGIC = 0x616B3432  # "ak42" as little-endian uint32
 HEADER_BYTES = 256  # versions 1 and 2
@@ -37,10 +37,10 @@ FILES = "llama2.c files"  # in messages
 KV_TYPE = "f32"  # the KV cache its models get by default: run.c's, so `llama2 run` prints run.c's bytes
 
 # Q8_0 of llama2.c's version 2 (and our version 3's q8_0): int8 values with one float32 scale per
-# group of the flattened tensor. The type lives in weights.q8_v2; these names are kept for callers.
-QuantizedTensor = q8_v2.Matrix
-quantize_q80 = q8_v2.quantize
-n_groups = q8_v2.n_groups
+# group of the flattened tensor. The type lives in weights.int8_groups; these names are kept for callers.
+QuantizedTensor = int8_groups.Matrix
+quantize_q80 = int8_groups.quantize
+n_groups = int8_groups.n_groups
 
 
 class _Cursor:
@@ -162,11 +162,11 @@ def source(path) -> CheckpointSource:
 
 def describe(path):
     """(ModelConfig, {matrix name: how it is stored}) from the header alone: f32, f16, bf16, or
-    "q8_v2:GROUP" for int8 with a float32 scale per GROUP values (as weights.stored_type takes it)."""
+    "int8_groups:GROUP" for int8 with a float32 scale per GROUP values (as weights.stored_type takes it)."""
     head = read_user_file(path, "checkpoint file", HEADER_BYTES, exact=False)
     config, version, group_size, _ = read_header(path, head)
     dtype = file_dtype(head, version)
-    how = f"q8_v2:{group_size}" if dtype == "q8_0" else ALIASES.get(dtype, dtype)
+    how = f"int8_groups:{group_size}" if dtype == "q8_0" else ALIASES.get(dtype, dtype)
     return config, {name: how for name in tensor_shapes(config) if not name.startswith("rms")}
 
 

@@ -30,7 +30,7 @@ _OURS = {"token_embedding": "token_embd", "wcls": "output", "rms_final": "output
 _FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
-def _base_name(tensor_name):  # "blk.3.attn_v.weight" or "wv" -> "attn_v"
+def base_name(tensor_name):  # "blk.3.attn_v.weight" or "wv" -> "attn_v"
     name = _OURS.get(tensor_name, tensor_name)
     return re.sub(r"^blk\.\d+\.|\.weight$", "", name)
 
@@ -41,12 +41,13 @@ def use_more_bits(layer, n_layers) -> bool:
 
 def tensor_type(mix, tensor_name, layer=None, n_layers=None, cols=None, has_output=True,
                 n_heads=None, n_kv_heads=None) -> str:
-    """The type (a quantize.TYPES name) of tensor `tensor_name` (GGUF's name or ours) of block `layer`
-    of `n_layers` in a file of type `mix`. `cols` (row length) applies llama.cpp's fallbacks for rows
-    that do not fill k-quant blocks; `has_output` False makes token_embd the classifier."""
+    """The weight type (a weights module's name) of tensor `tensor_name` (GGUF's name or ours) of
+    block `layer` of `n_layers` in a file of type `mix`. `cols` (row length) applies llama.cpp's
+    fallbacks for rows that do not fill k-quant blocks; `has_output` False makes token_embd the
+    classifier."""
     if mix not in MIXES:
         raise ValueError(f"unknown quantization {mix!r} (expected one of {', '.join(MIXES)})")
-    base = _base_name(tensor_name)
+    base = base_name(tensor_name)
     if base.endswith("norm"):
         return "f32"
     kind = MIXES[mix]

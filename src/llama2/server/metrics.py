@@ -17,6 +17,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = {}  # (endpoint, outcome) -> count
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.generated_tokens = 0
         self.steps = 0
         self.batch_size = 0  # sequences in the last step
@@ -30,6 +31,11 @@ class Metrics:
 
     def finished(self, outcome: str):
         self.request("scheduler", outcome)
+
+    def cached(self, tokens: int):
+        """A request got its slot with `tokens` prompt tokens from the prefix index."""
+        with self._lock:
+            self.cached_tokens += tokens
 
     def step(self, batch: int, prefilled: int, generated: int, waiting: int):
         """One forward pass: `batch` sequences, `prefilled` of its tokens prompts, `generated`
@@ -68,9 +74,14 @@ class Metrics:
             for (endpoint, outcome), n in sorted(self.requests.items()):
                 lines.append(f'llama2_requests_total{{endpoint="{endpoint}",outcome="{outcome}"}} {n}')
             lines += [
-                "# HELP llama2_prompt_tokens_total Prompt tokens prefilled.",
+                "# HELP llama2_prompt_tokens_total Prompt tokens computed (the prefix cache's own "
+                "passes for a chat's next turn included).",
                 "# TYPE llama2_prompt_tokens_total counter",
                 f"llama2_prompt_tokens_total {self.prompt_tokens}",
+                "# HELP llama2_prompt_tokens_cached_total Prompt tokens of requests taken from the "
+                "prefix index, not computed.",
+                "# TYPE llama2_prompt_tokens_cached_total counter",
+                f"llama2_prompt_tokens_cached_total {self.cached_tokens}",
                 "# HELP llama2_generated_tokens_total Tokens sampled and sent.",
                 "# TYPE llama2_generated_tokens_total counter",
                 f"llama2_generated_tokens_total {self.generated_tokens}",

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
+from .. import completions as C
 from ..completions import Answer
 from ..errors import Llama2Error
 from . import protocol as P
@@ -202,11 +203,20 @@ def _submit(state: State, params, constraint, param: str) -> Generation:
         raise P.APIError(400, str(e), code="context_length_exceeded") from None
 
 
-async def _answer(request, gen: Generation, ans: Answer):
+async def _last(gen: Generation, ans: Answer, ev, on_end):
+    """Before the last event reaches the client: the usage's cached tokens, then `on_end(ans)`."""
+    if ev.finish_reason is not None:
+        ans.cached_tokens = gen.job.reused  # set before the job's first event
+        if on_end is not None:
+            await on_end(ans)
+
+
+async def _answer(request, gen: Generation, ans: Answer, on_end=None):
     """A non-streamed answer; if the client leaves first, cancel the job."""
     async def collect():
         async for ev in gen.events():
             ans.push(ev)
+            await _last(gen, ans, ev, on_end)
         return ans.result()
 
     tasks = [asyncio.ensure_future(collect()), asyncio.ensure_future(until_disconnect(request.receive))]
@@ -222,7 +232,7 @@ async def _answer(request, gen: Generation, ans: Answer):
     return JSONResponse(tasks[0].result())  # raises the job's APIError
 
 
-def _stream(gen: Generation, ans: Answer, include_usage: bool):
+def _stream(gen: Generation, ans: Answer, include_usage: bool, on_end=None):
     state = {"outcome": "ok"}
 
     async def chunks():
@@ -230,7 +240,9 @@ def _stream(gen: Generation, ans: Answer, include_usage: bool):
             for obj in ans.start():
                 yield _sse(obj)
             async for ev in gen.events():
-                for obj in ans.push(ev):
+                out = ans.push(ev)
+                await _last(gen, ans, ev, on_end)
+                for obj in out:
                     yield _sse(obj)
             if include_usage:
                 yield _sse(ans.usage_chunk())
@@ -241,14 +253,15 @@ def _stream(gen: Generation, ans: Answer, include_usage: bool):
     return EventStream(chunks(), gen.job, state)
 
 
-async def _generate(request, state: State, req: P.Request, ans: Answer):
+async def _generate(request, state: State, req: P.Request, ans: Answer, on_end=None):
     """Compile the request's structured output (a 400 now if it cannot be), then queue it and
-    answer: whole, or streamed."""
+    answer: whole, or streamed. `on_end(ans)` runs once the answer is complete, before its end is
+    sent."""
     params, constraint = await state.prepare.structure(req, request.receive)
     gen = _submit(state, params, constraint, req.body.structure_param())
     if not req.stream:
-        return await _answer(request, gen, ans)
-    return _stream(gen, ans, req.include_usage)
+        return await _answer(request, gen, ans, on_end)
+    return _stream(gen, ans, req.include_usage, on_end)
 
 
 def _prepare_completion(state: State, data: bytes) -> P.Request:  # on a worker thread
@@ -277,7 +290,23 @@ async def chat(request):
     req = await state.prepare.run(_prepare_chat, state, await _read_body(request, state.config))
     ans = Answer(True, state.config.model_name, state.tokenizer, len(req.params.prompt),
                  logprobs=req.params.logprobs is not None, dropped_messages=req.params.dropped_messages)
-    return await _generate(request, state, req, ans)
+    return await _generate(request, state, req, ans, functools.partial(_warm_next_turn, state, req))
+
+
+async def _warm_next_turn(state: State, req: P.Request, ans: Answer):
+    """A chat's reply is complete: before the client has it, queue the pass that computes the
+    history its next turn starts with (the reply sent back verbatim, as the template renders it,
+    which may differ from the tokens sampled), so that turn computes only its new message. Nothing
+    is queued when the chat lost old turns (its next turn loses more) or the server is busy."""
+    if not state.config.prefix_cache or req.params.dropped_messages:
+        return
+    try:
+        ids = await state.prepare.run(C.history_ids, state.tokenizer, req.body, state.chat_template,
+                                      ans.text())
+    except (P.APIError, RuntimeError):  # the parsing threads are busy or shut down: only a head start
+        return
+    if ids is not None and len(ids) <= state.model_config.seq_len:
+        state.scheduler.warm(ids)
 
 
 def _model_object(state: State) -> dict:

@@ -11,7 +11,10 @@ block left for it. Blocks come back on finish, cancel and disconnect. With `pref
 full blocks of every prompt (and of a finished sequence's whole text) are indexed by their tokens,
 and a request starting with the same tokens (a system prompt, a chat's earlier turns) reuses them
 and computes only the rest; the index gives blocks back, least recently used first, when the pool
-runs short.
+runs short. `warm(ids)` computes and indexes a prompt that nobody has asked for yet: the history
+a chat's next turn will start with, its reply as the template renders it (which may differ from
+the tokens sampled: the server calls it when a reply ends, so that turn computes only its new
+message).
 
 Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
 `Transformer.forward_batch` over the active sequences, sample each sequence's next token
@@ -66,6 +69,8 @@ class Job:
         self.done = False
         self.scheduler = None
         self.blocks = 0  # the worst case it was admitted with (KV blocks), 0 while waiting
+        self.reused = 0  # prompt positions taken from the prefix index, set when it gets a slot
+        self.warm = False  # only computes its prompt for the index (Scheduler.warm): no answer
 
     def cancel(self):
         """Stop generating and free the slot before the next step (safe from any thread)."""
@@ -157,6 +162,23 @@ class Scheduler:
             self._cond.notify()
         return job
 
+    def warm(self, prompt) -> bool:
+        """Compute the keys and values of `prompt` (token ids) into the prefix index for requests
+        that will start with it, when a slot and the blocks are free now and nobody waits; nothing
+        is sampled or answered. Requests submitted after it get their slot after its pass, so they
+        find its blocks. False when it was not taken (no room, or no prefix cache)."""
+        if not self.prefix_cache or not 0 < len(prompt) <= self.budget:
+            return False
+        params = Params(prompt=tuple(prompt), max_tokens=0, temperature=0.0, top_p=1.0, seed=1)
+        job = Job(params, lambda item: None)
+        job.scheduler, job.warm = self, True
+        with self._cond:
+            if not self._accepting or self._waiting or not self._room(job):
+                return False
+            self._admit(job)
+            self._cond.notify()
+        return True
+
     def _room(self, job: Job) -> bool:  # lock held
         return (len(self._active) + len(self._admitted) < self.max_batch
                 and self._committed + self.worst_case(job.params) <= self.blocks)
@@ -182,7 +204,7 @@ class Scheduler:
                     line.remove(job)
                     job.done = True
                     self._release(job)
-                    self._count("cancelled")
+                    self._count(job, "cancelled")
             self._cond.notify()
 
     def stop(self, timeout: float = None):
@@ -217,7 +239,10 @@ class Scheduler:
                     self._fail_all(Cancelled("the server stopped before this request finished"))
                     return
                 while self._admitted:
-                    self._place(self._admitted.popleft())
+                    job = self._admitted.popleft()
+                    self._place(job)
+                    if job.warm:  # the jobs behind it may start with its prompt: place them after its pass
+                        break
                 if not self._active:
                     self._cond.wait()
                     continue
@@ -233,6 +258,9 @@ class Scheduler:
         if self.prefix_cache:
             reused = self.cache.reuse_prefix(slot, job.params.prompt)
             seq.feed, seq.cached = seq.feed[reused:], list(job.params.prompt[:reused])
+            job.reused = reused
+            if self.metrics is not None and not job.warm:
+                self.metrics.cached(reused)
 
     def _passes(self, batch) -> list:
         """How this step's sequences share forward passes. One pass for all of them, or, when
@@ -280,6 +308,10 @@ class Scheduler:
                 self.cache.publish(seq.slot, seq.cached)
         for seq, row in zip(group, logits):
             if seq.job.cancelled:
+                continue
+            if seq.job.warm:  # its prompt is in the index: done
+                with self._cond:
+                    self._finish(seq)
                 continue
             try:
                 events = seq.advance(row)
@@ -337,7 +369,7 @@ class Scheduler:
             if error is not None:
                 self._deliver(seq.job, error)
             cancelled = seq.job.cancelled or isinstance(error, Cancelled)
-            self._count("cancelled" if cancelled else "error" if error else "ok")
+            self._count(seq.job, "cancelled" if cancelled else "error" if error else "ok")
 
     def _retire_cancelled(self):
         for seq in [s for s in self._active.values() if s.job.cancelled]:
@@ -350,8 +382,8 @@ class Scheduler:
             job = (self._waiting or self._admitted).popleft()
             job.done = True
             self._deliver(job, error)
-            self._count("cancelled")
+            self._count(job, "cancelled")
 
-    def _count(self, outcome: str):
-        if self.metrics is not None:
+    def _count(self, job: Job, outcome: str):
+        if self.metrics is not None and not job.warm:  # requests, not the scheduler's own work
             self.metrics.finished(outcome)

@@ -1,49 +1,35 @@
 """What every weight type shares: a Matrix [out, in] over the stored blocks of one type, used in place.
 
 A type module gives its block layout (one numpy dtype), its numpy dequantization (the reference,
-bit-equal to the `gguf` package's) and a Matrix subclass naming both. Products and row lookups go
-through the native kernels (`llama2.native`: matmul, dequantize_rows) where the extension has the
-type; the numpy dequantization is the fallback where it has not.
+bit-equal to the `gguf` package's), its quantization (llama.cpp's reference rule) and a Matrix
+subclass naming them. A ggml type's id, values per block and activation kind are the extension's
+record of it (native/blocks.h WEIGHT_TYPES, read by `ggml_type`). Products and row lookups go
+through the native kernels (`llama2.native`: matmul, dequantize_rows).
 """
 
 import numpy as np
 
+from .. import native
 from ..errors import FormatError
+from .activations import rounded
 
 # A product with at least a type's `tile_rows` rows of x dequantizes the matrix into float32 tiles of
 # at most this many values (16 MiB) and lets BLAS multiply each tile (its columns of the product
-# written in place); below `tile_rows` the native kernel reads the stored blocks directly. The
-# integer types (Q8_0, Q4_0 .. Q5_1, the k-quants) set tile_rows = ALL_ROWS: their native kernels
-# beat dequantization + BLAS at every N, so only the types without such kernels (or without the
-# extension built) reach the tiles.
+# written in place); below `tile_rows` the native kernel reads the stored blocks directly. Every
+# ggml type's native kernels beat dequantization + BLAS at every N (tile_rows = ALL_ROWS); only
+# int8_groups's any-layout kernel, or a matrix that is not contiguous, reaches the tiles.
 DEQUANT_TILE = 1 << 22
 ALL_ROWS = 1 << 62  # a row count no product reaches: "every N"
 
-# The activation blocks of the k-quant kernels (ggml block_q8_K: native.quantize_q8_k's rows). Not
-# a weight type: only the tile path reads it, to round activations as the native kernel does.
-Q8_K = np.dtype([("d", "<f4"), ("qs", "i1", 256), ("bsums", "<i2", 16)])  # 292 bytes
 
-_native = False  # not yet looked up
-
-
-def native_module():
-    """The compiled extension's facade, or None when it is not built (numpy reference only)."""
-    global _native
-    if _native is False:
-        try:
-            from .. import native
-        except ImportError:
-            native = None
-        _native = native
-    return _native
-
-
-def native_for(ggml_type):
-    """The native facade when it has kernels for `ggml_type`, else None."""
-    nat = native_module()
-    if nat is None or ggml_type is None or ggml_type not in getattr(nat, "TYPES", {}):
-        return None
-    return nat
+def ggml_type(name, dtype):
+    """(ggml id, values per block, activations) of weight type `name`, from the extension's record
+    (native/blocks.h WEIGHT_TYPES); `dtype`, the module's block layout, must hold its bytes."""
+    t = native.WEIGHT_TYPES[name]
+    if dtype.itemsize != t.block_bytes:
+        raise ImportError(f"weights.{name}: a block is {dtype.itemsize} bytes here, {t.block_bytes} in "
+                          f"native/blocks.h")
+    return t.id, t.block_values, t.activations
 
 
 def nibbles(qs):  # uint8 [..., n] -> uint8 [..., 2n]: the n low nibbles, then the n high nibbles
@@ -58,18 +44,19 @@ class Matrix:
     """A weight matrix [out, in] of one stored type, a view of its file where the loader could map it.
 
     Subclasses set NAME, GGML_TYPE (None when GGUF has no such type), BLOCK (values per block),
-    DTYPE (one block) and `dequantize` (blocks [...] -> float32 [..., BLOCK]). The stored array is
+    DTYPE (one block), ACTIVATIONS and `dequantize_blocks` (blocks [...] -> float32 [..., BLOCK]).
+    The stored array is
     `blocks` [out, in / BLOCK] of DTYPE; `data` is the same memory as uint8 [out, row_bytes], as the
     native kernels take it.
     """
     NAME = GGML_TYPE = BLOCK = DTYPE = None
-    tile_rows = 32  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
+    tile_rows = ALL_ROWS  # from this many rows of x on: dequantized tiles + BLAS (see DEQUANT_TILE)
     # The largest N for which the product of N rows gives every row exactly the bits it gets alone:
     # the native kernel computes each row by itself (the same operations whatever N, the tile, the
     # thread count or the chunking), BLAS does not; so tile_rows - 1, or ALL_ROWS for the types
-    # whose products never leave the native kernel (with the extension built). Transformer's is the
-    # minimum over its matrices; the server batches prompts up to it without changing any bytes.
-    invariant_rows = 31
+    # whose products never leave the native kernel. Transformer's is the minimum over its matrices;
+    # the server batches prompts up to it without changing any bytes.
+    invariant_rows = ALL_ROWS
     ACTIVATIONS = None  # "q8_0" or "q8_k": how the native kernel quantizes x (integer dot products)
     STORES_FLOATS = False  # float values (f32, f16, bf16): what `--quantize` at load applies to
 
@@ -119,51 +106,40 @@ class Matrix:
 
     def __call__(self, x):  # [N, in] -> [N, out]
         x = np.ascontiguousarray(x, dtype=np.float32)
-        nat = native_for(self.GGML_TYPE)
-        if nat is not None and len(x) < self.tile_rows and self.data is not None:
+        if len(x) < self.tile_rows and self.data is not None:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            nat.matmul(self.GGML_TYPE, self.data, x, out)
+            native.matmul(self.GGML_TYPE, self.data, x, out)
             return out
         return self._tiled(x)
 
     def native_product(self):
         """How the native one-call decode step (llama2.decode) multiplies by this matrix: a spec
         native.decode_plan takes, giving each row the bits `self(x)` gives it for up to
-        `invariant_rows` rows; None when the native kernels do not have the type."""
-        if native_for(self.GGML_TYPE) is None or self.data is None:
+        `invariant_rows` rows; None for a matrix that is not contiguous."""
+        if self.data is None:
             return None
         return ("type", self.GGML_TYPE, self.data)
 
     def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        nat = native_for(self.GGML_TYPE)
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        if nat is not None and self.data is not None:
-            nat.dequantize_rows(self.GGML_TYPE, self.data, ids, out)
+        if self.data is not None:
+            native.dequantize_rows(self.GGML_TYPE, self.data, ids, out)
         else:
             out[:] = self.dequantize_blocks(self.blocks[ids]).reshape(len(ids), -1)
         return out
 
     def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in] float32
-        nat = native_for(self.GGML_TYPE)
-        if nat is not None and self.data is not None:
-            nat.dequantize_rows(self.GGML_TYPE, self.data, np.arange(r0, r1, dtype=np.int64), out)
+        if self.data is not None:
+            native.dequantize_rows(self.GGML_TYPE, self.data, np.arange(r0, r1, dtype=np.int64), out)
         else:
             out[:] = self.dequantize_blocks(self.blocks[r0:r1]).reshape(r1 - r0, -1)
 
     def _activations(self, x):  # [N, in] -> [N, in]: x as the native kernel sees it
-        """With native integer kernels, x rounded to their activation blocks (and back to float32),
-        so a row's product does not depend on which path its batch's size chose: the server's rows
-        give the same tokens alone or batched. Without them, x itself (both paths are float)."""
-        nat = native_for(self.GGML_TYPE)
-        if nat is None or self.ACTIVATIONS is None:
-            return x
-        if self.ACTIVATIONS == "q8_0":
-            from . import q8_0
-            blocks = nat.quantize_q8_0(x).view(q8_0.DTYPE)
-            return q8_0.dequantize(blocks).reshape(x.shape)
-        blocks = nat.quantize_q8_k(x).view(Q8_K)
-        return (blocks["d"][..., None] * blocks["qs"].astype(np.float32)).reshape(x.shape)
+        """With integer kernels, x rounded to their activation blocks (and back to float32), so a
+        row's product does not depend on which path its batch's size chose: the server's rows give
+        the same tokens alone or batched. For the float types, x itself (both paths are float)."""
+        return x if self.ACTIVATIONS is None else rounded(self.ACTIVATIONS, x)
 
     def _tiled(self, x):  # [N, in] -> [N, out]: float32 tiles of the matrix, each multiplied by BLAS
         x = self._activations(x)

@@ -2,27 +2,28 @@
 
 Used in place. Few rows: the native kernel's float dot products over the half-precision values;
 prompts: the native float gemm (native/gemm.c: panels of rows widened to float32, exact), with the
-same bits per row as the few-rows kernel.
+same bits per row as the few-rows kernel, so a row's product never depends on its batch.
+Quantizing: round to nearest even (numpy's astype).
 """
 
 import numpy as np
 
-from .base import ALL_ROWS, Matrix as _Matrix
+from .base import Matrix as _Matrix, ggml_type
 
 NAME = "f16"
-GGML_TYPE = 1
-BLOCK = 1
 DTYPE = np.dtype("<f2")
+GGML_TYPE, BLOCK, ACTIVATIONS = ggml_type(NAME, DTYPE)  # native/blocks.h's record
 
 
 def dequantize(blocks):  # [...] float16 -> float32 [..., 1] (exact)
     return np.asarray(blocks).astype(np.float32)[..., None]
 
 
+def quantize(w):  # float32 [rows, cols] -> float16 [rows, cols]
+    return np.ascontiguousarray(w, DTYPE)
+
+
 class Matrix(_Matrix):
-    NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
+    NAME, GGML_TYPE, BLOCK, DTYPE, ACTIVATIONS = NAME, GGML_TYPE, BLOCK, DTYPE, ACTIVATIONS
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
-    # Every product is native (no tiles + BLAS): prompts widen panels of rows and run gemm.c, which
-    # gives each output the dot kernel's bits, so a row's product never depends on its batch.
-    tile_rows = invariant_rows = ALL_ROWS

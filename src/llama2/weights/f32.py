@@ -2,29 +2,32 @@
 
 Every product runs native: up to a dot call's rows on the f32 kernel (decode: the arithmetic the
 run.c goldens are printed with), more rows (prompts) on the native float gemm (native/gemm.c), which
-gives each row exactly the f32 kernel's bits; so a row's logits never depend on its batch. Without the
-extension (or for a matrix that is not contiguous), one BLAS call.
+gives each row exactly the f32 kernel's bits; so a row's logits never depend on its batch. For a
+matrix that is not contiguous, one BLAS call.
 """
 
 import numpy as np
 
-from .base import ALL_ROWS, Matrix as _Matrix, native_for
+from .. import native
+from .base import Matrix as _Matrix, ggml_type
 
 NAME = "f32"
-GGML_TYPE = 0
-BLOCK = 1
 DTYPE = np.dtype("<f4")
+GGML_TYPE, BLOCK, ACTIVATIONS = ggml_type(NAME, DTYPE)  # native/blocks.h's record
 
 
 def dequantize(blocks):  # [...] float32 -> float32 [..., 1]
     return np.asarray(blocks, dtype=np.float32)[..., None]
 
 
+def quantize(w):  # float32 [rows, cols] -> the same, contiguous
+    return np.ascontiguousarray(w, DTYPE)
+
+
 class Matrix(_Matrix):
-    NAME, GGML_TYPE, BLOCK, DTYPE = NAME, GGML_TYPE, BLOCK, DTYPE
+    NAME, GGML_TYPE, BLOCK, DTYPE, ACTIVATIONS = NAME, GGML_TYPE, BLOCK, DTYPE, ACTIVATIONS
     dequantize_blocks = staticmethod(dequantize)
     STORES_FLOATS = True
-    invariant_rows = ALL_ROWS  # every N native, each row with its bits alone (see the docstring)
 
     def __init__(self, w):  # w: float32 [out, in]
         super().__init__(w)
@@ -35,15 +38,14 @@ class Matrix(_Matrix):
 
     def __call__(self, x):  # [N, in] -> [N, out]: native, else BLAS
         x = np.asarray(x, dtype=np.float32)
-        nat = native_for(GGML_TYPE)
-        if nat is not None and x.ndim == 2 and self.w.flags.c_contiguous:
+        if x.ndim == 2 and self.w.flags.c_contiguous:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            nat.matmul(GGML_TYPE, self.w, np.ascontiguousarray(x), out)
+            native.matmul(GGML_TYPE, self.w, np.ascontiguousarray(x), out)
             return out
         return x @ self.w.T
 
     def native_product(self):
-        if native_for(GGML_TYPE) is None or not self.w.flags.c_contiguous:
+        if not self.w.flags.c_contiguous:
             return None
         return ("type", GGML_TYPE, self.w)
 

@@ -1,32 +1,30 @@
-"""q8_v2: llama2.c's version-2 int8 layout (export.py version2_export, runq.c), which our version-3
-files call dtype q8_0: int8 values [out, in] with one float32 scale per group of `group_size`
-consecutive values of the flattened matrix (any group size; a row may straddle two groups, the last
-group may be short). value = s[g] * q. Not a GGUF type: the values and the scales are two arrays,
-not interleaved blocks.
+"""int8_groups: llama2.c's int8 layout (version 2: export.py version2_export, runq.c), which our
+version-3 files and `--quantize` call q8_0 (GGUF's Q8_0 blocks are weights/q8_0.py): int8 values
+[out, in] with one float32 scale per group of `group_size` consecutive values of the flattened
+matrix (any group size; a row may straddle two groups, the last group may be short).
+value = s[g] * q. Not a GGUF type: the values and the scales are two arrays, not interleaved blocks.
 
 Products and lookups run on the native kernels. Where every row holds whole groups and the group
-size is a multiple of 32 (what export writes by default: 64), `native.matmul_q8_split` quantizes the
+size is a multiple of 32 (what export writes by default: 64), `native.matmul_int8_rows` quantizes the
 activations to Q8_0 blocks and multiplies in integers, as for GGUF Q8_0; any other layout (e.g.
-stories260K-q8.bin: groups of 8, rows of 172 straddling them) runs on `native.matmul_q8_any`, float
-activations summed group segment by segment. Row lookups are `native.dequantize_q8_split`, bit-equal
-to `dequantize` below. Also our `--quantize q8_0` at load.
+stories260K-q8.bin: groups of 8, rows of 172 straddling them) runs on `native.matmul_int8_flat`, float
+activations summed group segment by segment. Row lookups are `native.dequantize_int8`, bit-equal
+to `dequantize` below. The kernels are named for the layout they take: int8_rows (every row holds
+whole groups of a multiple of 32 values: integer products) and int8_flat (groups over the flattened
+matrix, any layout: float activations).
 """
 
 import numpy as np
 
+from .. import native
+from .activations import rounded
 from .base import ALL_ROWS, Matrix as _Matrix
 
-NAME = "q8_v2"
+NAME = "int8_groups"
 GGML_TYPE = None
 VALUES = np.dtype("i1")  # [out, in]
 SCALES = np.dtype("<f4")  # [ceil(out * in / group_size)]
 SMALL_BATCH = 8  # up to this many rows (any layout): the native product reads the int8 values directly
-
-
-def _native():
-    from .. import native
-
-    return native
 
 
 def n_groups(numel: int, group_size: int) -> int:
@@ -70,7 +68,7 @@ class Matrix(_Matrix):
         self.shape = q.shape
         self.blocks, self.data = q, None
         if s.shape != (n_groups(q.size, self.group_size),):
-            raise ValueError(f"q8_v2: {q.shape} values in groups of {group_size} need "
+            raise ValueError(f"int8_groups: {q.shape} values in groups of {group_size} need "
                              f"{n_groups(q.size, self.group_size)} scales, got {s.shape}")
         cols = q.shape[1] if q.ndim == 2 else 0
         # Whole groups per row, a multiple of 32 values: integer products on Q8_0 activations (the
@@ -105,29 +103,25 @@ class Matrix(_Matrix):
         if len(x) >= self.tile_rows:
             return self._tiled(x)
         out = np.empty((len(x), self.shape[0]), np.float32)
-        nat = _native()
         if self.split:
-            nat.matmul_q8_split(self.q, self.s, self.group_size, x, out)
+            native.matmul_int8_rows(self.q, self.s, self.group_size, x, out)
         else:
-            nat.matmul_q8_any(self.q, self.s, self.group_size, x, out)
+            native.matmul_int8_flat(self.q, self.s, self.group_size, x, out)
         return out
 
     def native_product(self):  # the kernels __call__ runs below tile_rows
         if not (self.q.flags.c_contiguous and self.s.flags.c_contiguous):
             return None
-        return ("q8_split" if self.split else "q8_any", self.q, self.s, self.group_size)
+        return ("int8_rows" if self.split else "int8_flat", self.q, self.s, self.group_size)
 
     def rows(self, ids):  # [R] -> [R, in]
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(ids), self.shape[1]), np.float32)
-        _native().dequantize_q8_split(self.q, self.s, self.group_size, ids, out)
+        native.dequantize_int8(self.q, self.s, self.group_size, ids, out)
         return out
 
     def _activations(self, x):  # [N, in] -> [N, in]: x rounded as the native product rounds it
-        if not self.split:
-            return x
-        from . import q8_0
-        return q8_0.dequantize(_native().quantize_q8_0(x).view(q8_0.DTYPE)).reshape(x.shape)
+        return rounded("q8_0", x) if self.split else x
 
     def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in]
-        _native().dequantize_q8_split(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
+        native.dequantize_int8(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)

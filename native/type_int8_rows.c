@@ -91,11 +91,11 @@ INLINE void rows(int64_t cols, const int8_t *q, const float *s, int64_t gs, int6
 #undef B
 }
 
-void KN(q8s_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+void KN(int8_rows_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
                  size_t xs, int nx, float *out, size_t os) {
     rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 0);
 }
-void KN(q8s_gemm)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
+void KN(int8_rows_gemm)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,
                   size_t xs, int nx, float *out, size_t os) {
     rows(cols, q, s, gs, nrows, x, xs, nx, out, os, 1);
 }
