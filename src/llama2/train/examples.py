@@ -86,7 +86,7 @@ def _messages(value, where):
 
 def _record(tokenizer, template, record, where) -> Example:
     if isinstance(record, dict):
-        if set(record) >= {"messages"}:
+        if "messages" in record:
             if template is None:
                 raise Llama2Error(f"{where}: a chat record, but the base model has no chat template "
                                   "(pass --chat-template llama2, chatml or a Jinja file)")

@@ -108,6 +108,9 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
         train_ex, val_ex = examples, [ex for p in fo.val for ex in read_examples(p, tokenizer, template)]
     else:
         train_ex, val_ex = split(examples, fo.val_fraction)
+    if not val_ex and t.eval_iters:
+        raise Llama2Error(f"no validation records ({len(examples)} records, --val-fraction "
+                          f"{fo.val_fraction}): give --val FILE, a larger --val-fraction, or --eval_iters 0")
     pad = c.eos_id
     train_batches = Packed(train_ex, seq_len, pad, "training data")
     val_batches = Packed(val_ex, seq_len, pad, "validation data") if val_ex else None
