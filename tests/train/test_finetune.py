@@ -417,3 +417,30 @@ def test_qlora_peak_memory_stays_far_below_the_widened_model(texts, tmp_path):
     assert out.returncode == 0, out.stderr
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < widened / 2, (grown, widened)
+
+
+def test_wandb_gets_every_step_and_evaluation(texts, tmp_path, monkeypatch):
+    """--wandb: wandb.init with the options, .log per step and evaluation, .finish (a stand-in module)."""
+    import sys
+    import types
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, sorted(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, config, dir: calls.append(("init", project, sorted(config))) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "2", "--eval_interval", "2",
+             "--val", texts / "held.txt", "--wandb", "--wandb_project", "ft-test")
+    assert calls[0] == ("init", "ft-test", ["finetune", "train"])
+    assert [c[1] for c in calls if c[0] == "log"] == [0, 1, 2, 2]
+    assert calls[-1] == ("finish",)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: one line
+    err = one_line_error(["finetune", STORIES, "--data", texts / "train.jsonl", "--val", texts / "held.txt",
+                          "--out", tmp_path / "o2", "--wandb", *FAST], 1)
+    assert "wandb is not installed" in err

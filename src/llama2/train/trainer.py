@@ -112,6 +112,7 @@ def _init_dist(t: opts.TrainOptions) -> Dist:
 
 def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progress=None) -> Result:
     """Train (or resume, or evaluate only) as the options say; returns the losses seen by this process."""
+    wandb_module(t)  # before the data and the model are read
     dist = _init_dist(t)
     try:
         return _train(model_opts, t, dist, log if dist.master else (lambda line: None), progress)
@@ -120,8 +121,20 @@ def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progre
             torch.distributed.destroy_process_group()
 
 
+def wandb_module(t):
+    """wandb when --wandb asks for it (None otherwise); one line when it is not installed."""
+    if not t.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise Llama2Error("--wandb: wandb is not installed (pip install wandb)") from None
+    return wandb
+
+
 def run(make_job, t, log=print, progress=None) -> Result:
     """Build a Job (`make_job(dist, log)`) in each process and train it with `fit`."""
+    wandb_module(t)  # before the data and the model are read
     dist = _init_dist(t)
     try:
         say = log if dist.master else (lambda line: None)
@@ -376,11 +389,7 @@ class Metrics:
                 self.path.unlink()
         self.run = None
         if t.wandb:
-            try:
-                import wandb
-            except ImportError:
-                raise Llama2Error("--wandb: wandb is not installed (pip install wandb)") from None
-            self.run = wandb.init(project=t.wandb_project, config=options, dir=str(out_dir))
+            self.run = wandb_module(t).init(project=t.wandb_project, config=options, dir=str(out_dir))
 
     def record(self, entry):
         with open(self.path, "a", encoding="utf-8") as f:
