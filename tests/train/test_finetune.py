@@ -449,3 +449,26 @@ def test_wandb_gets_every_step_and_evaluation(texts, tmp_path, monkeypatch):
     err = one_line_error(["finetune", STORIES, "--data", texts / "train.jsonl", "--val", texts / "held.txt",
                           "--out", tmp_path / "o2", "--wandb", *FAST], 1)
     assert "wandb is not installed" in err
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process(texts, tmp_path):
+    import subprocess
+    import sys
+    common = ["--data", texts / "train.jsonl", "--val", texts / "held.txt", *FAST, "--max_iters", "4",
+              "--eval_interval", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3"]
+    code, err = run_cli(["finetune", STORIES, *common, "--out", tmp_path / "one"])
+    assert code == 0, err
+    one = tmp_path / "one"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "llama2", "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
+                           "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+
+    def losses(out):
+        return [(e["iter"], e.get("loss", e.get("val_loss"))) for e in metrics(out)]
+    a, b = losses(one), losses(tmp_path / "two")
+    assert [i for i, _ in a] == [i for i, _ in b]
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], atol=1e-4, rtol=0)
