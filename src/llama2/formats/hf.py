@@ -26,7 +26,7 @@ from ..config import ModelConfig
 from ..errors import FormatError
 from ..fileio import atomic_write, open_user_file, read_user_text
 from ..weights.bf16 import bf16_to_f32, f32_to_bf16
-from .vocab import UNUSED, from_tokenizer_json, load_vocab, to_sentencepiece
+from .vocab import UNUSED, from_tokenizer_json, load_vocab, to_sentencepiece, to_tokenizer_json
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
@@ -496,9 +496,11 @@ def _write_tokenizer(out, vocab, chat_template, warn):
                  "no tokenizer files written")
             return
         shutil.copyfile(vocab.source, out / "tokenizer.json")
-    else:
+    else:  # both: transformers reads tokenizer.json without protobuf; sentencepiece reads the .model
         with atomic_write(out / "tokenizer.model") as f:
             f.write(to_sentencepiece(vocab))
+        with atomic_write(out / "tokenizer.json", "w") as f:
+            json.dump(to_tokenizer_json(vocab), f, ensure_ascii=False)
     spec = {"tokenizer_class": "LlamaTokenizerFast" if vocab.model == "gpt2" else "LlamaTokenizer",
             "bos_token": vocab.pieces[vocab.bos_id], "eos_token": vocab.pieces[vocab.eos_id],
             "add_bos_token": True, "add_eos_token": False, "legacy": True}
