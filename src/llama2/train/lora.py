@@ -18,6 +18,7 @@ from ..weights.base import DEQUANT_TILE
 from .model import LAYER_PARAMS
 from .options import TARGETS
 
+
 def _tiles(matrix):  # (r0, r1) row ranges of at most DEQUANT_TILE values each
     rows, cols = matrix.shape
     step = max(1, DEQUANT_TILE // cols)
