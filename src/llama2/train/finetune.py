@@ -18,7 +18,7 @@ from . import trainer
 from .examples import Packed, read_examples, split
 from .lora import FrozenEmbedding, FrozenLinear, LoRALinear, adapters, module_path, replace_module
 from .options import TARGETS, FinetuneOptions, check_finetune, parse_targets
-from .model import Transformer, rope_tables
+from .model import Transformer, rope_buffers
 
 FULL_MODEL = "model.gguf"
 
@@ -51,7 +51,7 @@ def lora_model(ckpt, seq_len, targets, rank, alpha, dropout) -> Transformer:
             if target in targets:
                 module = LoRALinear(module, rank, alpha, dropout)
             replace_module(block, module_path(target), module)
-    cos, sin = rope_tables(c.head_dim, c.seq_len, c.rope_theta)
+    cos, sin = rope_buffers(c)
     model.register_buffer("rope_cos", cos, persistent=False)
     model.register_buffer("rope_sin", sin, persistent=False)
     return model

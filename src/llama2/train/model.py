@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from torch import nn
 
+from .. import rope
 from ..config import ModelConfig
 
 # our per-layer tensor name (checkpoint.STACKED) -> the parameter's path in a Block
@@ -34,10 +35,11 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float):  # -> cos, sin: float32 [seq_len, head_dim/2]
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+def rope_buffers(config: ModelConfig):  # -> cos, sin: float32 tensors [seq_len, head_dim/2]
+    """The model's RoPE tables from llama2.rope, the one record the inference kernels read too
+    (so a base with Llama 3.1's scaling trains with the angles it runs with)."""
+    cos, sin = rope.tables(config)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
 def apply_rope(x, cos, sin, halves=False):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
@@ -118,7 +120,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.shared_classifier:
             self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
-        cos, sin = rope_tables(config.head_dim, config.seq_len, config.rope_theta)
+        cos, sin = rope_buffers(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
