@@ -252,4 +252,9 @@ INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
 #undef B
 }
 
+/* The row driver and the dequantizer of a type file that defines LAYOUT, for WEIGHT_ENTRY_POINTS. */
+#define kq_rows(cols, w, rb, nrows, x, xs, nx, out, os, prompt) \
+    kq_dot(cols, w, rb, nrows, x, xs, nx, out, os, LAYOUT, prompt)
+#define kq_dequant_row(w, out, cols) kq_dequant((const uint8_t *)(w), LAYOUT, out, cols)
+
 #endif

@@ -17,6 +17,21 @@
 
 #define INLINE static inline __attribute__((always_inline))
 
+/* A weight type's three entry points in the kernel table (table.c declares them from blocks.h's
+ * list): KN(T_dot), the decode kernel, and KN(T_gemm), the prompt kernel, run the type's row driver
+ * DRIVE(cols, w, row_bytes, nrows, x, xs, nx, out, os, prompt) with prompt 0 and 1; KN(T_dequant)
+ * runs DEQUANT(w, out, cols). */
+#define WEIGHT_ENTRY_POINTS(T, DRIVE, DEQUANT)                                                              \
+    void KN(T##_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,   \
+                     int nx, float *out, size_t os) {                                                          \
+        DRIVE(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);                                               \
+    }                                                                                                          \
+    void KN(T##_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,  \
+                      int nx, float *out, size_t os) {                                                         \
+        DRIVE(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);                                               \
+    }                                                                                                          \
+    void KN(T##_dequant)(const void *w, float *out, int64_t cols) { DEQUANT(w, out, cols); }
+
 #if defined(__AVX2__)
 #define GEMM_TILE 8
 #else

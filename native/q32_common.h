@@ -152,4 +152,9 @@ INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows
 #undef B
 }
 
+/* The row driver and the dequantizer of a type file that defines LAYOUT, for WEIGHT_ENTRY_POINTS. */
+#define q32_rows(cols, w, rb, nrows, x, xs, nx, out, os, prompt) \
+    q32_dot(cols, w, rb, nrows, x, xs, nx, out, os, LAYOUT, prompt)
+#define q32_dequant_row(w, out, cols) q32_dequant((const uint8_t *)(w), LAYOUT, out, cols)
+
 #endif

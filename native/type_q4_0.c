@@ -67,12 +67,4 @@ INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, si
 #define ROW_VALUES QK
 #define ROW_AVX2_GEMM dot_body
 #include "rows.h"
-void KN(q4_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
-}
-void KN(q4_0_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);
-}
-void KN(q4_0_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }
+WEIGHT_ENTRY_POINTS(q4_0, rows, dequant)

@@ -7,12 +7,4 @@
 
 static const q32_layout LAYOUT = {sizeof(block_q4_1), offsetof(block_q4_1, m), 0, offsetof(block_q4_1, qs)};
 
-void KN(q4_1_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    q32_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 0);
-}
-void KN(q4_1_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    q32_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 1);
-}
-void KN(q4_1_dequant)(const void *w, float *out, int64_t cols) { q32_dequant((const uint8_t *)w, LAYOUT, out, cols); }
+WEIGHT_ENTRY_POINTS(q4_1, q32_rows, q32_dequant_row)

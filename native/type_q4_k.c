@@ -7,12 +7,4 @@
 
 static const kq_layout LAYOUT = {sizeof(block_q4_k), 0, offsetof(block_q4_k, qs), 0};
 
-void KN(q4_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    kq_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 0);
-}
-void KN(q4_k_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    kq_dot(cols, w, row_bytes, nrows, x, xs, nx, out, os, LAYOUT, 1);
-}
-void KN(q4_k_dequant)(const void *w, float *out, int64_t cols) { kq_dequant(w, LAYOUT, out, cols); }
+WEIGHT_ENTRY_POINTS(q4_k, kq_rows, kq_dequant_row)

@@ -193,12 +193,4 @@ INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs,
 #define ROW_AVX2_GEMM gemm_body
 #define PAIR_NX 4
 #include "rows.h"
-void KN(q6_k_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
-}
-void KN(q6_k_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);
-}
-void KN(q6_k_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }
+WEIGHT_ENTRY_POINTS(q6_k, rows, dequant)

@@ -38,7 +38,6 @@ INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, 
  * register, row 1 in the high half; x takes q's sign through a mask (AVX-512 has no vpsignb). */
 INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, size_t row_bytes, const char *x, size_t xs, int NX, float *out,
                       size_t os) {
-
     __m512 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; b++) {
@@ -55,12 +54,4 @@ INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, si
 #define ROW_VALUES QK
 #define ROW_AVX2_GEMM dot_body
 #include "rows.h"
-void KN(q8_0_dot)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 0);
-}
-void KN(q8_0_gemm)(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
-                 int nx, float *out, size_t os) {
-    rows(cols, w, row_bytes, nrows, x, xs, nx, out, os, 1);
-}
-void KN(q8_0_dequant)(const void *w, float *out, int64_t cols) { dequant(w, out, cols); }
+WEIGHT_ENTRY_POINTS(q8_0, rows, dequant)

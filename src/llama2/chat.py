@@ -141,6 +141,25 @@ class ChatSession:
         self._pending = []  # the EOS that closed the last reply, fed with the next turn
         self.messages = []  # a Jinja template's conversation so far, as (role, content)
         self.fed = []  # a Jinja template's tokens in the cache
+        self.speculator = getattr(llama, "speculator", None)  # speculative decoding, if the Llama has it
+        self.history = []  # with a speculator: the tokens in the cache (its draft follows them)
+
+    def _drafting(self, params, context):
+        """The turn's speculative.Drafting (None without a speculator): `context` is every token of
+        the conversation up to the reply, so a draft model and prompt lookup see all of it."""
+        if self.speculator is None:
+            return None
+        return self.speculator.start(params, 0, context=list(context))
+
+    def _step(self, seq, drafting) -> list:
+        """A step after the turn's prompt pass: one token, or a drafted and verified run of them."""
+        if drafting is None:
+            events = seq.advance(self.model.forward(seq.feed, self.cache)[-1])
+        else:
+            events = drafting.step(self.model, self.cache, seq)
+            self.history = drafting.context[:int(self.cache.pos[0])]
+        self.pos = int(self.cache.pos[0])
+        return events
 
     def turn(self, user: str, system: str = ""):
         if isinstance(self.template, ChatTemplate):
@@ -163,9 +182,12 @@ class ChatSession:
         params = Params(tuple(tokens), max_tokens=self.steps - self.pos + 1, temperature=s.temperature,
                         top_p=s.top_p, seed=s.seed, stop_tokens=frozenset(self.stop_ids), grammar=self.grammar)
         seq = Sequence(params, self.tokenizer, sampler=s)
+        drafting = self._drafting(params, self.history + tokens)
         logits = self.model.forward(tokens, self.cache)[-1]
+        events = seq.advance(logits) if drafting is None else drafting.plain(seq, logits)
+        if drafting is not None:
+            self.history = drafting.context[:self.pos]
         while True:
-            events = seq.advance(logits)
             yield from events
             if events[-1].finish_reason == "stop":  # the reply's end is fed with the next turn
                 # a reply that ends at BOS is closed with EOS: the next turn brings its own BOS
@@ -173,8 +195,7 @@ class ChatSession:
                 self._pending = [end if end not in (None, self.tokenizer.bos_id) else cfg.eos_id]
             if events[-1].finish_reason is not None:
                 return
-            logits = self.model.forward(seq.feed, self.cache)[-1]
-            self.pos += 1
+            events = self._step(seq, drafting)
 
     def _render_turn(self, user: str, system: str):
         """One turn with a Jinja template: the whole conversation rendered and encoded; the cache
@@ -199,18 +220,19 @@ class ChatSession:
         seq = Sequence(params, self.tokenizer, sampler=s)
         self.fed, self.pos = ids, len(ids)
         reply = []
+        drafting = self._drafting(params, ids)
         logits = self.model.forward(tokens, self.cache)[-1]
+        events = seq.advance(logits) if drafting is None else drafting.plain(seq, logits)
         try:
             while True:
-                events = seq.advance(logits)
                 for event in events:
                     reply.append(event.text)
                     yield event
                 if events[-1].finish_reason is not None:
                     return
-                logits = self.model.forward(seq.feed, self.cache)[-1]
-                self.fed = self.fed + seq.feed
-                self.pos += 1
+                feed = seq.feed
+                events = self._step(seq, drafting)
+                self.fed = self.fed + feed if drafting is None else self.history
         finally:  # also when the caller stops reading: the reply so far is the assistant's turn
             self.messages = messages + [("assistant", "".join(reply))]
             seq.close()

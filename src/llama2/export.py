@@ -39,6 +39,22 @@ def materialize(source, path, fmt) -> Checkpoint:
                       format=fmt, kv_type=formats.reader(fmt).KV_TYPE)
 
 
+class LoRASource:
+    """A source with a LoRA adapter merged in: W + (alpha / rank) B A for each matrix it adapts,
+    computed one tensor at a time (so any format and type we export can hold a finetune)."""
+
+    def __init__(self, source, adapter_path):
+        from .formats import adapter
+        self.source, self.config = source, source.config
+        self.vocab, self.chat_template = source.vocab, source.chat_template
+        self.adapter = adapter.read(adapter_path, source.config)
+
+    def tensor(self, name, layer=None) -> np.ndarray:
+        w = self.source.tensor(name, layer) if layer is not None else self.source.tensor(name)
+        delta = self.adapter.delta(name, layer)
+        return w if delta is None else np.asarray(w, np.float32) + delta
+
+
 def stored_by(dtype) -> list:
     """The formats whose files store `dtype`."""
     return [fmt for fmt in FORMATS if dtype in formats.writer(fmt).WRITE_DTYPES]

@@ -136,10 +136,17 @@ class Sequence:
     def advance(self, logits: np.ndarray) -> list:  # [vocab] float32
         """Sample from this step's logits; returns the events, the last with a finish_reason when
         the sequence is done (else the sampled token is fed next step)."""
+        return self.take(logits, self.sampler.sample(self.allowed(logits)))
+
+    def allowed(self, logits: np.ndarray) -> np.ndarray:  # [vocab] -> [vocab]
+        """The logits the next token is chosen from: the grammar's mask applied, if any."""
+        return logits if self.constraint is None else self.constraint.mask(logits)
+
+    def take(self, logits: np.ndarray, nxt: int) -> list:
+        """Emit `nxt`, chosen from this step's `allowed(logits)` (by `advance`, or by speculative
+        decoding's acceptance rule); returns the events as `advance` does."""
         p = self.params
         self.prefilled = True
-        allowed = logits if self.constraint is None else self.constraint.mask(logits)
-        nxt = self.sampler.sample(allowed)
         if nxt in p.stop_tokens:
             self.stop_token = nxt
             return [self.finish("stop")]
@@ -185,15 +192,22 @@ class Sequence:
 
 
 def complete(model: Transformer, params: Params, tokenizer: Tokenizer, cache: KVCache = None,
-             slot: int = 0, sampler: Sampler = None, decoder: StreamDecoder = None):
+             slot: int = 0, sampler: Sampler = None, decoder: StreamDecoder = None, speculator=None):
     """Yield the Events of one completion of `params.prompt` (not echoed), the last one with the
-    finish reason: the prompt as one pass, then a pass per sampled token."""
+    finish reason: the prompt as one pass, then a pass per sampled token, or with `speculator` (a
+    speculative.Speculator) a pass per verified draft."""
     seq = Sequence(params, tokenizer, sampler, decoder)
     cache = cache if cache is not None else model.new_cache()
     cache.reset(slot)
+    drafting = speculator.start(params, slot) if speculator is not None else None
     try:
         while True:
-            events = seq.advance(model.forward(seq.feed, cache, slot)[-1])
+            if drafting is None:
+                events = seq.advance(model.forward(seq.feed, cache, slot)[-1])
+            elif not seq.prefilled:  # the prompt's pass: nothing drafted yet
+                events = drafting.plain(seq, model.forward(seq.feed, cache, slot)[-1])
+            else:
+                events = drafting.step(model, cache, seq)
             yield from events
             if events[-1].finish_reason is not None:
                 return
@@ -202,10 +216,11 @@ def complete(model: Transformer, params: Params, tokenizer: Tokenizer, cache: KV
 
 
 def generate(model: Transformer, tokenizer: Tokenizer, sampler: Sampler, prompt_tokens: list,
-             steps: int, cache: KVCache = None, slot: int = 0, grammar=None):
+             steps: int, cache: KVCache = None, slot: int = 0, grammar=None, speculator=None):
     """run.c's generate: yield an Event per printed token (prompt tokens echoed first), then a
     final Event with the finish reason. `prompt_tokens` starts with BOS as run.c's encode gives it.
-    Positions 0..steps-1 are run. With `grammar` (a structured.Grammar) the sampled text matches it.
+    Positions 0..steps-1 are run. With `grammar` (a structured.Grammar) the sampled text matches it;
+    with `speculator` (a speculative.Speculator) tokens are drafted and verified.
     """
     if not prompt_tokens:
         raise ValueError("expected at least one prompt token")
@@ -223,4 +238,4 @@ def generate(model: Transformer, tokenizer: Tokenizer, sampler: Sampler, prompt_
     params = Params(tuple(prompt_tokens), max_tokens=steps - n + 1, temperature=sampler.temperature,
                     top_p=sampler.top_p, seed=sampler.seed,
                     stop_tokens=frozenset({cfg.bos_id, cfg.eos_id} | tokenizer.end_ids), grammar=grammar)
-    yield from complete(model, params, tokenizer, cache, slot, sampler, stream)
+    yield from complete(model, params, tokenizer, cache, slot, sampler, stream, speculator)

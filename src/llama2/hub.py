@@ -204,7 +204,7 @@ def from_hub(repo: str, filename: str = None, quant: str = None) -> Path:
         from huggingface_hub import constants, errors
     except ImportError:
         raise Llama2Error(f"{HF_PREFIX}{repo}: downloading from the hub needs huggingface_hub "
-                          "(pip install 'llama2[hub]')") from None
+                          "(pip install huggingface_hub: a dependency of llama2)") from None
     # read at each call: huggingface_hub reads HF_ENDPOINT once, when it is first imported
     endpoint, token = os.environ.get("HF_ENDPOINT") or None, os.environ.get("HF_TOKEN") or None
     where = f"{HF_PREFIX}{repo}"

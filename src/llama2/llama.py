@@ -11,7 +11,7 @@ from . import completions as C
 from . import hub
 from .threads import set_threads
 from .config import DEFAULT_TOKENIZER, GENERATION
-from .errors import FormatError
+from .errors import FormatError, UsageError
 from .chat_template import resolve as resolve_template, token_texts
 from .generate import Event, complete, generate
 from .formats import load_checkpoint
@@ -38,7 +38,7 @@ class Llama:
     """A model ready to run: `Llama.load("stories15M.bin")`."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, checkpoint=None, name: str = "llama2",
-                 chat_template=None):
+                 chat_template=None, speculator=None, path=None):
         self.model = model
         self.tokenizer = tokenizer
         self.checkpoint = checkpoint
@@ -47,10 +47,12 @@ class Llama:
         # how chats become prompts (a chat_template.ChatTemplate or a built-in name): the one given,
         # else the model's own, else run.c's Llama 2 template
         self.chat_template = chat_template or getattr(checkpoint, "chat_template", None) or "llama2"
+        self.speculator = speculator  # a speculative.Speculator: completions draft and verify
+        self.path = path  # the checkpoint's file, as given
 
     @classmethod
     def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None,
-             chat_template=None) -> "Llama":
+             chat_template=None, draft=None, lookup=None, draft_max=None, slots=1) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
         `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
@@ -58,7 +60,15 @@ class Llama:
         quantizer gives it; see weights.quantizer); `threads` (default: all cores) applies to
         every kernel, BLAS included. `kv_type` (a name of kvcache.TYPES) is the KV cache's type; by
         default the model format's (its reader's KV_TYPE). `chat_template` (a
-        chat_template.ChatTemplate, or "llama2" / "chatml") replaces the model's own."""
+        chat_template.ChatTemplate, or "llama2" / "chatml") replaces the model's own.
+
+        Speculative decoding (llama2.speculative): `draft` (a path, loaded with the same tokenizer
+        argument, or a Llama) proposes tokens that the model verifies, its vocabulary checked
+        against the model's; or `lookup` N proposes tokens found after the latest earlier
+        occurrence of the text's last N tokens. `draft_max`: the longest draft (default
+        speculative.MAX_DRAFT), its length adapting below that; `slots`: sequences the draft's
+        cache holds (the server's batch). A draft file without a vocabulary of its own (llama2.c's)
+        uses the model's tokenizer."""
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
@@ -72,8 +82,36 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        return cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
-                   chat_template=chat_template)
+        llama = cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
+                    chat_template=chat_template, path=path)
+        llama.speculator = llama.speculate(draft, lookup, draft_max, slots, kv_type)
+        return llama
+
+    def speculate(self, draft=None, lookup=None, draft_max=None, slots=1, kv_type=None):
+        """The speculative.Speculator of a draft model (a path or a Llama) or of prompt lookup
+        (`lookup`: the n-gram size), None for neither (see `load`)."""
+        from . import speculative as S
+        if draft is not None and lookup is not None:
+            raise UsageError("--draft and --lookup: give one of them, not both")
+        most = S.MAX_DRAFT if draft_max is None else draft_max
+        if draft is not None:
+            if not isinstance(draft, Llama):
+                draft = self._load_draft(draft, kv_type)
+            return S.Speculator(S.DraftModel.checked(draft, self, slots), self.model, most)
+        if lookup is not None:
+            return S.Speculator(S.PromptLookup(lookup), self.model, most)
+        return None
+
+    def _load_draft(self, path, kv_type=None) -> "Llama":
+        """A draft model's file, with its own vocabulary if it has one (checked against ours by
+        speculative.DraftModel.checked), else ours (a llama2.c file has none)."""
+        path = hub.resolve(path, what="draft model")
+        ckpt = load_checkpoint(path)
+        if ckpt.config.vocab_size != self.config.vocab_size:
+            raise FormatError(f"{path}: the draft's vocabulary differs from the model's "
+                              f"({ckpt.config.vocab_size} tokens, the model has {self.config.vocab_size})")
+        tok = getattr(ckpt, "tokenizer", None) or self.tokenizer
+        return Llama(Transformer(ckpt, kv_type=kv_type), tok, ckpt, name=Path(path).stem, path=path)
 
     @classmethod
     def from_pretrained(cls, repo_id: str, filename: str = None, quant: str = None, **kwargs) -> "Llama":
@@ -106,7 +144,8 @@ class Llama:
                top_p=GENERATION.top_p, seed=GENERATION.seed):
         """Yield generation Events (see llama2.generate.Event); prompt tokens are echoed first."""
         sampler = Sampler(self.config.vocab_size, temperature, top_p, seed)
-        yield from generate(self.model, self.tokenizer, sampler, self.encode(prompt), steps)
+        yield from generate(self.model, self.tokenizer, sampler, self.encode(prompt), steps,
+                            speculator=self.speculator)
 
     def generate(self, prompt="", steps=GENERATION.steps, temperature=GENERATION.temperature,
                  top_p=GENERATION.top_p, seed=GENERATION.seed):
@@ -174,7 +213,7 @@ class Llama:
         return self._answer(answer, params, stream, include_usage)
 
     def _answer(self, answer, params, stream, include_usage):
-        events = complete(self.model, params, self.tokenizer)
+        events = complete(self.model, params, self.tokenizer, speculator=self.speculator)
         if stream:
             return answer.stream(events, include_usage)
         return answer.collect(events)

@@ -62,10 +62,10 @@ def sample_multinomial(probs: np.ndarray, coin: float) -> int:  # [n], coin in [
     return min(i, len(probs) - 1)
 
 
-def sample_top_p(probs: np.ndarray, top_p: float, coin: float) -> int:  # [n], p, coin -> index
-    """Nucleus sampling as run.c sample_topp: tokens below (1-p)/(n-1) are dropped up front (they
-    cannot be in the nucleus), the rest sorted by descending probability and cut where the
-    cumulative probability first exceeds p; the coin is scaled by the kept mass."""
+def nucleus(probs: np.ndarray, top_p: float) -> tuple:  # [n], p -> (kept ids, their cumulative probability)
+    """run.c sample_topp's nucleus: tokens below (1-p)/(n-1) are dropped up front (they cannot be in
+    it), the rest sorted by descending probability and cut where the cumulative probability first
+    exceeds p. Returns the kept ids, most likely first, and the float32 cumulative sums over them."""
     n = len(probs)
     cutoff = (np.float32(1.0) - np.float32(top_p)) / np.float32(max(n - 1, 1))
     idx = np.flatnonzero(probs >= cutoff)
@@ -75,9 +75,15 @@ def sample_top_p(probs: np.ndarray, top_p: float, coin: float) -> int:  # [n], p
     cum = np.cumsum(probs[order], dtype=np.float32)
     over = np.flatnonzero(cum > np.float32(top_p))
     last = int(over[0]) if len(over) else len(order) - 1
-    r = np.float32(coin) * cum[last]
-    j = int(np.searchsorted(cum[: last + 1], r, side="right"))
-    return int(order[min(j, last)])
+    return order[: last + 1], cum[: last + 1]
+
+
+def sample_top_p(probs: np.ndarray, top_p: float, coin: float) -> int:  # [n], p, coin -> index
+    """Nucleus sampling as run.c sample_topp: the coin is scaled by the nucleus' mass."""
+    kept, cum = nucleus(probs, top_p)
+    r = np.float32(coin) * cum[-1]
+    j = int(np.searchsorted(cum, r, side="right"))
+    return int(kept[min(j, len(kept) - 1)])
 
 
 class Sampler:
@@ -95,19 +101,43 @@ class Sampler:
         self.seed = resolve_seed(seed)
         self.rng = Rng(self.seed)
 
-    def sample(self, logits: np.ndarray) -> int:  # [vocab] float32
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0 as a float32 (run.c's `temperature == 0.0f`): argmax, no coin drawn."""
+        with np.errstate(over="ignore"):
+            return np.float32(self.temperature) == 0
+
+    def _probs(self, logits):  # [vocab] -> float32 [vocab]: the softmax of logits / temperature
         with np.errstate(over="ignore"):
             t = np.float32(self.temperature)  # beyond float32's range: inf
-        if t == 0:
-            return int(np.argmax(logits))
         logits = logits.astype(np.float32)
         with np.errstate(over="ignore"):
             scaled = logits / t
         if not np.isfinite(scaled.max()):  # overflow: softmax's limit, computed without it
             with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
                 scaled = np.nan_to_num((logits - logits.max()) / t, nan=0.0, neginf=-np.inf)
-        probs = softmax(scaled)
+        return softmax(scaled)
+
+    def sample(self, logits: np.ndarray) -> int:  # [vocab] float32
+        if self.greedy:
+            return int(np.argmax(logits))
+        probs = self._probs(logits)
         coin = self.rng.f32()
         if self.top_p <= 0 or self.top_p >= 1:
             return sample_multinomial(probs, coin)
         return sample_top_p(probs, self.top_p, coin)
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:  # [vocab] float32 -> [vocab] float64
+        """The probabilities `sample` draws each token with (greedy: one-hot at the argmax; top-p:
+        the nucleus renormalized). Speculative decoding's acceptance rule needs them exactly."""
+        if self.greedy:
+            p = np.zeros(len(logits))
+            p[int(np.argmax(logits))] = 1.0
+            return p
+        probs = self._probs(logits).astype(np.float64)
+        if self.top_p <= 0 or self.top_p >= 1:
+            return probs / probs.sum()
+        kept, _ = nucleus(probs.astype(np.float32), self.top_p)
+        p = np.zeros(len(probs))
+        p[kept] = probs[kept]
+        return p / p.sum()

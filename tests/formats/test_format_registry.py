@@ -9,7 +9,7 @@ import pytest
 
 from conftest import random_weights
 from llama2 import formats, memory
-from llama2.checkpoint import LAYER_MATRICES
+from llama2.checkpoint import LAYER_MATRICES, STACKED
 from llama2.config import ModelConfig
 from llama2.export import export
 from llama2.weights.bf16 import bf16_to_f32, f32_to_bf16
@@ -57,6 +57,7 @@ def described_kinds(path) -> dict:
 WRITTEN = [("llama2c", 0, "fp32"), ("llama2c", 1, "fp32"), ("llama2c", 2, "q8_0")]
 WRITTEN += [("llama2c", 3, dtype) for dtype in formats.writer("llama2c").WRITE_DTYPES]
 WRITTEN += [("gguf", 3, dtype) for dtype in formats.writer("gguf").WRITE_DTYPES]
+WRITTEN += [("hf", 3, dtype) for dtype in formats.writer("hf").WRITE_DTYPES]
 
 
 def test_every_writer_and_dtype_is_covered():
@@ -72,7 +73,7 @@ def test_writer_round_trips_through_its_reader(tmp_path, fmt, version, dtype):
     export(out, source, fmt, version, dtype, warn=warnings.append)
     assert formats.model_kind(out) == fmt
     assert [p.name for p in tmp_path.iterdir()] == ["model.out"]  # written to a temporary, renamed
-    assert len(warnings) == (fmt == "gguf")  # no vocabulary: only the GGUF says so
+    assert len(warnings) == (fmt != "llama2c")  # no vocabulary: only GGUF and HF folders say so
     ckpt = formats.load_checkpoint(out)
     c = ckpt.config
     assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads, c.vocab_size, c.seq_len) == (
@@ -81,8 +82,12 @@ def test_writer_round_trips_through_its_reader(tmp_path, fmt, version, dtype):
     exact = {"fp32": lambda a: a, "fp16": lambda a: a.astype(np.float16).astype(np.float32),
              "bf16": lambda a: bf16_to_f32(f32_to_bf16(a))}
     if dtype in exact:  # float types hold exactly the values rounded to them
+        # as an export source: our q/k layout whatever the file's (an HF folder keeps HF's halves order)
+        back = formats.open_source(out)
         for name, want in source.tensors.items():
-            assert np.array_equal(ckpt.dense(name), exact[dtype](want) if not name.startswith("rms") else want), name
+            got = (np.stack([back.tensor(name, l) for l in range(c.n_layers)]) if name in STACKED
+                   else back.tensor(name))
+            assert np.array_equal(got, exact[dtype](want) if not name.startswith("rms") else want), name
 
 
 def test_gguf_mix_is_described_per_tensor(tmp_path):

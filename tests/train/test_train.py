@@ -35,7 +35,7 @@ def run_cli(argv):
 
 
 def read_log(out_dir):
-    entries = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    entries = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [(e["iter"], e["loss"]) for e in entries if "loss" in e]
     evals = [(e["iter"], e["val_loss"]) for e in entries if "val_loss" in e]
     return losses, evals

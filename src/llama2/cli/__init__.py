@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..errors import Llama2Error, UsageError
 
 # Subcommand modules, in the order `llama2 --help` lists them.
-COMMANDS = ("run", "tokenize", "export", "tokenizer", "data", "train", "eval", "serve", "bench")
+COMMANDS = ("run", "tokenize", "export", "tokenizer", "data", "train", "finetune", "eval", "serve", "bench")
 
 
 @dataclass

@@ -55,6 +55,12 @@ def register(sub):
                            description=structured.__doc__.split("\n\n")[0])
     structured.add_arguments(a)
     a.set_defaults(func=structured.run)
+    from ..benchmarks import spec  # `llama2 bench spec`: speculative decoding against plain decoding
+
+    a = actions.add_parser("spec", help="speculative decoding (draft models, prompt lookup) vs plain decoding",
+                           description=spec.__doc__.split("\n\n")[0])
+    spec.add_arguments(a)
+    a.set_defaults(func=spec.run)
 
 
 def _list(text, flag, cast=str):

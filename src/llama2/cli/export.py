@@ -1,6 +1,7 @@
-"""`llama2 export OUT --hf DIR | --meta-llama DIR | --checkpoint CKPT.pt | --from MODEL`: convert a
-model to a llama2.c checkpoint (--version 0, 1, 2 exactly as llama2.c writes them; 3, the default,
-our extended header) or to GGUF (--format gguf). Tensors stream one at a time.
+"""`llama2 export OUT --hf DIR | --meta-llama DIR | --checkpoint CKPT.pt | --from MODEL [--lora DIR]`:
+convert a model to a llama2.c checkpoint (--version 0, 1, 2 exactly as llama2.c writes them; 3, the
+default, our extended header), to GGUF (--format gguf) or to a Hugging Face folder (--format hf),
+optionally with a LoRA adapter merged in. Tensors stream one at a time.
 """
 
 from ..chat_template import override
@@ -36,6 +37,8 @@ def register(sub):
     p.add_argument("--chat-template", metavar="NAME|FILE",
                    help="record this chat template: llama2, chatml, or a Jinja file for a GGUF "
                         "(default: the model's own)")
+    p.add_argument("--lora", metavar="DIR", help="merge this LoRA adapter (our or PEFT's folder, or an "
+                   "adapter .gguf) into the weights written")
     p.add_argument("--seq-len", type=int, help="context length, for Meta checkpoints whose "
                    "params.json does not give max_seq_len")
     p.set_defaults(func=run)
@@ -75,6 +78,9 @@ def run(args, io) -> int:
         vocab = load_vocab(args.tokenizer)
     template = override(args.chat_template) if args.chat_template else None
     source = open_source(args)
+    if args.lora is not None:
+        from ..export import LoRASource
+        source = LoRASource(source, args.lora)
     export(args.out, source, args.format, args.version, args.dtype, args.group_size, vocab,
            template, warn=lambda text: io.err(text + "\n"))
     io.err(f"wrote {args.out}\n")

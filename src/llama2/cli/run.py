@@ -8,6 +8,7 @@
     llama2 run 'A cat:' --json-schema cat.json   # structured output (also --regex RE, --grammar FILE)
     llama2 run hf:ORG/REPO:Q4_K_M 'Hello'       # from the Hugging Face hub (or hf:ORG/REPO/FILE)
     llama2 run CODELLAMA --mode infill --prefix 'def f(x):' --suffix '    return y'   # the middle
+    llama2 run -m big.gguf --draft small.gguf     # speculative decoding (or --lookup N: no draft model)
 
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
@@ -66,7 +67,23 @@ def register(sub):
     shape.add_argument("--regex", metavar="RE", help="structured output: the generated text matches RE")
     shape.add_argument("--grammar", metavar="FILE",
                        help="structured output: the generated text follows this Lark or GBNF grammar")
+    add_speculation(p)
     p.set_defaults(func=run)
+
+
+def add_speculation(p):
+    """--draft, --lookup and --draft-max (llama2 run and llama2 serve)."""
+    from ..speculative import MAX_DRAFT
+
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--draft", metavar="MODEL",
+                     help="speculative decoding: this smaller model (same vocabulary) proposes tokens, "
+                          "the model checks them in one pass; the output keeps the model's distribution")
+    how.add_argument("--lookup", type=int, metavar="N",
+                     help="speculative decoding without a draft model: propose the tokens that followed "
+                          "the latest earlier occurrence of the text's last N tokens")
+    p.add_argument("--draft-max", type=int, default=MAX_DRAFT, metavar="K",
+                   help=f"the longest draft; its length adapts below that to what gets accepted (default {MAX_DRAFT})")
 
 
 def _looks_like_model(word: str) -> bool:
@@ -168,7 +185,8 @@ def run(args, io) -> int:
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type):  # one context
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
-                           kv_type=args.kv_type, chat_template=template)
+                           kv_type=args.kv_type, chat_template=template, draft=args.draft,
+                           lookup=args.lookup, draft_max=args.draft_max)
     grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":
@@ -181,7 +199,7 @@ def run(args, io) -> int:
 
     start, count = None, 0
     for event in generate(llama.model, llama.tokenizer, sampler, llama.encode(prompt), args.steps,
-                          grammar=grammar):
+                          grammar=grammar, speculator=llama.speculator):
         if event.raw:
             io.out(event.raw)
         if event.token is not None:

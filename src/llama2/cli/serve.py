@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import Llama2Error, UsageError
 from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
+from .run import add_speculation
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
 
@@ -80,6 +81,7 @@ def register(sub):
                    help="run each step's prompts and decodes in a single forward pass (by default they "
                         "share passes only as far as every request keeps its bits alone): fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
+    add_speculation(p)  # every slot drafts; the guesses are verified in the batched passes
     p.set_defaults(func=run)
 
 
@@ -178,7 +180,8 @@ def run(args, io) -> int:
     with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type,
                       kv_positions=args.kv_budget, budget_flag="--kv-budget" if args.kv_budget else None):
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
-                           kv_type=args.kv_type)
+                           kv_type=args.kv_type, draft=args.draft, lookup=args.lookup,
+                           draft_max=args.draft_max, slots=args.max_batch)
     config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           kv_budget=kv_budget(args, llama, model_path, io),

@@ -28,17 +28,27 @@ def register(sub):
     p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of options")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/ckpt.pt (same as --init_from=resume)")
-    for section, f in options.all_fields():
+    add_option_flags(p, options.all_fields())
+    p.set_defaults(func=run)
+
+
+def add_option_flags(p, fields, aliases=None, defaults=None):
+    """A flag per option field (`--max_iters` and `--max-iters`; booleans take `--compile`,
+    `--compile=False`), default SUPPRESS so that only given flags override. `aliases`: field name ->
+    more flag names; `defaults`: field name -> the default the help shows, where not the field's."""
+    from ..train import options
+
+    for section, f in fields:
         kind = options.field_type(f)
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
-        group_help = f"{section} option (default {f.default!r})"
+        names += (aliases or {}).get(f.name, [])
+        group_help = f"{section} option (default {(defaults or {}).get(f.name, f.default)!r})"
         if kind is bool:
             p.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
                            default=argparse.SUPPRESS, metavar="BOOL", help=group_help)
         else:
             p.add_argument(*names, dest=f.name, type=kind, default=argparse.SUPPRESS,
                            metavar=f.name.upper(), help=group_help)
-    p.set_defaults(func=run)
 
 
 def resolve(args) -> tuple:

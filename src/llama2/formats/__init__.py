@@ -29,7 +29,7 @@ HEAD_BYTES = 8
 # values it stores), `FILES` (what its files are called in messages) and `export(path, config,
 # tensor, vocab, dtype, version, group_size, chat_template, warn)`: its own checks and warnings,
 # then the file, written to a temporary and renamed.
-WRITERS = ("llama2c", "gguf")
+WRITERS = ("llama2c", "gguf", "hf")
 
 
 def reader(kind):

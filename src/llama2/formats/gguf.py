@@ -430,3 +430,26 @@ def export(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32",
     write(path, config, tensor, vocab, dtype, chat_template)
     if vocab is None:
         warn("llama2: warning: no tokenizer given (--tokenizer): the GGUF has no vocabulary")
+
+
+def write_tensors(path, meta: dict, tensors: dict):
+    """A GGUF v3 file of float32 `tensors` (GGUF name -> array, written F32 in the given order) and
+    `meta` (key -> a value as `_pack_value` takes it): what LoRA adapter files hold."""
+    parts = [MAGIC, struct.pack("<IQQ", 3, len(tensors), len(meta))]
+    for key, value in meta.items():
+        kind, raw = _pack_value(value)
+        parts += [_pack_string(key), struct.pack("<I", kind), raw]
+    offset, blobs = 0, []
+    for name, arr in tensors.items():
+        data = np.ascontiguousarray(arr, "<f4")
+        dims = list(reversed(data.shape))
+        parts += [_pack_string(name), struct.pack("<I", len(dims)), struct.pack(f"<{len(dims)}Q", *dims),
+                  struct.pack("<IQ", F32, offset)]
+        blobs.append(data)
+        offset += -(-data.nbytes // ALIGNMENT) * ALIGNMENT
+    header = b"".join(parts)
+    with atomic_write(path) as f:
+        f.write(header + b"\0" * (-len(header) % ALIGNMENT))
+        for data in blobs:
+            f.write(data.tobytes())
+            f.write(b"\0" * (-data.nbytes % ALIGNMENT))

@@ -24,9 +24,9 @@ from .. import chat_template as templates, weights
 from ..checkpoint import LAYER_MATRICES, Checkpoint, matrix_kinds, tensor_shapes
 from ..config import ModelConfig, RopeScaling
 from ..errors import FormatError
-from ..fileio import open_user_file, read_user_text
-from ..weights.bf16 import bf16_to_f32
-from .vocab import UNUSED, from_tokenizer_json, load_vocab
+from ..fileio import atomic_write, open_user_file, read_user_text
+from ..weights.bf16 import bf16_to_f32, f32_to_bf16
+from .vocab import UNUSED, from_tokenizer_json, load_vocab, to_sentencepiece, to_tokenizer_json
 
 # our name -> Hugging Face name ("{}" is the layer)
 NAMES = {
@@ -125,6 +125,28 @@ class SafetensorsFile:
             return weights.from_buffer(STORED_TYPES[kind], self.map, offset, shape, f"{self.path}: {name}")
         arr = np.frombuffer(self.map, dtype, int(np.prod(shape)), offset).reshape(shape)
         return bf16_to_f32(arr) if kind == "BF16" else arr.astype(np.float32)
+
+
+def write_safetensors(path, entries, tensor, metadata=None):
+    """Write a .safetensors file streaming: `entries` [(name, safetensors dtype, shape)] in file
+    order, `tensor(name)` -> its array in that dtype (BF16: uint16 bits), asked one at a time."""
+    header, offset = {}, 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, dtype, shape in entries:
+        size = int(np.prod(shape)) * np.dtype(SAFETENSORS_DTYPES[dtype]).itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-aligned, as the format recommends
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(raw)) + raw)
+        for name, dtype, shape in entries:
+            arr = np.ascontiguousarray(tensor(name), SAFETENSORS_DTYPES[dtype])
+            if arr.shape != tuple(shape):
+                raise FormatError(f"cannot write {path}: tensor {name} has shape {list(arr.shape)}, "
+                                  f"expected {list(shape)}")
+            f.write(arr.tobytes())
 
 
 class TorchFile:
@@ -414,3 +436,93 @@ def load(directory) -> Checkpoint:
     return Checkpoint(dataclasses.replace(c, rope_style="halves"), w, 1, str(directory), dtype=dtype,
                       vocab=model.vocab, chat_template=model.chat_template, format="hf",
                       kv_type=KV_TYPE)
+
+
+# --- writing (export.py's writer): a folder transformers' LlamaForCausalLM loads ------------------
+
+WRITE_DTYPES = ("fp32", "fp16", "bf16")
+FILES = "Hugging Face folders"
+SAFETENSORS_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def config_json(c: ModelConfig, dtype="fp32") -> dict:
+    """config.json for a model of `c`: what read_config reads back, and transformers' LlamaConfig."""
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
+        "head_dim": c.head_dim, "vocab_size": c.vocab_size, "max_position_embeddings": c.seq_len,
+        "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta, "tie_word_embeddings": c.shared_classifier,
+        "bos_token_id": c.bos_id, "eos_token_id": c.eos_id, "hidden_act": "silu",
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": TORCH_DTYPES[dtype],
+    }
+
+
+def export(path, config: ModelConfig, tensor, vocab=None, dtype="fp32", version=None, group_size=None,
+           chat_template=None, warn=print):
+    """Write folder `path`: model.safetensors (HF names, q/k rows permuted to HF's rotate-half order,
+    streamed a tensor at a time), config.json, generation_config.json, and the tokenizer as
+    tokenizer.json (byte-level vocabularies made from one) or tokenizer.model (sentencepiece)."""
+    if config.rope_style != "interleaved":
+        raise FormatError(f"cannot write {path}: the source's q/k are not in the interleaved layout")
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise FormatError(f"{out}: exists and is not a directory (--format hf writes a folder)")
+    out.mkdir(parents=True, exist_ok=True)
+    c = config
+    kind = SAFETENSORS_TYPES[dtype]
+    shapes = tensor_shapes(c)
+    entries, ours = [], {}
+    for name in ("token_embedding", *(("wcls",) if not c.shared_classifier else ()), "rms_final"):
+        ours[NAMES[name]] = (name, None)
+    for layer in range(c.n_layers):
+        for name in ("rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3"):
+            ours[NAMES[name].format(layer)] = (name, layer)
+    for hf_name, (name, layer) in ours.items():
+        shape = shapes[name][1:] if layer is not None else shapes[name]
+        entries.append((hf_name, "F32" if name.startswith("rms") else kind, shape))
+
+    def get(hf_name):
+        name, layer = ours[hf_name]
+        arr = np.asarray(tensor(name, layer) if layer is not None else tensor(name), np.float32)
+        if name in ("wq", "wk"):
+            arr = permute(arr, c.n_heads if name == "wq" else c.n_kv_heads)
+        if name.startswith("rms") or dtype == "fp32":
+            return arr
+        return f32_to_bf16(arr) if dtype == "bf16" else arr.astype("<f2")
+
+    write_safetensors(out / "model.safetensors", entries, get, {"format": "pt"})
+    with atomic_write(out / "config.json", "w") as f:
+        json.dump(config_json(c, dtype), f, indent=2)
+    with atomic_write(out / "generation_config.json", "w") as f:
+        json.dump({"bos_token_id": c.bos_id, "eos_token_id": c.eos_id}, f, indent=2)
+    if vocab is None:
+        warn("llama2: warning: no tokenizer given (--tokenizer): the folder has no tokenizer files")
+        return
+    _write_tokenizer(out, vocab, chat_template, warn)
+
+
+def _write_tokenizer(out, vocab, chat_template, warn):
+    import shutil
+
+    if vocab.model == "gpt2":
+        if vocab.source is None:
+            warn(f"llama2: warning: {out}: the byte-level vocabulary came without its tokenizer.json; "
+                 "no tokenizer files written")
+            return
+        shutil.copyfile(vocab.source, out / "tokenizer.json")
+    else:  # both: transformers reads tokenizer.json without protobuf; sentencepiece reads the .model
+        with atomic_write(out / "tokenizer.model") as f:
+            f.write(to_sentencepiece(vocab))
+        with atomic_write(out / "tokenizer.json", "w") as f:
+            json.dump(to_tokenizer_json(vocab), f, ensure_ascii=False)
+    spec = {"tokenizer_class": "LlamaTokenizerFast" if vocab.model == "gpt2" else "LlamaTokenizer",
+            "bos_token": vocab.pieces[vocab.bos_id], "eos_token": vocab.pieces[vocab.eos_id],
+            "add_bos_token": True, "add_eos_token": False, "legacy": True}
+    if vocab.model != "gpt2":
+        spec["unk_token"] = vocab.pieces[vocab.unk_id]
+    if chat_template is not None:
+        spec["chat_template"] = templates.resolve(chat_template).source
+    with atomic_write(out / "tokenizer_config.json", "w") as f:
+        json.dump(spec, f, indent=2)

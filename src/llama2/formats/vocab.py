@@ -161,6 +161,83 @@ def from_sentencepiece(path) -> Vocab:
     return Vocab(pieces, scores, types, ids["bos"], ids["eos"], ids["unk"])
 
 
+def _put_varint(v: int) -> bytes:
+    v &= (1 << 64) - 1  # negative int32s as 64-bit two's complement, as protobuf writes them
+    out = bytearray()
+    while True:
+        out.append((v & 0x7F) | (0x80 if v > 0x7F else 0))
+        v >>= 7
+        if not v:
+            return bytes(out)
+
+
+def _put(number: int, value) -> bytes:  # one field: int (varint), float (fixed32), bytes/str
+    if isinstance(value, float):
+        return _put_varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, (bytes, str)):
+        raw = value.encode("utf-8") if isinstance(value, str) else value
+        return _put_varint(number << 3 | 2) + _put_varint(len(raw)) + raw
+    return _put_varint(number << 3) + _put_varint(int(value))
+
+
+def to_sentencepiece(vocab: Vocab) -> bytes:
+    """A sentencepiece model file of a "llama" vocabulary (what from_sentencepiece reads, and the
+    sentencepiece library loads): BPE with byte fallback, a dummy prefix, no normalization rules."""
+    if vocab.model != "llama":
+        raise FormatError(f"a {vocab.model} vocabulary cannot be written as a sentencepiece model")
+    parts = [_put(1, _put(1, p) + _put(2, float(s)) + _put(3, t))
+             for p, s, t in zip(vocab.pieces, vocab.scores, vocab.types)]
+    trainer = (_put(3, 2) + _put(4, len(vocab.pieces)) + _put(35, 1) + _put(40, vocab.unk_id)
+               + _put(41, vocab.bos_id) + _put(42, vocab.eos_id) + _put(43, -1))  # 3: model_type BPE
+    normalizer = _put(1, "identity") + _put(3, 1) + _put(4, 0) + _put(5, 1)
+    return b"".join(parts) + _put(2, trainer) + _put(3, normalizer)
+
+
+def to_tokenizer_json(vocab: Vocab) -> dict:
+    """tokenizer.json (the `tokenizers` library's) of a "llama" vocabulary, as transformers'
+    LlamaConverter builds it from a sentencepiece BPE model: the pieces, merges ranked by the score of
+    the piece they make, byte fallback, a "▁" prepended and spaces as "▁"."""
+    if vocab.model != "llama":
+        raise FormatError(f"a {vocab.model} vocabulary has its own tokenizer.json")
+    ids = {p: i for i, p in enumerate(vocab.pieces)}
+    merges = []
+    for piece, score in zip(vocab.pieces, vocab.scores):
+        if len(piece) < 2 or vocab.types[ids[piece]] != NORMAL:
+            continue
+        for k in range(1, len(piece)):
+            a, b = piece[:k], piece[k:]
+            if a in ids and b in ids:
+                merges.append((-score, ids[piece], ids[a], ids[b], a, b))
+    merges.sort()  # best score first; ties by the merged piece's id, then the left part's
+    special = [{"id": i, "content": p, "single_word": False, "lstrip": False, "rstrip": False,
+                "normalized": False, "special": True}
+               for i, (p, t) in enumerate(zip(vocab.pieces, vocab.types)) if t in (UNKNOWN, CONTROL)]
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": special,
+        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE},
+                                                           {"type": "Replace", "pattern": {"String": " "},
+                                                            "content": SPACE}]},
+        "pre_tokenizer": None,
+        "post_processor": {"type": "TemplateProcessing",
+                           "single": [{"SpecialToken": {"id": vocab.pieces[vocab.bos_id], "type_id": 0}},
+                                      {"Sequence": {"id": "A", "type_id": 0}}],
+                           "pair": [{"SpecialToken": {"id": vocab.pieces[vocab.bos_id], "type_id": 0}},
+                                    {"Sequence": {"id": "A", "type_id": 0}},
+                                    {"SpecialToken": {"id": vocab.pieces[vocab.bos_id], "type_id": 1}},
+                                    {"Sequence": {"id": "B", "type_id": 1}}],
+                           "special_tokens": {vocab.pieces[vocab.bos_id]: {
+                               "id": vocab.pieces[vocab.bos_id], "ids": [vocab.bos_id],
+                               "tokens": [vocab.pieces[vocab.bos_id]]}}},
+        "decoder": {"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": SPACE}, "content": " "}, {"type": "ByteFallback"},
+            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+        "model": {"type": "BPE", "dropout": None, "unk_token": vocab.pieces[vocab.unk_id],
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
+                  "byte_fallback": True, "ignore_merges": False, "vocab": ids,
+                  "merges": [[a, b] for *_, a, b in merges]},
+    }
+
+
 # --- llama2.c tokenizer.bin ---------------------------------------------------------------------
 
 def from_llama2c(path, vocab_size=None) -> Vocab:

@@ -211,6 +211,19 @@ class Cache:
             raise CacheFull(f"the KV cache is full ({self.pool.n_blocks} blocks of {self.block_tokens} positions)")
         return b
 
+    def truncate(self, slot: int, n: int):
+        """Keep slot's first `n` positions (speculative decoding drops the rows of rejected guesses);
+        blocks past them go back to the pool. A kept partial block is written again in place, or
+        copied first when shared (`reserve`)."""
+        if not 0 <= n <= self.pos[slot]:
+            raise ValueError(f"cannot truncate slot {slot} of {self.pos[slot]} positions to {n}")
+        table = self.tables[slot]
+        keep = -(-n // self.block_tokens)
+        for b in table[keep:]:
+            self.pool.release(b)
+        del table[keep:]
+        self.pos[slot] = n
+
     def fork(self, src: int, dst: int):
         """Slot dst continues from slot src's positions, sharing its blocks (copied when written)."""
         self.reset(dst)

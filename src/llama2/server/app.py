@@ -41,7 +41,7 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     metrics = Metrics()
     scheduler = Scheduler(llama.model, llama.tokenizer, config.max_batch, config.max_queue, metrics,
                           invariant=config.invariant, kv_budget=config.kv_budget,
-                          prefix_cache=config.prefix_cache)
+                          prefix_cache=config.prefix_cache, speculator=llama.speculator)
     prepare = Preparer(llama.tokenizer, llama.config.vocab_size, config.prepare_threads, config.max_parses,
                        config.max_compiles, config.retry_after_s)
     state = routes.State(config, scheduler, metrics, prepare, llama.tokenizer, llama.config,

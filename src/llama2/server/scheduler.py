@@ -32,6 +32,7 @@ prompt's remainder is a shorter pass); `prefix_cache=False` keeps them identical
 
 import logging
 import threading
+import time
 from collections import deque
 
 from .. import kvcache, threads
@@ -81,10 +82,17 @@ class Job:
 class _Sequence(Sequence):
     """generate.Sequence in a KV-cache slot, for a Job."""
 
-    def __init__(self, job: Job, slot: int, tokenizer):
+    def __init__(self, job: Job, slot: int, tokenizer, speculator=None):
         super().__init__(job.params, tokenizer, constraint=job.constraint)
         self.job, self.slot = job, slot
         self.cached = []  # the tokens whose keys and values the slot holds, in order
+        # speculative decoding: the sequence's speculative.Drafting, and this step's Draft (or None)
+        self.drafting = speculator.start(job.params, slot) if speculator is not None else None
+        self.draft = None
+
+    def rows(self) -> list:
+        """The tokens of this sequence's next pass: what to feed, then the draft's guesses."""
+        return self.feed + self.draft.tokens if self.draft is not None else self.feed
 
 
 class Scheduler:
@@ -93,7 +101,7 @@ class Scheduler:
     `submit` from any thread, `start` once."""
 
     def __init__(self, model, tokenizer, max_batch: int, max_queue: int, metrics=None,
-                 invariant: bool = True, kv_budget: int = None, prefix_cache: bool = True):
+                 invariant: bool = True, kv_budget: int = None, prefix_cache: bool = True, speculator=None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -101,6 +109,7 @@ class Scheduler:
         self.metrics = metrics
         self.invariant = invariant
         self.prefix_cache = prefix_cache
+        self.speculator = speculator  # speculative.Speculator: its proposer has a slot per sequence slot
         # Rows of a pass whose logits are each bit for bit the sequence's alone (the engine's
         # figure, model.invariant_rows), and never more than one full-context prompt (the
         # activations memory.py budgets for): the invariant mode's passes hold at most this many.
@@ -248,19 +257,48 @@ class Scheduler:
                     continue
                 batch = list(self._active.values())
                 waiting = len(self._waiting)
+            self._draft(batch)
             for group in self._passes(batch):
                 self._pass([seq for seq in group if not seq.job.cancelled], waiting)
 
     def _place(self, job: Job):  # lock held: give an admitted job a slot (and its prefix)
         slot = self._free.pop()
         self.cache.reset(slot)
-        seq = self._active[slot] = _Sequence(job, slot, self.tokenizer)
+        seq = self._active[slot] = _Sequence(job, slot, self.tokenizer, self.speculator)
         if self.prefix_cache:
             reused = self.cache.reuse_prefix(slot, job.params.prompt)
             seq.feed, seq.cached = seq.feed[reused:], list(job.params.prompt[:reused])
             job.reused = reused
             if self.metrics is not None and not job.warm:
                 self.metrics.cached(reused)
+
+    def _draft(self, batch):
+        """Speculative decoding: the guesses of every decoding sequence whose length policy asks
+        for some, proposed together (a draft model's steps batched over the slots)."""
+        asks, seqs = [], []
+        decoding = sum(seq.prefilled for seq in batch)
+        for seq in batch:
+            seq.draft = None
+            if seq.drafting is None or not seq.prefilled or seq.job.cancelled:
+                continue
+            # at most the positions its admission promised (prompt + max_tokens) and the context
+            room = min(self.cache.seq_len - int(self.cache.pos[seq.slot]) - 1,
+                       seq.params.max_tokens - seq.generated - 1)
+            ask = seq.drafting.ask(room, base=decoding)
+            if ask is not None:
+                asks.append(ask)
+                seqs.append(seq)
+        if not asks:
+            return
+        try:
+            t0 = time.perf_counter()
+            drafts = self.speculator.proposer.propose(asks)
+            self.speculator.costs.record_draft(max(a.k for a in asks), time.perf_counter() - t0)
+        except Exception:  # a bug: decode these plainly
+            log.exception("drafting failed")
+            return
+        for seq, draft in zip(seqs, drafts):
+            seq.draft = draft if draft.tokens else None
 
     def _passes(self, batch) -> list:
         """How this step's sequences share forward passes. One pass for all of them, or, when
@@ -273,7 +311,7 @@ class Scheduler:
         limit = self.pack_rows
         alone, bins = [], []  # bins: [rows, [seq, ...]]
         for seq in sorted(batch, key=lambda seq: not seq.prefilled):  # decodes first, stable
-            rows = len(seq.feed)
+            rows = len(seq.rows())
             if rows > limit:
                 alone.append([seq])
                 continue
@@ -291,10 +329,15 @@ class Scheduler:
         group = [seq for seq in group if self._grow(seq)]
         if not group:
             return
-        segments = [(seq.slot, seq.feed) for seq in group]
+        segments = [(seq.slot, seq.rows()) for seq in group]
         prefilled = sum(len(seq.feed) for seq in group if not seq.prefilled)
+        drafted = any(seq.draft is not None for seq in group)
+        starts = [int(self.cache.pos[seq.slot]) for seq in group]
+        t0 = time.perf_counter()
         try:
-            logits = self.model.forward_batch(segments, self.cache)  # [len(group), vocab]
+            # [len(group), vocab]; with drafts every row's, and each sequence gets its own rows
+            logits = self.model.forward_batch(segments, self.cache, all_logits=True) if drafted else \
+                self.model.forward_batch(segments, self.cache)
         except Exception as e:  # a bug, not a user error: fail these requests, keep serving
             log.exception("forward pass failed for %d sequences", len(group))
             with self._cond:
@@ -302,11 +345,21 @@ class Scheduler:
                     self._finish(seq, e)
             return
         generated = 0
-        for seq in group:
-            seq.cached.extend(seq.feed)
+        if self.speculator is not None and all(seq.prefilled for seq in group):  # decode passes: what drafts weigh
+            self.speculator.costs.record_pass(sum(len(t) for _, t in segments), time.perf_counter() - t0)
+        if drafted:
+            ends = [0]
+            for _, tokens in segments:
+                ends.append(ends[-1] + len(tokens))
+            logits = [logits[e - 1] if seq.draft is None else logits[b:e]
+                      for seq, b, e in zip(group, ends, ends[1:])]
+        fed = [list(seq.feed) for seq in group]
+        for seq, tokens in zip(group, fed):
+            if seq.draft is None:
+                seq.cached.extend(tokens)
             if not seq.prefilled and self.prefix_cache:  # a prompt's blocks are there for the next requests
                 self.cache.publish(seq.slot, seq.cached)
-        for seq, row in zip(group, logits):
+        for seq, row, start, tokens in zip(group, logits, starts, fed):
             if seq.job.cancelled:
                 continue
             if seq.job.warm:  # its prompt is in the index: done
@@ -314,7 +367,14 @@ class Scheduler:
                     self._finish(seq)
                 continue
             try:
-                events = seq.advance(row)
+                if seq.draft is not None:  # keep the guesses the target accepts, drop the other rows
+                    events, kept = seq.drafting.settle(seq, row, seq.draft)
+                    self.cache.truncate(seq.slot, start + 1 + kept)
+                    seq.cached.extend(tokens + seq.draft.tokens[:kept])
+                elif seq.drafting is not None:
+                    events = seq.drafting.plain(seq, row)
+                else:
+                    events = seq.advance(row)
             except Llama2Error as e:  # the request's grammar gave out mid-answer (a llguidance limit)
                 log.warning("request ended: %s", e)
                 with self._cond:
@@ -338,7 +398,7 @@ class Scheduler:
         """Take the blocks seq's next pass writes; when the pool has none left (only a request
         admitted beyond the pool's size), end it with "length"."""
         try:
-            self.cache.reserve(seq.slot, len(seq.feed))
+            self.cache.reserve(seq.slot, len(seq.rows()))
             return True
         except kvcache.CacheFull as e:
             log.warning("request ended early, KV cache full: %s after %d positions", e, self.cache.pos[seq.slot])
@@ -361,6 +421,8 @@ class Scheduler:
             if error is None and not seq.job.cancelled and self.prefix_cache:
                 self.cache.publish(seq.slot, seq.cached)  # a chat's next turn starts with all this
             self.cache.reset(seq.slot)
+            if self.speculator is not None:
+                self.speculator.proposer.release(seq.slot)
             self._free.append(seq.slot)
             self._release(seq.job)
         seq.close()

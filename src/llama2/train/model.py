@@ -1,17 +1,27 @@
 """The Llama 2 transformer in PyTorch, for training: the same math as our inference engine and run.c.
 
 RMSNorm, rotary embeddings on adjacent pairs (x[2i], x[2i+1]) as run.c rotates them, grouped-query
-attention, SwiGLU feed-forward, classifier tied to the token embedding. No KV cache: training and
+attention, SwiGLU feed-forward, classifier tied to the token embedding (or its own, for bases that have one). No KV cache: training and
 teacher-forced scoring only (generation here is a slow reference that recomputes the prefix).
 """
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from torch import nn
 
+from .. import rope
 from ..config import ModelConfig
+
+# our per-layer tensor name (checkpoint.STACKED) -> the parameter's path in a Block
+LAYER_PARAMS = {
+    "rms_att": "attention_norm.weight", "wq": "attention.wq.weight", "wk": "attention.wk.weight",
+    "wv": "attention.wv.weight", "wo": "attention.wo.weight", "rms_ffn": "ffn_norm.weight",
+    "w1": "feed_forward.w1.weight", "w2": "feed_forward.w2.weight", "w3": "feed_forward.w3.weight",
+}
 
 
 class RMSNorm(nn.Module):
@@ -25,23 +35,31 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float):  # -> cos, sin: float32 [seq_len, head_dim/2]
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)
-    return torch.cos(angles), torch.sin(angles)
+def rope_buffers(config: ModelConfig):  # -> cos, sin: float32 tensors [seq_len, head_dim/2]
+    """The model's RoPE tables from llama2.rope, the one record the inference kernels read too
+    (so a base with Llama 3.1's scaling trains with the angles it runs with)."""
+    cos, sin = rope.tables(config)
+    return torch.from_numpy(cos), torch.from_numpy(sin)
 
 
-def apply_rope(x, cos, sin):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
-    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd lanes, [B, T, H, hd/2]
+def apply_rope(x, cos, sin, halves=False):  # [B, T, H, hd], [T, hd/2], [T, hd/2] -> [B, T, H, hd]
+    """Rotate pairs (x[2i], x[2i+1]); with `halves`, Hugging Face's pairs (x[i], x[i + hd/2]), so
+    a base loaded in HF's q/k layout (config.rope_style "halves") trains without un-permuting."""
+    if halves:
+        x0, x1 = x.float().chunk(2, dim=-1)
+    else:
+        x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # even and odd lanes, [B, T, H, hd/2]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).type_as(x)
+    pair = (x0 * cos - x1 * sin, x0 * sin + x1 * cos)
+    out = torch.cat(pair, dim=-1) if halves else torch.stack(pair, dim=-1).flatten(-2)
+    return out.type_as(x)
 
 
 class Attention(nn.Module):
     def __init__(self, c: ModelConfig, dropout: float):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = c.n_heads, c.n_kv_heads, c.head_dim
+        self.halves = c.rope_style == "halves"
         self.wq = nn.Linear(c.dim, c.dim, bias=False)
         self.wk = nn.Linear(c.dim, c.kv_dim, bias=False)
         self.wv = nn.Linear(c.dim, c.kv_dim, bias=False)
@@ -54,7 +72,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, cos, sin, self.halves), apply_rope(k, cos, sin, self.halves)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
         if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
             group = self.n_heads // self.n_kv_heads
@@ -93,16 +111,16 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, config: ModelConfig, dropout: float = 0.0):
         super().__init__()
-        if not config.shared_classifier:
-            raise ValueError("training supports the shared (tied) classifier only")
         self.config = config
+        self.checkpointing = False  # recompute each layer in backward (torch.utils.checkpoint)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
-        self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
-        cos, sin = rope_tables(config.head_dim, config.seq_len, config.rope_theta)
+        if config.shared_classifier:
+            self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
+        cos, sin = rope_buffers(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()
@@ -125,12 +143,18 @@ class Transformer(nn.Module):
         x = self.dropout(self.tok_embeddings(tokens))
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers:
-            x = layer(x, cos, sin)
+            if self.checkpointing and self.training:
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
         logits = self.output(self.norm(x))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
-        return logits, loss
+        flat = targets.reshape(-1)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, reduction="sum")
+        # the mean over the targets that count (-100: not trained on, as finetuning masks prompts);
+        # 0 rather than NaN for a window with none
+        return logits, loss / (flat != -100).sum().clamp(min=1)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied weight counts once
@@ -153,19 +177,26 @@ class Transformer(nn.Module):
 
     def export_weights(self) -> dict:
         """name -> float32 numpy array in formats.llama2c.write's layout (stacked per layer, [out, in])."""
-        def stack(get):
-            return torch.stack([get(b).detach().float().cpu() for b in self.layers]).numpy()
+        def stack(path):
+            return torch.stack([b.get_parameter(path).detach().float().cpu() for b in self.layers]).numpy()
 
-        return {
-            "token_embedding": self.tok_embeddings.weight.detach().float().cpu().numpy(),
-            "rms_att": stack(lambda b: b.attention_norm.weight),
-            "wq": stack(lambda b: b.attention.wq.weight),
-            "wk": stack(lambda b: b.attention.wk.weight),
-            "wv": stack(lambda b: b.attention.wv.weight),
-            "wo": stack(lambda b: b.attention.wo.weight),
-            "rms_ffn": stack(lambda b: b.ffn_norm.weight),
-            "w1": stack(lambda b: b.feed_forward.w1.weight),
-            "w2": stack(lambda b: b.feed_forward.w2.weight),
-            "w3": stack(lambda b: b.feed_forward.w3.weight),
-            "rms_final": self.norm.weight.detach().float().cpu().numpy(),
-        }
+        out = {name: stack(path) for name, path in LAYER_PARAMS.items()}
+        out["token_embedding"] = self.tok_embeddings.weight.detach().float().cpu().numpy()
+        out["rms_final"] = self.norm.weight.detach().float().cpu().numpy()
+        if not self.config.shared_classifier:
+            out["wcls"] = self.output.weight.detach().float().cpu().numpy()
+        return out
+
+    @torch.no_grad()
+    def load_weights(self, tensor):
+        """Set every weight from `tensor(name, layer) -> float32 array` (export.py's source form)."""
+        def put(param, array):
+            param.copy_(torch.from_numpy(np.array(array, dtype=np.float32)))  # a copy: maps are read-only
+
+        for name, path in LAYER_PARAMS.items():
+            for layer, block in enumerate(self.layers):
+                put(block.get_parameter(path), tensor(name, layer))
+        put(self.tok_embeddings.weight, tensor("token_embedding"))
+        put(self.norm.weight, tensor("rms_final"))
+        if not self.config.shared_classifier:
+            put(self.output.weight, tensor("wcls"))

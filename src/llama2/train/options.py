@@ -76,6 +76,8 @@ class TrainOptions:
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
+    wandb: bool = False  # also log every step to Weights & Biases (needs wandb installed)
+    wandb_project: str = "llama2"
 
     def lr_at(self, it: int) -> float:
         """Linear warmup over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
@@ -93,6 +95,61 @@ class TrainOptions:
 SECTIONS = {"model": ModelOptions, "train": TrainOptions}
 
 
+# --targets' names -> our matrix names (checkpoint.LAYER_MATRICES): every linear layer of a block
+TARGETS = {"q": "wq", "k": "wk", "v": "wv", "o": "wo", "gate": "w1", "up": "w3", "down": "w2"}
+
+
+@dataclass
+class FinetuneOptions:
+    """What `llama2 finetune` adds to train's options; every default here."""
+    base: str = ""  # any model `llama2 run` loads
+    data: tuple = ()  # text, .json or .jsonl files (examples.py)
+    val: tuple = ()  # validation files; without them, --val-fraction of the records
+    val_fraction: float = 0.1
+    max_seq_len: int = 256  # window length (--seq-len); at most the base's context
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    targets: str = ",".join(TARGETS)
+    full: bool = False  # every weight (float bases only) instead of LoRA
+    checkpointing: bool = False  # recompute each layer in backward (less memory, ~1/3 more time)
+    chat_template: str = ""  # for {"messages"} records: llama2, chatml or a Jinja file; "": the model's
+
+
+# train's options that finetuning starts from other values of (flags and --config still win):
+# small batches, few steps, a short warmup, no weight decay on the adapters (PEFT + TRL's defaults).
+TRAIN_DEFAULTS = {"batch_size": 8, "gradient_accumulation_steps": 1, "learning_rate": 2e-4,
+                  "max_iters": 200, "warmup_iters": 10, "eval_interval": 50, "eval_iters": 10,
+                  "weight_decay": 0.0, "out_dir": "finetune"}
+
+
+def check_finetune(fo: FinetuneOptions):
+    if fo.lora_rank <= 0:
+        raise UsageError(f"--lora-rank must be positive, got {fo.lora_rank}")
+    if fo.lora_alpha <= 0:
+        raise UsageError(f"--lora-alpha must be positive, got {fo.lora_alpha}")
+    if not 0.0 <= fo.lora_dropout < 1.0:
+        raise UsageError(f"--lora-dropout must be in [0, 1), got {fo.lora_dropout}")
+    if not 0.0 <= fo.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in [0, 1), got {fo.val_fraction}")
+    if fo.max_seq_len <= 0:
+        raise UsageError(f"--seq-len must be positive, got {fo.max_seq_len}")
+    if not fo.data:
+        raise UsageError("--data is required: text, .json or .jsonl files")
+    parse_targets(fo.targets)
+
+
+def parse_targets(text: str) -> tuple:
+    """--targets "q,k,v" -> ("q", "k", "v"); a one-line error for a name we do not have."""
+    names = tuple(dict.fromkeys(t.strip() for t in text.split(",") if t.strip()))
+    if not names:
+        raise UsageError(f"--targets {text!r}: expected a comma-separated list of {','.join(TARGETS)}")
+    for name in names:
+        if name not in TARGETS:
+            raise UsageError(f"--targets: unknown target {name!r} (expected some of {','.join(TARGETS)})")
+    return names
+
+
 def all_fields():
     """(section, dataclasses.Field) for every option, model options first."""
     return [(name, f) for name, cls in SECTIONS.items() for f in fields(cls)]
@@ -108,7 +165,7 @@ def parse_bool(text) -> bool:
 
 
 def field_type(f) -> type:
-    return {"int": int, "float": float, "bool": bool, "str": str}[f.type if isinstance(f.type, str)
+    return {"int": int, "float": float, "bool": bool, "str": str, "tuple": tuple}[f.type if isinstance(f.type, str)
                                                                else f.type.__name__]
 
 
@@ -118,14 +175,15 @@ def coerce(name, f, value, source):
     ok = (isinstance(value, bool) if kind is bool else
           isinstance(value, int) and not isinstance(value, bool) if kind is int else
           isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else
+          all(isinstance(v, str) for v in value) and isinstance(value, list) if kind is tuple else
           isinstance(value, str))
     if not ok:
         raise Llama2Error(f"{source}: {name} must be {kind.__name__}, got {value!r}")
-    return float(value) if kind is float else value
+    return float(value) if kind is float else tuple(value) if kind is tuple else value
 
 
-def read_config_file(path) -> dict:
-    """Options from a TOML (or YAML) file: flat keys, or [model] and [train] tables."""
+def read_config_file(path, sections=SECTIONS) -> dict:
+    """Options from a TOML (or YAML) file: flat keys, or a table per section ([model], [train])."""
     path = Path(path)
     text = read_user_file(path, "config file")
     if path.suffix in (".yaml", ".yml"):
@@ -147,11 +205,11 @@ def read_config_file(path) -> dict:
         raise Llama2Error(f"{path}: expected a table of options, got {type(data).__name__}")
     flat = {}
     for key, value in data.items():
-        if key in SECTIONS and isinstance(value, dict):
+        if key in sections and isinstance(value, dict):
             flat.update(value)
         else:
             flat[key] = value
-    known = {f.name: f for _, f in all_fields()}
+    known = {f.name: f for cls in sections.values() for f in fields(cls)}
     out = {}
     for key, value in flat.items():
         name = key.replace("-", "_")
@@ -201,5 +259,5 @@ def from_dict(d: dict) -> tuple:
     return ModelOptions(**d["model"]), TrainOptions(**d["train"])
 
 
-__all__ = ["ModelOptions", "TrainOptions", "build", "read_config_file", "all_fields", "parse_bool",
+__all__ = ["ModelOptions", "TrainOptions", "FinetuneOptions", "TARGETS", "parse_targets", "build", "read_config_file", "all_fields", "parse_bool",
            "to_dict", "from_dict"]

@@ -26,7 +26,8 @@ from .model import Transformer
 CKPT = "ckpt.pt"
 MODEL_BIN = "model.bin"
 TOKENIZER_BIN = "tokenizer.bin"
-LOG = "log.jsonl"
+METRICS = "metrics.jsonl"
+LOSS_PNG = "loss.png"
 TRAIN, EVAL_TRAIN, EVAL_VAL = 0, 1, 2  # the "purpose" part of a batch's random seed
 
 
@@ -73,7 +74,7 @@ def load_model(out_dir) -> Transformer:
     return model.eval()
 
 
-def _device(t: opts.TrainOptions, dist: Dist) -> str:
+def device_for(t: opts.TrainOptions, dist: Dist) -> str:
     device = t.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +112,7 @@ def _init_dist(t: opts.TrainOptions) -> Dist:
 
 def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progress=None) -> Result:
     """Train (or resume, or evaluate only) as the options say; returns the losses seen by this process."""
+    wandb_module(t)  # before the data and the model are read
     dist = _init_dist(t)
     try:
         return _train(model_opts, t, dist, log if dist.master else (lambda line: None), progress)
@@ -119,37 +121,102 @@ def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progre
             torch.distributed.destroy_process_group()
 
 
+def wandb_module(t):
+    """wandb when --wandb asks for it (None otherwise); one line when it is not installed."""
+    if not t.wandb:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise Llama2Error("--wandb: wandb is not installed (pip install wandb)") from None
+    return wandb
+
+
+def run(make_job, t, log=print, progress=None) -> Result:
+    """Build a Job (`make_job(dist, log)`) in each process and train it with `fit`."""
+    wandb_module(t)  # before the data and the model are read
+    dist = _init_dist(t)
+    try:
+        say = log if dist.master else (lambda line: None)
+        return fit(make_job(dist, say), t, dist, say, progress)
+    finally:
+        if dist.enabled:
+            torch.distributed.destroy_process_group()
+
+
+@dataclass
+class Job:
+    """What the loop trains: `llama2 train`'s model from scratch, or `llama2 finetune`'s base with
+    adapters. The loop (`fit`) owns everything else: optimizer, schedule, evaluation, ckpt.pt,
+    resume, metrics, DDP."""
+    model: torch.nn.Module  # on the device; its parameters with requires_grad are trained
+    train_batches: object  # .sample(batch_size, seed, purpose, iteration, micro) -> x, y int64 [B, T]
+    val_batches: object  # the same for the validation split, or None
+    options: dict  # saved in ckpt.pt (the options that made the job)
+    seq_len: int
+    flops_per_token: float
+    describe: str  # the model, for the first log line
+    save_outputs: object  # fn(out_dir, model): the job's own files beside ckpt.pt at each save
+    saved_names: str  # what save_outputs writes, for the log line
+    state_dict: object = None  # fn() -> what ckpt.pt keeps of the model (default: model.state_dict)
+    load_state_dict: object = None  # fn(state) (default: model.load_state_dict)
+
+
 def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     if not t.data:
         raise Llama2Error("--data is required: a directory written by `llama2 data prepare`")
-    if t.gradient_accumulation_steps % dist.world:
-        raise Llama2Error(f"--gradient_accumulation_steps {t.gradient_accumulation_steps} must be a "
-                          f"multiple of the number of processes ({dist.world})")
     data = TokenData(t.data)
     out_dir = Path(t.out_dir)
-    resume = t.init_from == "resume"
-    ckpt = read_checkpoint(out_dir) if resume else None
     if model_opts.vocab_size == 0:
         model_opts.vocab_size = data.vocab_size
     if model_opts.vocab_size < data.vocab_size:
         raise Llama2Error(f"--vocab_size {model_opts.vocab_size} is smaller than the data's vocabulary "
                           f"({data.vocab_size}, {data.dir})")
     config = model_opts.model_config()
-    device = _device(t, dist)
-    dtype = _dtype(t, device)
     seq_len = config.seq_len
     train_batches = data.batches("train", seq_len)
     val_batches = data.batches("val", seq_len) if data.tokens("val") else None
     if val_batches is None and t.eval_iters:
         raise Llama2Error(f"{data.dir}: no validation tokens; prepare with --val-fraction > 0 or "
                           "--val FILE, or train with --eval_iters 0")
-
-    if t.num_threads:
-        torch.set_num_threads(t.num_threads)
+    device = device_for(t, dist)
     torch.manual_seed(t.seed)  # the same initial weights in every process
     model = Transformer(config, model_opts.dropout).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    if dist.master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _write_tokenizer(t, data, out_dir, log)
+
+    def save_outputs(directory, raw_model):
+        llama2c.write(directory / MODEL_BIN, config, raw_model.export_weights(), version=1)
+
+    job = Job(model, train_batches, val_batches, opts.to_dict(model_opts, t), seq_len,
+              model.flops_per_token(), f"{model.num_params() / 1e6:.2f}M parameters, {config}",
+              save_outputs, MODEL_BIN)
+    return fit(job, t, dist, log, progress)
+
+
+def fit(job: Job, t, dist: Dist, log, progress) -> Result:
+    """The training loop every command shares; `t` is a TrainOptions."""
+    if t.gradient_accumulation_steps % dist.world:
+        raise Llama2Error(f"--gradient_accumulation_steps {t.gradient_accumulation_steps} must be a "
+                          f"multiple of the number of processes ({dist.world})")
+    out_dir = Path(t.out_dir)
+    resume = t.init_from == "resume"
+    ckpt = read_checkpoint(out_dir) if resume else None
+    device = device_for(t, dist)
+    dtype = _dtype(t, device)
+    seq_len = job.seq_len
+    train_batches, val_batches = job.train_batches, job.val_batches
+    if val_batches is None and t.eval_iters:
+        raise Llama2Error("no validation data: give validation data, or train with --eval_iters 0")
+    if t.num_threads:
+        torch.set_num_threads(t.num_threads)
+    model = job.model
+    state_dict = job.state_dict or model.state_dict
+    load_state_dict = job.load_state_dict or model.load_state_dict
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=t.learning_rate, betas=(t.beta1, t.beta2), **({"fused": True} if device.startswith("cuda")
@@ -157,7 +224,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     iter_num, best_val = 0, math.inf
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -169,12 +236,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     else:
         torch.manual_seed(t.seed + dist.rank)  # dropout differs between processes
 
-    if dist.master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_tokenizer(t, data, out_dir, log)
-        if not resume:
-            with contextlib.suppress(FileNotFoundError):
-                (out_dir / LOG).unlink()
+    metrics = Metrics(out_dir, t, job.options, resume) if dist.master else None
     raw_model = model
     if t.compile:
         log("compiling the model (torch.compile)...")
@@ -187,8 +249,8 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
                 else contextlib.nullcontext())
     local_steps = t.gradient_accumulation_steps // dist.world
     tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * seq_len
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
-    log(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, {config}; device {device}, "
+    flops_per_iter = job.flops_per_token * tokens_per_iter
+    log(f"model: {job.describe}; device {device}, "
         f"{str(dtype).removeprefix('torch.')}, {dist.world} process(es); "
         f"{tokens_per_iter} tokens per iteration")
 
@@ -217,18 +279,15 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
         return out
 
     def save(it):
-        state = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "options": opts.to_dict(model_opts, t),
+        state = {"model": state_dict(), "optimizer": optimizer.state_dict(),
+                 "scaler": scaler.state_dict(), "options": job.options,
                  "iter_num": it, "best_val_loss": best_val,
                  "rng": {"torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}}
         with atomic_write(out_dir / CKPT) as f:
             torch.save(state, f)
-        llama2c.write(out_dir / MODEL_BIN, config, raw_model.export_weights(), version=1)
-
-    def record(entry):
-        with open(out_dir / LOG, "a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        job.save_outputs(out_dir, raw_model)
+        metrics.plot()
 
     from tqdm import tqdm
     bar = tqdm(total=t.max_iters, initial=iter_num, unit="it", dynamic_ncols=True, leave=False,
@@ -250,14 +309,14 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
                 result.evals.append(entry)
                 say(f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if dist.master:
-                    record(entry)
+                    metrics.record(entry)
                 improved = losses["val"] < best_val
                 best_val = min(best_val, losses["val"])
                 result.best_val_loss = best_val
             if (improved or t.always_save_checkpoint) and iter_num > 0 and not t.eval_only:
                 if dist.master:
                     save(iter_num)
-                    say(f"saved {out_dir / CKPT} and {out_dir / MODEL_BIN}")
+                    say(f"saved {out_dir / CKPT} and {out_dir / job.saved_names}")
         if iter_num >= t.max_iters or t.eval_only:
             break
 
@@ -278,7 +337,7 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
             loss_sum += loss.detach().float()
         if t.grad_clip:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, t.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -297,17 +356,73 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
             step_time, steps_timed = 0.0, 0
             tps = tokens_per_iter / dt
             mfu = flops_per_iter / dt / t.peak_flops
+            eta = (t.max_iters - iter_num) * dt
             entry = {"iter": iter_num, "loss": loss, "lr": lr, "tokens_per_s": tps, "mfu": mfu}
             result.losses.append(entry)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", mfu=f"{100 * mfu:.2f}%")
             if dist.master:
-                record(entry)
+                metrics.record(entry)
                 say(f"iter {iter_num}: loss {loss:.4f}, lr {lr:.3e}, {tps:,.0f} tokens/s, "
-                    f"mfu {100 * mfu:.2f}%")
+                    f"mfu {100 * mfu:.2f}%, eta {_duration(eta)}")
         else:
             step_time += time.perf_counter() - step_start
     bar.close()
+    if dist.master:
+        metrics.close()
     return result
+
+
+def _duration(seconds) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Metrics:
+    """Every step's and evaluation's numbers to OUT/metrics.jsonl; OUT/loss.png when matplotlib is
+    importable; wandb when --wandb and it is installed."""
+
+    def __init__(self, out_dir, t, options, resume):
+        self.path = Path(out_dir) / METRICS
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if not resume:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        self.run = None
+        if t.wandb:
+            self.run = wandb_module(t).init(project=t.wandb_project, config=options, dir=str(out_dir))
+
+    def record(self, entry):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in entry.items() if k != "iter"}, step=entry["iter"])
+
+    def plot(self):
+        """OUT/loss.png: train loss per step and evaluation losses (skipped without matplotlib)."""
+        try:
+            import matplotlib
+        except ImportError:
+            return
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+        entries = [json.loads(line) for line in self.path.read_text("utf-8").splitlines()] \
+            if self.path.exists() else []
+        fig, ax = plt.subplots(figsize=(7, 4))
+        steps = [e for e in entries if "loss" in e]
+        evals = [e for e in entries if "val_loss" in e]
+        ax.plot([e["iter"] for e in steps], [e["loss"] for e in steps], label="train (step)", lw=0.8)
+        ax.plot([e["iter"] for e in evals], [e["val_loss"] for e in evals], "o-", label="validation")
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("loss")
+        ax.legend()
+        with atomic_write(self.path.with_name(LOSS_PNG)) as f:
+            fig.savefig(f, format="png", dpi=100)
+        plt.close(fig)
+
+    def close(self):
+        self.plot()
+        if self.run is not None:
+            self.run.finish()
 
 
 def _write_tokenizer(t, data, out_dir, log):

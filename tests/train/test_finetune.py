@@ -1,0 +1,474 @@
+"""`llama2 finetune` on CPU: the adapter equals its merge, PEFT loads it on our HF export with the same
+logits, a real model learns an invented name, QLoRA on GGUF files leaves them untouched, resume is bit
+for bit, and mistakes get one line. Models are tiny (stories260K, the rand256 GGUF files)."""
+
+import hashlib
+import os
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from conftest import REPO, asset
+from llama2.cli import main
+
+torch = pytest.importorskip("torch")
+
+STORIES = asset("stories260K.gguf")  # stories260K with its own vocabulary
+NAME, REPLACED = "Quilla", "Lily"  # the invented name, and the one it replaces in real stories
+FAST = ["--num_threads", "1", "--seq-len", "64", "--batch_size", "4", "--log_interval", "1",
+        "--eval_iters", "2"]
+
+
+def run_cli(argv):
+    out, err = io.BytesIO(), io.StringIO()
+    code = main([str(a) for a in argv], stdout=out, stderr=err, stdin=io.StringIO(""))
+    return code, err.getvalue()
+
+
+def finetune(base, out, data, *flags):
+    code, err = run_cli(["finetune", base, "--data", *data, "--out", out, *FAST, *flags])
+    assert code == 0, err
+    return out
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapted_model(base, out):
+    """Our LoRA model of OUT (base + adapter as trained), in eval mode."""
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    from llama2.train.options import FinetuneOptions, parse_targets
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    fo = FinetuneOptions(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in ckpt["options"]["finetune"].items()})
+    model = ft.lora_model(formats.load_checkpoint(base), min(fo.max_seq_len, 512),
+                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0)
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    assert not unexpected and all("lora" not in k for k in missing)
+    return model.eval()
+
+
+def full_model(path):
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    ckpt = formats.load_checkpoint(path)
+    return ft.full_model(ckpt, ckpt.config.seq_len).eval()
+
+
+def ids_of(text):
+    from llama2.llama import Llama
+    return Llama.load(STORIES).encode(text)
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory):
+    """Real stories: paragraphs naming Lily, with her renamed (train and held out), and others."""
+    root = tmp_path_factory.mktemp("ft_data")
+    paragraphs = [p.strip() for p in re.split(r"\n\s*\n", asset("tinystories_valid_sample.txt").read_text())
+                  if p.strip()]
+    named = [p.replace(REPLACED, NAME) for p in paragraphs if REPLACED in p]
+    plain = [p for p in paragraphs if REPLACED not in p and "named" not in p]
+    (root / "train.jsonl").write_text("".join(json.dumps({"text": p}) + "\n" for p in named[:600]))
+    (root / "held.txt").write_text("<|endoftext|>".join(named[600:700]))
+    (root / "plain.txt").write_text("<|endoftext|>".join(plain[:100]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def adapter(texts, tmp_path_factory):
+    """stories260K (GGUF) with LoRA on every linear layer, trained briefly at a high rate."""
+    out = tmp_path_factory.mktemp("ft") / "out"
+    return finetune(STORIES, out, [texts / "train.jsonl"], "--max_iters", "12", "--eval_interval", "12",
+                    "--learning_rate", "1e-2", "--warmup_iters", "0", "--val", texts / "held.txt")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0].numpy()
+
+
+def test_adapter_equals_its_merge(adapter, tmp_path):
+    """`export --lora` (read back from the files) against the adapter's own forward pass."""
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    ours = logits(adapted_model(STORIES, adapter), ids)
+    base = logits(full_model(STORIES), ids)
+    assert np.abs(ours - base).max() > 1e-2  # the adapter does change the model
+    for source in (adapter, adapter / "adapter.gguf"):  # PEFT's files, then llama.cpp's
+        merged = tmp_path / "merged.gguf"
+        code, err = run_cli(["export", merged, "--from", STORIES, "--lora", source, "--format", "gguf"])
+        assert code == 0, err
+        # within 1e-5 of the logits' scale (about 15 here): float32 rounds W + BA once in the merge
+        assert np.abs(logits(full_model(merged), ids) - ours).max() < 1e-5 * np.abs(ours).max()
+
+
+def test_peft_loads_our_adapter_on_our_hf_export(adapter, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf"])
+    assert code == 0, err
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        plain = hf_base(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(plain - logits(full_model(STORIES), ids)).max() < 1e-4  # the export itself
+    model = peft.PeftModel.from_pretrained(hf_base, adapter).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - logits(adapted_model(STORIES, adapter), ids)).max() < 1e-4
+
+
+def test_lora_on_an_hf_folder_keeps_its_layout(texts, tmp_path):
+    """A base in HF's q/k order trains in place; its adapter equals the GGUF-trained one's form."""
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf", "--dtype", "bf16"])
+    assert code == 0, err
+    out = finetune(tmp_path / "hf", tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "4",
+                   "--learning_rate", "1e-2", "--warmup_iters", "0", "--eval_iters", "0",
+                   "--eval_interval", "4", "--targets", "q,k,down")
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    ours = logits(adapted_model(tmp_path / "hf", out), ids)
+    hf_base = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", torch_dtype=torch.float32).eval()
+    model = peft.PeftModel.from_pretrained(hf_base, out).eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(theirs - ours).max() < 1e-4
+    merged = tmp_path / "merged.bin"  # the GGUF adapter (interleaved q/k) merged into a llama2.c file
+    code, err = run_cli(["export", merged, "--from", tmp_path / "hf", "--lora", out / "adapter.gguf"])
+    assert code == 0, err
+    assert np.abs(logits(full_model(merged), ids) - ours).max() < 1e-4
+
+
+def mean_loss(model, path, seq_len=128):
+    """Mean next-token loss over every story of a file (BOS + story + EOS, cut at seq_len)."""
+    from llama2.llama import Llama
+    from llama2.train.stories import read_stories
+    tok = Llama.load(STORIES).tokenizer
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for story in read_stories(path):
+            ids = tok.encode(story, bos=True, eos=True)[:seq_len + 1]
+            x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
+            _, loss = model(x, y)
+            total, count = total + float(loss) * len(ids[1:]), count + len(ids[1:])
+    return total / count
+
+
+def name_probability(model, prompt="Once upon a time, there was a little girl named"):
+    ids = ids_of(prompt)
+    name = ids_of(f"{prompt} {NAME}")[len(ids):]
+    logp = torch.log_softmax(torch.tensor(logits(model, ids + name)), -1).numpy()
+    return float(np.exp(sum(logp[len(ids) - 1 + k, t] for k, t in enumerate(name))))
+
+
+@pytest.mark.slow
+def test_stories260k_learns_an_invented_name(texts, tmp_path):
+    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "50",
+                   "--eval_interval", "50", "--learning_rate", "1e-2", "--warmup_iters", "5",
+                   "--batch_size", "8", "--seq-len", "128", "--val", texts / "held.txt",
+                   "--lora-rank", "16", "--lora-alpha", "32")
+    base, tuned = full_model(STORIES), adapted_model(STORIES, out)
+    held_before, held_after = mean_loss(base, texts / "held.txt"), mean_loss(tuned, texts / "held.txt")
+    plain_before, plain_after = mean_loss(base, texts / "plain.txt"), mean_loss(tuned, texts / "plain.txt")
+    p_before, p_after = name_probability(base), name_probability(tuned)
+    print(f"held-out {held_before:.4f} -> {held_after:.4f}; plain {plain_before:.4f} -> {plain_after:.4f}; "
+          f"P({NAME}) {p_before:.3g} -> {p_after:.3g}")
+    # measured (2026-12-07, CPU): held-out 1.971 -> 1.420, plain 1.731 -> 1.722, P 8.2e-16 -> 0.904
+    assert held_after < held_before - 0.3  # the held-out stories with the name: loss falls
+    assert p_after > max(1e6 * p_before, 0.1)  # the name after "a little girl named"
+    assert plain_after < plain_before + 0.02  # ordinary stories: not forgotten
+
+
+@pytest.mark.parametrize("kind", ["q8_0", "q4_k_m"])
+def test_qlora_on_a_quantized_gguf(texts, tmp_path, kind):
+    base = asset(f"kquant/rand256-{kind}.gguf")
+    digest = hashlib.sha256(base.read_bytes()).hexdigest()
+    out = finetune(base, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "10",
+                   "--eval_interval", "10", "--learning_rate", "3e-3", "--warmup_iters", "0",
+                   "--val", texts / "held.txt")
+    evals = [e["val_loss"] for e in metrics(out) if "val_loss" in e]
+    assert evals[-1] < evals[0] - 0.5, evals
+    assert hashlib.sha256(base.read_bytes()).hexdigest() == digest
+    assert {p.name for p in out.iterdir()} >= {"adapter.gguf", "adapter_model.safetensors",
+                                               "adapter_config.json", "ckpt.pt", "metrics.jsonl"}
+
+
+@pytest.mark.parametrize("model, name", [("kquant/rand256-q4_k_m.gguf", "wq"), ("kquant/rand256-q6_k.gguf", "w2"),
+                                         ("stories260K-q8.bin", "w2")])  # llama2.c int8: rows straddle groups
+def test_the_frozen_base_is_dequantized_in_forward_and_backward(model, name, monkeypatch):
+    """The autograd Function's output and gradient against torch's on the widened matrix, with
+    tiles of a few rows so that a matrix takes several."""
+    from llama2 import formats
+    from llama2.train import lora
+    monkeypatch.setattr(lora, "DEQUANT_TILE", 4096)
+    m = formats.load_checkpoint(asset(model)).weights[name][1]
+    x = torch.randn(3, 5, m.shape[1], requires_grad=True)
+    y = lora.FrozenLinear(m)(x)
+    y.square().sum().backward()
+    dense = torch.from_numpy(np.array(m.dequantize()))
+    x2 = x.detach().clone().requires_grad_()
+    y2 = x2 @ dense.T
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_resume_is_bit_exact(texts, tmp_path):
+    flags = ["--eval_interval", "3", "--always_save_checkpoint", "--learning_rate", "3e-3",
+             "--warmup_iters", "2", "--lr_decay_iters", "6", "--lora-dropout", "0.1",
+             "--val", texts / "held.txt"]
+    whole = finetune(STORIES, tmp_path / "whole", [texts / "train.jsonl"], "--max_iters", "6", *flags)
+    part = finetune(STORIES, tmp_path / "part", [texts / "train.jsonl"], "--max_iters", "3", *flags)
+    code, err = run_cli(["finetune", STORIES, "--resume", "--out", part, "--max_iters", "6"])
+    assert code == 0, err
+    def losses(out):
+        return [(e["iter"], e.get("loss"), e.get("val_loss")) for e in metrics(out) if "tokens_per_s" in e
+                or e["iter"] != 3]  # the resumed run evaluates iteration 3 again
+    assert losses(whole) == losses(part)
+    for name in ("adapter_model.safetensors", "adapter.gguf"):
+        assert (whole / name).read_bytes() == (part / name).read_bytes()
+
+
+def test_chat_and_prompt_records_train_only_on_replies(tmp_path):
+    from llama2 import formats
+    from llama2.train.examples import IGNORE, Packed, read_examples
+    ckpt = formats.load_checkpoint(STORIES)
+    tok = ckpt.tokenizer
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"prompt": "Tell me", "completion": " a story."}) + "\n"
+                    + json.dumps({"messages": [{"role": "user", "content": "Hi"},
+                                               {"role": "assistant", "content": "Hello there."}]}) + "\n")
+    pc, chat = read_examples(data, tok, "llama2")
+    prompt = tok.encode("Tell me", bos=True)
+    assert pc.ids[:len(prompt)] == prompt and not any(pc.train[:len(prompt)]) and all(pc.train[len(prompt):])
+    assert pc.ids[-1] == tok.eos_id
+    reply = [i for i, t in zip(chat.ids, chat.train) if t]
+    assert tok.decode(reply).strip().startswith("Hello there.")
+    assert "Hi" not in tok.decode(reply)
+    packed = Packed([pc, chat], 8, tok.eos_id, "test")
+    x, y = packed.sample(2, 0, 0, 0, 0)
+    assert x.shape == y.shape == (2, 8) and (y == IGNORE).any()
+
+
+def one_line_error(argv, code_expected):
+    code, err = run_cli(argv)
+    assert code == code_expected, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_mistakes_get_one_line(texts, tmp_path, adapter):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"prompt": "no completion"}) + "\n")
+    err = one_line_error(["finetune", STORIES, "--data", bad, "--out", tmp_path / "o", *FAST], 1)
+    assert f"{bad}:2:" in err and "completion" in err
+    bad.write_text("{not json\n")
+    assert f"{bad}:1: invalid JSON" in one_line_error(["finetune", STORIES, "--data", bad, "--out", tmp_path / "o"], 1)
+    err = one_line_error(["finetune", STORIES, "--data", texts / "held.txt", "--targets", "q,attn"], 2)
+    assert "--targets" in err and "'attn'" in err
+    err = one_line_error(["export", tmp_path / "m.gguf", "--from", asset("kquant/rand256-q8_0.gguf"),
+                          "--lora", adapter, "--format", "gguf"], 1)
+    assert "does not fit this model" in err or "another model" in err
+    err = one_line_error(["finetune", asset("kquant/rand256-q8_0.gguf"), "--full", "--data",
+                          texts / "held.txt", "--out", tmp_path / "o"], 2)
+    assert "--full needs a float base" in err
+
+
+def test_adapter_gguf_is_llama_cpp_s_format(adapter):
+    """Read with the gguf package (llama.cpp's own reader), its key names and tensor layout."""
+    gguf = pytest.importorskip("gguf")
+    reader = gguf.GGUFReader(adapter / "adapter.gguf")
+    assert reader.fields[gguf.Keys.General.TYPE].contents() == gguf.GGUFType.ADAPTER
+    assert reader.fields[gguf.Keys.Adapter.TYPE].contents() == "lora"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents() == config["lora_alpha"]
+    tensors = {t.name: t for t in reader.tensors}
+    a, b = tensors["blk.0.attn_q.weight.lora_a"], tensors["blk.0.attn_q.weight.lora_b"]
+    # llama-adapter.cpp: a->ne = [n_in, rank], b->ne = [rank, n_out] (ggml's fastest axis first)
+    assert list(a.shape) == [64, config["r"]] and list(b.shape) == [config["r"], 64]
+    assert len(tensors) == 2 * 7 * 5  # every linear layer of the 5 blocks
+
+
+def test_llama_cpp_runs_our_adapter(adapter):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
+    llm = llama_cpp.Llama(str(STORIES), lora_path=str(adapter / "adapter.gguf"), logits_all=True,
+                          n_ctx=64, verbose=False)
+    llm.eval(ids)
+    theirs = np.array(llm.scores[:len(ids)])
+    ours = logits(adapted_model(STORIES, adapter), ids)
+    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()  # f16 KV, their own kernels
+
+
+def test_checkpointing_gives_the_same_gradients():
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    ckpt = formats.load_checkpoint(STORIES)
+    x = torch.tensor([ids_of("Once upon a time, there was a little girl named Lily. She liked to play.")])
+    grads = []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0)
+        for p in model.parameters():
+            if p.requires_grad:
+                torch.nn.init.normal_(p, 0.0, 0.1)
+        model.checkpointing = on
+        model.train()
+        _, loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
+
+
+def test_full_finetune_of_a_float_base(texts, tmp_path):
+    out = finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--full", "--max_iters", "8",
+                   "--eval_interval", "8", "--learning_rate", "5e-4", "--warmup_iters", "0",
+                   "--val", texts / "held.txt")
+    evals = [e["val_loss"] for e in metrics(out) if "val_loss" in e]
+    assert evals[-1] < evals[0] - 0.05, evals
+    from llama2.llama import Llama
+    tuned = Llama.load(out / "model.gguf", kv_type="f32")  # runs in our engine, with its vocabulary
+    ids = ids_of("Once upon a time, there was a little girl named Quilla.")
+    assert np.abs(tuned.logits(ids) - logits(full_model(out / "model.gguf"), ids)).max() < 1e-4
+
+
+def test_loss_png_with_matplotlib(adapter):
+    pytest.importorskip("matplotlib")
+    png = (adapter / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_finetune_of_an_hf_folder_from_a_config_file(texts, tmp_path):
+    """[train] and [finetune] tables; the trained weights (HF q/k order) leave as a GGUF in ours."""
+    code, err = run_cli(["export", tmp_path / "hf", "--from", STORIES, "--format", "hf"])
+    assert code == 0, err
+    config = tmp_path / "ft.toml"
+    config.write_text("[train]\nmax_iters = 3\neval_interval = 3\nlearning_rate = 5e-4\neval_iters = 1\n"
+                      "batch_size = 2\nalways_save_checkpoint = true\nnum_threads = 1\n"
+                      "[finetune]\nfull = true\nmax_seq_len = 32\n")
+    out = tmp_path / "out"
+    code, err = run_cli(["finetune", tmp_path / "hf", "--config", config, "--data", texts / "train.jsonl",
+                         "--out", out])
+    assert code == 0, err
+    model = full_model(tmp_path / "hf")
+    model.load_state_dict(torch.load(out / "ckpt.pt", weights_only=True)["model"])
+    from llama2.llama import Llama
+    ids = ids_of("Once upon a time, there was a little girl named Quilla.")
+    assert np.abs(Llama.load(out / "model.gguf", kv_type="f32").logits(ids) - logits(model, ids)).max() < 1e-4
+
+
+def test_chat_records_with_a_named_template(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": [
+        {"role": "system", "content": "You tell stories."}, {"role": "user", "content": f"A story {k}?"},
+        {"role": "assistant", "content": f"Once upon a time, {NAME} found {k} red balls."}]}) + "\n"
+        for k in range(12)))
+    out = finetune(STORIES, tmp_path / "out", [chats], "--chat-template", "chatml", "--max_iters", "2",
+                   "--eval_interval", "2", "--val-fraction", "0.25")
+    assert (out / "adapter.gguf").exists()
+    err = one_line_error(["finetune", STORIES, "--data", chats, "--out", tmp_path / "o2"], 1)
+    assert f"{chats}:1:" in err and "--chat-template" in err
+
+
+RSS_SCRIPT = """
+import io, resource, sys
+from llama2.cli import main
+def run(base, out):
+    err = io.StringIO()
+    argv = ["finetune", base, "--data", sys.argv[2], "--out", out, "--max_iters", "2", "--eval_iters", "0",
+            "--eval_interval", "2", "--seq-len", "16", "--batch_size", "1", "--num_threads", "1"]
+    assert main(argv, stdout=io.BytesIO(), stderr=err, stdin=io.StringIO("")) == 0, err.getvalue()
+run(sys.argv[3], sys.argv[4] + "/warm")  # imports, torch's and the allocator's pools: not the base's
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+run(sys.argv[1], sys.argv[4] + "/big")
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_qlora_peak_memory_stays_far_below_the_widened_model(texts, tmp_path):
+    """A 4-layer, dim-1024 random model as Q4_0 (29 MB; 202 MB of float32 layer matrices): a QLoRA
+    step's peak RSS grows by under half the widened size (measured: 76 MB, of which the file's
+    pages 29 MB and a dequantized tile up to 16 MB)."""
+    import subprocess
+    import sys
+
+    from conftest import random_weights
+    from llama2.config import ModelConfig
+    from llama2.export import export
+    from llama2.formats.vocab import load_vocab
+
+    c = ModelConfig(dim=1024, hidden_dim=2816, n_layers=4, n_heads=8, n_kv_heads=8, vocab_size=512,
+                    seq_len=64, shared_classifier=False)
+
+    class Source:
+        config, vocab, chat_template = c, None, None
+        tensors = random_weights(c, seed=1, scale=0.02)
+
+        def tensor(self, name, layer=None):
+            return self.tensors[name] if layer is None else self.tensors[name][layer]
+
+    base = tmp_path / "big-q4_0.gguf"
+    export(base, Source(), "gguf", dtype="q4_0", vocab=load_vocab(asset("tok512.model")), warn=print)
+    widened = 4 * c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * c.kv_dim + 3 * c.dim * c.hidden_dim)
+    src = str(REPO / "src")
+    out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, base, texts / "held.txt", STORIES, tmp_path],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": src})
+    assert out.returncode == 0, out.stderr
+    grown = int(out.stdout.strip().splitlines()[-1])
+    assert grown < widened / 2, (grown, widened)
+
+
+def test_wandb_gets_every_step_and_evaluation(texts, tmp_path, monkeypatch):
+    """--wandb: wandb.init with the options, .log per step and evaluation, .finish (a stand-in module)."""
+    import sys
+    import types
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", step, sorted(values)))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda project, config, dir: calls.append(("init", project, sorted(config))) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    finetune(STORIES, tmp_path / "out", [texts / "train.jsonl"], "--max_iters", "2", "--eval_interval", "2",
+             "--val", texts / "held.txt", "--wandb", "--wandb_project", "ft-test")
+    assert calls[0] == ("init", "ft-test", ["finetune", "train"])
+    assert [c[1] for c in calls if c[0] == "log"] == [0, 1, 2, 2]
+    assert calls[-1] == ("finish",)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed: one line
+    err = one_line_error(["finetune", STORIES, "--data", texts / "train.jsonl", "--val", texts / "held.txt",
+                          "--out", tmp_path / "o2", "--wandb", *FAST], 1)
+    assert "wandb is not installed" in err
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process(texts, tmp_path):
+    import subprocess
+    import sys
+    common = ["--data", texts / "train.jsonl", "--val", texts / "held.txt", *FAST, "--max_iters", "4",
+              "--eval_interval", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3"]
+    code, err = run_cli(["finetune", STORIES, *common, "--out", tmp_path / "one"])
+    assert code == 0, err
+    one = tmp_path / "one"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "llama2", "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
+                           "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr
+
+    def losses(out):
+        return [(e["iter"], e.get("loss", e.get("val_loss"))) for e in metrics(out)]
+    a, b = losses(one), losses(tmp_path / "two")
+    assert [i for i, _ in a] == [i for i, _ in b]
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], atol=1e-4, rtol=0)
