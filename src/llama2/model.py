@@ -129,8 +129,9 @@ class Transformer:
         logits = self.plan(x, cache, tables, starts, counts, all_logits)
         for slot, st, T in spans:
             cache.pos[slot] = st + T
-            if c.sliding_window:  # the next row attends from st + T + 1 - W on
-                cache.forget_before(slot, st + T + 1 - c.sliding_window)
+            if c.sliding_window:  # the next row attends from st + T + 1 - W on, unless a draft's
+                # rows are taken back (cache.rollback)
+                cache.forget_before(slot, st + T + 1 - c.sliding_window - cache.rollback)
         return logits
 
     def warm_up(self):

@@ -137,6 +137,8 @@ class DraftModel:
             n = 0
             while n < min(len(fed), len(a.context) - 1) and fed[n] == a.context[n]:
                 n += 1
+            if self.model.config.sliding_window and n < self.cache.pos[a.slot] - self.cache.rollback:
+                n = 0  # further back than a sliding window keeps: the slot starts again
             self.cache.truncate(a.slot, n)  # the slot keeps the text it shares with the context
             del fed[n:]
             a.k = min(a.k, seq_len - len(a.context) + 1)  # the draft's own context is the limit
@@ -280,6 +282,8 @@ class Speculator:
             raise UsageError(f"--draft-max {most}: expected at least 1")
         self.proposer = proposer
         self.most = max(1, min(most, target_model.invariant_rows - 1))
+        if isinstance(proposer, DraftModel):  # its own guesses are taken back too
+            proposer.cache.rollback = self.most
         self.adaptive = adaptive
         self.vocab = target_model.config.vocab_size
         self.costs = Costs(proposer.cost)
@@ -360,6 +364,7 @@ class Drafting:
             logits = model.forward(seq.feed, cache, slot)[-1]
             costs.record_pass(1, time.perf_counter() - t0)
             return self.plain(seq, logits)
+        cache.rollback = max(cache.rollback, self.speculator.most)  # rejected rows are taken back
         rows = model.forward(seq.feed + draft.tokens, cache, slot, all_logits=True)
         costs.record_pass(len(rows), time.perf_counter() - t0)
         events, kept = self.settle(seq, rows, draft)

@@ -158,6 +158,9 @@ class Cache:
         self.kv_type, self.type, self.block_tokens = kv_type, self.pool.type, bt
         self.pos = np.zeros(slots, np.int64)
         self.tables = [[] for _ in range(slots)]
+        # positions `truncate` may take back (a speculative draft's rows): a sliding window keeps
+        # that many more positions behind it (Transformer.forward_batch)
+        self.rollback = 0
         self._index = OrderedDict()  # (parent serial, block tokens) -> (serial, block): LRU first
         self._serial = 0
 

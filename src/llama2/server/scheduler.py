@@ -120,6 +120,8 @@ class Scheduler:
         if budget < 1:
             raise ValueError("kv_budget must be at least 1 position")
         self.cache = model.new_cache(slots=max_batch, blocks=-(-budget // bt))
+        if speculator is not None:  # rejected draft rows are taken back
+            self.cache.rollback = speculator.most
         self.blocks = self.cache.pool.n_blocks
         self.budget = self.blocks * bt  # positions the pool holds
         self.threads = threads.threads()  # BLAS limits may be per thread: carry the caller's over
