@@ -165,7 +165,7 @@ class Answer:
         self.entries = []  # one logprobs entry per sampled token, when asked for
         self.tokens = 0
         self.finish_reason = None
-        self.cached_tokens = None  # prompt tokens whose keys and values were reused (the server's)
+        self.cached_tokens = 0  # prompt tokens whose keys and values were reused (the server's prefix cache)
 
     # -- logprobs entries ---------------------------------------------------------------------
 
@@ -234,8 +234,7 @@ class Answer:
 
     def usage(self) -> dict:
         u = usage(self.prompt_tokens, self.tokens)
-        if self.cached_tokens is not None:  # OpenAI's field for prompt caching
-            u["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        u["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}  # OpenAI's field for prompt caching
         if self.dropped_messages:
             u["dropped_messages"] = self.dropped_messages
         return u

@@ -26,7 +26,8 @@ def test_completion_shape_and_run_c_text(llama):
         finish = choice["finish_reason"]
         assert finish == "length" or (finish == "stop" and r["usage"]["completion_tokens"] < k)
         assert r["usage"] == {"prompt_tokens": n, "completion_tokens": r["usage"]["completion_tokens"],
-                              "total_tokens": n + r["usage"]["completion_tokens"]}
+                              "total_tokens": n + r["usage"]["completion_tokens"],
+                              "prompt_tokens_details": {"cached_tokens": 0}}  # the API keeps no prefix cache
     r = llama.create_completion(PROMPT, max_tokens=5, seed=1, echo=True)
     assert r["choices"][0]["text"].startswith(PROMPT)
 
