@@ -302,6 +302,7 @@ def test_llama_cpp_quantizes_and_agrees_on_the_same_file(tmp_path):
     assert check["greedy_same"] == engine.CHECK_GREEDY and check["max_abs_diff"] < 1e-2
 
 
+@pytest.mark.slow
 def test_bench_end_to_end_on_the_tiny_shape(tmp_path):
     llama_cpp_or_skip()
     asset("tok512.bin")

@@ -127,6 +127,7 @@ def test_one_call_equals_the_reference(name, kv_type):
     _assert_same(_model(name, kv_type))
 
 
+@pytest.mark.slow  # every instruction-set level x thread count: the full run's
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("name", MODELS)
@@ -307,6 +308,7 @@ def _golden_cases():
     return [pytest.param(c, id=f"{i}-{c['model']}") for i, c in enumerate(cases)]
 
 
+@pytest.mark.slow  # every instruction-set level x thread count: the full run's
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", _golden_cases())

@@ -169,6 +169,7 @@ def test_softmax_over_scores_spread_widely(variant, kv_type):
                                rtol=2e-5, atol=2e-5)
 
 
+@pytest.mark.slow  # every level x KV type x threads/window
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
@@ -356,6 +357,7 @@ def windowed_reference(t, q, kpool, vpool, tables, starts, counts, window):
     return out
 
 
+@pytest.mark.slow  # every level x KV type x threads/window
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("kv_type", list(kvcache.TYPES))
 @pytest.mark.parametrize("window", [1, 7, 16, 23])

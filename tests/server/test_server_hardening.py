@@ -302,6 +302,7 @@ def test_case6_disconnect_during_upload_is_a_499(server):
     assert "Traceback" not in server.stderr and "unexpected error" not in server.stderr
 
 
+@pytest.mark.slow  # waits out the server's timeouts
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"])
 def test_case7_idle_and_half_header_connections_are_closed(server, sent):
     sock = connect(server)
@@ -310,6 +311,7 @@ def test_case7_idle_and_half_header_connections_are_closed(server, sent):
     sock.close()
 
 
+@pytest.mark.slow  # waits out the server's timeouts
 def test_case7_slow_header_is_closed_however_it_trickles(server):
     sock = connect(server)
     request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n" + b"X-Slow: " + b"a" * 200 + b"\r\n\r\n"
@@ -326,6 +328,7 @@ def test_case7_slow_header_is_closed_however_it_trickles(server):
     assert closed and i < len(request) - 1
 
 
+@pytest.mark.slow  # waits out the server's timeouts
 def test_case7_slow_body_gets_408_and_is_closed(server):
     sock = connect(server)
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -337,6 +340,7 @@ def test_case7_slow_body_gets_408_and_is_closed(server):
     assert json.loads(body)["error"]["code"] == "request_timeout"
 
 
+@pytest.mark.slow  # waits out the server's timeouts
 def test_case7_idle_keep_alive_is_closed(server):
     sock = connect(server)
     sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
