@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llama2 import checkpoint
+from llama2 import checkpoint, native
 from llama2.config import ModelConfig
 from llama2.formats import llama2c
 from llama2.tokenizer import Tokenizer
@@ -77,3 +77,12 @@ def llama():
     """stories260K with its tokenizer (the shared assets), loaded once per test module."""
     from llama2 import Llama
     return Llama.load(asset("stories260K.bin"), asset("tok512.bin"))
+
+
+@pytest.fixture
+def restore_level():
+    """Puts back the kernels' instruction-set level and thread count a test changed."""
+    before, threads = native.variant(), native._native.threads()
+    yield
+    native.select_variant(before)
+    native.set_threads(threads)

@@ -25,12 +25,7 @@ KV_TYPES = tuple(kvcache.TYPES)
 KQUANT = ("f16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q4_k_m", "q5_k_m", "q6_k")
 
 
-@pytest.fixture(autouse=True)
-def _restore_level():
-    before, threads = native.variant(), native._native.threads()
-    yield
-    native.select_variant(before)
-    native.set_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_level")  # conftest.py
 
 
 # -- models ---------------------------------------------------------------------------------------

@@ -12,11 +12,7 @@ from llama2.errors import UsageError
 VARIANTS = native.variants()
 
 
-@pytest.fixture(autouse=True)
-def _restore_level():
-    before = native.variant()
-    yield
-    native.select_variant(before)
+pytestmark = pytest.mark.usefixtures("restore_level")  # conftest.py
 
 
 def reference(t, q, kpool, vpool, tables, lens):  # numpy: decode every row, softmax in float64

@@ -25,11 +25,7 @@ K_QUANTS = tuple(t for t in QUANTS if native.TYPES[int(t)][1] == 256)  # Q4_K, Q
 PROMPT_NS = (1, 3, 6, 8, 9, 31, 33, 64, 130)
 
 
-@pytest.fixture(autouse=True)
-def _restore_level():
-    before = native.variant()
-    yield
-    native.select_variant(before)
+pytestmark = pytest.mark.usefixtures("restore_level")  # conftest.py
 
 
 def finite_f16_bits(rng, shape):

@@ -18,12 +18,7 @@ def _rope_tables(head_dim, seq_len, theta):  # unscaled RoPE tables of a head si
                                    vocab_size=1, seq_len=seq_len, rope_theta=theta))
 
 
-@pytest.fixture(autouse=True)
-def _restore_level():
-    before, threads = native.variant(), native._native.threads()
-    yield
-    native.select_variant(before)
-    native.set_threads(threads)
+pytestmark = pytest.mark.usefixtures("restore_level")  # conftest.py
 
 
 def ref_rmsnorm(x, w, eps):  # run.c's order: ss = x0*x0 + x1*x1 + ... in float32, left to right
