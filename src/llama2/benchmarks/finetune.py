@@ -70,8 +70,8 @@ def child_ours(base, tokenizer, data, seq_len, batch, steps, rank, threads, chec
     with tempfile.TemporaryDirectory() as out:
         argv = ["finetune", str(base), "--data", str(data), "--out", out, "--tokenizer", str(tokenizer),
                 "--seq-len", str(seq_len), "--batch_size", str(batch), "--max_iters", str(steps + 1),
-                "--lora-rank", str(rank), "--lora-alpha", str(2 * rank), "--learning_rate", str(LEARNING_RATE), "--warmup_iters", "0",
-                "--eval_iters", "0", "--val-fraction", "0", "--log_interval", "1",
+                "--lora-rank", str(rank), "--lora-alpha", str(2 * rank), "--learning_rate", str(LEARNING_RATE),
+                "--warmup_iters", "0", "--eval_iters", "0", "--val-fraction", "0", "--log_interval", "1",
                 "--num_threads", str(threads)] + (["--checkpointing"] if checkpointing else [])
         err = io.StringIO()
         if main(argv, stdout=io.BytesIO(), stderr=err, stdin=io.StringIO("")) != 0:
