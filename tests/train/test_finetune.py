@@ -218,6 +218,48 @@ def test_the_frozen_base_is_dequantized_in_forward_and_backward(model, name, mon
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "q4_k", "f32"])
+def test_frozen_products_in_bfloat16(kind, monkeypatch):
+    """Multiplied in bfloat16, the Function equals torch's bfloat16 product of the widened matrix
+    (x and the gradient rounded to bf16, float32 out); a BF16 or F32 matrix multiplied in its own
+    type is the file's memory itself, not a copy."""
+    from llama2 import formats
+    from llama2.train import lora
+    from llama2.weights import bf16, f32
+    monkeypatch.setattr(lora, "DEQUANT_TILE", 4096)  # several tiles where there are tiles
+    q4k = formats.load_checkpoint(asset("kquant/rand256-q4_k_m.gguf")).weights["wq"][1]
+    dense = torch.from_numpy(np.array(q4k.dequantize()))
+    m = {"bf16": lambda: bf16.Matrix(bf16.f32_to_bf16(dense.numpy())), "q4_k": lambda: q4k,
+         "f32": lambda: f32.Matrix(dense.numpy())}[kind]()
+    wide = torch.from_numpy(np.array(m.dequantize()))
+    for dtype in (torch.bfloat16, torch.float32):
+        view = lora._stored_view(m, dtype)
+        assert (view is not None) == ((kind, dtype) in (("bf16", torch.bfloat16), ("f32", torch.float32)))
+        if view is not None:
+            assert view.data_ptr() == m.blocks.ctypes.data and torch.equal(view.float(), wide)
+    x = torch.randn(3, 5, m.shape[1], requires_grad=True)
+    y = lora.FrozenLinear(m, torch.bfloat16)(x)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = (x2.bfloat16() @ wide.bfloat16().T).float()
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, rtol=1e-2, atol=1e-3)  # bf16 rounding of the products (8-bit significands)
+    assert torch.allclose(x.grad, x2.grad, rtol=2e-2, atol=1e-2 * x2.grad.abs().max().item())
+    exact = x.detach() @ wide.T
+    assert not torch.equal(y.detach(), exact)  # it did run in bfloat16
+
+
+def test_base_dtype_auto_keeps_float32_bases_exact():
+    from llama2.train import lora
+    from llama2.weights import bf16, f32
+    a = np.ones((4, 8), np.float32)
+    assert lora.compute_dtype("auto", f32.Matrix(a), "cpu") == torch.float32
+    assert lora.compute_dtype("auto", bf16.Matrix(bf16.f32_to_bf16(a)), "cpu") == (
+        torch.bfloat16 if lora.bf16_dot_products("cpu") else torch.float32)
+    assert lora.compute_dtype("bfloat16", f32.Matrix(a), "cpu") == torch.bfloat16
+
+
 def test_resume_is_bit_exact(texts, tmp_path):
     flags = ["--eval_interval", "3", "--always_save_checkpoint", "--learning_rate", "3e-3",
              "--warmup_iters", "2", "--lr_decay_iters", "6", "--lora-dropout", "0.1",
