@@ -336,15 +336,37 @@ def test_adapter_gguf_is_llama_cpp_s_format(adapter):
     assert len(tensors) == 2 * 7 * 5  # every linear layer of the 5 blocks
 
 
-def test_llama_cpp_runs_our_adapter(adapter):
+def test_llama_cpp_runs_our_adapter(adapter, tmp_path):
+    """llama.cpp (llama-cpp-python) with our adapter.gguf over the base GGUF, against ours: the training
+    model with the adapter, and our engine on the merged export (`export --lora`). llama.cpp keeps its
+    KV cache in f16 and has its own kernels, so the bound is its disagreement with us on the base
+    alone: with the adapter it may be at most twice that (plus 1e-3 of the logits' scale), while the
+    adapter moves the logits far more than either."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from llama2.llama import Llama
     ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
-    llm = llama_cpp.Llama(str(STORIES), lora_path=str(adapter / "adapter.gguf"), logits_all=True,
-                          n_ctx=64, verbose=False)
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
+
+    def theirs(lora_path=None):
+        llm = llama_cpp.Llama(str(STORIES), lora_path=lora_path, logits_all=True, n_ctx=64, verbose=False)
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+
+    base_gap = np.abs(theirs() - logits(full_model(STORIES), ids)).max()
+    with_adapter = theirs(str(adapter / "adapter.gguf"))
     ours = logits(adapted_model(STORIES, adapter), ids)
-    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()  # f16 KV, their own kernels
+    merged = tmp_path / "merged.gguf"
+    code, err = run_cli(["export", merged, "--from", STORIES, "--lora", adapter, "--format", "gguf"])
+    assert code == 0, err
+    engine = Llama.load(merged).logits(ids)
+    scale = np.abs(ours).max()
+    bound = 2 * base_gap + 1e-3 * scale
+    print(f"llama.cpp vs ours: base {base_gap:.2e}, with the adapter {np.abs(with_adapter - ours).max():.2e} "
+          f"(training model), {np.abs(with_adapter - engine).max():.2e} (engine, merged); logits up to "
+          f"{scale:.1f}, the adapter moves them by {np.abs(ours - logits(full_model(STORIES), ids)).max():.2f}")
+    assert np.abs(with_adapter - ours).max() < bound
+    assert np.abs(with_adapter - engine).max() < bound
+    assert np.abs(ours - logits(full_model(STORIES), ids)).max() > 10 * bound  # the adapter is seen
+    assert (with_adapter.argmax(-1) == ours.argmax(-1)).all()
 
 
 def test_checkpointing_gives_the_same_gradients():
