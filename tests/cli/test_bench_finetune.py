@@ -18,15 +18,17 @@ def run_cli(argv):
 
 @pytest.mark.slow
 def test_quick_runs_ours_and_peft_and_prints_ratios(tmp_path, monkeypatch):
+    """--quick with --qlora-7b: the QLoRA row on the tiny shape's Q4_K_M (llama.cpp's quantizer)."""
     pytest.importorskip("peft", reason="peft is not installed")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the quantizer) is not installed")
     pytest.importorskip("torch", reason="torch is not installed")
     asset("tok512.model")
     monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))
-    code, out, err = run_cli(["bench", "finetune", "--quick", "--dir", tmp_path / "models",
+    code, out, err = run_cli(["bench", "finetune", "--quick", "--qlora-7b", "--dir", tmp_path / "models",
                               "--json", tmp_path / "ft.json"])
     assert code == 0, err
     info = json.loads((tmp_path / "ft.json").read_text())
-    assert set(info) == {"machine", "versions", "settings", "rows"}
+    assert set(info) == {"machine", "versions", "settings", "rows", "qlora"}
     assert info["versions"]["peft"] and info["versions"]["torch"]
     [row] = info["rows"]
     assert row["model"] == "tiny" and row["trainable"] > 0  # both sides train as many values
@@ -38,6 +40,10 @@ def test_quick_runs_ours_and_peft_and_prints_ratios(tmp_path, monkeypatch):
     line = next(x for x in out.splitlines() if x.startswith("| tiny |"))
     assert f"{row['ratio_fp32']:.3g}x" in line and f"{row['rss_ratio_bf16']:.3g}x" in line
     assert "machine:" in out and "peft" in out
+    q = info["qlora"]
+    assert (q["model"], q["weights"], q["checkpointing"]) == ("tiny", "q4_k_m", True)
+    assert q["s_per_step"] > 0 and q["rss_mb"] > q["file_mb"] > 0
+    assert f"QLoRA tiny q4_k_m ({q['file_mb']:,.0f} MB file)" in out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -30,7 +30,7 @@ from ..errors import UsageError
 
 SHAPES = ("stories15M", "stories110M", "tinyllama-1.1b")  # measured by default, in this order
 QUICK_SHAPE = "tiny"  # files.SHAPES' plumbing shape (seconds a step), for --quick
-QLORA_SHAPE, QLORA_KIND, QLORA_SEQ = "llama2-7b", "q4_k_m", 512
+QLORA_SHAPE, QLORA_KIND, QLORA_SEQ = "llama2-7b", "q4_k_m", 512  # --qlora-7b
 PEFT_SIDES = {"peft_fp32": "float32", "peft_bf16": "bfloat16"}  # PEFT's base, as transformers' torch_dtype
 LEARNING_RATE = 2e-4  # both sides; the value does not change a step's cost
 DATA_WORDS = 4000  # the synthetic training text for ours: far more tokens than a few windows use
@@ -49,7 +49,8 @@ def add_arguments(p):
                    help=f"also ours on the Llama-2-7B shape's Q4_K_M GGUF, sequence {QLORA_SEQ}, "
                         "--checkpointing (about 17 GB of files, made on first use)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke mode: a tiny shape, sequence 32, one step, one run (seconds)")
+                   help="smoke mode: a tiny shape, sequence 32, one step, one run (seconds; with "
+                        "--qlora-7b, the tiny shape's Q4_K_M)")
     p.add_argument("--dir", metavar="DIR", help="where the benchmark models are kept "
                                                 "(default $LLAMA2_HOME/bench, else ~/.cache/llama2/bench)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
@@ -228,21 +229,23 @@ def measure_shape(shape, folder, tok, data, s, with_peer, log) -> dict:
 
 
 def measure_qlora(directory, assets, data, s, log) -> dict:
-    """Ours alone on the Llama-2-7B shape's Q4_K_M GGUF at QLORA_SEQ with --checkpointing."""
+    """Ours alone on a Q4_K_M GGUF (the Llama-2-7B shape's; --quick: the tiny shape's) with
+    --checkpointing."""
     from . import files
     from .engine import _tokenizers, file_mb
 
-    tok, spm = _tokenizers(QLORA_SHAPE, assets)
-    files.check_disk({QLORA_SHAPE: [QLORA_KIND]}, directory)
-    path = files.prepare(QLORA_SHAPE, [QLORA_KIND], directory, tok, spm, s["threads"], log=log)[QLORA_KIND]
+    shape, seq_len = s["qlora"]
+    tok, spm = _tokenizers(shape, assets)
+    files.check_disk({shape: [QLORA_KIND]}, directory)
+    path = files.prepare(shape, [QLORA_KIND], directory, tok, spm, s["threads"], log=log)[QLORA_KIND]
     runs = []
     for rep in range(s["reps"]):
-        runs.append(run_child(["ours", path, tok, data, QLORA_SEQ, 1, s["steps"], s["rank"], s["threads"], 1],
+        runs.append(run_child(["ours", path, tok, data, seq_len, 1, s["steps"], s["rank"], s["threads"], 1],
                               s["threads"]))
-        log(f"{QLORA_SHAPE} {QLORA_KIND} run {rep + 1}/{s['reps']}: "
+        log(f"{shape} {QLORA_KIND} run {rep + 1}/{s['reps']}: "
             f"{statistics.fmean(runs[-1]['step_s']):.1f} s a step, peak RSS {runs[-1]['rss_mb']:,.0f} MB")
-    return {"model": QLORA_SHAPE, "weights": QLORA_KIND, "seq_len": QLORA_SEQ, "checkpointing": True,
-            "s_per_step": round(statistics.median(statistics.fmean(r["step_s"]) for r in runs), 2),
+    return {"model": shape, "weights": QLORA_KIND, "seq_len": seq_len, "checkpointing": True,
+            "s_per_step": round(statistics.median(statistics.fmean(r["step_s"]) for r in runs), 3),
             "rss_mb": round(statistics.median(r["rss_mb"] for r in runs), 1), "file_mb": file_mb(path)}
 
 
@@ -262,9 +265,10 @@ def settings(args) -> dict:
         if getattr(args, flag) < 1:
             raise UsageError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     s = {"shapes": shapes, "steps": args.steps, "reps": args.reps, "threads": args.threads,
-         "seq_len": args.seq_len, "batch": args.batch_size, "rank": args.lora_rank}
+         "seq_len": args.seq_len, "batch": args.batch_size, "rank": args.lora_rank,
+         "qlora": (QLORA_SHAPE, QLORA_SEQ) if args.qlora_7b else None}
     if args.quick:
-        s.update(steps=1, reps=1, seq_len=32)
+        s.update(steps=1, reps=1, seq_len=32, qlora=(QUICK_SHAPE, 32) if args.qlora_7b else None)
     return s
 
 
@@ -323,12 +327,12 @@ def run(args, io) -> int:
         for shape in s["shapes"]:
             folder, tok = base_folder(shape, directory, assets, log)
             info["rows"].append(measure_shape(shape, folder, tok, data, s, with_peer, log))
-        if args.qlora_7b:
-            info["qlora_7b"] = measure_qlora(directory, assets, data, s, log)
+        if s["qlora"]:
+            info["qlora"] = measure_qlora(directory, assets, data, s, log)
     m, v = info["machine"], info["versions"]
     text = (f"machine: {m['cpu']} ({m['cpu_level']}), {m['cores']} cores, {m['memory_gib']} GiB; versions: "
             + ", ".join(f"{k} {val}" for k, val in v.items() if val) + "\n\n" + table(info["rows"], s))
-    q = info.get("qlora_7b")
+    q = info.get("qlora")
     if q:
         text += (f"\nQLoRA {q['model']} {q['weights']} ({q['file_mb']:,.0f} MB file), sequence {q['seq_len']}, "
                  f"--checkpointing: {q['s_per_step']} s a step, peak RSS {q['rss_mb']:,.0f} MB "

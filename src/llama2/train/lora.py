@@ -145,8 +145,12 @@ class LoRALinear(nn.Module):
     def out_features(self):
         return self.base.out_features
 
-    def forward(self, x):
-        return self.base(x) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+    def forward(self, x):  # [..., in] -> [..., out]
+        # the scale applied to the rank-wide product and B's product added in the same BLAS call
+        # (addmm): no full-width pass for either, forward or backward
+        h = F.linear(self.dropout(x), self.lora_A) * self.scale  # [..., rank]
+        y = torch.addmm(self.base(x).reshape(-1, self.out_features), h.reshape(-1, self.rank), self.lora_B.T)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def delta(self) -> torch.Tensor:  # the merged update (alpha / rank) B A, [out, in]
         return self.scale * (self.lora_B @ self.lora_A)

@@ -72,7 +72,7 @@ class TrainOptions:
     seed: int = 1337
     device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU
-    num_threads: int = 0  # CPU threads for torch; 0: torch's default (tiny models run best on 1)
+    num_threads: int = 0  # CPU threads for torch and our kernels; 0: their defaults (tiny models run best on 1)
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
