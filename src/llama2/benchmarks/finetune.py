@@ -6,7 +6,8 @@ and then --steps timed steps, and reports its mean step time and its own peak RS
 loading of the base counts too). Ours runs `llama2 finetune` itself (in-process in the child, its
 step times read back from metrics.jsonl, which times the steps only); PEFT's child loads the HF folder
 with transformers in float32 and in bfloat16 (`torch_dtype`), wraps it with peft's LoraConfig and runs
-the same step: forward with labels, backward, gradient clipping at 1.0 (train's default), AdamW.
+the same step: forward with labels, backward, gradient clipping at 1.0 (train's default), AdamW
+(fused, as ours and as transformers' Trainer defaults to).
 Children run interleaved (ours, PEFT fp32, PEFT bf16), --reps rounds, the median kept.
 
 The base: one HF bf16 folder per shape (random weights, files.py), read by both sides: ours maps it in
@@ -106,12 +107,15 @@ def child_peft(folder, dtype, seq_len, batch, steps, rank, threads) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype))
+    loaded = model.get_input_embeddings().weight.dtype
+    if loaded != getattr(torch, dtype):
+        raise SystemExit(f"transformers loaded {folder} in {loaded}, not {dtype}")
     targets = [HF_MODULES[name].rpartition(".")[2] for name in TARGETS.values()]
     model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                              target_modules=targets, task_type="CAUSAL_LM"))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(trainable, lr=LEARNING_RATE, weight_decay=0.0, fused=True)  # as ours
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
     step_s = []
     for _ in range(steps + 1):
