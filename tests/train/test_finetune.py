@@ -47,7 +47,8 @@ def adapted_model(base, out):
     fo = FinetuneOptions(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in ckpt["options"]["finetune"].items()})
     model = ft.lora_model(formats.load_checkpoint(base), min(fo.max_seq_len, 512),
-                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0)
+                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0,
+                          "float32", "cpu")  # exact products: the reference the other engines meet
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     assert not unexpected and all("lora" not in k for k in missing)
     return model.eval()
@@ -319,6 +320,8 @@ def test_mistakes_get_one_line(texts, tmp_path, adapter):
     err = one_line_error(["finetune", asset("kquant/rand256-q8_0.gguf"), "--full", "--data",
                           texts / "held.txt", "--out", tmp_path / "o"], 2)
     assert "--full needs a float base" in err
+    err = one_line_error(["finetune", STORIES, "--data", texts / "held.txt", "--base-dtype", "float16"], 2)
+    assert "--base-dtype must be one of auto, float32, bfloat16, got 'float16'" in err
 
 
 def test_adapter_gguf_is_llama_cpp_s_format(adapter):
@@ -369,7 +372,8 @@ def test_llama_cpp_runs_our_adapter(adapter, tmp_path):
     assert (with_adapter.argmax(-1) == ours.argmax(-1)).all()
 
 
-def test_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_checkpointing_gives_the_same_gradients(base_dtype):
     from llama2 import formats
     from llama2.train import finetune as ft
     ckpt = formats.load_checkpoint(STORIES)
@@ -377,7 +381,7 @@ def test_checkpointing_gives_the_same_gradients():
     grads = []
     for on in (False, True):
         torch.manual_seed(0)
-        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0)
+        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0, base_dtype, "cpu")
         for p in model.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, 0.0, 0.1)

@@ -33,7 +33,7 @@ def base_tokenizer(ckpt, tokenizer_path):
     return ckpt.tokenizer
 
 
-def lora_model(ckpt, seq_len, targets, rank, alpha, dropout, base_dtype="float32", device="cpu") -> Transformer:
+def lora_model(ckpt, seq_len, targets, rank, alpha, dropout, base_dtype, device) -> Transformer:
     """The base as a Transformer whose matrices are frozen views of the file (FrozenLinear,
     multiplied as `base_dtype` says on `device`: lora.compute_dtype) and whose `targets` carry LoRA
     factors; norms copied (small), nothing else widened."""

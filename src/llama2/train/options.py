@@ -141,7 +141,7 @@ def check_finetune(fo: FinetuneOptions):
     if fo.max_seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {fo.max_seq_len}")
     if fo.base_dtype not in BASE_DTYPES:
-        raise UsageError(f"--base-dtype must be {', '.join(BASE_DTYPES)}, got {fo.base_dtype!r}")
+        raise UsageError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {fo.base_dtype!r}")
     if not fo.data:
         raise UsageError("--data is required: text, .json or .jsonl files")
     parse_targets(fo.targets)
