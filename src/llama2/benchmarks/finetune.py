@@ -19,7 +19,6 @@ about 17 GB of files in all) at sequence 512 with --checkpointing: seconds per s
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,8 @@ def add_arguments(p):
 # -- the children -------------------------------------------------------------------------------------
 
 def _peak_rss_mb() -> float:
+    import resource  # Unix only: imported by the children, not when the CLI registers this action
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
