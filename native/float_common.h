@@ -87,7 +87,7 @@ INLINE void FT_CAT(FT, _dot_body)(int64_t cols, const FT_ELEM *w, const char *x,
 INLINE void FT_CAT(FT, _dot_rows)(int64_t cols, const char *w, size_t row_bytes, const float *x, float *out,
                                   const int R) {
 #if defined(__AVX512F__)
-    __m512 acc[4][2];
+    __m512 acc[ROW_DECODE_MAX][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= cols; k += 32) {
@@ -105,7 +105,7 @@ INLINE void FT_CAT(FT, _dot_rows)(int64_t cols, const char *w, size_t row_bytes,
         out[r] = s;
     }
 #elif defined(__AVX2__)
-    __m256 acc[4][2];
+    __m256 acc[ROW_DECODE_MAX][2];
     for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= cols; k += 16) {
@@ -132,8 +132,8 @@ void KN(FT_CAT(FT, _dot))(int64_t cols, const void *w, size_t row_bytes, int64_t
                           int nx, float *out, size_t os) {
     if (nx == 1) {
         int64_t r = 0;
-        for (; r + 4 <= nrows; r += 4)
-            FT_CAT(FT, _dot_rows)(cols, (const char *)w + r * row_bytes, row_bytes, (const float *)x, out + r, 4);
+        for (; r + ROW_DECODE_MAX <= nrows; r += ROW_DECODE_MAX)
+            FT_CAT(FT, _dot_rows)(cols, (const char *)w + r * row_bytes, row_bytes, (const float *)x, out + r, ROW_DECODE_MAX);
         for (; r < nrows; r++)
             FT_CAT(FT, _dot_rows)(cols, (const char *)w + r * row_bytes, row_bytes, (const float *)x, out + r, 1);
         return;
