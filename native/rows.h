@@ -9,8 +9,8 @@
  *                  row, each row's bits those of dot_body: decode takes ROW_DECODE_MAX rows at once
  * and the type's dot_body / dot2_body. It defines `rows`: with `pairs` (the prompt kernel) rows go
  * in pairs where AVX-512 has the registers (dot2_body), one at a time against GEMM_TILE activation
- * rows at AVX2, and the last odd row (and every row of the decode kernel, a single stream through
- * memory) through dot_body. Every path gives each output the same bits. */
+ * rows at AVX2, the decode kernel's rows ROW_DECODE_MAX at a time (ROW_DECODE), and the rows left
+ * over through dot_body. Every path gives each output the same bits. */
 #ifndef PAIR_NX
 #define PAIR_NX 8
 #endif
