@@ -47,9 +47,10 @@ class State:
     chat_template: object  # a chat_template.ChatTemplate or built-in name: --chat-template, else the model's
     started: int  # Unix time: the models' `created`
     adapters: tuple = ()  # the LoRA adapters' model names, by their index in the model's adapters
+    base_adapter: int = -1  # what the served model's own name runs: the model's default adapter
 
-    def model_name(self, adapter) -> str:  # the `model` an answer names: the one the request named
-        return self.config.model_name if adapter is None or adapter < 0 else self.adapters[adapter]
+    def model_name(self, adapter: int) -> str:  # the `model` an answer names: the one the request named
+        return self.config.model_name if adapter in (None, self.base_adapter) else self.adapters[adapter]
 
 
 def _state(request) -> State:
@@ -273,15 +274,20 @@ def _with_adapter(req: P.Request, adapter) -> P.Request:
     return dataclasses.replace(req, params=dataclasses.replace(req.params, adapter=adapter))
 
 
+def _check_model(state: State, body) -> int:  # the request's LoRA adapter index (-1: none)
+    adapter = P.check_model(body, state.config.model_name, state.adapters)
+    return state.base_adapter if adapter is None else adapter
+
+
 def _prepare_completion(state: State, data: bytes) -> P.Request:  # on a worker thread
     body = P.parse_body(data)
-    adapter = P.check_model(body, state.config.model_name, state.adapters)
+    adapter = _check_model(state, body)
     return _with_adapter(P.parse_completion(body, state.tokenizer, state.model_config), adapter)
 
 
 def _prepare_chat(state: State, data: bytes) -> P.Request:  # on a worker thread
     body = P.parse_body(data)
-    adapter = P.check_model(body, state.config.model_name, state.adapters)
+    adapter = _check_model(state, body)
     return _with_adapter(P.parse_chat(body, state.tokenizer, state.model_config, state.chat_template,
                                       not state.config.refuse_long_chats), adapter)
 

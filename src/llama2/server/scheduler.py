@@ -175,7 +175,7 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def warm(self, prompt, adapter: int = None) -> bool:
+    def warm(self, prompt, adapter: int = -1) -> bool:
         """Compute the keys and values of `prompt` (token ids) into the prefix index for requests
         that will start with it, when a slot and the blocks are free now and nobody waits; nothing
         is sampled or answered. Requests submitted after it get their slot after its pass, so they
@@ -277,11 +277,8 @@ class Scheduler:
             if self.metrics is not None and not job.warm:
                 self.metrics.cached(reused)
 
-    def _adapter(self, params: Params) -> int:  # the LoRA adapter a request's rows run with
-        return self.model.adapter if params.adapter is None else params.adapter
-
     def _root(self, params: Params):  # its prefix chains: KV under another adapter is other KV
-        return self.cache.adapter_root(self._adapter(params))
+        return self.cache.adapter_root(params.adapter)
 
     def _draft(self, batch):
         """Speculative decoding: the guesses of every decoding sequence whose length policy asks
@@ -341,7 +338,7 @@ class Scheduler:
         if not group:
             return
         segments = [(seq.slot, seq.rows()) for seq in group]
-        adapters = [self._adapter(seq.params) for seq in group]  # each row its own LoRA adapter, one pass
+        adapters = [seq.params.adapter for seq in group]  # each row its own LoRA adapter, one pass
         prefilled = sum(len(seq.feed) for seq in group if not seq.prefilled)
         drafted = any(seq.draft is not None for seq in group)
         starts = [int(self.cache.pos[seq.slot]) for seq in group]
