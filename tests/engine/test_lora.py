@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 import forward_reference
-from conftest import asset
+from conftest import asset, random_adapter
 from llama2 import Llama, native
-from llama2.checkpoint import LAYER_MATRICES, tensor_shapes
+from llama2.checkpoint import LAYER_MATRICES
 from llama2.cli import main
 from llama2.errors import FormatError
 from llama2.formats import adapter as adapter_file
@@ -50,18 +50,6 @@ def finetuned(tmp_path_factory):
                          "--format", "gguf"])
     assert code == 0, err
     return root / "out", root / "merged.gguf"
-
-
-def random_adapter(path, config, rank=4, alpha=8.0, seed=0, scale=0.05):
-    """An adapter of random factors on every linear layer of a base of `config`, written by our
-    writer in both forms (PEFT's files and adapter.gguf) into folder `path`."""
-    rng = np.random.default_rng(seed)
-    shapes = tensor_shapes(config)
-    factors = {(name, l): ((scale * rng.standard_normal((rank, shapes[name][2]))).astype(np.float32),
-                           (scale * rng.standard_normal((shapes[name][1], rank))).astype(np.float32))
-               for l in range(config.n_layers) for name in LAYER_MATRICES}
-    adapter_file.write(path, config, factors, rank, alpha)
-    return path
 
 
 def close(ours, reference, bound=1e-5):
