@@ -187,3 +187,36 @@ def test_an_adapter_for_another_model_gets_one_line(tmp_path):
         assert "another model" in message or "does not fit this model" in message, message
     with pytest.raises(FormatError, match="not a LoRA adapter"):
         Llama.load(asset(STORIES), lora=tmp_path / "missing")
+
+
+def test_the_plan_s_adapter_errors_are_one_line():
+    """The native binding's own checks (llama2.lora and Transformer check before it)."""
+    from llama2.formats import load_checkpoint
+    from llama2.model import Transformer
+    from test_forward import _plan_args
+
+    model = Transformer(load_checkpoint(asset("stories260K.bin")))
+    args = _plan_args(model)
+    a, b = np.zeros((2, 64), np.float32), np.zeros((64, 2), np.float32)  # wq is [64, 64]: rank 2
+    for adapters, message in [
+        ([[(0, 0, a, np.zeros((63, 2), np.float32), 1.0)]], "adapter 0 layer 0 wq: A must be float32 \\[rank, 64\\], "
+                                                             "B float32 \\[64, rank\\]"),
+        ([[(0, 0, a.astype(np.float64), b, 1.0)]], "adapter 0 layer 0 wq: A must be float32"),
+        ([[], [(5, 0, a, b, 1.0)]], "adapter 1 names layer 5 matrix 0; the plan has 5 layers"),
+        ([[(0, 0, a, b, 1.0), (0, 0, a, b, 1.0)]], "adapter 0 names layer 0 wq twice"),
+    ]:
+        with pytest.raises(ValueError, match=message) as e:
+            native.forward_plan(*args, adapters)
+        assert "\n" not in str(e.value)
+    plan = native.forward_plan(*args, [[(0, 0, a, b, 1.0)]])
+    cache = model.new_cache(slots=1, blocks=1)
+    cache.reserve(0, 1)
+    x, logits = np.zeros((1, model.config.dim), np.float32), np.empty((1, model.config.vocab_size), np.float32)
+    call = (plan, x, cache.pool.k, cache.pool.v, 0, np.zeros((1, 1), np.int32), np.array([0], np.int64),
+            np.array([1], np.int64), logits)
+    native.forward(*call, np.array([0], np.int32))  # the good call runs
+    for adapter, message in [(np.array([1], np.int32), "row 0 names adapter 1; the plan has 1"),
+                             (np.array([0, 0], np.int32), "adapter must be int32 \\[1\\]"),
+                             (np.array([0], np.int64), "adapter must be int32 \\[1\\]")]:
+        with pytest.raises(ValueError, match=message):
+            native.forward(*call, adapter)
