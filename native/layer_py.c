@@ -160,6 +160,12 @@ static int lora_specs(holder *h, PyObject *arg) {
             }
             const matrix *m = &p->layers[l].m[mi];
             lp_lora *z = &p->lora[((size_t)a * (size_t)p->n_layers + (size_t)l) * LP_NMAT + (size_t)mi];
+            if (z->rank) {
+                PyErr_Format(PyExc_ValueError, "forward_plan: adapter %zd names layer %lld %s twice", a, l,
+                             MAT_NAMES[mi]);
+                Py_DECREF(pairs);
+                goto done;
+            }
             snprintf(what, sizeof what, "adapter %zd layer %lld %s", a, l, MAT_NAMES[mi]);
             Py_buffer *ab = hold(h, A, what), *bb = ab ? hold(h, B, what) : NULL;
             rank = ab && ab->ndim == 2 ? ab->shape[0] : 0;
@@ -171,12 +177,6 @@ static int lora_specs(holder *h, PyObject *arg) {
                 goto done;
             }
             z->a = ab->buf, z->b = bb->buf;
-            if (z->rank) {
-                PyErr_Format(PyExc_ValueError, "forward_plan: adapter %zd names layer %lld %s twice", a, l,
-                             MAT_NAMES[mi]);
-                Py_DECREF(pairs);
-                goto done;
-            }
             z->rank = rank, z->scale = (float)scale;
             if (rank > p->max_rank) p->max_rank = rank;
         }
