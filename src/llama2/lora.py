@@ -38,9 +38,15 @@ def sources(spec) -> list:
     """[(path, scale), ...] from a path or a list of paths and (path, scale) pairs."""
     if isinstance(spec, (str, Path)):
         return [(str(spec), 1.0)]
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], (int, float)):
+        spec = [spec]  # one (path, scale)
     out = []
     for item in spec:
-        path, scale = (item, 1.0) if isinstance(item, (str, Path)) else item
+        if isinstance(item, (str, Path)):
+            item = (item, 1.0)
+        if not (isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], (str, Path))):
+            raise UsageError(f"lora: expected a path or a (path, scale) pair, got {item!r}")
+        path, scale = item
         try:
             scale = float(scale)
         except (TypeError, ValueError):
