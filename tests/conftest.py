@@ -43,6 +43,19 @@ def random_weights(config: ModelConfig, seed=0, scale=0.1) -> dict:
     return weights
 
 
+def random_adapter(path, config: ModelConfig, rank=4, alpha=8.0, seed=0, scale=0.05) -> Path:
+    """A LoRA adapter of random factors on every linear layer of a base of `config`, written by our
+    writer in both forms (PEFT's files and adapter.gguf) into folder `path`."""
+    from llama2.formats import adapter
+    rng = np.random.default_rng(seed)
+    shapes = checkpoint.tensor_shapes(config)
+    factors = {(name, l): ((scale * rng.standard_normal((rank, shapes[name][2]))).astype(np.float32),
+                           (scale * rng.standard_normal((shapes[name][1], rank))).astype(np.float32))
+               for l in range(config.n_layers) for name in checkpoint.LAYER_MATRICES}
+    adapter.write(path, config, factors, rank, alpha)
+    return Path(path)
+
+
 def byte_tokenizer(vocab_size: int) -> Tokenizer:
     """A tokenizer like llama2.c's exports: <unk>, BOS, EOS, 256 byte pieces, then merges."""
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]

@@ -123,21 +123,24 @@ silu_mul = _native.silu_mul
 
 # The forward pass in one call (native/layer.c; llama2.plan builds the plan and documents it).
 # forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
-#   rms_final, classifier, cos, sin) -> plan (window > 0: each row attends its last `window`
+#   rms_final, classifier, cos, sin[, adapters]) -> plan (window > 0: each row attends its last `window`
 #   positions; dim: the model's width, when its heads are not dim / n_heads wide): layers a
 #   sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), each matrix a spec from
 #   Matrix.native_product(): ("type", ggml type, w), ("int8_rows", q, s, group_size) or
 #   ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
-#   holds the arrays' buffers for its life.
-# forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits): x float32 [N, dim] the
+#   holds the arrays' buffers for its life. An optional 7th argument: LoRA adapters, a list (one per
+#   adapter) of (layer, matrix index in wq wk wv wo w1 w2 w3 order, A float32 [rank, in], B float32
+#   [out, rank], scale) pairs, applied unmerged (y += scale * B (A x)) to the rows that pick them.
+# forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits[, adapter]): x float32 [N, dim] the
 #   rows' embeddings (overwritten); k_pool, v_pool uint8 [n_layers, blocks, kv_heads, block_tokens,
 #   row_bytes] of KV type kvtype; S segments: tables int32 [S, max_blocks], starts, counts int64 [S]
 #   (segment s: counts[s] rows of one sequence at positions starts[s]..., their keys and values
 #   written there; each row attends its sequence's rows up to its own, the plan's window of them);
 #   logits float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out. Block
 #   ids and positions are checked (IndexError, ValueError), those out of the window not at all
-#   (a cache may have freed them).
+#   (a cache may have freed them). An optional 10th argument: None, or int32 [N], each row's
+#   adapter in the plan (-1: none).
 # rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: the RMSNorm of the forward pass (native/layer.c), with the sum
 #   of squares in numpy's einsum order on x86-64 (four float lanes over sixteen values a step,
 #   products rounded before their adds, lanes combined (l0 + l1) + (l2 + l3)).
