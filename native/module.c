@@ -516,13 +516,47 @@ static PyObject *py_variants(PyObject *self, PyObject *unused) {
 
 static PyObject *py_variant(PyObject *self, PyObject *unused) { return PyUnicode_FromString(active_table->name); }
 
-static PyObject *py_select_variant(PyObject *self, PyObject *arg) {
-    const char *name = PyUnicode_AsUTF8(arg);
-    if (!name) return NULL;
-    int rc = select_variant(name);
+/* select_variant(name[, {type id: variant name}]): the weight types in the dict run on their own variants */
+static PyObject *py_select_variant(PyObject *self, PyObject *args) {
+    const char *name, *by_type[T_COUNT] = {0};
+    PyObject *types = NULL;
+    if (!PyArg_ParseTuple(args, "s|O!", &name, &PyDict_Type, &types)) return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (types && PyDict_Next(types, &pos, &k, &v)) {
+        long t = PyLong_AsLong(k);
+        if (t == -1 && PyErr_Occurred()) return NULL;
+        if (t < 0 || t >= T_COUNT || !TYPE_INFO[t].name) return PyErr_Format(PyExc_ValueError, "no weight type %ld", t);
+        if (!(by_type[t] = PyUnicode_AsUTF8(v))) return NULL;
+    }
+    int rc = types ? select_mixed(name, by_type) : select_variant(name);
+    if (rc < 0 && types)  /* llama2.native checks the names first; this is the backstop */
+        return PyErr_Format(PyExc_ValueError, "%s or a variant named per type is not runnable here", name);
     if (rc == -1) return PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels", name);
     if (rc == -2) return PyErr_Format(PyExc_ValueError, "no %s kernels in this build", name);
     Py_RETURN_NONE;
+}
+
+/* type_variants() -> {type id: the variant that runs it} */
+static PyObject *py_type_variants(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int t = 0; t < T_COUNT; t++) {
+        if (!active_table->by_type[t]) continue;
+        PyObject *k = PyLong_FromLong(t), *v = PyUnicode_FromString(active_table->by_type[t]->name);
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* cpu_id() -> (vendor, family, model) from CPUID; ("", 0, 0) off x86 */
+static PyObject *py_cpu_id(PyObject *self, PyObject *unused) {
+    char vendor[13];
+    int family, model;
+    cpu_id(vendor, &family, &model);
+    return Py_BuildValue("(sii)", vendor, family, model);
 }
 
 /* types() -> {id: (name, block_values, block_bytes, activation kind)} */
@@ -565,7 +599,9 @@ static PyMethodDef methods[] = {
     {"threads", py_threads, METH_NOARGS, "threads() -> n"},
     {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},
     {"variant", py_variant, METH_NOARGS, "variant() -> the active variant's name"},
-    {"select_variant", py_select_variant, METH_O, "select_variant(name)"},
+    {"select_variant", py_select_variant, METH_VARARGS, "select_variant(name[, {type id: variant name}])"},
+    {"type_variants", py_type_variants, METH_NOARGS, "type_variants() -> {type id: variant name}"},
+    {"cpu_id", py_cpu_id, METH_NOARGS, "cpu_id() -> (vendor, family, model)"},
     {"types", py_types, METH_NOARGS, "types() -> {ggml id: (name, block_values, block_bytes, act)}"},
     {NULL, NULL, 0, NULL},
 };

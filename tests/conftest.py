@@ -94,8 +94,17 @@ def llama():
 
 @pytest.fixture
 def restore_level():
-    """Puts back the kernels' instruction-set level and thread count a test changed."""
-    before, threads = native.variant(), native._native.threads()
+    """Puts back the kernels' instruction-set levels (per weight type) and thread count a test changed."""
+    before, threads = native.kernels(), native._native.threads()
     yield
-    native.select_variant(before)
+    native.select_kernels(before)
     native.set_threads(threads)
+
+
+def mixed_kernels() -> tuple:
+    """A per-type choice (native.select_kernels) with each weight type on another of the variants this
+    CPU runs, round robin over the types in id order: neighbouring types (Q4_K beside Q6_K in a
+    q4_k_m file) run on different levels in one pass, as llama2.kernel_choice's table may arrange."""
+    have = native.variants()
+    return have[0], {name: have[(i + 1) % len(have)] for i, (name, _, _) in
+                     enumerate(native.TYPES[t] for t in sorted(native.TYPES))}

@@ -2,7 +2,12 @@
 file stores them, row dequantization and activation quantization, on a thread pool of their own.
 
     level()                          active instruction-set level: scalar, avx2 or avx512
-    select(level)                    switch it in-process (tests cover every level this way)
+    select(level)                    switch it in-process, every type (tests cover every level this way)
+    cpu(), choose(cpu)               this CPU's id; the variant per weight type llama2.kernel_choice's
+                                     table picks for a CPU (the widest, unless a narrower one is faster)
+    select_for_cpu(cpu)              run each weight type on choose(cpu)'s variant (the default)
+    kernels(), select_kernels(k)     the active choice (base variant, {type: variant}) and back
+    describe()                       it in words: "avx512vnni; avx2 for F16, Q8_0"
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
@@ -29,7 +34,8 @@ file stores them, row dequantization and activation quantization, on a thread po
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
 float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
 dequantize_rows are the C functions themselves: they check shapes once, release the GIL and
-allocate nothing per call. The level is the best the CPU runs unless $LLAMA2_ISA names one; a
+allocate nothing per call. The level is the best the CPU runs, each weight type on the variant
+llama2.kernel_choice picks for this CPU model, unless $LLAMA2_ISA names one level for every type; a
 level the CPU lacks is a one-line error. native/README.md says how the build and dispatch work.
 """
 
@@ -38,6 +44,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import kernel_choice
 from . import threads as _threads
 from .errors import UsageError
 
@@ -181,9 +188,62 @@ def select(level: str, label: str = None) -> str:
 
 
 def select_variant(name: str) -> str:
-    """Make one compiled variant active (tests use it for avx512 without VNNI)."""
+    """Make one compiled variant active for every type (tests use it for avx512 without VNNI)."""
     _native.select_variant(name)
     return name
+
+
+class Cpu(NamedTuple):
+    vendor: str  # CPUID's vendor string: AuthenticAMD, GenuineIntel; "" off x86
+    family: int  # display family and model, as /proc/cpuinfo shows them
+    model: int
+
+
+def cpu() -> Cpu:
+    return Cpu(*_native.cpu_id())
+
+
+def choose(cpu_id: Cpu) -> dict:
+    """{GGUF type name: variant} for every weight type on a CPU of that id with this CPU's
+    features: the best variant, unless kernel_choice's table names a level for the type there."""
+    have, levels = variants(), supported()
+    picked = kernel_choice.levels_for(*cpu_id)
+    return {t.name: next(v for v in _LEVEL_VARIANTS[picked[t.name]] if v in have)
+            if picked.get(t.name) in levels else have[0] for t in WEIGHT_TYPES.values()}
+
+
+def select_kernels(kernels: tuple) -> tuple:
+    """Make (base variant, {GGUF type name: variant}) active: the types named run on their
+    variants (decode, prompt and dequantization together), everything else on the base."""
+    base, by_type = kernels
+    have = variants()
+    for v in (base, *by_type.values()):
+        if v not in have:
+            raise ValueError(f"variant {v!r}: this CPU runs {', '.join(have)}")
+    _native.select_variant(base, {WEIGHT_TYPES[t.lower()].id: v for t, v in by_type.items()})
+    return kernels
+
+
+def select_for_cpu(cpu_id: Cpu) -> dict:
+    """Run each weight type on choose(cpu_id)'s variant, the rest on the best; returns the choice."""
+    by_type = choose(cpu_id)
+    select_kernels((variants()[0], by_type))
+    return by_type
+
+
+def kernels() -> tuple:
+    """The active choice: (base variant, {GGUF type name: variant that runs it})."""
+    return _native.variant(), {TYPES[t][0]: v for t, v in _native.type_variants().items()}
+
+
+def describe() -> str:
+    """The active choice in words: the base variant, then the types that run on another."""
+    base, by_type = kernels()
+    other = {}
+    for t, v in sorted(by_type.items()):
+        if v != base:
+            other.setdefault(v, []).append(t)
+    return "; ".join([base] + [f"{v} for {', '.join(ts)}" for v, ts in other.items()])
 
 
 def variant() -> str:
@@ -227,6 +287,8 @@ def _init():
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
         select(forced, f"{ENV}={forced}")
+    else:
+        select_for_cpu(cpu())
     set_threads(_threads.threads())
 
 

@@ -1,0 +1,37 @@
+"""Which instruction-set level runs each weight type, per CPU model: the widest level the CPU has is
+not always the fastest (issue 20: on Zen 4, AVX-512 runs as two 256-bit halves, and our AVX2 Q8_0
+decode beat our AVX-512 one by 30%).
+
+One record per CPU family (or list of models): the weight types whose kernels run at another level
+than the widest, each measured on such a CPU with scripts/bench_native.py (docs/engine.md says how).
+A type's decode and prompt kernels move together (kernels.h: a row's bits do not depend on its
+pass). The choice is made from this table at import, never by timing, so a run's bits do not vary
+from run to run; LLAMA2_ISA (or --isa) forces one level for every type. llama2.native applies it.
+"""
+
+from typing import NamedTuple
+
+
+class Choice(NamedTuple):
+    vendor: str  # CPUID's vendor string
+    family: int  # display family (CPUID leaf 1)
+    models: tuple  # display models it covers; () for the whole family
+    levels: dict  # GGUF type name -> level (llama2.native.LEVELS) where it beats the widest
+    measured: str  # where the numbers come from
+
+
+CHOICES = (
+    # Family 19h: Zen 3 (no AVX-512: its widest level is AVX2 anyway) and Zen 4, which splits each
+    # 512-bit operation into two 256-bit halves.
+    Choice("AuthenticAMD", 0x19, (), {"Q8_0": "avx2", "F16": "avx2"},
+           "AMD EPYC Zen 4 (family 0x19 model 0x11), 2 threads: issue 20's TinyLlama decode, Q8_0 36.8 vs "
+           "28.3 tok/s and F16 13.9 vs 12.3 at avx2 vs avx512; scripts/bench_native.py, 2026-12-07"),
+)
+
+
+def levels_for(vendor: str, family: int, model: int) -> dict:
+    """{GGUF type name: level} for the types this table moves off the widest level on that CPU."""
+    for c in CHOICES:
+        if c.vendor == vendor and c.family == family and (not c.models or model in c.models):
+            return dict(c.levels)
+    return {}
