@@ -59,7 +59,8 @@ int select_variant(const char *name) {
     return rc;
 }
 
-/* Two, so the table being filled is never the one that running calls read. */
+/* Two, so the table being filled is never the active one that running calls read (a choice is
+ * made at import and by tests, never twice during one call). */
 static kernel_table mixed[2];
 static int next_mixed;
 

@@ -180,7 +180,7 @@ def resolve(level: str, available: tuple, label: str = None) -> str:
 
 
 def select(level: str, label: str = None) -> str:
-    """Make `level` the active level of this process; returns it."""
+    """Make `level` the active level of this process, for every weight type; returns it."""
     resolve(level, supported(), label or f"native.select({level!r})")
     have = variants()
     _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
@@ -251,7 +251,7 @@ def variant() -> str:
 
 
 def level() -> str:
-    """The active level."""
+    """The active level (the base's: kernels() says which types run on another)."""
     v = _native.variant()
     return next(lv for lv, vs in _LEVEL_VARIANTS.items() if v in vs)
 
