@@ -2,6 +2,7 @@
 import): a CPU id gives the table's levels, the active kernels run each type on its variant, and
 LLAMA2_ISA still forces one level for everything."""
 
+import json
 import os
 import subprocess
 import sys
@@ -61,16 +62,16 @@ def test_a_cpu_without_a_record_runs_every_type_at_the_widest_level():
 
 
 def test_import_applies_the_table_and_llama2_isa_overrides_it():
-    code = "from llama2 import native; print(native.kernels())"
+    code = "import json; from llama2 import native; print(json.dumps(native.kernels()))"
     env = {k: v for k, v in os.environ.items() if k != native.ENV}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str((WIDEST, native.choose(native.cpu())))
+    assert json.loads(r.stdout) == [WIDEST, native.choose(native.cpu())]
     for level in native.supported():
         r = subprocess.run([sys.executable, "-c", code], env=dict(env, **{native.ENV: level}), capture_output=True,
                            text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        base, by_type = eval(r.stdout)
+        base, by_type = json.loads(r.stdout)
         assert base in native._LEVEL_VARIANTS[level] and set(by_type.values()) == {base}
 
 
