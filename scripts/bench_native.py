@@ -3,14 +3,16 @@ and which level would run each type fastest on this CPU.
 
     python scripts/bench_native.py [--threads 2] [--types Q4_K,Q6_K,...] [--levels avx2,avx512vnni]
                                    [--rows 11008] [--cols 4096] [--n 1,64] [--seconds 0.3] [--reps 5]
+                                   [--stat median|min]
 
 For each type and compiled variant (forced in-process with native.select_variant; a level name
 that is not a variant's, e.g. "avx512" on a build without that variant, goes through native.select), times
 native.matmul on random weights [rows, cols] (default: Llama-2-7B's up projection, far larger than
 the caches) for each activation count N: N = 1..8 is decode (reported as weight GB/s streamed),
 larger N is a prompt (reported as GFLOP/s, 2 * rows * cols * N per call). The levels are measured
-interleaved, --reps times, and each cell is the median, so a machine that gets busier halfway
-through slows every level alike. A measurement script, not a test: run it on an idle machine.
+interleaved, --reps times, and each cell is the median of the rounds (a machine that gets busier
+halfway through slows every level alike) or, with --stat min, the fastest call of all. A
+measurement script, not a test: run it on an idle machine.
 
 The last table is the choice: for each type, every level's speed relative to the fastest level
 at the first N (decode) and at the largest N (prompt), the level with the best geometric mean of
@@ -49,15 +51,15 @@ def random_weights(rng, t, rows, cols):
     return w
 
 
-def time_call(f, seconds):
+def time_calls(f, seconds):
+    """Seconds of each call of f for about `seconds`, after a warm-up call."""
     f()  # warm-up: pool started, scratch grown, weights touched
-    n, t0 = 0, time.perf_counter()
-    while True:
+    calls, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        begin = time.perf_counter()
         f()
-        n += 1
-        dt = time.perf_counter() - t0
-        if dt >= seconds:
-            return dt / n
+        calls.append(time.perf_counter() - begin)
+    return calls
 
 
 def cell(n, rows, cols, nbytes, dt):
@@ -75,6 +77,9 @@ def main():
     ap.add_argument("--n", default="1,64", help="activation rows per call; the first is decode, the last the prompt")
     ap.add_argument("--seconds", type=float, default=0.3, help="per measurement")
     ap.add_argument("--reps", type=int, default=5, help="interleaved rounds, median kept")
+    ap.add_argument("--stat", choices=("median", "min"), default="median",
+                    help="median: of the rounds' mean call times; min: the fastest call of all rounds (on a "
+                         "busy machine, a call that ran without being preempted: closer to the idle speed)")
     a = ap.parse_args()
     set_threads(a.threads)
     rng = np.random.default_rng(0)
@@ -82,7 +87,7 @@ def main():
     types, levels = a.types.split(","), a.levels.split(",")
     cpu = native.cpu()
     print(f"cpu {cpu.vendor} family {cpu.family:#x} model {cpu.model:#x}, threads {a.threads}, "
-          f"w [{a.rows}, {a.cols}], variants {', '.join(native.variants())}, median of {a.reps}", flush=True)
+          f"w [{a.rows}, {a.cols}], variants {', '.join(native.variants())}, {a.stat} of {a.reps} rounds", flush=True)
     weights = {name: random_weights(rng, NAMES[name], a.rows, a.cols) for name in types}
     xs = {n: rng.standard_normal((n, a.cols)).astype(np.float32) for n in ns}
     times = {}  # (type, level, n) -> [seconds per call]
@@ -96,10 +101,11 @@ def main():
                     for n in ns:
                         out = np.empty((n, a.rows), np.float32)
                         f = lambda: native.matmul(NAMES[name], weights[name], xs[n], out)  # noqa: E731
-                        times.setdefault((name, level, n), []).append(time_call(f, a.seconds))
+                        times.setdefault((name, level, n), []).append(time_calls(f, a.seconds))
     finally:
         native.select_kernels(before)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: float(min(min(r) for r in v) if a.stat == "min" else np.median([np.mean(r) for r in v]))
+           for k, v in times.items()}
     print(f"{'type':6} {'level':10} " + " ".join(f"{'N=' + str(n):>12}" for n in ns))
     for name in types:
         for level in levels:
