@@ -24,11 +24,12 @@ CHOICES = (
     # Family 19h: Zen 3 (no AVX-512: its widest level is AVX2 anyway) and Zen 4, which splits each
     # 512-bit operation into two 256-bit halves.
     Choice("AuthenticAMD", 0x19, (), {"Q8_0": "avx2", "F16": "avx2"},
-           "AMD EPYC Zen 4 (family 0x19 model 0x11), 2 threads. Issue 20 (idle machine): TinyLlama decode "
-           "at avx2 vs avx512, Q8_0 36.8 vs 28.3 tok/s, F16 13.9 vs 12.3. scripts/bench_native.py on a busy "
-           "shared machine, 2026-12-07, medians of 5 and 7 interleaved rounds, avx2 / avx512vnni: F16 decode "
-           "1.28x and 1.52x, prompt (N=64) 0.93x and 1.02x; Q8_0 decode 0.94x and 0.90x (the machine's load "
-           "hides the memory limit), prompt 0.67x and 0.71x; BF16 and Q4_K mixed, left at the widest"),
+           "AMD EPYC Zen 4 (family 0x19 model 0x11), 2 threads. Issue 20, idle machine, the kernels before "
+           "the four-row decode (2026-12-07): TinyLlama decode at avx2 vs avx512, Q8_0 36.8 vs 28.3 tok/s, F16 "
+           "13.9 vs 12.3. scripts/bench_native.py on a shared machine at a load of about 10 (noisy), "
+           "2026-12-07, avx2 / avx512vnni: prompts (N=64) F16 0.93-1.02x, Q8_0 0.67-0.71x (the cost of this "
+           "choice); decode could not be measured at the memory limit under that load (1 thread, current "
+           "kernels: 1.00x and 0.99x). BF16, Q4_K: mixed results, left at the widest"),
 )
 
 
