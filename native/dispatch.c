@@ -64,18 +64,20 @@ int select_variant(const char *name) {
 static kernel_table mixed[2];
 static int next_mixed;
 
-int select_mixed(const char *base, const char *const by_type[T_COUNT]) {
+int select_mixed(const char *base, const char *const by_type[T_COUNT], const char *const decode_by_type[T_COUNT]) {
     int rc;
-    const kernel_table *b = find_variant(base, &rc), *of[T_COUNT];
+    const kernel_table *b = find_variant(base, &rc), *of[T_COUNT], *decode_of[T_COUNT];
     if (!b) return rc;
     for (int t = 0; t < T_COUNT; t++) {
-        of[t] = b->by_type[t];
+        of[t] = decode_of[t] = b->by_type[t];
         if (of[t] && by_type[t] && !(of[t] = find_variant(by_type[t], &rc))) return rc;
+        if (decode_of[t] && decode_by_type[t] && !(decode_of[t] = find_variant(decode_by_type[t], &rc))) return rc;
     }
     kernel_table *m = &mixed[next_mixed];
     next_mixed ^= 1;
     *m = *b;
     memcpy(m->by_type, of, sizeof(of));
+    memcpy(m->decode_by_type, decode_of, sizeof(decode_of));
     active_table = m;
     return 0;
 }

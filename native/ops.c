@@ -44,7 +44,8 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
 
 void product_init(product *p, const kernel_table *kt, const matrix *m, const void *x, size_t x_stride, int64_t n,
                   float *out, int nth) {
-    if (m->kind == MAT_TYPE) kt = kt->by_type[m->type];  /* the variant chosen for this weight type */
+    if (m->kind == MAT_TYPE)  /* the variant chosen for this weight type's prompts or decode rows */
+        kt = (n >= 3 ? kt->by_type : kt->decode_by_type)[m->type];
     *p = (product){.m = m, .kt = kt, .x = x, .x_stride = x_stride, .n = n, .out = out};
     int64_t rows = m->rows;
     if (m->kind == MAT_TYPE && m->act == ACT_F32 && n > kt->nx_tile) {

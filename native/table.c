@@ -40,6 +40,7 @@ const kernel_table KN(table) = {
 #define DEQUANT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dequant),
 #define SELF(U, l, id, block, values, act, prompt) [T_##U] = &KN(table),
     .by_type = {WEIGHT_TYPES(SELF)},
+    .decode_by_type = {WEIGHT_TYPES(SELF)},
     .dot = {WEIGHT_TYPES(DOT)},
     .gemm = {WEIGHT_TYPES(GEMM)},
     .dequant = {WEIGHT_TYPES(DEQUANT)},

@@ -16,9 +16,10 @@ measurement script, not a test: run it on an idle machine.
 
 The last table is the choice: for each type, every level's speed relative to the fastest level
 at the first N (decode) and at the largest N (prompt), the level with the best geometric mean of
-the two (a type's decode and prompt kernels run at one level: kernels.h's batch-invariance
-contract), and the level llama2.kernel_choice's table picks for this CPU. A choice worth changing
-goes into that table (docs/engine.md).
+the two (a float type's decode and prompt kernels run at one level: kernels.h's batch-invariance
+contract), the best for each alone (a quantized type's decode may run at its own level: its SIMD
+kernels agree bit for bit), and the levels llama2.kernel_choice's table picks for this CPU. A
+choice worth changing goes into that table (docs/engine.md).
 """
 
 import argparse
@@ -113,15 +114,17 @@ def main():
                 f"{cell(n, a.rows, a.cols, weights[name].nbytes, med[name, level, n]):>12}" for n in ns))
     chosen = native.choose(cpu)
     d, p = ns[0], ns[-1]
-    print(f"\nspeed / the type's fastest level (decode N={d}, prompt N={p}); best: geometric mean of the two")
-    print(f"{'type':6} " + " ".join(f"{lv:>14}" for lv in levels) + f" {'best':>10} {'table':>10}")
+    print(f"\nspeed / the type's fastest level (decode N={d}, prompt N={p}); best: of the geometric mean of the "
+          "two, and of each alone; table: the level the table gives each type (decode / prompts)")
+    print(f"{'type':6} " + " ".join(f"{lv:>14}" for lv in levels) + f" {'best':>10} {'decode':>10} {'prompt':>10}"
+          + f" {'table':>22}")
     for name in types:
         rel = {lv: (min(med[name, v, d] for v in levels) / med[name, lv, d],
                     min(med[name, v, p] for v in levels) / med[name, lv, p]) for lv in levels}
         best = max(levels, key=lambda lv: rel[lv][0] * rel[lv][1])
         print(f"{name:6} " + " ".join(f"{rel[lv][0]:6.2f} {rel[lv][1]:6.2f} " for lv in levels)
-              + f"{best:>10} {chosen.get(name, '-'):>10}")
-
+              + f"{best:>10} {max(levels, key=lambda lv: rel[lv][0]):>10} {max(levels, key=lambda lv: rel[lv][1]):>10}"
+              + f" {chosen.decode[name] + ' / ' + chosen.types[name]:>22}")
 
 if __name__ == "__main__":
     main()

@@ -101,10 +101,15 @@ def restore_level():
     native.set_threads(threads)
 
 
-def mixed_kernels() -> tuple:
+def mixed_kernels():
     """A per-type choice (native.select_kernels) with each weight type on another of the variants this
-    CPU runs, round robin over the types in id order: neighbouring types (Q4_K beside Q6_K in a
-    q4_k_m file) run on different levels in one pass, as llama2.kernel_choice's table may arrange."""
+    CPU runs, round robin over the types in id order, and the quantized types' decode rows on yet
+    another SIMD variant where there is one: neighbouring types (Q4_K beside Q6_K in a q4_k_m file)
+    run on different levels in one pass, as llama2.kernel_choice's table may arrange."""
     have = native.variants()
-    return have[0], {name: have[(i + 1) % len(have)] for i, (name, _, _) in
-                     enumerate(native.TYPES[t] for t in sorted(native.TYPES))}
+    simd = [v for v in have if v != "scalar"]
+    names = [native.TYPES[t][0] for t in sorted(native.TYPES)]
+    types = {name: have[(i + 1) % len(have)] for i, name in enumerate(names)}
+    decode = {name: simd[(simd.index(v) + 1) % len(simd)]
+              if v in simd and native.WEIGHT_TYPES[name.lower()].activations else v for name, v in types.items()}
+    return native.Kernels(have[0], types, decode)

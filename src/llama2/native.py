@@ -3,11 +3,12 @@ file stores them, row dequantization and activation quantization, on a thread po
 
     level()                          active instruction-set level: scalar, avx2 or avx512
     select(level)                    switch it in-process, every type (tests cover every level this way)
-    cpu(), choose(cpu)               this CPU's id; the variant per weight type llama2.kernel_choice's
-                                     table picks for a CPU (the widest, unless a narrower one is faster)
-    select_for_cpu(cpu)              run each weight type on choose(cpu)'s variant (the default)
-    kernels(), select_kernels(k)     the active choice (base variant, {type: variant}) and back
-    describe()                       it in words: "avx512vnni; avx2 for F16, Q8_0"
+    cpu(), choose(cpu)               this CPU's id; the variants per weight type (prompts, decode rows)
+                                     llama2.kernel_choice's table picks for a CPU (the widest, unless
+                                     a narrower one is faster there): a Kernels
+    select_for_cpu(cpu)              make choose(cpu) active (what import does)
+    kernels(), select_kernels(k)     the active Kernels, and making one active
+    describe()                       it in words: "avx512vnni; avx2 for F16; avx2 decode for Q8_0"
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
@@ -203,47 +204,74 @@ def cpu() -> Cpu:
     return Cpu(*_native.cpu_id())
 
 
-def choose(cpu_id: Cpu) -> dict:
-    """{GGUF type name: variant} for every weight type on a CPU of that id with this CPU's
-    features: the best variant, unless kernel_choice's table names a level for the type there."""
+class Kernels(NamedTuple):
+    """Which compiled variant runs what (native/kernels.h by_type, decode_by_type)."""
+    base: str  # everything not below: attention, norms, activation quantization, ...
+    types: dict  # GGUF type name -> the variant of its prompts (3+ rows) and dequantization
+    decode: dict  # GGUF type name -> the variant of its decode rows (1 or 2)
+
+
+def _variant_of(level: str, have: tuple) -> str:
+    return next(v for v in _LEVEL_VARIANTS[level] if v in have)
+
+
+def choose(cpu_id: Cpu) -> Kernels:
+    """The kernels for a CPU of that id with this CPU's features: the best variant, unless
+    kernel_choice's table names a level for a type (or for its decode rows) there."""
     have, levels = variants(), supported()
-    picked = kernel_choice.levels_for(*cpu_id)
-    return {t.name: next(v for v in _LEVEL_VARIANTS[picked[t.name]] if v in have)
-            if picked.get(t.name) in levels else have[0] for t in WEIGHT_TYPES.values()}
+    both, decode = kernel_choice.levels_for(*cpu_id)
+    types = {t.name: _variant_of(both[t.name], have) if both.get(t.name) in levels else have[0]
+             for t in WEIGHT_TYPES.values()}
+    return Kernels(have[0], types, {name: _variant_of(decode[name], have) if decode.get(name) in levels else v
+                                    for name, v in types.items()})
 
 
-def select_kernels(kernels: tuple) -> tuple:
-    """Make (base variant, {GGUF type name: variant}) active: the types named run on their
-    variants (decode, prompt and dequantization together), everything else on the base."""
-    base, by_type = kernels
+def select_kernels(k: Kernels) -> Kernels:
+    """Make k active. A type's decode rows may run on another variant than its prompts only where
+    both give it the same bits (a quantized type on two SIMD variants: level.h), so a row's bits do
+    not depend on its pass; otherwise ValueError."""
+    k = Kernels(*k)
     have = variants()
-    for v in (base, *by_type.values()):
+    for v in (k.base, *k.types.values(), *k.decode.values()):
         if v not in have:
             raise ValueError(f"variant {v!r}: this CPU runs {', '.join(have)}")
-    _native.select_variant(base, {WEIGHT_TYPES[t.lower()].id: v for t, v in by_type.items()})
-    return kernels
+    for name, v in k.decode.items():
+        p = k.types.get(name, k.base)
+        if v != p and (WEIGHT_TYPES[name.lower()].activations is None or "scalar" in (v, p)):
+            raise ValueError(f"{name}: decode on {v} and prompts on {p} would give a row other bits in a "
+                             "prompt than in decode (only the quantized types' SIMD variants agree)")
+    _native.select_variant(k.base, {WEIGHT_TYPES[t.lower()].id: v for t, v in k.types.items()},
+                           {WEIGHT_TYPES[t.lower()].id: v for t, v in k.decode.items()})
+    return k
 
 
-def select_for_cpu(cpu_id: Cpu) -> dict:
-    """Run each weight type on choose(cpu_id)'s variant, the rest on the best; returns the choice."""
-    by_type = choose(cpu_id)
-    select_kernels((variants()[0], by_type))
-    return by_type
+def select_for_cpu(cpu_id: Cpu) -> Kernels:
+    """Make choose(cpu_id) active; returns it."""
+    return select_kernels(choose(cpu_id))
 
 
-def kernels() -> tuple:
-    """The active choice: (base variant, {GGUF type name: variant that runs it})."""
-    return _native.variant(), {TYPES[t][0]: v for t, v in _native.type_variants().items()}
+def kernels() -> Kernels:
+    """The active choice."""
+    by_type = {TYPES[t][0]: pair for t, pair in _native.type_variants().items()}
+    return Kernels(_native.variant(), {t: p for t, (p, _) in by_type.items()},
+                   {t: d for t, (_, d) in by_type.items()})
 
 
 def describe() -> str:
-    """The active choice in words: the base variant, then the types that run on another."""
-    base, by_type = kernels()
+    """The active choice in words: the base variant, then the types that run on another
+    ("avx512vnni; avx2 for F16; avx2 decode for Q8_0")."""
+    k = kernels()
     other = {}
-    for t, v in sorted(by_type.items()):
-        if v != base:
-            other.setdefault(v, []).append(t)
-    return "; ".join([base] + [f"{v} for {', '.join(ts)}" for v, ts in other.items()])
+    for t in sorted(k.types):
+        p, d = k.types[t], k.decode[t]
+        if p == d != k.base:
+            other.setdefault(f"{p} for", []).append(t)
+        else:
+            if p != k.base:
+                other.setdefault(f"{p} prompts for", []).append(t)
+            if d != k.base:
+                other.setdefault(f"{d} decode for", []).append(t)
+    return "; ".join([k.base] + [f"{what} {', '.join(ts)}" for what, ts in other.items()])
 
 
 def variant() -> str:

@@ -287,7 +287,7 @@ def machine() -> dict:
 def our_level(isa=None) -> str:
     """Our instruction-set levels as our children see them: llama2.native.describe() under
     LLAMA2_ISA=isa (the base variant and the weight types this CPU runs on another, e.g.
-    "avx512vnni; avx2 for F16, Q8_0"). A level this CPU lacks is a one-line error."""
+    "avx512vnni; avx2 for F16; avx2 decode for Q8_0"). A level this CPU lacks is a one-line error."""
     env = dict(os.environ)
     if isa:
         env["LLAMA2_ISA"] = isa
