@@ -94,8 +94,22 @@ def llama():
 
 @pytest.fixture
 def restore_level():
-    """Puts back the kernels' instruction-set level and thread count a test changed."""
-    before, threads = native.variant(), native._native.threads()
+    """Puts back the kernels' instruction-set levels (per weight type) and thread count a test changed."""
+    before, threads = native.kernels(), native._native.threads()
     yield
-    native.select_variant(before)
+    native.select_kernels(before)
     native.set_threads(threads)
+
+
+def mixed_kernels():
+    """A per-type choice (native.select_kernels) with each weight type on another of the variants this
+    CPU runs, round robin over the types in id order, and the quantized types' decode rows on yet
+    another SIMD variant where there is one: neighbouring types (Q4_K beside Q6_K in a q4_k_m file)
+    run on different levels in one pass, as llama2.kernel_choice's table may arrange."""
+    have = native.variants()
+    simd = [v for v in have if v != "scalar"]
+    names = [native.TYPES[t][0] for t in sorted(native.TYPES)]
+    types = {name: have[(i + 1) % len(have)] for i, name in enumerate(names)}
+    decode = {name: simd[(simd.index(v) + 1) % len(simd)]
+              if v in simd and native.WEIGHT_TYPES[name.lower()].activations else v for name, v in types.items()}
+    return native.Kernels(have[0], types, decode)

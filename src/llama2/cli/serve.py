@@ -192,7 +192,7 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..server.config import ServerConfig
 
-    from .. import hub, memory
+    from .. import hub, memory, native
 
     model_path = hub.resolve(args.model, what="model")
     # --kv-budget's pool must fit; by default the pool is sized after loading, from what is free
@@ -218,7 +218,7 @@ def run(args, io) -> int:
 
     def ready(app):
         io.err(f"llama2 serve: {config.model_name} at {url} (max batch {config.max_batch}, "
-               f"max queue {config.max_queue})\n")
+               f"max queue {config.max_queue}, kernels {native.describe()})\n")
         if not config.api_key and not ipaddress.ip_address(host).is_loopback:
             io.err(f"llama2 serve: warning: listening on {host} without --api-key: anyone who can "
                    "reach this port can use the model\n")
