@@ -28,6 +28,7 @@ static inline size_t act_row_bytes(int act, int64_t cols) {
 }
 
 #define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
+#define ROW_DECODE_MAX 4  /* weight rows a decode (one activation row) kernel runs at once: independent FMA chains */
 
 /* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
  * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],
@@ -74,10 +75,19 @@ typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, cons
                               int64_t block_tokens, const int32_t *table, int64_t n0, int64_t window, float *scores,
                               float *out, size_t out_stride);
 
-typedef struct {
+typedef struct kernel_table {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
     int gemm_tile;         /* activation rows per gemm call of the integer types (level.h GEMM_TILE) */
+    /* The table whose gemm, dequant, tiles and gemm_float run weight type T (prompts: three rows or
+     * more), and the one whose dot runs its decode rows (one or two): a variant's own table names
+     * itself in both; the active table may name other variants per type (dispatch.c: the fastest
+     * level per CPU). The two differ only where both variants give the type the same bits
+     * (llama2.native checks: a quantized type on two SIMD variants, level.h), so a row's bits do
+     * not depend on whether a decode or a prompt pass computed it. NULL for ids that are not
+     * weight types. Read a type's kernels through these, never from dot[] directly. */
+    const struct kernel_table *by_type[T_COUNT];
+    const struct kernel_table *decode_by_type[T_COUNT];
     dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
     dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows */
     dequant_fn dequant[T_COUNT];

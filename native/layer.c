@@ -18,6 +18,11 @@
  *              [units of w2] the product
  *              [rows] residual, then the next layer's (or the final) RMSNorm and quantization
  *   then [units of the classifier] the logits of every row, or of each segment's last.
+ * With LoRA adapters (a row's adapter picked per call), the rows phase that makes a matrix's float
+ * input also computes u = A x for each row's adapter (h for wq/wk/wv, att for wo (a rows phase of
+ * its own when wo takes float rows), the FFN's normed h for w1/w3, silu(w1 h) * w3 h for w2), and
+ * after each product a phase [units: rows x chunks of LORA_CHUNK outputs] adds scale * B u to the
+ * rows that have an adapter. A pass whose rows have none runs exactly the phases above.
  * The products are ops.h's (the units matmul runs: dot kernels for one or two rows, gemm kernels
  * from three, gemm.c's panels for float weights past a dot call's rows), the attention items
  * attention_pool.c's; every value is one kernel call's own arithmetic, the same whatever the
@@ -103,6 +108,8 @@ typedef struct {
     float *scores;                               /* [score_threads, scratch] */
     int score_threads;
     int64_t *ctr;                                /* one work counter per claimed phase */
+    const int32_t *adapter;                      /* [N]: each row's LoRA adapter, -1 none; NULL: no row has one */
+    float *u;                                    /* [N, LP_NMAT, max_rank]: A x of each row's adapted matrices */
     int bar_count, bar_gen, failed;
 } fw_job;
 
@@ -145,6 +152,57 @@ static void products(fw_job *j, const product *ps, int np, int64_t *ctr) {
     }
 }
 
+/* -- LoRA, unmerged: y += scale * B (A x) ---------------------------------------------------- */
+
+#define LORA_CHUNK 64  /* outputs of one matrix per unit of the B phase */
+
+/* Row b's pair on matrix i of layer l, or NULL where its adapter (or its lack of one) leaves it. */
+static const lp_lora *lora_of(const fw_job *j, int64_t b, int64_t l, int i) {
+    int32_t a = j->adapter[b];
+    if (a < 0) return NULL;
+    const lp_lora *z = &j->p->lora[((size_t)a * (size_t)j->p->n_layers + (size_t)l) * LP_NMAT + i];
+    return z->rank ? z : NULL;
+}
+
+static float *lora_u(const fw_job *j, int64_t b, int i) {  /* [max_rank] */
+    return j->u + ((size_t)b * LP_NMAT + (size_t)i) * (size_t)j->p->max_rank;
+}
+
+/* u[b, i] [rank] = A [rank, cols] x [cols] for each matrix i in `mats` (a bit each) of layer l that
+ * row b's adapter adapts; x: the matrices' float input row. One dot call over A's rows. */
+static void lora_down(const fw_job *j, int64_t b, int64_t l, unsigned mats, const float *x, int64_t cols) {
+    for (int i = 0; i < LP_NMAT; i++) {
+        const lp_lora *z = mats >> i & 1 ? lora_of(j, b, l, i) : NULL;
+        if (z) j->kt->dot[T_F32](cols, z->a, (size_t)cols * sizeof(float), z->rank, x, 0, 1, lora_u(j, b, i), 1);
+    }
+}
+
+/* y[b] [rows of matrix i] += scale * B [rows, rank] u[b, i] for the nm matrices `mats` of layer l,
+ * units (row, matrix, LORA_CHUNK outputs) claimed through *ctr; out[i]: matrix i's output rows. A
+ * value is one dot call's and one multiply-add's, whatever the unit or thread. */
+static void lora_up(fw_job *j, int64_t l, const int *mats, int nm, float *const *out, int64_t *ctr) {
+    const matrix *m = j->p->layers[l].m;
+    int64_t first[LP_NMAT + 1] = {0};
+    for (int k = 0; k < nm; k++) first[k + 1] = first[k] + (m[mats[k]].rows + LORA_CHUNK - 1) / LORA_CHUNK;
+    const int64_t per_row = first[nm];
+    for (;;) {
+        int64_t u = __atomic_fetch_add(ctr, 1, __ATOMIC_RELAXED);
+        if (u >= j->N * per_row) return;
+        int64_t b = u / per_row, c = u % per_row;
+        int k = 0;
+        while (c >= first[k + 1]) k++;
+        const int i = mats[k];
+        const lp_lora *z = lora_of(j, b, l, i);
+        if (!z) continue;
+        const int64_t rows = m[i].rows, o0 = (c - first[k]) * LORA_CHUNK;
+        const int64_t n = rows - o0 < LORA_CHUNK ? rows - o0 : LORA_CHUNK;
+        float t[LORA_CHUNK], *y = out[k] + b * rows + o0;
+        j->kt->dot[T_F32](z->rank, z->b + o0 * z->rank, (size_t)z->rank * sizeof(float), n, lora_u(j, b, i), 0, 1,
+                          t, 1);
+        for (int64_t o = 0; o < n; o++) y[o] = y[o] + z->scale * t[o];
+    }
+}
+
 static void add_rows(float *x, const float *o, int64_t n) {
     for (int64_t i = 0; i < n; i++) x[i] = x[i] + o[i];
 }
@@ -160,6 +218,8 @@ static void fw_task(void *arg, int ith, int nth) {
     const size_t layer_stride = (size_t)c->nblocks * block_stride;
     int64_t *ctr = j->ctr;
     float *scores = ith < j->score_threads ? j->scores + (size_t)ith * (size_t)j->scratch : NULL;
+    const int lora = j->adapter != NULL;
+    const unsigned QKV = 1u << LP_WQ | 1u << LP_WK | 1u << LP_WV;
 
     for (int64_t l = 0; l < p->n_layers; l++) {
         const lp_layer *L = &p->layers[l];
@@ -169,11 +229,18 @@ static void fw_task(void *arg, int ith, int nth) {
             for (int64_t b = ith; b < N; b += nth) {
                 rmsnorm_np4(j->x + b * D, L->rms_att, p->eps, 1, D, j->h + b * D);
                 quant_row(j, kinds_of(m, 3), j->h + b * D, D, j->act_d, j->xs_d, b);
+                if (lora) lora_down(j, b, 0, QKV, j->h + b * D, D);
             }
             barrier(j, nth);
         }
         products(j, pr + LP_WQ, 3, ctr++);  /* wq, wk, wv */
         barrier(j, nth);
+        if (lora) {
+            static const int qkv[3] = {LP_WQ, LP_WK, LP_WV};
+            float *const out[3] = {j->q, j->k, j->v};
+            lora_up(j, l, qkv, 3, out, ctr++);
+            barrier(j, nth);
+        }
 
         uint8_t *kl = c->k + l * layer_stride, *vl = c->v + l * layer_stride;
         for (int64_t b = ith; b < N; b += nth) {
@@ -201,33 +268,53 @@ static void fw_task(void *arg, int ith, int nth) {
         }
         barrier(j, nth);
 
-        if (m[LP_WO].act != ACT_F32) {
-            for (int64_t b = ith; b < N; b += nth)
+        if (m[LP_WO].act != ACT_F32 || lora) {
+            for (int64_t b = ith; b < N; b += nth) {
                 quant_row(j, kinds_of(&m[LP_WO], 1), j->att + b * QD, QD, j->act_q, j->xs_q, b);
+                if (lora) lora_down(j, b, l, 1u << LP_WO, j->att + b * QD, QD);
+            }
             barrier(j, nth);
         }
         products(j, pr + LP_WO, 1, ctr++);
         barrier(j, nth);
+        if (lora) {
+            static const int wo[1] = {LP_WO};
+            lora_up(j, l, wo, 1, &j->o, ctr++);
+            barrier(j, nth);
+        }
 
         for (int64_t b = ith; b < N; b += nth) {
             add_rows(j->x + b * D, j->o + b * D, D);
             rmsnorm_np4(j->x + b * D, L->rms_ffn, p->eps, 1, D, j->h + b * D);
             quant_row(j, (1u << m[LP_W1].act) | (1u << m[LP_W3].act), j->h + b * D, D, j->act_d, j->xs_d, b);
+            if (lora) lora_down(j, b, l, 1u << LP_W1 | 1u << LP_W3, j->h + b * D, D);
         }
         barrier(j, nth);
 
         const product w13[2] = {pr[LP_W1], pr[LP_W3]};
         products(j, w13, 2, ctr++);
         barrier(j, nth);
+        if (lora) {
+            static const int w13i[2] = {LP_W1, LP_W3};
+            float *const out[2] = {j->hb, j->hb2};
+            lora_up(j, l, w13i, 2, out, ctr++);
+            barrier(j, nth);
+        }
 
         for (int64_t b = ith; b < N; b += nth) {
             kt->silu_mul(j->hb + b * HID, j->hb2 + b * HID, HID);
             quant_row(j, kinds_of(&m[LP_W2], 1), j->hb + b * HID, HID, j->act_h, j->xs_h, b);
+            if (lora) lora_down(j, b, l, 1u << LP_W2, j->hb + b * HID, HID);
         }
         barrier(j, nth);
 
         products(j, pr + LP_W2, 1, ctr++);
         barrier(j, nth);
+        if (lora) {
+            static const int w2[1] = {LP_W2};
+            lora_up(j, l, w2, 1, &j->o, ctr++);
+            barrier(j, nth);
+        }
 
         /* the residual, then the next layer's norm, or the final norm of the rows that give logits
          * (into rows 0..M-1 of h: row b's logits row is at most b, and h is not read here) */
@@ -240,6 +327,7 @@ static void fw_task(void *arg, int ith, int nth) {
             if (r < 0) continue;
             rmsnorm_np4(j->x + b * D, norm, p->eps, 1, D, j->h + r * D);
             quant_row(j, kinds, j->h + r * D, D, j->act_d, j->xs_d, r);
+            if (lora && !last) lora_down(j, b, l + 1, QKV, j->h + b * D, D);
         }
         barrier(j, nth);
     }
@@ -247,6 +335,7 @@ static void fw_task(void *arg, int ith, int nth) {
 }
 
 #define COUNTERS_PER_LAYER 5
+#define LORA_COUNTERS_PER_LAYER 4  /* the B phases of wq/wk/wv, wo, w1/w3, w2 */
 
 /* Bump allocation of one block: each piece 64-byte aligned. */
 static void *carve(char **at, size_t bytes) {
@@ -286,11 +375,15 @@ static void set_products(fw_job *j, int threads) {
                  j->logits, threads);
 }
 
-int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits) {
+int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits,
+               const int32_t *adapter) {
     if (N == 0) return 0;
+    int any = 0;  /* a pass without adapted rows takes the plain phases */
+    for (int64_t b = 0; adapter && b < N && !any; b++) any = adapter[b] >= 0;
+    if (!any) adapter = NULL;
     const int64_t D = p->dim, HID = p->hidden, KVD = p->n_kv_heads * p->head_dim, QD = p->q_dim;
     const int64_t M = all_rows ? N : c->S;
-    fw_job j = {.p = p, .kt = active_table, .c = c, .N = N, .M = M, .x = x, .logits = logits};
+    fw_job j = {.p = p, .kt = active_table, .c = c, .N = N, .M = M, .x = x, .logits = logits, .adapter = adapter};
     j.attn = (attn_pass){.kvtype = c->kvtype, .S = c->S, .H = p->n_heads, .KVH = p->n_kv_heads, .hd = p->head_dim,
                          .block_tokens = c->bt, .maxb = c->maxb, .starts = c->starts, .counts = c->counts,
                          .tables = c->tables, .row_bytes = c->row_bytes, .window = p->window,
@@ -312,10 +405,11 @@ int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all
     /* One allocation: the rows' bookkeeping, the float rows, the quantized rows, the scores, the
      * counters, the products. */
     const int nprod = (int)p->n_layers * LP_NMAT + 1;
-    const size_t nctr = (size_t)p->n_layers * COUNTERS_PER_LAYER + 1;
-    size_t fl[9] = {N * D, N * QD, N * QD, N * D, N * KVD, N * KVD, N * HID, N * HID, (size_t)threads * j.scratch};
+    const size_t nctr = (size_t)p->n_layers * (COUNTERS_PER_LAYER + (adapter ? LORA_COUNTERS_PER_LAYER : 0)) + 1;
+    size_t fl[10] = {N * D, N * QD, N * QD, N * D, N * KVD, N * KVD, N * HID, N * HID, (size_t)threads * j.scratch,
+                     adapter ? (size_t)N * LP_NMAT * (size_t)p->max_rank : 0};
     size_t need = 3 * (size_t)N * sizeof(int64_t) + nctr * sizeof(int64_t) + nprod * sizeof(product) + 64 * 32;
-    for (int i = 0; i < 9; i++) need += fl[i] * sizeof(float);
+    for (int i = 0; i < 10; i++) need += fl[i] * sizeof(float);
     for (int a = ACT_Q8_0; a < NACT; a++) {
         j.xs_d[a] = act_row_bytes(a, D);
         j.xs_h[a] = act_row_bytes(a, HID);
@@ -327,8 +421,8 @@ int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all
     j.xs_q[ACT_F32] = act_row_bytes(ACT_F32, QD);
     char *mem = malloc(need), *at = mem;
     if (!mem) { free(items); return -1; }
-    float **bufs[9] = {&j.h, &j.q, &j.att, &j.o, &j.k, &j.v, &j.hb, &j.hb2, &j.scores};
-    for (int i = 0; i < 9; i++) *bufs[i] = carve(&at, fl[i] * sizeof(float));
+    float **bufs[10] = {&j.h, &j.q, &j.att, &j.o, &j.k, &j.v, &j.hb, &j.hb2, &j.scores, &j.u};
+    for (int i = 0; i < 10; i++) *bufs[i] = carve(&at, fl[i] * sizeof(float));
     for (int a = ACT_Q8_0; a < NACT; a++) {
         j.act_d[a] = carve(&at, (size_t)N * j.xs_d[a]);
         j.act_h[a] = carve(&at, (size_t)N * j.xs_h[a]);

@@ -15,6 +15,15 @@ typedef struct {
     matrix m[LP_NMAT];
 } lp_layer;
 
+/* One LoRA pair on one matrix of [rows, cols], applied unmerged: y += scale * B (A x), with
+ * A [rank, cols] and B [rows, rank] float32 (scale: alpha / rank times the user's). rank 0: the
+ * adapter leaves the matrix alone. */
+typedef struct {
+    const float *a, *b;
+    float scale;
+    int64_t rank;
+} lp_lora;
+
 typedef struct {
     int64_t dim, hidden, n_layers, n_heads, n_kv_heads, head_dim, vocab, seq_len;
     int64_t q_dim;             /* n_heads * head_dim: q's and the attention output's width (dim, or not) */
@@ -25,6 +34,9 @@ typedef struct {
     const float *rms_final;    /* [dim] */
     matrix cls;                /* [vocab, dim] */
     lp_layer *layers;          /* [n_layers] */
+    int64_t n_adapters;        /* LoRA adapters a pass's rows may pick from (0: none) */
+    int64_t max_rank;          /* the largest rank among them */
+    lp_lora *lora;             /* [n_adapters, n_layers, LP_NMAT] */
 } lp_plan;
 
 /* The paged cache and the pass's rows: k, v [n_layers, nblocks, n_kv_heads, bt, row_bytes] of KV
@@ -42,8 +54,10 @@ typedef struct {
 } lp_cache;
 
 /* x [N, dim] (the rows' embeddings, N = the sum of counts; overwritten) -> logits [M, vocab]: every
- * row's (all_rows) or each segment's last row's; 0, or -1 out of memory. */
-int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits);
+ * row's (all_rows) or each segment's last row's; 0, or -1 out of memory. adapter [N] (or NULL):
+ * each row's LoRA adapter in the plan, -1 for none. */
+int lp_forward(const lp_plan *p, int64_t N, float *x, const lp_cache *c, int all_rows, float *logits,
+               const int32_t *adapter);
 
 /* out [n, d] = w * (x * (1 / sqrt(ss / d + eps))), ss summed in numpy's einsum order ("td,td->t"
  * on an x86-64 build: four float lanes, sixteen values a step, each product rounded before its

@@ -23,6 +23,7 @@ static void holder_free(holder *h) {
     for (int i = 0; i < h->nbufs; i++) PyBuffer_Release(&h->bufs[i]);
     PyMem_Free(h->bufs);
     PyMem_Free(h->plan.layers);
+    PyMem_Free(h->plan.lora);
     PyMem_Free(h);
 }
 
@@ -123,13 +124,78 @@ static int matrix_spec(holder *h, PyObject *spec, int64_t rows, int64_t cols, co
 
 static const char *const MAT_NAMES[LP_NMAT] = {"wq", "wk", "wv", "wo", "w1", "w2", "w3"};
 
+static int f32_shape(const Py_buffer *b, int64_t rows, int64_t cols) {
+    return pb_fmt(b) == 'f' && b->itemsize == 4 && b->ndim == 2 && b->shape[0] == rows && b->shape[1] == cols;
+}
+
+/* The plan's LoRA adapters: a sequence (one per adapter) of sequences of (layer, matrix index in
+ * wq wk wv wo w1 w2 w3 order, A float32 [rank, cols], B float32 [rows, rank], scale). */
+static int lora_specs(holder *h, PyObject *arg) {
+    lp_plan *p = &h->plan;
+    PyObject *adapters = PySequence_Fast(arg, "forward_plan: adapters must be a sequence");
+    if (!adapters) return -1;
+    Py_ssize_t na = PySequence_Fast_GET_SIZE(adapters);
+    int rc = -1;
+    char what[96];
+    p->n_adapters = na;
+    p->lora = na ? PyMem_Calloc((size_t)na * (size_t)p->n_layers * LP_NMAT, sizeof(lp_lora)) : NULL;
+    if (na && !p->lora) { PyErr_NoMemory(); goto done; }
+    for (Py_ssize_t a = 0; a < na; a++) {
+        PyObject *pairs = PySequence_Fast(PySequence_Fast_GET_ITEM(adapters, a), "forward_plan: an adapter must "
+                                          "be a sequence of (layer, matrix, A, B, scale)");
+        if (!pairs) goto done;
+        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(pairs); i++) {
+            long long l, mi, rank;
+            double scale;
+            PyObject *A, *B;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(pairs, i), "LLOOd", &l, &mi, &A, &B, &scale)) {
+                Py_DECREF(pairs);
+                goto done;
+            }
+            if (l < 0 || l >= p->n_layers || mi < 0 || mi >= LP_NMAT) {
+                PyErr_Format(PyExc_ValueError, "forward_plan: adapter %zd names layer %lld matrix %lld; the plan "
+                             "has %lld layers of %d matrices", a, l, mi, (long long)p->n_layers, LP_NMAT);
+                Py_DECREF(pairs);
+                goto done;
+            }
+            const matrix *m = &p->layers[l].m[mi];
+            lp_lora *z = &p->lora[((size_t)a * (size_t)p->n_layers + (size_t)l) * LP_NMAT + (size_t)mi];
+            if (z->rank) {
+                PyErr_Format(PyExc_ValueError, "forward_plan: adapter %zd names layer %lld %s twice", a, l,
+                             MAT_NAMES[mi]);
+                Py_DECREF(pairs);
+                goto done;
+            }
+            snprintf(what, sizeof what, "adapter %zd layer %lld %s", a, l, MAT_NAMES[mi]);
+            Py_buffer *ab = hold(h, A, what), *bb = ab ? hold(h, B, what) : NULL;
+            rank = ab && ab->ndim == 2 ? ab->shape[0] : 0;
+            if (!bb || rank < 1 || !f32_shape(ab, rank, m->cols) || !f32_shape(bb, m->rows, rank)) {
+                if (!PyErr_Occurred())
+                    PyErr_Format(PyExc_ValueError, "forward_plan: %s: A must be float32 [rank, %lld], B float32 "
+                                 "[%lld, rank]", what, (long long)m->cols, (long long)m->rows);
+                Py_DECREF(pairs);
+                goto done;
+            }
+            z->a = ab->buf, z->b = bb->buf;
+            z->rank = rank, z->scale = (float)scale;
+            if (rank > p->max_rank) p->max_rank = rank;
+        }
+        Py_DECREF(pairs);
+    }
+    rc = 0;
+done:
+    Py_DECREF(adapters);
+    return rc;
+}
+
 /* forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final,
- * classifier, cos, sin) -> plan. window > 0: each row attends its last `window` positions; dim: the
+ * classifier, cos, sin[, adapters]) -> plan. window > 0: each row attends its last `window` positions; dim: the
  * model's width when its heads are not dim / n_heads wide (0: n_heads * head_dim). layers: a
  * sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), the matrices as product specs; cos,
- * sin float32 [seq_len, head_dim / 2]. */
+ * sin float32 [seq_len, head_dim / 2]; adapters: LoRA adapters a pass's rows may pick (lora_specs). */
 static PyObject *py_forward_plan(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 6) return PyErr_Format(PyExc_TypeError, "forward_plan takes 6 arguments (%zd given)", nargs);
+    if (nargs != 6 && nargs != 7)
+        return PyErr_Format(PyExc_TypeError, "forward_plan takes 6 or 7 arguments (%zd given)", nargs);
     long long H, KVH, hidden, vocab;
     double eps;
     int halves;
@@ -186,6 +252,7 @@ static PyObject *py_forward_plan(PyObject *self, PyObject *const *args, Py_ssize
     }
     if (!(p->rms_final = f32_vector(h, args[2], D, "rms_final"))) goto fail;
     if (matrix_spec(h, args[3], p->vocab, D, "classifier", &p->cls) < 0) goto fail;
+    if (nargs == 7 && lora_specs(h, args[6]) < 0) goto fail;
     Py_DECREF(layers);
     PyObject *cap = PyCapsule_New(h, CAPSULE, capsule_free);
     if (!cap) holder_free(h);
@@ -196,15 +263,17 @@ fail:
     return NULL;
 }
 
-/* forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits): x float32 [N, dim] (the
+/* forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits[, adapter]): x float32 [N, dim] (the
  * rows' embeddings; overwritten), pools uint8 [n_layers, blocks, kv_heads, block_tokens, row_bytes],
  * S segments: tables int32 [S, max_blocks], starts, counts int64 [S] (segment s: counts[s] rows at
  * positions starts[s]..., N rows in all, their keys and values written into the cache), logits
- * float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out. */
+ * float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out; adapter (None or
+ * int32 [N]): each row's LoRA adapter in the plan, -1 for none. */
 static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     static const char *fn = "forward";
     PB_ARGS a = {0};
-    if (PB_PARSE(a, fn, args, nargs, 9, {1, "x", PB_BYTES, 1}, {2, "k_pool", PB_BYTES, 1},
+    if (nargs != 9 && nargs != 10) return PyErr_Format(PyExc_TypeError, "%s takes 9 or 10 arguments (%zd given)", fn, nargs);
+    if (PB_PARSE(a, fn, args, 9, 9, {1, "x", PB_BYTES, 1}, {2, "k_pool", PB_BYTES, 1},
                  {3, "v_pool", PB_BYTES, 1}, {5, "tables", PB_BYTES, 0}, {6, "starts", PB_BYTES, 0},
                  {7, "counts", PB_BYTES, 0}, {8, "logits", PB_BYTES, 1}) < 0)
         return NULL;
@@ -255,12 +324,25 @@ static PyObject *py_forward(PyObject *self, PyObject *const *args, Py_ssize_t na
     if (rows != N)
         return PyErr_Format(PyExc_ValueError, "%s: the segments hold %lld rows; x has %lld", fn, (long long)rows,
                             (long long)N);
+    const int32_t *adapter = NULL;
+    if (nargs == 10 && args[9] != Py_None) {
+        Py_buffer *ab = &a.b[a.n];
+        if (PyObject_GetBuffer(args[9], ab, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) return NULL;
+        a.n++;
+        if (ab->ndim != 1 || !pb_is_i32(ab) || ab->shape[0] != N)
+            return PyErr_Format(PyExc_ValueError, "%s: adapter must be int32 [%lld]", fn, (long long)N);
+        adapter = ab->buf;
+        for (int64_t i = 0; i < N; i++)
+            if (adapter[i] < -1 || adapter[i] >= p->n_adapters)
+                return PyErr_Format(PyExc_ValueError, "%s: row %lld names adapter %d; the plan has %lld", fn,
+                                    (long long)i, adapter[i], (long long)p->n_adapters);
+    }
     lp_cache c = {.kvtype = (int)t, .k = kp->buf, .v = vp->buf, .nblocks = nblocks, .bt = bt,
                   .row_bytes = (size_t)rb, .tables = tables, .maxb = maxb, .S = S, .starts = starts,
                   .counts = counts};
     int all_rows = ob->shape[0] == N, rc;
     Py_BEGIN_ALLOW_THREADS
-    rc = lp_forward(p, N, x->buf, &c, all_rows, ob->buf);
+    rc = lp_forward(p, N, x->buf, &c, all_rows, ob->buf, adapter);
     Py_END_ALLOW_THREADS
     if (rc < 0) return PyErr_NoMemory();
     Py_RETURN_NONE;
@@ -287,9 +369,9 @@ static PyObject *py_rmsnorm_einsum(PyObject *self, PyObject *const *args, Py_ssi
 
 PyMethodDef layer_methods[] = {
     {"forward_plan", (PyCFunction)(void (*)(void))py_forward_plan, METH_FASTCALL,
-     "forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin) -> plan"},
+     "forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers, rms_final, classifier, cos, sin[, adapters]) -> plan"},
     {"forward", (PyCFunction)(void (*)(void))py_forward, METH_FASTCALL,
-     "forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits)"},
+     "forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits[, adapter])"},
     {"rmsnorm_einsum", (PyCFunction)(void (*)(void))py_rmsnorm_einsum, METH_FASTCALL,
      "rmsnorm_einsum(x, w, eps, out) -> out"},
     {NULL, NULL, 0, NULL},

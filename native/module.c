@@ -516,13 +516,58 @@ static PyObject *py_variants(PyObject *self, PyObject *unused) {
 
 static PyObject *py_variant(PyObject *self, PyObject *unused) { return PyUnicode_FromString(active_table->name); }
 
-static PyObject *py_select_variant(PyObject *self, PyObject *arg) {
-    const char *name = PyUnicode_AsUTF8(arg);
-    if (!name) return NULL;
-    int rc = select_variant(name);
+/* {type id: variant name} -> names[type id]; -1 with an exception set */
+static int type_names(PyObject *types, const char *names[T_COUNT]) {
+    Py_ssize_t pos = 0;
+    PyObject *k, *v;
+    while (PyDict_Next(types, &pos, &k, &v)) {
+        long t = PyLong_AsLong(k);
+        if (t == -1 && PyErr_Occurred()) return -1;
+        if (t < 0 || t >= T_COUNT || !TYPE_INFO[t].name) {
+            PyErr_Format(PyExc_ValueError, "no weight type %ld", t);
+            return -1;
+        }
+        if (!(names[t] = PyUnicode_AsUTF8(v))) return -1;
+    }
+    return 0;
+}
+
+/* select_variant(name[, {type id: variant}, {type id: decode variant}]): the weight types in the
+ * dicts run their prompts and decode rows on those variants (llama2.native checks the pairs) */
+static PyObject *py_select_variant(PyObject *self, PyObject *args) {
+    const char *name, *by_type[T_COUNT] = {0}, *decode_by_type[T_COUNT] = {0};
+    PyObject *types = NULL, *decode = NULL;
+    if (!PyArg_ParseTuple(args, "s|O!O!", &name, &PyDict_Type, &types, &PyDict_Type, &decode)) return NULL;
+    if ((types && type_names(types, by_type) < 0) || (decode && type_names(decode, decode_by_type) < 0)) return NULL;
+    int rc = types || decode ? select_mixed(name, by_type, decode_by_type) : select_variant(name);
+    if (rc < 0 && (types || decode))  /* llama2.native checks the names first; this is the backstop */
+        return PyErr_Format(PyExc_ValueError, "%s or a variant named per type is not runnable here", name);
     if (rc == -1) return PyErr_Format(PyExc_ValueError, "this CPU cannot run the %s kernels", name);
     if (rc == -2) return PyErr_Format(PyExc_ValueError, "no %s kernels in this build", name);
     Py_RETURN_NONE;
+}
+
+/* type_variants() -> {type id: (the variant of its prompts, the variant of its decode rows)} */
+static PyObject *py_type_variants(PyObject *self, PyObject *unused) {
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (int t = 0; t < T_COUNT; t++) {
+        if (!active_table->by_type[t]) continue;
+        PyObject *k = PyLong_FromLong(t),
+                 *v = Py_BuildValue("(ss)", active_table->by_type[t]->name, active_table->decode_by_type[t]->name);
+        if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(k);
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* cpu_id() -> (vendor, family, model) from CPUID; ("", 0, 0) off x86 */
+static PyObject *py_cpu_id(PyObject *self, PyObject *unused) {
+    char vendor[13];
+    int family, model;
+    cpu_id(vendor, &family, &model);
+    return Py_BuildValue("(sii)", vendor, family, model);
 }
 
 /* types() -> {id: (name, block_values, block_bytes, activation kind)} */
@@ -565,7 +610,10 @@ static PyMethodDef methods[] = {
     {"threads", py_threads, METH_NOARGS, "threads() -> n"},
     {"variants", py_variants, METH_NOARGS, "variants() -> ((name, cpu_runs_it), ...), best first"},
     {"variant", py_variant, METH_NOARGS, "variant() -> the active variant's name"},
-    {"select_variant", py_select_variant, METH_O, "select_variant(name)"},
+    {"select_variant", py_select_variant, METH_VARARGS,
+     "select_variant(name[, {type id: variant}, {type id: decode variant}])"},
+    {"type_variants", py_type_variants, METH_NOARGS, "type_variants() -> {type id: (variant, decode variant)}"},
+    {"cpu_id", py_cpu_id, METH_NOARGS, "cpu_id() -> (vendor, family, model)"},
     {"types", py_types, METH_NOARGS, "types() -> {ggml id: (name, block_values, block_bytes, act)}"},
     {NULL, NULL, 0, NULL},
 };

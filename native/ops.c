@@ -44,6 +44,8 @@ static void quantize_rows(quant_fn q, const float *x, int64_t n, int64_t cols, v
 
 void product_init(product *p, const kernel_table *kt, const matrix *m, const void *x, size_t x_stride, int64_t n,
                   float *out, int nth) {
+    if (m->kind == MAT_TYPE)  /* the variant chosen for this weight type's prompts or decode rows */
+        kt = (n >= 3 ? kt->by_type : kt->decode_by_type)[m->type];
     *p = (product){.m = m, .kt = kt, .x = x, .x_stride = x_stride, .n = n, .out = out};
     int64_t rows = m->rows;
     if (m->kind == MAT_TYPE && m->act == ACT_F32 && n > kt->nx_tile) {
@@ -176,7 +178,7 @@ static void dq_task(void *arg, int ith, int nth) {
 
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
                         int64_t cols, float *out) {
-    dq_job j = {active_table->dequant[type], w, row_bytes, ids, r, cols, out};
+    dq_job j = {active_table->by_type[type]->dequant[type], w, row_bytes, ids, r, cols, out};
     if (r >= 2 && r * cols >= (1 << 18)) pool_run(dq_task, &j);
     else dq_task(&j, 0, 1);
 }

@@ -5,10 +5,12 @@
  *   ROW_AVX2_GEMM  the AVX2 body for one weight row against up to GEMM_TILE activation rows
  *                  (dot_body itself, or a body with dot_body's bits that keeps more in registers)
  *   PAIR_NX        (optional, default 8) activation rows per AVX-512 two-row call
+ *   ROW_DECODE     (optional) a body for R <= ROW_DECODE_MAX weight rows against one activation
+ *                  row, each row's bits those of dot_body: decode takes ROW_DECODE_MAX rows at once
  * and the type's dot_body / dot2_body. It defines `rows`: with `pairs` (the prompt kernel) rows go
  * in pairs where AVX-512 has the registers (dot2_body), one at a time against GEMM_TILE activation
- * rows at AVX2, and the last odd row (and every row of the decode kernel, a single stream through
- * memory) through dot_body. Every path gives each output the same bits. */
+ * rows at AVX2, the decode kernel's rows ROW_DECODE_MAX at a time (ROW_DECODE), and the rows left
+ * over through dot_body. Every path gives each output the same bits. */
 #ifndef PAIR_NX
 #define PAIR_NX 8
 #endif
@@ -31,6 +33,12 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
         for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
 #undef C
 #endif
+#ifdef ROW_DECODE
+    if (nx == 1 && !pairs)
+        for (; r + ROW_DECODE_MAX <= nrows; r += ROW_DECODE_MAX)
+            ROW_DECODE(cols / ROW_VALUES, (const ROW_T *)(wb + r * row_bytes), row_bytes, ROW_DECODE_MAX, (const char *)x,
+                       xs, 1, out + r, os);
+#endif
 #define B(n) \
     for (; r < nrows; r++) dot_body(cols / ROW_VALUES, (const ROW_T *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
@@ -39,3 +47,4 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
 #undef ROW_T
 #undef ROW_VALUES
 #undef ROW_AVX2_GEMM
+#undef ROW_DECODE

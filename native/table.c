@@ -38,12 +38,16 @@ const kernel_table KN(table) = {
 #define DOT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dot),
 #define GEMM(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_##prompt),
 #define DEQUANT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dequant),
+#define SELF(U, l, id, block, values, act, prompt) [T_##U] = &KN(table),
+    .by_type = {WEIGHT_TYPES(SELF)},
+    .decode_by_type = {WEIGHT_TYPES(SELF)},
     .dot = {WEIGHT_TYPES(DOT)},
     .gemm = {WEIGHT_TYPES(GEMM)},
     .dequant = {WEIGHT_TYPES(DEQUANT)},
 #undef DOT
 #undef GEMM
 #undef DEQUANT
+#undef SELF
     .int8_rows_dot = KN(int8_rows_dot),
     .int8_rows_gemm = KN(int8_rows_gemm),
     .q8_0 = KN(quant_q8_0),

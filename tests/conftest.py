@@ -43,6 +43,19 @@ def random_weights(config: ModelConfig, seed=0, scale=0.1) -> dict:
     return weights
 
 
+def random_adapter(path, config: ModelConfig, rank=4, alpha=8.0, seed=0, scale=0.05) -> Path:
+    """A LoRA adapter of random factors on every linear layer of a base of `config`, written by our
+    writer in both forms (PEFT's files and adapter.gguf) into folder `path`."""
+    from llama2.formats import adapter
+    rng = np.random.default_rng(seed)
+    shapes = checkpoint.tensor_shapes(config)
+    factors = {(name, l): ((scale * rng.standard_normal((rank, shapes[name][2]))).astype(np.float32),
+                           (scale * rng.standard_normal((shapes[name][1], rank))).astype(np.float32))
+               for l in range(config.n_layers) for name in checkpoint.LAYER_MATRICES}
+    adapter.write(path, config, factors, rank, alpha)
+    return Path(path)
+
+
 def byte_tokenizer(vocab_size: int) -> Tokenizer:
     """A tokenizer like llama2.c's exports: <unk>, BOS, EOS, 256 byte pieces, then merges."""
     pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [b"<0x%02X>" % i for i in range(256)]
@@ -81,8 +94,22 @@ def llama():
 
 @pytest.fixture
 def restore_level():
-    """Puts back the kernels' instruction-set level and thread count a test changed."""
-    before, threads = native.variant(), native._native.threads()
+    """Puts back the kernels' instruction-set levels (per weight type) and thread count a test changed."""
+    before, threads = native.kernels(), native._native.threads()
     yield
-    native.select_variant(before)
+    native.select_kernels(before)
     native.set_threads(threads)
+
+
+def mixed_kernels():
+    """A per-type choice (native.select_kernels) with each weight type on another of the variants this
+    CPU runs, round robin over the types in id order, and the quantized types' decode rows on yet
+    another SIMD variant where there is one: neighbouring types (Q4_K beside Q6_K in a q4_k_m file)
+    run on different levels in one pass, as llama2.kernel_choice's table may arrange."""
+    have = native.variants()
+    simd = [v for v in have if v != "scalar"]
+    names = [native.TYPES[t][0] for t in sorted(native.TYPES)]
+    types = {name: have[(i + 1) % len(have)] for i, name in enumerate(names)}
+    decode = {name: simd[(simd.index(v) + 1) % len(simd)]
+              if v in simd and native.WEIGHT_TYPES[name.lower()].activations else v for name, v in types.items()}
+    return native.Kernels(have[0], types, decode)

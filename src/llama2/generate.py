@@ -53,6 +53,7 @@ class Params:
     grammar: object = None  # a structured.Grammar the text must match, or None
     logprobs: int | None = None  # None: no log probabilities; k: the sampled token's and the top k
     dropped_messages: int = 0  # chat: the oldest messages left out so that the prompt fits
+    adapter: int = -1  # the server's: the LoRA adapter its rows run with (Transformer.adapters index; -1 none)
 
 
 def resolve_steps(steps: int, seq_len: int) -> int:

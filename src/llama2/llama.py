@@ -52,7 +52,8 @@ class Llama:
 
     @classmethod
     def load(cls, checkpoint, tokenizer=None, quantize=None, threads=None, kv_type=None,
-             chat_template=None, draft=None, lookup=None, draft_max=None, slots=1) -> "Llama":
+             chat_template=None, draft=None, lookup=None, draft_max=None, slots=1, lora=None,
+             adapters=None) -> "Llama":
         """Load a checkpoint (path; downloaded if it is a known default) and its tokenizer (a path, a
         Tokenizer, or None: the checkpoint's own vocabulary if it has one, else tokenizer.bin).
         `quantize` turns float weights into a quantized type at load: "q8_0" (our int8), "q4_0" ...
@@ -68,7 +69,17 @@ class Llama:
         occurrence of the text's last N tokens. `draft_max`: the longest draft (default
         speculative.MAX_DRAFT), its length adapting below that; `slots`: sequences the draft's
         cache holds (the server's batch). A draft file without a vocabulary of its own (llama2.c's)
-        uses the model's tokenizer."""
+        uses the model's tokenizer.
+
+        LoRA adapters (llama2.lora), applied unmerged so a quantized base stays as stored: `lora`
+        (a folder with PEFT's files or ours, an adapter .gguf, or a list of those and (path,
+        scale) pairs, which sum) adapts every generation; `adapters` ({name: the same}) are
+        loaded side by side for the server, where a request's `model` field picks one by name
+        and the base answers to its own. Each is checked against the model's shapes (FormatError
+        naming the file)."""
+        from . import lora as L
+        if lora is not None and adapters is not None:
+            raise UsageError("lora and adapters: give one of them (adapters are picked per request)")
         set_threads(threads)
         path = hub.resolve(checkpoint, what="model")
         ckpt = load_checkpoint(path)
@@ -82,8 +93,13 @@ class Llama:
         if tok.vocab_size < vocab:
             raise FormatError(f"{path}: tokenizer has {tok.vocab_size} tokens but the model's "
                               f"vocabulary has {vocab}")
-        llama = cls(Transformer(ckpt, quantize=quantize, kv_type=kv_type), tok, ckpt, name=Path(path).stem,
-                    chat_template=chat_template, path=path)
+        named = {} if adapters is None else dict(adapters)
+        loaded = [L.load(spec, ckpt.config, name) for name, spec in named.items()]
+        if lora is not None:
+            loaded = [L.load(lora, ckpt.config)]
+        model = Transformer(ckpt, quantize=quantize, kv_type=kv_type, adapters=loaded,
+                            adapter=0 if lora is not None else -1)
+        llama = cls(model, tok, ckpt, name=Path(path).stem, chat_template=chat_template, path=path)
         llama.speculator = llama.speculate(draft, lookup, draft_max, slots, kv_type)
         return llama
 

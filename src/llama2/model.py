@@ -52,10 +52,15 @@ class Transformer:
     tensor, see `weights.quantizer`) turns matrices stored as floats into that type at load; matrices
     stored quantized stay as they are. `kv_type` (a name of kvcache.TYPES; default the checkpoint's,
     its format's choice) is the type of the caches `new_cache` makes.
+
+    `adapters` (llama2.lora.LoRA) are LoRA adapters applied unmerged, picked per sequence of a
+    pass by index (forward_batch's `adapters`); `adapter` is the index a pass uses when its caller
+    names none (-1: the base alone). `Llama.load(lora=...)` sets both; the server names each
+    request's.
     """
 
     def __init__(self, ckpt: Checkpoint, quantize: str = None, group_size: int = Q8_GROUP_SIZE,
-                 kv_type: str = None):
+                 kv_type: str = None, adapters=(), adapter: int = -1):
         c = self.config = ckpt.config
         to_type = weights.quantizer(quantize, group_size, c) if quantize else None
         self.kv_type = kv_type or ckpt.kv_type
@@ -80,6 +85,10 @@ class Transformer:
         # the KV write, attention: each row with a decode row's arithmetic over its own
         # sequence's blocks), so any number. The server packs passes up to it.
         self.invariant_rows = weights.base.ALL_ROWS
+        self.adapters = list(adapters)
+        if not -1 <= adapter < len(self.adapters):
+            raise ValueError(f"adapter {adapter}: the model has {len(self.adapters)} adapters")
+        self.adapter = adapter
         self.plan = Plan(self)  # the forward pass as one native call
 
     def matrices(self) -> list:  # every matrix a pass multiplies by (not the embedding's lookups)
@@ -91,23 +100,29 @@ class Transformer:
         whole context), committed to memory only as positions are written."""
         return KVCache(self.config, kv_type or self.kv_type, slots, seq_len, blocks)
 
-    def forward(self, tokens, cache: KVCache, slot: int = 0, all_logits: bool = False) -> np.ndarray:
+    def forward(self, tokens, cache: KVCache, slot: int = 0, all_logits: bool = False, adapter: int = None) -> np.ndarray:
         """Run `tokens` [T] of one sequence from its cached position on; returns logits [T, V]
         (or [1, V] for the last position only, the default) and advances the slot's position."""
-        return self.forward_batch([(slot, tokens)], cache, all_logits)
+        return self.forward_batch([(slot, tokens)], cache, all_logits, None if adapter is None else [adapter])
 
-    def forward_batch(self, segments, cache: KVCache, all_logits: bool = False) -> np.ndarray:
+    def forward_batch(self, segments, cache: KVCache, all_logits: bool = False, adapters=None) -> np.ndarray:
         """One pass for several sequences: `segments` is a list of (slot, tokens); each segment's
         tokens continue its slot's sequence. All rows share the matrix products (one native call for
         the pass); each row attends over its own sequence's blocks. Returns logits
         [len(segments), V] of each segment's last token, or [total tokens, V] with `all_logits`.
         A segment's result does not depend on the others' tokens: its bits are exactly those it
         gets in a pass of its own. Blocks are reserved before any work: kvcache.CacheFull when the
-        pool has none left (the cache's positions unchanged)."""
+        pool has none left (the cache's positions unchanged). `adapters`: each segment's index in
+        `self.adapters` (-1: none), default `self.adapter` for every segment."""
         c = self.config
         spans, rows = [], []
         if len({slot for slot, _ in segments}) != len(segments):
             raise ValueError("a slot may appear only once in a batch")
+        if adapters is None:
+            adapters = [self.adapter] * len(segments)
+        if len(adapters) != len(segments) or not all(-1 <= a < len(self.adapters) for a in adapters):
+            raise ValueError(f"adapters {list(adapters)}: expected one index in -1..{len(self.adapters) - 1} "
+                             "per segment")
         for slot, tokens in segments:
             tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
             T, start = len(tokens), int(cache.pos[slot])
@@ -126,7 +141,8 @@ class Transformer:
         tables = cache.table_array([slot for slot, _, _ in spans])  # [S, max blocks]
         starts = np.array([st for _, st, _ in spans], np.int64)
         counts = np.array([T for _, _, T in spans], np.int64)
-        logits = self.plan(x, cache, tables, starts, counts, all_logits)
+        per_row = np.repeat(np.asarray(adapters, np.int32), counts) if any(a >= 0 for a in adapters) else None
+        logits = self.plan(x, cache, tables, starts, counts, all_logits, per_row)
         for slot, st, T in spans:
             cache.pos[slot] = st + T
             if c.sliding_window:  # the next row attends from st + T + 1 - W on, unless a draft's

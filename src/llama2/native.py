@@ -2,7 +2,13 @@
 file stores them, row dequantization and activation quantization, on a thread pool of their own.
 
     level()                          active instruction-set level: scalar, avx2 or avx512
-    select(level)                    switch it in-process (tests cover every level this way)
+    select(level)                    switch it in-process, every type (tests cover every level this way)
+    cpu(), choose(cpu)               this CPU's id; the variants per weight type (prompts, decode rows)
+                                     llama2.kernel_choice's table picks for a CPU (the widest, unless
+                                     a narrower one is faster there): a Kernels
+    select_for_cpu(cpu)              make choose(cpu) active (what import does)
+    kernels(), select_kernels(k)     the active Kernels, and making one active
+    describe()                       it in words: "avx512vnni; avx2 for F16; avx2 decode for Q8_0"
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
@@ -29,7 +35,8 @@ file stores them, row dequantization and activation quantization, on a thread po
 `wtype` is a ggml type id; `w` a C-contiguous uint8 [rows, row_bytes] (or, for F32/F16/BF16, its
 float32/float16/uint16 view [rows, cols]), usually a view of a memory-mapped file. matmul and
 dequantize_rows are the C functions themselves: they check shapes once, release the GIL and
-allocate nothing per call. The level is the best the CPU runs unless $LLAMA2_ISA names one; a
+allocate nothing per call. The level is the best the CPU runs, each weight type on the variant
+llama2.kernel_choice picks for this CPU model, unless $LLAMA2_ISA names one level for every type; a
 level the CPU lacks is a one-line error. native/README.md says how the build and dispatch work.
 """
 
@@ -38,6 +45,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import kernel_choice
 from . import threads as _threads
 from .errors import UsageError
 
@@ -123,21 +131,24 @@ silu_mul = _native.silu_mul
 
 # The forward pass in one call (native/layer.c; llama2.plan builds the plan and documents it).
 # forward_plan((n_heads, n_kv_heads, hidden_dim, vocab_size, eps, halves[, window, dim]), layers,
-#   rms_final, classifier, cos, sin) -> plan (window > 0: each row attends its last `window`
+#   rms_final, classifier, cos, sin[, adapters]) -> plan (window > 0: each row attends its last `window`
 #   positions; dim: the model's width, when its heads are not dim / n_heads wide): layers a
 #   sequence of (rms_att, rms_ffn, wq, wk, wv, wo, w1, w2, w3), each matrix a spec from
 #   Matrix.native_product(): ("type", ggml type, w), ("int8_rows", q, s, group_size) or
 #   ("int8_flat", q, s, group_size); norms float32 [dim]; cos, sin
 #   float32 [seq_len, head_dim / 2]. Every shape is checked here (ValueError, one line); the plan
-#   holds the arrays' buffers for its life.
-# forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits): x float32 [N, dim] the
+#   holds the arrays' buffers for its life. An optional 7th argument: LoRA adapters, a list (one per
+#   adapter) of (layer, matrix index in wq wk wv wo w1 w2 w3 order, A float32 [rank, in], B float32
+#   [out, rank], scale) pairs, applied unmerged (y += scale * B (A x)) to the rows that pick them.
+# forward(plan, x, k_pool, v_pool, kvtype, tables, starts, counts, logits[, adapter]): x float32 [N, dim] the
 #   rows' embeddings (overwritten); k_pool, v_pool uint8 [n_layers, blocks, kv_heads, block_tokens,
 #   row_bytes] of KV type kvtype; S segments: tables int32 [S, max_blocks], starts, counts int64 [S]
 #   (segment s: counts[s] rows of one sequence at positions starts[s]..., their keys and values
 #   written there; each row attends its sequence's rows up to its own, the plan's window of them);
 #   logits float32 [N, vocab] (every row's) or [S, vocab] (each segment's last row's) out. Block
 #   ids and positions are checked (IndexError, ValueError), those out of the window not at all
-#   (a cache may have freed them).
+#   (a cache may have freed them). An optional 10th argument: None, or int32 [N], each row's
+#   adapter in the plan (-1: none).
 # rmsnorm_einsum(x [N, D], w [D], eps, out [N, D]) -> out: the RMSNorm of the forward pass (native/layer.c), with the sum
 #   of squares in numpy's einsum order on x86-64 (four float lanes over sixteen values a step,
 #   products rounded before their adds, lanes combined (l0 + l1) + (l2 + l3)).
@@ -170,7 +181,7 @@ def resolve(level: str, available: tuple, label: str = None) -> str:
 
 
 def select(level: str, label: str = None) -> str:
-    """Make `level` the active level of this process; returns it."""
+    """Make `level` the active level of this process, for every weight type; returns it."""
     resolve(level, supported(), label or f"native.select({level!r})")
     have = variants()
     _native.select_variant(next(v for v in _LEVEL_VARIANTS[level] if v in have))
@@ -178,9 +189,89 @@ def select(level: str, label: str = None) -> str:
 
 
 def select_variant(name: str) -> str:
-    """Make one compiled variant active (tests use it for avx512 without VNNI)."""
+    """Make one compiled variant active for every type (tests use it for avx512 without VNNI)."""
     _native.select_variant(name)
     return name
+
+
+class Cpu(NamedTuple):
+    vendor: str  # CPUID's vendor string: AuthenticAMD, GenuineIntel; "" off x86
+    family: int  # display family and model, as /proc/cpuinfo shows them
+    model: int
+
+
+def cpu() -> Cpu:
+    return Cpu(*_native.cpu_id())
+
+
+class Kernels(NamedTuple):
+    """Which compiled variant runs what (native/kernels.h by_type, decode_by_type)."""
+    base: str  # everything not below: attention, norms, activation quantization, ...
+    types: dict  # GGUF type name -> the variant of its prompts (3+ rows) and dequantization
+    decode: dict  # GGUF type name -> the variant of its decode rows (1 or 2)
+
+
+def _variant_of(level: str, have: tuple) -> str:
+    return next(v for v in _LEVEL_VARIANTS[level] if v in have)
+
+
+def choose(cpu_id: Cpu) -> Kernels:
+    """The kernels for a CPU of that id with this CPU's features: the best variant, unless
+    kernel_choice's table names a level for a type (or for its decode rows) there."""
+    have, levels = variants(), supported()
+    both, decode = kernel_choice.levels_for(*cpu_id)
+    types = {t.name: _variant_of(both[t.name], have) if both.get(t.name) in levels else have[0]
+             for t in WEIGHT_TYPES.values()}
+    return Kernels(have[0], types, {name: _variant_of(decode[name], have) if decode.get(name) in levels else v
+                                    for name, v in types.items()})
+
+
+def select_kernels(k: Kernels) -> Kernels:
+    """Make k active. A type's decode rows may run on another variant than its prompts only where
+    both give it the same bits (a quantized type on two SIMD variants: level.h), so a row's bits do
+    not depend on its pass; otherwise ValueError."""
+    k = Kernels(*k)
+    have = variants()
+    for v in (k.base, *k.types.values(), *k.decode.values()):
+        if v not in have:
+            raise ValueError(f"variant {v!r}: this CPU runs {', '.join(have)}")
+    for name, v in k.decode.items():
+        p = k.types.get(name, k.base)
+        if v != p and (WEIGHT_TYPES[name.lower()].activations is None or "scalar" in (v, p)):
+            raise ValueError(f"{name}: decode on {v} and prompts on {p} would give a row other bits in a "
+                             "prompt than in decode (only the quantized types' SIMD variants agree)")
+    _native.select_variant(k.base, {WEIGHT_TYPES[t.lower()].id: v for t, v in k.types.items()},
+                           {WEIGHT_TYPES[t.lower()].id: v for t, v in k.decode.items()})
+    return k
+
+
+def select_for_cpu(cpu_id: Cpu) -> Kernels:
+    """Make choose(cpu_id) active; returns it."""
+    return select_kernels(choose(cpu_id))
+
+
+def kernels() -> Kernels:
+    """The active choice."""
+    by_type = {TYPES[t][0]: pair for t, pair in _native.type_variants().items()}
+    return Kernels(_native.variant(), {t: p for t, (p, _) in by_type.items()},
+                   {t: d for t, (_, d) in by_type.items()})
+
+
+def describe() -> str:
+    """The active choice in words: the base variant, then the types that run on another
+    ("avx512vnni; avx2 for F16; avx2 decode for Q8_0")."""
+    k = kernels()
+    other = {}
+    for t in sorted(k.types):
+        p, d = k.types[t], k.decode[t]
+        if p == d != k.base:
+            other.setdefault(f"{p} for", []).append(t)
+        else:
+            if p != k.base:
+                other.setdefault(f"{p} prompts for", []).append(t)
+            if d != k.base:
+                other.setdefault(f"{d} decode for", []).append(t)
+    return "; ".join([k.base] + [f"{what} {', '.join(ts)}" for what, ts in other.items()])
 
 
 def variant() -> str:
@@ -188,7 +279,7 @@ def variant() -> str:
 
 
 def level() -> str:
-    """The active level."""
+    """The active level (the base's: kernels() says which types run on another)."""
     v = _native.variant()
     return next(lv for lv, vs in _LEVEL_VARIANTS.items() if v in vs)
 
@@ -224,6 +315,8 @@ def _init():
     forced = os.environ.get(ENV, "").strip().lower()
     if forced:
         select(forced, f"{ENV}={forced}")
+    else:
+        select_for_cpu(cpu())
     set_threads(_threads.threads())
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import forward_reference
-from conftest import GOLDEN, asset, random_weights
+from conftest import GOLDEN, asset, mixed_kernels, random_weights
 from llama2 import checkpoint, kvcache, native
 from llama2.config import ModelConfig
 from llama2.formats import load_checkpoint
@@ -133,6 +133,15 @@ def test_one_call_equals_the_reference_at_every_level(name, variant, threads):
     if "stories260K" in name or "gguf-q4" in name:
         kv = "q8_0" if threads == 1 else kv  # the encoder of every type at every level
     _assert_same(_model(name, kv))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_call_equals_the_reference_with_mixed_levels(name):
+    """Each weight type on its own variant (conftest.mixed_kernels): prompts and decode rows of a
+    pass still get the reference's bits."""
+    native.select_kernels(mixed_kernels())
+    native.set_threads(2)
+    _assert_same(_model(name, KV_TYPES[len(name) % len(KV_TYPES)]))
 
 
 def test_concurrent_passes_share_the_pool():
@@ -305,14 +314,15 @@ def _golden_cases():
 
 @pytest.mark.slow  # every instruction-set level x thread count: the full run's
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS + ("mixed",))
 @pytest.mark.parametrize("case", _golden_cases())
 def test_runc_goldens_at_every_level_and_thread_count(case, variant, threads, monkeypatch, tmp_path):
     """Every run.c golden byte for byte (prompts and decode steps, each pass one native call), at
-    every compiled variant and at one and two threads."""
+    every compiled variant, with each weight type on another variant (mixed), and at one and two
+    threads."""
     from llama2.cli import main
 
-    native.select_variant(variant)
+    native.select_kernels(mixed_kernels()) if variant == "mixed" else native.select_variant(variant)
     monkeypatch.chdir(tmp_path)
     out, err = io.BytesIO(), io.StringIO()
     code = main(["run", str(asset(case["model"])), "-z", str(asset(case["tokenizer"])), *case["args"],

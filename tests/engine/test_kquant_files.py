@@ -116,10 +116,10 @@ def isa_level(request):
     """Each instruction-set level of the native kernels this CPU runs, restored afterwards."""
     if request.param not in native.supported():
         pytest.skip(f"this CPU cannot run the {request.param} kernels")
-    before = native.level()
+    before = native.kernels()
     native.select(request.param)
     yield request.param
-    native.select(before)
+    native.select_kernels(before)
 
 
 @pytest.mark.parametrize("name", FILES)

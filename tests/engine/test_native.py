@@ -311,7 +311,9 @@ def test_int8_rows_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
 def test_simd_variants_give_the_same_bits(t):
     """avx2, avx512 and avx512vnni compute each output by the same integer and float operations
     (the AVX-512 kernels put two weight rows in one register, each half doing the 256-bit
-    arithmetic), so they agree bit for bit; the scalar variant sums in another order."""
+    arithmetic), so they agree bit for bit; the scalar variant sums in another order. With each
+    variant's rows alike in decode and prompts (the batch tests above), this is what lets a
+    quantized type's decode run on another SIMD variant than its prompts (native.select_kernels)."""
     simd = [v for v in VARIANTS if v != "scalar"]
     if len(simd) < 2:
         pytest.skip(f"this CPU runs one SIMD variant ({simd})")

@@ -185,8 +185,8 @@ def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_pat
 
     monkeypatch.setattr(R, "rmsnorm", rmsnorm)
     monkeypatch.setattr(Transformer, "forward_batch",
-                        lambda self, segments, cache, all_logits=False:
-                        R.forward_batch(self, segments, cache, all_logits))
+                        lambda self, segments, cache, all_logits=False, adapters=None:
+                        R.forward_batch(self, segments, cache, all_logits))  # run.c: no adapters
     monkeypatch.chdir(tmp_path)
     out, err = io.BytesIO(), io.StringIO()
     code = main(["run", str(asset(case["model"])), "-z", str(asset(case["tokenizer"])), *case["args"]],

@@ -282,7 +282,7 @@ def test_a_failed_stream_ends_in_an_error_event_without_a_bogus_exception(llama,
         def __getattr__(self, name):
             return getattr(self.inner, name)
 
-        def forward_batch(self, segments, cache):
+        def forward_batch(self, segments, cache, all_logits=False, adapters=None):
             raise RuntimeError("injected")
 
     served = Llama(Failing(llama.model), llama.tokenizer, llama.checkpoint)

@@ -35,9 +35,9 @@ class Counting:
     def warm_up(self):
         self.model.warm_up()
 
-    def forward_batch(self, segments, cache):
+    def forward_batch(self, segments, cache, all_logits=False, adapters=None):
         self.passes.append([(slot, len(tokens)) for slot, tokens in segments])
-        return self.model.forward_batch(segments, cache)
+        return self.model.forward_batch(segments, cache, all_logits, adapters)
 
 
 PROMPTS = ["Once upon a time", "Lily", "The dog ran to the park", "Tom had a big red ball", "", "Sun"]

@@ -194,11 +194,11 @@ def test_a_failing_pass_fails_its_requests_only(llama):
         def warm_up(self):
             llama.model.warm_up()
 
-        def forward_batch(self, segments, cache):
+        def forward_batch(self, segments, cache, all_logits=False, adapters=None):
             if self.fail and len(segments[0][1]) == 1:  # fail at the first decode step
                 self.fail = False
                 raise RuntimeError("boom")
-            return llama.model.forward_batch(segments, cache)
+            return llama.model.forward_batch(segments, cache, all_logits, adapters)
 
     model = Flaky()
     sched = Scheduler(model, llama.tokenizer, max_batch=2, max_queue=2)

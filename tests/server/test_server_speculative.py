@@ -112,9 +112,9 @@ class Recording:
     def matrices(self):
         return self.model.matrices()
 
-    def forward_batch(self, segments, cache, all_logits=False):
+    def forward_batch(self, segments, cache, all_logits=False, adapters=None):
         self.passes.append([(slot, len(tokens)) for slot, tokens in segments])
-        return self.model.forward_batch(segments, cache, all_logits)
+        return self.model.forward_batch(segments, cache, all_logits, adapters)
 
 
 def test_slots_verify_their_drafts_in_shared_passes(llama, q8):

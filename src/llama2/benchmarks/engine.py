@@ -20,7 +20,11 @@ run time, so it is also the first run after an install); ours only, one run.
 
 llama.cpp's children run peer.py, which imports nothing of llama2, under this interpreter or the one
 of `--peer-python` (e.g. a venv whose llama-cpp-python is built for AVX2 only, docs/benchmarks.md).
-`--isa` sets LLAMA2_ISA for our children.
+`--isa` sets LLAMA2_ISA for our children. `--batch` adds the multi-row decode rows (decode4, decode8,
+decode16): after the prompts, S sequences each run their own short prompt, then decode 32 greedy
+tokens together, one pass of S rows a step (ours: Transformer.forward_batch; llama.cpp: one
+llama_batch of S tokens with their own sequence ids, on a context of n_seq_max 16), tok/s of every
+sequence's tokens.
 """
 
 import json
@@ -39,16 +43,17 @@ import numpy as np
 from ..config import PRESETS
 from . import files as bench_files
 from .child import ChildError, child_command, last_line
-from .peer import CHECK_GREEDY, CHECK_PROMPT, DECODE_TOKENS, measure, prompt_ids, result_json
+from .peer import (BATCH_SIZES, CHECK_GREEDY, CHECK_PROMPT, DECODE_TOKENS, measure, prompt_ids,
+                   result_json)
 
 SHAPES = ("stories15M", "stories42M", "stories110M")
 FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B (and a tiny test shape)
 METRICS = ("decode", "prefill128", "prefill512", "ttft", "rss")  # measured by the children
-ROW_METRICS = METRICS + ("first_run",)
+BATCH_METRICS = tuple(f"decode{s}" for s in BATCH_SIZES)  # --batch: S sequences decoding together
 HIGHER_IS_BETTER = {"decode": True, "prefill128": True, "prefill512": True, "ttft": False, "rss": False,
-                    "first_run": False}
+                    "first_run": False, **{m: True for m in BATCH_METRICS}}
 UNITS = {"decode": "tok/s", "prefill128": "tok/s", "prefill512": "tok/s", "ttft": "s", "rss": "MB",
-         "first_run": "s"}
+         "first_run": "s", **{m: "tok/s" for m in BATCH_METRICS}}
 GROUP = 32  # int8 group size on both sides (llama.cpp's Q8_0 block)
 CHECK_TOKENS = 24  # greedy ids compared on the stories shapes' F32 GGUF
 FIRST_RUN_STEPS = 4  # positions `llama2 run -n` runs: the first token and three more
@@ -120,7 +125,7 @@ def _ours(path, threads):
     return model, model.new_cache()
 
 
-def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
+def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS, batch=False):
     model, cache = _ours(path, threads)
 
     def start(prompt):
@@ -130,7 +135,17 @@ def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
     def step(token):
         return int(np.argmax(model.forward([token], cache)[-1]))
 
-    return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens)
+    def run_batch(prompts, steps):  # peer.batch_rates: one forward_batch pass of S rows a step
+        slots = model.new_cache(len(prompts), seq_len=max(map(len, prompts)) + steps)
+        tokens = [int(np.argmax(model.forward(p, slots, slot=s)[-1])) for s, p in enumerate(prompts)]
+        begin = time.perf_counter()
+        for _ in range(steps):
+            logits = model.forward_batch([(s, [t]) for s, t in enumerate(tokens)], slots)
+            tokens = [int(t) for t in np.argmax(logits, axis=-1)]
+        return time.perf_counter() - begin
+
+    return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens,
+                   run_batch if batch else None)
 
 
 def check_ours(path, threads):
@@ -146,8 +161,8 @@ def check_ours(path, threads):
 
 
 def child_main(argv):
-    """`ours MODEL THREADS SPAWNED [DECODE_TOKENS]` or `check-ours MODEL THREADS OUT.npy`; prints
-    one JSON line (as peer.py does for llama.cpp)."""
+    """`ours MODEL THREADS SPAWNED [DECODE_TOKENS [BATCH]]` or `check-ours MODEL THREADS OUT.npy`;
+    prints one JSON line (as peer.py does for llama.cpp)."""
     if argv[0] == "check-ours":
         logits, ids = check_ours(argv[1], int(argv[2]))
         np.save(argv[3], logits)
@@ -155,18 +170,19 @@ def child_main(argv):
         return 0
     path, threads, spawned = argv[1], int(argv[2]), float(argv[3])
     decode_tokens = int(argv[4]) if len(argv) > 4 else DECODE_TOKENS
-    print(result_json(*child_ours(path, threads, spawned, decode_tokens)))
+    batch = len(argv) > 5 and argv[5] == "1"
+    print(result_json(*child_ours(path, threads, spawned, decode_tokens, batch)))
     return 0
 
 
 # -- the parent ---------------------------------------------------------------------------------------
 
-def run_child(impl, path, threads, decode_tokens=DECODE_TOKENS, python=None, isa=None) -> dict:
+def run_child(impl, path, threads, decode_tokens=DECODE_TOKENS, python=None, isa=None, batch=False) -> dict:
     cmd, env = child_command(impl, python)
     env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     if isa and impl == "ours":
         env["LLAMA2_ISA"] = isa
-    args = [str(path), str(threads), str(time.time()), str(decode_tokens)]
+    args = [str(path), str(threads), str(time.time()), str(decode_tokens), "1" if batch else "0"]
     cmd += ["ours", *args] if impl == "ours" else ["measure", impl, *args]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
@@ -269,12 +285,13 @@ def machine() -> dict:
 
 
 def our_level(isa=None) -> str:
-    """Our instruction-set level as our children see it: llama2.native.level() under LLAMA2_ISA=isa.
-    A level this CPU lacks is a one-line error."""
+    """Our instruction-set levels as our children see them: llama2.native.describe() under
+    LLAMA2_ISA=isa (the base variant and the weight types this CPU runs on another, e.g.
+    "avx512vnni; avx2 for F16; avx2 decode for Q8_0"). A level this CPU lacks is a one-line error."""
     env = dict(os.environ)
     if isa:
         env["LLAMA2_ISA"] = isa
-    code = "from llama2 import native\nprint(native.level())"
+    code = "from llama2 import native\nprint(native.describe())"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         if not isa:  # the rows will say whether our engine runs at all
@@ -346,7 +363,8 @@ def file_mb(path) -> float:
 def _make_rows(model, weights, threads, ours_samples, peer_samples, first, peer_file=None,
                with_first_run=True, size_mb=None) -> list:
     rows = []
-    for metric in ROW_METRICS if with_first_run else METRICS:
+    batch = tuple(m for m in BATCH_METRICS if any(m in x for x in ours_samples + peer_samples))
+    for metric in METRICS + batch + (("first_run",) if with_first_run else ()):
         if metric == "first_run":
             ours, peer = first, None
         else:
@@ -372,24 +390,25 @@ def _first_step_text(ours_samples, peer_samples) -> str:
 
 
 def run_bench(shapes, threads_list, weights_list, reps, with_peer, directory, assets, log, isa=None,
-              peer_python=None, plan=None, with_first_run=True):
+              peer_python=None, plan=None, with_first_run=True, batch=False):
     """Rows for `shapes`; returns (rows, checks, errors). `weights_list` None: each shape's default
-    weights; `plan` ({shape: file kinds measured}) for the large shapes (default: files_plan)."""
+    weights; `plan` ({shape: file kinds measured}) for the large shapes (default: files_plan);
+    `batch`: the multi-row decode rows too (BATCH_METRICS)."""
     rows, checks, errors = [], [], []
     plan = plan if plan is not None else files_plan(shapes, weights_list, with_peer)
     for shape in shapes:
         if shape in FILE_SHAPES:
             _bench_files(shape, plan[shape], threads_list, reps, with_peer, directory, assets, log, isa,
-                         peer_python, with_first_run, rows, checks, errors)
+                         peer_python, with_first_run, rows, checks, errors, batch)
         else:
             weights = [w for w in weights_list or TINYLLAMA_WEIGHTS if w in TINYLLAMA_WEIGHTS]
             _bench_tinyllamas(shape, threads_list, weights, reps, with_peer, directory, assets, log, isa,
-                              peer_python, with_first_run, rows, checks)
+                              peer_python, with_first_run, rows, checks, batch)
     return rows, checks, errors
 
 
 def _bench_tinyllamas(shape, threads_list, weights_list, reps, with_peer, directory, assets, log, isa,
-                      peer_python, with_first_run, rows, checks):
+                      peer_python, with_first_run, rows, checks, batch=False):
     log(f"preparing {shape} ...")
     files = model_files(shape, directory, assets, gguf=with_peer)
     if with_peer:
@@ -413,9 +432,10 @@ def _bench_tinyllamas(shape, threads_list, weights_list, reps, with_peer, direct
                 run_child(peer_impl, peer_path, threads, python=peer_python)
             samples = {"ours": [], "peer": []}
             for _ in range(reps):  # interleaved
-                samples["ours"].append(run_child("ours", ours_path, threads, isa=isa))
+                samples["ours"].append(run_child("ours", ours_path, threads, isa=isa, batch=batch))
                 if peer_here:
-                    samples["peer"].append(run_child(peer_impl, peer_path, threads, python=peer_python))
+                    samples["peer"].append(run_child(peer_impl, peer_path, threads, python=peer_python,
+                                                     batch=batch))
             first = first_run(ours_path, files["tokenizer"], threads, isa) if with_first_run else None
             made = _make_rows(shape, weights, threads, samples["ours"], samples["peer"], first,
                               with_first_run=with_first_run)
@@ -498,7 +518,7 @@ def prepare(shapes, plan, with_peer, directory, assets, threads, peer_python, lo
 
 
 def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets, log, isa, peer_python,
-                 with_first_run, rows, checks, errors):
+                 with_first_run, rows, checks, errors, batch=False):
     spec = FILE_SHAPES[shape]
     kinds, where, tok = prepare_files(shape, kinds, with_peer, directory, assets, max(threads_list),
                                       peer_python, log)
@@ -528,9 +548,10 @@ def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets,
                     if not (ours_ok if engine == "ours" else peer_ok):
                         continue
                     try:
-                        result = (run_child("ours", where[kind], threads, spec.decode_tokens, isa=isa)
+                        result = (run_child("ours", where[kind], threads, spec.decode_tokens, isa=isa, batch=batch)
                                   if engine == "ours" else
-                                  run_child(peer_impl, peer_path, threads, spec.decode_tokens, peer_python))
+                                  run_child(peer_impl, peer_path, threads, spec.decode_tokens, peer_python,
+                                            batch=batch))
                     except ChildError as e:
                         fail("ours" if engine == "ours" else "llama.cpp", e)
                         if engine == "ours":

@@ -4,7 +4,8 @@ It imports nothing of llama2 (only the standard library, numpy and llama_cpp), s
 `--peer-python` (say a venv whose llama-cpp-python is built for AVX2 only) needs nothing else; our
 own children (engine.py) import the shared parts from here. Modes, each printing one JSON line:
 
-    measure IMPL MODEL THREADS SPAWNED DECODE_TOKENS     IMPL: llama_cpp | llama_cpp_no_extra_bufts
+    measure IMPL MODEL THREADS SPAWNED DECODE_TOKENS [BATCH]   IMPL: llama_cpp | llama_cpp_no_extra_bufts;
+                                                         BATCH 1: also multi-row decode (BATCH_SIZES)
     check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids
     quantize SOURCE OUT FTYPE THREADS                    llama.cpp's quantizer (LLAMA_FTYPE_MOSTLY_*)
 """
@@ -21,6 +22,8 @@ SHORT_PROMPT = 8  # tokens of the prompt whose first token is the time to first 
 DECODE_TOKENS = 256
 CHECK_PROMPT = 16  # teacher-forced positions compared on the files of the large shapes
 CHECK_GREEDY = 16  # greedy ids compared after them
+BATCH_SIZES = (4, 8, 16)  # sequences decoding together in the multi-row decode rows
+BATCH_STEPS = 32  # timed passes of one token per sequence, after each sequence's short prompt
 
 
 def prompt_ids(n, vocab, seed=7):
@@ -28,10 +31,11 @@ def prompt_ids(n, vocab, seed=7):
     return [1] + [int(t) for t in rng.integers(3, vocab, n - 1)]
 
 
-def measure(vocab, spawned, start, step, prefill, decode_tokens=DECODE_TOKENS):
+def measure(vocab, spawned, start, step, prefill, decode_tokens=DECODE_TOKENS, batch=None):
     """The child's measurements, for any engine given as three functions: `start(prompt)` runs a
     prompt on a fresh context and returns the greedy token, `step(token)` feeds one token and returns
-    the next greedy one, `prefill(prompt)` runs a prompt on a fresh context."""
+    the next greedy one, `prefill(prompt)` runs a prompt on a fresh context. With `batch`, also the
+    multi-row decode rates {S: tok/s} (batch_rates)."""
     token = start(prompt_ids(SHORT_PROMPT, vocab))
     ttft = time.time() - spawned
     ids = [token]
@@ -52,13 +56,38 @@ def measure(vocab, spawned, start, step, prefill, decode_tokens=DECODE_TOKENS):
             prefill(prompt)
             took = time.perf_counter() - begin
         rates[n] = n / took
+    if batch is not None:
+        rates.update(batch_rates(vocab, batch))
     return ttft, first_step, decode, rates, ids
 
 
-def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024):
+def batch_rates(vocab, run_batch) -> dict:
+    """{"decodeS": tok/s} for S in BATCH_SIZES: S sequences, each after its own short prompt, decode
+    BATCH_STEPS greedy tokens together, one pass of S rows per step; the rate counts every
+    sequence's tokens. `run_batch(prompts, steps)` runs the prompts as sequences 0..S-1 (fresh),
+    then the passes, and returns the seconds the passes took."""
+    out = {}
+    for S in BATCH_SIZES:
+        prompts = [prompt_ids(SHORT_PROMPT, vocab, seed=100 + s) for s in range(S)]
+        run_batch(prompts, 2)  # warm-up: buffers sized for S rows
+        out[f"decode{S}"] = S * BATCH_STEPS / run_batch(prompts, BATCH_STEPS)
+    return out
+
+
+def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024, n_seq_max=1):
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
+    if n_seq_max > 1:  # Llama() takes no n_seq_max: set it in the context's defaults
+        default_context = lc.llama_context_default_params
+
+        def context_params():
+            p = default_context()
+            p.n_seq_max = n_seq_max
+            p.kv_unified = True  # the sequences share the n_ctx cells
+            return p
+
+        lc.llama_context_default_params = context_params
     if not extra_bufts:
         # llama.cpp's AMX int8 path (an "extra buffer type") crashes with SIGSEGV on batches of more
         # than one token on machines whose kernel does not grant AMX tile state (seen in our VMs,
@@ -76,8 +105,45 @@ def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024):
                  n_threads_batch=threads, logits_all=logits_all, verbose=False)
 
 
-def child_llama_cpp(path, threads, spawned, extra_bufts=True, decode_tokens=DECODE_TOKENS):
-    llm = _llama(path, threads, extra_bufts)
+def batch_llama_cpp(llm):
+    """run_batch (batch_rates) on llama.cpp's own multi-sequence batches (llama_batch, one seq id a
+    token), through the low-level API on the Llama object's context."""
+    import llama_cpp.llama_cpp as lc
+
+    ctx, vocab = llm._ctx.ctx, llm.n_vocab()
+
+    def run_batch(prompts, steps):
+        batch = lc.llama_batch_init(max(len(prompts), max(map(len, prompts))), 0, 1)
+        try:
+            def submit(entries):  # (token, position, sequence, wants logits)
+                batch.n_tokens = len(entries)
+                for i, (t, pos, seq, want) in enumerate(entries):
+                    batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, pos, 1
+                    batch.seq_id[i][0], batch.logits[i] = seq, want
+                if lc.llama_decode(ctx, batch) != 0:
+                    raise RuntimeError(f"llama_decode failed on a batch of {len(entries)} tokens")
+
+            def greedy(i):
+                return int(np.argmax(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(vocab,))))
+
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            tokens = []
+            for s, prompt in enumerate(prompts):
+                submit([(t, p, s, p == len(prompt) - 1) for p, t in enumerate(prompt)])
+                tokens.append(greedy(len(prompt) - 1))
+            begin = time.perf_counter()
+            for k in range(steps):
+                submit([(t, len(prompts[s]) + k, s, True) for s, t in enumerate(tokens)])
+                tokens = [greedy(s) for s in range(len(tokens))]
+            return time.perf_counter() - begin
+        finally:
+            lc.llama_batch_free(batch)
+
+    return run_batch
+
+
+def child_llama_cpp(path, threads, spawned, extra_bufts=True, decode_tokens=DECODE_TOKENS, batch=False):
+    llm = _llama(path, threads, extra_bufts, n_seq_max=max(BATCH_SIZES) if batch else 1)
     vocab = llm.n_vocab()
 
     def last_logits():  # eval() keeps no scores without logits_all: read the context's last row
@@ -92,7 +158,7 @@ def child_llama_cpp(path, threads, spawned, extra_bufts=True, decode_tokens=DECO
         llm.eval([token])
         return int(np.argmax(last_logits()))
 
-    return measure(vocab, spawned, start, step, start, decode_tokens)
+    return measure(vocab, spawned, start, step, start, decode_tokens, batch_llama_cpp(llm) if batch else None)
 
 
 def check_llama_cpp(path, threads, extra_bufts=True):
@@ -145,16 +211,19 @@ def main(argv):
         return 0
     if mode == "measure":
         path, threads, spawned, decode_tokens = argv[2], int(argv[3]), float(argv[4]), int(argv[5])
-        result = result_json(*child_llama_cpp(path, threads, spawned, impl == "llama_cpp", decode_tokens))
+        batch = len(argv) > 6 and argv[6] == "1"
+        result = result_json(*child_llama_cpp(path, threads, spawned, impl == "llama_cpp", decode_tokens, batch))
         print(result)
         return 0
     print(f"peer.py: unknown mode {mode!r} (expected measure, check or quantize)", file=sys.stderr)
     return 2
 
 
-def result_json(ttft, first_step, decode, prefill, ids) -> str:
-    return json.dumps({"ttft": ttft, "first_step": first_step, "decode": decode, "prefill128": prefill[128],
-                       "prefill512": prefill[512], "rss": peak_rss_mb(), "ids": ids})
+def result_json(ttft, first_step, decode, rates, ids) -> str:
+    """rates: prompt tok/s by length (128, 512), and multi-row decode's "decodeS" where measured."""
+    return json.dumps({"ttft": ttft, "first_step": first_step, "decode": decode, "prefill128": rates[128],
+                       "prefill512": rates[512], **{k: v for k, v in rates.items() if isinstance(k, str)},
+                       "rss": peak_rss_mb(), "ids": ids})
 
 
 if __name__ == "__main__":

@@ -31,6 +31,9 @@ def register(sub):
     p.add_argument("--peer-python", metavar="PATH", default=None,
                    help="run llama.cpp's children (and its quantizer) under this interpreter, e.g. a venv "
                         "with llama-cpp-python built for AVX2 only (docs/benchmarks.md)")
+    p.add_argument("--batch", action="store_true",
+                   help="also the multi-row decode rows: 4, 8 and 16 sequences decoding together, tok/s "
+                        "of the whole pass (adds a few seconds to each run)")
     p.add_argument("--no-first-run", action="store_true",
                    help="skip the first-run column (a fresh `llama2 run` process to its first byte)")
     p.add_argument("--quick", action="store_true",
@@ -131,7 +134,7 @@ def parse(args, have_260k: bool, assets) -> dict:
             raise UsageError("--peer-python and --no-peer contradict each other")
         peer_python = str(path)
     return {"shapes": shapes, "threads": threads, "weights": weights, "reps": reps, "with_peer": with_peer,
-            "peer_python": peer_python, "isa": args.isa, "first_run": first_run}
+            "peer_python": peer_python, "isa": args.isa, "first_run": first_run, "batch": args.batch}
 
 
 def run(args, io) -> int:
@@ -176,7 +179,7 @@ def run(args, io) -> int:
             "versions": engine.versions(with_peer, s["peer_python"])}
     rows, checks, errors = engine.run_bench(s["shapes"], s["threads"], s["weights"], s["reps"], with_peer,
                                             directory, assets if assets.exists() else None, log, s["isa"],
-                                            s["peer_python"], plan, s["first_run"])
+                                            s["peer_python"], plan, s["first_run"], s["batch"])
     info.update(rows=rows, checks=checks, errors=errors)
     m, v = info["machine"], info["versions"]
     header = (f"machine: {m['cpu']} ({m['cpu_level']}), {m['cores']} cores, {m['memory_gib']} GiB; "

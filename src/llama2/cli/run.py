@@ -9,10 +9,12 @@
     llama2 run hf:ORG/REPO:Q4_K_M 'Hello'       # from the Hugging Face hub (or hf:ORG/REPO/FILE)
     llama2 run CODELLAMA --mode infill --prefix 'def f(x):' --suffix '    return y'   # the middle
     llama2 run -m big.gguf --draft small.gguf     # speculative decoding (or --lookup N: no draft model)
+    llama2 run BASE --lora out/ --lora-scale 0.5 'Once'   # a LoRA adapter, unmerged (repeatable: they sum)
 
 stdout carries exactly the bytes run.c prints; "achieved tok/s" goes to stderr.
 """
 
+import argparse
 import math
 import os
 import time
@@ -68,7 +70,47 @@ def register(sub):
     shape.add_argument("--grammar", metavar="FILE",
                        help="structured output: the generated text follows this Lark or GBNF grammar")
     add_speculation(p)
+    add_lora(p, named=False)
     p.set_defaults(func=run)
+
+
+class _LoRAFlag(argparse.Action):
+    """--lora and --lora-scale, kept in the order given (a scale belongs to the --lora before it)."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), (option_string, value)])
+
+
+def add_lora(p, named: bool):
+    """--lora [NAME=]DIR and --lora-scale S, repeatable (llama2 run: they sum; llama2 serve: each
+    NAME is a model a request may name)."""
+    if named:
+        what, meaning = "NAME=DIR", ("serve this LoRA adapter (a folder with PEFT's files or ours, or an adapter "
+                                     ".gguf) unmerged as model NAME beside the base; repeatable")
+    else:
+        what, meaning = "DIR", ("apply this LoRA adapter (a folder with PEFT's files or ours, or an adapter "
+                                ".gguf) unmerged; repeatable, the adapters sum")
+    p.add_argument("--lora", dest="lora", action=_LoRAFlag, metavar=what, help=meaning)
+    p.add_argument("--lora-scale", dest="lora", action=_LoRAFlag, type=float, metavar="S",
+                   help="scale of the --lora before it (default 1): W x + S * alpha / rank * B A x")
+
+
+def lora_flags(flags) -> list:
+    """[(value, scale), ...] of --lora and --lora-scale in order; each path checked to exist."""
+    out = []
+    for option, value in flags or ():
+        if option == "--lora":
+            out.append([value, 1.0, False])
+            path = value.partition("=")[2] if "=" in value and not os.path.lexists(value) else value
+            if not os.path.lexists(path):
+                raise UsageError(f"--lora {value}: no such file or folder")
+        elif not out or out[-1][2]:
+            raise UsageError(f"--lora-scale {value}: give one after each --lora it scales")
+        elif not math.isfinite(value):
+            raise UsageError(f"--lora-scale {value}: expected a finite number")
+        else:
+            out[-1][1:] = [value, True]
+    return [(value, scale) for value, scale, _ in out]
 
 
 def add_speculation(p):
@@ -180,13 +222,14 @@ def run(args, io) -> int:
     from .. import hub, memory
 
     model_path, prompt, mode, prompt_given = parse(args)
+    lora = lora_flags(args.lora) or None
     structured_spec(args)  # a bad schema or grammar file fails before the model loads
     template = override(args.chat_template) if args.chat_template else None
     model_path = hub.resolve(model_path, what="model")
     with memory.guard(model_path, quantize=args.quantize, slots=1, kv_type=args.kv_type):  # one context
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
                            kv_type=args.kv_type, chat_template=template, draft=args.draft,
-                           lookup=args.lookup, draft_max=args.draft_max)
+                           lookup=args.lookup, draft_max=args.draft_max, lora=lora)
     grammar = _grammar(args, llama)
     sampler = Sampler(llama.config.vocab_size, args.temperature, args.top_p, args.seed)
     if mode == "chat":

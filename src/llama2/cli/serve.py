@@ -3,6 +3,7 @@
     llama2 serve stories15M.bin                      # http://127.0.0.1:8000/v1
     llama2 serve model.bin -z tok.bin --port 0       # any free port; the address goes to stderr
     llama2 serve model.bin --host 0.0.0.0 --api-key KEY
+    llama2 serve model.bin --lora poems=out/poems --lora tales=tales.gguf   # "model": "poems" picks one
 
 Requests run in one batching scheduler (see docs/server.md). SIGTERM or Ctrl-C stops accepting
 connections, lets requests in flight finish (up to SHUTDOWN_GRACE_S), then exits.
@@ -12,6 +13,7 @@ import argparse
 import dataclasses
 import ipaddress
 import math
+import os
 import signal
 import socket
 from pathlib import Path
@@ -19,7 +21,7 @@ from pathlib import Path
 from ..errors import Llama2Error, UsageError
 from .. import formats, kvcache
 from ..quantize.mix import QUANTIZE_HELP, QUANTIZE_TYPES
-from .run import add_speculation
+from .run import add_lora, add_speculation, lora_flags
 
 SHUTDOWN_GRACE_S = 30  # seconds in-flight requests get to finish after SIGTERM; then they are cancelled
 
@@ -82,6 +84,7 @@ def register(sub):
                         "share passes only as far as every request keeps its bits alone): fewer passes, "
                         "but a request's logits may then differ in the last bits from it run alone")
     add_speculation(p)  # every slot drafts; the guesses are verified in the batched passes
+    add_lora(p, named=True)
     p.set_defaults(func=run)
 
 
@@ -90,6 +93,21 @@ def _names(text: str) -> tuple:
     if not names:
         raise argparse.ArgumentTypeError("expected names separated by commas")
     return names
+
+
+def named_adapters(flags, model_name: str) -> dict:
+    """{NAME: [(DIR, scale)]} of `--lora NAME=DIR [--lora-scale S]` (DIR alone: named after its
+    file or folder); each name unique and not the base model's."""
+    adapters = {}
+    for value, scale in flags:
+        name, eq, path = value.partition("=")
+        if not eq or os.path.lexists(value):
+            name, path = Path(value).stem, value
+        why = "empty" if not name else "the base model's" if name == model_name else "taken" if name in adapters else None
+        if why:
+            raise UsageError(f"--lora {value}: the name {name!r} is {why}; give NAME=DIR with a name of its own")
+        adapters[name] = [(path, scale)]
+    return adapters
 
 
 def allowed_hosts(names, bound: str):
@@ -161,6 +179,8 @@ def run(args, io) -> int:
     from ..chat_template import override
 
     template = override(args.chat_template) if args.chat_template else None
+    model_name = args.model_alias or Path(args.model).stem
+    adapters = named_adapters(lora_flags(args.lora), model_name)
     try:
         import uvicorn
 
@@ -172,7 +192,7 @@ def run(args, io) -> int:
     from ..llama import Llama
     from ..server.config import ServerConfig
 
-    from .. import hub, memory
+    from .. import hub, memory, native
 
     model_path = hub.resolve(args.model, what="model")
     # --kv-budget's pool must fit; by default the pool is sized after loading, from what is free
@@ -181,8 +201,8 @@ def run(args, io) -> int:
                       kv_positions=args.kv_budget, budget_flag="--kv-budget" if args.kv_budget else None):
         llama = Llama.load(model_path, args.tokenizer, quantize=args.quantize, threads=args.threads,
                            kv_type=args.kv_type, draft=args.draft, lookup=args.lookup,
-                           draft_max=args.draft_max, slots=args.max_batch)
-    config = ServerConfig(model_name=args.model_alias or Path(args.model).stem, api_key=args.api_key,
+                           draft_max=args.draft_max, slots=args.max_batch, adapters=adapters or None)
+    config = ServerConfig(model_name=model_name, api_key=args.api_key,
                           max_batch=args.max_batch, max_queue=args.max_queue, max_body=args.max_body,
                           kv_budget=kv_budget(args, llama, model_path, io),
                           prefix_cache=not args.no_prefix_cache,
@@ -198,7 +218,7 @@ def run(args, io) -> int:
 
     def ready(app):
         io.err(f"llama2 serve: {config.model_name} at {url} (max batch {config.max_batch}, "
-               f"max queue {config.max_queue})\n")
+               f"max queue {config.max_queue}, kernels {native.describe()})\n")
         if not config.api_key and not ipaddress.ip_address(host).is_loopback:
             io.err(f"llama2 serve: warning: listening on {host} without --api-key: anyone who can "
                    "reach this port can use the model\n")

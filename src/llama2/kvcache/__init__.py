@@ -275,12 +275,15 @@ class Cache:
 
     # -- prefix reuse ---------------------------------------------------------------------------
 
-    def reuse_prefix(self, slot: int, tokens) -> int:
+    def reuse_prefix(self, slot: int, tokens, root=0) -> int:
         """Start an empty slot with the indexed blocks that hold a prefix of `tokens` (whole blocks,
-        leaving at least the last token to compute). Returns the positions reused."""
+        leaving at least the last token to compute). Returns the positions reused. `root`: the
+        chain's first parent, 0 for the base model; keys and values computed under a LoRA adapter
+        differ from the base's, so each adapter's chains start from a root of their own
+        (`adapter_root`)."""
         if self.pos[slot] or self.tables[slot]:
             raise ValueError("reuse_prefix needs an empty slot")
-        bt, parent, n = self.block_tokens, 0, 0
+        bt, parent, n = self.block_tokens, root, 0
         for i in range((len(tokens) - 1) // bt):
             hit = self._index.get((parent, tuple(tokens[i * bt:(i + 1) * bt])))
             if hit is None:
@@ -294,11 +297,11 @@ class Cache:
         self.pos[slot] = n
         return n
 
-    def publish(self, slot: int, tokens):
+    def publish(self, slot: int, tokens, root=0):
         """Index slot's full blocks by the tokens that filled them (`tokens`: the slot's positions
-        in order, at most pos[slot]); the index holds a reference to each, dropped when the pool
-        runs out (least recently used first)."""
-        bt, parent = self.block_tokens, 0
+        in order, at most pos[slot]; `root` as reuse_prefix's); the index holds a reference to each,
+        dropped when the pool runs out (least recently used first)."""
+        bt, parent = self.block_tokens, root
         n = min(len(tokens), int(self.pos[slot])) // bt
         for i in range(n):
             if self.tables[slot][i] is None:  # out of a sliding window: the chain stops here
@@ -313,6 +316,11 @@ class Cache:
             else:
                 self._index.move_to_end(key)
             parent = hit[0]
+
+    @staticmethod
+    def adapter_root(adapter: int):
+        """The prefix index's root for rows computed with LoRA adapter `adapter` (-1: none)."""
+        return 0 if adapter < 0 else ("lora", adapter)
 
     def _evict(self) -> bool:
         """Drop the least recently used index entry that alone holds its block; False if none."""

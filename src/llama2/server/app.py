@@ -45,7 +45,11 @@ def create_app(llama, config: ServerConfig = ServerConfig(), on_ready=None) -> S
     prepare = Preparer(llama.tokenizer, llama.config.vocab_size, config.prepare_threads, config.max_parses,
                        config.max_compiles, config.retry_after_s)
     state = routes.State(config, scheduler, metrics, prepare, llama.tokenizer, llama.config,
-                         config.chat_template or llama.chat_template, int(time.time()))
+                         config.chat_template or llama.chat_template, int(time.time()),
+                         # named adapters, picked per request; a model loaded with Llama.load(lora=...)
+                         # runs its adapter under its own name
+                         tuple(lora.name for lora in llama.model.adapters) if llama.model.adapter < 0 else (),
+                         llama.model.adapter)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

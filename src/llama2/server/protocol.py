@@ -75,16 +75,22 @@ def parse_body(data: bytes) -> dict:
     return body
 
 
-def check_model(body, served: str):
+def check_model(body, served: str, adapters=()) -> int | None:
+    """The request's `model`: None for the served model itself, i for the LoRA adapter named
+    adapters[i] (vLLM's --lora-modules); any other name is OpenAI's 404 model_not_found."""
     model = body.get("model")
     if model is None:
         raise APIError(400, "model: required (GET /v1/models lists it)", param="model",
                        code="missing_required_parameter")
     if not isinstance(model, str):
         raise bad("model", f"expected a string, got {type(model).__name__}")
-    if model != served:
-        raise APIError(404, f"The model {shown(model, 80)} does not exist; this server serves {served!r}",
-                       param="model", code="model_not_found")
+    if model == served:
+        return None
+    if model in adapters:
+        return list(adapters).index(model)
+    names = ", ".join(repr(name) for name in (served, *adapters))
+    raise APIError(404, f"The model {shown(model, 80)} does not exist; this server serves {names}",
+                   param="model", code="model_not_found")
 
 
 

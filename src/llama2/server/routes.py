@@ -12,6 +12,7 @@ Starlette and ASGI (http.disconnect).
 """
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import json
@@ -45,6 +46,11 @@ class State:
     model_config: object  # the model's llama2.ModelConfig
     chat_template: object  # a chat_template.ChatTemplate or built-in name: --chat-template, else the model's
     started: int  # Unix time: the models' `created`
+    adapters: tuple = ()  # the LoRA adapters' model names, by their index in the model's adapters
+    base_adapter: int = -1  # what the served model's own name runs: the model's default adapter
+
+    def model_name(self, adapter: int) -> str:  # the `model` an answer names: the one the request named
+        return self.config.model_name if adapter in (None, self.base_adapter) else self.adapters[adapter]
 
 
 def _state(request) -> State:
@@ -264,23 +270,32 @@ async def _generate(request, state: State, req: P.Request, ans: Answer, on_end=N
     return _stream(gen, ans, req.include_usage, on_end)
 
 
+def _with_adapter(req: P.Request, adapter) -> P.Request:
+    return dataclasses.replace(req, params=dataclasses.replace(req.params, adapter=adapter))
+
+
+def _check_model(state: State, body) -> int:  # the request's LoRA adapter index (-1: none)
+    adapter = P.check_model(body, state.config.model_name, state.adapters)
+    return state.base_adapter if adapter is None else adapter
+
+
 def _prepare_completion(state: State, data: bytes) -> P.Request:  # on a worker thread
     body = P.parse_body(data)
-    P.check_model(body, state.config.model_name)
-    return P.parse_completion(body, state.tokenizer, state.model_config)
+    adapter = _check_model(state, body)
+    return _with_adapter(P.parse_completion(body, state.tokenizer, state.model_config), adapter)
 
 
 def _prepare_chat(state: State, data: bytes) -> P.Request:  # on a worker thread
     body = P.parse_body(data)
-    P.check_model(body, state.config.model_name)
-    return P.parse_chat(body, state.tokenizer, state.model_config, state.chat_template,
-                        not state.config.refuse_long_chats)
+    adapter = _check_model(state, body)
+    return _with_adapter(P.parse_chat(body, state.tokenizer, state.model_config, state.chat_template,
+                                      not state.config.refuse_long_chats), adapter)
 
 
 async def completions(request):
     state = _state(request)
     req = await state.prepare.run(_prepare_completion, state, await _read_body(request, state.config))
-    ans = Answer(False, state.config.model_name, state.tokenizer, len(req.params.prompt),
+    ans = Answer(False, state.model_name(req.params.adapter), state.tokenizer, len(req.params.prompt),
                  req.prompt_text if req.echo else "", logprobs=req.params.logprobs is not None)
     return await _generate(request, state, req, ans)
 
@@ -288,7 +303,7 @@ async def completions(request):
 async def chat(request):
     state = _state(request)
     req = await state.prepare.run(_prepare_chat, state, await _read_body(request, state.config))
-    ans = Answer(True, state.config.model_name, state.tokenizer, len(req.params.prompt),
+    ans = Answer(True, state.model_name(req.params.adapter), state.tokenizer, len(req.params.prompt),
                  logprobs=req.params.logprobs is not None, dropped_messages=req.params.dropped_messages)
     return await _generate(request, state, req, ans, functools.partial(_warm_next_turn, state, req))
 
@@ -306,23 +321,27 @@ async def _warm_next_turn(state: State, req: P.Request, ans: Answer):
     except (P.APIError, RuntimeError):  # the parsing threads are busy or shut down: only a head start
         return
     if ids is not None and len(ids) <= state.model_config.seq_len:
-        state.scheduler.warm(ids)
+        state.scheduler.warm(ids, req.params.adapter)
 
 
-def _model_object(state: State) -> dict:
-    return {"id": state.config.model_name, "object": "model", "created": state.started, "owned_by": "llama2"}
+def _model_object(state: State, adapter=None) -> dict:
+    """OpenAI's model object; a LoRA adapter's also names its base (`parent`, as vLLM's)."""
+    obj = {"id": state.model_name(adapter), "object": "model", "created": state.started, "owned_by": "llama2"}
+    if adapter is not None:
+        obj["parent"] = state.config.model_name
+    return obj
 
 
 async def models(request):
-    return JSONResponse({"object": "list", "data": [_model_object(_state(request))]})
+    state = _state(request)
+    return JSONResponse({"object": "list",
+                         "data": [_model_object(state)] + [_model_object(state, i) for i in range(len(state.adapters))]})
 
 
 async def model(request):
     state = _state(request)
-    if request.path_params["model"] != state.config.model_name:
-        raise P.APIError(404, f"The model {P.shown(request.path_params['model'], 80)} does not exist",
-                         param="model", code="model_not_found")
-    return JSONResponse(_model_object(state))
+    return JSONResponse(_model_object(state, P.check_model({"model": request.path_params["model"]},
+                                                           state.config.model_name, state.adapters)))
 
 
 async def health(request):

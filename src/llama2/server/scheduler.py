@@ -19,7 +19,9 @@ message).
 Each step: retire cancelled sequences, admit waiting requests into free KV-cache slots, run
 `Transformer.forward_batch` over the active sequences, sample each sequence's next token
 (`generate.Sequence`: its own Sampler, its grammar's mask, stop strings, logprobs), and hand the
-events to the request's sink. A constrained sequence's next mask is computed on the mask thread
+events to the request's sink. Requests with different LoRA adapters (`Params.adapter`) share
+passes, each row with its own; the prefix index keeps each adapter's blocks apart. A constrained
+sequence's next mask is computed on the mask thread
 while the following forward pass runs. By default a step is a few passes chosen so
 that results are bit for bit those of the sequence alone: the decode rows and the new prompts share
 passes of at most `Transformer.invariant_rows` rows (the engine computes every row of such a pass as
@@ -173,14 +175,15 @@ class Scheduler:
             self._cond.notify()
         return job
 
-    def warm(self, prompt) -> bool:
+    def warm(self, prompt, adapter: int = -1) -> bool:
         """Compute the keys and values of `prompt` (token ids) into the prefix index for requests
         that will start with it, when a slot and the blocks are free now and nobody waits; nothing
         is sampled or answered. Requests submitted after it get their slot after its pass, so they
-        find its blocks. False when it was not taken (no room, or no prefix cache)."""
+        find its blocks (with LoRA adapter `adapter`'s keys and values). False when it was not
+        taken (no room, or no prefix cache)."""
         if not self.prefix_cache or not 0 < len(prompt) <= self.budget:
             return False
-        params = Params(prompt=tuple(prompt), max_tokens=0, temperature=0.0, top_p=1.0, seed=1)
+        params = Params(prompt=tuple(prompt), max_tokens=0, temperature=0.0, top_p=1.0, seed=1, adapter=adapter)
         job = Job(params, lambda item: None)
         job.scheduler, job.warm = self, True
         with self._cond:
@@ -268,11 +271,14 @@ class Scheduler:
         self.cache.reset(slot)
         seq = self._active[slot] = _Sequence(job, slot, self.tokenizer, self.speculator)
         if self.prefix_cache:
-            reused = self.cache.reuse_prefix(slot, job.params.prompt)
+            reused = self.cache.reuse_prefix(slot, job.params.prompt, self._root(job.params))
             seq.feed, seq.cached = seq.feed[reused:], list(job.params.prompt[:reused])
             job.reused = reused
             if self.metrics is not None and not job.warm:
                 self.metrics.cached(reused)
+
+    def _root(self, params: Params):  # its prefix chains: KV under another adapter is other KV
+        return self.cache.adapter_root(params.adapter)
 
     def _draft(self, batch):
         """Speculative decoding: the guesses of every decoding sequence whose length policy asks
@@ -332,14 +338,14 @@ class Scheduler:
         if not group:
             return
         segments = [(seq.slot, seq.rows()) for seq in group]
+        adapters = [seq.params.adapter for seq in group]  # each row its own LoRA adapter, one pass
         prefilled = sum(len(seq.feed) for seq in group if not seq.prefilled)
         drafted = any(seq.draft is not None for seq in group)
         starts = [int(self.cache.pos[seq.slot]) for seq in group]
         t0 = time.perf_counter()
         try:
             # [len(group), vocab]; with drafts every row's, and each sequence gets its own rows
-            logits = self.model.forward_batch(segments, self.cache, all_logits=True) if drafted else \
-                self.model.forward_batch(segments, self.cache)
+            logits = self.model.forward_batch(segments, self.cache, drafted, adapters)
         except Exception as e:  # a bug, not a user error: fail these requests, keep serving
             log.exception("forward pass failed for %d sequences", len(group))
             with self._cond:
@@ -360,7 +366,7 @@ class Scheduler:
             if seq.draft is None:
                 seq.cached.extend(tokens)
             if not seq.prefilled and self.prefix_cache:  # a prompt's blocks are there for the next requests
-                self.cache.publish(seq.slot, seq.cached)
+                self.cache.publish(seq.slot, seq.cached, self._root(seq.params))
         for seq, row, start, tokens in zip(group, logits, starts, fed):
             if seq.job.cancelled:
                 continue
@@ -421,7 +427,7 @@ class Scheduler:
         if self._active.get(seq.slot) is seq:
             del self._active[seq.slot]
             if error is None and not seq.job.cancelled and self.prefix_cache:
-                self.cache.publish(seq.slot, seq.cached)  # a chat's next turn starts with all this
+                self.cache.publish(seq.slot, seq.cached, self._root(seq.params))  # a chat's next turn starts with all this
             self.cache.reset(seq.slot)
             if self.speculator is not None:
                 self.speculator.proposer.release(seq.slot)
