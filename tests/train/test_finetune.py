@@ -47,7 +47,8 @@ def adapted_model(base, out):
     fo = FinetuneOptions(**{k: tuple(v) if isinstance(v, list) else v
                             for k, v in ckpt["options"]["finetune"].items()})
     model = ft.lora_model(formats.load_checkpoint(base), min(fo.max_seq_len, 512),
-                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0)
+                          parse_targets(fo.targets), fo.lora_rank, fo.lora_alpha, 0.0,
+                          "float32", "cpu")  # exact products: the reference the other engines meet
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     assert not unexpected and all("lora" not in k for k in missing)
     return model.eval()
@@ -218,6 +219,48 @@ def test_the_frozen_base_is_dequantized_in_forward_and_backward(model, name, mon
     assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["bf16", "q4_k", "f32"])
+def test_frozen_products_in_bfloat16(kind, monkeypatch):
+    """Multiplied in bfloat16, the Function equals torch's bfloat16 product of the widened matrix
+    (x and the gradient rounded to bf16, float32 out); a BF16 or F32 matrix multiplied in its own
+    type is the file's memory itself, not a copy."""
+    from llama2 import formats
+    from llama2.train import lora
+    from llama2.weights import bf16, f32
+    monkeypatch.setattr(lora, "DEQUANT_TILE", 4096)  # several tiles where there are tiles
+    q4k = formats.load_checkpoint(asset("kquant/rand256-q4_k_m.gguf")).weights["wq"][1]
+    dense = torch.from_numpy(np.array(q4k.dequantize()))
+    m = {"bf16": lambda: bf16.Matrix(bf16.f32_to_bf16(dense.numpy())), "q4_k": lambda: q4k,
+         "f32": lambda: f32.Matrix(dense.numpy())}[kind]()
+    wide = torch.from_numpy(np.array(m.dequantize()))
+    for dtype in (torch.bfloat16, torch.float32):
+        view = lora._stored_view(m, dtype)
+        assert (view is not None) == ((kind, dtype) in (("bf16", torch.bfloat16), ("f32", torch.float32)))
+        if view is not None:
+            assert view.data_ptr() == m.blocks.ctypes.data and torch.equal(view.float(), wide)
+    x = torch.randn(3, 5, m.shape[1], requires_grad=True)
+    y = lora.FrozenLinear(m, torch.bfloat16)(x)
+    assert y.dtype == torch.float32
+    y.square().sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    y2 = (x2.bfloat16() @ wide.bfloat16().T).float()
+    y2.square().sum().backward()
+    assert torch.allclose(y, y2, rtol=1e-2, atol=1e-3)  # bf16 rounding of the products (8-bit significands)
+    assert torch.allclose(x.grad, x2.grad, rtol=2e-2, atol=1e-2 * x2.grad.abs().max().item())
+    exact = x.detach() @ wide.T
+    assert not torch.equal(y.detach(), exact)  # it did run in bfloat16
+
+
+def test_base_dtype_auto_keeps_float32_bases_exact():
+    from llama2.train import lora
+    from llama2.weights import bf16, f32
+    a = np.ones((4, 8), np.float32)
+    assert lora.compute_dtype("auto", f32.Matrix(a), "cpu") == torch.float32
+    assert lora.compute_dtype("auto", bf16.Matrix(bf16.f32_to_bf16(a)), "cpu") == (
+        torch.bfloat16 if lora.bf16_dot_products("cpu") else torch.float32)
+    assert lora.compute_dtype("bfloat16", f32.Matrix(a), "cpu") == torch.bfloat16
+
+
 def test_resume_is_bit_exact(texts, tmp_path):
     flags = ["--eval_interval", "3", "--always_save_checkpoint", "--learning_rate", "3e-3",
              "--warmup_iters", "2", "--lr_decay_iters", "6", "--lora-dropout", "0.1",
@@ -277,6 +320,8 @@ def test_mistakes_get_one_line(texts, tmp_path, adapter):
     err = one_line_error(["finetune", asset("kquant/rand256-q8_0.gguf"), "--full", "--data",
                           texts / "held.txt", "--out", tmp_path / "o"], 2)
     assert "--full needs a float base" in err
+    err = one_line_error(["finetune", STORIES, "--data", texts / "held.txt", "--base-dtype", "float16"], 2)
+    assert "--base-dtype must be one of auto, float32, bfloat16, got 'float16'" in err
 
 
 def test_adapter_gguf_is_llama_cpp_s_format(adapter):
@@ -294,18 +339,43 @@ def test_adapter_gguf_is_llama_cpp_s_format(adapter):
     assert len(tensors) == 2 * 7 * 5  # every linear layer of the 5 blocks
 
 
-def test_llama_cpp_runs_our_adapter(adapter):
+def test_llama_cpp_runs_our_adapter(adapter, tmp_path):
+    """llama.cpp (llama-cpp-python) with our adapter.gguf over the base GGUF, against ours: the training
+    model with the adapter, our engine with it unmerged, and on the merged export (`export --lora`). llama.cpp keeps its
+    KV cache in f16 and has its own kernels, so the bound is its disagreement with us on the base
+    alone: with the adapter it may be at most twice that (plus 1e-3 of the logits' scale), while the
+    adapter moves the logits far more than either."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from llama2.llama import Llama
     ids = ids_of("Once upon a time, there was a little girl named Quilla. She")
-    llm = llama_cpp.Llama(str(STORIES), lora_path=str(adapter / "adapter.gguf"), logits_all=True,
-                          n_ctx=64, verbose=False)
-    llm.eval(ids)
-    theirs = np.array(llm.scores[:len(ids)])
+
+    def theirs(lora_path=None):
+        llm = llama_cpp.Llama(str(STORIES), lora_path=lora_path, logits_all=True, n_ctx=64, verbose=False)
+        llm.eval(ids)
+        return np.array(llm.scores[:len(ids)])
+
+    base_gap = np.abs(theirs() - logits(full_model(STORIES), ids)).max()
+    with_adapter = theirs(str(adapter / "adapter.gguf"))
     ours = logits(adapted_model(STORIES, adapter), ids)
-    assert np.abs(theirs - ours).max() < 1e-2 * np.abs(ours).max()  # f16 KV, their own kernels
+    merged = tmp_path / "merged.gguf"
+    code, err = run_cli(["export", merged, "--from", STORIES, "--lora", adapter, "--format", "gguf"])
+    assert code == 0, err
+    engine = Llama.load(merged).logits(ids)
+    unmerged = Llama.load(STORIES, lora=adapter).logits(ids)
+    scale = np.abs(ours).max()
+    bound = 2 * base_gap + 1e-3 * scale
+    print(f"llama.cpp vs ours: base {base_gap:.2e}, with the adapter {np.abs(with_adapter - ours).max():.2e} "
+          f"(training model), {np.abs(with_adapter - engine).max():.2e} (engine, merged), "
+          f"{np.abs(with_adapter - unmerged).max():.2e} (engine, unmerged); logits up to {scale:.1f}, the "
+          f"adapter moves them by {np.abs(ours - logits(full_model(STORIES), ids)).max():.2f}")
+    for mine in (ours, engine, unmerged):
+        assert np.abs(with_adapter - mine).max() < bound
+    assert np.abs(ours - logits(full_model(STORIES), ids)).max() > 10 * bound  # the adapter is seen
+    assert (with_adapter.argmax(-1) == ours.argmax(-1)).all()
 
 
-def test_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("base_dtype", ["float32", "bfloat16"])
+def test_checkpointing_gives_the_same_gradients(base_dtype):
     from llama2 import formats
     from llama2.train import finetune as ft
     ckpt = formats.load_checkpoint(STORIES)
@@ -313,7 +383,7 @@ def test_checkpointing_gives_the_same_gradients():
     grads = []
     for on in (False, True):
         torch.manual_seed(0)
-        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0)
+        model = ft.lora_model(ckpt, 64, ("q", "v", "down"), 4, 8.0, 0.0, base_dtype, "cpu")
         for p in model.parameters():
             if p.requires_grad:
                 torch.nn.init.normal_(p, 0.0, 0.1)

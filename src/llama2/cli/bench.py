@@ -64,6 +64,12 @@ def register(sub):
                            description=spec.__doc__.split("\n\n")[0])
     spec.add_arguments(a)
     a.set_defaults(func=spec.run)
+    from ..benchmarks import finetune  # `llama2 bench finetune`: LoRA training against PEFT
+
+    a = actions.add_parser("finetune", help="LoRA training tokens/s and peak RSS, ours vs PEFT + transformers",
+                           description=finetune.__doc__.split("\n\n")[0])
+    finetune.add_arguments(a)
+    a.set_defaults(func=finetune.run)
 
 
 def _list(text, flag, cast=str):

@@ -16,7 +16,7 @@ from ..formats import adapter as adapter_files
 from ..formats.hf import unpermute
 from . import trainer
 from .examples import Packed, read_examples, split
-from .lora import FrozenEmbedding, FrozenLinear, LoRALinear, adapters, module_path, replace_module
+from .lora import FrozenEmbedding, FrozenLinear, LoRALinear, adapters, compute_dtype, module_path, replace_module
 from .options import TARGETS, FinetuneOptions, check_finetune, parse_targets
 from .model import Transformer, rope_buffers
 
@@ -33,21 +33,26 @@ def base_tokenizer(ckpt, tokenizer_path):
     return ckpt.tokenizer
 
 
-def lora_model(ckpt, seq_len, targets, rank, alpha, dropout) -> Transformer:
-    """The base as a Transformer whose matrices are frozen views of the file (FrozenLinear) and
-    whose `targets` carry LoRA factors; norms copied (small), nothing else widened."""
+def lora_model(ckpt, seq_len, targets, rank, alpha, dropout, base_dtype, device) -> Transformer:
+    """The base as a Transformer whose matrices are frozen views of the file (FrozenLinear,
+    multiplied as `base_dtype` says on `device`: lora.compute_dtype) and whose `targets` carry LoRA
+    factors; norms copied (small), nothing else widened."""
+    def frozen(value):
+        matrix = weights.matrix(value)
+        return FrozenLinear(matrix, compute_dtype(base_dtype, matrix, device))
+
     c = dataclasses.replace(ckpt.config, seq_len=seq_len)
     with torch.device("meta"):  # the shapes only; every tensor is replaced below
         model = Transformer(c)
     w = ckpt.weights
     model.tok_embeddings = FrozenEmbedding(w["token_embedding"])
-    model.output = FrozenLinear(ckpt.classifier)
+    model.output = frozen(ckpt.classifier)
     model.norm.weight = _frozen(w["rms_final"])
     for layer, block in enumerate(model.layers):
         block.attention_norm.weight = _frozen(w["rms_att"][layer])
         block.ffn_norm.weight = _frozen(w["rms_ffn"][layer])
         for target, name in TARGETS.items():
-            module = FrozenLinear(w[name][layer])
+            module = frozen(w[name][layer])
             if target in targets:
                 module = LoRALinear(module, rank, alpha, dropout)
             replace_module(block, module_path(target), module)
@@ -131,7 +136,8 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
 
         saved, describe = FULL_MODEL, f"full finetune of {fo.base}, {model.num_params() / 1e6:.2f}M parameters"
     else:
-        model = lora_model(ckpt, seq_len, targets, fo.lora_rank, fo.lora_alpha, fo.lora_dropout).to(device)
+        model = lora_model(ckpt, seq_len, targets, fo.lora_rank, fo.lora_alpha, fo.lora_dropout, fo.base_dtype,
+                           device).to(device)
 
         def save_outputs(directory, raw):
             adapter_files.write(directory, c, factors(raw), fo.lora_rank, fo.lora_alpha,
@@ -139,8 +145,11 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
 
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         saved = f"{adapter_files.PEFT_WEIGHTS}, {adapter_files.PEFT_CONFIG}, {adapter_files.GGUF}"
+        products = sorted({str(m.dtype).removeprefix("torch.") for m in model.modules()
+                           if isinstance(m, FrozenLinear)})
         describe = (f"LoRA rank {fo.lora_rank} on {','.join(targets)} of {fo.base} "
-                    f"({ckpt.dtype}), {n / 1e6:.3f}M trainable parameters")
+                    f"({ckpt.dtype}, multiplied in {' and '.join(products)}), "
+                    f"{n / 1e6:.3f}M trainable parameters")
     model.checkpointing = fo.checkpointing
     trainable = [p for p in model.parameters() if p.requires_grad]
     flops = 6 * sum(p.numel() for p in trainable) + 4 * _base_params(c) + 12 * c.n_layers * c.dim * seq_len

@@ -1,12 +1,16 @@
 """LoRA over a frozen base in its stored type: the base's matrices stay weights.Matrix views of the
 mapped file (F32/F16/BF16 or any quantized type) and are dequantized a tile of rows at a time in the
 forward pass and again in the backward pass, never widened whole (QLoRA over the user's own file).
+A matrix stored in the type it is multiplied in (F32 in float32, BF16 in bfloat16) is used in place.
+Products run in bfloat16 where the hardware has bf16 dot products (--base-dtype auto), in float32
+otherwise; LoRA's factors, their products and the loss stay float32.
 
 References: Hu et al. 2021, "LoRA" (y = W x + (alpha / r) B A x, B zero at the start, A Kaiming
 uniform as PEFT initializes it); Dettmers et al. 2023, "QLoRA" (frozen quantized base).
 """
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -19,47 +23,94 @@ from .model import LAYER_PARAMS
 from .options import TARGETS
 
 
-def _tiles(matrix):  # (r0, r1) row ranges of at most DEQUANT_TILE values each
+def bf16_dot_products(device) -> bool:
+    """Whether `device` multiplies bfloat16 in hardware: a CUDA GPU that supports it, or a CPU with
+    AVX512_BF16 or AMX (torch's oneDNN kernels then run bf16 products at twice float32's rate or more;
+    without them it emulates bf16, slower than float32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def compute_dtype(choice: str, matrix, device) -> torch.dtype:
+    """The dtype frozen `matrix` is multiplied in (x and the gradient are rounded to it; the product
+    comes back as float32, as LoRA's factors, the residual stream and the loss stay). "auto":
+    bfloat16 where the device has bf16 dot products and the matrix is not stored in float32 (a
+    float32 base is kept exact), else float32."""
+    if choice == "auto":
+        choice = "bfloat16" if matrix.NAME != "f32" and bf16_dot_products(device) else "float32"
+    return getattr(torch, choice)
+
+
+# (stored type, numpy dtype of the same width) of the matrices torch can use in place, by compute dtype
+_IN_PLACE = {torch.float32: ("f32", np.float32), torch.bfloat16: ("bf16", np.int16)}
+
+
+def _stored_view(matrix, dtype):
+    """The matrix's own memory (the mapped file's pages) as a tensor [out, in] of `dtype`, when it
+    is stored in `dtype` and contiguous; else None."""
+    kind = _IN_PLACE.get(dtype)
+    if kind is None or matrix.NAME != kind[0] or matrix.data is None:
+        return None
+    with warnings.catch_warnings():  # a read-only map: torch warns that writes would fail; none are made
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(matrix.blocks.view(kind[1])).view(dtype)
+
+
+def _weight_tiles(matrix, dtype, device):
+    """(r0, r1, W[r0:r1] [r1 - r0, in] of `dtype` on `device`): the stored memory itself when it holds
+    `dtype` (one piece, no copy on the CPU), else dequantized tiles of at most DEQUANT_TILE values."""
+    view = _stored_view(matrix, dtype)
+    if view is not None:
+        yield 0, matrix.shape[0], view.to(device)
+        return
     rows, cols = matrix.shape
     step = max(1, DEQUANT_TILE // cols)
-    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
-
-
-def _dense_rows(matrix, r0, r1, like):  # float32 [r1 - r0, in] on x's device and in x's dtype
-    return torch.from_numpy(matrix.rows(np.arange(r0, r1))).to(device=like.device, dtype=like.dtype)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        yield r0, r1, torch.from_numpy(matrix.rows(np.arange(r0, r1))).to(device=device, dtype=dtype)
 
 
 class _FrozenMatmul(torch.autograd.Function):
-    """x [N, in] @ W.T -> [N, out] for a frozen weights.Matrix W; backward dequantizes W again."""
+    """x [N, in] @ W.T -> [N, out] for a frozen weights.Matrix W, multiplied in `dtype`; backward
+    reads (dequantizes) W again. x and the result keep x's dtype."""
 
     @staticmethod
-    def forward(ctx, x, matrix):
-        ctx.matrix = matrix
+    def forward(ctx, x, matrix, dtype):
+        ctx.matrix, ctx.dtype = matrix, dtype
+        xc = x.to(dtype)
         out = x.new_empty(x.shape[0], matrix.shape[0])
-        for r0, r1 in _tiles(matrix):
-            out[:, r0:r1] = x @ _dense_rows(matrix, r0, r1, x).T
+        for r0, r1, w in _weight_tiles(matrix, dtype, x.device):
+            if r1 - r0 == matrix.shape[0]:  # one piece: the product is the output, no copy
+                return (xc @ w.T).to(x.dtype)
+            out[:, r0:r1] = xc @ w.T
         return out
 
     @staticmethod
     def backward(ctx, grad):  # d(x W^T)/dx = grad W; W gets no gradient
         matrix = ctx.matrix
-        dx = grad.new_zeros(grad.shape[0], matrix.shape[1])
-        for r0, r1 in _tiles(matrix):
-            dx += grad[:, r0:r1] @ _dense_rows(matrix, r0, r1, grad)
-        return dx, None
+        gc = grad.to(ctx.dtype)
+        dx = None
+        for r0, r1, w in _weight_tiles(matrix, ctx.dtype, grad.device):
+            part = gc[:, r0:r1] @ w
+            dx = part.to(grad.dtype) if dx is None else dx.add_(part)
+        return dx, None, None
 
 
 class FrozenLinear(nn.Module):
-    """A bias-free linear layer over a frozen weights.Matrix [out, in] (no parameters)."""
+    """A bias-free linear layer over a frozen weights.Matrix [out, in] (no parameters), multiplied in
+    `dtype` (compute_dtype)."""
 
-    def __init__(self, matrix):
+    def __init__(self, matrix, dtype=torch.float32):
         super().__init__()
         self.matrix = weights.matrix(matrix)
+        self.dtype = dtype
         self.out_features, self.in_features = self.matrix.shape
 
     def forward(self, x):  # [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1])
-        return _FrozenMatmul.apply(flat, self.matrix).view(*x.shape[:-1], self.out_features)
+        return _FrozenMatmul.apply(flat, self.matrix, self.dtype).view(*x.shape[:-1], self.out_features)
 
 
 class FrozenEmbedding(nn.Module):
@@ -94,8 +145,12 @@ class LoRALinear(nn.Module):
     def out_features(self):
         return self.base.out_features
 
-    def forward(self, x):
-        return self.base(x) + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+    def forward(self, x):  # [..., in] -> [..., out]
+        # the scale applied to the rank-wide product and B's product added in the same BLAS call
+        # (addmm): no full-width pass for either, forward or backward
+        h = F.linear(self.dropout(x), self.lora_A) * self.scale  # [..., rank]
+        y = torch.addmm(self.base(x).reshape(-1, self.out_features), h.reshape(-1, self.rank), self.lora_B.T)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def delta(self) -> torch.Tensor:  # the merged update (alpha / rank) B A, [out, in]
         return self.scale * (self.lora_B @ self.lora_A)

@@ -72,7 +72,7 @@ class TrainOptions:
     seed: int = 1337
     device: str = "auto"  # "auto": cuda when available, else cpu; or "cpu", "cuda", "cuda:1", "mps"
     dtype: str = "auto"  # "auto": bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU
-    num_threads: int = 0  # CPU threads for torch; 0: torch's default (tiny models run best on 1)
+    num_threads: int = 0  # CPU threads for torch and our kernels; 0: their defaults (tiny models run best on 1)
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
@@ -114,6 +114,12 @@ class FinetuneOptions:
     full: bool = False  # every weight (float bases only) instead of LoRA
     checkpointing: bool = False  # recompute each layer in backward (less memory, ~1/3 more time)
     chat_template: str = ""  # for {"messages"} records: llama2, chatml or a Jinja file; "": the model's
+    # what the frozen base's matrices are multiplied in: float32, bfloat16, or auto (bfloat16 where the
+    # device has bf16 dot products, e.g. AVX512_BF16, and the matrix is not stored in float32)
+    base_dtype: str = "auto"
+
+
+BASE_DTYPES = ("auto", "float32", "bfloat16")
 
 
 # train's options that finetuning starts from other values of (flags and --config still win):
@@ -134,6 +140,8 @@ def check_finetune(fo: FinetuneOptions):
         raise UsageError(f"--val-fraction must be in [0, 1), got {fo.val_fraction}")
     if fo.max_seq_len <= 0:
         raise UsageError(f"--seq-len must be positive, got {fo.max_seq_len}")
+    if fo.base_dtype not in BASE_DTYPES:
+        raise UsageError(f"--base-dtype must be one of {', '.join(BASE_DTYPES)}, got {fo.base_dtype!r}")
     if not fo.data:
         raise UsageError("--data is required: text, .json or .jsonl files")
     parse_targets(fo.targets)

@@ -19,6 +19,7 @@ import torch
 from ..formats import llama2c
 from ..errors import Llama2Error
 from ..fileio import atomic_write
+from ..threads import set_threads
 from . import options as opts
 from .data import TokenData
 from .model import Transformer
@@ -209,8 +210,9 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     train_batches, val_batches = job.train_batches, job.val_batches
     if val_batches is None and t.eval_iters:
         raise Llama2Error("no validation data: give validation data, or train with --eval_iters 0")
-    if t.num_threads:
+    if t.num_threads:  # torch's kernels, and ours that dequantize a finetune's frozen base
         torch.set_num_threads(t.num_threads)
+        set_threads(t.num_threads)
     model = job.model
     state_dict = job.state_dict or model.state_dict
     load_state_dict = job.load_state_dict or model.load_state_dict
@@ -219,8 +221,10 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     no_decay = [p for p in trainable if p.dim() < 2]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.learning_rate, betas=(t.beta1, t.beta2), **({"fused": True} if device.startswith("cuda")
-                                                          else {}))
+        lr=t.learning_rate, betas=(t.beta1, t.beta2),
+        # fused: one kernel for every parameter (CUDA, and the CPU since torch 2.4) rather than ~10
+        # small ops per parameter tensor (a LoRA has two per adapted layer: hundreds)
+        **({"fused": True} if device.startswith(("cuda", "cpu")) else {}))
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     iter_num, best_val = 0, math.inf
     if ckpt is not None:
