@@ -111,6 +111,68 @@ def test_adaptive_length_bounds_what_bad_drafts_cost():
     assert spent <= PROBE_SHARE * 1.5 * (spent + plain) + 60
 
 
+def simulated_cost(acceptance, draft, verify, adaptive=True, tokens=3000, most=7, seed=0) -> float:
+    """Seconds per token of speculative decoding over plain decoding's (a plain step takes 1), run
+    on a fake clock: each guess is kept with probability `acceptance` (seeded coins), a proposer
+    pass takes `draft`, a target pass of r rows `verify(r)`; Costs is fed what the clock says,
+    as Drafting.step feeds it what time.perf_counter says."""
+    rng = np.random.default_rng(seed)
+    c = Costs(draft)
+    length = DraftLength(most, c, adaptive)
+    spent, made = 0.0, 0
+    while made < tokens:
+        k = length.next()
+        if k:
+            c.record_draft(k, k * draft)
+            kept = 0
+            while kept < k and rng.random() < acceptance:
+                kept += 1
+            length.update(k, kept)
+        else:
+            kept = 0
+        c.record_pass(1 + k, verify(1 + k))
+        spent += k * draft + verify(1 + k)
+        made += 1 + kept
+    return spent / made
+
+
+PASS_COSTS = {  # a target pass of r rows, in plain decode steps
+    "memory-bound": lambda r: 1.0 + 0.05 * (r - 1),
+    "half compute-bound": lambda r: 1.0 + 0.3 * (r - 1),
+    "compute-bound": lambda r: float(r),
+    "tiny model": lambda r: 1.0 if r == 1 else 3.0 + 0.3 * r,  # a multi-row pass leaves the one-call step
+}
+
+
+@pytest.mark.parametrize("verify", list(PASS_COSTS))
+def test_never_more_than_5_percent_slower_at_any_acceptance(verify):
+    """The issue's target, on a fake clock (no timing): whatever the acceptance rate, the pass costs
+    and the proposer's cost, the adaptive length costs at most 5% of plain decoding's speed (it
+    backs off to plain decoding, with rare re-tries, where guesses do not pay). The control: a
+    fixed length at acceptance 0 is told apart by the same measure."""
+    cost = PASS_COSTS[verify]
+    for draft in (0.0, 0.02, 0.3, 1.0):
+        for acceptance in np.linspace(0, 1, 11):
+            slowdown = simulated_cost(acceptance, draft, cost)
+            assert slowdown <= 1 / 0.95, (verify, draft, acceptance, slowdown)
+    assert simulated_cost(0.0, 0.3, cost, adaptive=False) > 1 / 0.95
+
+
+def test_backs_off_to_plain_decoding_with_rare_probes():
+    """A draft that is never right: after the first guesses the length is 0 for most steps, and
+    drafts are re-tried (probes) at intervals, each at most one guess long."""
+    c = costs(0.05, r1=1.0, r2=1.1, r3=1.2)
+    length = DraftLength(7, c)
+    ks = []
+    for _ in range(2000):
+        k = length.next()
+        length.update(k, 0)
+        ks.append(k)
+    late = ks[100:]
+    assert ks[0] > 0 and sum(k > 0 for k in late) < 0.3 * len(late) and max(late) == 1
+    assert any(late)  # it does re-try
+
+
 def test_prompt_lookup_proposes_what_followed():
     look = PromptLookup(3)
     assert look.lookup([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]  # the 3-gram 5 6 7
