@@ -173,6 +173,32 @@ def test_backs_off_to_plain_decoding_with_rare_probes():
     assert any(late)  # it does re-try
 
 
+def test_draft_left_behind_restarts_from_a_window(llama, q8):
+    """After more than DRAFT_WINDOW tokens of plain decoding the draft does not catch up on all of
+    them (a cost per plainly decoded token that no re-try spacing bounds): its slot restarts from the
+    text's last DRAFT_WINDOW tokens and proposes what a fresh draft given only those proposes. A
+    shorter plain stretch is caught up in full."""
+    from llama2.speculative import DRAFT_WINDOW
+    text = llama.encode(PROMPTS[1])
+    text += [e.token for e in llama.stream(PROMPTS[1], steps=120, temperature=0)][:100]
+    greedy = Sampler(512, 0.0, 0.9, 1)
+    dm = DraftModel(q8.model, llama.model)
+    dm.propose([Ask(0, text[:20], 3, greedy)])
+    [d] = dm.propose([Ask(0, text[:20 + DRAFT_WINDOW], 3, greedy, plain_run=DRAFT_WINDOW)])
+    assert dm.start[0] == 0 and dm.fed[0][:20 + DRAFT_WINDOW] == text[:20 + DRAFT_WINDOW]
+    [d] = dm.propose([Ask(0, text, 4, greedy, plain_run=DRAFT_WINDOW + 1)])
+    assert dm.start[0] == len(text) - DRAFT_WINDOW
+    assert dm.fed[0] == text[-DRAFT_WINDOW:] + d.tokens[:-1] and dm.cache.pos[0] == len(dm.fed[0])
+    fresh = DraftModel(q8.model, llama.model)
+    assert fresh.propose([Ask(0, text[-DRAFT_WINDOW:], 4, greedy)])[0].tokens == d.tokens
+    [e] = dm.propose([Ask(0, text + d.tokens[:2], 2, greedy)])  # the window is kept while drafting
+    assert dm.start[0] == len(text) - DRAFT_WINDOW and dm.fed[0][:DRAFT_WINDOW + 2] == \
+        (text + d.tokens[:2])[-DRAFT_WINDOW - 2:]
+    dm.release(0)
+    assert dm.start[0] == 0 and dm.fed[0] == []
+    dm.cache.check()
+
+
 def test_prompt_lookup_proposes_what_followed():
     look = PromptLookup(3)
     assert look.lookup([5, 6, 7, 8, 9, 5, 6, 7], 3) == [8, 9, 5]  # the 3-gram 5 6 7
