@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +100,8 @@ def train_draft(directory, assets, threads: int, log, recipe=None) -> Path:
     train` with `recipe` (DRAFT_RECIPE), in child processes (torch stays out of this one). Made once
     into a folder named for the recipe, written under a temporary name and renamed when done."""
     recipe = DRAFT_RECIPE if recipe is None else recipe
-    name = "stories260K-draft-{dim}x{n_layers}-{max_iters}".format(**recipe)
+    settings = zlib.crc32(json.dumps(recipe, sort_keys=True).encode())  # another recipe, another file
+    name = "stories260K-draft-{dim}x{n_layers}-{max_iters}-".format(**recipe) + f"{settings:08x}"
     folder = Path(directory) / name
     if (folder / "model.bin").exists():
         return folder / "model.bin"
