@@ -158,9 +158,10 @@ def test_never_more_than_5_percent_slower_at_any_acceptance(verify):
     assert simulated_cost(0.0, 0.3, cost, adaptive=False) > 1 / 0.95
 
 
-def test_backs_off_to_plain_decoding_with_rare_probes():
+def test_backs_off_to_plain_decoding_with_probes():
     """A draft that is never right: after the first guesses the length is 0 for most steps, and
-    drafts are re-tried (probes) at intervals, each at most one guess long."""
+    drafts are re-tried (probes) at intervals, each one guess long, together costing less than 5%
+    of the time of plain decoding."""
     c = costs(0.05, r1=1.0, r2=1.1, r3=1.2)
     length = DraftLength(7, c)
     ks = []
@@ -169,8 +170,10 @@ def test_backs_off_to_plain_decoding_with_rare_probes():
         length.update(k, 0)
         ks.append(k)
     late = ks[100:]
-    assert ks[0] > 0 and sum(k > 0 for k in late) < 0.3 * len(late) and max(late) == 1
+    assert ks[0] > 0 and sum(k == 0 for k in late) > len(late) / 2 and max(late) == 1
     assert any(late)  # it does re-try
+    wasted = sum(k * 0.05 + c.pass_time(1 + k) - 1.0 for k in late if k)
+    assert wasted < 0.05 * len(late)
 
 
 def test_draft_left_behind_restarts_from_a_window(llama, q8):
