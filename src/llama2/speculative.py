@@ -41,6 +41,7 @@ ROW_COST = 0.1
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before any draft was checked
 PROBE_SHARE = 0.02  # at most this share of the time goes to re-trying drafts that did not pay
 MAX_DRAFT = 8  # the longest draft by default (also capped by the target's invariant rows)
+SPIKE = 4.0  # a measured pass counts as at most this many times its average so far
 # A draft model left behind by more than this many tokens of plain decoding restarts from the text's
 # last DRAFT_WINDOW tokens: catching up on all of them would cost the draft's prompt speed for every
 # token decoded plainly, however rarely drafts are re-tried, and no re-try spacing could bound it.
@@ -214,7 +215,10 @@ class Costs:
         return new if old is None else 0.8 * old + 0.2 * new
 
     def record_pass(self, rows: int, seconds: float):
-        self.passes[rows] = self._ema(self.passes.get(rows), seconds)
+        old = self.passes.get(rows)
+        if old is not None:  # a pass the OS preempted (busy machine) moves the average a step at most
+            seconds = min(seconds, SPIKE * old)
+        self.passes[rows] = self._ema(old, seconds)
 
     def record_draft(self, passes: int, seconds: float):
         if passes:

@@ -94,6 +94,19 @@ def test_adaptive_length_backs_off():
     assert DraftLength(7, Costs(0.0)).next() == 0
 
 
+def test_a_preempted_pass_moves_the_cost_a_step_at_most():
+    """One pass measured 100 times its usual time (the OS ran something else) does not make the
+    passes of that size look 100 times dearer (a 1-row pass's spike made drafting look cheap); a
+    lasting change is still followed."""
+    from llama2.speculative import SPIKE
+    c = costs(0.1, r1=1.0)
+    c.record_pass(1, 100.0)
+    assert c.pass_time(1) == pytest.approx(0.8 + 0.2 * SPIKE)
+    for _ in range(30):
+        c.record_pass(1, 10.0)
+    assert c.pass_time(1) == pytest.approx(10.0, rel=0.01)
+
+
 def test_adaptive_length_bounds_what_bad_drafts_cost():
     """Verification passes measured 50 times dearer than a plain step (a tiny model whose plain
     step is one fused native call): re-tries take at most about PROBE_SHARE of the time."""
