@@ -41,6 +41,11 @@ ROW_COST = 0.1
 PRIOR_ACCEPTANCE = 0.6  # the acceptance rate assumed before any draft was checked
 PROBE_SHARE = 0.02  # at most this share of the time goes to re-trying drafts that did not pay
 MAX_DRAFT = 8  # the longest draft by default (also capped by the target's invariant rows)
+SPIKE = 4.0  # a measured pass counts as at most this many times its average so far
+# A draft model left behind by more than this many tokens of plain decoding restarts from the text's
+# last DRAFT_WINDOW tokens: catching up on all of them would cost the draft's prompt speed for every
+# token decoded plainly, however rarely drafts are re-tried, and no re-try spacing could bound it.
+DRAFT_WINDOW = 32
 
 
 def accept(sampler: Sampler, logits: np.ndarray, token: int, q=None) -> tuple:
@@ -79,11 +84,13 @@ class Draft:
 @dataclass
 class Ask:
     """One sequence's request for a draft: its KV slot, its text so far (the last token is the one
-    fed next), how many tokens, and the draft's own sampler."""
+    fed next), how many tokens, the draft's own sampler, and how many tokens were decoded plainly
+    since its last draft."""
     slot: int
     context: list
     k: int
     sampler: Sampler = None
+    plain_run: int = 0
 
 
 def _same_vocabulary(target, draft) -> str:
@@ -109,7 +116,8 @@ class DraftModel:
     def __init__(self, model, target, slots: int = 1):
         self.model = model
         self.cache = model.new_cache(slots)
-        self.fed = [[] for _ in range(slots)]  # the tokens each slot's keys and values hold
+        self.fed = [[] for _ in range(slots)]  # the tokens each slot's keys and values hold: its
+        self.start = [0] * slots  # sequence's text from here on (DRAFT_WINDOW)
         self.cost = _weight_bytes(model) / max(1, _weight_bytes(target))
 
     @classmethod
@@ -125,7 +133,7 @@ class DraftModel:
 
     def release(self, slot: int):
         self.cache.reset(slot)
-        self.fed[slot] = []
+        self.fed[slot], self.start[slot] = [], 0
 
     def propose(self, asks: list) -> list:
         """A Draft for each Ask: every asking sequence's draft position runs in one batched pass."""
@@ -133,16 +141,19 @@ class DraftModel:
         drafts = [Draft([], []) for _ in asks]
         feeds = []
         for a in asks:
-            fed = self.fed[a.slot]
+            fed, start = self.fed[a.slot], self.start[a.slot]
+            if a.plain_run > DRAFT_WINDOW:
+                start = self.start[a.slot] = max(0, len(a.context) - DRAFT_WINDOW)
+                del fed[:]
             n = 0
-            while n < min(len(fed), len(a.context) - 1) and fed[n] == a.context[n]:
+            while n < min(len(fed), len(a.context) - start - 1) and fed[n] == a.context[start + n]:
                 n += 1
             if self.model.config.sliding_window and n < self.cache.pos[a.slot] - self.cache.rollback:
                 n = 0  # further back than a sliding window keeps: the slot starts again
             self.cache.truncate(a.slot, n)  # the slot keeps the text it shares with the context
             del fed[n:]
-            a.k = min(a.k, seq_len - len(a.context) + 1)  # the draft's own context is the limit
-            feeds.append(list(a.context[n:]))
+            a.k = min(a.k, seq_len - (len(a.context) - start) + 1)  # the draft's own context is the limit
+            feeds.append(list(a.context[start + n:]))
         active = [i for i, a in enumerate(asks) if a.k > 0]
         while active:
             logits = self.model.forward_batch([(asks[i].slot, feeds[i]) for i in active], self.cache)
@@ -204,7 +215,10 @@ class Costs:
         return new if old is None else 0.8 * old + 0.2 * new
 
     def record_pass(self, rows: int, seconds: float):
-        self.passes[rows] = self._ema(self.passes.get(rows), seconds)
+        old = self.passes.get(rows)
+        if old is not None:  # a pass the OS preempted (busy machine) moves the average a step at most
+            seconds = min(seconds, SPIKE * old)
+        self.passes[rows] = self._ema(old, seconds)
 
     def record_draft(self, passes: int, seconds: float):
         if passes:
@@ -311,12 +325,13 @@ class Drafting:
     def __init__(self, speculator: Speculator, slot: int, context: list, sampler: Sampler):
         self.speculator, self.slot, self.context, self.sampler = speculator, slot, context, sampler
         self.length = DraftLength(speculator.most, speculator.costs, speculator.adaptive)
+        self.plain_run = 0  # tokens decoded plainly since the last draft (DraftModel's window)
 
     def ask(self, room: int, base: int = 1):
         """The Ask for this step's draft (None: decode plainly): `room` positions are left; `base`:
         the rows of the pass besides this sequence's guesses."""
         k = min(self.length.next(base), room)
-        return Ask(self.slot, self.context, k, self.sampler) if k > 0 else None
+        return Ask(self.slot, self.context, k, self.sampler, self.plain_run) if k > 0 else None
 
     def settle(self, seq, rows: np.ndarray, draft: Draft) -> tuple:
         """Emit the tokens of one verification pass: `rows` [1 + len(draft.tokens), vocab] are the
@@ -338,6 +353,7 @@ class Drafting:
                 break
         sp = self.speculator
         sp.steps, sp.proposed, sp.kept = sp.steps + 1, sp.proposed + len(draft.tokens), sp.kept + kept
+        self.plain_run = 0
         self.length.update(len(draft.tokens), kept)
         return events, kept
 
@@ -347,6 +363,7 @@ class Drafting:
         if events[0].token is not None:
             self.context.append(events[0].token)
         self.speculator.steps += 1
+        self.plain_run += 1
         return events
 
     def step(self, model, cache, seq) -> list:

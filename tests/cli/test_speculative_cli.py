@@ -60,19 +60,56 @@ def test_bad_speculation_flags(flags, code, message):
 
 
 def test_bench_spec_plumbing(tmp_path, monkeypatch):
+    """Two stories260K pairs, one run each; the lookup pair also runs llama-cpp-python's
+    LlamaPromptLookupDecoding on the same GGUF (its greedy text is ours: F32 weights), or says
+    why it does not."""
     asset("stories260K-q8.bin")
     monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))
     out = tmp_path / "spec.json"
     code, text, err = run_cli(["bench", "spec", "--pairs", "stories260K-q8,stories260K-lookup", "--reps", "1",
-                               "--max-tokens", "24", "--json", str(out)])
+                               "--max-tokens", "24", "--threads", "1", "--json", str(out)])
     assert code == 0, err
     rows = json.loads(out.read_text())["rows"]
     assert [r["pair"] for r in rows] == ["stories260K-q8", "stories260K-lookup"]
     for r in rows:
         assert r["same_text"] is True and r["tokens"] > 0 and r["plain_tok_s"] > 0 and r["spec_tok_s"] > 0
         assert 0 <= r["break_even"] <= 1 and r["verify_pass"] > 0
-    assert "stories260K-lookup" in text.decode()
+    assert rows[0]["acceptance"] is None or rows[0]["acceptance"] > 0.5  # int8 of the same weights
+    text = text.decode()
+    assert "stories260K-lookup" in text and "than plain decoding (ratio >= 0.95)" in text
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        assert "skipping llama-cpp-python's lookup runs" in err
+    else:
+        lookup = rows[1]
+        assert lookup["peer_same_text"] is True and lookup["peer_lookup_tok_s"] > 0 and lookup["vs_peer"] > 0
+        assert "LlamaPromptLookupDecoding" in text
+    assert "vs_peer" not in rows[0]
     code, _, err = run_cli(["bench", "spec", "--pairs", "stories7B"])
     assert code == 2 and "unknown pair 'stories7B'" in err
     code, _, err = run_cli(["bench", "spec", "--model", str(asset("stories260K.bin"))])
     assert code == 2 and "--model: give --draft MODEL or --lookup N" in err
+
+
+@pytest.mark.slow
+def test_bench_spec_trains_its_draft_once(tmp_path, monkeypatch):
+    """The stories260K-trained pair: `llama2 train` makes the draft (here a few iterations) into the
+    bench folder, the pair runs with it, and a second run reuses the file."""
+    from llama2.benchmarks import spec
+
+    monkeypatch.setenv("LLAMA2_ASSETS", str(ASSETS))
+    monkeypatch.setattr(spec, "DRAFT_RECIPE", {**spec.DRAFT_RECIPE, "max_iters": 2, "eval_interval": 2,
+                                               "warmup_iters": 1, "batch_size": 4, "eval_iters": 1})
+    argv = ["bench", "spec", "--pairs", "stories260K-trained", "--reps", "1", "--max-tokens", "16",
+            "--threads", "1", "--dir", str(tmp_path), "--json", str(tmp_path / "spec.json")]
+    code, _, err = run_cli(argv)
+    assert code == 0, err
+    [made] = tmp_path.glob("stories260K-draft-48x2-2-*/model.bin")
+    assert f"training {made.parent.name}" in err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    [row] = json.loads((tmp_path / "spec.json").read_text())["rows"]
+    assert row["pair"] == "stories260K-trained" and row["same_text"] is True and row["tokens"] > 0
+    stamp = made.stat().st_mtime_ns
+    code, _, err = run_cli(argv)
+    assert code == 0 and "training" not in err and made.stat().st_mtime_ns == stamp

@@ -8,10 +8,13 @@ own children (engine.py) import the shared parts from here. Modes, each printing
                                                          BATCH 1: also multi-row decode (BATCH_SIZES)
     check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids
     quantize SOURCE OUT FTYPE THREADS                    llama.cpp's quantizer (LLAMA_FTYPE_MOSTLY_*)
+    lookup IMPL MODEL THREADS JOB.json                   greedy completions with and without
+                                                         LlamaPromptLookupDecoding (bench spec)
 """
 
 import json
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -74,7 +77,7 @@ def batch_rates(vocab, run_batch) -> dict:
     return out
 
 
-def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024, n_seq_max=1):
+def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024, n_seq_max=1, draft_model=None):
     import llama_cpp.llama_cpp as lc
     from llama_cpp import Llama
 
@@ -102,7 +105,7 @@ def _llama(path, threads, extra_bufts=True, logits_all=False, n_ctx=1024, n_seq_
 
         lc.llama_model_default_params = params
     return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
-                 n_threads_batch=threads, logits_all=logits_all, verbose=False)
+                 n_threads_batch=threads, logits_all=logits_all, verbose=False, draft_model=draft_model)
 
 
 def batch_llama_cpp(llm):
@@ -174,6 +177,36 @@ def check_llama_cpp(path, threads, extra_bufts=True):
     return logits, ids
 
 
+def lookup_child(path, threads, job, extra_bufts=True):
+    """llama-cpp-python's prompt lookup (`LlamaPromptLookupDecoding`, `draft_model=`) against its
+    plain decoding: `job` {"prompt": ids, "max_tokens", "ngram", "draft_max", "reps"}; greedy
+    completions of the same ids, interleaved, each from an empty cache (reset(): llama-cpp-python
+    would otherwise reuse the previous run's prompt); the median seconds of each and the texts."""
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+    prompt, max_tokens = job["prompt"], job["max_tokens"]
+    n_ctx = len(prompt) + max_tokens + job["draft_max"] + 16
+    plain = _llama(path, threads, extra_bufts, n_ctx=n_ctx)
+    lookup = _llama(path, threads, extra_bufts, n_ctx=n_ctx, draft_model=LlamaPromptLookupDecoding(
+        max_ngram_size=job["ngram"], num_pred_tokens=job["draft_max"]))
+
+    def timed(llm):
+        llm.reset()
+        begin = time.perf_counter()
+        r = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0)
+        return time.perf_counter() - begin, r["choices"][0]["text"], r["usage"]["completion_tokens"]
+
+    timed(plain), timed(lookup)  # warm-up
+    runs = {"plain": [], "lookup": []}
+    for _ in range(job["reps"]):
+        for name, llm in (("plain", plain), ("lookup", lookup)):
+            runs[name].append(timed(llm))
+    out = {}
+    for name, rs in runs.items():
+        out[name] = {"seconds": statistics.median(r[0] for r in rs), "text": rs[-1][1], "tokens": rs[-1][2]}
+    return out
+
+
 def quantize_child(source, out, ftype, threads):
     """llama.cpp's own quantizer, default parameters, LLAMA_FTYPE_MOSTLY_{ftype}."""
     import ctypes
@@ -209,13 +242,17 @@ def main(argv):
         np.save(out, logits)
         print(json.dumps({"ids": ids}))
         return 0
+    if mode == "lookup":
+        job = json.loads(Path(argv[4]).read_text())
+        print(json.dumps(lookup_child(argv[2], int(argv[3]), job, extra_bufts=impl == "llama_cpp")))
+        return 0
     if mode == "measure":
         path, threads, spawned, decode_tokens = argv[2], int(argv[3]), float(argv[4]), int(argv[5])
         batch = len(argv) > 6 and argv[6] == "1"
         result = result_json(*child_llama_cpp(path, threads, spawned, impl == "llama_cpp", decode_tokens, batch))
         print(result)
         return 0
-    print(f"peer.py: unknown mode {mode!r} (expected measure, check or quantize)", file=sys.stderr)
+    print(f"peer.py: unknown mode {mode!r} (expected measure, check, lookup or quantize)", file=sys.stderr)
     return 2
 
 
