@@ -5,7 +5,8 @@ It imports nothing of llama2 (only the standard library, numpy and llama_cpp), s
 own children (engine.py) import the shared parts from here. Modes, each printing one JSON line:
 
     measure IMPL MODEL THREADS SPAWNED DECODE_TOKENS     IMPL: llama_cpp | llama_cpp_no_extra_bufts
-    check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids
+    check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids,
+                                                         CHECK_TEXT's ids
     quantize SOURCE OUT FTYPE THREADS                    llama.cpp's quantizer (LLAMA_FTYPE_MOSTLY_*)
 """
 
@@ -21,6 +22,9 @@ SHORT_PROMPT = 8  # tokens of the prompt whose first token is the time to first 
 DECODE_TOKENS = 256
 CHECK_PROMPT = 16  # teacher-forced positions compared on the files of the large shapes
 CHECK_GREEDY = 16  # greedy ids compared after them
+# A prompt text both engines tokenize with the file's own vocabulary (BOS added, special tokens
+# typed in it stay text): before timing, the two lists of ids must be equal.
+CHECK_TEXT = "Once upon a time, a little robot named Max found 3 shiny stones by the river. It said: \"Hello!\""
 
 
 def prompt_ids(n, vocab, seed=7):
@@ -105,7 +109,7 @@ def check_llama_cpp(path, threads, extra_bufts=True):
         ids.append(token)
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return logits, ids
+    return logits, ids, llm.tokenize(CHECK_TEXT.encode(), add_bos=True, special=False)
 
 
 def quantize_child(source, out, ftype, threads):
@@ -139,9 +143,9 @@ def main(argv):
         return quantize_child(argv[1], argv[2], argv[3], int(argv[4]))
     if mode == "check":
         path, threads, out = argv[2], int(argv[3]), argv[4]
-        logits, ids = check_llama_cpp(path, threads, extra_bufts=impl == "llama_cpp")
+        logits, ids, text_ids = check_llama_cpp(path, threads, extra_bufts=impl == "llama_cpp")
         np.save(out, logits)
-        print(json.dumps({"ids": ids}))
+        print(json.dumps({"ids": ids, "text_ids": text_ids}))
         return 0
     if mode == "measure":
         path, threads, spawned, decode_tokens = argv[2], int(argv[3]), float(argv[4]), int(argv[5])
