@@ -3,11 +3,13 @@
 Two families of shapes. The tinyllamas (stories15M/42M/110M, random weights from a fixed seed, plus
 stories260K when the shared assets are there) are written once as llama2.c files (fp32 version 1,
 int8 version 2 with groups of 32) and as GGUF (F32, Q8_0: blocks of 32) for llama.cpp; before timing,
-llama.cpp's greedy ids on the F32 GGUF must equal ours. The TinyLlama-1.1B and Llama-2-7B shapes
-(files.py) are a GGUF F16 of ours, an HF bf16 folder and llama.cpp's own Q8_0, Q4_0, Q4_K_M and Q6_K
-of it, and both engines read the same file (the folder: ours only, against llama.cpp on the F16
-GGUF, which holds the same values); before timing each file, the two engines' logits on a 16-token
-prompt (teacher-forced) and their 16 greedy ids are compared and the agreement is reported.
+llama.cpp's greedy ids on the F32 GGUF must equal ours. The TinyLlama-1.1B, Llama-2-7B and
+Llama-3.2-1B shapes (files.py) are a GGUF F16 of ours, an HF bf16 folder and llama.cpp's own Q8_0,
+Q4_0, Q4_K_M and Q6_K of it, and both engines read the same file (the folder: ours only, against
+llama.cpp on the F16 GGUF, which holds the same values); before timing each file, the two engines'
+logits on a 16-token prompt (teacher-forced) and their 16 greedy ids are compared, and so are their
+ids for a prompt text (the file's own vocabulary), and the agreement is reported. Our decode rows of
+these shapes also say what the classifier costs a step (CLASSIFIER_HOW).
 
 Every measurement runs in a fresh child process (so neither engine's thread pools or memory disturb
 the other), ours and the peer's interleaved, repeated, and the median kept, after a warm-up run of
@@ -42,7 +44,7 @@ from .child import ChildError, child_command, last_line
 from .peer import CHECK_GREEDY, CHECK_PROMPT, CHECK_TEXT, DECODE_TOKENS, measure, prompt_ids, result_json
 
 SHAPES = ("stories15M", "stories42M", "stories110M")
-FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B (and a tiny test shape)
+FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B, Llama-3.2-1B (and a tiny test shape)
 METRICS = ("decode", "prefill128", "prefill512", "ttft", "rss")  # measured by the children
 ROW_METRICS = METRICS + ("first_run",)
 HIGHER_IS_BETTER = {"decode": True, "prefill128": True, "prefill512": True, "ttft": False, "rss": False,
