@@ -65,9 +65,11 @@ SHAPES = {
     "llama2-7b": Shape(ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32,
                                    vocab_size=32000, seq_len=4096, shared_classifier=False),
                        "tokenizer.bin", 64, ("q8_0", "q4_k_m"), named_only=True),
-    # Llama 3.2 1B: tied embeddings, Meta's 128256-token vocabulary, llama3 RoPE scaling
+    # Llama 3.2 1B: tied embeddings, Meta's 128256-token vocabulary, llama3 RoPE scaling. Context
+    # 8192 (the scaling's original one), not the real 131072: at 131072 `llama2 run`'s memory check
+    # counts a whole-context prompt's activations (28.6 GB) and refuses the first-run row here.
     "llama3.2-1b": Shape(ModelConfig(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8,
-                                     vocab_size=128256, seq_len=131072, shared_classifier=True,
+                                     vocab_size=128256, seq_len=8192, shared_classifier=True,
                                      rope_theta=500000.0, bos_id=128000, eos_id=128001,
                                      rope_scaling=RopeScaling("llama3", factor=32.0, original_context=8192,
                                                               low_freq_factor=1.0, high_freq_factor=4.0)),
