@@ -15,6 +15,7 @@ from conftest import asset
 from llama2.benchmarks import child, engine, files
 from llama2.weights.bf16 import bf16_to_f32, f32_to_bf16
 from llama2.cli import main
+from llama2.errors import Llama2Error
 from llama2.formats import load_checkpoint, open_source
 from llama2.model import Transformer
 
@@ -63,6 +64,27 @@ def test_random_tensors_are_seeded_and_at_trained_scale():
 def test_weight_counts_of_the_published_shapes():
     assert files.n_weights(files.SHAPES["llama2-7b"].config) == 6_738_415_616
     assert files.n_weights(files.SHAPES["tinyllama-1.1b"].config) == 1_100_048_384
+    assert files.n_weights(files.SHAPES["llama3.2-1b"].config) == 1_235_814_400  # tied
+
+
+def test_llama3_shape_reads_back_from_its_hf_config(tmp_path):
+    """The llama3.2-1b shape's config.json (a bf16 folder's) gives back its RoPE scaling."""
+    from llama2.formats import hf
+
+    c = files.SHAPES["llama3.2-1b"].config
+    (tmp_path / "config.json").write_text(json.dumps(files.hf_config(c)))
+    back = hf.read_config(tmp_path)
+    assert back.rope_scaling == c.rope_scaling and back.shared_classifier and back.rope_theta == 500000.0
+    assert (back.bos_id, back.eos_id, back.vocab_size, back.n_kv_heads) == (128000, 128001, 128256, 8)
+
+
+def test_llama3_vocabulary_comes_from_the_llama_models_package():
+    pytest.importorskip("llama_models")
+    path = engine._tokenizers("llama3.2-1b", None)[0]
+    assert path.name == "tokenizer.model" and path.parent.name == "llama3"
+    with pytest.raises(Llama2Error, match="^bench: the tokenizer x.model comes from the no_such_pkg "
+                                          "package, which is not installed; pip install no-such-pkg$"):
+        files.package_file("no_such_pkg:x.model")
 
 
 # -- the writers -----------------------------------------------------------------------------------

@@ -3,11 +3,13 @@
 Two families of shapes. The tinyllamas (stories15M/42M/110M, random weights from a fixed seed, plus
 stories260K when the shared assets are there) are written once as llama2.c files (fp32 version 1,
 int8 version 2 with groups of 32) and as GGUF (F32, Q8_0: blocks of 32) for llama.cpp; before timing,
-llama.cpp's greedy ids on the F32 GGUF must equal ours. The TinyLlama-1.1B and Llama-2-7B shapes
-(files.py) are a GGUF F16 of ours, an HF bf16 folder and llama.cpp's own Q8_0, Q4_0, Q4_K_M and Q6_K
-of it, and both engines read the same file (the folder: ours only, against llama.cpp on the F16
-GGUF, which holds the same values); before timing each file, the two engines' logits on a 16-token
-prompt (teacher-forced) and their 16 greedy ids are compared and the agreement is reported.
+llama.cpp's greedy ids on the F32 GGUF must equal ours. The TinyLlama-1.1B, Llama-2-7B and
+Llama-3.2-1B shapes (files.py) are a GGUF F16 of ours, an HF bf16 folder and llama.cpp's own Q8_0,
+Q4_0, Q4_K_M and Q6_K of it, and both engines read the same file (the folder: ours only, against
+llama.cpp on the F16 GGUF, which holds the same values); before timing each file, the two engines'
+logits on a 16-token prompt (teacher-forced) and their 16 greedy ids are compared, and so are their
+ids for a prompt text (the file's own vocabulary), and the agreement is reported. Our decode rows of
+these shapes also say what the classifier costs a step (CLASSIFIER_HOW).
 
 Every measurement runs in a fresh child process (so neither engine's thread pools or memory disturb
 the other), ours and the peer's interleaved, repeated, and the median kept, after a warm-up run of
@@ -43,11 +45,15 @@ import numpy as np
 from ..config import PRESETS
 from . import files as bench_files
 from .child import ChildError, child_command, last_line
+<<<<<<< HEAD
 from .peer import (BATCH_SIZES, CHECK_GREEDY, CHECK_PROMPT, DECODE_TOKENS, measure, prompt_ids,
                    result_json)
+=======
+from .peer import CHECK_GREEDY, CHECK_PROMPT, CHECK_TEXT, DECODE_TOKENS, measure, prompt_ids, result_json
+>>>>>>> llama3
 
 SHAPES = ("stories15M", "stories42M", "stories110M")
-FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B (and a tiny test shape)
+FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B, Llama-3.2-1B (and a tiny test shape)
 METRICS = ("decode", "prefill128", "prefill512", "ttft", "rss")  # measured by the children
 BATCH_METRICS = tuple(f"decode{s}" for s in BATCH_SIZES)  # --batch: S sequences decoding together
 HIGHER_IS_BETTER = {"decode": True, "prefill128": True, "prefill512": True, "ttft": False, "rss": False,
@@ -58,6 +64,11 @@ GROUP = 32  # int8 group size on both sides (llama.cpp's Q8_0 block)
 CHECK_TOKENS = 24  # greedy ids compared on the stories shapes' F32 GGUF
 FIRST_RUN_STEPS = 4  # positions `llama2 run -n` runs: the first token and three more
 TINYLLAMA_WEIGHTS = ("fp32", "int8")  # --weights of the tinyllamas; the large shapes': files.FILES
+CLASSIFIER_REPS = 32  # timed logits products of one row, median kept
+CLASSIFIER_HOW = ("classifier: the logits product of one row ([vocab, dim] matrix times a vector), timed "
+                  f"alone in our decode child (median of {CLASSIFIER_REPS}, the kernel and threads a decode "
+                  "step uses for it), against a whole decode step (1 / decode tok/s, the same child); "
+                  "bytes: the classifier's share of the matrix bytes a decode step reads")
 
 
 def bench_dir() -> Path:
@@ -121,12 +132,34 @@ def _ours(path, threads):
     from ..model import Transformer
 
     set_threads(threads)
-    model = Transformer(load_checkpoint(path))
-    return model, model.new_cache()
+    ckpt = load_checkpoint(path)
+    model = Transformer(ckpt)
+    return model, model.new_cache(), ckpt
 
 
+def classifier_cost(model, reps=CLASSIFIER_REPS) -> dict:
+    """What the classifier costs a decode step (CLASSIFIER_HOW): its product on one row timed alone
+    (the same kernel as in the forward pass: a Matrix called on fewer rows than a tile runs the
+    dot kernels on the thread pool), and its share of the matrix bytes a step reads."""
+    x = np.random.default_rng(0).standard_normal((1, model.config.dim)).astype(np.float32)
+    model.classifier(x)  # untimed: the first call's page faults
+    times = []
+    for _ in range(reps):
+        begin = time.perf_counter()
+        model.classifier(x)
+        times.append(time.perf_counter() - begin)
+    read = sum(m.nbytes for m in model.matrices())
+    return {"classifier_s": statistics.median(times), "classifier_bytes": model.classifier.nbytes / read}
+
+
+<<<<<<< HEAD
 def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS, batch=False):
     model, cache = _ours(path, threads)
+=======
+def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
+    """measure()'s results, then classifier_cost's dict."""
+    model, cache, _ = _ours(path, threads)
+>>>>>>> llama3
 
     def start(prompt):
         cache.reset()
@@ -135,6 +168,7 @@ def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS, batch=False)
     def step(token):
         return int(np.argmax(model.forward([token], cache)[-1]))
 
+<<<<<<< HEAD
     def run_batch(prompts, steps):  # peer.batch_rates: one forward_batch pass of S rows a step
         slots = model.new_cache(len(prompts), seq_len=max(map(len, prompts)) + steps)
         tokens = [int(np.argmax(model.forward(p, slots, slot=s)[-1])) for s, p in enumerate(prompts)]
@@ -146,32 +180,42 @@ def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS, batch=False)
 
     return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens,
                    run_batch if batch else None)
+=======
+    return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens), classifier_cost(model)
+>>>>>>> llama3
 
 
 def check_ours(path, threads):
-    """Teacher-forced logits [CHECK_PROMPT, V] of the check prompt, then CHECK_GREEDY greedy ids."""
-    model, cache = _ours(path, threads)
+    """Teacher-forced logits [CHECK_PROMPT, V] of the check prompt, then CHECK_GREEDY greedy ids, and
+    CHECK_TEXT's ids by the file's own vocabulary (None without one)."""
+    model, cache, ckpt = _ours(path, threads)
     prompt = prompt_ids(CHECK_PROMPT, model.config.vocab_size, seed=16)
     logits = np.array(model.forward(prompt, cache, all_logits=True), dtype=np.float32)
     ids, token = [], int(np.argmax(logits[-1]))
     for _ in range(CHECK_GREEDY):
         ids.append(token)
         token = int(np.argmax(model.forward([token], cache)[-1]))
-    return logits, ids
+    tok = getattr(ckpt, "tokenizer", None)
+    return logits, ids, None if tok is None else [int(i) for i in tok.encode(CHECK_TEXT, bos=True)]
 
 
 def child_main(argv):
     """`ours MODEL THREADS SPAWNED [DECODE_TOKENS [BATCH]]` or `check-ours MODEL THREADS OUT.npy`;
     prints one JSON line (as peer.py does for llama.cpp)."""
     if argv[0] == "check-ours":
-        logits, ids = check_ours(argv[1], int(argv[2]))
+        logits, ids, text_ids = check_ours(argv[1], int(argv[2]))
         np.save(argv[3], logits)
-        print(json.dumps({"ids": ids}))
+        print(json.dumps({"ids": ids, "text_ids": text_ids}))
         return 0
     path, threads, spawned = argv[1], int(argv[2]), float(argv[3])
     decode_tokens = int(argv[4]) if len(argv) > 4 else DECODE_TOKENS
+<<<<<<< HEAD
     batch = len(argv) > 5 and argv[5] == "1"
     print(result_json(*child_ours(path, threads, spawned, decode_tokens, batch)))
+=======
+    measured, cost = child_ours(path, threads, spawned, decode_tokens)
+    print(json.dumps({**json.loads(result_json(*measured)), **cost}))
+>>>>>>> llama3
     return 0
 
 
@@ -190,8 +234,9 @@ def run_child(impl, path, threads, decode_tokens=DECODE_TOKENS, python=None, isa
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def run_check(impl, path, threads, out, python=None, isa=None) -> list:
-    """Run a check child; its logits land in `out` (.npy); returns its greedy ids."""
+def run_check(impl, path, threads, out, python=None, isa=None) -> dict:
+    """Run a check child; its logits land in `out` (.npy); returns {"ids": its greedy ids,
+    "text_ids": CHECK_TEXT's ids, None where the file has no vocabulary}."""
     cmd, env = child_command(impl, python)
     env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     if isa and impl == "ours":
@@ -201,7 +246,7 @@ def run_check(impl, path, threads, out, python=None, isa=None) -> list:
     p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise ChildError(f"{impl} check child failed on {Path(path).name}: {last_line(p)}")
-    return json.loads(p.stdout.strip().splitlines()[-1])["ids"]
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def agreement(ours_logits, peer_logits, ours_ids, peer_ids) -> dict:
@@ -220,22 +265,27 @@ def agreement(ours_logits, peer_logits, ours_ids, peer_ids) -> dict:
 
 def check_file(ours_path, peer_path, peer_impl, threads, python=None, isa=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        ours_ids = run_check("ours", ours_path, threads, Path(tmp) / "ours.npy", isa=isa)
-        peer_ids = run_check(peer_impl, peer_path, threads, Path(tmp) / "peer.npy", python=python)
+        ours = run_check("ours", ours_path, threads, Path(tmp) / "ours.npy", isa=isa)
+        peer = run_check(peer_impl, peer_path, threads, Path(tmp) / "peer.npy", python=python)
         a, b = np.load(Path(tmp) / "ours.npy"), np.load(Path(tmp) / "peer.npy")
     if a.shape != b.shape:
         raise ChildError(f"logits of shape {a.shape} (ours) and {b.shape} (llama.cpp) differ")
-    return agreement(a, b, ours_ids, peer_ids)
+    check = agreement(a, b, ours["ids"], peer["ids"])
+    if ours.get("text_ids") is not None:
+        check["text_ids"] = len(peer["text_ids"])
+        check["text_ids_equal"] = ours["text_ids"] == peer["text_ids"]
+    return check
 
 
 def first_run(path, tokenizer, threads, isa=None, steps=FIRST_RUN_STEPS) -> float:
-    """Seconds from spawning `llama2 run PATH` (empty prompt, greedy) to the first generated byte on
-    its stdout. Nothing is compiled at run time, so this is also the first run after an install."""
+    """Seconds from spawning `llama2 run PATH` (empty prompt, greedy; `-z tokenizer` unless None:
+    the model's own vocabulary) to the first generated byte on its stdout. Nothing is compiled at
+    run time, so this is also the first run after an install."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     if isa:
         env["LLAMA2_ISA"] = isa
-    cmd = [sys.executable, "-m", "llama2", "run", str(path), "-z", str(tokenizer), "-i", "",
-           "-n", str(steps), "-t", "0", "--threads", str(threads)]
+    cmd = [sys.executable, "-m", "llama2", "run", str(path), *(["-z", str(tokenizer)] if tokenizer else []),
+           "-i", "", "-n", str(steps), "-t", "0", "--threads", str(threads)]
     begin = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
     first = p.stdout.read(1)
@@ -460,10 +510,13 @@ def files_to_make(kinds, with_peer) -> list:
 
 
 def _tokenizers(shape, assets):
-    """(tokenizer.bin-style file, sentencepiece model or None) of a large shape."""
+    """(tokenizer file, sentencepiece model or None) of a large shape."""
     from ..hub import resolve
 
     name = FILE_SHAPES[shape].tokenizer
+    if ":" in name:  # a file a package ships (Meta's Llama 3 tiktoken tokenizer.model): the HF folder's too
+        path = bench_files.package_file(name)
+        return path, path
     if assets is not None and (Path(assets) / name).exists():
         tok = Path(assets) / name
     else:
@@ -494,13 +547,13 @@ def without_unmakeable(plan, directory, peer_python, log) -> dict:
 
 def prepare_files(shape, kinds, with_peer, directory, assets, threads, peer_python, log):
     """Make (resumably) the files of a large shape; returns (kinds that can be measured, kind ->
-    path, tokenizer)."""
+    path, the tokenizer.bin `llama2 run` takes, or None where the files carry their own)."""
     tok, spm = _tokenizers(shape, assets)
     kinds = without_unmakeable({shape: kinds}, directory, peer_python, log)[shape]
     log(f"preparing {shape} in {directory} ...")
     where = bench_files.prepare(shape, files_to_make(kinds, with_peer), directory, tok, spm, threads,
                                 peer_python, log)
-    return kinds, where, tok
+    return kinds, where, None if tok == spm else tok  # Meta's: in the GGUF, and as the folder's tokenizer.model
 
 
 def prepare(shapes, plan, with_peer, directory, assets, threads, peer_python, log) -> dict:
@@ -539,6 +592,9 @@ def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets,
                 check.update(model=shape, weights=kind, peer_file=peer_kind)
                 checks.append(check)
                 log(f"{shape} {kind}: agreement with llama.cpp on {peer_kind}: " + check_text(check))
+                if check.get("text_ids_equal") is False:
+                    fail("check", ChildError(f"the two engines tokenize the prompt text {CHECK_TEXT!r} "
+                                             "differently (the file's own vocabulary)"))
             except ChildError as e:
                 fail("check", e)
         for threads in threads_list:
@@ -571,17 +627,43 @@ def _bench_files(shape, kinds, threads_list, reps, with_peer, directory, assets,
                 size = file_mb(where[kind])
                 made = _make_rows(shape, kind, threads, samples["ours"], samples["peer"], first,
                                   peer_kind if peer_here else None, with_first_run, size)
+                if samples["ours"]:
+                    made[METRICS.index("decode")].update(classifier_share(samples["ours"]))
                 rows += made
+                cls = made[METRICS.index("decode")]
                 log(_row_line(made) + _first_step_text(samples["ours"], samples["peer"])
-                    + f", file {size:,.0f} MB")
+                    + f", file {size:,.0f} MB" + (f", classifier {100 * cls['classifier_share']:.1f}% of "
+                                                  "our decode step" if "classifier_share" in cls else ""))
+
+
+def classifier_share(samples) -> dict:
+    """The decode row's classifier figures (CLASSIFIER_HOW) from our children's samples: medians of
+    the product's time, of its share of each child's step, and the bytes' share."""
+    return {"classifier_ms": round(1e3 * statistics.median(s["classifier_s"] for s in samples), 3),
+            "classifier_share": round(statistics.median(s["classifier_s"] * s["decode"] for s in samples), 4),
+            "classifier_bytes_share": round(samples[0]["classifier_bytes"], 4)}
+
+
+def classifier_lines(rows) -> str:
+    """A line per decode row that has the classifier's figures, and how they were measured."""
+    lines = [f"| {r['model']} | {r['weights']} | {r['threads']} | {r['classifier_ms']:.3g} ms of "
+             f"{1e3 / r['ours']:.3g} ms | {100 * r['classifier_share']:.1f}% | "
+             f"{100 * r['classifier_bytes_share']:.1f}% |" for r in rows if "classifier_share" in r]
+    if not lines:
+        return ""
+    return ("| model | weights | threads | classifier (ours) / decode step | share of the step | "
+            "share of the bytes read |\n|---|---|---|---|---|---|\n" + "\n".join(lines) + "\n"
+            + CLASSIFIER_HOW + "\n")
 
 
 def check_text(c) -> str:
+    text = "" if "text_ids" not in c else \
+        f"; prompt text: {c['text_ids']} ids, {'equal' if c['text_ids_equal'] else 'DIFFERENT'}"
     if "positions" not in c:
-        return f"greedy ids {c['greedy_same']}/{c['greedy']} equal"
+        return f"greedy ids {c['greedy_same']}/{c['greedy']} equal" + text
     return (f"argmax {c['argmax_agree']}/{c['positions']} positions, max |logit diff| "
             f"{c['max_abs_diff']:.3g} (logits up to {c['max_abs_logit']:.3g}), greedy ids "
-            f"{c['greedy_same']}/{c['greedy']} equal")
+            f"{c['greedy_same']}/{c['greedy']} equal" + text)
 
 
 def _fmt(value, unit=""):

@@ -1,5 +1,6 @@
-"""The benchmark's model files for the TinyLlama-1.1B and Llama-2-7B shapes: one set per shape,
-written once into the bench folder and reused (a run that stops part-way resumes where it stopped).
+"""The benchmark's model files for the TinyLlama-1.1B, Llama-2-7B and Llama-3.2-1B shapes: one set
+per shape, written once into the bench folder and reused (a run that stops part-way resumes where it
+stopped).
 
 Weights are random from a fixed seed, at the scale of trained Llama weights so that quantization
 behaves as on real ones: matrices N(0, 0.02), norms 1 + N(0, 0.02). Every value is rounded to one
@@ -11,6 +12,9 @@ model bit for bit (a row on the folder can stand against llama.cpp on the F16 GG
     q8_0, q4_0, q4_k_m, q6_k      {shape}-{kind}.gguf, made from the F16 GGUF by llama.cpp's own
                                   quantizer (llama-cpp-python's llama_model_quantize, in a child)
 
+The GGUFs carry the shape's vocabulary: Llama 2's sentencepiece one (tokenizer.bin), or for
+Llama 3.2 Meta's tiktoken tokenizer.model as the llama-models package ships it, written as a GGUF
+byte-level BPE vocabulary (gpt2 model, llama-bpe pre-tokenizer, as llama.cpp's converter writes it).
 Every file is written under a temporary name and renamed when complete.
 """
 
@@ -27,7 +31,7 @@ import numpy as np
 
 from ..checkpoint import tensor_shapes
 from ..weights.bf16 import f32_to_bf16
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..errors import Llama2Error
 from .child import child_command, last_line
 
@@ -45,7 +49,9 @@ DISK_MARGIN = 1 << 30  # left free after the files are written
 @dataclass(frozen=True)
 class Shape:
     config: ModelConfig
-    tokenizer: str  # tokenizer.bin-style file (assets or the cache): the GGUF's vocabulary
+    # the GGUF's vocabulary: a file of the assets or the cache (tokenizer.bin), or "PACKAGE:PATH", a
+    # file an installed package ships
+    tokenizer: str
     decode_tokens: int  # tokens timed for decode tok/s
     files: tuple  # the files measured unless --weights says otherwise
     named_only: bool = False  # measured only when named in --models
@@ -59,11 +65,36 @@ SHAPES = {
     "llama2-7b": Shape(ModelConfig(dim=4096, hidden_dim=11008, n_layers=32, n_heads=32, n_kv_heads=32,
                                    vocab_size=32000, seq_len=4096, shared_classifier=False),
                        "tokenizer.bin", 64, ("q8_0", "q4_k_m"), named_only=True),
+    # Llama 3.2 1B: tied embeddings, Meta's 128256-token vocabulary, llama3 RoPE scaling. Context
+    # 8192 (the scaling's original one), not the real 131072: at 131072 `llama2 run`'s memory check
+    # counts a whole-context prompt's activations (28.6 GB) and refuses the first-run row here.
+    "llama3.2-1b": Shape(ModelConfig(dim=2048, hidden_dim=8192, n_layers=16, n_heads=32, n_kv_heads=8,
+                                     vocab_size=128256, seq_len=8192, shared_classifier=True,
+                                     rope_theta=500000.0, bos_id=128000, eos_id=128001,
+                                     rope_scaling=RopeScaling("llama3", factor=32.0, original_context=8192,
+                                                              low_freq_factor=1.0, high_freq_factor=4.0)),
+                         "llama_models:llama3/tokenizer.model", 128, ("f16", "q8_0", "q4_k_m"),
+                         named_only=True),
     # a plumbing check (seconds): rows of 256 so the k-quants apply, stories260K's tokenizer
     "tiny": Shape(ModelConfig(dim=256, hidden_dim=768, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512,
                               seq_len=1024, shared_classifier=False),
                   "tok512.bin", 32, FILES, named_only=True),
 }
+
+
+def package_file(spec: str) -> Path:
+    """"PACKAGE:PATH" -> the file PATH inside installed package PACKAGE, or a one-line error."""
+    import importlib.util
+
+    package, inner = spec.split(":", 1)
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise Llama2Error(f"bench: the tokenizer {inner} comes from the {package} package, which is not "
+                          f"installed; pip install {package.replace('_', '-')}")
+    path = Path(next(iter(found.submodule_search_locations))) / inner
+    if not path.is_file():
+        raise Llama2Error(f"bench: {path} not found in the installed {package} package")
+    return path
 
 
 def paths(shape: str, directory) -> dict:
@@ -161,6 +192,11 @@ def write_gguf_f16(config: ModelConfig, path, vocab):
 
 
 def hf_config(config: ModelConfig) -> dict:
+    rs = config.rope_scaling
+    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
+                                "high_freq_factor": rs.high_freq_factor,
+                                "original_max_position_embeddings": rs.original_context}} \
+        if rs.kind == "llama3" else {}
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
         "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
@@ -169,7 +205,7 @@ def hf_config(config: ModelConfig) -> dict:
         "max_position_embeddings": config.seq_len, "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta, "tie_word_embeddings": config.shared_classifier,
         "bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "torch_dtype": "bfloat16",
-        "attention_bias": False, "mlp_bias": False,
+        "attention_bias": False, "mlp_bias": False, **scaling,
     }
 
 

@@ -6,7 +6,8 @@ own children (engine.py) import the shared parts from here. Modes, each printing
 
     measure IMPL MODEL THREADS SPAWNED DECODE_TOKENS [BATCH]   IMPL: llama_cpp | llama_cpp_no_extra_bufts;
                                                          BATCH 1: also multi-row decode (BATCH_SIZES)
-    check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids
+    check IMPL MODEL THREADS OUT.npy                     teacher-forced logits to OUT, greedy ids,
+                                                         CHECK_TEXT's ids
     quantize SOURCE OUT FTYPE THREADS                    llama.cpp's quantizer (LLAMA_FTYPE_MOSTLY_*)
     lookup IMPL MODEL THREADS JOB.json                   greedy completions with and without
                                                          LlamaPromptLookupDecoding (bench spec)
@@ -27,6 +28,9 @@ CHECK_PROMPT = 16  # teacher-forced positions compared on the files of the large
 CHECK_GREEDY = 16  # greedy ids compared after them
 BATCH_SIZES = (4, 8, 16)  # sequences decoding together in the multi-row decode rows
 BATCH_STEPS = 32  # timed passes of one token per sequence, after each sequence's short prompt
+# A prompt text both engines tokenize with the file's own vocabulary (BOS added, special tokens
+# typed in it stay text): before timing, the two lists of ids must be equal.
+CHECK_TEXT = "Once upon a time, a little robot named Max found 3 shiny stones by the river. It said: \"Hello!\""
 
 
 def prompt_ids(n, vocab, seed=7):
@@ -174,7 +178,7 @@ def check_llama_cpp(path, threads, extra_bufts=True):
         ids.append(token)
         llm.eval([token])
         token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return logits, ids
+    return logits, ids, llm.tokenize(CHECK_TEXT.encode(), add_bos=True, special=False)
 
 
 def lookup_child(path, threads, job, extra_bufts=True):
@@ -238,9 +242,9 @@ def main(argv):
         return quantize_child(argv[1], argv[2], argv[3], int(argv[4]))
     if mode == "check":
         path, threads, out = argv[2], int(argv[3]), argv[4]
-        logits, ids = check_llama_cpp(path, threads, extra_bufts=impl == "llama_cpp")
+        logits, ids, text_ids = check_llama_cpp(path, threads, extra_bufts=impl == "llama_cpp")
         np.save(out, logits)
-        print(json.dumps({"ids": ids}))
+        print(json.dumps({"ids": ids, "text_ids": text_ids}))
         return 0
     if mode == "lookup":
         job = json.loads(Path(argv[4]).read_text())

@@ -17,13 +17,14 @@ def register(sub):
                                    "ratios above 1 mean ours is better.")
     p.add_argument("--models", default=None,
                    help="comma-separated shapes: stories260K, stories15M, stories42M, stories110M, "
-                        "tinyllama-1.1b, llama2-7b (about 25 GB of files: only when named), tiny (a plumbing "
-                        "check); default: all but llama2-7b and tiny")
+                        "tinyllama-1.1b, llama2-7b (about 25 GB of files: only when named), llama3.2-1b "
+                        "(only when named), tiny (a plumbing check); default: all but llama2-7b, "
+                        "llama3.2-1b and tiny")
     p.add_argument("--threads", default="2", help="comma-separated thread counts (default 2)")
     p.add_argument("--weights", default=None,
                    help="comma-separated: fp32, int8 (the stories shapes' llama2.c files); f16, bf16 "
                         "(HF folder), q8_0, q4_0, q4_k_m, q6_k (the large shapes' files; default all, "
-                        "llama2-7b: q8_0,q4_k_m)")
+                        "llama2-7b: q8_0,q4_k_m, llama3.2-1b: f16,q8_0,q4_k_m)")
     p.add_argument("--reps", type=int, default=3, help="runs per measurement, median kept (default 3)")
     p.add_argument("--no-peer", action="store_true", help="measure only ours")
     p.add_argument("--isa", choices=LEVELS, default=None,
@@ -190,6 +191,8 @@ def run(args, io) -> int:
     text = header + engine.table(rows)
     if checks:
         text += "\n" + engine.checks_table(checks)
+    if engine.classifier_lines(rows):
+        text += "\n" + engine.classifier_lines(rows)
     if errors:
         text += "\n" + "\n".join(f"failed: {e['model']} {e['weights']} {e['engine']}: {e['error']}"
                                  for e in errors) + "\n"

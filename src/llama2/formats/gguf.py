@@ -329,8 +329,9 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
     """Write a GGUF v3 file asking `tensor(name, layer)` (our names, float32) for one tensor at a
     time. Norms stay F32; matrices are F32, F16, BF16, or for a quantized `dtype` (q8_0, q4_0, q4_1,
     q5_0, q5_1, q4_k, q5_k, q6_k, q4_k_m, q5_k_m) the type llama.cpp's rule gives each tensor
-    (quantize.tensor_type), quantized as llama.cpp's reference does. The classifier is always
-    written as output.weight, as llama.cpp's own converters do."""
+    (quantize.tensor_type), quantized as llama.cpp's reference does. A shared classifier is
+    token_embd.weight alone, without output.weight (tied, as llama.cpp's convert_hf_to_gguf writes
+    Llama 3.2; llama.cpp then gives token_embd the classifier's type)."""
     if dtype not in FILE_TYPES:
         raise FormatError(f"cannot write {path}: GGUF dtype {dtype!r} is not one of "
                           f"{', '.join(FILE_TYPES)}")
@@ -339,10 +340,10 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         raise FormatError(f"cannot write {path}: GGUF has no dynamic RoPE scaling (llama.cpp does not "
                           "run it); run the model from its Hugging Face folder")
     shapes = tensor_shapes(c)
-    shapes.setdefault("wcls", shapes["token_embedding"])
     rope_freqs = rope.divisors(c)  # llama3 scaling: written as llama.cpp's converter does
     order = [("rope_freqs", None)] if rope_freqs is not None else []
-    order += [("token_embedding", None), ("rms_final", None), ("wcls", None)]
+    order += [("token_embedding", None), ("rms_final", None)]
+    order += [] if c.shared_classifier else [("wcls", None)]
     order += [(n, i) for i in range(c.n_layers) for n in BLOCK_ORDER]
     shapes["rope_freqs"] = (c.head_dim // 2,)
 
@@ -350,7 +351,8 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
         if name.startswith("rms"):
             return "f32"
         return quantize.tensor_type(dtype, name, layer, c.n_layers, cols=shapes[name][-1],
-                                    n_heads=c.n_heads, n_kv_heads=c.n_kv_heads)
+                                    has_output=not c.shared_classifier, n_heads=c.n_heads,
+                                    n_kv_heads=c.n_kv_heads)
 
     kinds = {}
     for name, layer in order:
@@ -413,8 +415,7 @@ def write(path, config: ModelConfig, tensor, vocab: Vocab = None, dtype="fp32", 
     with atomic_write(path) as f:
         f.write(header + b"\0" * (-len(header) % ALIGNMENT))
         for (name, layer), size in zip(order, sizes):
-            src = "token_embedding" if name == "wcls" and c.shared_classifier else name
-            arr = np.asarray(rope_freqs if name == "rope_freqs" else tensor(src, layer), dtype=np.float32)
+            arr = np.asarray(rope_freqs if name == "rope_freqs" else tensor(name, layer), dtype=np.float32)
             want = shapes[name][1:] if layer is not None else shapes[name]
             if arr.shape != tuple(want):
                 raise FormatError(f"cannot write {path}: tensor {name} has shape {arr.shape}, "
