@@ -45,12 +45,8 @@ import numpy as np
 from ..config import PRESETS
 from . import files as bench_files
 from .child import ChildError, child_command, last_line
-<<<<<<< HEAD
-from .peer import (BATCH_SIZES, CHECK_GREEDY, CHECK_PROMPT, DECODE_TOKENS, measure, prompt_ids,
+from .peer import (BATCH_SIZES, CHECK_GREEDY, CHECK_PROMPT, CHECK_TEXT, DECODE_TOKENS, measure, prompt_ids,
                    result_json)
-=======
-from .peer import CHECK_GREEDY, CHECK_PROMPT, CHECK_TEXT, DECODE_TOKENS, measure, prompt_ids, result_json
->>>>>>> llama3
 
 SHAPES = ("stories15M", "stories42M", "stories110M")
 FILE_SHAPES = bench_files.SHAPES  # TinyLlama-1.1B, Llama-2-7B, Llama-3.2-1B (and a tiny test shape)
@@ -152,14 +148,9 @@ def classifier_cost(model, reps=CLASSIFIER_REPS) -> dict:
     return {"classifier_s": statistics.median(times), "classifier_bytes": model.classifier.nbytes / read}
 
 
-<<<<<<< HEAD
 def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS, batch=False):
-    model, cache = _ours(path, threads)
-=======
-def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
     """measure()'s results, then classifier_cost's dict."""
     model, cache, _ = _ours(path, threads)
->>>>>>> llama3
 
     def start(prompt):
         cache.reset()
@@ -168,7 +159,6 @@ def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
     def step(token):
         return int(np.argmax(model.forward([token], cache)[-1]))
 
-<<<<<<< HEAD
     def run_batch(prompts, steps):  # peer.batch_rates: one forward_batch pass of S rows a step
         slots = model.new_cache(len(prompts), seq_len=max(map(len, prompts)) + steps)
         tokens = [int(np.argmax(model.forward(p, slots, slot=s)[-1])) for s, p in enumerate(prompts)]
@@ -178,11 +168,8 @@ def child_ours(path, threads, spawned, decode_tokens=DECODE_TOKENS):
             tokens = [int(t) for t in np.argmax(logits, axis=-1)]
         return time.perf_counter() - begin
 
-    return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens,
-                   run_batch if batch else None)
-=======
-    return measure(model.config.vocab_size, spawned, start, step, start, decode_tokens), classifier_cost(model)
->>>>>>> llama3
+    return (measure(model.config.vocab_size, spawned, start, step, start, decode_tokens,
+                    run_batch if batch else None), classifier_cost(model))
 
 
 def check_ours(path, threads):
@@ -209,13 +196,9 @@ def child_main(argv):
         return 0
     path, threads, spawned = argv[1], int(argv[2]), float(argv[3])
     decode_tokens = int(argv[4]) if len(argv) > 4 else DECODE_TOKENS
-<<<<<<< HEAD
     batch = len(argv) > 5 and argv[5] == "1"
-    print(result_json(*child_ours(path, threads, spawned, decode_tokens, batch)))
-=======
-    measured, cost = child_ours(path, threads, spawned, decode_tokens)
+    measured, cost = child_ours(path, threads, spawned, decode_tokens, batch)
     print(json.dumps({**json.loads(result_json(*measured)), **cost}))
->>>>>>> llama3
     return 0
 
 
