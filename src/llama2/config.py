@@ -124,6 +124,10 @@ class GenerationConfig:
 
 
 Q8_GROUP_SIZE = 32  # --quantize q8_0 at load: values per scale, as llama.cpp's Q8_0
+# The most rows one native pass holds: a longer prompt runs as several passes (the same bits: a row's
+# logits do not depend on its pass), so its activations stay this many rows whatever the context
+# (a 128k-token model's whole-context pass would need tens of GB).
+PASS_ROWS = 512
 DEFAULT_MODEL = "stories15M.bin"
 DEFAULT_TOKENIZER = "tokenizer.bin"
 DEFAULT_PROMPT = "Once upon a time"

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 from . import formats, kvcache, weights
 from .checkpoint import LAYER_MATRICES, tensor_shapes
-from .config import Q8_GROUP_SIZE
+from .config import PASS_ROWS, Q8_GROUP_SIZE
 from .errors import Llama2Error
 from .weights.base import DEQUANT_TILE
 
@@ -81,10 +81,11 @@ def default_kv_type(path) -> str:
 
 
 def scratch_bytes(config, slots: int = 1) -> int:
-    """A full-context prompt's activations, the logits, a dequantized tile (weights.base.DEQUANT_TILE
-    floats at most) and the RoPE tables, float32."""
+    """A pass's activations (PASS_ROWS rows at most), the logits, a dequantized tile
+    (weights.base.DEQUANT_TILE floats at most) and the RoPE tables, float32."""
     c = config
-    return 4 * (c.seq_len * (6 * c.dim + 3 * c.hidden_dim + c.n_heads * 64)  # a prompt's activations
+    rows = min(c.seq_len, PASS_ROWS)
+    return 4 * (rows * (6 * c.dim + 3 * c.hidden_dim + c.n_heads * 64)  # a pass's activations
                 + c.vocab_size * (slots + 1)  # logits
                 + min(DEQUANT_TILE, max(c.hidden_dim, c.vocab_size) * c.dim)  # a tile or a product
                 + c.seq_len * c.head_dim)  # RoPE tables

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import kvcache, rope, weights
 from .checkpoint import LAYER_MATRICES, Checkpoint
-from .config import Q8_GROUP_SIZE
+from .config import PASS_ROWS, Q8_GROUP_SIZE
 from .errors import Llama2Error
 from .plan import Plan
 
@@ -115,6 +115,8 @@ class Transformer:
         pool has none left (the cache's positions unchanged). `adapters`: each segment's index in
         `self.adapters` (-1: none), default `self.adapter` for every segment."""
         c = self.config
+        if sum(np.size(tokens) for _, tokens in segments) > PASS_ROWS:
+            return self._forward_in_passes(segments, cache, all_logits, adapters)
         spans, rows = [], []
         if len({slot for slot, _ in segments}) != len(segments):
             raise ValueError("a slot may appear only once in a batch")
@@ -149,6 +151,44 @@ class Transformer:
                 # rows are taken back (cache.rollback)
                 cache.forget_before(slot, st + T + 1 - c.sliding_window - cache.rollback)
         return logits
+
+    def _forward_in_passes(self, segments, cache: KVCache, all_logits: bool, adapters) -> np.ndarray:
+        """forward_batch for more than PASS_ROWS rows: the segments' tokens in order, cut into passes
+        of at most PASS_ROWS rows (a segment may span several). Every slot's blocks are reserved
+        first, so a full pool raises before any position moves."""
+        segments = [(slot, np.asarray(tokens, dtype=np.int64).reshape(-1)) for slot, tokens in segments]
+        adapters = [self.adapter] * len(segments) if adapters is None else list(adapters)
+        if len({slot for slot, _ in segments}) != len(segments):
+            raise ValueError("a slot may appear only once in a batch")
+        for slot, tokens in segments:
+            if int(cache.pos[slot]) + len(tokens) > cache.seq_len:
+                raise Llama2Error(f"context is full: {int(cache.pos[slot]) + len(tokens)} positions exceed "
+                                  f"seq_len {cache.seq_len}")
+        for slot, tokens in segments:
+            cache.reserve(slot, len(tokens))
+        passes, current, room = [], [], PASS_ROWS  # pieces: (segment index, tokens)
+        for i, (_, piece) in enumerate(segments):
+            while len(piece):
+                take, piece = piece[:room], piece[room:]
+                current.append((i, take))
+                room -= len(take)
+                if room == 0:
+                    passes.append(current)
+                    current, room = [], PASS_ROWS
+        if current:
+            passes.append(current)
+        out = [[] for _ in segments]
+        for pieces in passes:
+            logits = self.forward_batch([(segments[i][0], t) for i, t in pieces], cache, all_logits,
+                                        [adapters[i] for i, _ in pieces])
+            at = 0
+            for k, (i, t) in enumerate(pieces):
+                if all_logits:
+                    out[i].append(logits[at:at + len(t)])
+                    at += len(t)
+                else:
+                    out[i] = [logits[k:k + 1]]  # the segment's last piece's row wins
+        return np.concatenate([part for parts in out for part in parts])
 
     def warm_up(self):
         """One decode step on a scratch cache, so a server's first request finds every kernel and

@@ -208,3 +208,30 @@ def test_prompt_logits_equal_decoding_one_token_at_a_time_bit_for_bit(quantize, 
         both = model.forward_batch([(0, a[half:n]), (1, b[n - half:])], cache, all_logits=True)
         want = np.concatenate([steps["a"][half:n], steps["b"][n - half:]])
         assert both.tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("all_logits", [False, True])
+def test_passes_longer_than_pass_rows_run_in_pieces_with_the_same_bits(monkeypatch, all_logits):
+    """Past config.PASS_ROWS rows a forward runs as several passes (segments cut where a pass
+    fills); every row's logits are those of one big pass, bit for bit, and positions advance alike."""
+    import llama2.model as M
+    from llama2.kvcache import CacheFull
+    _, model = make(TINY)
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(0, TINY.vocab_size, n).tolist() for n in (23, 5, 40)]
+    one = model.new_cache(slots=3)
+    whole = model.forward_batch(list(enumerate(seqs)), one, all_logits)
+    monkeypatch.setattr(M, "PASS_ROWS", 7)  # 68 rows -> 10 passes, every segment cut at least once
+    calls = []
+    plan = model.plan
+    monkeypatch.setattr(model, "plan", lambda x, *a: calls.append(len(x)) or plan(x, *a))
+    cut = model.new_cache(slots=3)
+    pieces = model.forward_batch(list(enumerate(seqs)), cut, all_logits)
+    assert max(calls) == 7 and sum(calls) == 68
+    np.testing.assert_array_equal(pieces.view(np.uint32), whole.view(np.uint32))
+    assert list(cut.pos) == list(one.pos) == [23, 5, 40]
+    # a pool too small for the whole request raises before any position moves
+    small = model.new_cache(slots=3, blocks=2)
+    with pytest.raises(CacheFull):
+        model.forward_batch(list(enumerate(seqs)), small)
+    assert list(small.pos) == [0, 0, 0]

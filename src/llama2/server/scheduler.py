@@ -38,6 +38,7 @@ import time
 from collections import deque
 
 from .. import kvcache, threads
+from ..config import PASS_ROWS
 from ..errors import Llama2Error
 from ..generate import Params, Sequence, StopStrings, constraint_of  # noqa: F401 (Params, StopStrings: this module's API)
 
@@ -113,9 +114,9 @@ class Scheduler:
         self.prefix_cache = prefix_cache
         self.speculator = speculator  # speculative.Speculator: its proposer has a slot per sequence slot
         # Rows of a pass whose logits are each bit for bit the sequence's alone (the engine's
-        # figure, model.invariant_rows), and never more than one full-context prompt (the
-        # activations memory.py budgets for): the invariant mode's passes hold at most this many.
-        self.pack_rows = max(1, min(int(getattr(model, "invariant_rows", 1)), model.config.seq_len))
+        # figure, model.invariant_rows), and never more than config.PASS_ROWS (the activations
+        # memory.py budgets for; a longer prompt runs alone, in passes of that many rows).
+        self.pack_rows = max(1, min(int(getattr(model, "invariant_rows", 1)), model.config.seq_len, PASS_ROWS))
         seq_len = model.config.seq_len
         bt = kvcache.BLOCK_TOKENS
         budget = kv_budget if kv_budget is not None else max_batch * seq_len
