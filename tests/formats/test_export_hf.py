@@ -266,3 +266,26 @@ def test_hf_export_loads_in_transformers_with_our_tokens(tmp_path):
     with torch.no_grad():
         theirs = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(theirs - llm.logits(ids)).max() < 1e-4
+
+
+@pytest.mark.parametrize("scaling", [
+    dict(kind="llama3", factor=32.0, original_context=8192, low_freq_factor=1.0, high_freq_factor=4.0),
+    dict(kind="linear", factor=2.0), dict(kind="dynamic", factor=4.0)])
+def test_config_json_keeps_rope_scaling(tmp_path, scaling):
+    """export --format hf writes the source's RoPE scaling, and it reads back the same (before,
+    a Llama 3.1/3.2 exported to a folder lost its scaling); per-frequency factors have no
+    config.json form: refused before any tensor is written."""
+    from llama2.config import ModelConfig, RopeScaling
+    from llama2.errors import FormatError
+    from llama2.formats import hf
+    c = ModelConfig(dim=64, hidden_dim=128, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=300,
+                    seq_len=512, rope_theta=500000.0, rope_scaling=RopeScaling(**scaling))
+    (tmp_path / "config.json").write_text(json.dumps(hf.config_json(c)))
+    back = hf.read_config(tmp_path)
+    # linear / dynamic: the reader takes the context the scaling starts from as transformers does
+    expected = c.rope_scaling if scaling["kind"] == "llama3" else dataclasses.replace(c.rope_scaling, original_context=512)
+    assert back.rope_scaling == expected and back.rope_theta == c.rope_theta
+    factors = dataclasses.replace(c, rope_scaling=RopeScaling("factors", freq_factors=(1.0,) * 8))
+    with pytest.raises(FormatError, match="rope_freqs"):
+        hf.export(tmp_path / "out", factors, lambda *a: None)
+    assert not (tmp_path / "out").exists()

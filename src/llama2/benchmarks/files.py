@@ -33,6 +33,7 @@ from ..checkpoint import tensor_shapes
 from ..weights.bf16 import f32_to_bf16
 from ..config import ModelConfig, RopeScaling
 from ..errors import Llama2Error
+from ..formats.hf import config_json
 from .child import child_command, last_line
 
 FILES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m", "q6_k")
@@ -192,21 +193,8 @@ def write_gguf_f16(config: ModelConfig, path, vocab):
 
 
 def hf_config(config: ModelConfig) -> dict:
-    rs = config.rope_scaling
-    scaling = {"rope_scaling": {"rope_type": "llama3", "factor": rs.factor, "low_freq_factor": rs.low_freq_factor,
-                                "high_freq_factor": rs.high_freq_factor,
-                                "original_max_position_embeddings": rs.original_context}} \
-        if rs.kind == "llama3" else {}
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-        "hidden_size": config.dim, "intermediate_size": config.hidden_dim,
-        "num_hidden_layers": config.n_layers, "num_attention_heads": config.n_heads,
-        "num_key_value_heads": config.n_kv_heads, "vocab_size": config.vocab_size,
-        "max_position_embeddings": config.seq_len, "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_theta, "tie_word_embeddings": config.shared_classifier,
-        "bos_token_id": config.bos_id, "eos_token_id": config.eos_id, "torch_dtype": "bfloat16",
-        "attention_bias": False, "mlp_bias": False, **scaling,
-    }
+    """The bf16 folder's config.json: the exporter's own (formats.hf.config_json)."""
+    return config_json(config, "bf16")
 
 
 def _hf_tensors(config: ModelConfig) -> list:

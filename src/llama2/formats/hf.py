@@ -446,9 +446,25 @@ SAFETENSORS_TYPES = {"fp32": "F32", "fp16": "F16", "bf16": "BF16"}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def config_json(c: ModelConfig, dtype="fp32") -> dict:
+def _rope_scaling_json(c: ModelConfig, path) -> dict:
+    """config.json's rope_scaling for c's RoPE scaling (none: no key), as _rope reads it back."""
+    rs = c.rope_scaling
+    if rs.kind == "none":
+        return {}
+    if rs.kind == "factors":
+        raise FormatError(f"cannot write {path}: the source scales RoPE by per-frequency factors (a GGUF "
+                          "rope_freqs tensor), which config.json has no field for")
+    kind = {ours: hf for hf, ours in ROPE_TYPES.items()}[rs.kind]
+    scaling = {"rope_type": kind, "factor": rs.factor}
+    if rs.kind == "llama3":
+        scaling.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor,
+                       original_max_position_embeddings=rs.original_context)
+    return {"rope_scaling": scaling}
+
+
+def config_json(c: ModelConfig, dtype="fp32", path="config.json") -> dict:
     """config.json for a model of `c`: what read_config reads back, and transformers' LlamaConfig."""
-    return {
+    return {**_rope_scaling_json(c, path),
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": c.dim, "intermediate_size": c.hidden_dim, "num_hidden_layers": c.n_layers,
         "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads,
@@ -466,6 +482,7 @@ def export(path, config: ModelConfig, tensor, vocab=None, dtype="fp32", version=
     tokenizer.json (byte-level vocabularies made from one) or tokenizer.model (sentencepiece)."""
     if config.rope_style != "interleaved":
         raise FormatError(f"cannot write {path}: the source's q/k are not in the interleaved layout")
+    settings = config_json(config, dtype, path)  # before any tensor: it may refuse the config
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise FormatError(f"{out}: exists and is not a directory (--format hf writes a folder)")
@@ -494,7 +511,7 @@ def export(path, config: ModelConfig, tensor, vocab=None, dtype="fp32", version=
 
     write_safetensors(out / "model.safetensors", entries, get, {"format": "pt"})
     with atomic_write(out / "config.json", "w") as f:
-        json.dump(config_json(c, dtype), f, indent=2)
+        json.dump(settings, f, indent=2)
     with atomic_write(out / "generation_config.json", "w") as f:
         json.dump({"bos_token_id": c.bos_id, "eos_token_id": c.eos_id}, f, indent=2)
     if vocab is None:
