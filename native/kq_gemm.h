@@ -101,15 +101,11 @@ typedef struct {
     float d[KG_VL], nm[KG_VL];  /* d; -dmin (types with a min) */
 } kg_panel;
 
-/* What differs between the types: how a block is unpacked (rows r0.. of w, row_bytes apart, block
- * b, KG_VL rows), values per scale group, maddubs sums that fit int16, and min (1) or q - 32 (0). */
-typedef struct {
-    void (*unpack)(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p);
-    const void *ctx;  /* the type's own facts for unpack (Q4_K/Q5_K: the layout) */
-    int group_dw;  /* dwords per scale group: 8 (32 values) or 4 (16) */
-    int add16;     /* maddubs results that add up in int16 without overflow */
-    int min;
-} kg_type;
+/* What differs between the types: how a block is unpacked (rows from w, row_bytes apart, block
+ * b, KG_VL rows; ctx: the type's own facts, Q4_K/Q5_K's layout). The kernels below also take, as
+ * constants: GDW, dwords per scale group (8: 32 values, or 4: 16); ADD16, maddubs results that add
+ * up in int16 without overflow; MIN, 1 for a min (Q4_K, Q5_K), 0 for q - 32 (Q6_K). */
+typedef void (*kg_unpack_fn)(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p);
 
 /* Rows r..r+KG_VL-1 (dwords k of each) transposed: t[k][lane] = dword k of row lane. */
 INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw, uint32_t (*t)[KG_VL]) {
@@ -120,24 +116,29 @@ INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw
 }
 
 /* One block of the panel against NX activation rows (x, xs apart), added into acc[j][lane]. */
-INLINE void kg_block(const kg_panel *p, kg_type T, const char *x, size_t xs, int64_t b, int NX, float (*acc)[KG_VL]) {
+INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char *x, size_t xs, int64_t b, int NX,
+                     float (*acc)[KG_VL]) {
     kg_vi sumi[NX_MAX], part[NX_MAX];
     const block_q8_k *xb[NX_MAX];
     for (int j = 0; j < NX; j++) xb[j] = (const block_q8_k *)(x + j * xs) + b, sumi[j] = kg_zero();
-    const int groups = 64 / T.group_dw;
+    const int groups = 64 / GDW;
     for (int g = 0; g < groups; g++) {
         kg_vi sc = kg_load(p->sc[g]);
 #if KG_VNNI
         for (int j = 0; j < NX; j++) part[j] = kg_zero();
-        for (int a = g * T.group_dw; a < (g + 1) * T.group_dw; a++) {
+#pragma GCC unroll 8
+        for (int k = 0; k < GDW; k++) {
+            const int a = g * GDW + k;
             kg_vi q = kg_load(&p->q[a]);
             for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * a)));
         }
         for (int j = 0; j < NX; j++) sumi[j] = kg_add32(sumi[j], kg_mullo(part[j], sc));
 #else
-        for (int a0 = g * T.group_dw; a0 < (g + 1) * T.group_dw; a0 += T.add16) {
+        for (int k0 = 0; k0 < GDW; k0 += ADD16) {
             for (int j = 0; j < NX; j++) part[j] = kg_zero();
-            for (int a = a0; a < a0 + T.add16; a++) {
+#pragma GCC unroll 1
+            for (int k = 0; k < ADD16; k++) {
+                const int a = g * GDW + k0 + k;
                 kg_vi q = kg_load(&p->q[a]);
                 for (int j = 0; j < NX; j++)
                     part[j] = kg_add16(part[j], kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * a))));
@@ -151,7 +152,7 @@ INLINE void kg_block(const kg_panel *p, kg_type T, const char *x, size_t xs, int
         kg_vi c = kg_zero();
         for (int t = 0; t < 8; t++) c = kg_dpwssd(c, kg_load(p->cw[t]), kg_set1((int)load_u32(xb[j]->bsums + 2 * t)));
         kg_vf dx = kg_set1ps(xb[j]->d), a = kg_loadps(acc[j]);
-        if (T.min) {
+        if (MIN) {
             a = kg_fmadd(kg_cvt(sumi[j]), kg_mul(d, dx), a);
             a = kg_fmadd(kg_cvt(c), kg_mul(nm, dx), a);
         } else {
@@ -169,13 +170,13 @@ INLINE void kg_block(const kg_panel *p, kg_type T, const char *x, size_t xs, int
 #define KG_NX 4
 #endif
 INLINE void kg_rows(int64_t nb, const uint8_t *w, size_t row_bytes, const char *x, size_t xs, int nx, float *out,
-                    size_t os, kg_type T) {
+                    size_t os, kg_unpack_fn unpack, const void *ctx, int GDW, int ADD16, int MIN) {
     kg_panel p __attribute__((aligned(64)));
     float acc[KQ_GEMM_TILE][KG_VL] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(acc[0]) * (size_t)nx);
     for (int64_t b = 0; b < nb; b++) {
-        T.unpack(T.ctx, w, row_bytes, b, &p);
-#define C(j0, n) kg_block(&p, T, x + (j0) * xs, xs, b, n, acc + (j0))
+        unpack(ctx, w, row_bytes, b, &p);
+#define C(j0, n) kg_block(&p, GDW, ADD16, MIN, x + (j0) * xs, xs, b, n, acc + (j0))
         DISPATCH_PAIR_NX(nx, KG_NX, C)
 #undef C
     }
