@@ -107,13 +107,48 @@ typedef struct {
  * up in int16 without overflow; MIN, 1 for a min (Q4_K, Q5_K), 0 for q - 32 (Q6_K). */
 typedef void (*kg_unpack_fn)(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p);
 
-/* Rows r..r+KG_VL-1 (dwords k of each) transposed: t[k][lane] = dword k of row lane. */
+/* Rows 0..KG_VL-1 (row_bytes apart) from byte off, dwords 0..ndw-1 of each, transposed:
+ * t[k][r] = dword k of row r (ndw: a multiple of 8; the unpacking reads whole vectors). */
+#if defined(__AVX512F__)
 INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw, uint32_t (*t)[KG_VL]) {
-    for (int r = 0; r < KG_VL; r++) {
-        const uint8_t *p = w + r * row_bytes + off;
-        for (int k = 0; k < ndw; k++) t[k][r] = load_u32(p + 4 * k);
+    for (int c0 = 0; c0 < ndw; c0 += 16) {
+        __mmask16 m = ndw - c0 >= 16 ? 0xFFFF : (__mmask16)((1u << (ndw - c0)) - 1);
+        __m512i r[16], u[16];
+        for (int i = 0; i < 16; i++) r[i] = _mm512_maskz_loadu_epi32(m, w + i * row_bytes + off + 4 * c0);
+        for (int i = 0; i < 16; i += 2)  /* pairs of rows interleaved, per 128-bit lane */
+            u[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), u[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+        for (int i = 0; i < 16; i += 4) {  /* r[i + c]: rows i..i+3 of column 4L + c in lane L */
+            r[i] = _mm512_unpacklo_epi64(u[i], u[i + 2]), r[i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 2]);
+            r[i + 2] = _mm512_unpacklo_epi64(u[i + 1], u[i + 3]), r[i + 3] = _mm512_unpackhi_epi64(u[i + 1], u[i + 3]);
+        }
+        for (int c = 0; c < 4; c++) {  /* column 4L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
+            __m512i v0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44), v1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+            __m512i w0 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44), w1 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+            __m512i o[4] = {_mm512_shuffle_i32x4(v0, w0, 0x88), _mm512_shuffle_i32x4(v0, w0, 0xDD),
+                            _mm512_shuffle_i32x4(v1, w1, 0x88), _mm512_shuffle_i32x4(v1, w1, 0xDD)};
+            for (int L = 0; L < 4; L++)
+                if (c0 + 4 * L + c < ndw) _mm512_store_si512(t[c0 + 4 * L + c], o[L]);
+        }
     }
 }
+#else
+INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw, uint32_t (*t)[KG_VL]) {
+    for (int c0 = 0; c0 < ndw; c0 += 8) {
+        __m256i r[8], u[8];
+        for (int i = 0; i < 8; i++) r[i] = load256(w + i * row_bytes + off + 4 * c0);
+        for (int i = 0; i < 8; i += 2)
+            u[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]), u[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_unpacklo_epi64(u[i], u[i + 2]), r[i + 1] = _mm256_unpackhi_epi64(u[i], u[i + 2]);
+            r[i + 2] = _mm256_unpacklo_epi64(u[i + 1], u[i + 3]), r[i + 3] = _mm256_unpackhi_epi64(u[i + 1], u[i + 3]);
+        }
+        for (int c = 0; c < 4; c++) {
+            _mm256_store_si256((__m256i *)t[c0 + c], _mm256_permute2x128_si256(r[c], r[4 + c], 0x20));
+            _mm256_store_si256((__m256i *)t[c0 + 4 + c], _mm256_permute2x128_si256(r[c], r[4 + c], 0x31));
+        }
+    }
+}
+#endif
 
 /* One block of the panel against NX activation rows (x, xs apart), added into acc[j][lane]. */
 INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char *x, size_t xs, int64_t b, int NX,
