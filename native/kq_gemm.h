@@ -170,10 +170,12 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
         for (int j = 0; j < NX; j++) sumi[j] = kg_add32(sumi[j], kg_mullo(part[j], sc));
 #else
         for (int k0 = 0; k0 < GDW; k0 += ADD16) {
-            for (int j = 0; j < NX; j++) part[j] = kg_zero();
+            const int a0 = g * GDW + k0;
+            kg_vi q0 = kg_load(&p->q[a0]);
+            for (int j = 0; j < NX; j++) part[j] = kg_maddubs(q0, kg_set1((int)load_u32(xb[j]->qs + 4 * a0)));
 #pragma GCC unroll 1
-            for (int k = 0; k < ADD16; k++) {
-                const int a = g * GDW + k0 + k;
+            for (int k = 1; k < ADD16; k++) {
+                const int a = a0 + k;
                 kg_vi q = kg_load(&p->q[a]);
                 for (int j = 0; j < NX; j++)
                     part[j] = kg_add16(part[j], kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * a))));
