@@ -47,12 +47,15 @@ INLINE void kq_codes(const uint8_t *w, kq_layout L, __m256i qh, int i, __m256i *
     }
 }
 
-/* A block's two sums, T (the lanes of sumi) and M (of m), as exact integers. */
-INLINE void kq_hsum2(__m256i sumi, __m256i m, int32_t *T, int32_t *M) {
+/* A block's end for one activation row: T (the lanes of sumi) and M (of m) summed as exact
+ * integers, then acc = fma(T, d * d_x, acc), acc = fma(M, -dmin * d_x, acc), all in vector
+ * registers (a trip through a general register costs the decode loop about a fifth). */
+INLINE float kq_block_acc(__m256i sumi, __m256i m, float ddx, float nmdx, float acc) {
     __m256i h = _mm256_hadd_epi32(sumi, m);  /* s01 s23 m01 m23 | s45 s67 m45 m67 */
     __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
-    q = _mm_hadd_epi32(q, q);  /* T M T M */
-    *T = _mm_cvtsi128_si32(q), *M = _mm_extract_epi32(q, 1);
+    __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(q, q));  /* T M T M */
+    __m128 a = _mm_fmadd_ss(f, _mm_set_ss(ddx), _mm_set_ss(acc));
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(nmdx), a));
 }
 #endif
 
@@ -85,8 +88,9 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
         k_scale_min(KQ_SCALES(w), sc, mn);
         __m256i scw = widen8x2(sc), mins = pairs16(mn);
         float d = KQ_D(w), dmin = KQ_DMIN(w);
-        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256(), sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        /* two integer sums per row (even and odd sub-blocks): half the chain of dependent adds */
+        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256(), sumi[NX_MAX], sumo[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = sumo[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
             __m256i lo, hi;
             kq_codes(w, L, qh, i, &lo, &hi);
@@ -94,15 +98,12 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
             for (int j = 0; j < NX; j++) {
                 const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 64 * i;
                 sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(lo, load256(xq)), s_lo);
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
+                sumo[j] = dpwssd256(sumo[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
             }
         }
         for (int j = 0; j < NX; j++) {
             const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            int32_t T, M;
-            kq_hsum2(sumi[j], _mm256_madd_epi16(load256(xb->bsums), mins), &T, &M);
-            acc[j] = fmaf((float)T, d * xb->d, acc[j]);
-            acc[j] = fmaf((float)M, -dmin * xb->d, acc[j]);
+            acc[j] = kq_block_acc(_mm256_add_epi32(sumi[j], sumo[j]), _mm256_madd_epi16(load256(xb->bsums), mins), d * xb->d, -dmin * xb->d, acc[j]);
         }
     }
     for (int j = 0; j < NX; j++) out[j * os] = acc[j];

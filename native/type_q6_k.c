@@ -57,7 +57,12 @@ INLINE void q6_block_end(float *acc, __m256i *sumi, __m128i s8, float d, const c
     for (int j = 0; j < NX; j++) {
         const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
         __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
-        acc[j] = fmaf((float)hsum256_epi32(_mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5))), d * xb->d, acc[j]);
+        /* the sum reduced and added in vector registers (kq_common.h's kq_block_acc says why) */
+        __m256i v = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+        acc[j] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_cvtepi32_ps(h), _mm_set_ss(d * xb->d), _mm_set_ss(acc[j])));
     }
 }
 #endif
@@ -67,8 +72,9 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
     float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++) {
         __m128i s8 = load128(w[b].scales);
-        __m256i sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        /* two integer sums per row (even and odd pieces): half the chain of dependent adds */
+        __m256i sumi[NX_MAX], sumo[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = sumo[j] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
             __m256i qh = load256(w[b].qh + 32 * h);
@@ -76,10 +82,12 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
                 __m256i q = q6_codes(ql0, ql1, qh, k), sv = q6_scales(s8, 4 * h + k);
                 for (int j = 0; j < NX; j++) {
                     const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
-                    sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv);
+                    __m256i *s = k & 1 ? &sumo[j] : &sumi[j];
+                    *s = dpwssd256(*s, _mm256_maddubs_epi16(q, load256(xq)), sv);
                 }
             }
         }
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_add_epi32(sumi[j], sumo[j]);
         q6_block_end(acc, sumi, s8, load_f16(&w[b].d), x, xs, b, NX);
     }
     for (int j = 0; j < NX; j++) out[j * os] = acc[j];
