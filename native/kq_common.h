@@ -178,7 +178,7 @@ INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    if (prompt) {
+    if (prompt && nx >= KG_MIN_NX) {
         /* ADD16: maddubs pairs are at most 2 * 15 * 127 (Q4_K) or 2 * 31 * 127 (Q5_K) */
         for (; r + KG_VL <= nrows; r += KG_VL)
             kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, kq_unpack, &L, 8,

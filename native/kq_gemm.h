@@ -199,6 +199,10 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
     }
 }
 
+/* Fewer activation rows than this take the decode bodies (the same bits): a panel's unpacking
+ * costs about what 8 activation rows' integer work does (measured: 3 rows ran at 0.5-0.65x). */
+#define KG_MIN_NX 8
+
 /* KG_VL weight rows (from w, row_bytes apart; nb blocks each) against nx activation rows
  * (nx <= KQ_GEMM_TILE): out[j * os + r]. */
 #if defined(__AVX512F__)
