@@ -2,11 +2,13 @@
  * and min (k_scale_min in blocks.h); Q5_K adds a fifth bit per value (qh). Against Q8_K
  * activations a super-block is worth
  *   d_w * d_x * sum_s sc[s] * isum_s  -  dmin_w * d_x * sum_s mn[s] * (bsums[2s] + bsums[2s+1])
- * with isum_s the exact integer dot of sub-block s. One body serves both types: the type file
- * gives its block size and where qh and qs sit in its block (d, dmin and scales lead in both). */
+ * with isum_s the exact integer dot of sub-block s; the two integer sums T and M are exact, and
+ * each output is acc = fma(T, d * d_x, acc), acc = fma(M, -dmin * d_x, acc) block after block
+ * (kq_gemm.h, the contract every kernel keeps). One body serves both types: the type file gives
+ * its block size and where qh and qs sit in its block (d, dmin and scales lead in both). */
 #ifndef LLAMA2_KQ_COMMON_H
 #define LLAMA2_KQ_COMMON_H
-#include "level.h"
+#include "kq_gemm.h"
 
 /* Where a super-block's fields sit: d at byte 0, dmin at 2, scales at 4 (both layouts). */
 typedef struct { size_t bytes, qh, qs; int five; } kq_layout;  /* qh unused when !five */
@@ -45,16 +47,15 @@ INLINE void kq_codes(const uint8_t *w, kq_layout L, __m256i qh, int i, __m256i *
     }
 }
 
-/* A super-block's end for each activation row: its scaled integer sum, minus the mins against
- * Q8_K's block sums, into acc. */
-INLINE void kq_block_end(__m256 *acc, const __m256i *sumi, __m256i mins, float d, float dmin, const char *x, size_t xs,
-                         int64_t b, int NX) {
-    for (int j = 0; j < NX; j++) {
-        const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-        __m256i m = _mm256_madd_epi16(load256(xb->bsums), mins);
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(m), _mm256_set1_ps(-dmin * xb->d), acc[j]);
-    }
+/* A block's end for one activation row: T (the lanes of sumi) and M (of m) summed as exact
+ * integers, then acc = fma(T, d * d_x, acc), acc = fma(M, -dmin * d_x, acc), all in vector
+ * registers (a trip through a general register costs the decode loop about a fifth). */
+INLINE float kq_block_acc(__m256i sumi, __m256i m, float ddx, float nmdx, float acc) {
+    __m256i h = _mm256_hadd_epi32(sumi, m);  /* s01 s23 m01 m23 | s45 s67 m45 m67 */
+    __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+    __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(q, q));  /* T M T M */
+    __m128 a = _mm_fmadd_ss(f, _mm_set_ss(ddx), _mm_set_ss(acc));
+    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(nmdx), a));
 }
 #endif
 
@@ -81,15 +82,15 @@ static void kq_dequant(const uint8_t *w, kq_layout L, float *out, int64_t cols) 
 INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
                         size_t os) {
 #if defined(__AVX2__)
-    __m256 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
         uint8_t sc[8], mn[8];
         k_scale_min(KQ_SCALES(w), sc, mn);
         __m256i scw = widen8x2(sc), mins = pairs16(mn);
         float d = KQ_D(w), dmin = KQ_DMIN(w);
-        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256(), sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        /* two integer sums per row (even and odd sub-blocks): half the chain of dependent adds */
+        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256(), sumi[NX_MAX], sumo[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = sumo[j] = _mm256_setzero_si256();
         for (int i = 0; i < 4; i++) {
             __m256i lo, hi;
             kq_codes(w, L, qh, i, &lo, &hi);
@@ -97,12 +98,15 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
             for (int j = 0; j < NX; j++) {
                 const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 64 * i;
                 sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(lo, load256(xq)), s_lo);
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
+                sumo[j] = dpwssd256(sumo[j], _mm256_maddubs_epi16(hi, load256(xq + 32)), s_hi);
             }
         }
-        kq_block_end(acc, sumi, mins, d, dmin, x, xs, b, NX);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
+            acc[j] = kq_block_acc(_mm256_add_epi32(sumi[j], sumo[j]), _mm256_madd_epi16(load256(xb->bsums), mins), d * xb->d, -dmin * xb->d, acc[j]);
+        }
     }
-    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
 #else
     float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
@@ -125,131 +129,71 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
                 sumi += sc[s] * isum;
                 summ += mn[s] * (xb->bsums[2 * s] + xb->bsums[2 * s + 1]);
             }
-            acc[j] += d * xb->d * (float)sumi - dmin * xb->d * (float)summ;
+            acc[j] = fmaf((float)sumi, d * xb->d, acc[j]);
+            acc[j] = fmaf((float)summ, -dmin * xb->d, acc[j]);
         }
     }
     for (int j = 0; j < NX; j++) out[j * os] = acc[j];
 #endif
 }
 
-#if defined(__AVX512F__)
-/* Two weight rows (w0, w1) against NX activation rows: kq_dot_body's 256-bit arithmetic, row 0 in
- * the low half of each register and row 1 in the high half (level.h). Each unpacked weight
- * register serves every activation row; each activation load serves both weight rows. */
-INLINE void kq_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size_t row_bytes, kq_layout L,
-                         const char *x, size_t xs, int NX, float *out, size_t os) {
-    const __m512i m4 = _mm512_set1_epi8(15), m16 = _mm512_set1_epi8(16);
-    __m512 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++, w0 += L.bytes, w1 += L.bytes) {
-        prefetch_block(w0 + 2 * row_bytes, L.bytes);
-        prefetch_block(w1 + 2 * row_bytes, L.bytes);
-        uint8_t sc0[8], mn0[8], sc1[8], mn1[8];
-        k_scale_min(KQ_SCALES(w0), sc0, mn0);
-        k_scale_min(KQ_SCALES(w1), sc1, mn1);
-        __m512i scw = join256(widen8x2(sc0), widen8x2(sc1)), mins = join256(pairs16(mn0), pairs16(mn1));
-        __m512 dd = set2_ps(KQ_D(w0), KQ_D(w1)), ndm = set2_ps(-KQ_DMIN(w0), -KQ_DMIN(w1));
-        __m512i qh = L.five ? load2x256(w0 + L.qh, w1 + L.qh) : _mm512_setzero_si512(), sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm512_setzero_si512();
-        for (int i = 0; i < 4; i++) {
-            __m512i q = load2x256(w0 + L.qs + 32 * i, w1 + L.qs + 32 * i);
-            __m512i lo = _mm512_and_si512(q, m4), hi = _mm512_and_si512(_mm512_srli_epi16(q, 4), m4);
-            if (L.five) {
-                lo = _mm512_or_si512(lo, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh, 2 * i), 4), m16));
-                hi = _mm512_or_si512(hi, _mm512_and_si512(_mm512_slli_epi16(_mm512_srli_epi16(qh, 2 * i + 1), 4), m16));
-            }
-            __m512i s_lo = _mm512_shuffle_epi8(scw, _mm512_set1_epi16((short)(0x0100 + 0x0202 * (2 * i))));
-            __m512i s_hi = _mm512_shuffle_epi8(scw, _mm512_set1_epi16((short)(0x0100 + 0x0202 * (2 * i + 1))));
-            for (int j = 0; j < NX; j++) {
-                const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 64 * i;
-                sumi[j] = dpwssd512(sumi[j], _mm512_maddubs_epi16(lo, bcast256(xq)), s_lo);
-                sumi[j] = dpwssd512(sumi[j], _mm512_maddubs_epi16(hi, bcast256(xq + 32)), s_hi);
-            }
-        }
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m512i m = _mm512_madd_epi16(bcast256(xb->bsums), mins);
-            __m512 dx = _mm512_set1_ps(xb->d);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[j]), _mm512_mul_ps(dd, dx), acc[j]);
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(m), _mm512_mul_ps(ndm, dx), acc[j]);
-        }
-    }
-    for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
-}
-#endif
-
-#if defined(__AVX2__) && !defined(__AVX512F__)
-/* The AVX2 prompt body of Q5_K: kq_dot_body's integers and float operations in the same lanes and
- * order. Each super-block's 8 sub-blocks (values and scale vectors: exactly kq_dot_body's
- * registers) are unpacked once into a buffer that the NX activation rows then read, so the NX
- * integer sums stay in the 16 registers. (For Q4_K, whose unpacking is lighter, kq_dot_body itself
- * measured as fast.) */
-INLINE void kq_gemm_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
-                         size_t os) {
-    __m256i qv[8], sv[8];
-    __m256 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++, w += L.bytes) {
+#if defined(__AVX2__)
+/* The prompt kernel's unpacking (kq_gemm.h) of block b of KG_VL rows: the low nibbles of qs dword
+ * k = 8i + k' (elements 64i + 4k'..) are values dword 16i + k', the high nibbles 16i + 8 + k';
+ * Q5_K's fifth bit of element 32s + l is bit s of qh[l]. */
+static void kq_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p) {
+    const kq_layout L = *(const kq_layout *)ctx;
+    uint32_t qs[32][KG_VL] __attribute__((aligned(64))), qh[8][KG_VL] __attribute__((aligned(64)));
+    w += b * L.bytes;
+    kg_transpose(w, row_bytes, L.qs, 32, qs);
+    if (L.five) kg_transpose(w, row_bytes, L.qh, 8, qh);
+    for (int r = 0; r < KG_VL; r++) {
+        const uint8_t *blk = w + r * row_bytes;
         uint8_t sc[8], mn[8];
-        k_scale_min(KQ_SCALES(w), sc, mn);
-        __m256i scw = widen8x2(sc);
-        __m256i qh = L.five ? load256(w + L.qh) : _mm256_setzero_si256();
-        for (int i = 0; i < 4; i++) {
-            __m256i lo, hi;
-            kq_codes(w, L, qh, i, &lo, &hi);
-            qv[2 * i] = lo, qv[2 * i + 1] = hi;
-            sv[2 * i] = scale16(scw, 2 * i), sv[2 * i + 1] = scale16(scw, 2 * i + 1);
-        }
-        __m256i sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
-        for (int s = 0; s < 8; s++) {
-            __m256i q = qv[s];
-            for (int j = 0; j < NX; j++) {
-                const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 32 * s;
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv[s]);
-            }
-        }
-        __m256i mins = pairs16(mn);
-        float d = KQ_D(w), dmin = KQ_DMIN(w);
-        kq_block_end(acc, sumi, mins, d, dmin, x, xs, b, NX);
+        k_scale_min(KQ_SCALES(blk), sc, mn);
+        for (int s = 0; s < 8; s++) p->sc[s][r] = KG_SCALE_WORD(sc[s]), p->cw[s][r] = KG_PAIR(mn[s], mn[s]);
+        p->d[r] = KQ_D(blk), p->nm[r] = -KQ_DMIN(blk);
     }
-    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+    const kg_vi m4 = kg_set1(0x0F0F0F0F), m1 = kg_set1(0x01010101);
+    for (int k = 0; k < 32; k++) {
+        int i = k / 8, kk = k % 8;
+        kg_vi v = kg_load(qs[k]), lo = kg_and(v, m4), hi = kg_and(kg_srli32(v, 4), m4);
+        if (L.five) {
+            kg_vi h = kg_load(qh[kk]);
+            lo = kg_or(lo, kg_slli32(kg_and(kg_srli32(h, 2 * i), m1), 4));
+            hi = kg_or(hi, kg_slli32(kg_and(kg_srli32(h, 2 * i + 1), m1), 4));
+        }
+        kg_store(&p->q[16 * i + kk], lo);
+        kg_store(&p->q[16 * i + 8 + kk], hi);
+    }
 }
 #endif
 
-/* The dot kernel of a type with layout L (kernels.h's dot_fn). pairs (the prompt kernel): rows in
- * pairs where AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the
- * same bits either way. Decode reads rows one at a time: a single stream through memory. */
-#ifndef KQ_PAIR_NX
-#define KQ_PAIR_NX 8
-#endif
+/* The dot kernel of a type with layout L (kernels.h's dot_fn). prompt: whole vectors of KG_VL
+ * rows through kq_gemm.h's kernel, nx up to KQ_GEMM_TILE; the rows left over (and every row of
+ * the decode kernel: a single stream through memory) one at a time, nx in tiles of NX_TILE. Every
+ * path gives each output the same bits. */
 INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
-                   float *out, size_t os, kq_layout L, int pairs) {
+                   float *out, size_t os, kq_layout L, int prompt) {
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
-#if defined(__AVX512F__)
-#define C(j0, n) \
-    kq_dot2_body(cols / QK_K, wb + r * row_bytes, wb + (r + 1) * row_bytes, row_bytes, L, (const char *)x + (j0) * xs, xs, n, \
-                 out + (j0) * os + r, os)
-    if (pairs)
-        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, KQ_PAIR_NX, C)
-#undef C
-#elif defined(__AVX2__)
-    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, more
-     * than the decode tile: the one-row body itself (Q4_K) or kq_gemm_body (Q5_K), the same bits. */
-#define C(j0, n)                                                                                                    \
-    do {                                                                                                            \
-        if (L.five) kq_gemm_body(cols / QK_K, wb + r * row_bytes, L, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os); \
-        else kq_dot_body(cols / QK_K, wb + r * row_bytes, L, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os);         \
-    } while (0)
-    if (pairs)
-        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
-#undef C
+#if defined(__AVX2__)
+    if (prompt && nx >= KG_MIN_NX) {
+        /* ADD16: maddubs pairs are at most 2 * 15 * 127 (Q4_K) or 2 * 31 * 127 (Q5_K) */
+        for (; r + KG_VL <= nrows; r += KG_VL)
+            kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, kq_unpack, &L, 8,
+                    L.five ? 4 : 8, 1);
+    }
 #endif
+    for (int j0 = 0; j0 < nx; j0 += NX_TILE) {
+        int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
+        const char *xj = (const char *)x + j0 * xs;
+        float *oj = out + j0 * os;
 #define B(n) \
-    for (; r < nrows; r++) kq_dot_body(cols / QK_K, wb + r * row_bytes, L, (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
+        for (int64_t q = r; q < nrows; q++) kq_dot_body(cols / QK_K, wb + q * row_bytes, L, xj, xs, n, oj + q, os)
+        DISPATCH_NX(n, B)
 #undef B
+    }
 }
 
 /* The row driver and the dequantizer of a type file that defines LAYOUT, for WEIGHT_ENTRY_POINTS. */

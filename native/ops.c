@@ -57,7 +57,7 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
          * the gemm kernels (two weight rows per register on AVX-512). Both give every output the
          * same bits (kernels.h), so the choice changes no result. */
         int prompt = n >= 3;
-        p->tile = prompt && m->act != ACT_F32 ? kt->gemm_tile : kt->nx_tile;
+        p->tile = !prompt || m->act == ACT_F32 ? kt->nx_tile : m->act == ACT_Q8_K ? kt->gemm_tile_k : kt->gemm_tile;
         p->dot = prompt ? kt->gemm[m->type] : kt->dot[m->type];
         p->int8_rows = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
         /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile
@@ -66,7 +66,9 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
         int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
         if (n > p->tile && chunk * (int64_t)m->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)m->row_bytes;
         if (chunk < 4) chunk = 4;
-        p->chunk = chunk + (chunk & 1);
+        /* the k-quants' prompt kernel takes 16 (AVX-512) or 8 rows at once: whole ones but at the end */
+        int whole = prompt && m->act == ACT_Q8_K ? 16 : 2;
+        p->chunk = (chunk + whole - 1) / whole * whole;
     }
     p->units = (rows + p->chunk - 1) / p->chunk;
 }

@@ -4,16 +4,12 @@
  *   ROW_VALUES     values per block (QK or QK_K)
  *   ROW_AVX2_GEMM  the AVX2 body for one weight row against up to GEMM_TILE activation rows
  *                  (dot_body itself, or a body with dot_body's bits that keeps more in registers)
- *   PAIR_NX        (optional, default 8) activation rows per AVX-512 two-row call
  *   ROW_DECODE     (optional) a body for R <= ROW_DECODE_MAX weight rows against one activation
  *                  row, each row's bits those of dot_body: decode takes ROW_DECODE_MAX rows at once
  * and the type's dot_body / dot2_body. It defines `rows`: with `pairs` (the prompt kernel) rows go
  * in pairs where AVX-512 has the registers (dot2_body), one at a time against GEMM_TILE activation
  * rows at AVX2, the decode kernel's rows ROW_DECODE_MAX at a time (ROW_DECODE), and the rows left
  * over through dot_body. Every path gives each output the same bits. */
-#ifndef PAIR_NX
-#define PAIR_NX 8
-#endif
 INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
                  float *out, size_t os, int pairs) {
     const char *wb = (const char *)w;
@@ -23,7 +19,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     dot2_body(cols / ROW_VALUES, (const ROW_T *)(wb + r * row_bytes), (const ROW_T *)(wb + (r + 1) * row_bytes), \
               row_bytes, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
-        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, PAIR_NX, C)
+        for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #elif defined(__AVX2__)
 #define C(j0, n) \

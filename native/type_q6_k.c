@@ -2,8 +2,10 @@
  * sc int8. The block has two halves of 128 values; value i of half h (0..127) takes its low four
  * bits from ql[64*h + i%64] (low nibble for i < 64, high nibble above) and its high two bits from
  * qh[32*h + i%32] (bits 2*(i/32) and up). Activations: Q8_K; a super-block is worth
- *   d_w * d_x * sum_g sc[g] * (isum_g - 32 * bsums[g]),  isum_g the exact dot of unsigned q. */
-#include "level.h"
+ *   d_w * d_x * sum_g sc[g] * (isum_g - 32 * bsums[g]),  isum_g the exact dot of unsigned q,
+ * the integer sum exact and each output acc = fma(sum, d_w * d_x, acc) block after block
+ * (kq_gemm.h, the contract every kernel keeps). */
+#include "kq_gemm.h"
 
 INLINE int unsigned_q(const block_q6_k *b, int e) {
     int h = e / 128, i = e % 128;
@@ -48,27 +50,31 @@ INLINE __m256i q6_scales(__m128i s8, int g) {
 }
 
 /* A block's end for each activation row: the integer sum less 32 * scales . bsums (q's offset),
- * scaled into acc. */
-INLINE void q6_block_end(__m256 *acc, __m256i *sumi, __m128i s8, float d, const char *x, size_t xs, int64_t b,
+ * reduced to one exact integer, scaled into acc. */
+INLINE void q6_block_end(float *acc, __m256i *sumi, __m128i s8, float d, const char *x, size_t xs, int64_t b,
                          int NX) {
     __m256i s16 = _mm256_cvtepi8_epi16(s8);
     for (int j = 0; j < NX; j++) {
         const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
         __m256i off = _mm256_madd_epi16(load256(xb->bsums), s16);
-        sumi[j] = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
-        acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sumi[j]), _mm256_set1_ps(d * xb->d), acc[j]);
+        /* the sum reduced and added in vector registers (kq_common.h's kq_block_acc says why) */
+        __m256i v = _mm256_sub_epi32(sumi[j], _mm256_slli_epi32(off, 5));
+        __m128i h = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4e));
+        h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xb1));
+        acc[j] = _mm_cvtss_f32(_mm_fmadd_ss(_mm_cvtepi32_ps(h), _mm_set_ss(d * xb->d), _mm_set_ss(acc[j])));
     }
 }
 #endif
 
 INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
 #if defined(__AVX2__)
-    __m256 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++) {
         __m128i s8 = load128(w[b].scales);
-        __m256i sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
+        /* two integer sums per row (even and odd pieces): half the chain of dependent adds */
+        __m256i sumi[NX_MAX], sumo[NX_MAX];
+        for (int j = 0; j < NX; j++) sumi[j] = sumo[j] = _mm256_setzero_si256();
         for (int h = 0; h < 2; h++) {
             __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
             __m256i qh = load256(w[b].qh + 32 * h);
@@ -76,13 +82,15 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
                 __m256i q = q6_codes(ql0, ql1, qh, k), sv = q6_scales(s8, 4 * h + k);
                 for (int j = 0; j < NX; j++) {
                     const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
-                    sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv);
+                    __m256i *s = k & 1 ? &sumo[j] : &sumi[j];
+                    *s = dpwssd256(*s, _mm256_maddubs_epi16(q, load256(xq)), sv);
                 }
             }
         }
+        for (int j = 0; j < NX; j++) sumi[j] = _mm256_add_epi32(sumi[j], sumo[j]);
         q6_block_end(acc, sumi, s8, load_f16(&w[b].d), x, xs, b, NX);
     }
-    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
 #else
     float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++) {
@@ -97,100 +105,60 @@ INLINE void dot_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, 
                 for (int l = 0; l < 16; l++) isum += q[16 * g + l] * xb->qs[16 * g + l];
                 sumi += w[b].scales[g] * (isum - 32 * xb->bsums[g]);
             }
-            acc[j] += d * xb->d * (float)sumi;
+            acc[j] = fmaf((float)sumi, d * xb->d, acc[j]);
         }
     }
     for (int j = 0; j < NX; j++) out[j * os] = acc[j];
 #endif
 }
 
-#if defined(__AVX512F__)
-/* Two weight rows at once (level.h): dot_body's 256-bit arithmetic, row 0 in the low half of each
- * register, row 1 in the high half. The scale vector of group pair (h, k) picks int16 lanes of
- * [scales of row 0 | scales of row 1] with one permute. */
-INLINE __m512i pair_index(int g) {
-    return _mm512_set_epi16(17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g, 17 + g,
-                            16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g, 16 + g,
-                            1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, 1 + g, g, g, g, g, g, g, g, g);
-}
-
-INLINE void dot2_body(int64_t nb, const block_q6_k *w0, const block_q6_k *w1, size_t row_bytes, const char *x, size_t xs, int NX,
-                      float *out, size_t os) {
-    const __m512i m4 = _mm512_set1_epi8(15), m30 = _mm512_set1_epi8(0x30);
-    __m512 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        prefetch_block((const char *)(w0 + b) + 2 * row_bytes, sizeof(block_q6_k));
-        prefetch_block((const char *)(w1 + b) + 2 * row_bytes, sizeof(block_q6_k));
-        __m512i s16 = join256(_mm256_cvtepi8_epi16(load128(w0[b].scales)), _mm256_cvtepi8_epi16(load128(w1[b].scales)));
-        __m512i sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm512_setzero_si512();
-        for (int h = 0; h < 2; h++) {
-            __m512i ql0 = load2x256(w0[b].ql + 64 * h, w1[b].ql + 64 * h);
-            __m512i ql1 = load2x256(w0[b].ql + 64 * h + 32, w1[b].ql + 64 * h + 32);
-            __m512i qh = load2x256(w0[b].qh + 32 * h, w1[b].qh + 32 * h);
-            for (int k = 0; k < 4; k++) {
-                __m512i lo = k & 1 ? ql1 : ql0;
-                lo = _mm512_and_si512(k < 2 ? lo : _mm512_srli_epi16(lo, 4), m4);
-                __m512i hi = k == 0 ? _mm512_slli_epi16(qh, 4) : k == 1 ? _mm512_slli_epi16(qh, 2)
-                           : k == 2 ? qh : _mm512_srli_epi16(qh, 2);
-                __m512i q = _mm512_or_si512(lo, _mm512_and_si512(hi, m30));
-                __m512i sv = _mm512_permutexvar_epi16(pair_index(8 * h + 2 * k), s16);
-                for (int j = 0; j < NX; j++) {
-                    const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 128 * h + 32 * k;
-                    sumi[j] = dpwssd512(sumi[j], _mm512_maddubs_epi16(q, bcast256(xq)), sv);
-                }
-            }
-        }
-        __m512 dd = set2_ps(load_f16(&w0[b].d), load_f16(&w1[b].d));
-        for (int j = 0; j < NX; j++) {
-            const block_q8_k *xb = (const block_q8_k *)(x + j * xs) + b;
-            __m512i off = _mm512_madd_epi16(bcast256(xb->bsums), s16);
-            sumi[j] = _mm512_sub_epi32(sumi[j], _mm512_slli_epi32(off, 5));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sumi[j]), _mm512_mul_ps(dd, _mm512_set1_ps(xb->d)), acc[j]);
-        }
+#if defined(__AVX2__)
+/* The prompt kernel's unpacking (kq_gemm.h) of block b of KG_VL rows: values dword a (a = 32h +
+ * a', elements 4a..4a+3) take their low bits from ql dword 16h + a' % 16 (nibble a' / 16) and their
+ * high bits from qh dword 8h + a' % 8 (bit pair a' / 8). */
+static void q6_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p) {
+    (void)ctx;
+    uint32_t ql[32][KG_VL] __attribute__((aligned(64))), qh[16][KG_VL] __attribute__((aligned(64)));
+    w += b * sizeof(block_q6_k);
+    kg_transpose(w, row_bytes, offsetof(block_q6_k, ql), 32, ql);
+    kg_transpose(w, row_bytes, offsetof(block_q6_k, qh), 16, qh);
+    for (int r = 0; r < KG_VL; r++) {
+        const block_q6_k *blk = (const block_q6_k *)(w + r * row_bytes);
+        for (int g = 0; g < 16; g++) p->sc[g][r] = KG_SCALE_WORD(blk->scales[g]);
+        for (int t = 0; t < 8; t++) p->cw[t][r] = KG_PAIR(blk->scales[2 * t], blk->scales[2 * t + 1]);
+        p->d[r] = load_f16(&blk->d), p->nm[r] = 0.0f;
     }
-    for (int j = 0; j < NX; j++) store2(acc[j], out + j * os, out + j * os + 1);
+    const kg_vi m4 = kg_set1(0x0F0F0F0F), m3 = kg_set1(0x03030303);
+    for (int a = 0; a < 64; a++) {
+        int h = a / 32, a2 = a % 32;
+        kg_vi lo = kg_and(kg_srli32(kg_load(ql[16 * h + a2 % 16]), 4 * (a2 / 16)), m4);
+        kg_vi hi = kg_and(kg_srli32(kg_load(qh[8 * h + a2 % 8]), 2 * (a2 / 8)), m3);
+        kg_store(&p->q[a], kg_or(lo, kg_slli32(hi, 4)));
+    }
 }
 #endif
 
-#if defined(__AVX2__) && !defined(__AVX512F__)
-/* The AVX2 prompt body: dot_body's integers and float operations in the same lanes and order.
- * Each block is unpacked once into a buffer (its 8 pieces of 32 values and their 8 scale vectors,
- * exactly dot_body's registers), which the NX activation rows then read: the NX integer sums stay
- * in the 16 registers (dot_body with NX = 8 spills them). */
-INLINE void gemm_body(int64_t nb, const block_q6_k *w, const char *x, size_t xs, int NX, float *out, size_t os) {
-    __m256i qv[8], sv[8];
-    __m256 acc[NX_MAX];
-    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++) {
-        __m128i s8 = load128(w[b].scales);
-        for (int h = 0; h < 2; h++) {
-            __m256i ql0 = load256(w[b].ql + 64 * h), ql1 = load256(w[b].ql + 64 * h + 32);
-            __m256i qh = load256(w[b].qh + 32 * h);
-            for (int k = 0; k < 4; k++) {
-                qv[4 * h + k] = q6_codes(ql0, ql1, qh, k);
-                sv[4 * h + k] = q6_scales(s8, 4 * h + k);
-            }
-        }
-        __m256i sumi[NX_MAX];
-        for (int j = 0; j < NX; j++) sumi[j] = _mm256_setzero_si256();
-        for (int g = 0; g < 8; g++) {
-            __m256i q = qv[g];
-            for (int j = 0; j < NX; j++) {
-                const int8_t *xq = ((const block_q8_k *)(x + j * xs) + b)->qs + 32 * g;
-                sumi[j] = dpwssd256(sumi[j], _mm256_maddubs_epi16(q, load256(xq)), sv[g]);
-            }
-        }
-        q6_block_end(acc, sumi, s8, load_f16(&w[b].d), x, xs, b, NX);
+/* The dot kernel (prompt 0) and the prompt kernel (1), as kq_common.h's kq_dot. */
+INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
+                 float *out, size_t os, int prompt) {
+    const uint8_t *wb = (const uint8_t *)w;
+    int64_t r = 0;
+#if defined(__AVX2__)
+    if (prompt && nx >= KG_MIN_NX) {
+        /* ADD16 2: maddubs pairs are at most 2 * 63 * 127 */
+        for (; r + KG_VL <= nrows; r += KG_VL)
+            kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, q6_unpack, NULL, 4,
+                    2, 0);
     }
-    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
-}
 #endif
-
-#define ROW_T block_q6_k
-#define ROW_VALUES QK_K
-#define ROW_AVX2_GEMM gemm_body
-#define PAIR_NX 4
-#include "rows.h"
+    for (int j0 = 0; j0 < nx; j0 += NX_TILE) {
+        int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
+        const char *xj = (const char *)x + j0 * xs;
+        float *oj = out + j0 * os;
+#define B(n) \
+        for (int64_t q = r; q < nrows; q++) dot_body(cols / QK_K, (const block_q6_k *)(wb + q * row_bytes), xj, xs, n, oj + q, os)
+        DISPATCH_NX(n, B)
+#undef B
+    }
+}
 WEIGHT_ENTRY_POINTS(q6_k, rows, dequant)

@@ -257,7 +257,7 @@ def test_a_rows_product_is_the_same_alone_or_in_any_batch(t, variant, nthreads):
 
 
 # Batch sizes around every tile edge: decode (4, or 8 on AVX-512), the gemm tile (8 on AVX2 and
-# AVX-512) and the AVX-512 Q6_K pair tile (4), each with its tails.
+# AVX-512; the k-quants: 64, in groups of 8 or 4), each with its tails.
 BATCH_NS = (3, 4, 5, 8, 9, 31, 33, 64, 130)
 
 
@@ -328,6 +328,27 @@ def test_simd_variants_give_the_same_bits(t):
         native.matmul(int(t), w, x, outs[v])
     for v in simd[1:]:
         np.testing.assert_array_equal(outs[v].view(np.uint32), outs[simd[0]].view(np.uint32), err_msg=v)
+
+
+@pytest.mark.parametrize("t", K_QUANTS, ids=lambda t: t.name)
+def test_k_quants_give_the_same_bits_at_every_variant(t):
+    """The k-quants' contract (native/kq_gemm.h): exact integer sums per block, then fma per block
+    in block order, so the scalar variant (fmaf) matches the SIMD ones too, at decode and prompt
+    sizes; 40 weight rows: two whole AVX-512 panels (16) and rows left over for the decode body."""
+    rng = np.random.default_rng(int(t) + 90)
+    rows, cols = 40, 768
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, 70, cols)
+    outs = {}
+    for v in VARIANTS:
+        native.select_variant(v)
+        outs[v] = np.empty((len(x), rows), np.float32)
+        native.matmul(int(t), w, x, outs[v])
+        one = np.empty((1, rows), np.float32)
+        native.matmul(int(t), w, x[7:8], one)
+        np.testing.assert_array_equal(one.view(np.uint32), outs[v][7:8].view(np.uint32), err_msg=v)
+    for v in VARIANTS[1:]:
+        np.testing.assert_array_equal(outs[v].view(np.uint32), outs[VARIANTS[0]].view(np.uint32), err_msg=v)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
