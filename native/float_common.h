@@ -81,63 +81,8 @@ INLINE void FT_CAT(FT, _dot_body)(int64_t cols, const FT_ELEM *w, const char *x,
 #endif
 }
 
-/* One activation row (decode) against R weight rows at once: each row is _dot_body's arithmetic
- * with NX = 1, bit for bit, but R rows give R times the independent accumulator chains (one row's
- * two chains leave the FMA units waiting on their latency) and R weight streams in flight. */
-INLINE void FT_CAT(FT, _dot_rows)(int64_t cols, const char *w, size_t row_bytes, const float *x, float *out,
-                                  const int R) {
-#if defined(__AVX512F__)
-    __m512 acc[ROW_DECODE_MAX][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 32 <= cols; k += 32) {
-        __m512 x0 = _mm512_loadu_ps(x + k), x1 = _mm512_loadu_ps(x + k + 16);
-        for (int r = 0; r < R; r++) {
-            const FT_ELEM *wr = (const FT_ELEM *)(w + r * row_bytes) + k;
-            acc[r][0] = _mm512_fmadd_ps(FT_LOAD16(wr), x0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(FT_LOAD16(wr + 16), x1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        const FT_ELEM *wr = (const FT_ELEM *)(w + r * row_bytes);
-        float s = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t i = k; i < cols; i++) s += FT_LOAD(wr[i]) * x[i];
-        out[r] = s;
-    }
-#elif defined(__AVX2__)
-    __m256 acc[ROW_DECODE_MAX][2];
-    for (int r = 0; r < R; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= cols; k += 16) {
-        __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
-        for (int r = 0; r < R; r++) {
-            const FT_ELEM *wr = (const FT_ELEM *)(w + r * row_bytes) + k;
-            acc[r][0] = _mm256_fmadd_ps(FT_LOAD8(wr), x0, acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(FT_LOAD8(wr + 8), x1, acc[r][1]);
-        }
-    }
-    for (int r = 0; r < R; r++) {
-        const FT_ELEM *wr = (const FT_ELEM *)(w + r * row_bytes);
-        float s = hsum256_ps(_mm256_add_ps(acc[r][0], acc[r][1]));
-        for (int64_t i = k; i < cols; i++) s += FT_LOAD(wr[i]) * x[i];
-        out[r] = s;
-    }
-#else
-    for (int r = 0; r < R; r++)
-        FT_CAT(FT, _dot_body)(cols, (const FT_ELEM *)(w + r * row_bytes), (const char *)x, 0, 1, out + r, 0);
-#endif
-}
-
 void KN(FT_CAT(FT, _dot))(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs,
                           int nx, float *out, size_t os) {
-    if (nx == 1) {
-        int64_t r = 0;
-        for (; r + ROW_DECODE_MAX <= nrows; r += ROW_DECODE_MAX)
-            FT_CAT(FT, _dot_rows)(cols, (const char *)w + r * row_bytes, row_bytes, (const float *)x, out + r, ROW_DECODE_MAX);
-        for (; r < nrows; r++)
-            FT_CAT(FT, _dot_rows)(cols, (const char *)w + r * row_bytes, row_bytes, (const float *)x, out + r, 1);
-        return;
-    }
 #define B(n)                                                                                             \
     for (int64_t r = 0; r < nrows; r++)                                                                  \
         FT_CAT(FT, _dot_body)(cols, (const FT_ELEM *)((const char *)w + r * row_bytes), (const char *)x, xs, n, \

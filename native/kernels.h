@@ -28,7 +28,6 @@ static inline size_t act_row_bytes(int act, int64_t cols) {
 }
 
 #define NX_MAX 8  /* the most activation rows any variant's dot kernel takes at once (level.h NX_TILE) */
-#define ROW_DECODE_MAX 4  /* weight rows a decode (one activation row) kernel runs at once: independent FMA chains */
 
 /* Dot products of nrows weight rows (`cols` values each, row r at w + r * row_bytes) with
  * nx <= NX_MAX activation rows: out[j * out_stride + r] = sum_k w_r[k] * x_j[k],

@@ -59,53 +59,38 @@ INLINE float q32_term(const uint8_t *b, q32_layout L, float dw, const block_q8_0
     return L.m ? load_f16(b + L.m) * xb->d * (float)xb->sum : -(dw * xb->d * (float)(16 * xb->sum));
 }
 
-/* R weight rows (row_bytes apart; blocks L.bytes apart) against NX activation rows: each row's
- * arithmetic is the same whatever R (its own accumulators, blocks in order). R = 1 is the one-row
- * body; decode takes ROW_DECODE_MAX rows at once for independent FMA chains and weight streams. */
-INLINE void q32_dot_rows_body(int64_t nb, const uint8_t *w, size_t row_bytes, int R, q32_layout L, const char *x,
-                              size_t xs, int NX, float *out, size_t os) {
-#if defined(__AVX2__)
-    __m256 acc[ROW_DECODE_MAX][NX_MAX];
-    float accm[ROW_DECODE_MAX][NX_MAX];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) acc[r][j] = _mm256_setzero_ps(), accm[r][j] = 0.0f;
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++) {
-            const uint8_t *wb = w + r * row_bytes + b * L.bytes;
-            __m256i q = q32_values(wb, L);
-            float dw = load_f16(wb);
-            for (int j = 0; j < NX; j++) {
-                const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-                __m256i p = dpbusd256(_mm256_setzero_si256(), q, load256(xb->qs));
-                acc[r][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[r][j]);
-                accm[r][j] += q32_term(wb, L, dw, xb);
-            }
-        }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) out[j * os + r] = hsum256_ps(acc[r][j]) + accm[r][j];
-#else
-    for (int r = 0; r < R; r++) {
-        float acc[NX_MAX] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            const uint8_t *wb = w + r * row_bytes + b * L.bytes;
-            float dw = load_f16(wb);
-            for (int j = 0; j < NX; j++) {
-                const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-                int32_t s = 0;
-                for (int l = 0; l < QK; l++) s += q32_unsigned(wb, L, l) * xb->qs[l];
-                if (L.m) acc[j] += dw * xb->d * (float)s + load_f16(wb + L.m) * xb->d * (float)xb->sum;
-                else acc[j] += dw * xb->d * (float)(s - 16 * xb->sum);
-            }
-        }
-        for (int j = 0; j < NX; j++) out[j * os + r] = acc[j];
-    }
-#endif
-}
-
 /* One weight row (blocks at w, L.bytes apart) against NX activation rows. */
 INLINE void q32_dot_body(int64_t nb, const uint8_t *w, q32_layout L, const char *x, size_t xs, int NX, float *out,
                          size_t os) {
-    q32_dot_rows_body(nb, w, 0, 1, L, x, xs, NX, out, os);
+#if defined(__AVX2__)
+    __m256 acc[NX_MAX];
+    float accm[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps(), accm[j] = 0.0f;
+    for (int64_t b = 0; b < nb; b++, w += L.bytes) {
+        __m256i q = q32_values(w, L);
+        float dw = load_f16(w);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            __m256i p = dpbusd256(_mm256_setzero_si256(), q, load256(xb->qs));
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(dw * xb->d), acc[j]);
+            accm[j] += q32_term(w, L, dw, xb);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]) + accm[j];
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++, w += L.bytes) {
+        float dw = load_f16(w);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t s = 0;
+            for (int l = 0; l < QK; l++) s += q32_unsigned(w, L, l) * xb->qs[l];
+            if (L.m) acc[j] += dw * xb->d * (float)s + load_f16(w + L.m) * xb->d * (float)xb->sum;
+            else acc[j] += dw * xb->d * (float)(s - 16 * xb->sum);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -140,7 +125,7 @@ INLINE void q32_dot2_body(int64_t nb, const uint8_t *w0, const uint8_t *w1, size
 
 /* The dot kernel of a type with layout L (kernels.h's dot_fn). pairs (the prompt kernel): rows in
  * pairs where AVX-512 has the registers, the last odd row (and every row elsewhere) alone; the
- * same bits either way. Decode (one activation row) takes ROW_DECODE_MAX rows at a time. */
+ * same bits either way. Decode reads rows one at a time: a single stream through memory. */
 INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
                     float *out, size_t os, q32_layout L, int pairs) {
     const uint8_t *wb = (const uint8_t *)w;
@@ -161,10 +146,6 @@ INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows
         for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
 #undef C
 #endif
-    if (nx == 1 && !pairs)
-        for (; r + ROW_DECODE_MAX <= nrows; r += ROW_DECODE_MAX)
-            q32_dot_rows_body(cols / QK, wb + r * row_bytes, row_bytes, ROW_DECODE_MAX, L, (const char *)x, xs, 1,
-                              out + r, os);
 #define B(n) \
     for (; r < nrows; r++) q32_dot_body(cols / QK, wb + r * row_bytes, L, (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)

@@ -4,12 +4,10 @@
  *   ROW_VALUES     values per block (QK or QK_K)
  *   ROW_AVX2_GEMM  the AVX2 body for one weight row against up to GEMM_TILE activation rows
  *                  (dot_body itself, or a body with dot_body's bits that keeps more in registers)
- *   ROW_DECODE     (optional) a body for R <= ROW_DECODE_MAX weight rows against one activation
- *                  row, each row's bits those of dot_body: decode takes ROW_DECODE_MAX rows at once
  * and the type's dot_body / dot2_body. It defines `rows`: with `pairs` (the prompt kernel) rows go
  * in pairs where AVX-512 has the registers (dot2_body), one at a time against GEMM_TILE activation
- * rows at AVX2, the decode kernel's rows ROW_DECODE_MAX at a time (ROW_DECODE), and the rows left
- * over through dot_body. Every path gives each output the same bits. */
+ * rows at AVX2, and the last odd row (and every row of the decode kernel, a single stream through
+ * memory) through dot_body. Every path gives each output the same bits. */
 INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
                  float *out, size_t os, int pairs) {
     const char *wb = (const char *)w;
@@ -29,12 +27,6 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
         for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
 #undef C
 #endif
-#ifdef ROW_DECODE
-    if (nx == 1 && !pairs)
-        for (; r + ROW_DECODE_MAX <= nrows; r += ROW_DECODE_MAX)
-            ROW_DECODE(cols / ROW_VALUES, (const ROW_T *)(wb + r * row_bytes), row_bytes, ROW_DECODE_MAX, (const char *)x,
-                       xs, 1, out + r, os);
-#endif
 #define B(n) \
     for (; r < nrows; r++) dot_body(cols / ROW_VALUES, (const ROW_T *)(wb + r * row_bytes), (const char *)x, xs, n, out + r, os)
     DISPATCH_NX(nx, B)
@@ -43,4 +35,3 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
 #undef ROW_T
 #undef ROW_VALUES
 #undef ROW_AVX2_GEMM
-#undef ROW_DECODE

@@ -13,46 +13,31 @@ static void dequant(const void *w, float *out, int64_t cols) {
     }
 }
 
-/* R weight rows (row_bytes apart) against NX activation rows: each row's arithmetic is the same
- * whatever R (its own accumulators, blocks in order). R = 1 is the one-row body; decode takes
- * several rows at once for independent FMA chains and weight streams (rows.h ROW_DECODE). */
-INLINE void dot_rows_body(int64_t nb, const block_q4_0 *w, size_t row_bytes, int R, const char *x, size_t xs, int NX,
-                          float *out, size_t os) {
+INLINE void dot_body(int64_t nb, const block_q4_0 *w, const char *x, size_t xs, int NX, float *out, size_t os) {
 #if defined(__AVX2__)
     const __m256i m4 = _mm256_set1_epi8(15), off = _mm256_set1_epi8(8);
-    __m256 acc[ROW_DECODE_MAX][NX_MAX];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++) {
-            const block_q4_0 *wr = (const block_q4_0 *)((const char *)w + r * row_bytes);
-            __m128i qs = load128(wr[b].qs);
-            __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
-            signed_block(acc[r], _mm256_sub_epi8(q, off) /* signed -8..7 */, load_f16(&wr[b].d), x, xs, b, NX);
-        }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) out[j * os + r] = hsum256_ps(acc[r][j]);
-#else
-    for (int r = 0; r < R; r++) {
-        const block_q4_0 *wr = (const block_q4_0 *)((const char *)w + r * row_bytes);
-        float acc[NX_MAX] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            float dw = load_f16(&wr[b].d);
-            for (int j = 0; j < NX; j++) {
-                const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-                int32_t s = 0;
-                for (int l = 0; l < QK / 2; l++)
-                    s += (wr[b].qs[l] & 15) * xb->qs[l] + (wr[b].qs[l] >> 4) * xb->qs[l + 16];
-                acc[j] += dw * xb->d * (float)(s - 8 * xb->sum);
-            }
-        }
-        for (int j = 0; j < NX; j++) out[j * os + r] = acc[j];
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        __m128i qs = load128(w[b].qs);
+        __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), m4);
+        signed_block(acc, _mm256_sub_epi8(q, off) /* signed -8..7 */, load_f16(&w[b].d), x, xs, b, NX);
     }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        float dw = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t s = 0;
+            for (int l = 0; l < QK / 2; l++)
+                s += (w[b].qs[l] & 15) * xb->qs[l] + (w[b].qs[l] >> 4) * xb->qs[l + 16];
+            acc[j] += dw * xb->d * (float)(s - 8 * xb->sum);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
 #endif
-}
-
-INLINE void dot_body(int64_t nb, const block_q4_0 *w, const char *x, size_t xs, int NX, float *out, size_t os) {
-    dot_rows_body(nb, w, 0, 1, x, xs, NX, out, os);
 }
 
 #if defined(__AVX512F__)
@@ -81,6 +66,5 @@ INLINE void dot2_body(int64_t nb, const block_q4_0 *w0, const block_q4_0 *w1, si
 #define ROW_T block_q4_0
 #define ROW_VALUES QK
 #define ROW_AVX2_GEMM dot_body
-#define ROW_DECODE dot_rows_body
 #include "rows.h"
 WEIGHT_ENTRY_POINTS(q4_0, rows, dequant)

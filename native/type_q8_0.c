@@ -10,42 +10,27 @@ static void dequant(const void *w, float *out, int64_t cols) {
     }
 }
 
-/* R weight rows (row_bytes apart) against NX activation rows: each row's arithmetic is the same
- * whatever R (its own accumulators, blocks in order). R = 1 is the one-row body; decode takes
- * several rows at once for independent FMA chains and weight streams (rows.h ROW_DECODE). */
-INLINE void dot_rows_body(int64_t nb, const block_q8_0 *w, size_t row_bytes, int R, const char *x, size_t xs, int NX,
-                          float *out, size_t os) {
-#if defined(__AVX2__)
-    __m256 acc[ROW_DECODE_MAX][NX_MAX];
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) acc[r][j] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; b++)
-        for (int r = 0; r < R; r++) {
-            const block_q8_0 *wr = (const block_q8_0 *)((const char *)w + r * row_bytes);
-            signed_block(acc[r], load256(wr[b].qs), load_f16(&wr[b].d), x, xs, b, NX);
-        }
-    for (int r = 0; r < R; r++)
-        for (int j = 0; j < NX; j++) out[j * os + r] = hsum256_ps(acc[r][j]);
-#else
-    for (int r = 0; r < R; r++) {
-        const block_q8_0 *wr = (const block_q8_0 *)((const char *)w + r * row_bytes);
-        float acc[NX_MAX] = {0};
-        for (int64_t b = 0; b < nb; b++) {
-            float dw = load_f16(&wr[b].d);
-            for (int j = 0; j < NX; j++) {
-                const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
-                int32_t s = 0;
-                for (int l = 0; l < QK; l++) s += (int32_t)wr[b].qs[l] * xb->qs[l];
-                acc[j] += dw * xb->d * (float)s;
-            }
-        }
-        for (int j = 0; j < NX; j++) out[j * os + r] = acc[j];
-    }
-#endif
-}
-
 INLINE void dot_body(int64_t nb, const block_q8_0 *w, const char *x, size_t xs, int NX, float *out, size_t os) {
-    dot_rows_body(nb, w, 0, 1, x, xs, NX, out, os);
+#if defined(__AVX2__)
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; b++) {
+        signed_block(acc, load256(w[b].qs), load_f16(&w[b].d), x, xs, b, NX);
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX] = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        float dw = load_f16(&w[b].d);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t s = 0;
+            for (int l = 0; l < QK; l++) s += (int32_t)w[b].qs[l] * xb->qs[l];
+            acc[j] += dw * xb->d * (float)s;
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+#endif
 }
 
 #if defined(__AVX512F__)
@@ -68,6 +53,5 @@ INLINE void dot2_body(int64_t nb, const block_q8_0 *w0, const block_q8_0 *w1, si
 #define ROW_T block_q8_0
 #define ROW_VALUES QK
 #define ROW_AVX2_GEMM dot_body
-#define ROW_DECODE dot_rows_body
 #include "rows.h"
 WEIGHT_ENTRY_POINTS(q8_0, rows, dequant)
