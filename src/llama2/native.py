@@ -8,7 +8,7 @@ file stores them, row dequantization and activation quantization, on a thread po
                                      a narrower one is faster there): a Kernels
     select_for_cpu(cpu)              make choose(cpu) active (what import does)
     kernels(), select_kernels(k)     the active Kernels, and making one active
-    describe()                       it in words: "avx512vnni; avx2 for F16; avx2 decode for Q8_0"
+    describe()                       it in words, e.g. "avx512vnni; avx2 for F16; avx2 decode for Q8_0"
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
