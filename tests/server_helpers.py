@@ -164,3 +164,26 @@ def chromium(*switches):
         yield driver
     finally:
         driver.quit()
+
+
+class RecordingModel:
+    """The real model, recording each pass: its segments as (slot, rows) in `passes`, its rows'
+    adapters in `adapters`."""
+
+    def __init__(self, model):
+        self.model, self.passes, self.adapters = model, [], []
+        self.config, self.invariant_rows = model.config, model.invariant_rows
+
+    def new_cache(self, *args, **kw):
+        return self.model.new_cache(*args, **kw)
+
+    def warm_up(self):
+        self.model.warm_up()
+
+    def matrices(self):
+        return self.model.matrices()
+
+    def forward_batch(self, segments, cache, all_logits=False, adapters=None):
+        self.passes.append([(slot, len(tokens)) for slot, tokens in segments])
+        self.adapters.append(adapters)
+        return self.model.forward_batch(segments, cache, all_logits, adapters)

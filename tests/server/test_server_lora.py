@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from conftest import asset, random_adapter
-from server_helpers import Server
+from server_helpers import RecordingModel, Server
 from test_server_scheduler import TIMEOUT_S, collect, params, reference
 
 openai = pytest.importorskip("openai")
@@ -90,22 +90,7 @@ def test_the_scheduler_runs_them_in_one_pass_and_keeps_their_prefixes_apart(llam
 
     served = Llama.load(asset("stories260K.bin"), asset("tok512.bin"), adapters=adapters)
 
-    class Counting:  # the model, recording each pass's segments' slots
-        def __init__(self, model):
-            self.model, self.passes = model, []
-            self.config, self.invariant_rows = model.config, model.invariant_rows
-
-        def new_cache(self, *args, **kw):
-            return self.model.new_cache(*args, **kw)
-
-        def warm_up(self):
-            self.model.warm_up()
-
-        def forward_batch(self, segments, cache, all_logits=False, adapters=None):
-            self.passes.append(adapters)
-            return self.model.forward_batch(segments, cache, all_logits, adapters)
-
-    model = Counting(served.model)
+    model = RecordingModel(served.model)
     sched = Scheduler(model, served.tokenizer, max_batch=4, max_queue=4)
     ps = [params(served, PROMPT, 12, seed=5, adapter=0), params(served, PROMPT, 12, seed=5),
           params(served, "Tom had a ball", 10, seed=6, temperature=0.0, adapter=1),
@@ -121,7 +106,7 @@ def test_the_scheduler_runs_them_in_one_pass_and_keeps_their_prefixes_apart(llam
             events, err = collect(q)
             assert err is None
             assert [(e.token, e.text, e.finish_reason) for e in events] == reference(own, p)
-        assert model.passes[0] == [0, -1, 1, 0]  # every request's prompt in the first pass
+        assert model.adapters[0] == [0, -1, 1, 0]  # every request's prompt in the first pass
         # the first prompt again, with its adapter and with the other one
         again = [dataclasses.replace(ps[0], adapter=a) for a in (0, 1)]
         queues = [queue.Queue() for _ in again]

@@ -12,7 +12,7 @@ from llama2 import Llama
 from llama2.server.scheduler import Scheduler
 from llama2.speculative import DraftModel, PromptLookup, Speculator
 from llama2.structured import Grammar, Spec
-from server_helpers import Server
+from server_helpers import RecordingModel, Server
 from test_server_scheduler import TIMEOUT_S, collect, params
 
 PROMPTS = ["Once upon a time", "Lily and Tom went to the park. Lily and Tom", "", "The dog ran", "Tom had a",
@@ -96,31 +96,10 @@ def test_serve_with_draft_flag():
 
 
 
-class Recording:
-    """The real model, recording each pass's segments as (slot, rows)."""
-
-    def __init__(self, model):
-        self.model, self.passes = model, []
-        self.config, self.invariant_rows = model.config, model.invariant_rows
-
-    def new_cache(self, *args, **kw):
-        return self.model.new_cache(*args, **kw)
-
-    def warm_up(self):
-        self.model.warm_up()
-
-    def matrices(self):
-        return self.model.matrices()
-
-    def forward_batch(self, segments, cache, all_logits=False, adapters=None):
-        self.passes.append([(slot, len(tokens)) for slot, tokens in segments])
-        return self.model.forward_batch(segments, cache, all_logits, adapters)
-
-
 def test_slots_verify_their_drafts_in_shared_passes(llama, q8):
     """Several slots' guesses (k+1 rows each) are verified in one pass, and the draft model's
     steps for several slots run in one pass too."""
-    rec, draft_rec = Recording(llama.model), Recording(q8.model)
+    rec, draft_rec = RecordingModel(llama.model), RecordingModel(q8.model)
     spec = Speculator(DraftModel(draft_rec, llama.model, 4), llama.model, 3, adaptive=False)
     ps = [params(llama, p, 30, temperature=0) for p in PROMPTS[:4]]
     sched = Scheduler(rec, llama.tokenizer, max_batch=4, max_queue=4, speculator=spec)
