@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
+from .child import last_line
 
 SHAPES = ("stories15M", "stories110M", "tinyllama-1.1b")  # measured by default, in this order
 QUICK_SHAPE = "tiny"  # files.SHAPES' plumbing shape (seconds a step), for --quick
@@ -58,33 +59,31 @@ def add_arguments(p):
 
 # -- the children -------------------------------------------------------------------------------------
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb(who: str = "self") -> float:
+    """Peak RSS of this process ("self") or of its largest finished child ("children"), MB."""
     import resource  # Unix only: imported by the children, not when the CLI registers this action
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    kind = resource.RUSAGE_SELF if who == "self" else resource.RUSAGE_CHILDREN
+    return resource.getrusage(kind).ru_maxrss / 1024  # Linux reports KiB
 
 
 def child_ours(base, tokenizer, data, seq_len, batch, steps, rank, threads, checkpointing) -> dict:
-    """`llama2 finetune` on `base` for a warm-up step and `steps` more; their seconds from metrics.jsonl."""
-    import io
-
-    from ..cli import main
-
+    """`llama2 finetune` on `base` for a warm-up step and `steps` more, as a process of its own (the
+    command as users run it; its peak RSS); the steps' seconds from metrics.jsonl."""
     with tempfile.TemporaryDirectory() as out:
-        argv = ["finetune", str(base), "--data", str(data), "--out", out, "--tokenizer", str(tokenizer),
+        argv = [sys.executable, "-m", "llama2", "finetune", str(base), "--data", str(data), "--out", out, "--tokenizer", str(tokenizer),
                 "--seq-len", str(seq_len), "--batch_size", str(batch), "--max_iters", str(steps + 1),
                 "--lora-rank", str(rank), "--lora-alpha", str(2 * rank), "--learning_rate", str(LEARNING_RATE),
                 "--warmup_iters", "0", "--eval_iters", "0", "--val-fraction", "0", "--log_interval", "1",
                 "--num_threads", str(threads)] + (["--checkpointing"] if checkpointing else [])
-        err = io.StringIO()
-        if main(argv, stdout=io.BytesIO(), stderr=err, stdin=io.StringIO("")) != 0:
-            lines = err.getvalue().strip().splitlines()
-            raise SystemExit(f"llama2 finetune failed: {lines[-1] if lines else 'no message'}")
+        p = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if p.returncode != 0:
+            raise SystemExit(f"llama2 finetune failed: {last_line(p)}")
         entries = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
         trained = _trained_values(Path(out))
     tokens = seq_len * batch
     step_s = [tokens / e["tokens_per_s"] for e in entries if "tokens_per_s" in e]
-    return {"step_s": step_s[1:], "rss_mb": _peak_rss_mb(), "trainable": trained}
+    return {"step_s": step_s[1:], "rss_mb": _peak_rss_mb("children"), "trainable": trained}
 
 
 def _trained_values(out) -> int:  # the values ckpt.pt keeps of the model: the adapters' factors
