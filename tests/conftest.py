@@ -1,6 +1,7 @@
 """Shared test fixtures: where the shared assets are, small random models made on the spot, and
 stories260K loaded once per test module."""
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def golden(name) -> Path:
     if not path.exists():
         pytest.skip(f"golden file {name} not found in {GOLDEN} (set LLAMA2_GOLDEN)")
     return path
+
+
+def golden_cases(name) -> list:
+    """Every case of golden file `name` (one JSON object a line) as a pytest param, or one skipped
+    param saying what is missing."""
+    path = GOLDEN / name
+    if not path.exists():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found (set LLAMA2_GOLDEN)"))]
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [pytest.param(c, id=f"{i}-{c.get('model', c['tokenizer'])}") for i, c in enumerate(lines)]
 
 
 def random_weights(config: ModelConfig, seed=0, scale=0.1) -> dict:

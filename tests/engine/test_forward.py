@@ -5,14 +5,13 @@ every weight type and KV type, prompts and decode rows of several sequences of d
 (and a forked one) in a pass, at every instruction-set variant and thread count."""
 
 import io
-import json
 import threading
 
 import numpy as np
 import pytest
 
 import forward_reference
-from conftest import GOLDEN, asset, mixed_kernels, random_weights
+from conftest import asset, golden_cases, mixed_kernels, random_weights
 from llama2 import checkpoint, kvcache, native
 from llama2.config import ModelConfig
 from llama2.formats import load_checkpoint
@@ -304,18 +303,10 @@ def test_blocks_out_of_the_window_are_neither_checked_nor_read():
 
 # -- run.c's goldens at every level ----------------------------------------------------------------
 
-def _golden_cases():
-    path = GOLDEN / "runc.jsonl"
-    if not path.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found (set LLAMA2_GOLDEN)"))]
-    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [pytest.param(c, id=f"{i}-{c['model']}") for i, c in enumerate(cases)]
-
-
 @pytest.mark.slow  # every instruction-set level x thread count: the full run's
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("variant", VARIANTS + ("mixed",))
-@pytest.mark.parametrize("case", _golden_cases())
+@pytest.mark.parametrize("case", golden_cases("runc.jsonl"))
 def test_runc_goldens_at_every_level_and_thread_count(case, variant, threads, monkeypatch, tmp_path):
     """Every run.c golden byte for byte (prompts and decode steps, each pass one native call), at
     every compiled variant, with each weight type on another variant (mixed), and at one and two

@@ -1,21 +1,12 @@
 """Conformance with llama2.c's run.c: every case of the golden files, byte for byte."""
 
 import io
-import json
 
 import pytest
 
-from conftest import ASSETS, GOLDEN, asset, golden
+from conftest import asset, golden, golden_cases
 from llama2.cli import main
 from llama2.tokenizer import Tokenizer
-
-
-def _cases(name):
-    path = GOLDEN / name
-    if not path.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found (set LLAMA2_ASSETS)"))]
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [pytest.param(c, id=f"{i}-{c.get('model', c['tokenizer'])}") for i, c in enumerate(lines)]
 
 
 def run_cli(argv, stdin=""):
@@ -25,7 +16,7 @@ def run_cli(argv, stdin=""):
 
 
 @pytest.mark.parametrize("threads", [None, 1])
-@pytest.mark.parametrize("case", _cases("runc.jsonl"))
+@pytest.mark.parametrize("case", golden_cases("runc.jsonl"))
 def test_runc_golden(case, threads, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)  # no stray tokenizer.bin in the working folder
     model, tok = asset(case["model"]), asset(case["tokenizer"])
@@ -35,13 +26,13 @@ def test_runc_golden(case, threads, monkeypatch, tmp_path):
     assert out == bytes.fromhex(case["stdout_hex"])
 
 
-@pytest.mark.parametrize("case", _cases("encode.jsonl"))
+@pytest.mark.parametrize("case", golden_cases("encode.jsonl"))
 def test_encode_golden(case):
     tok = Tokenizer.load(asset(case["tokenizer"]))
     assert tok.encode(case["text"], bos=True, eos=False) == case["ids"]
 
 
-@pytest.mark.parametrize("case", [c for c in _cases("runc.jsonl")
+@pytest.mark.parametrize("case", [c for c in golden_cases("runc.jsonl")
                                   if c.values and c.values[0] and c.values[0]["model"] == "stories260K.bin"])
 def test_v1_file_gives_same_bytes(case, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)

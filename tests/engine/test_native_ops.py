@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import forward_reference as R
+from conftest import golden_cases
 from llama2 import native, rope
 from llama2.config import ModelConfig
 from llama2.weights import int8_groups
@@ -158,17 +159,7 @@ def test_shape_errors_are_one_line():
         assert "\n" not in str(e.value)
 
 
-def _golden_cases():
-    from conftest import GOLDEN
-    path = GOLDEN / "runc.jsonl"
-    if not path.exists():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"{path} not found (set LLAMA2_GOLDEN)"))]
-    import json
-    cases = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [pytest.param(c, id=f"{i}-{c['model']}") for i, c in enumerate(cases)]
-
-
-@pytest.mark.parametrize("case", _golden_cases())
+@pytest.mark.parametrize("case", golden_cases("runc.jsonl"))
 def test_runc_goldens_with_the_native_elementwise_ops(case, monkeypatch, tmp_path):
     """Every run.c golden, byte for byte, with every pass the step-by-step reference
     (tests/forward_reference.py) on the native RMSNorm: run.c's sequential sum, not the forward
