@@ -45,32 +45,19 @@ def register(sub):
     p.add_argument("--dir", metavar="DIR", help="where the benchmark models are kept "
                                                 "(default $LLAMA2_HOME/bench, else ~/.cache/llama2/bench)")
     p.set_defaults(func=run)
-    # `llama2 bench serve ...`: the server benchmark (its flags come after the action)
-    from ..benchmarks import serve  # imports only the standard library at the top
+    # `llama2 bench ACTION ...`: the other benchmarks (their flags come after the action); each
+    # module imports only the standard library and llama2.errors at its top
+    from ..benchmarks import finetune, serve, spec, structured
 
     actions = p.add_subparsers(dest="action", metavar="ACTION", parser_class=type(p))
-    a = actions.add_parser("serve", help="llama2 serve vs llama-cpp-python's server under concurrent streams",
-                           description=serve.__doc__.split("\n\n")[0])
-    serve.add_arguments(a)
-    a.set_defaults(func=serve.run)
-    from ..benchmarks import structured  # `llama2 bench structured`: the per-token cost of masking
-
-    a = actions.add_parser("structured", help="the per-token cost of structured output's token masks",
-                           description=structured.__doc__.split("\n\n")[0])
-    structured.add_arguments(a)
-    a.set_defaults(func=structured.run)
-    from ..benchmarks import spec  # `llama2 bench spec`: speculative decoding against plain decoding
-
-    a = actions.add_parser("spec", help="speculative decoding (draft models, prompt lookup) vs plain decoding",
-                           description=spec.__doc__.split("\n\n")[0])
-    spec.add_arguments(a)
-    a.set_defaults(func=spec.run)
-    from ..benchmarks import finetune  # `llama2 bench finetune`: LoRA training against PEFT
-
-    a = actions.add_parser("finetune", help="LoRA training tokens/s and peak RSS, ours vs PEFT + transformers",
-                           description=finetune.__doc__.split("\n\n")[0])
-    finetune.add_arguments(a)
-    a.set_defaults(func=finetune.run)
+    for name, module, help in (
+            ("serve", serve, "llama2 serve vs llama-cpp-python's server under concurrent streams"),
+            ("structured", structured, "the per-token cost of structured output's token masks"),
+            ("spec", spec, "speculative decoding (draft models, prompt lookup) vs plain decoding"),
+            ("finetune", finetune, "LoRA training tokens/s and peak RSS, ours vs PEFT + transformers")):
+        a = actions.add_parser(name, help=help, description=module.__doc__.split("\n\n")[0])
+        module.add_arguments(a)
+        a.set_defaults(func=module.run)
 
 
 def _list(text, flag, cast=str):
