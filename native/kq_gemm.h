@@ -38,6 +38,7 @@ typedef __m512 kg_vf;
 #define kg_or _mm512_or_si512
 #define kg_srli32 _mm512_srli_epi32
 #define kg_slli32 _mm512_slli_epi32
+#define kg_srai32 _mm512_srai_epi32
 #define kg_add32 _mm512_add_epi32
 #define kg_sub32 _mm512_sub_epi32
 #define kg_add16 _mm512_add_epi16
@@ -64,6 +65,7 @@ typedef __m256 kg_vf;
 #define kg_or _mm256_or_si256
 #define kg_srli32 _mm256_srli_epi32
 #define kg_slli32 _mm256_slli_epi32
+#define kg_srai32 _mm256_srai_epi32
 #define kg_add32 _mm256_add_epi32
 #define kg_sub32 _mm256_sub_epi32
 #define kg_add16 _mm256_add_epi16
