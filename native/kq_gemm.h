@@ -201,9 +201,17 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
     }
 }
 
-/* Fewer activation rows than this take the decode bodies (the same bits): a panel's unpacking
- * costs about what 8 activation rows' integer work does (measured: 3 rows ran at 0.5-0.65x). */
-#define KG_MIN_NX 8
+/* Fewer activation rows than this take the decode bodies (the same bits). With the scales decoded
+ * on vectors a panel's unpacking costs about what 4 activation rows' integer work does: on Zen 4,
+ * 4 rows ran 10-25% faster on the panel than on the decode bodies, except Q6_K at AVX2, 20% slower
+ * (its decode body is cheap), which keeps 8 there (KG_MIN_NX_Q6). Multi-row decode passes (a
+ * server's slots, speculative verification) are 4 to 16 rows. */
+#define KG_MIN_NX 4
+#if defined(__AVX512F__)
+#define KG_MIN_NX_Q6 4
+#else
+#define KG_MIN_NX_Q6 8
+#endif
 
 /* KG_VL weight rows (from w, row_bytes apart; nb blocks each) against nx activation rows
  * (nx <= KQ_GEMM_TILE): out[j * os + r]. */

@@ -153,7 +153,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    if (prompt && nx >= KG_MIN_NX) {
+    if (prompt && nx >= KG_MIN_NX_Q6) {
         /* ADD16 2: maddubs pairs are at most 2 * 63 * 127 */
         for (; r + KG_VL <= nrows; r += KG_VL)
             kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, q6_unpack, NULL, 4,
