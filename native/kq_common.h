@@ -147,13 +147,23 @@ static void kq_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64
     w += b * L.bytes;
     kg_transpose(w, row_bytes, L.qs, 32, qs);
     if (L.five) kg_transpose(w, row_bytes, L.qh, 8, qh);
-    for (int r = 0; r < KG_VL; r++) {
-        const uint8_t *blk = w + r * row_bytes;
-        uint8_t sc[8], mn[8];
-        k_scale_min(KQ_SCALES(blk), sc, mn);
-        for (int s = 0; s < 8; s++) p->sc[s][r] = KG_SCALE_WORD(sc[s]), p->cw[s][r] = KG_PAIR(mn[s], mn[s]);
-        p->d[r] = KQ_D(blk), p->nm[r] = -KQ_DMIN(blk);
+    /* The scales and mins of all KG_VL rows at once: the twelve scale bytes (dwords 1..3 of the
+     * block) transposed, then k_scale_min's bit moves (blocks.h) on vectors: v[0] and v[1] hold
+     * sc[0..3] and sc[4..7] (a byte each), v[2] and v[3] the mins. */
+    uint32_t hd[8][KG_VL] __attribute__((aligned(64)));
+    kg_transpose(w, row_bytes, 0, KG_VL == 16 ? 4 : 8, hd);
+    {
+        const kg_vi A = kg_load(hd[1]), B = kg_load(hd[2]), C = kg_load(hd[3]), m6 = kg_set1(0x3f3f3f3f),
+                    m4 = kg_set1(0x0f0f0f0f), m2 = kg_set1(0x30303030), ff = kg_set1(0xff);
+        const kg_vi v[4] = {kg_and(A, m6), kg_or(kg_and(C, m4), kg_and(kg_srli32(A, 2), m2)), kg_and(B, m6),
+                            kg_or(kg_and(kg_srli32(C, 4), m4), kg_and(kg_srli32(B, 2), m2))};
+        for (int s = 0; s < 8; s++) {
+            kg_vi sc = kg_and(kg_srli32(v[s / 4], 8 * (s % 4)), ff), mn = kg_and(kg_srli32(v[2 + s / 4], 8 * (s % 4)), ff);
+            kg_store(p->sc[s], KG_VNNI ? sc : kg_or(sc, kg_slli32(sc, 16)));  /* KG_SCALE_WORD */
+            kg_store(p->cw[s], kg_or(mn, kg_slli32(mn, 16)));                 /* KG_PAIR(mn, mn) */
+        }
     }
+    for (int r = 0; r < KG_VL; r++) p->d[r] = KQ_D(w + r * row_bytes), p->nm[r] = -KQ_DMIN(w + r * row_bytes);
     const kg_vi m4 = kg_set1(0x0F0F0F0F), m1 = kg_set1(0x01010101);
     for (int k = 0; k < 32; k++) {
         int i = k / 8, kk = k % 8;

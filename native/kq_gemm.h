@@ -38,6 +38,7 @@ typedef __m512 kg_vf;
 #define kg_or _mm512_or_si512
 #define kg_srli32 _mm512_srli_epi32
 #define kg_slli32 _mm512_slli_epi32
+#define kg_srai32 _mm512_srai_epi32
 #define kg_add32 _mm512_add_epi32
 #define kg_sub32 _mm512_sub_epi32
 #define kg_add16 _mm512_add_epi16
@@ -64,6 +65,7 @@ typedef __m256 kg_vf;
 #define kg_or _mm256_or_si256
 #define kg_srli32 _mm256_srli_epi32
 #define kg_slli32 _mm256_slli_epi32
+#define kg_srai32 _mm256_srai_epi32
 #define kg_add32 _mm256_add_epi32
 #define kg_sub32 _mm256_sub_epi32
 #define kg_add16 _mm256_add_epi16
@@ -199,9 +201,17 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
     }
 }
 
-/* Fewer activation rows than this take the decode bodies (the same bits): a panel's unpacking
- * costs about what 8 activation rows' integer work does (measured: 3 rows ran at 0.5-0.65x). */
-#define KG_MIN_NX 8
+/* Fewer activation rows than this take the decode bodies (the same bits). With the scales decoded
+ * on vectors a panel's unpacking costs about what 4 activation rows' integer work does: on Zen 4,
+ * 4 rows ran 10-25% faster on the panel than on the decode bodies, except Q6_K at AVX2, 20% slower
+ * (its decode body is cheap), which keeps 8 there (KG_MIN_NX_Q6). Multi-row decode passes (a
+ * server's slots, speculative verification) are 4 to 16 rows. */
+#define KG_MIN_NX 4
+#if defined(__AVX512F__)
+#define KG_MIN_NX_Q6 4
+#else
+#define KG_MIN_NX_Q6 8
+#endif
 
 /* KG_VL weight rows (from w, row_bytes apart; nb blocks each) against nx activation rows
  * (nx <= KQ_GEMM_TILE): out[j * os + r]. */

@@ -122,12 +122,21 @@ static void q6_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64
     w += b * sizeof(block_q6_k);
     kg_transpose(w, row_bytes, offsetof(block_q6_k, ql), 32, ql);
     kg_transpose(w, row_bytes, offsetof(block_q6_k, qh), 16, qh);
-    for (int r = 0; r < KG_VL; r++) {
-        const block_q6_k *blk = (const block_q6_k *)(w + r * row_bytes);
-        for (int g = 0; g < 16; g++) p->sc[g][r] = KG_SCALE_WORD(blk->scales[g]);
-        for (int t = 0; t < 8; t++) p->cw[t][r] = KG_PAIR(blk->scales[2 * t], blk->scales[2 * t + 1]);
-        p->d[r] = load_f16(&blk->d), p->nm[r] = 0.0f;
+    /* The sixteen int8 scales of all KG_VL rows at once: the 32 bytes that end with them transposed
+     * (dwords 4..7: scales 4k..4k+3), each scale sign-extended from its byte. */
+    uint32_t hs[8][KG_VL] __attribute__((aligned(64)));
+    kg_transpose(w, row_bytes, offsetof(block_q6_k, scales) - 16, 8, hs);
+    {
+        const kg_vi lo16 = kg_set1(0xffff);
+        kg_vi sc[16];
+        for (int g = 0; g < 16; g++) {
+            sc[g] = kg_srai32(kg_slli32(kg_load(hs[4 + g / 4]), 24 - 8 * (g % 4)), 24);
+            kg_store(p->sc[g], KG_VNNI ? sc[g] : kg_or(kg_and(sc[g], lo16), kg_slli32(sc[g], 16)));  /* KG_SCALE_WORD */
+        }
+        for (int t = 0; t < 8; t++)  /* KG_PAIR(scales[2t], scales[2t + 1]) */
+            kg_store(p->cw[t], kg_or(kg_and(sc[2 * t], lo16), kg_slli32(sc[2 * t + 1], 16)));
     }
+    for (int r = 0; r < KG_VL; r++) p->d[r] = load_f16(&((const block_q6_k *)(w + r * row_bytes))->d), p->nm[r] = 0.0f;
     const kg_vi m4 = kg_set1(0x0F0F0F0F), m3 = kg_set1(0x03030303);
     for (int a = 0; a < 64; a++) {
         int h = a / 32, a2 = a % 32;
@@ -144,7 +153,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    if (prompt && nx >= KG_MIN_NX) {
+    if (prompt && nx >= KG_MIN_NX_Q6) {
         /* ADD16 2: maddubs pairs are at most 2 * 63 * 127 */
         for (; r + KG_VL <= nrows; r += KG_VL)
             kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, q6_unpack, NULL, 4,
