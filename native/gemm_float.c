@@ -51,7 +51,9 @@ typedef __m512 vec;
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
-#define VSUM(a, b) _mm512_reduce_add_ps(_mm512_add_ps(a, b))  /* as type_f16.c's dot body */
+#define NSUM 16  /* pairs whose sums one sums() call computes */
+#define VIDX(r, c) ((c) + 4 * (r))  /* pair (r, c)'s vector in sums()'s input ... */
+#define LANE(r, c) (4 * (c) + (r))  /* ... and its sum's lane in the output */
 #elif defined(__AVX2__)
 #define V 8
 #define GR 2
@@ -60,13 +62,64 @@ typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
-#define VSUM(a, b) hsum256_ps(_mm256_add_ps(a, b))
+#define NSUM 8
+#define VIDX(r, c) ((r) + 2 * (c))
+#define LANE(r, c) (4 * (r) + (c))
 #endif
 
 #ifdef V
 /* Keeps v in a register: without it the compiler folds the activation load into each of its R
  * fmas, which makes the loop load-bound. */
 #define REG(v) __asm__("" : "+v"(v))
+
+/* The horizontal sums of NSUM vectors v[i] at once, each by the dot kernel's tree (_mm512_reduce_add_ps,
+ * hsum256_ps: the upper half added to the lower half, down to one lane: lane l + lane l + 8, then
+ * l + 4, l + 2, l + 1), so every sum has the bits the dot kernel gives its vector. A level of the tree
+ * for several vectors is one shuffle of pairs of them into matching halves and one add: the result's
+ * lane 4L + e holds the sum of v[L + 4e] (AVX-512) or v[L + 2e] (AVX2), which VIDX / LANE name. */
+#if V == 16
+/* lanes 4c .. 4c + R - 1 of s to out + c * os, for each c < C */
+#define STORE_SUMS(s, R, C, out, os)                                                            \
+    do {                                                                                        \
+        _mm_mask_storeu_ps(out, (1 << (R)) - 1, _mm512_castps512_ps128(s));                     \
+        if ((C) > 1) _mm_mask_storeu_ps(out + (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 1)); \
+        if ((C) > 2) _mm_mask_storeu_ps(out + 2 * (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 2)); \
+        if ((C) > 3) _mm_mask_storeu_ps(out + 3 * (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 3)); \
+    } while (0)
+INLINE __m512 sums(const __m512 *v) {
+    __m512 u[8], w[4], z[2];
+    for (int p = 0; p < 8; p++)  /* 16 -> 8 lanes: quarters 2,3 onto 0,1; two vectors per result */
+        u[p] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0xEE),
+                             _mm512_shuffle_f32x4(v[2 * p], v[2 * p + 1], 0x44));
+    for (int m = 0; m < 4; m++)  /* 8 -> 4: quarter 1 onto 0; four vectors per result */
+        w[m] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0xDD),
+                             _mm512_shuffle_f32x4(u[2 * m], u[2 * m + 1], 0x88));
+    for (int q = 0; q < 2; q++)  /* 4 -> 2: lanes 2,3 onto 0,1 in each quarter */
+        z[q] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * q], w[2 * q + 1], 0x44),
+                             _mm512_shuffle_ps(w[2 * q], w[2 * q + 1], 0xEE));
+    return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+#else
+INLINE void store_sums(__m256 s, int R, int C, float *out, size_t os) {
+    __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);  /* r = 0, r = 1 */
+    for (int c = 0; c < C; c++) {
+        _mm_store_ss(out + c * os, lo);
+        if (R > 1) _mm_store_ss(out + c * os + 1, hi);
+        lo = _mm_shuffle_ps(lo, lo, 0x39), hi = _mm_shuffle_ps(hi, hi, 0x39);  /* next c in lane 0 */
+    }
+}
+#define STORE_SUMS(s, R, C, out, os) store_sums(s, R, C, out, os)
+INLINE __m256 sums(const __m256 *v) {
+    __m256 w[4], z[2];
+    for (int m = 0; m < 4; m++)  /* 8 -> 4 lanes: high half onto low; two vectors per result */
+        w[m] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x31));
+    for (int q = 0; q < 2; q++)
+        z[q] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0x44),
+                             _mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
+}
+#endif
 
 /* R weight rows (w, stride ws floats) x C activation rows (x, stride xs floats), their vector steps
  * k0 <= k < k1 (kv: where the vector part of the row ends). The accumulators start at zero (k0 = 0)
@@ -94,12 +147,25 @@ INLINE void block(int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv
                 for (int h = 0; h < 2; h++) save[(r * GC + c) * 2 + h] = acc[r][c][h];
         return;
     }
+    vec v[NSUM];
+    for (int i = 0; i < NSUM; i++) v[i] = VZERO();
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) v[VIDX(r, c)] = acc[r][c][0] + acc[r][c][1];
+    vec s = sums(v);
+    if (kv == cols) {
+        /* the sums go out straight from the register: through memory, each reload of one lane
+         * from the vector store would wait for the store (no forwarding), a hundred cycles a call */
+        STORE_SUMS(s, R, C, out, os);
+        return;
+    }
+    float sum[NSUM] __attribute__((aligned(64)));
+    *(vec *)sum = s;
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             const float *wr = w + r * ws, *xc = x + c * xs;
-            float s = VSUM(acc[r][c][0], acc[r][c][1]);
-            for (int64_t i = kv; i < cols; i++) s += wr[i] * xc[i];
-            out[c * os + r] = s;
+            float t = sum[LANE(r, c)];
+            for (int64_t i = kv; i < cols; i++) t += wr[i] * xc[i];
+            out[c * os + r] = t;
         }
 }
 
