@@ -1,14 +1,15 @@
 /* Prompt products on float weights (F32, F16, BF16): a chunk of weight rows against all N activation
  * rows, the same numbers as the type's dot kernel (type_f16.c ...) gives each (row, activation row).
  *
- * A chunk's rows are first widened to float32 (F32 rows copied) into the caller's aligned panel
- * buffer; then a register-blocked kernel runs GR weight rows x GC activation rows at a time, over
- * the row length in steps of KC values (the accumulators stored between steps). Each (weight row,
- * activation row) pair keeps the dot kernel's own accumulators: two vectors (k mod 2V in the low /
- * high half), then reduce(acc0 + acc1), then the cols % 2V tail left to right. Widening is exact,
- * so every output has exactly the bits of the dot kernel at this level, whatever N, the steps, the
- * panels or the thread count (tests/engine/test_native.py checks it). The scalar variant widens and calls
- * its own f32 dot kernel.
+ * A register-blocked kernel runs GR weight rows x GC activation rows at a time, over the row length
+ * in steps of KC values (the accumulators stored between steps). F16 rows (and BF16 at AVX-512) are
+ * read as stored and converted in the kernel; F32 rows (and BF16 at AVX2) are first widened into
+ * the caller's aligned panel buffer. Each (weight row, activation row) pair keeps the dot kernel's
+ * own accumulators: two vectors (k mod 2V in the low / high half), then reduce(acc0 + acc1) by the
+ * dot kernel's tree, then the cols % 2V tail left to right. Widening is exact, so every output has
+ * exactly the bits of the dot kernel at this level, whatever N, the steps, the panels or the thread
+ * count (tests/engine/test_native.py checks it). The scalar variant widens and calls its own f32
+ * dot kernel.
  *
  * Shapes: w [nrows, row_bytes], x float32 [n, cols] (rows xs floats apart), out[j * os + r] for
  * row r, activation row j. */
@@ -68,6 +69,33 @@ typedef __m256 vec;
 #endif
 
 #ifdef V
+/* Vector i (values i .. i + V - 1) of a weight row of `type` as floats (exact): the F16 and BF16
+ * rows are read as stored, converted in the kernel (vcvtph2ps, or zero-extend and shift: on the
+ * ports the fmas leave free) rather than widened into a buffer first; F32 rows come widened (the
+ * copy aligns them). */
+INLINE vec wload(int type, const void *w, int64_t i) {
+#if V == 16
+    if (type == T_F16) return _mm512_cvtph_ps(load256((const f16_t *)w + i));
+    if (type == T_BF16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256((const bf16_t *)w + i)), 16));
+#else
+    if (type == T_F16) return _mm256_cvtph_ps(load128((const f16_t *)w + i));
+#endif
+    return VLOAD((const float *)w + i);
+}
+INLINE float wvalue(int type, const void *w, int64_t i) {
+    if (type == T_F16) return f16_to_f32(((const f16_t *)w)[i]);
+    if (type == T_BF16) return bf16_to_f32(((const bf16_t *)w)[i]);
+    return ((const float *)w)[i];
+}
+/* The types whose rows the kernel reads as stored: F16, and BF16 where zero-extend and shift cost no
+ * fma slot (AVX-512; at AVX2 they take about a fifth of them). */
+#if V == 16
+#define DIRECT(type) ((type) == T_F16 || (type) == T_BF16)
+#else
+#define DIRECT(type) ((type) == T_F16)
+#endif
+
 /* Keeps v in a register: without it the compiler folds the activation load into each of its R
  * fmas, which makes the loop load-bound. */
 #define REG(v) __asm__("" : "+v"(v))
@@ -125,8 +153,8 @@ INLINE __m256 sums(const __m256 *v) {
  * k0 <= k < k1 (kv: where the vector part of the row ends). The accumulators start at zero (k0 = 0)
  * or from `save`; at kv they are reduced, the tail added and out[c * os + r] written, before that
  * they go back to `save`: storing and reloading a vector changes no bit. */
-INLINE void block(int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv, const float *w, int64_t ws,
-                  const float *x, int64_t xs, vec *save, float *out, size_t os) {
+INLINE void block(int type, int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv, const char *w,
+                  size_t wb, const float *x, int64_t xs, vec *save, float *out, size_t os) {
     vec acc[GR][GC][2];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++)
@@ -134,7 +162,7 @@ INLINE void block(int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv
     for (int64_t k = k0; k < k1; k += 2 * V)
         for (int h = 0; h < 2; h++) {
             vec wv[GR];
-            for (int r = 0; r < R; r++) wv[r] = VLOAD(w + r * ws + k + h * V);
+            for (int r = 0; r < R; r++) wv[r] = wload(type, w + r * wb, k + h * V);
             for (int c = 0; c < C; c++) {
                 vec xv = VLOAD(x + c * xs + k + h * V);
                 REG(xv);
@@ -162,22 +190,33 @@ INLINE void block(int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv
     *(vec *)sum = s;
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
-            const float *wr = w + r * ws, *xc = x + c * xs;
+            const float *xc = x + c * xs;
             float t = sum[LANE(r, c)];
-            for (int64_t i = kv; i < cols; i++) t += wr[i] * xc[i];
+            for (int64_t i = kv; i < cols; i++) t += wvalue(type, w + r * wb, i) * xc[i];
             out[c * os + r] = t;
         }
 }
 
-#define KC 1024  /* values of a row per step: GC activation rows' and GR weight rows' steps fit in L1 */
+/* Values of a row per step. Widened (f32) weight rows: the GC activation rows' step stays in L1
+ * while GR weight rows' steps stream past (1024: 16 KB + 12 KB). AVX-512 on 2-byte rows read as
+ * stored: the whole row in one step, the accumulators never leave the registers; each activation
+ * vector feeds 3 fmas and each weight vector (half the bytes) 4, so L2 keeps up with both (measured
+ * on Zen 4: 94% of the fma peak against 89% in steps of 1024). At AVX2 an activation vector feeds
+ * only 2 fmas: its step has to stay in L1. */
+#if V == 16
+#define KC(type) (DIRECT(type) ? 1 << 14 : 1024)
+#else
+#define KC(type) 1024
+#endif
 
 /* Every (row, activation row) of a panel of nrows widened rows: activation rows GC at a time, the
  * row length in steps of KC values (the activation rows' step stays in L1 while the panel's rows
  * pass, the panel in L2), weight rows GR at a time. */
-static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const float *x, int64_t xs, int64_t n,
-                  float *out, size_t os) {
+INLINE void panel(int type, int64_t cols, const char *w, size_t wb, int64_t nrows, const float *x, int64_t xs,
+                  int64_t n, float *out, size_t os) {
     int64_t kv = cols - cols % (2 * V);
-    int steps = kv > KC;  /* accumulators kept between steps: one set per GR rows of the panel */
+    int64_t kc = KC(type);
+    int steps = kv > kc;  /* accumulators kept between steps: one set per GR rows of the panel */
     vec save[steps ? (nrows + GR - 1) / GR : 1][GR * GC * 2];
     for (int64_t j = 0; j < n; j += GC) {
         int C = n - j < GC ? (int)(n - j) : GC;
@@ -185,12 +224,12 @@ static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const
         float *oj = out + j * os;
         int64_t k0 = 0;
         do {
-            int64_t k1 = k0 + KC < kv ? k0 + KC : kv;
+            int64_t k1 = k0 + kc < kv ? k0 + kc : kv;
             for (int64_t r = 0; r < nrows; r += GR) {
                 int R = nrows - r < GR ? (int)(nrows - r) : GR;
-                const float *wr = w + r * ws;
+                const char *wr = w + r * wb;
                 vec *sv = save[steps ? r / GR : 0];
-#define B(rr, cc) block(rr, cc, cols, k0, k1, kv, wr, ws, xj, xs, sv, oj + r, os)
+#define B(rr, cc) block(type, rr, cc, cols, k0, k1, kv, wr, wb, xj, xs, sv, oj + r, os)
 #if GR == 3 && GC == 4
 #define ROW(rr) switch (C) { case 1: B(rr, 1); break; case 2: B(rr, 2); break; case 3: B(rr, 3); break; default: B(rr, 4); }
                 if (R == 3) { ROW(3) } else if (R == 2) { ROW(2) } else { ROW(1) }
@@ -207,10 +246,15 @@ static void panel(int64_t cols, const float *w, int64_t ws, int64_t nrows, const
 }
 #endif
 
-/* The chunk's rows widened into buf (nrows rows of GEMM_STRIDE(cols) floats, 64-byte aligned, so
- * that with x's rows aligned too no vector load crosses a cache line), then the product. */
+/* F16 (and BF16 at AVX-512) rows straight from w; the others widened into buf first (nrows rows of
+ * GEMM_STRIDE(cols) floats, 64-byte aligned, so that with x's rows aligned too no vector load
+ * crosses a cache line). */
 void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const float *x,
                     int64_t xs, int64_t n, float *out, size_t os, float *buf) {
+#ifdef V
+    if (type == T_F16) return panel(T_F16, cols, w, row_bytes, nrows, x, xs, n, out, os);
+    if (DIRECT(type)) return panel(T_BF16, cols, w, row_bytes, nrows, x, xs, n, out, os);
+#endif
     int64_t ws = GEMM_STRIDE(cols);
     for (int64_t r = 0; r < nrows; r++) {
         const void *wr = (const char *)w + r * row_bytes;
@@ -219,7 +263,7 @@ void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int
         else memcpy(buf + r * ws, wr, (size_t)cols * sizeof(float));
     }
 #ifdef V
-    panel(cols, buf, ws, nrows, x, xs, n, out, os);
+    panel(T_F32, cols, (const char *)buf, (size_t)ws * sizeof(float), nrows, x, xs, n, out, os);
 #else
     for (int64_t j = 0; j < n; j += NX_TILE) {
         int nx = n - j < NX_TILE ? (int)(n - j) : NX_TILE;
