@@ -15,33 +15,13 @@
  * row r, activation row j. */
 #include "level.h"
 
-#include <string.h>
-
 void KN(f32_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t);
 
-/* One weight row of `cols` stored values -> floats (exact). */
-static void widen_f16(const void *w, float *out, int64_t cols) {
-    const f16_t *h = (const f16_t *)w;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= cols; i += 16) _mm512_storeu_ps(out + i, _mm512_cvtph_ps(load256(h + i)));
-#elif defined(__AVX2__)
-    for (; i + 8 <= cols; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(load128(h + i)));
-#endif
-    for (; i < cols; i++) out[i] = f16_to_f32(h[i]);
-}
-
-static void widen_bf16(const void *w, float *out, int64_t cols) {
-    const bf16_t *h = (const bf16_t *)w;
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    for (; i + 16 <= cols; i += 16)
-        _mm512_storeu_si512(out + i, _mm512_slli_epi32(_mm512_cvtepu16_epi32(load256(h + i)), 16));
-#elif defined(__AVX2__)
-    for (; i + 8 <= cols; i += 8)
-        _mm256_storeu_si256((__m256i *)(out + i), _mm256_slli_epi32(_mm256_cvtepu16_epi32(load128(h + i)), 16));
-#endif
-    for (; i < cols; i++) out[i] = bf16_to_f32(h[i]);
+/* Value i of a weight row of `type` as a float (exact). */
+INLINE float wvalue(int type, const void *w, int64_t i) {
+    if (type == T_F16) return f16_to_f32(((const f16_t *)w)[i]);
+    if (type == T_BF16) return bf16_to_f32(((const bf16_t *)w)[i]);
+    return ((const float *)w)[i];
 }
 
 #if defined(__AVX512F__)
@@ -51,6 +31,7 @@ static void widen_bf16(const void *w, float *out, int64_t cols) {
 typedef __m512 vec;
 #define VZERO() _mm512_setzero_ps()
 #define VLOAD(p) _mm512_loadu_ps(p)
+#define VSTORE(p, v) _mm512_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm512_fmadd_ps(a, b, c)
 #define NSUM 16  /* pairs whose sums one sums() call computes */
 #define VIDX(r, c) ((c) + 4 * (r))  /* pair (r, c)'s vector in sums()'s input ... */
@@ -62,6 +43,7 @@ typedef __m512 vec;
 typedef __m256 vec;
 #define VZERO() _mm256_setzero_ps()
 #define VLOAD(p) _mm256_loadu_ps(p)
+#define VSTORE(p, v) _mm256_storeu_ps(p, v)
 #define VFMA(a, b, c) _mm256_fmadd_ps(a, b, c)
 #define NSUM 8
 #define VIDX(r, c) ((r) + 2 * (c))
@@ -69,10 +51,7 @@ typedef __m256 vec;
 #endif
 
 #ifdef V
-/* Vector i (values i .. i + V - 1) of a weight row of `type` as floats (exact): the F16 and BF16
- * rows are read as stored, converted in the kernel (vcvtph2ps, or zero-extend and shift: on the
- * ports the fmas leave free) rather than widened into a buffer first; F32 rows come widened (the
- * copy aligns them). */
+/* Values i .. i + V - 1 of a weight row of `type` as floats (exact). */
 INLINE vec wload(int type, const void *w, int64_t i) {
 #if V == 16
     if (type == T_F16) return _mm512_cvtph_ps(load256((const f16_t *)w + i));
@@ -80,16 +59,16 @@ INLINE vec wload(int type, const void *w, int64_t i) {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(load256((const bf16_t *)w + i)), 16));
 #else
     if (type == T_F16) return _mm256_cvtph_ps(load128((const f16_t *)w + i));
+    if (type == T_BF16)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(load128((const bf16_t *)w + i)), 16));
 #endif
     return VLOAD((const float *)w + i);
 }
-INLINE float wvalue(int type, const void *w, int64_t i) {
-    if (type == T_F16) return f16_to_f32(((const f16_t *)w)[i]);
-    if (type == T_BF16) return bf16_to_f32(((const bf16_t *)w)[i]);
-    return ((const float *)w)[i];
-}
-/* The types whose rows the kernel reads as stored: F16, and BF16 where zero-extend and shift cost no
- * fma slot (AVX-512; at AVX2 they take about a fifth of them). */
+/* The types whose rows the kernel reads as stored, converting each vector as it loads it: F16
+ * (vcvtph2ps), and BF16 where its zero-extend and shift cost no fma slot (AVX-512; at AVX2 they
+ * slowed the kernel by up to 15% on Zen 4). The others are widened into a panel buffer first
+ * (F32: copied, which aligns the rows). Reading as stored saves the widening pass and halves the
+ * weight bytes the kernel streams from L2. */
 #if V == 16
 #define DIRECT(type) ((type) == T_F16 || (type) == T_BF16)
 #else
@@ -104,16 +83,11 @@ INLINE float wvalue(int type, const void *w, int64_t i) {
  * hsum256_ps: the upper half added to the lower half, down to one lane: lane l + lane l + 8, then
  * l + 4, l + 2, l + 1), so every sum has the bits the dot kernel gives its vector. A level of the tree
  * for several vectors is one shuffle of pairs of them into matching halves and one add: the result's
- * lane 4L + e holds the sum of v[L + 4e] (AVX-512) or v[L + 2e] (AVX2), which VIDX / LANE name. */
+ * lane 4L + e holds the sum of v[L + 4e] (AVX-512) or v[L + 2e] (AVX2), which VIDX / LANE name.
+ * store_sums writes pair (r, c)'s sum to out[c * os + r] straight from the register: through
+ * memory, each reload of one lane from the stored vector would wait for the store (no forwarding),
+ * about a hundred cycles a kernel call (most of what the kernel lost before). */
 #if V == 16
-/* lanes 4c .. 4c + R - 1 of s to out + c * os, for each c < C */
-#define STORE_SUMS(s, R, C, out, os)                                                            \
-    do {                                                                                        \
-        _mm_mask_storeu_ps(out, (1 << (R)) - 1, _mm512_castps512_ps128(s));                     \
-        if ((C) > 1) _mm_mask_storeu_ps(out + (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 1)); \
-        if ((C) > 2) _mm_mask_storeu_ps(out + 2 * (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 2)); \
-        if ((C) > 3) _mm_mask_storeu_ps(out + 3 * (os), (1 << (R)) - 1, _mm512_extractf32x4_ps(s, 3)); \
-    } while (0)
 INLINE __m512 sums(const __m512 *v) {
     __m512 u[8], w[4], z[2];
     for (int p = 0; p < 8; p++)  /* 16 -> 8 lanes: quarters 2,3 onto 0,1; two vectors per result */
@@ -127,32 +101,38 @@ INLINE __m512 sums(const __m512 *v) {
                              _mm512_shuffle_ps(w[2 * q], w[2 * q + 1], 0xEE));
     return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
 }
+INLINE void store_sums(__m512 s, int R, int C, float *out, size_t os) {  /* quarter c: rows 0..R-1 */
+    __mmask8 m = (1 << R) - 1;
+    _mm_mask_storeu_ps(out, m, _mm512_castps512_ps128(s));
+    if (C > 1) _mm_mask_storeu_ps(out + os, m, _mm512_extractf32x4_ps(s, 1));
+    if (C > 2) _mm_mask_storeu_ps(out + 2 * os, m, _mm512_extractf32x4_ps(s, 2));
+    if (C > 3) _mm_mask_storeu_ps(out + 3 * os, m, _mm512_extractf32x4_ps(s, 3));
+}
 #else
-INLINE void store_sums(__m256 s, int R, int C, float *out, size_t os) {
-    __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);  /* r = 0, r = 1 */
+INLINE __m256 sums(const __m256 *v) {
+    __m256 w[4], z[2];
+    for (int m = 0; m < 4; m++)  /* 8 -> 4 lanes: high half onto low; two vectors per result */
+        w[m] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x20),
+                             _mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x31));
+    for (int q = 0; q < 2; q++)  /* 4 -> 2: lanes 2,3 onto 0,1 in each half */
+        z[q] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0x44),
+                             _mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0xEE));
+    return _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
+}
+INLINE void store_sums(__m256 s, int R, int C, float *out, size_t os) {  /* half r: lane c */
+    __m128 lo = _mm256_castps256_ps128(s), hi = _mm256_extractf128_ps(s, 1);
     for (int c = 0; c < C; c++) {
         _mm_store_ss(out + c * os, lo);
         if (R > 1) _mm_store_ss(out + c * os + 1, hi);
         lo = _mm_shuffle_ps(lo, lo, 0x39), hi = _mm_shuffle_ps(hi, hi, 0x39);  /* next c in lane 0 */
     }
 }
-#define STORE_SUMS(s, R, C, out, os) store_sums(s, R, C, out, os)
-INLINE __m256 sums(const __m256 *v) {
-    __m256 w[4], z[2];
-    for (int m = 0; m < 4; m++)  /* 8 -> 4 lanes: high half onto low; two vectors per result */
-        w[m] = _mm256_add_ps(_mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x20),
-                             _mm256_permute2f128_ps(v[2 * m], v[2 * m + 1], 0x31));
-    for (int q = 0; q < 2; q++)
-        z[q] = _mm256_add_ps(_mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0x44),
-                             _mm256_shuffle_ps(w[2 * q], w[2 * q + 1], 0xEE));
-    return _mm256_add_ps(_mm256_shuffle_ps(z[0], z[1], 0x88), _mm256_shuffle_ps(z[0], z[1], 0xDD));
-}
 #endif
 
-/* R weight rows (w, stride ws floats) x C activation rows (x, stride xs floats), their vector steps
- * k0 <= k < k1 (kv: where the vector part of the row ends). The accumulators start at zero (k0 = 0)
- * or from `save`; at kv they are reduced, the tail added and out[c * os + r] written, before that
- * they go back to `save`: storing and reloading a vector changes no bit. */
+/* R weight rows of `type` (w, wb bytes apart) x C activation rows (x, xs floats apart), their
+ * vector steps k0 <= k < k1 (kv: where the vector part of the row ends). The accumulators start at
+ * zero (k0 = 0) or from `save`; at kv they are reduced, the tail added and out[c * os + r]
+ * written, before that they go back to `save`: storing and reloading a vector changes no bit. */
 INLINE void block(int type, int R, int C, int64_t cols, int64_t k0, int64_t k1, int64_t kv, const char *w,
                   size_t wb, const float *x, int64_t xs, vec *save, float *out, size_t os) {
     vec acc[GR][GC][2];
@@ -181,12 +161,10 @@ INLINE void block(int type, int R, int C, int64_t cols, int64_t k0, int64_t k1, 
         for (int c = 0; c < C; c++) v[VIDX(r, c)] = acc[r][c][0] + acc[r][c][1];
     vec s = sums(v);
     if (kv == cols) {
-        /* the sums go out straight from the register: through memory, each reload of one lane
-         * from the vector store would wait for the store (no forwarding), a hundred cycles a call */
-        STORE_SUMS(s, R, C, out, os);
+        store_sums(s, R, C, out, os);
         return;
     }
-    float sum[NSUM] __attribute__((aligned(64)));
+    float sum[NSUM] __attribute__((aligned(64)));  /* a tail to add: rows whose length is no multiple of 2V */
     *(vec *)sum = s;
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
@@ -209,9 +187,9 @@ INLINE void block(int type, int R, int C, int64_t cols, int64_t k0, int64_t k1, 
 #define KC(type) 1024
 #endif
 
-/* Every (row, activation row) of a panel of nrows widened rows: activation rows GC at a time, the
- * row length in steps of KC values (the activation rows' step stays in L1 while the panel's rows
- * pass, the panel in L2), weight rows GR at a time. */
+/* Every (row, activation row) of a panel of nrows rows of `type` (wb bytes apart): activation rows
+ * GC at a time, the row length in steps of KC(type) values (the activation rows' step in L1 or L2
+ * while the panel's rows pass, the panel in L2), weight rows GR at a time. */
 INLINE void panel(int type, int64_t cols, const char *w, size_t wb, int64_t nrows, const float *x, int64_t xs,
                   int64_t n, float *out, size_t os) {
     int64_t kv = cols - cols % (2 * V);
@@ -246,21 +224,33 @@ INLINE void panel(int type, int64_t cols, const char *w, size_t wb, int64_t nrow
 }
 #endif
 
-/* F16 (and BF16 at AVX-512) rows straight from w; the others widened into buf first (nrows rows of
- * GEMM_STRIDE(cols) floats, 64-byte aligned, so that with x's rows aligned too no vector load
- * crosses a cache line). */
+/* Rows of a type the variant reads as stored straight from w; the others widened into buf first
+ * (nrows rows of GEMM_STRIDE(cols) floats, 64-byte aligned, so that with x's rows aligned too no
+ * vector load crosses a cache line). */
 void KN(gemm_float)(int type, int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const float *x,
                     int64_t xs, int64_t n, float *out, size_t os, float *buf) {
 #ifdef V
-    if (type == T_F16) return panel(T_F16, cols, w, row_bytes, nrows, x, xs, n, out, os);
-    if (DIRECT(type)) return panel(T_BF16, cols, w, row_bytes, nrows, x, xs, n, out, os);
+    if (type == T_F16) {
+        panel(T_F16, cols, w, row_bytes, nrows, x, xs, n, out, os);
+        return;
+    }
+    if (DIRECT(T_BF16) && type == T_BF16) {
+        panel(T_BF16, cols, w, row_bytes, nrows, x, xs, n, out, os);
+        return;
+    }
 #endif
     int64_t ws = GEMM_STRIDE(cols);
     for (int64_t r = 0; r < nrows; r++) {
         const void *wr = (const char *)w + r * row_bytes;
-        if (type == T_F16) widen_f16(wr, buf + r * ws, cols);
-        else if (type == T_BF16) widen_bf16(wr, buf + r * ws, cols);
-        else memcpy(buf + r * ws, wr, (size_t)cols * sizeof(float));
+        float *o = buf + r * ws;
+        int64_t i = 0;
+#ifdef V
+        if (type == T_BF16)
+            for (; i + V <= cols; i += V) VSTORE(o + i, wload(T_BF16, wr, i));
+        else
+            for (; i + V <= cols; i += V) VSTORE(o + i, wload(T_F32, wr, i));
+#endif
+        for (; i < cols; i++) o[i] = wvalue(type, wr, i);
     }
 #ifdef V
     panel(T_F32, cols, (const char *)buf, (size_t)ws * sizeof(float), nrows, x, xs, n, out, os);
