@@ -14,8 +14,9 @@
 #include "scratch.h"  /* this file's per-thread buffer: widened weight panels */
 
 /* A panel of stored rows stays in L2 while the activations pass (widened, twice that for F16 and
- * BF16 rows). Measured on Zen 4 with F16 rows read as stored: panels of 192 KB ran 3-15% faster
- * than of 96 KB (each panel streams all N activation rows from L3), of 768 KB slower. */
+ * BF16 rows). F16 rows read as stored, one thread on a busy Zen 4: panels of 192 KB ran 3-15%
+ * faster than of 96 KB (each panel streams all N activation rows from L3), of 384 KB between 4%
+ * slower and 8% faster. */
 #define PANEL_BYTES (192 << 10)
 #define PANEL_STEP 6  /* panel rows: a multiple of every variant's rows per kernel call */
 
