@@ -50,7 +50,7 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
     int64_t rows = m->rows;
     if (m->kind == MAT_TYPE && m->act == ACT_F32 && n > kt->nx_tile) {
         p->float_gemm = 1;  /* prompts on float weights: gemm.c's panels */
-        p->chunk = gemm_panel_rows(rows, m->cols, nth);
+        p->chunk = gemm_panel_rows(rows, m->row_bytes, nth);
     } else {
         /* One or two activation rows: the one-row kernels, whose single stream through the weights
          * the memory keeps up with best; from three rows on the products are compute bound and take

@@ -572,8 +572,12 @@ def test_float_prompt_products_are_the_dot_kernels_bits(t, variant):
         native.set_threads(threads())
 
 
-def test_float_prompt_products_of_wide_rows():
-    """Rows longer than a panel's cache budget (panels of the fewest rows), f16 and bf16, N = 12."""
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float_prompt_products_of_wide_rows(variant):
+    """Rows longer than a panel's cache budget (panels of the fewest rows) and than the kernel's
+    step (the accumulators stored between steps: 1024 values, or 16384 for rows read as stored at
+    AVX-512), f16 and bf16, N = 12: every row of the batch has the bits it gets alone."""
+    native.select_variant(variant)
     rng = np.random.default_rng(4)
     rows, cols = 7, 60000
     for t in (GT.F16, GT.BF16):
@@ -585,5 +589,6 @@ def test_float_prompt_products_of_wide_rows():
         scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
         np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
         one = np.empty((1, rows), np.float32)
-        native.matmul(int(t), w, x[11:], one)
-        np.testing.assert_array_equal(one[0], out[11])
+        for i in range(12):
+            native.matmul(int(t), w, x[i:i + 1], one)
+            np.testing.assert_array_equal(one[0].view(np.uint32), out[i].view(np.uint32), err_msg=f"row {i}")
