@@ -139,14 +139,20 @@ static inline float load_f16(const void *p) { return f16_to_f32(load_u16(p)); }
  * bytes 0-3: scales 0-3 (low 6 bits), top 2 bits = high bits of scales 4-7;
  * bytes 4-7: mins 0-3 (low 6 bits), top 2 bits = high bits of mins 4-7;
  * bytes 8-11: low nibble = low 4 bits of scales 4-7, high nibble = low 4 bits of mins 4-7. */
-static inline void k_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+static inline void k_scale_min64(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
     /* Four bytes at a time: a right shift by 2 brings bits 6-7 of each byte to bits 4-5 of the
-     * same byte (what crosses in from the next byte lands in bits 6-7 and is masked off). */
+     * same byte (what crosses in from the next byte lands in bits 6-7 and is masked off). The
+     * eight bytes of each come back in a register: the decode kernels widen them from there (an
+     * 8-byte load of two 4-byte stores cannot be forwarded, a stall in every block). */
     uint32_t s0 = load_u32(s), s1 = load_u32(s + 4), s2 = load_u32(s + 8);
-    uint32_t v[4] = {s0 & 0x3f3f3f3fu, (s2 & 0x0f0f0f0fu) | ((s0 >> 2) & 0x30303030u),
-                     s1 & 0x3f3f3f3fu, ((s2 >> 4) & 0x0f0f0f0fu) | ((s1 >> 2) & 0x30303030u)};
-    memcpy(sc, v, 8);
-    memcpy(mn, v + 2, 8);
+    *sc = (uint64_t)(s0 & 0x3f3f3f3fu) | (uint64_t)((s2 & 0x0f0f0f0fu) | ((s0 >> 2) & 0x30303030u)) << 32;
+    *mn = (uint64_t)(s1 & 0x3f3f3f3fu) | (uint64_t)(((s2 >> 4) & 0x0f0f0f0fu) | ((s1 >> 2) & 0x30303030u)) << 32;
+}
+static inline void k_scale_min(const uint8_t *s, uint8_t sc[8], uint8_t mn[8]) {
+    uint64_t a, b;
+    k_scale_min64(s, &a, &b);
+    memcpy(sc, &a, 8);  /* little-endian: byte i is scale (min) i */
+    memcpy(mn, &b, 8);
 }
 
 #endif

@@ -19,18 +19,14 @@ typedef struct { size_t bytes, qh, qs; int five; } kq_layout;  /* qh unused when
 
 #if defined(__AVX2__)
 /* Eight bytes -> the 16 int16 lanes v[2s] = v[2s+1] = b[s] (pairs line up with Q8_K's bsums). */
-INLINE __m256i pairs16(const uint8_t b[8]) {
-    uint64_t v;
-    memcpy(&v, b, 8);
+INLINE __m256i pairs16(uint64_t v) {
     __m128i w = _mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v));
     return _mm256_set_m128i(_mm_unpackhi_epi16(w, w), _mm_unpacklo_epi16(w, w));
 }
 /* Eight bytes -> 8 int16 lanes b[0..7], in both 128-bit halves; scale16(w, s) then has b[s] in
  * all 16 lanes (one shuffle with a constant mask, so the eight scale vectors need no registers
  * of their own). */
-INLINE __m256i widen8x2(const uint8_t b[8]) {
-    uint64_t v;
-    memcpy(&v, b, 8);
+INLINE __m256i widen8x2(uint64_t v) {
     return _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)v)));
 }
 #define scale16(w, s) _mm256_shuffle_epi8((w), _mm256_set1_epi16((short)(0x0100 + 0x0202 * (s))))
@@ -50,12 +46,14 @@ INLINE void kq_codes(const uint8_t *w, kq_layout L, __m256i qh, int i, __m256i *
 /* A block's end for one activation row: T (the lanes of sumi) and M (of m) summed as exact
  * integers, then acc = fma(T, d * d_x, acc), acc = fma(M, -dmin * d_x, acc), all in vector
  * registers (a trip through a general register costs the decode loop about a fifth). */
-INLINE float kq_block_acc(__m256i sumi, __m256i m, float ddx, float nmdx, float acc) {
+INLINE __m128 kq_block_acc(__m256i sumi, __m256i m, float ddx, float nmdx, __m128 acc) {
     __m256i h = _mm256_hadd_epi32(sumi, m);  /* s01 s23 m01 m23 | s45 s67 m45 m67 */
     __m128i q = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
     __m128 f = _mm_cvtepi32_ps(_mm_hadd_epi32(q, q));  /* T M T M */
-    __m128 a = _mm_fmadd_ss(f, _mm_set_ss(ddx), _mm_set_ss(acc));
-    return _mm_cvtss_f32(_mm_fmadd_ss(_mm_movehdup_ps(f), _mm_set_ss(nmdx), a));
+    /* acc lives in lane 0 from block to block (the other lanes are don't-care): the chain from one
+     * block to the next is the two fmas alone, no move into or out of a float register */
+    __m128 a = _mm_fmadd_ss(_mm_set1_ps(ddx), f, acc);
+    return _mm_fmadd_ss(_mm_set1_ps(nmdx), _mm_movehdup_ps(f), a);
 }
 #endif
 
@@ -82,10 +80,11 @@ static void kq_dequant(const uint8_t *w, kq_layout L, float *out, int64_t cols) 
 INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x, size_t xs, int NX, float *out,
                         size_t os) {
 #if defined(__AVX2__)
-    float acc[NX_MAX] = {0};
+    __m128 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm_setzero_ps();
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
-        uint8_t sc[8], mn[8];
-        k_scale_min(KQ_SCALES(w), sc, mn);
+        uint64_t sc, mn;
+        k_scale_min64(KQ_SCALES(w), &sc, &mn);
         __m256i scw = widen8x2(sc), mins = pairs16(mn);
         float d = KQ_D(w), dmin = KQ_DMIN(w);
         /* two integer sums per row (even and odd sub-blocks): half the chain of dependent adds */
@@ -106,7 +105,7 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
             acc[j] = kq_block_acc(_mm256_add_epi32(sumi[j], sumo[j]), _mm256_madd_epi16(load256(xb->bsums), mins), d * xb->d, -dmin * xb->d, acc[j]);
         }
     }
-    for (int j = 0; j < NX; j++) out[j * os] = acc[j];
+    for (int j = 0; j < NX; j++) out[j * os] = _mm_cvtss_f32(acc[j]);
 #else
     float acc[NX_MAX] = {0};
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
