@@ -521,6 +521,21 @@ def test_wandb_gets_every_step_and_evaluation(texts, tmp_path, monkeypatch):
     assert "wandb is not installed" in err
 
 
+# torchrun's entry for the DDP test: `llama2 ARGS`, then exit 3 if gloo's threads still run (Linux
+# names them in /proc): the process group was not freed, and tearing those threads down at
+# interpreter exit aborted a rank now and then (SIGABRT, "terminate called without an active exception")
+TORCHRUN_ENTRY = """
+import sys
+from pathlib import Path
+from llama2.cli import main
+code = main(sys.argv[1:])
+gloo = sorted(n for n in (p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")) if "gloo" in n)
+if gloo:
+    print(f"gloo threads still running after llama2 returned: {gloo}", file=sys.stderr)
+sys.exit(3 if gloo else code)
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_matches_one_process(texts, tmp_path):
     import subprocess
@@ -530,9 +545,11 @@ def test_torchrun_ddp_matches_one_process(texts, tmp_path):
     code, err = run_cli(["finetune", STORIES, *common, "--out", tmp_path / "one"])
     assert code == 0, err
     one = tmp_path / "one"
+    entry = tmp_path / "entry.py"
+    entry.write_text(TORCHRUN_ENTRY)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "llama2", "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
+                           str(entry), "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
                            "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr

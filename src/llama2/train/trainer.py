@@ -107,6 +107,13 @@ def _init_dist(t: opts.TrainOptions) -> Dist:
         backend = "nccl" if torch.cuda.is_available() and t.device in ("auto", "cuda") else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(dist.local_rank)
+    # Before the group exists: torch.distributed.nn.functional takes the default group as a default
+    # argument (group=group.WORLD) of ten functions when first imported, and DistributedDataParallel
+    # imports it (through torch._dynamo). Imported after init_process_group, those defaults hold
+    # the group for good: destroy_process_group cannot free it, gloo's worker threads run on into
+    # interpreter exit, and tearing them down there aborts a process now and then (SIGABRT,
+    # "terminate called without an active exception"). Imported here, the defaults are None.
+    import torch.distributed.nn  # noqa: F401
     torch.distributed.init_process_group(backend=backend)
     return dist
 
