@@ -281,7 +281,7 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
             for k in range(dist.rank, t.eval_iters, dist.world):
                 x, y = to_device(*batches.sample(t.batch_size, t.seed, purpose, 0, k))
                 with autocast:
-                    _, loss = raw_model(x, y)
+                    loss = raw_model(x, y)
                 total += loss.double()
             if dist.enabled:
                 torch.distributed.all_reduce(total)
@@ -342,7 +342,7 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
             if dist.enabled:  # all-reduce the gradients only after the last micro-step
                 model.require_backward_grad_sync = j == local_steps - 1
             with autocast:
-                _, loss = model(x, y)
+                loss = model(x, y)
                 loss = loss / local_steps
             scaler.scale(loss).backward()
             loss_sum += loss.detach().float()
