@@ -74,11 +74,10 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.halves), apply_rope(k, cos, sin, self.halves)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
-            group = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd], k and v [B, kv heads, T, hd]
+        # grouped-query attention (each kv head serves a group of query heads) inside the kernel:
+        # no widened copies of k and v kept for backward
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
