@@ -131,11 +131,12 @@ class _FrozenCrossEntropy(torch.autograd.Function):
             r1 = min(n, r0 + step)
             logits = _times_transposed(h[r0:r1], matrix, dtype).float()  # [rows, V]
             t = targets[r0:r1, None]
-            lse = torch.logsumexp(logits, dim=1, keepdim=True)
-            total += (lse - logits.gather(1, t)).sum()
+            picked, top = logits.gather(1, t), logits.amax(1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place, unnormalized: the logits are not needed again
+            sums = probs.sum(1, keepdim=True)
+            total += (top + sums.log() - picked).sum()  # log-sum-exp minus the target's logit
             if grad:
-                probs = logits.sub_(lse).exp_()  # in place: the logits are not needed again
-                probs.scatter_add_(1, t, probs.new_full(t.shape, -1.0))
+                probs.div_(sums).scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # softmax - onehot
                 dh[r0:r1] = _times(probs, matrix, dtype)
         ctx.save_for_backward(dh)
         return total
