@@ -83,6 +83,22 @@ class Attention(nn.Module):
         return self.resid_dropout(self.wo(y))
 
 
+class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b, keeping a and b for backward and recomputing silu(a) there: torch's silu and
+    mul keep silu(a) as well, a third [.., hidden] tensor a layer (the product itself is kept by
+    w2, whose input it is). The gradients are torch's own: silu_backward of g * b, and g * silu(a)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(g * b, a), g * F.silu(a)
+
+
 class FeedForward(nn.Module):
     def __init__(self, c: ModelConfig, dropout: float):
         super().__init__()
@@ -92,7 +108,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # [B, T, D] -> [B, T, D]
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.dropout(self.w2(_SwiGLU.apply(self.w1(x), self.w3(x))))
 
 
 class Classifier(nn.Linear):
