@@ -203,8 +203,28 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     return fit(job, t, dist, log, progress)
 
 
+def _reuse_freed_memory():
+    """Keep what a training step frees for the next step (glibc's malloc): blocks up to 64 MB come
+    from the heap rather than fresh mappings, and up to 256 MB of free heap stay rather than go back
+    to the system. Every step frees and allocates the same sizes; by default glibc maps the largest
+    afresh each time and trims the heaps of torch's worker threads, so their pages come back as page
+    faults: 10,000 (stories15M) to 20,000 (stories110M) a step at 2 threads, 6-13% of the step's CPU
+    time, 4 a step after this, the peak RSS unchanged. Nothing happens without glibc's mallopt."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError, TypeError):  # no C library found, or not glibc
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    mallopt(m_mmap_threshold, 64 << 20)
+    mallopt(m_trim_threshold, 256 << 20)
+
+
 def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     """The training loop every command shares; `t` is a TrainOptions."""
+    _reuse_freed_memory()
     if t.gradient_accumulation_steps % dist.world:
         raise Llama2Error(f"--gradient_accumulation_steps {t.gradient_accumulation_steps} must be a "
                           f"multiple of the number of processes ({dist.world})")
