@@ -155,7 +155,7 @@ def mean_loss(model, path, seq_len=128):
         for story in read_stories(path):
             ids = tok.encode(story, bos=True, eos=True)[:seq_len + 1]
             x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])
-            _, loss = model(x, y)
+            loss = model(x, y)
             total, count = total + float(loss) * len(ids[1:]), count + len(ids[1:])
     return total / count
 
@@ -249,6 +249,59 @@ def test_frozen_products_in_bfloat16(kind, monkeypatch):
     assert torch.allclose(x.grad, x2.grad, rtol=2e-2, atol=1e-2 * x2.grad.abs().max().item())
     exact = x.detach() @ wide.T
     assert not torch.equal(y.detach(), exact)  # it did run in bfloat16
+
+
+@pytest.mark.parametrize("kind, dtype", [("f32", "float32"), ("bf16", "bfloat16"), ("q6_k", "float32")])
+def test_classifier_loss_equals_torch_cross_entropy(kind, dtype, monkeypatch):
+    """The frozen classifier's loss (the product fused with the cross-entropy, the gradient made in
+    the forward pass) against torch's product and cross_entropy on the widened matrix: in place in
+    chunks of a few rows, and dequantized in tiles."""
+    from llama2 import formats
+    from llama2.train import lora
+    from llama2.weights import bf16, f32
+    monkeypatch.setattr(lora, "DEQUANT_TILE", 4096)
+    q6k = formats.load_checkpoint(asset("kquant/rand256-q4_k_m.gguf")).classifier  # Q6_K, as llama.cpp keeps it
+    dense = np.array(q6k.dequantize())
+    m = {"f32": lambda: f32.Matrix(dense), "bf16": lambda: bf16.Matrix(bf16.f32_to_bf16(dense)),
+         "q6_k": lambda: q6k}[kind]()
+    assert m.NAME == kind
+    vocab = m.shape[0]
+    monkeypatch.setattr(lora, "LOSS_CHUNK_VALUES", 3 * vocab)  # three rows a chunk where in place
+    dtype = getattr(torch, dtype)
+    wide = torch.from_numpy(np.array(m.dequantize())).to(dtype)
+    h = (3 * torch.randn(10, m.shape[1])).requires_grad_()  # 10 rows: chunks of 3, 3, 3 and 1
+    targets = torch.randint(0, vocab, (10,))
+    loss = lora.FrozenClassifier(m, dtype).loss(h, targets)
+    (2 * loss).backward()
+    h2 = h.detach().clone().requires_grad_()
+    loss2 = torch.nn.functional.cross_entropy((h2.to(dtype) @ wide.T).float(), targets, reduction="sum")
+    (2 * loss2).backward()
+    assert torch.allclose(loss, loss2, rtol=1e-5, atol=0)
+    bound = (1e-5 if dtype == torch.float32 else 1e-2) * h2.grad.abs().max().item()  # bf16: a rounding of the product
+    assert torch.allclose(h.grad, h2.grad, rtol=0, atol=bound)
+    with torch.no_grad():  # evaluation: the loss alone
+        assert torch.equal(lora.FrozenClassifier(m, dtype).loss(h, targets), loss.detach())
+
+
+def test_the_loss_skips_ignored_targets_in_both_classifiers():
+    """The model's mean loss over the targets that count (IGNORE skipped) is the same through the
+    trained classifier (model.Classifier) and the frozen one (lora.FrozenClassifier) of one float32
+    base, and equals torch's cross_entropy with ignore_index."""
+    from llama2 import formats
+    from llama2.train import finetune as ft
+    from llama2.train.examples import IGNORE
+    ckpt = formats.load_checkpoint(STORIES)
+    x = torch.tensor([ids_of("Once upon a time, there was a little girl named Lily. She liked to play.")])
+    y = x[:, 1:].clone()
+    y[0, :5] = IGNORE  # a prompt, not trained on
+    frozen = ft.lora_model(ckpt, 64, ("q",), 4, 8.0, 0.0, "float32", "cpu")
+    dense = ft.full_model(ckpt, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.cross_entropy(dense(x[:, :-1])[0], y[0], ignore_index=IGNORE)
+        for model in (frozen, dense):
+            assert torch.allclose(model(x[:, :-1], y), want, rtol=1e-5, atol=0)
+        y[:] = IGNORE
+        assert float(frozen(x[:, :-1], y)) == float(dense(x[:, :-1], y)) == 0.0  # none count: 0, not NaN
 
 
 def test_base_dtype_auto_keeps_float32_bases_exact():
@@ -389,7 +442,7 @@ def test_checkpointing_gives_the_same_gradients(base_dtype):
                 torch.nn.init.normal_(p, 0.0, 0.1)
         model.checkpointing = on
         model.train()
-        _, loss = model(x[:, :-1], x[:, 1:])
+        loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
         grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(*grads))
@@ -521,6 +574,21 @@ def test_wandb_gets_every_step_and_evaluation(texts, tmp_path, monkeypatch):
     assert "wandb is not installed" in err
 
 
+# torchrun's entry for the DDP test: `llama2 ARGS`, then exit 3 if gloo's threads still run (Linux
+# names them in /proc): the process group was not freed, and tearing those threads down at
+# interpreter exit aborted a rank now and then (SIGABRT, "terminate called without an active exception")
+TORCHRUN_ENTRY = """
+import sys
+from pathlib import Path
+from llama2.cli import main
+code = main(sys.argv[1:])
+gloo = sorted(n for n in (p.read_text().strip() for p in Path("/proc/self/task").glob("*/comm")) if "gloo" in n)
+if gloo:
+    print(f"gloo threads still running after llama2 returned: {gloo}", file=sys.stderr)
+sys.exit(3 if gloo else code)
+"""
+
+
 @pytest.mark.slow
 def test_torchrun_ddp_matches_one_process(texts, tmp_path):
     import subprocess
@@ -530,9 +598,11 @@ def test_torchrun_ddp_matches_one_process(texts, tmp_path):
     code, err = run_cli(["finetune", STORIES, *common, "--out", tmp_path / "one"])
     assert code == 0, err
     one = tmp_path / "one"
+    entry = tmp_path / "entry.py"
+    entry.write_text(TORCHRUN_ENTRY)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "llama2", "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
+                           str(entry), "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
                            "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr

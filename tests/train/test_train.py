@@ -223,3 +223,32 @@ def test_eval_only_reports_the_checkpoint(trained, tmp_path):
     _, evals = read_log(trained)
     assert "iter 300: train loss" in err and f"val loss {evals[-1][1]:.4f}" in err
     assert "saved" not in err
+
+
+def test_feed_forward_keeps_torchs_gradients_and_less_memory():
+    """The SwiGLU (silu recomputed in backward) gives the output and gradients of torch's own
+    silu(w1 x) * w3 x, and keeps one [.., hidden] tensor fewer for backward."""
+    import types
+
+    import torch.nn.functional as F
+    from llama2.train.model import FeedForward
+
+    torch.manual_seed(0)
+    ff = FeedForward(types.SimpleNamespace(dim=16, hidden_dim=40), 0.0)
+    x = torch.randn(3, 5, 16)
+    g = torch.randn(3, 5, 16)
+
+    def run(forward):
+        saved = []
+        xr = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            y = forward(xr)
+        grads = torch.autograd.grad(y, [xr, *ff.parameters()], g)
+        return y, grads, sum(saved)
+
+    y, grads, kept = run(ff)
+    y2, grads2, kept2 = run(lambda xr: ff.w2(F.silu(ff.w1(xr)) * ff.w3(xr)))
+    assert torch.equal(y, y2)
+    for a, b in zip(grads, grads2):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert kept2 - kept == 3 * 5 * 40  # silu(w1 x) is not kept

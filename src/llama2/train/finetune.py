@@ -16,7 +16,7 @@ from ..formats import adapter as adapter_files
 from ..formats.hf import unpermute
 from . import trainer
 from .examples import Packed, read_examples, split
-from .lora import FrozenEmbedding, FrozenLinear, LoRALinear, adapters, compute_dtype, module_path, replace_module
+from .lora import FrozenClassifier, FrozenEmbedding, FrozenLinear, LoRALinear, adapters, compute_dtype, module_path, replace_module
 from .options import TARGETS, FinetuneOptions, check_finetune, parse_targets
 from .model import Transformer, rope_buffers
 
@@ -37,16 +37,16 @@ def lora_model(ckpt, seq_len, targets, rank, alpha, dropout, base_dtype, device)
     """The base as a Transformer whose matrices are frozen views of the file (FrozenLinear,
     multiplied as `base_dtype` says on `device`: lora.compute_dtype) and whose `targets` carry LoRA
     factors; norms copied (small), nothing else widened."""
-    def frozen(value):
+    def frozen(value, kind=FrozenLinear):
         matrix = weights.matrix(value)
-        return FrozenLinear(matrix, compute_dtype(base_dtype, matrix, device))
+        return kind(matrix, compute_dtype(base_dtype, matrix, device))
 
     c = dataclasses.replace(ckpt.config, seq_len=seq_len)
     with torch.device("meta"):  # the shapes only; every tensor is replaced below
-        model = Transformer(c)
+        model = Transformer(c, init=False)
     w = ckpt.weights
     model.tok_embeddings = FrozenEmbedding(w["token_embedding"])
-    model.output = frozen(ckpt.classifier)
+    model.output = frozen(ckpt.classifier, FrozenClassifier)
     model.norm.weight = _frozen(w["rms_final"])
     for layer, block in enumerate(model.layers):
         block.attention_norm.weight = _frozen(w["rms_att"][layer])

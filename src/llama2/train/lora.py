@@ -72,6 +72,27 @@ def _weight_tiles(matrix, dtype, device):
         yield r0, r1, torch.from_numpy(matrix.rows(np.arange(r0, r1))).to(device=device, dtype=dtype)
 
 
+def _times_transposed(x, matrix, dtype):  # x [N, in] @ W.T -> [N, out] in x's dtype, multiplied in `dtype`
+    xc = x.to(dtype)
+    out = None
+    for r0, r1, w in _weight_tiles(matrix, dtype, x.device):
+        if r1 - r0 == matrix.shape[0]:  # one piece: the product is the output, no copy
+            return (xc @ w.T).to(x.dtype)
+        if out is None:
+            out = x.new_empty(x.shape[0], matrix.shape[0])
+        out[:, r0:r1] = xc @ w.T
+    return out
+
+
+def _times(g, matrix, dtype):  # g [N, out] @ W -> [N, in] in g's dtype, multiplied in `dtype`
+    gc = g.to(dtype)
+    out = None
+    for r0, r1, w in _weight_tiles(matrix, dtype, g.device):
+        part = gc[:, r0:r1] @ w
+        out = part.to(g.dtype) if out is None else out.add_(part)
+    return out
+
+
 class _FrozenMatmul(torch.autograd.Function):
     """x [N, in] @ W.T -> [N, out] for a frozen weights.Matrix W, multiplied in `dtype`; backward
     reads (dequantizes) W again. x and the result keep x's dtype."""
@@ -79,23 +100,51 @@ class _FrozenMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, matrix, dtype):
         ctx.matrix, ctx.dtype = matrix, dtype
-        xc = x.to(dtype)
-        out = x.new_empty(x.shape[0], matrix.shape[0])
-        for r0, r1, w in _weight_tiles(matrix, dtype, x.device):
-            if r1 - r0 == matrix.shape[0]:  # one piece: the product is the output, no copy
-                return (xc @ w.T).to(x.dtype)
-            out[:, r0:r1] = xc @ w.T
-        return out
+        return _times_transposed(x, matrix, dtype)
 
     @staticmethod
     def backward(ctx, grad):  # d(x W^T)/dx = grad W; W gets no gradient
-        matrix = ctx.matrix
-        gc = grad.to(ctx.dtype)
-        dx = None
-        for r0, r1, w in _weight_tiles(matrix, ctx.dtype, grad.device):
-            part = gc[:, r0:r1] @ w
-            dx = part.to(grad.dtype) if dx is None else dx.add_(part)
-        return dx, None, None
+        return _times(grad, ctx.matrix, ctx.dtype), None, None
+
+
+# float32 logits held at a time by the loss over an in-place classifier (16 MB): that many values'
+# worth of rows at a time. A classifier dequantized in tiles takes all rows at once, so it is still
+# dequantized twice a step.
+LOSS_CHUNK_VALUES = 1 << 22
+
+
+class _FrozenCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of the logits h W^T (h [N, D] float32, a frozen weights.Matrix W [V, D]
+    multiplied in `dtype`, softmax in float32) against targets [N]. The gradient dh = (softmax -
+    onehot(target)) W is computed in the same pass, a chunk of rows at a time, and is all that
+    backward keeps: no [N, V] tensor is kept or built whole (torch's linear + log_softmax + nll keep
+    the logits and log-probabilities and make four more passes over [N, V] float32 for the gradient)."""
+
+    @staticmethod
+    def forward(ctx, h, matrix, dtype, targets):
+        grad = ctx.needs_input_grad[0]
+        n, vocab = h.shape[0], matrix.shape[0]
+        step = n if _stored_view(matrix, dtype) is None else max(1, LOSS_CHUNK_VALUES // vocab)
+        total = h.new_zeros((), dtype=torch.float32)
+        dh = torch.empty_like(h) if grad else None
+        for r0 in range(0, n, step):
+            r1 = min(n, r0 + step)
+            logits = _times_transposed(h[r0:r1], matrix, dtype).float()  # [rows, V]
+            t = targets[r0:r1, None]
+            picked, top = logits.gather(1, t), logits.amax(1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # in place, unnormalized: the logits are not needed again
+            sums = probs.sum(1, keepdim=True)
+            total += (top + sums.log() - picked).sum()  # log-sum-exp minus the target's logit
+            if grad:
+                probs.div_(sums).scatter_add_(1, t, probs.new_full(t.shape, -1.0))  # softmax - onehot
+                dh[r0:r1] = _times(probs, matrix, dtype)
+        ctx.save_for_backward(dh)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        dh, = ctx.saved_tensors
+        return dh * grad, None, None, None
 
 
 class FrozenLinear(nn.Module):
@@ -111,6 +160,14 @@ class FrozenLinear(nn.Module):
     def forward(self, x):  # [..., in] -> [..., out]
         flat = x.reshape(-1, x.shape[-1])
         return _FrozenMatmul.apply(flat, self.matrix, self.dtype).view(*x.shape[:-1], self.out_features)
+
+
+class FrozenClassifier(FrozenLinear):
+    """The output layer over a frozen weights.Matrix [vocab, dim]; `loss` (model.Classifier's
+    interface) fuses the product with the cross-entropy (_FrozenCrossEntropy)."""
+
+    def loss(self, h, targets):  # [N, D] float32, int64 [N] -> summed cross-entropy, float32
+        return _FrozenCrossEntropy.apply(h, self.matrix, self.dtype, targets)
 
 
 class FrozenEmbedding(nn.Module):

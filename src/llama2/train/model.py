@@ -15,6 +15,7 @@ from torch import nn
 
 from .. import rope
 from ..config import ModelConfig
+from .examples import IGNORE
 
 # our per-layer tensor name (checkpoint.STACKED) -> the parameter's path in a Block
 LAYER_PARAMS = {
@@ -73,14 +74,29 @@ class Attention(nn.Module):
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin, self.halves), apply_rope(k, cos, sin, self.halves)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd]
-        if self.n_kv_heads != self.n_heads:  # grouped-query attention: each kv head serves a group
-            group = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, hd], k and v [B, kv heads, T, hd]
+        # grouped-query attention (each kv head serves a group of query heads) inside the kernel:
+        # no widened copies of k and v kept for backward
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, -1)
         return self.resid_dropout(self.wo(y))
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(a) * b, keeping a and b for backward and recomputing silu(a) there: torch's silu and
+    mul keep silu(a) as well, a third [.., hidden] tensor a layer (the product itself is kept by
+    w2, whose input it is). The gradients are torch's own: silu_backward of g * b, and g * silu(a)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(g * b, a), g * F.silu(a)
 
 
 class FeedForward(nn.Module):
@@ -92,7 +108,18 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):  # [B, T, D] -> [B, T, D]
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return self.dropout(self.w2(_SwiGLU.apply(self.w1(x), self.w3(x))))
+
+
+class Classifier(nn.Linear):
+    """The output layer, weight [vocab, dim]. Its `loss` is the one interface the model's loss goes
+    through, so a frozen classifier (lora.FrozenClassifier) can fuse the product with the loss."""
+
+    def __init__(self, c: ModelConfig):
+        super().__init__(c.dim, c.vocab_size, bias=False)
+
+    def loss(self, h, targets):  # [N, D], int64 [N] -> summed cross-entropy, float32
+        return F.cross_entropy(self(h).float(), targets, reduction="sum")
 
 
 class Block(nn.Module):
@@ -109,21 +136,26 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, dropout: float = 0.0):
+    def __init__(self, config: ModelConfig, dropout: float = 0.0, init: bool = True):
+        """init False: the weights are left uninitialized, for a caller that replaces every one
+        (finetune.lora_model, on the meta device, where a normal_ would load torch's Python meta
+        kernels: some 800 modules, 65 MB of the process's memory)."""
         super().__init__()
         self.config = config
         self.checkpointing = False  # recompute each layer in backward (torch.utils.checkpoint)
-        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim, **(
+            {} if init else {"_weight": torch.empty(config.vocab_size, config.dim)}))  # no normal_
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList(Block(config, dropout) for _ in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
-        self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.output = Classifier(config)
         if config.shared_classifier:
             self.output.weight = self.tok_embeddings.weight  # tied classifier, as llama2.c's models
         cos, sin = rope_buffers(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self):
         """Normal(0, 0.02) weights; the projections that write into the residual stream (wo, w2)
@@ -138,7 +170,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, 0.02)
 
     def forward(self, tokens, targets=None):
-        """tokens int64 [B, T] -> logits [B, T, V]; with targets [B, T] -> (logits, mean loss)."""
+        """tokens int64 [B, T] -> logits [B, T, V]; with targets [B, T] -> the mean loss (no logits:
+        a frozen classifier never builds them whole)."""
         T = tokens.shape[1]
         x = self.dropout(self.tok_embeddings(tokens))
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -147,14 +180,15 @@ class Transformer(nn.Module):
                 x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
-        logits = self.output(self.norm(x))
+        h = self.norm(x)
         if targets is None:
-            return logits
-        flat = targets.reshape(-1)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, reduction="sum")
-        # the mean over the targets that count (-100: not trained on, as finetuning masks prompts);
-        # 0 rather than NaN for a window with none
-        return logits, loss / (flat != -100).sum().clamp(min=1)
+            return self.output(h)
+        h, flat = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+        counted = flat != IGNORE  # IGNORE: not trained on (finetuning masks prompts); no logits for those
+        if not bool(counted.all()):
+            h, flat = h[counted], flat[counted]
+        # the mean over the targets that count; 0 rather than NaN for a window with none
+        return self.output.loss(h, flat) / max(1, flat.numel())
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied weight counts once
