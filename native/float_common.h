@@ -84,10 +84,11 @@ INLINE void FT_CAT(FT, _dot_body)(int64_t cols, const FT_ELEM *w, const char *x,
 #if defined(__AVX512F__)
 /* Four weight rows against NX <= 2 activation rows: each (row, activation row) pair keeps the
  * body's own two accumulators, so every output has the body's bits; the activation rows are read
- * once for the four rows. For long rows (FT_WIDE values and more): one activation row of 8192
- * floats is 32 KB, the whole L1, and re-reading it for every weight row from L2 halved the stream
- * (Llama 3.2 1B's down projection, [2048, 8192], at 23 GB/s against 43 at 2048 columns). */
-#define FT_WIDE 4096
+ * once for the four rows. For long rows (FT_WIDE values and more, an activation row of 24 KB or
+ * more): one of 8192 floats is 32 KB, the whole L1, and re-reading it for every weight row from L2
+ * halved the stream (Llama 3.2 1B's down projection, [2048, 8192], at 23-25 GB/s against 39-41 with
+ * four rows). At 5632 columns (TinyLlama's, 22 KB) four rows were no faster than one. */
+#define FT_WIDE 6144
 INLINE void FT_CAT(FT, _dot4_body)(int64_t cols, const FT_ELEM *w, size_t row_bytes, const char *x, size_t xs,
                                    int NX, float *out, size_t os) {
     __m512 acc[4][2][2];
