@@ -1,0 +1,240 @@
+/* Shared by Q8_0 and Q4_0, the 32-value types whose values are d times a signed integer (Q8_0: the
+ * int8 code; Q4_0: the nibble - 8), against Q8_0x activations. Included by their type files, which
+ * give their layout (q0_layout). Every kernel at every level (scalar included) keeps one contract,
+ * so a row's bits depend neither on its pass (decode or prompt) nor on the level:
+ *   per block b: isum_b = sum_l q_w[l] * q_x[l], an exact integer (any order);
+ *   eight float accumulators a_0..a_7 from +0: a_{b mod 8} = fma((float)isum_b, d_w * d_x, a_{b mod 8});
+ *   out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7))  (hsum256_ps's tree).
+ * One fma per block, where the kernels before kept eight lanes per block (a cvt, a multiply and an
+ * fma per 32 multiply-adds: as much float work as integer work).
+ *
+ * Decode (q0_dot_body, one weight row along the vector): eight blocks' integer partials reduced by
+ * an hadd tree to one vector of their eight isums, then one cvt and one fma for the eight blocks.
+ * Prompts (q0_lanes): KG_VL weight rows across the vector lanes, as kq_gemm.h does for the
+ * k-quants: a block of KG_VL rows transposed once into a panel of unsigned bytes (Q8_0: q + 128,
+ * Q4_0: the nibble), which serves every activation row of the call with one vpdpbusd per
+ * 4 x KG_VL multiply-adds; the offset (128 or 8 times the activation block's sum) comes off the
+ * exact integer. Without VNNI only Q4_0 takes the panel (maddubs on a nibble cannot saturate; on
+ * q + 128 it can), and Q8_0's prompts run the decode body over the activation rows. */
+#ifndef LLAMA2_Q0_COMMON_H
+#define LLAMA2_Q0_COMMON_H
+#include "kq_gemm.h"
+
+/* A block: fp16 d at byte 0, the codes from byte 2 (Q8_0: 32 int8; Q4_0: 16 bytes, byte l holding
+ * element l in its low nibble and element l + 16 in its high nibble). */
+typedef struct { size_t bytes; int four; } q0_layout;
+#define Q0_QS 2
+
+/* Element l's signed value. */
+INLINE int q0_value(const uint8_t *blk, q0_layout L, int l) {
+    if (!L.four) return (int8_t)blk[Q0_QS + l];
+    return (l < 16 ? blk[Q0_QS + l] & 15 : blk[Q0_QS + l - 16] >> 4) - 8;
+}
+
+/* One row of `cols` values -> floats: d * q (bit-equal to gguf.quants.dequantize). */
+INLINE void q0_dequant(const uint8_t *w, q0_layout L, float *out, int64_t cols) {
+    for (int64_t i = 0; i < cols / QK; i++, w += L.bytes) {
+        float d = load_f16(w);
+        for (int l = 0; l < QK; l++) out[i * QK + l] = d * (float)q0_value(w, L, l);
+    }
+}
+
+/* The contract's last step: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). */
+INLINE float q0_tree(const float a[8]) {
+    return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
+}
+
+#if defined(__AVX2__)
+/* Blocks b0.. b0+n-1 (n <= 8) of one weight row (blocks at w) against NX activation rows: acc[j]'s
+ * lane i takes block b0 + i; lanes i >= n are left as they are. */
+INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, int64_t b0, int n, int NX, __m256 *acc) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    const __m256i widx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)L.bytes));
+    const __m256i xidx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)sizeof(block_q8_0x)));
+    const uint8_t *wb = w + b0 * L.bytes;
+    /* the isums by an hadd tree, built as the blocks come (few registers live per row): pairs of
+     * blocks, then blocks 0-3 in half[0] (dwords 0-3 | dwords 4-7), blocks 4-7 in half[1] */
+    __m256i half[2][NX_MAX], quad[NX_MAX], pair[NX_MAX];
+    for (int j = 0; j < NX; j++) quad[j] = pair[j] = _mm256_setzero_si256();  /* (set before use; the compiler cannot tell) */
+    for (int i = 0; i < 8; i++) {
+        __m256i u = _mm256_setzero_si256(), q = _mm256_setzero_si256();
+        if (i < n && L.four) {  /* the nibbles as they are (0..15); -8 * sum(q_x) below */
+            __m128i v = load128(wb + i * L.bytes + Q0_QS);
+            u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+        } else if (i < n) {  /* |q| against x with q's sign: maddubs takes an unsigned and a signed operand */
+            q = load256(wb + i * L.bytes + Q0_QS);
+            u = _mm256_sign_epi8(q, q);
+        }
+        for (int j = 0; j < NX; j++) {
+            __m256i p = _mm256_setzero_si256();
+            if (i < n) {
+                const int8_t *xq = ((const block_q8_0x *)(x + j * xs) + b0 + i)->qs;
+                p = dpbusd256(p, u, L.four ? load256(xq) : _mm256_sign_epi8(load256(xq), q));
+            }
+            if (i % 2 == 0) {
+                pair[j] = p;
+                continue;
+            }
+            __m256i h = _mm256_hadd_epi32(pair[j], p);
+            if (i % 4 == 1) quad[j] = h;
+            else half[i / 4][j] = _mm256_hadd_epi32(quad[j], h);
+        }
+    }
+    /* d of the eight blocks: a dword from each block's start, its low half */
+    __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)wb, widx, mask, 1);
+    dd = _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)), dd), 0x08);
+    __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
+    for (int j = 0; j < NX; j++) {
+        const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b0;
+        __m256i v = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][j], half[1][j], 0x20),
+                                     _mm256_permute2x128_si256(half[0][j], half[1][j], 0x31));
+        if (L.four) {
+            __m256i s = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), &xb->sum, xidx, mask, 1);
+            v = _mm256_sub_epi32(v, _mm256_slli_epi32(s, 3));
+        }
+        __m256 dx = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), &xb->d, xidx, _mm256_castsi256_ps(mask), 1);
+        __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, dx), acc[j]);
+        acc[j] = n == 8 ? a : _mm256_blendv_ps(acc[j], a, _mm256_castsi256_ps(mask));
+    }
+}
+#endif
+
+/* One weight row (blocks at w) against NX activation rows (x, xs apart): out[j * os]. */
+INLINE void q0_dot_body(int64_t nb, const uint8_t *w, q0_layout L, const char *x, size_t xs, int NX, float *out,
+                        size_t os) {
+#if defined(__AVX2__)
+    __m256 acc[NX_MAX];
+    for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
+    int64_t b0 = 0;
+    for (; b0 + 8 <= nb; b0 += 8) q0_group(w, L, x, xs, b0, 8, NX, acc);
+    if (b0 < nb) q0_group(w, L, x, xs, b0, (int)(nb - b0), NX, acc);
+    for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
+#else
+    float acc[NX_MAX][8] = {{0}};
+    for (int64_t b = 0; b < nb; b++, w += L.bytes) {
+        float dw = load_f16(w);
+        for (int j = 0; j < NX; j++) {
+            const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b;
+            int32_t s = 0;
+            for (int l = 0; l < QK; l++) s += q0_value(w, L, l) * xb->qs[l];
+            acc[j][b % 8] = fmaf((float)s, dw * xb->d, acc[j][b % 8]);
+        }
+    }
+    for (int j = 0; j < NX; j++) out[j * os] = q0_tree(acc[j]);
+#endif
+}
+
+#if defined(__AVX2__)
+/* The prompt kernel takes the panel at this level: always with VNNI; without, Q4_0 only. */
+#define Q0_LANES(L) (KG_VNNI || (L).four)
+
+/* Block b of KG_VL rows (row_bytes apart), unpacked: lane r of every vector is row r. */
+typedef struct {
+    kg_vi q[8];  /* values 4k..4k+3 of each row, unsigned bytes (Q8_0: q + 128; Q4_0: the nibble) */
+    float d[KG_VL];
+} q0_panel;
+
+INLINE void q0_unpack(const uint8_t *w, size_t row_bytes, int64_t b, q0_layout L, q0_panel *p) {
+    uint32_t t[8][KG_VL] __attribute__((aligned(64)));
+    w += b * L.bytes;
+    if (L.four) {  /* dword k of qs: low nibbles are values 4k.., high nibbles 16 + 4k.. */
+        const kg_vi m4 = kg_set1(0x0F0F0F0F);
+        kg_transpose(w, row_bytes, Q0_QS, 4, t);
+        for (int k = 0; k < 4; k++) {
+            kg_vi v = kg_load(t[k]);
+            kg_store(&p->q[k], kg_and(v, m4));
+            kg_store(&p->q[4 + k], kg_and(kg_srli32(v, 4), m4));
+        }
+    } else {
+        kg_transpose(w, row_bytes, Q0_QS, 8, t);
+        for (int k = 0; k < 8; k++) kg_store(&p->q[k], kg_xor(kg_load(t[k]), kg_set1((int)0x80808080u)));
+    }
+    for (int r = 0; r < KG_VL; r++) p->d[r] = load_f16(w + r * row_bytes);
+}
+
+/* One block of the panel against NX activation rows, into acc[j][b % 8][lane]. */
+INLINE void q0_block(const q0_panel *p, q0_layout L, const char *x, size_t xs, int64_t b, int NX,
+                     float (*acc)[8][KG_VL]) {
+    kg_vi part[NX_MAX];
+    const block_q8_0x *xb[NX_MAX];
+    for (int j = 0; j < NX; j++) xb[j] = (const block_q8_0x *)(x + j * xs) + b;
+#if KG_VNNI
+    for (int j = 0; j < NX; j++) part[j] = kg_zero();
+    for (int k = 0; k < 8; k++) {
+        kg_vi q = kg_load(&p->q[k]);
+        for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * k)));
+    }
+#else
+    /* Q4_0 only: eight maddubs pairs of nibbles add up to at most 8 * 2 * 15 * 128 in int16 */
+    {
+        kg_vi q = kg_load(&p->q[0]);
+        for (int j = 0; j < NX; j++) part[j] = kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs)));
+    }
+    for (int k = 1; k < 8; k++) {
+        kg_vi q = kg_load(&p->q[k]);
+        for (int j = 0; j < NX; j++)
+            part[j] = kg_add16(part[j], kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * k))));
+    }
+    for (int j = 0; j < NX; j++) part[j] = kg_madd(part[j], kg_set1(0x00010001));
+#endif
+    kg_vf d = kg_loadps(p->d);
+    for (int j = 0; j < NX; j++) {
+        kg_vi isum = kg_sub32(part[j], kg_slli32(kg_set1(xb[j]->sum), L.four ? 3 : 7));
+        float *a = acc[j][b % 8];
+        kg_storeps(a, kg_fmadd(kg_cvt(isum), kg_mul(d, kg_set1ps(xb[j]->d)), kg_loadps(a)));
+    }
+}
+
+/* KG_VL weight rows (from w, row_bytes apart; nb blocks each) against nx <= GEMM_TILE activation
+ * rows: out[j * os + r]. */
+INLINE void q0_lanes(int64_t nb, const uint8_t *w, size_t row_bytes, q0_layout L, const char *x, size_t xs, int nx,
+                     float *out, size_t os) {
+    q0_panel p __attribute__((aligned(64)));
+    float acc[GEMM_TILE][8][KG_VL] __attribute__((aligned(64)));
+    memset(acc, 0, sizeof(acc[0]) * (size_t)nx);
+    for (int64_t b = 0; b < nb; b++) {
+        q0_unpack(w, row_bytes, b, L, &p);
+#define C(j0, n) q0_block(&p, L, x + (j0) * xs, xs, b, n, acc + (j0))
+        DISPATCH_PAIR_NX(nx, KG_NX, C)
+#undef C
+    }
+    for (int j = 0; j < nx; j++) {
+        float(*a)[KG_VL] = acc[j];
+        kg_vf u0 = kg_add_ps(kg_add_ps(kg_loadps(a[0]), kg_loadps(a[4])), kg_add_ps(kg_loadps(a[2]), kg_loadps(a[6])));
+        kg_vf u1 = kg_add_ps(kg_add_ps(kg_loadps(a[1]), kg_loadps(a[5])), kg_add_ps(kg_loadps(a[3]), kg_loadps(a[7])));
+        kg_storeps(a[0], kg_add_ps(u0, u1));
+        for (int r = 0; r < KG_VL; r++) out[j * os + r] = a[0][r];
+    }
+}
+#endif
+
+/* The dot kernel of a type with layout L (kernels.h's dot_fn). prompt: whole vectors of KG_VL
+ * rows through the panel kernel where this level has it; the rows left over (and every row of
+ * the decode kernel: a single stream through memory) one at a time, nx in tiles of NX_TILE. */
+INLINE void q0_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,
+                   float *out, size_t os, q0_layout L, int prompt) {
+    const uint8_t *wb = (const uint8_t *)w;
+    int64_t r = 0;
+#if defined(__AVX2__)
+    if (prompt && Q0_LANES(L))
+        for (; r + KG_VL <= nrows; r += KG_VL)
+            q0_lanes(cols / QK, wb + r * row_bytes, row_bytes, L, (const char *)x, xs, nx, out + r, os);
+#endif
+    for (int j0 = 0; j0 < nx; j0 += NX_TILE) {
+        int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
+        const char *xj = (const char *)x + j0 * xs;
+        float *oj = out + j0 * os;
+#define B(n) \
+        for (int64_t q = r; q < nrows; q++) q0_dot_body(cols / QK, wb + q * row_bytes, L, xj, xs, n, oj + q, os)
+        DISPATCH_NX(n, B)
+#undef B
+    }
+}
+
+/* The row driver and the dequantizer of a type file that defines LAYOUT, for WEIGHT_ENTRY_POINTS. */
+#define q0_rows(cols, w, rb, nrows, x, xs, nx, out, os, prompt) \
+    q0_dot(cols, w, rb, nrows, x, xs, nx, out, os, LAYOUT, prompt)
+#define q0_dequant_row(w, out, cols) q0_dequant((const uint8_t *)(w), LAYOUT, out, cols)
+
+#endif
