@@ -127,11 +127,23 @@ INLINE void q0_dot_body(int64_t nb, const uint8_t *w, q0_layout L, const char *x
 
 #if defined(__AVX2__)
 /* The prompt kernel takes the panel at this level: always with VNNI; without, Q4_0 only. */
-#define Q0_LANES(L) (KG_VNNI || (L).four)
+/* Q0_SIGN_OF(q) then q0_sign(x): x with the sign of q (where q is 0, |q| is too); AVX-512 has no
+ * vpsignb, so x is negated under q's sign mask. */
+#if defined(__AVX512F__)
+#define Q0_SIGN_OF(q) const __mmask64 neg_ = _mm512_movepi8_mask(q)
+#define q0_sign(x) _mm512_mask_sub_epi8((x), neg_, _mm512_setzero_si512(), (x))
+#define q0_abs _mm512_abs_epi8
+#else
+#define Q0_SIGN_OF(q) const __m256i sgn_ = (q)
+#define q0_sign(x) _mm256_sign_epi8((x), sgn_)
+#define q0_abs(q) _mm256_sign_epi8((q), (q))
+#endif
 
 /* Block b of KG_VL rows (row_bytes apart), unpacked: lane r of every vector is row r. */
 typedef struct {
-    kg_vi q[8];  /* values 4k..4k+3 of each row, unsigned bytes (Q8_0: q + 128; Q4_0: the nibble) */
+    kg_vi q[8];  /* values 4k..4k+3 of each row, unsigned bytes (Q8_0: q + 128, or |q| without VNNI;
+                  * Q4_0: the nibble) */
+    kg_vi s[8];  /* Q8_0 without VNNI: q itself, whose sign x takes */
     float d[KG_VL];
 } q0_panel;
 
@@ -148,7 +160,11 @@ INLINE void q0_unpack(const uint8_t *w, size_t row_bytes, int64_t b, q0_layout L
         }
     } else {
         kg_transpose(w, row_bytes, Q0_QS, 8, t);
-        for (int k = 0; k < 8; k++) kg_store(&p->q[k], kg_xor(kg_load(t[k]), kg_set1((int)0x80808080u)));
+        for (int k = 0; k < 8; k++) {
+            kg_vi v = kg_load(t[k]);
+            kg_store(&p->q[k], KG_VNNI ? kg_xor(v, kg_set1((int)0x80808080u)) : q0_abs(v));
+            if (!KG_VNNI) kg_store(&p->s[k], v);
+        }
     }
     for (int r = 0; r < KG_VL; r++) p->d[r] = load_f16(w + r * row_bytes);
 }
@@ -166,21 +182,31 @@ INLINE void q0_block(const q0_panel *p, q0_layout L, const char *x, size_t xs, i
         for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * k)));
     }
 #else
-    /* Q4_0 only: eight maddubs pairs of nibbles add up to at most 8 * 2 * 15 * 128 in int16 */
-    {
-        kg_vi q = kg_load(&p->q[0]);
-        for (int j = 0; j < NX; j++) part[j] = kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs)));
+    const kg_vi ones = kg_set1(0x00010001);
+    if (!L.four) {  /* Q8_0: maddubs of |q| and x with q's sign; a pair reaches 2 * 128 * 127, so each
+                     * is widened to int32 at once */
+        for (int k = 0; k < 8; k++) {
+            kg_vi q = kg_load(&p->q[k]);
+            Q0_SIGN_OF(kg_load(&p->s[k]));
+            for (int j = 0; j < NX; j++) {
+                kg_vi t = kg_madd(kg_maddubs(q, q0_sign(kg_set1((int)load_u32(xb[j]->qs + 4 * k)))), ones);
+                part[j] = k ? kg_add32(part[j], t) : t;
+            }
+        }
+    } else {  /* Q4_0: eight maddubs pairs of nibbles add up to at most 8 * 2 * 15 * 128 in int16 */
+        for (int k = 0; k < 8; k++) {
+            kg_vi q = kg_load(&p->q[k]);
+            for (int j = 0; j < NX; j++) {
+                kg_vi t = kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * k)));
+                part[j] = k ? kg_add16(part[j], t) : t;
+            }
+        }
+        for (int j = 0; j < NX; j++) part[j] = kg_madd(part[j], ones);
     }
-    for (int k = 1; k < 8; k++) {
-        kg_vi q = kg_load(&p->q[k]);
-        for (int j = 0; j < NX; j++)
-            part[j] = kg_add16(part[j], kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * k))));
-    }
-    for (int j = 0; j < NX; j++) part[j] = kg_madd(part[j], kg_set1(0x00010001));
 #endif
     kg_vf d = kg_loadps(p->d);
     for (int j = 0; j < NX; j++) {
-        kg_vi isum = kg_sub32(part[j], kg_slli32(kg_set1(xb[j]->sum), L.four ? 3 : 7));
+        kg_vi isum = KG_VNNI || L.four ? kg_sub32(part[j], kg_slli32(kg_set1(xb[j]->sum), L.four ? 3 : 7)) : part[j];
         float *a = acc[j][b % 8];
         kg_storeps(a, kg_fmadd(kg_cvt(isum), kg_mul(d, kg_set1ps(xb[j]->d)), kg_loadps(a)));
     }
@@ -217,7 +243,7 @@ INLINE void q0_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    if (prompt && Q0_LANES(L))
+    if (prompt)
         for (; r + KG_VL <= nrows; r += KG_VL)
             q0_lanes(cols / QK, wb + r * row_bytes, row_bytes, L, (const char *)x, xs, nx, out + r, os);
 #endif
