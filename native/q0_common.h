@@ -39,30 +39,45 @@ INLINE void q0_dequant(const uint8_t *w, q0_layout L, float *out, int64_t cols) 
     }
 }
 
+/* The activation rows' block scales (and sums, for Q4_0's offset), gathered once per call for all
+ * its weight rows: row j's block b at d[j * stride + b], zero past the last block (stride: the
+ * block count rounded up to 8, so the decode body reads them eight blocks at a time). */
+typedef struct { const float *d; const int32_t *sum; int64_t stride; } q0_act;
+
 /* The contract's last step: ((a0 + a4) + (a2 + a6)) + ((a1 + a5) + (a3 + a7)). */
 INLINE float q0_tree(const float a[8]) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
 #if defined(__AVX2__)
+
+/* Codes taken as unsigned bytes, the offset times the activation block's sum taken off the exact
+ * integer after: Q4_0's nibbles (offset 8) at every level, Q8_0's q + 128 (offset 128) where
+ * vpdpbusd runs it (maddubs would saturate); elsewhere Q8_0 runs |q| against x with q's sign. */
+#define Q0_UNSIGNED(L) ((L).four || KG_VNNI)
+#define Q0_SHIFT(L) ((L).four ? 3 : 7)  /* log2 of the offset */
+
 /* Blocks b0.. b0+n-1 (n <= 8) of one weight row (blocks at w) against NX activation rows: acc[j]'s
  * lane i takes block b0 + i; lanes i >= n are left as they are. */
-INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, int64_t b0, int n, int NX, __m256 *acc) {
+INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, q0_act A, int64_t b0, int n, int NX,
+                     __m256 *acc) {
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
     const __m256i widx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)L.bytes));
-    const __m256i xidx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)sizeof(block_q8_0x)));
     const uint8_t *wb = w + b0 * L.bytes;
     /* the isums by an hadd tree, built as the blocks come (few registers live per row): pairs of
      * blocks, then blocks 0-3 in half[0] (dwords 0-3 | dwords 4-7), blocks 4-7 in half[1] */
     __m256i half[2][NX_MAX], quad[NX_MAX], pair[NX_MAX];
     for (int j = 0; j < NX; j++) quad[j] = pair[j] = _mm256_setzero_si256();  /* (set before use; the compiler cannot tell) */
+#pragma GCC unroll 8
     for (int i = 0; i < 8; i++) {
         __m256i u = _mm256_setzero_si256(), q = _mm256_setzero_si256();
-        if (i < n && L.four) {  /* the nibbles as they are (0..15); -8 * sum(q_x) below */
+        if (i < n && L.four) {
             __m128i v = load128(wb + i * L.bytes + Q0_QS);
             u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
-        } else if (i < n) {  /* |q| against x with q's sign: maddubs takes an unsigned and a signed operand */
+        } else if (i < n && Q0_UNSIGNED(L)) {
+            u = _mm256_xor_si256(load256(wb + i * L.bytes + Q0_QS), _mm256_set1_epi8((char)0x80));
+        } else if (i < n) {
             q = load256(wb + i * L.bytes + Q0_QS);
             u = _mm256_sign_epi8(q, q);
         }
@@ -70,7 +85,7 @@ INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, in
             __m256i p = _mm256_setzero_si256();
             if (i < n) {
                 const int8_t *xq = ((const block_q8_0x *)(x + j * xs) + b0 + i)->qs;
-                p = dpbusd256(p, u, L.four ? load256(xq) : _mm256_sign_epi8(load256(xq), q));
+                p = dpbusd256(p, u, Q0_UNSIGNED(L) ? load256(xq) : _mm256_sign_epi8(load256(xq), q));
             }
             if (i % 2 == 0) {
                 pair[j] = p;
@@ -86,14 +101,13 @@ INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, in
     dd = _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)), dd), 0x08);
     __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
     for (int j = 0; j < NX; j++) {
-        const block_q8_0x *xb = (const block_q8_0x *)(x + j * xs) + b0;
         __m256i v = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][j], half[1][j], 0x20),
                                      _mm256_permute2x128_si256(half[0][j], half[1][j], 0x31));
-        if (L.four) {
-            __m256i s = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), &xb->sum, xidx, mask, 1);
-            v = _mm256_sub_epi32(v, _mm256_slli_epi32(s, 3));
+        if (Q0_UNSIGNED(L)) {
+            __m256i s = _mm256_loadu_si256((const __m256i *)(A.sum + j * A.stride + b0));
+            v = _mm256_sub_epi32(v, _mm256_slli_epi32(s, Q0_SHIFT(L)));
         }
-        __m256 dx = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), &xb->d, xidx, _mm256_castsi256_ps(mask), 1);
+        __m256 dx = _mm256_loadu_ps(A.d + j * A.stride + b0);
         __m256 a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), _mm256_mul_ps(dw, dx), acc[j]);
         acc[j] = n == 8 ? a : _mm256_blendv_ps(acc[j], a, _mm256_castsi256_ps(mask));
     }
@@ -102,15 +116,16 @@ INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, in
 
 /* One weight row (blocks at w) against NX activation rows (x, xs apart): out[j * os]. */
 INLINE void q0_dot_body(int64_t nb, const uint8_t *w, q0_layout L, const char *x, size_t xs, int NX, float *out,
-                        size_t os) {
+                        size_t os, q0_act A) {
 #if defined(__AVX2__)
     __m256 acc[NX_MAX];
     for (int j = 0; j < NX; j++) acc[j] = _mm256_setzero_ps();
     int64_t b0 = 0;
-    for (; b0 + 8 <= nb; b0 += 8) q0_group(w, L, x, xs, b0, 8, NX, acc);
-    if (b0 < nb) q0_group(w, L, x, xs, b0, (int)(nb - b0), NX, acc);
+    for (; b0 + 8 <= nb; b0 += 8) q0_group(w, L, x, xs, A, b0, 8, NX, acc);
+    if (b0 < nb) q0_group(w, L, x, xs, A, b0, (int)(nb - b0), NX, acc);
     for (int j = 0; j < NX; j++) out[j * os] = hsum256_ps(acc[j]);
 #else
+    (void)A;
     float acc[NX_MAX][8] = {{0}};
     for (int64_t b = 0; b < nb; b++, w += L.bytes) {
         float dw = load_f16(w);
@@ -206,7 +221,7 @@ INLINE void q0_block(const q0_panel *p, q0_layout L, const char *x, size_t xs, i
 #endif
     kg_vf d = kg_loadps(p->d);
     for (int j = 0; j < NX; j++) {
-        kg_vi isum = KG_VNNI || L.four ? kg_sub32(part[j], kg_slli32(kg_set1(xb[j]->sum), L.four ? 3 : 7)) : part[j];
+        kg_vi isum = Q0_UNSIGNED(L) ? kg_sub32(part[j], kg_slli32(kg_set1(xb[j]->sum), Q0_SHIFT(L))) : part[j];
         float *a = acc[j][b % 8];
         kg_storeps(a, kg_fmadd(kg_cvt(isum), kg_mul(d, kg_set1ps(xb[j]->d)), kg_loadps(a)));
     }
@@ -247,12 +262,28 @@ INLINE void q0_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
         for (; r + KG_VL <= nrows; r += KG_VL)
             q0_lanes(cols / QK, wb + r * row_bytes, row_bytes, L, (const char *)x, xs, nx, out + r, os);
 #endif
+    if (r == nrows) return;
+    const int64_t nb = cols / QK, stride = (nb + 7) / 8 * 8;
     for (int j0 = 0; j0 < nx; j0 += NX_TILE) {
         int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
         const char *xj = (const char *)x + j0 * xs;
         float *oj = out + j0 * os;
+        float d[n * stride];  /* 8 bytes a block and activation row: 64 KB at 8 rows of 32768 values */
+#if defined(__AVX2__)
+        const int sums = Q0_UNSIGNED(L);
+#else
+        const int sums = 0;
+#endif
+        int32_t sum[sums ? n * stride : 1];
+        for (int j = 0; j < n; j++)
+            for (int64_t b = 0; b < stride; b++) {
+                const block_q8_0x *xb = (const block_q8_0x *)(xj + j * xs) + b;
+                d[j * stride + b] = b < nb ? xb->d : 0.0f;
+                if (sums) sum[j * stride + b] = b < nb ? xb->sum : 0;
+            }
+        const q0_act A = {d, sum, stride};
 #define B(n) \
-        for (int64_t q = r; q < nrows; q++) q0_dot_body(cols / QK, wb + q * row_bytes, L, xj, xs, n, oj + q, os)
+        for (int64_t q = r; q < nrows; q++) q0_dot_body(nb, wb + q * row_bytes, L, xj, xs, n, oj + q, os, A)
         DISPATCH_NX(n, B)
 #undef B
     }
