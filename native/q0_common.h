@@ -258,7 +258,9 @@ INLINE void q0_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    if (prompt && nx >= KG_MIN_NX)  /* a panel's unpacking costs what a few activation rows' work does */
+    /* a panel's unpacking costs what a few activation rows' work does; Q8_0's without VNNI, whose
+     * integer work per row is the larger, measured behind the decode body at 8 rows, ahead at 16 */
+    if (prompt && nx >= (Q0_UNSIGNED(L) ? KG_MIN_NX : 2 * KG_MIN_NX))
         for (; r + KG_VL <= nrows; r += KG_VL)
             q0_lanes(cols / QK, wb + r * row_bytes, row_bytes, L, (const char *)x, xs, nx, out + r, os);
 #endif
