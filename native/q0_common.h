@@ -4,7 +4,8 @@
  * so a row's bits depend neither on its pass (decode or prompt) nor on the level:
  *   per block b: isum_b = sum_l q_w[l] * q_x[l], an exact integer (any order);
  *   eight float accumulators a_0..a_7 from +0: a_{b mod 8} = fma((float)isum_b, d_w * d_x, a_{b mod 8});
- *   out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7))  (hsum256_ps's tree).
+ *   out = ((a_0 + a_4) + (a_2 + a_6)) + ((a_1 + a_5) + (a_3 + a_7))  (hsum256_ps's tree);
+ * an accumulator past the last block is never touched (not even by + 0, which would turn -0 to +0).
  * One fma per block, where the kernels before kept eight lanes per block (a cvt, a multiply and an
  * fma per 32 multiply-adds: as much float work as integer work).
  *
@@ -14,8 +15,9 @@
  * k-quants: a block of KG_VL rows transposed once into a panel of unsigned bytes (Q8_0: q + 128,
  * Q4_0: the nibble), which serves every activation row of the call with one vpdpbusd per
  * 4 x KG_VL multiply-adds; the offset (128 or 8 times the activation block's sum) comes off the
- * exact integer. Without VNNI only Q4_0 takes the panel (maddubs on a nibble cannot saturate; on
- * q + 128 it can), and Q8_0's prompts run the decode body over the activation rows. */
+ * exact integer. Without VNNI, Q4_0's maddubs on nibbles add up in int16; Q8_0 (maddubs would
+ * saturate on q + 128) keeps |q| and q in the panel, x takes q's sign, and each maddubs is widened
+ * at once. Few activation rows (and rows past the last whole panel) run the decode body. */
 #ifndef LLAMA2_Q0_COMMON_H
 #define LLAMA2_Q0_COMMON_H
 #include "kq_gemm.h"
@@ -39,7 +41,7 @@ INLINE void q0_dequant(const uint8_t *w, q0_layout L, float *out, int64_t cols) 
     }
 }
 
-/* The activation rows' block scales (and sums, for Q4_0's offset), gathered once per call for all
+/* The activation rows' block scales (and sums, for the offset of unsigned codes), gathered once per call for all
  * its weight rows: row j's block b at d[j * stride + b], zero past the last block (stride: the
  * block count rounded up to 8, so the decode body reads them eight blocks at a time). */
 typedef struct { const float *d; const int32_t *sum; int64_t stride; } q0_act;
