@@ -149,7 +149,8 @@ INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows
     for (int j0 = 0; j0 < nx; j0 += NX_TILE) {  /* nx: up to GEMM_TILE */
         int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
 #define B(n) \
-        for (int64_t q_ = r; q_ < nrows; q_++) q32_dot_body(cols / QK, wb + q_ * row_bytes, L, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
+        for (int64_t q_ = r; q_ < nrows; q_++) \
+            q32_dot_body(cols / QK, wb + q_ * row_bytes, L, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
         DISPATCH_NX(n, B)
 #undef B
     }

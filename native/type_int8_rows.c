@@ -88,7 +88,8 @@ INLINE void rows(int64_t cols, const int8_t *q, const float *s, int64_t gs, int6
     for (int j0 = 0; j0 < nx; j0 += NX_TILE) {  /* nx: up to GEMM_TILE */
         int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
 #define B(n) \
-        for (int64_t q_ = r; q_ < nrows; q_++) dot_body(cols, q + q_ * cols, s + q_ * spr, gs, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
+        for (int64_t q_ = r; q_ < nrows; q_++) \
+            dot_body(cols, q + q_ * cols, s + q_ * spr, gs, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
         DISPATCH_NX(n, B)
 #undef B
     }
