@@ -59,31 +59,35 @@ INLINE float q0_tree(const float a[8]) {
 #define Q0_UNSIGNED(L) ((L).four || KG_VNNI)
 #define Q0_SHIFT(L) ((L).four ? 3 : 7)  /* log2 of the offset */
 
-/* Blocks b0.. b0+n-1 (n <= 8) of one weight row (blocks at w) against NX activation rows: acc[j]'s
- * lane i takes block b0 + i; lanes i >= n are left as they are. */
-INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, q0_act A, int64_t b0, int n, int NX,
-                     __m256 *acc) {
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
-    const __m256i widx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)L.bytes));
-    const uint8_t *wb = w + b0 * L.bytes;
-    /* the isums by an hadd tree, built as the blocks come (few registers live per row): pairs of
-     * blocks, then blocks 0-3 in half[0] (dwords 0-3 | dwords 4-7), blocks 4-7 in half[1] */
-    __m256i half[2][NX_MAX], quad[NX_MAX], pair[NX_MAX];
-    for (int j = 0; j < NX; j++) quad[j] = pair[j] = _mm256_setzero_si256();  /* (set before use; the compiler cannot tell) */
+/* Activation rows per pass over a group's blocks: an hadd tree holds three registers a row, so
+ * more rows would spill (16 registers at AVX2, 32 at AVX-512); the codes are unpacked again for
+ * each pass (from L1). */
+#if defined(__AVX512F__)
+#define Q0_JG 4
+#else
+#define Q0_JG 2
+#endif
+
+/* Blocks b0.. b0+n-1 (n <= 8) of one weight row (from wb) against J activation rows (x, xs apart):
+ * v[j] = their eight isums (of the unsigned codes where Q0_UNSIGNED), zero past n. */
+INLINE void q0_isums(const uint8_t *wb, q0_layout L, const char *x, size_t xs, int64_t b0, int n, int J, __m256i *v) {
+    /* the hadd tree, built as the blocks come: pairs of blocks, then blocks 0-3 in half[0]
+     * (dwords 0-3 | dwords 4-7), blocks 4-7 in half[1] */
+    __m256i half[2][Q0_JG], quad[Q0_JG], pair[Q0_JG];
+    for (int j = 0; j < J; j++) quad[j] = pair[j] = _mm256_setzero_si256();  /* (set before use; the compiler cannot tell) */
 #pragma GCC unroll 8
     for (int i = 0; i < 8; i++) {
         __m256i u = _mm256_setzero_si256(), q = _mm256_setzero_si256();
         if (i < n && L.four) {
-            __m128i v = load128(wb + i * L.bytes + Q0_QS);
-            u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(v, 4), v), _mm256_set1_epi8(15));
+            __m128i c = load128(wb + i * L.bytes + Q0_QS);
+            u = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(c, 4), c), _mm256_set1_epi8(15));
         } else if (i < n && Q0_UNSIGNED(L)) {
             u = _mm256_xor_si256(load256(wb + i * L.bytes + Q0_QS), _mm256_set1_epi8((char)0x80));
         } else if (i < n) {
             q = load256(wb + i * L.bytes + Q0_QS);
             u = _mm256_sign_epi8(q, q);
         }
-        for (int j = 0; j < NX; j++) {
+        for (int j = 0; j < J; j++) {
             __m256i p = _mm256_setzero_si256();
             if (i < n) {
                 const int8_t *xq = ((const block_q8_0x *)(x + j * xs) + b0 + i)->qs;
@@ -98,13 +102,29 @@ INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, q0
             else half[i / 4][j] = _mm256_hadd_epi32(quad[j], h);
         }
     }
+    for (int j = 0; j < J; j++)
+        v[j] = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][j], half[1][j], 0x20),
+                                _mm256_permute2x128_si256(half[0][j], half[1][j], 0x31));
+}
+
+/* Blocks b0.. b0+n-1 (n <= 8) of one weight row (blocks at w) against NX activation rows: acc[j]'s
+ * lane i takes block b0 + i; lanes i >= n are left as they are. */
+INLINE void q0_group(const uint8_t *w, q0_layout L, const char *x, size_t xs, q0_act A, int64_t b0, int n, int NX,
+                     __m256 *acc) {
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lane);
+    const __m256i widx = _mm256_mullo_epi32(lane, _mm256_set1_epi32((int)L.bytes));
+    const uint8_t *wb = w + b0 * L.bytes;
+    __m256i isums[NX_MAX];
+#pragma GCC unroll 4
+    for (int j0 = 0; j0 < NX; j0 += Q0_JG)
+        q0_isums(wb, L, x + j0 * xs, xs, b0, n, NX - j0 < Q0_JG ? NX - j0 : Q0_JG, isums + j0);
     /* d of the eight blocks: a dword from each block's start, its low half */
     __m256i dd = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)wb, widx, mask, 1);
     dd = _mm256_permute4x64_epi64(_mm256_packus_epi32(_mm256_and_si256(dd, _mm256_set1_epi32(0xFFFF)), dd), 0x08);
     __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dd));
     for (int j = 0; j < NX; j++) {
-        __m256i v = _mm256_add_epi32(_mm256_permute2x128_si256(half[0][j], half[1][j], 0x20),
-                                     _mm256_permute2x128_si256(half[0][j], half[1][j], 0x31));
+        __m256i v = isums[j];
         if (Q0_UNSIGNED(L)) {
             __m256i s = _mm256_loadu_si256((const __m256i *)(A.sum + j * A.stride + b0));
             v = _mm256_sub_epi32(v, _mm256_slli_epi32(s, Q0_SHIFT(L)));
