@@ -36,6 +36,7 @@ typedef __m512 kg_vf;
 #define kg_zero() _mm512_setzero_si512()
 #define kg_and _mm512_and_si512
 #define kg_or _mm512_or_si512
+#define kg_xor _mm512_xor_si512
 #define kg_srli32 _mm512_srli_epi32
 #define kg_slli32 _mm512_slli_epi32
 #define kg_srai32 _mm512_srai_epi32
@@ -50,6 +51,7 @@ typedef __m512 kg_vf;
 #define kg_cvt _mm512_cvtepi32_ps
 #define kg_fmadd _mm512_fmadd_ps
 #define kg_mul _mm512_mul_ps
+#define kg_add_ps _mm512_add_ps
 #define kg_set1ps _mm512_set1_ps
 #define kg_loadps _mm512_load_ps
 #define kg_storeps _mm512_store_ps
@@ -63,6 +65,7 @@ typedef __m256 kg_vf;
 #define kg_zero() _mm256_setzero_si256()
 #define kg_and _mm256_and_si256
 #define kg_or _mm256_or_si256
+#define kg_xor _mm256_xor_si256
 #define kg_srli32 _mm256_srli_epi32
 #define kg_slli32 _mm256_slli_epi32
 #define kg_srai32 _mm256_srai_epi32
@@ -77,6 +80,7 @@ typedef __m256 kg_vf;
 #define kg_cvt _mm256_cvtepi32_ps
 #define kg_fmadd _mm256_fmadd_ps
 #define kg_mul _mm256_mul_ps
+#define kg_add_ps _mm256_add_ps
 #define kg_set1ps _mm256_set1_ps
 #define kg_loadps _mm256_load_ps
 #define kg_storeps _mm256_store_ps
@@ -110,7 +114,7 @@ typedef struct {
 typedef void (*kg_unpack_fn)(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p);
 
 /* Rows 0..KG_VL-1 (row_bytes apart) from byte off, dwords 0..ndw-1 of each, transposed:
- * t[k][r] = dword k of row r (ndw: a multiple of 8; the unpacking reads whole vectors). */
+ * t[k][r] = dword k of row r (ndw: a multiple of 4; only those dwords are read). */
 #if defined(__AVX512F__)
 INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw, uint32_t (*t)[KG_VL]) {
     for (int c0 = 0; c0 < ndw; c0 += 16) {
@@ -137,7 +141,9 @@ INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw
 INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw, uint32_t (*t)[KG_VL]) {
     for (int c0 = 0; c0 < ndw; c0 += 8) {
         __m256i r[8], u[8];
-        for (int i = 0; i < 8; i++) r[i] = load256(w + i * row_bytes + off + 4 * c0);
+        for (int i = 0; i < 8; i++)  /* four dwords left: the high half zero, its columns not stored */
+            r[i] = ndw - c0 >= 8 ? load256(w + i * row_bytes + off + 4 * c0)
+                                 : _mm256_zextsi128_si256(load128(w + i * row_bytes + off + 4 * c0));
         for (int i = 0; i < 8; i += 2)
             u[i] = _mm256_unpacklo_epi32(r[i], r[i + 1]), u[i + 1] = _mm256_unpackhi_epi32(r[i], r[i + 1]);
         for (int i = 0; i < 8; i += 4) {
@@ -146,7 +152,7 @@ INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw
         }
         for (int c = 0; c < 4; c++) {
             _mm256_store_si256((__m256i *)t[c0 + c], _mm256_permute2x128_si256(r[c], r[4 + c], 0x20));
-            _mm256_store_si256((__m256i *)t[c0 + 4 + c], _mm256_permute2x128_si256(r[c], r[4 + c], 0x31));
+            if (c0 + 4 + c < ndw) _mm256_store_si256((__m256i *)t[c0 + 4 + c], _mm256_permute2x128_si256(r[c], r[4 + c], 0x31));
         }
     }
 }

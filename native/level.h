@@ -33,9 +33,10 @@
     void KN(T##_dequant)(const void *w, float *out, int64_t cols) { DEQUANT(w, out, cols); }
 
 /* Activation rows per gemm call: GEMM_TILE for the 32-value types, KQ_GEMM_TILE for the k-quants,
- * whose prompt kernel (kq_gemm.h) unpacks a block of weight rows once for all of them. */
+ * whose prompt kernels (q0_common.h, kq_gemm.h) unpack a block of weight rows once for all of them
+ * (the one-row kernels take them 8 or NX_TILE at a time). */
 #if defined(__AVX2__)
-#define GEMM_TILE 8
+#define GEMM_TILE 64
 #define KQ_GEMM_TILE 64
 #else
 #define GEMM_TILE NX_TILE

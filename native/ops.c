@@ -66,8 +66,9 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
         int64_t chunk = (rows + 8 * nth - 1) / (8 * nth);
         if (n > p->tile && chunk * (int64_t)m->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)m->row_bytes;
         if (chunk < 4) chunk = 4;
-        /* the k-quants' prompt kernel takes 16 (AVX-512) or 8 rows at once: whole ones but at the end */
-        int whole = prompt && m->act == ACT_Q8_K ? 16 : 2;
+        /* the prompt kernels of the k-quants, Q8_0 and Q4_0 take 16 (AVX-512) or 8 rows at once:
+         * whole ones but at the end */
+        int whole = prompt ? 16 : 2;
         p->chunk = (chunk + whole - 1) / whole * whole;
     }
     p->units = (rows + p->chunk - 1) / p->chunk;

@@ -138,18 +138,22 @@ INLINE void q32_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #elif defined(__AVX2__)
-    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, the
+    /* AVX2 (16 registers): one weight row at a time against up to 8 activation rows, the
      * one-row body itself (the same bits by construction); more activation rows per unpacked
      * weight block than the decode tile. */
 #define C(j0, n) q32_dot_body(cols / QK, wb + r * row_bytes, L, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
-        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
+        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #endif
+    for (int j0 = 0; j0 < nx; j0 += NX_TILE) {  /* nx: up to GEMM_TILE */
+        int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
 #define B(n) \
-    for (; r < nrows; r++) q32_dot_body(cols / QK, wb + r * row_bytes, L, (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
+        for (int64_t q_ = r; q_ < nrows; q_++) \
+            q32_dot_body(cols / QK, wb + q_ * row_bytes, L, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
+        DISPATCH_NX(n, B)
 #undef B
+    }
 }
 
 /* The row driver and the dequantizer of a type file that defines LAYOUT, for WEIGHT_ENTRY_POINTS. */

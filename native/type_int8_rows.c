@@ -77,18 +77,22 @@ INLINE void rows(int64_t cols, const int8_t *q, const float *s, int64_t gs, int6
         for (; r + 1 < nrows; r += 2) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #elif defined(__AVX2__)
-    /* AVX2 (16 registers): one weight row at a time against up to GEMM_TILE activation rows, the
+    /* AVX2 (16 registers): one weight row at a time against up to 8 activation rows, the
      * one-row body itself (the same bits by construction); more activation rows per unpacked
      * weight block than the decode tile. */
 #define C(j0, n) dot_body(cols, q + r * cols, s + r * spr, gs, (const char *)x + (j0) * xs, xs, n, out + (j0) * os + r, os)
     if (pairs)
-        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, GEMM_TILE, C)
+        for (; r < nrows; r++) DISPATCH_PAIR_NX(nx, 8, C)
 #undef C
 #endif
+    for (int j0 = 0; j0 < nx; j0 += NX_TILE) {  /* nx: up to GEMM_TILE */
+        int n = nx - j0 < NX_TILE ? nx - j0 : NX_TILE;
 #define B(n) \
-    for (; r < nrows; r++) dot_body(cols, q + r * cols, s + r * spr, gs, (const char *)x, xs, n, out + r, os)
-    DISPATCH_NX(nx, B)
+        for (int64_t q_ = r; q_ < nrows; q_++) \
+            dot_body(cols, q + q_ * cols, s + q_ * spr, gs, (const char *)x + j0 * xs, xs, n, out + j0 * os + q_, os)
+        DISPATCH_NX(n, B)
 #undef B
+    }
 }
 
 void KN(int8_rows_dot)(int64_t cols, const int8_t *q, const float *s, int64_t gs, int64_t nrows, const void *x,

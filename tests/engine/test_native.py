@@ -311,7 +311,8 @@ def test_int8_rows_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
 def test_simd_variants_give_the_same_bits(t):
     """avx2, avx512 and avx512vnni compute each output by the same integer and float operations
     (the AVX-512 kernels put two weight rows in one register, each half doing the 256-bit
-    arithmetic), so they agree bit for bit; the scalar variant sums in another order. With each
+    arithmetic), so they agree bit for bit; the scalar variant sums in another order (but for the
+    BLOCK_ORDER types below). With each
     variant's rows alike in decode and prompts (the batch tests above), this is what lets a
     quantized type's decode run on another SIMD variant than its prompts (native.select_kernels)."""
     simd = [v for v in VARIANTS if v != "scalar"]
@@ -330,13 +331,20 @@ def test_simd_variants_give_the_same_bits(t):
         np.testing.assert_array_equal(outs[v].view(np.uint32), outs[simd[0]].view(np.uint32), err_msg=v)
 
 
-@pytest.mark.parametrize("t", K_QUANTS, ids=lambda t: t.name)
-def test_k_quants_give_the_same_bits_at_every_variant(t):
-    """The k-quants' contract (native/kq_gemm.h): exact integer sums per block, then fma per block
-    in block order, so the scalar variant (fmaf) matches the SIMD ones too, at decode and prompt
-    sizes; 40 weight rows: two whole AVX-512 panels (16) and rows left over for the decode body."""
+# Types whose kernels sum exact integers per block, then fma per block in a fixed order
+# (native/kq_gemm.h, native/q0_common.h): the same bits at every variant, scalar included.
+BLOCK_ORDER = [(t, 768) for t in K_QUANTS] + [(t, cols) for t in (GT.Q8_0, GT.Q4_0) for cols in (768, 736, 96)]
+
+
+@pytest.mark.parametrize("t, cols", BLOCK_ORDER, ids=lambda v: getattr(v, "name", str(v)))
+def test_block_order_types_give_the_same_bits_at_every_variant(t, cols):
+    """Exact integer sums per block, then fma per block (k-quants: in block order; Q8_0, Q4_0: into
+    eight accumulators by block mod 8, summed as a tree), so the scalar variant (fmaf) matches the
+    SIMD ones too, at decode and prompt sizes; 40 weight rows: two whole AVX-512 panels (16) and
+    rows left over for the decode body. Q8_0 and Q4_0 also at 23 and 3 blocks a row (a last group
+    of fewer than eight blocks)."""
     rng = np.random.default_rng(int(t) + 90)
-    rows, cols = 40, 768
+    rows = 40
     w = random_weights(rng, t, rows, cols)
     x = activations(rng, 70, cols)
     outs = {}
@@ -512,7 +520,8 @@ def test_matmul_int8_rows_equals_dequantized_product(gs, variant):
         d = np.abs(x.reshape(n, -1, 32)).max(axis=-1) / 127
         bound = np.repeat(d, 32, axis=1) * 0.57 @ np.abs(wd).T + 2e-6 * scale + 1e-30
         np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), bound)
-    # Same bytes as GGUF Q8_0 when the groups are its blocks and the scales are fp16 values.
+    # The same products as GGUF Q8_0 when the groups are its blocks and the scales are fp16 values:
+    # equal per block, summed in another float order (native/q0_common.h), so equal to rounding.
     if gs == 32:
         s16 = s.astype(np.float16)
         blocks = np.empty((rows, cols // 32, 34), np.uint8)
@@ -522,7 +531,9 @@ def test_matmul_int8_rows_equals_dequantized_product(gs, variant):
         x = activations(rng, 5, cols)
         native.matmul(int(GT.Q8_0), blocks.reshape(rows, -1), x, a)
         native.matmul_int8_rows(q, s16.astype(np.float32), 32, x, b)
-        np.testing.assert_array_equal(a, b)
+        w16 = q * np.repeat(s16.astype(np.float64).reshape(rows, -1), 32, axis=1)
+        scale = np.abs(dequantized_activations(GT.Q8_0, x)) @ np.abs(w16).T
+        np.testing.assert_array_less(np.abs(a.astype(np.float64) - b), 2e-6 * scale + 1e-30)
 
 
 def test_matmul_int8_rows_errors():
