@@ -272,6 +272,8 @@ INLINE void q0_lanes(int64_t nb, const uint8_t *w, size_t row_bytes, q0_layout L
 }
 #endif
 
+#define Q0_MIN_NX 8
+
 /* The dot kernel of a type with layout L (kernels.h's dot_fn). prompt: whole vectors of KG_VL
  * rows through the panel kernel where this level has it; the rows left over (and every row of
  * the decode kernel: a single stream through memory) one at a time, nx in tiles of NX_TILE. */
@@ -280,9 +282,11 @@ INLINE void q0_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
     const uint8_t *wb = (const uint8_t *)w;
     int64_t r = 0;
 #if defined(__AVX2__)
-    /* a panel's unpacking costs what a few activation rows' work does; Q8_0's without VNNI, whose
-     * integer work per row is the larger, measured behind the decode body at 8 rows, ahead at 16 */
-    if (prompt && nx >= (Q0_UNSIGNED(L) ? KG_MIN_NX : 2 * KG_MIN_NX))
+    /* a panel's unpacking costs what a few activation rows' work does (from Q0_MIN_NX rows: 4 to 8
+     * measured 0.93-1.29x against the decode body, not settled on a busy machine); Q8_0's without
+     * VNNI, whose integer work per row is the larger, measured behind the decode body at 8 rows,
+     * ahead at 16 */
+    if (prompt && nx >= (Q0_UNSIGNED(L) ? Q0_MIN_NX : 2 * Q0_MIN_NX))
         for (; r + KG_VL <= nrows; r += KG_VL)
             q0_lanes(cols / QK, wb + r * row_bytes, row_bytes, L, (const char *)x, xs, nx, out + r, os);
 #endif
