@@ -32,7 +32,13 @@ CHOICES = (
            "avx512vnni vs avx2: decode F16 44.1 vs 40.2 GB/s, Q8_0 50.1 vs 49.9, Q4_0 26.6 vs 24.5, Q4_K 33.1 vs "
            "31.2, Q6_K 48.9 vs 44.2; prompts (N=128, W [11008, 4096]) F16 161 vs 161 GFLOP/s, Q8_0 219 vs 156, "
            "Q4_K 538 vs 332. No type is faster at avx2 here: the widest level everywhere. (Issue 20's "
-           "figures, avx2 ahead for Q8_0 and F16 decode, came from the kernels of an earlier day.)"),
+           "figures, avx2 ahead for Q8_0 and F16 decode, came from the kernels of an earlier day.) Rerun "
+           "2026-12-07 14:06 UTC with the evening's kernels, same command and types: decode F16 35.5 vs 44.9 "
+           "GB/s (the reverse of the morning's 44.1 vs 40.2, within this host's run-to-run spread of 30%), "
+           "BF16 38.4 vs 47.5, Q8_0 50.0 vs 45.2, Q4_0 29.7 vs 29.8, Q4_K 36.9 vs 35.1, Q6_K 39.6 vs 39.0; "
+           "prompts F16 206 vs 181, BF16 206 vs 165, Q8_0 475 vs 186, Q4_0 475 vs 179, Q4_K 560 vs 341, "
+           "Q6_K 508 vs 252 GFLOP/s. The prompts decide for avx512vnni; the float decode gap flips between "
+           "runs, so the table is unchanged."),
 )
 
 
