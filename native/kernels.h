@@ -77,8 +77,7 @@ typedef void (*attn_group_fn)(int kvtype, int64_t hd, int64_t G, int64_t R, cons
 typedef struct kernel_table {
     const char *name;      /* variant: scalar, avx2, avx512, avx512vnni */
     int nx_tile;           /* activation rows per dot call: 4, or 8 with AVX-512's 32 registers */
-    int gemm_tile;         /* activation rows per gemm call of the 32-value types (level.h GEMM_TILE) */
-    int gemm_tile_k;       /* the same for the k-quants, Q8_K activations (KQ_GEMM_TILE) */
+    int gemm_tile;         /* activation rows per gemm call of the quantized types (level.h GEMM_TILE) */
     /* The table whose gemm, dequant, tiles and gemm_float run weight type T (prompts: three rows or
      * more), and the one whose dot runs its decode rows (one or two): a variant's own table names
      * itself in both; the active table may name other variants per type (dispatch.c: the fastest
@@ -90,7 +89,7 @@ typedef struct kernel_table {
     const struct kernel_table *decode_by_type[T_COUNT];
     dot_fn dot[T_COUNT];   /* N <= 2 (one weight row at a time); NULL for ids that are not weight types */
     dot_fn gemm[T_COUNT];  /* N >= 3: the same bits as dot, laid out for many activation rows (nx up to
-                            * gemm_tile or gemm_tile_k) */
+                            * gemm_tile) */
     dequant_fn dequant[T_COUNT];
     int8_rows_fn int8_rows_dot;    /* llama2.c version-2 Q8 */
     int8_rows_fn int8_rows_gemm;

@@ -179,7 +179,7 @@ static void kq_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64
 #endif
 
 /* The dot kernel of a type with layout L (kernels.h's dot_fn). prompt: whole vectors of KG_VL
- * rows through kq_gemm.h's kernel, nx up to KQ_GEMM_TILE; the rows left over (and every row of
+ * rows through kq_gemm.h's kernel, nx up to GEMM_TILE; the rows left over (and every row of
  * the decode kernel: a single stream through memory) one at a time, nx in tiles of NX_TILE. Every
  * path gives each output the same bits. */
 INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, const void *x, size_t xs, int nx,

@@ -5,7 +5,7 @@
  * (16 with AVX-512, 8 with AVX2) and one activation row's 4 bytes are broadcast against it. Per
  * block, the type's unpack fills a panel once for the KG_VL rows (each row's values as bytes,
  * transposed so that vector a holds every row's values 4a..4a+3, plus the rows' scale vectors),
- * which then serves every activation row of the call (up to KQ_GEMM_TILE): the unpacking, the
+ * which then serves every activation row of the call (up to GEMM_TILE): the unpacking, the
  * scale decoding and the float work per (row, block) are spread over the tile, and the integer
  * work is one vpdpbusd per 4 x KG_VL multiply-adds (maddubs + madd without VNNI).
  *
@@ -220,7 +220,7 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
 #endif
 
 /* KG_VL weight rows (from w, row_bytes apart; nb blocks each) against nx activation rows
- * (nx <= KQ_GEMM_TILE): out[j * os + r]. */
+ * (nx <= GEMM_TILE): out[j * os + r]. */
 #if defined(__AVX512F__)
 #define KG_NX 8  /* activation rows per kg_block: 2 x KG_NX integer sums in the registers */
 #else
@@ -229,7 +229,7 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
 INLINE void kg_rows(int64_t nb, const uint8_t *w, size_t row_bytes, const char *x, size_t xs, int nx, float *out,
                     size_t os, kg_unpack_fn unpack, const void *ctx, int GDW, int ADD16, int MIN) {
     kg_panel p __attribute__((aligned(64)));
-    float acc[KQ_GEMM_TILE][KG_VL] __attribute__((aligned(64)));
+    float acc[GEMM_TILE][KG_VL] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(acc[0]) * (size_t)nx);
     for (int64_t b = 0; b < nb; b++) {
         unpack(ctx, w, row_bytes, b, &p);

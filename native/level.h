@@ -32,15 +32,13 @@
     }                                                                                                          \
     void KN(T##_dequant)(const void *w, float *out, int64_t cols) { DEQUANT(w, out, cols); }
 
-/* Activation rows per gemm call: GEMM_TILE for the 32-value types, KQ_GEMM_TILE for the k-quants,
- * whose prompt kernels (q0_common.h, kq_gemm.h) unpack a block of weight rows once for all of them
- * (the one-row kernels take them 8 or NX_TILE at a time). */
+/* Activation rows per gemm call of the quantized types: the panel kernels (q0_common.h,
+ * kq_gemm.h) unpack a block of weight rows once for all of them (the one-row kernels take them 8
+ * or NX_TILE at a time). */
 #if defined(__AVX2__)
 #define GEMM_TILE 64
-#define KQ_GEMM_TILE 64
 #else
 #define GEMM_TILE NX_TILE
-#define KQ_GEMM_TILE NX_TILE
 #endif
 
 /* Kernels are written once as an inline body with a constant nx; this expands the switch that

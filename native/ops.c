@@ -57,7 +57,7 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
          * the gemm kernels (two weight rows per register on AVX-512). Both give every output the
          * same bits (kernels.h), so the choice changes no result. */
         int prompt = n >= 3;
-        p->tile = !prompt || m->act == ACT_F32 ? kt->nx_tile : m->act == ACT_Q8_K ? kt->gemm_tile_k : kt->gemm_tile;
+        p->tile = !prompt || m->act == ACT_F32 ? kt->nx_tile : kt->gemm_tile;
         p->dot = prompt ? kt->gemm[m->type] : kt->dot[m->type];
         p->int8_rows = prompt ? kt->int8_rows_gemm : kt->int8_rows_dot;
         /* Chunks: about 8 per thread; for prompts small enough to stay in cache while every tile

@@ -35,7 +35,6 @@ const kernel_table KN(table) = {
     .name = STR(LLAMA2_VARIANT),
     .nx_tile = NX_TILE,
     .gemm_tile = GEMM_TILE,
-    .gemm_tile_k = KQ_GEMM_TILE,
 #define DOT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dot),
 #define GEMM(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_##prompt),
 #define DEQUANT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dequant),
