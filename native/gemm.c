@@ -1,14 +1,14 @@
-/* Prompt products on float weights (F32, F16, BF16): the rows of w are cut into panels that the
- * threads claim one at a time (a product's units, ops.h); each thread multiplies its panel by all N
- * activation rows (gemm_float.c), reading F16 (and, at AVX-512, BF16) rows as stored and widening
- * the others into its own float32 buffer first. Each output is one kernel sum with the dot
- * kernel's order, so neither the panelling nor the thread count changes a bit.
+/* Prompt products on float weights (F32, F16, BF16): the rows of w are cut into panels, and the
+ * threads claim (panel, block of activation rows) pairs one at a time (a product's units, ops.h); each
+ * multiplies its panel by the block's rows (gemm_float.c), reading F16 (and, at AVX-512, BF16) rows as
+ * stored and widening the others into its own float32 buffer first. Each output is one kernel sum with
+ * the dot kernel's order, so neither the panels, the blocks nor the thread count changes a bit.
  *
  * A widened panel's rows are GEMM_STRIDE(cols) floats apart in a 64-byte aligned buffer (matmul,
- * ops.c, copies x into rows laid out the same way unless they already are: a vector load that
- * crosses a cache line costs about twice, and the copy is cheap next to the product). The panel
- * buffers (a few hundred KB, untouched where the rows are read as stored) are per thread, kept
- * between calls, freed when the thread ends. */
+ * ops.c, copies x into rows laid out the same way unless they already are: a vector load that crosses
+ * a cache line costs about twice, and the copy is cheap next to the product). The panel buffers (a few
+ * hundred KB, untouched where the rows are read as stored) are per thread, kept between calls, freed
+ * when the thread ends. */
 #include "gemm.h"
 
 #include "scratch.h"  /* this file's per-thread buffer: widened weight panels */
@@ -16,7 +16,7 @@
 /* A panel of stored rows stays in L2 while the activations pass (widened, twice that for F16 and
  * BF16 rows). F16 rows read as stored, one thread on a busy Zen 4: panels of 192 KB ran 3-15%
  * faster than of 96 KB (each panel streams all N activation rows from L3), of 384 KB between 4%
- * slower and 8% faster. */
+ * slower and 8% faster (before the activation rows came in blocks, ops.c). */
 #define PANEL_BYTES (192 << 10)
 #define PANEL_STEP 6  /* panel rows: a multiple of every variant's rows per kernel call */
 

@@ -30,7 +30,9 @@ typedef struct {
     int tile;          /* activation rows per kernel call */
     const char *x;     /* as m's kernel takes them (act rows), x_stride bytes apart */
     size_t x_stride;
-    int64_t n, chunk, units;
+    int64_t n, chunk, chunks, xblock, units;  /* unit u: chunk u % chunks of the weight rows (chunk rows
+                                                  each) times block u / chunks of the activation rows
+                                                  (xblock rows each), block after block */
     float *out;
 } product;
 

@@ -290,6 +290,30 @@ def test_gemm_rows_equal_rows_alone_at_every_batch_size(t, variant, rows):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("t", (GT.Q8_0, GT.Q4_K, GT.Q6_K), ids=lambda t: t.name)
+def test_prompt_products_over_several_activation_blocks(t, variant):
+    """A prompt whose activations (as the kernel takes them) pass ops.c's block of 4 MB: 2000 rows
+    of 2048 values, two blocks, the second partial. Every output has the bits its row gets in a
+    pass of 100 rows (one block), at one and two threads."""
+    native.select_variant(variant)
+    rng = np.random.default_rng(int(t) + len(variant))
+    rows, cols, n = 20, 2048, 2000
+    w = random_weights(rng, t, rows, cols)
+    x = activations(rng, n, cols)
+    small = np.empty((n, rows), np.float32)
+    try:
+        for nthreads in (1, 2):
+            native.set_threads(nthreads)
+            for i in range(0, n, 100):
+                native.matmul(int(t), w, x[i:i + 100], small[i:i + 100])
+            out = np.empty((n, rows), np.float32)
+            native.matmul(int(t), w, x, out)
+            np.testing.assert_array_equal(out.view(np.uint32), small.view(np.uint32), err_msg=f"{nthreads} threads")
+    finally:
+        native.set_threads(threads())
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 def test_int8_rows_gemm_rows_equal_rows_alone_at_every_batch_size(variant):
     native.select_variant(variant)
     rng = np.random.default_rng(7 + len(variant))
@@ -587,19 +611,20 @@ def test_float_prompt_products_are_the_dot_kernels_bits(t, variant):
 def test_float_prompt_products_of_wide_rows(variant):
     """Rows longer than a panel's cache budget (panels of the fewest rows) and than the kernel's
     step (the accumulators stored between steps: 1024 values, or 16384 for rows read as stored at
-    AVX-512), f16 and bf16, N = 12: every row of the batch has the bits it gets alone."""
+    AVX-512), f16 and bf16, N = 30: more activation bytes than one block (gemm.c: 4 MB, here blocks
+    of 12, 12 and 6 rows); every row of the batch has the bits it gets alone."""
     native.select_variant(variant)
     rng = np.random.default_rng(4)
     rows, cols = 7, 60000
     for t in (GT.F16, GT.BF16):
         w = random_weights(rng, t, rows, cols)
         wd = gguf_dequant(t, w).astype(np.float64)
-        x = activations(rng, 12, cols)
-        out = np.empty((12, rows), np.float32)
+        x = activations(rng, 30, cols)
+        out = np.empty((30, rows), np.float32)
         native.matmul(int(t), w, x, out)
         scale = np.abs(x.astype(np.float64)) @ np.abs(wd).T
         np.testing.assert_array_less(np.abs(out - x.astype(np.float64) @ wd.T), 2e-6 * scale + 1e-30)
         one = np.empty((1, rows), np.float32)
-        for i in range(12):
+        for i in range(30):
             native.matmul(int(t), w, x[i:i + 1], one)
             np.testing.assert_array_equal(one[0].view(np.uint32), out[i].view(np.uint32), err_msg=f"row {i}")
