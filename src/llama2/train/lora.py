@@ -10,6 +10,7 @@ uniform as PEFT initializes it); Dettmers et al. 2023, "QLoRA" (frozen quantized
 """
 
 import math
+import threading
 import warnings
 
 import numpy as np
@@ -58,18 +59,40 @@ def _stored_view(matrix, dtype):
         return torch.from_numpy(matrix.blocks.view(kind[1])).view(dtype)
 
 
+_tile_buffers = threading.local()
+
+
+def _tile_buffer(values, dtype, device):
+    """A flat tensor of at least `values` elements of `dtype` on `device`, this thread's own, kept
+    and reused by every call: the dequantized tiles (8-16 MB each, a few hundred a step) go there
+    rather than into fresh allocations, which glibc may map afresh each time (trainer.fit's malloc
+    settings) and whose pages would then come back as page faults."""
+    key = (dtype, str(device))
+    buf = getattr(_tile_buffers, "bufs", {}).get(key)
+    if buf is None or buf.numel() < values:
+        buf = torch.empty(values, dtype=dtype, device=device)
+        _tile_buffers.bufs = {**getattr(_tile_buffers, "bufs", {}), key: buf}
+    return buf
+
+
 def _weight_tiles(matrix, dtype, device):
     """(r0, r1, W[r0:r1] [r1 - r0, in] of `dtype` on `device`): the stored memory itself when it holds
-    `dtype` (one piece, no copy on the CPU), else dequantized tiles of at most DEQUANT_TILE values."""
+    `dtype` (one piece, no copy on the CPU), else dequantized tiles of at most DEQUANT_TILE values in
+    this thread's tile buffers, each valid until the next is yielded."""
     view = _stored_view(matrix, dtype)
     if view is not None:
         yield 0, matrix.shape[0], view.to(device)
         return
     rows, cols = matrix.shape
     step = max(1, DEQUANT_TILE // cols)
+    wide = _tile_buffer(min(step, rows) * cols, torch.float32, "cpu")
+    same = dtype == torch.float32 and torch.device(device).type == "cpu"
+    tile = wide if same else _tile_buffer(min(step, rows) * cols, dtype, device)
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
-        yield r0, r1, torch.from_numpy(matrix.rows(np.arange(r0, r1))).to(device=device, dtype=dtype)
+        w32 = wide[:(r1 - r0) * cols].view(r1 - r0, cols)
+        matrix.dequantize_rows(r0, r1, w32.numpy())
+        yield r0, r1, w32 if same else tile[:(r1 - r0) * cols].view(r1 - r0, cols).copy_(w32)
 
 
 def _times_transposed(x, matrix, dtype):  # x [N, in] @ W.T -> [N, out] in x's dtype, multiplied in `dtype`

@@ -101,7 +101,7 @@ class Matrix:
 
     def dequantize(self) -> np.ndarray:  # -> float32 [out, in] (export, tests, quantizing at load)
         out = np.empty(self.shape, np.float32)
-        self._dequantize_rows(0, self.shape[0], out)
+        self.dequantize_rows(0, self.shape[0], out)
         return out
 
     def __call__(self, x):  # [N, in] -> [N, out]
@@ -128,7 +128,7 @@ class Matrix:
             out[:] = self.dequantize_blocks(self.blocks[ids]).reshape(len(ids), -1)
         return out
 
-    def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in] float32
+    def dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in] float32
         if self.data is not None:
             native.dequantize_rows(self.GGML_TYPE, self.data, np.arange(r0, r1, dtype=np.int64), out)
         else:
@@ -148,7 +148,7 @@ class Matrix:
         out = np.empty((len(x), m), np.float32)
         for r0 in range(0, m, step):
             r1 = min(m, r0 + step)
-            self._dequantize_rows(r0, r1, tile[:r1 - r0])
+            self.dequantize_rows(r0, r1, tile[:r1 - r0])
             np.matmul(x, tile[:r1 - r0].T, out=out[:, r0:r1])  # BLAS writes the column block in place
         return out
 

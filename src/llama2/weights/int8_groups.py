@@ -122,5 +122,5 @@ class Matrix(_Matrix):
     def _activations(self, x):  # [N, in] -> [N, in]: x rounded as the native product rounds it
         return rounded("q8_0", x) if self.split else x
 
-    def _dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in]
+    def dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in]
         native.dequantize_int8(self.q, self.s, self.group_size, np.arange(r0, r1, dtype=np.int64), out)
