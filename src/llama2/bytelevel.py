@@ -62,9 +62,18 @@ def byte_alphabet() -> dict:
 _CHAR_BYTE = {c: b for b, c in byte_alphabet().items()}
 
 
+# str.translate's table for piece_bytes: each alphabet character to its byte's code point; the code
+# points under 256 outside the alphabet to one that latin-1 cannot encode, so that a token holding
+# one takes the slow path (its UTF-8 bytes differ from its latin-1 byte)
+_TO_BYTE = {**{b: 0xFFFF for b in range(256)}, **{ord(c): b for c, b in _CHAR_BYTE.items()}}
+
+
 def piece_bytes(token: str) -> bytes:
     """The bytes a byte-level token stands for (characters outside the alphabet as UTF-8)."""
-    return b"".join(bytes([_CHAR_BYTE[c]]) if c in _CHAR_BYTE else c.encode("utf-8") for c in token)
+    try:  # every character in the alphabet (a vocabulary's pieces but its special tokens): C speed
+        return token.translate(_TO_BYTE).encode("latin-1")
+    except UnicodeEncodeError:
+        return b"".join(bytes([_CHAR_BYTE[c]]) if c in _CHAR_BYTE else c.encode("utf-8") for c in token)
 
 
 def _tokenizers():
