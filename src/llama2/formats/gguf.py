@@ -51,6 +51,9 @@ BLOCK_ORDER = ("wq", "wk", "wv", "wo", "rms_att", "w1", "w2", "w3", "rms_ffn")
 ROPE_FREQS = "rope_freqs.weight"  # llama.cpp's per-frequency RoPE divisors (Llama 3.1's scaling), F32 [hd/2]
 
 
+_LENGTH = struct.Struct("<Q")  # a string's byte count
+
+
 class _Reader:
     def __init__(self, buf, path):
         self.buf, self.pos, self.path = buf, 0, path
@@ -71,12 +74,23 @@ class _Reader:
                               f"{len(self.buf) - self.pos} bytes left of the file")
 
     def string(self):
-        n = self.unpack("<Q")
-        raw = self.buf[self.pos:self.pos + n]
-        if len(raw) != n:
-            raise FormatError(f"{self.path}: truncated GGUF string at byte {self.pos}")
-        self.pos += n
-        return raw.decode("utf-8", errors="replace")
+        return self.strings(1)[0]
+
+    def strings(self, count):
+        """`count` strings in a row, in one loop: a Llama 3 vocabulary and its merges are 400k."""
+        buf, pos, end, length = self.buf, self.pos, len(self.buf), _LENGTH.unpack_from
+        out = []
+        for _ in range(count):
+            if pos + 8 > end:
+                raise FormatError(f"{self.path}: truncated GGUF header at byte {pos}")
+            (n,) = length(buf, pos)
+            pos += 8
+            if n > end - pos:
+                raise FormatError(f"{self.path}: truncated GGUF string at byte {pos}")
+            out.append(buf[pos:pos + n].decode("utf-8", errors="replace"))
+            pos += n
+        self.pos = pos
+        return out
 
     def value(self, kind):
         if kind in _SCALARS:
@@ -91,6 +105,8 @@ class _Reader:
                 arr = np.frombuffer(self.buf, dt, count, self.pos)
                 self.pos += count * dt.itemsize
                 return arr.tolist()
+            if item == STRING:
+                return self.strings(count)
             return [self.value(item) for _ in range(count)]
         raise FormatError(f"{self.path}: unknown GGUF metadata type {kind} at byte {self.pos}")
 
