@@ -67,12 +67,10 @@ def _tile_buffer(values, dtype, device):
     and reused by every call: the dequantized tiles (8-16 MB each, a few hundred a step) go there
     rather than into fresh allocations, which glibc may map afresh each time (trainer.fit's malloc
     settings) and whose pages would then come back as page faults."""
-    key = (dtype, str(device))
-    buf = getattr(_tile_buffers, "bufs", {}).get(key)
-    if buf is None or buf.numel() < values:
-        buf = torch.empty(values, dtype=dtype, device=device)
-        _tile_buffers.bufs = {**getattr(_tile_buffers, "bufs", {}), key: buf}
-    return buf
+    bufs, key = vars(_tile_buffers).setdefault("bufs", {}), (dtype, str(device))
+    if key not in bufs or bufs[key].numel() < values:
+        bufs[key] = torch.empty(values, dtype=dtype, device=device)
+    return bufs[key]
 
 
 def _weight_tiles(matrix, dtype, device):
