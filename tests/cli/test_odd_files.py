@@ -194,3 +194,20 @@ def test_a_gguf_header_that_claims_more_than_the_file_holds(tmp_path, claim):
         f.truncate(10 << 30)
     code, out, err, _ = run_cli(["run", str(path), "-z", str(asset("tok512.bin")), "-n", "4"])
     assert code == 1 and err.count("\n") == 1 and f"{path}: " in err and "cannot fit" in err, err
+
+
+@pytest.mark.parametrize("cut", ["inside", "length"])
+def test_a_gguf_cut_inside_its_vocabulary(tmp_path, cut):
+    """The vocabulary's strings (read in one loop, gguf._Reader.strings): a file that ends inside
+    them, or a string whose length runs past the end, gets one line naming the file."""
+    data = bytearray(asset("stories260K.gguf").read_bytes())
+    at = data.find(b"\x05\x00\x00\x00\x00\x00\x00\x00<unk>")  # the first token's length and text
+    assert at > 0
+    if cut == "inside":
+        data = data[:at + 4500]  # past the count check (512 strings of at least 8 bytes), before their end
+    else:
+        data[at:at + 8] = struct.pack("<Q", len(data))
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(bytes(data))
+    code, out, err, _ = run_cli(["run", str(path), "-n", "4"])
+    assert code == 1 and err.count("\n") == 1 and f"{path}: " in err and "truncated GGUF" in err, err
