@@ -52,6 +52,14 @@ def finetuned(tmp_path_factory):
     return root / "out", root / "merged.gguf"
 
 
+# The adapter against its merge, in the logits' scale: 2.5e-4, not 1e-5. The two agree within 1e-5
+# of it until some position (13 of 22), then differ by up to 1.1e-4, and so does the merged model
+# alone between two levels (AVX2 and AVX-512: 1.1e-4, while the unmerged pass moves 4e-6 between
+# them): float32 rounding that this briefly, steeply trained adapter magnifies. A misapplied adapter
+# is off by more than 1.0 (test_unmerged_equals_merged_on_a_float_base asserts it).
+MERGE_BOUND = 2.5e-4
+
+
 def close(ours, reference, bound=1e-5):
     """Within `bound` of the logits' scale: the merge rounds W + s B A once in float32, the
     unmerged pass rounds W x and s B (A x) apart; the two differ by float32 rounding through every
@@ -67,14 +75,11 @@ def test_unmerged_equals_merged_on_a_float_base(finetuned, form):
     ids = base.encode(PROMPT)
     assert np.abs(merged.logits(ids) - base.logits(ids)).max() > 1.0  # the adapter does change the model
     adapted = Llama.load(asset(STORIES), lora=source)
-    # Every level, its own kernels (its f32 dot for the LoRA products). The bound is 1e-4 of the
-    # logits' scale, not 1e-5: the two agree within 1e-5 of it (4e-6 of 19) until some position,
-    # then differ by up to 8e-4, and so does the merged model alone between two levels (AVX2 and
-    # AVX-512: 8e-4 from position 8 on): float32 rounding that this adapted model magnifies.
+    # Every level, its own kernels (its f32 dot for the LoRA products), within MERGE_BOUND.
     for level in native.supported():
         native.select(level)
         ours, reference = adapted.logits(ids), merged.logits(ids)
-        assert close(ours, reference, 1e-4), level
+        assert close(ours, reference, MERGE_BOUND), level
 
 
 class LoRAMatrix:
@@ -160,7 +165,7 @@ def test_scales_scale_and_adapters_sum(finetuned):
     assert np.array_equal(Llama.load(asset(STORIES), lora=[(out, 0.0)]).logits(ids), base.logits(ids))
     # two halves of the same adapter (PEFT's and GGUF's files) sum to it
     halves = Llama.load(asset(STORIES), lora=[(out, 0.5), (out / adapter_file.GGUF, 0.5)])
-    assert close(halves.logits(ids), Llama.load(merged).logits(ids), 1e-4)  # the bound as above
+    assert close(halves.logits(ids), Llama.load(merged).logits(ids), MERGE_BOUND)
     assert halves.model.adapters[0].pairs["wq", 0][0].shape[0] == 2 * 8  # the ranks stacked (finetune's 8)
 
 
