@@ -94,6 +94,25 @@ def test_adaptive_length_backs_off():
     assert DraftLength(7, Costs(0.0)).next() == 0
 
 
+def test_a_plain_weighing_holds_a_few_steps_only():
+    """At k = 0 a weighing is reused for QUIET_STEPS plain steps (the policy's cost per step stays
+    under a microsecond), then redone: verification passes that turned cheap are drafted with
+    within that many steps, and a probe still comes when its budget is due."""
+    from llama2.speculative import QUIET_STEPS
+    c = costs(0.05, r1=1.0, r2=3.0)
+    dl = DraftLength(7, c)
+    dl.update(1, 0)  # one guess, not kept: a = 0.42
+    assert dl.next() == 0
+    c.passes[2] = 1.05  # the 2-row pass now costs little more than a plain step
+    ks = [dl.next() for _ in range(QUIET_STEPS + 1)]
+    assert ks[:QUIET_STEPS - 1] == [0] * (QUIET_STEPS - 1) and ks[-1] > 0
+    dl = DraftLength(7, costs(0.05, r1=1.0, r2=3.0))
+    dl.update(1, 0)
+    ks = [dl.next() for _ in range(400)]
+    probes = [i for i, k in enumerate(ks) if k]
+    assert probes and probes[0] == pytest.approx((0.05 + 3.0) / PROBE_SHARE, abs=2)  # a step a probe's cost
+
+
 def test_a_preempted_pass_moves_the_cost_a_step_at_most():
     """One pass measured 100 times its usual time (the OS ran something else) does not make the
     passes of that size look 100 times dearer (a 1-row pass's spike made drafting look cheap); a
