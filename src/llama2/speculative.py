@@ -47,6 +47,12 @@ SPIKE = 4.0  # a measured pass counts as at most this many times its average so 
 # last DRAFT_WINDOW tokens: catching up on all of them would cost the draft's prompt speed for every
 # token decoded plainly, however rarely drafts are re-tried, and no re-try spacing could bound it.
 DRAFT_WINDOW = 32
+# What feeding one token of that catch-up costs, in draft steps, until the passes say otherwise: a
+# prompt pass's row reuses the weights the pass reads (a stories260K-sized draft: 0.23; a TinyLlama
+# Q4_0 one: about 0.2). A draft re-tried after a plain stretch pays its catch-up first: TinyLlama
+# Q8_0 with a Q4_0 draft, 32 tokens of it cost 7 target steps, where the draft step and the 2-row
+# pass alone made a probe look like 1.6.
+CATCH_UP_ROW = 0.25
 
 
 def accept(sampler: Sampler, logits: np.ndarray, token: int, q=None) -> tuple:
@@ -136,6 +142,12 @@ class DraftModel:
         self.cache.reset(slot)
         self.fed[slot], self.start[slot] = [], 0
 
+    @staticmethod
+    def behind(plain_run: int) -> int:
+        """Tokens a sequence's next draft feeds before its first guess, after `plain_run` tokens
+        decoded plainly (at most DRAFT_WINDOW: further behind, the slot restarts from a window)."""
+        return min(plain_run, DRAFT_WINDOW)
+
     def propose(self, asks: list) -> list:
         """A Draft for each Ask: every asking sequence's draft position runs in one batched pass."""
         seq_len = self.cache.seq_len
@@ -186,6 +198,10 @@ class PromptLookup:
     def release(self, slot: int):
         pass
 
+    @staticmethod
+    def behind(plain_run: int) -> int:
+        return 0  # the text itself is the proposer's whole state
+
     def propose(self, asks: list) -> list:
         return [Draft(self.lookup(a.context, a.k)) for a in asks]
 
@@ -221,9 +237,10 @@ class Costs:
             seconds = min(seconds, SPIKE * old)
         self.passes[rows] = self._ema(old, seconds)
 
-    def record_draft(self, passes: int, seconds: float):
+    def record_draft(self, passes: int, seconds: float, behind: int = 0):
+        """`passes` proposer passes that first fed `behind` tokens of catch-up (CATCH_UP_ROW each)."""
         if passes:
-            self.draft = self._ema(self.draft, seconds / passes)
+            self.draft = self._ema(self.draft, seconds / (passes + CATCH_UP_ROW * behind))
 
     def pass_time(self, rows: int):
         """Measured, or estimated from the largest measured smaller pass (ROW_COST a row); None
@@ -258,33 +275,36 @@ class DraftLength:
         self.most, self.costs, self.adaptive = most, costs, adaptive
         self.rate = PRIOR_ACCEPTANCE
         self.idle = 0.0  # seconds of plain decoding since drafting last paid or was tried
-        # (steps, base, t1, idle seconds that make a probe due): plain steps left before the next
-        # full weighing. At k = 0 the estimate does not move and the costs move slowly, so a
-        # weighing holds for a few steps; skipping it keeps the policy's own cost per plain step
-        # under a microsecond, which the smallest models' steps (80 us) notice.
-        self.quiet = (0, 0, 0.0, 0.0)
+        # (steps, base, t1, a probe's seconds, and per token of catch-up): plain steps left before
+        # the next full weighing, and what it found. At k = 0 the estimate does not move and the
+        # costs move slowly, so a weighing holds for a few steps; skipping it keeps the policy's own
+        # cost per plain step under a microsecond, which the smallest models' steps (80 us) notice.
+        self.quiet = (0, 0, 0.0, 0.0, 0.0)
 
-    def next(self, base: int = 1) -> int:
+    def next(self, base: int = 1, behind: int = 0) -> int:
+        """The draft length of the next step; `base`: the pass' other rows; `behind`: the tokens the
+        proposer feeds before its first guess (DraftModel.behind)."""
         if not self.adaptive:
             return self.most
-        steps, quiet_base, t1, probe_at = self.quiet
+        steps, quiet_base, t1, probe, per_token = self.quiet
         if steps and base == quiet_base:
             self.idle += t1
-            if self.idle >= probe_at:
-                self.quiet, self.idle = (0, 0, 0.0, 0.0), 0.0
+            if probe + per_token * behind <= PROBE_SHARE * self.idle:
+                self.quiet, self.idle = (0, 0, 0.0, 0.0, 0.0), 0.0
                 return 1
-            self.quiet = (steps - 1, base, t1, probe_at)
+            self.quiet = (steps - 1, base, t1, probe, per_token)
             return 0
-        self.quiet = (0, 0, 0.0, 0.0)
+        self.quiet = (0, 0, 0.0, 0.0, 0.0)
         t1 = self.costs.pass_time(base)
         if t1 is None:
             return 0  # measure a plain step first
         draft = self.costs.draft_time(t1)
+        catch_up = CATCH_UP_ROW * draft * behind
         a, best, best_k = min(self.rate, 0.999), 1.0 / t1, 0
         # one row more than the largest pass measured: a pass dearer than thought is found out
         # at the smallest cost
         for k in range(1, min(self.most, max(self.costs.passes) - base + 1) + 1):
-            gain = (1 - a ** (k + 1)) / (1 - a) / (k * draft + self.costs.pass_time(base + k))
+            gain = (1 - a ** (k + 1)) / (1 - a) / (catch_up + k * draft + self.costs.pass_time(base + k))
             if gain > best * 1.001:
                 best, best_k = gain, k
         if best_k:
@@ -292,10 +312,10 @@ class DraftLength:
             return best_k
         self.idle += t1
         probe = draft + self.costs.pass_time(base + 1)
-        if probe <= PROBE_SHARE * self.idle:
+        if probe + catch_up <= PROBE_SHARE * self.idle:
             self.idle = 0.0
             return 1
-        self.quiet = (QUIET_STEPS, base, t1, probe / PROBE_SHARE)
+        self.quiet = (QUIET_STEPS, base, t1, probe, CATCH_UP_ROW * draft)
         return 0
 
     def update(self, proposed: int, kept: int):
@@ -347,7 +367,7 @@ class Drafting:
     def ask(self, room: int, base: int = 1):
         """The Ask for this step's draft (None: decode plainly): `room` positions are left; `base`:
         the rows of the pass besides this sequence's guesses."""
-        k = min(self.length.next(base), room)
+        k = min(self.length.next(base, self.speculator.proposer.behind(self.plain_run)), room)
         return Ask(self.slot, self.context, k, self.sampler, self.plain_run) if k > 0 else None
 
     def settle(self, seq, rows: np.ndarray, draft: Draft) -> tuple:
@@ -392,7 +412,7 @@ class Drafting:
         if a is not None:
             t0 = time.perf_counter()
             draft = self.speculator.proposer.propose([a])[0]
-            costs.record_draft(len(draft.tokens), time.perf_counter() - t0)
+            costs.record_draft(len(draft.tokens), time.perf_counter() - t0, self.speculator.proposer.behind(a.plain_run))
         t0 = time.perf_counter()
         if draft is None or not draft.tokens:
             logits = model.forward(seq.feed, cache, slot)[-1]

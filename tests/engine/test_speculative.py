@@ -113,6 +113,26 @@ def test_a_plain_weighing_holds_a_few_steps_only():
     assert probes and probes[0] == pytest.approx((0.05 + 3.0) / PROBE_SHARE, abs=2)  # a step a probe's cost
 
 
+def test_a_probe_counts_the_drafts_catch_up():
+    """A draft model re-tried after a plain stretch first feeds the tokens it missed (at most
+    DRAFT_WINDOW): a probe waits until that too is at most PROBE_SHARE of the time, and the draft
+    step's measured cost leaves the catch-up out."""
+    from llama2.speculative import CATCH_UP_ROW, DRAFT_WINDOW, DraftModel
+    assert [DraftModel.behind(n) for n in (0, 5, 500)] == [0, 5, DRAFT_WINDOW]
+    assert PromptLookup.behind(500) == 0
+    first = {}
+    for behind in (0, 32):
+        dl = DraftLength(7, costs(0.5, r1=1.0, r2=1.2))
+        dl.update(1, 0)  # a = 0.42: a 1.7-step draft of 1.42 tokens does not pay
+        ks = [dl.next(behind=behind) for _ in range(2000)]
+        first[behind] = ks.index(1)
+    assert first[0] == pytest.approx((0.5 + 1.2) / PROBE_SHARE, abs=2)
+    assert first[32] == pytest.approx((0.5 + 1.2 + CATCH_UP_ROW * 0.5 * 32) / PROBE_SHARE, abs=2)
+    c = costs(0.5, r1=1.0)
+    c.record_draft(1, 0.5 * (1 + CATCH_UP_ROW * 32), behind=32)
+    assert c.draft_time(1.0) == pytest.approx(0.5)
+
+
 def test_a_preempted_pass_moves_the_cost_a_step_at_most():
     """One pass measured 100 times its usual time (the OS ran something else) does not make the
     passes of that size look 100 times dearer (a 1-row pass's spike made drafting look cheap); a

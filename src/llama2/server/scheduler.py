@@ -300,9 +300,10 @@ class Scheduler:
         if not asks:
             return
         try:
+            behind = max(self.speculator.proposer.behind(a.plain_run) for a in asks)  # batched: the longest
             t0 = time.perf_counter()
             drafts = self.speculator.proposer.propose(asks)
-            self.speculator.costs.record_draft(max(a.k for a in asks), time.perf_counter() - t0)
+            self.speculator.costs.record_draft(max(a.k for a in asks), time.perf_counter() - t0, behind)
         except Exception:  # a bug: decode these plainly
             log.exception("drafting failed")
             return
