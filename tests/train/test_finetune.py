@@ -498,6 +498,31 @@ def test_chat_records_with_a_named_template(tmp_path):
     assert f"{chats}:1:" in err and "--chat-template" in err
 
 
+HI = {"role": "user", "content": "Hi"}
+HELLO = {"role": "assistant", "content": "Hello."}
+MESSAGE = '{"role": one of system, user, assistant, "content": a string}'
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ("Hi", '"messages" must be a non-empty list of {"role": ..., "content": ...} objects'),
+    ([], '"messages" must be a non-empty list'),
+    ([HI, "Hello."], f'messages[1] must be {MESSAGE}, got "Hello."'),
+    ([{"content": "Hi"}, HELLO], f'messages[0] must be {MESSAGE}, got {{"content": "Hi"}}'),
+    ([HI, {"role": "assistant"}], f'messages[1] must be {MESSAGE}, got {{"role": "assistant"}}'),
+    ([HI, {"role": "tool", "content": "42"}, HELLO], f"messages[1] must be {MESSAGE}"),
+    ([{"role": "user", "content": [{"type": "text", "text": "Hi"}]}, HELLO], f"messages[0] must be {MESSAGE}"),
+    ([{"role": "system", "content": "Be kind."}, HI], "the conversation has no assistant turn to train on"),
+], ids=["not-a-list", "empty", "not-an-object", "no-role", "no-content", "unknown-role", "content-parts",
+        "no-assistant"])
+def test_bad_chat_records_get_one_line(tmp_path, messages, expected):
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [HI, HELLO]}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    err = one_line_error(["finetune", STORIES, "--data", data, "--out", tmp_path / "o",
+                          "--chat-template", "llama2", *FAST], 1)
+    assert f"{data}:2: {expected}" in err, err
+
+
+
 # The peak is VmHWM, reset to the resident set after the warm-up run (clear_refs 5). Not getrusage's
 # ru_maxrss: Linux carries it across exec, so the child would start from pytest's own peak (hundreds of
 # MB here, with the random weights just exported) and a base widened whole could hide under it.
