@@ -522,6 +522,18 @@ def test_bad_chat_records_get_one_line(tmp_path, messages, expected):
     assert f"{data}:2: {expected}" in err, err
 
 
+def test_a_chat_template_s_refusal_names_the_record(tmp_path):
+    """A template's raise_exception (as Llama 2's own does when roles do not alternate) on a record."""
+    template = tmp_path / "strict.jinja"
+    template.write_text("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 is even) %}"
+                        "{{ raise_exception('Conversation roles must alternate user/assistant/...') }}"
+                        "{% endif %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}")
+    data = tmp_path / "chats.jsonl"
+    data.write_text(json.dumps({"messages": [HI, HELLO]}) + "\n" + json.dumps({"messages": [HI, HI, HELLO]}) + "\n")
+    err = one_line_error(["finetune", STORIES, "--data", data, "--out", tmp_path / "o",
+                          "--chat-template", template, *FAST], 1)
+    assert f"{data}:2: {template}: chat template: Conversation roles must alternate" in err, err
+
 
 # The peak is VmHWM, reset to the resident set after the warm-up run (clear_refs 5). Not getrusage's
 # ru_maxrss: Linux carries it across exec, so the child would start from pytest's own peak (hundreds of
