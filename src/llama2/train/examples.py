@@ -50,14 +50,20 @@ def _chat_example(tokenizer, template, messages, where) -> Example:
     """The conversation as the model's chat template renders it; trained on the assistant turns:
     each turn's tokens are those the whole conversation up to it adds to the conversation before it
     with the generation prompt (so the template's own assistant header is not trained on)."""
-    full = template.encode(tokenizer, messages, add_generation_prompt=False)
+    def render(turns, generation_prompt):  # -> ids; a template's refusal names the record too
+        try:
+            return template.encode(tokenizer, turns, add_generation_prompt=generation_prompt)
+        except templates.TemplateError as e:  # its raise_exception (roles must alternate...) or a failure
+            raise templates.TemplateError(f"{where}: {e}") from None
+
+    full = render(messages, False)
     ex = Example()
     done = 0
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start = len(template.encode(tokenizer, messages[:i], add_generation_prompt=True))
-        end = len(template.encode(tokenizer, messages[:i + 1], add_generation_prompt=False))
+        start = len(render(messages[:i], True))
+        end = len(render(messages[:i + 1], False))
         if not done <= start <= end <= len(full):
             raise Llama2Error(f"{where}: the chat template does not render this conversation "
                               "turn by turn (a prefix of it is not a prefix of the whole)")
