@@ -654,26 +654,81 @@ sys.exit(3 if gloo else code)
 """
 
 
-@pytest.mark.slow
-def test_torchrun_ddp_matches_one_process(texts, tmp_path):
+def torchrun(tmp_path, *argv):
+    """`llama2 ARGV` in 2 CPU processes (gloo) under torchrun; returns their stderr."""
     import subprocess
     import sys
+    entry = tmp_path / "entry.py"
+    entry.write_text(TORCHRUN_ENTRY)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(entry), *map(str, argv), "--backend", "gloo"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_matches_one_process(texts, tmp_path):
     common = ["--data", texts / "train.jsonl", "--val", texts / "held.txt", *FAST, "--max_iters", "4",
               "--eval_interval", "4", "--gradient_accumulation_steps", "2", "--learning_rate", "3e-3"]
     code, err = run_cli(["finetune", STORIES, *common, "--out", tmp_path / "one"])
     assert code == 0, err
     one = tmp_path / "one"
-    entry = tmp_path / "entry.py"
-    entry.write_text(TORCHRUN_ENTRY)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(entry), "finetune", str(STORIES), *map(str, common), "--out", str(tmp_path / "two"),
-                           "--backend", "gloo"], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr
+    assert "2 process(es) (DDP)" in torchrun(tmp_path, "finetune", STORIES, *common, "--out", tmp_path / "two")
 
     def losses(out):
         return [(e["iter"], e.get("loss", e.get("val_loss"))) for e in metrics(out)]
     a, b = losses(one), losses(tmp_path / "two")
     assert [i for i, _ in a] == [i for i, _ in b]
     np.testing.assert_allclose([v for _, v in b], [v for _, v in a], atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_torchrun_fsdp_matches_one_process_and_resumes(texts, tmp_path):
+    """--full --fsdp in 2 processes, stopped at iteration 2 and resumed to 4, against one process
+    without FSDP. The two differ by float32 rounding only: FSDP's reduce-scatter averages the two
+    processes' gradients of one micro-batch each, where one process adds its two micro-batches'
+    gradients in another order (about 1e-7 relative). Four AdamW steps at lr <= 1.1e-3 move a weight
+    by up to about 4e-3 and these roundings by about 1e-7 (measured: 1.2e-7 on weights and losses);
+    the bound, 1e-5, is far above that and far below one step's 1e-3, the size of the error if a
+    shard were lost or a resumed run restarted its optimizer state."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ["--data", texts / "train.jsonl", "--val", texts / "held.txt", *FAST, "--full",
+              "--eval_interval", "2", "--always_save_checkpoint", "--gradient_accumulation_steps", "2",
+              "--learning_rate", "3e-3"]
+    code, err = run_cli(["finetune", STORIES, *common, "--max_iters", "4", "--out", one])
+    assert code == 0, err
+    err = torchrun(tmp_path, "finetune", STORIES, *common, "--max_iters", "2", "--out", two, "--fsdp")
+    assert "2 process(es) (FSDP)" in err
+    err = torchrun(tmp_path, "finetune", STORIES, "--resume", "--max_iters", "4", "--out", two, "--fsdp")
+    assert "resuming from" in err and "at iteration 2" in err and "2 process(es) (FSDP)" in err
+
+    def losses(out):  # the resumed run evaluates iteration 2 again
+        return sorted({(e["iter"], "loss" in e): e.get("loss", e.get("val_loss")) for e in metrics(out)}.items())
+    a, b = losses(one), losses(two)
+    assert [k for k, _ in a] == [k for k, _ in b] and len(a) == 7
+    np.testing.assert_allclose([v for _, v in b], [v for _, v in a], atol=1e-5, rtol=0)
+
+    # ckpt.pt: the same file as without FSDP (whole tensors, the optimizer's own form), same weights
+    ca, cb = (torch.load(out / "ckpt.pt", weights_only=True) for out in (one, two))
+    assert ca.keys() == cb.keys() and ca["iter_num"] == cb["iter_num"] == 4
+    assert ca["model"].keys() == cb["model"].keys()
+    for name, tensor in ca["model"].items():
+        assert cb["model"][name].shape == tensor.shape and not isinstance(cb["model"][name], torch.nn.Parameter)
+        torch.testing.assert_close(cb["model"][name], tensor, atol=1e-5, rtol=0, msg=name)
+    oa, ob = ca["optimizer"], cb["optimizer"]
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, state in oa["state"].items():
+        assert state.keys() == ob["state"][i].keys() and torch.equal(state["step"], ob["state"][i]["step"])
+        torch.testing.assert_close(ob["state"][i]["exp_avg"], state["exp_avg"], atol=1e-5, rtol=0)
+    # the exported model: the same GGUF layout, the same weights
+    assert (one / "model.gguf").stat().st_size == (two / "model.gguf").stat().st_size
+    wa, wb = (full_model(out / "model.gguf").state_dict() for out in (one, two))
+    for name, tensor in wa.items():
+        torch.testing.assert_close(wb[name], tensor, atol=1e-5, rtol=0, msg=name)
+
+
+def test_fsdp_is_for_full_finetunes(texts, tmp_path):
+    err = one_line_error(["finetune", STORIES, "--data", texts / "held.txt", "--out", tmp_path / "o", "--fsdp"], 2)
+    assert "--fsdp shards a full finetune: add --full" in err

@@ -175,26 +175,30 @@ def test_resume_cannot_change_the_model(trained):
     assert code == 1 and "--dim 48 differs from the checkpoint's 64" in err
 
 
-def test_ddp_matches_single_process(prepared):
+def test_ddp_and_fsdp_match_single_process(prepared):
+    """Within float32 summation order (the processes' gradients are averaged in another order);
+    3 evaluation batches over 2 processes: under FSDP one process runs a forward pass it does not count."""
     data = prepared / "data"
-    common = ["--data", data, *SMALL, "--max_iters", "12", "--eval_interval", "6"]
-    single, ddp = prepared / "single", prepared / "ddp"
+    common = ["--data", data, *SMALL, "--max_iters", "12", "--eval_interval", "6", "--eval_iters", "3"]
+    single = prepared / "single"
     code, _, err = run_cli(["train", *common, "--out_dir", single])
     assert code == 0, err
+    losses_1, evals_1 = read_log(single)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"),
                                                       os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                           "--nproc_per_node=2", "-m", "llama2", "train", *map(str, common),
-                           "--out_dir", str(ddp), "--backend", "gloo"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stderr
-    losses_1, evals_1 = read_log(single)
-    losses_2, evals_2 = read_log(ddp)
-    assert [i for i, _ in losses_1] == [i for i, _ in losses_2] == list(range(1, 13))
-    np.testing.assert_allclose([v for _, v in losses_2], [v for _, v in losses_1], atol=1e-4, rtol=0)
-    np.testing.assert_allclose([v for _, v in evals_2], [v for _, v in evals_1], atol=1e-4, rtol=0)
-    assert (ddp / "model.bin").exists()
+    for kind, flags in (("DDP", []), ("FSDP", ["--fsdp"])):
+        out = prepared / kind
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               "--nproc_per_node=2", "-m", "llama2", "train", *map(str, common),
+                               "--out_dir", str(out), "--backend", "gloo", *flags],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"2 process(es) ({kind})" in proc.stderr
+        losses_2, evals_2 = read_log(out)
+        assert [i for i, _ in losses_1] == [i for i, _ in losses_2] == list(range(1, 13))
+        np.testing.assert_allclose([v for _, v in losses_2], [v for _, v in losses_1], atol=1e-4, rtol=0)
+        np.testing.assert_allclose([v for _, v in evals_2], [v for _, v in evals_1], atol=1e-4, rtol=0)
+        assert (out / "model.bin").stat().st_size == (single / "model.bin").stat().st_size
 
 
 def test_grad_accumulation_must_divide_among_processes(prepared):

@@ -24,7 +24,8 @@ def register(sub):
                        description="Train a Llama 2 model on data from `llama2 data prepare`. Options "
                                    "come from the defaults, then --config FILE, then flags. Writes "
                                    "OUT_DIR/ckpt.pt and OUT_DIR/model.bin on each improvement. "
-                                   "Launch with torchrun for several processes (DDP).")
+                                   "Launch with torchrun for several processes (DDP, or FSDP "
+                                   "with --fsdp).")
     p.add_argument("--config", metavar="FILE", help="TOML (or YAML) file of options")
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT_DIR/ckpt.pt (same as --init_from=resume)")
@@ -43,6 +44,8 @@ def add_option_flags(p, fields, aliases=None, defaults=None):
         names = [f"--{f.name}"] + ([f"--{f.name.replace('_', '-')}"] if "_" in f.name else [])
         names += (aliases or {}).get(f.name, [])
         group_help = f"{section} option (default {(defaults or {}).get(f.name, f.default)!r})"
+        if "help" in f.metadata:
+            group_help = f"{f.metadata['help']} ({group_help})"
         if kind is bool:
             p.add_argument(*names, dest=f.name, type=_bool, nargs="?", const=True,
                            default=argparse.SUPPRESS, metavar="BOOL", help=group_help)

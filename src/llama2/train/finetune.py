@@ -100,7 +100,7 @@ def factors(model) -> dict:
 
 
 def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
-    check_finetune(fo)
+    check_finetune(fo, t)
     ckpt = formats.load_checkpoint(fo.base)
     if fo.full:
         check_float(ckpt)
@@ -127,7 +127,7 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
     targets = parse_targets(fo.targets)
     options = {"finetune": dataclasses.asdict(fo), "train": dataclasses.asdict(t)}
     if fo.full:
-        model = full_model(ckpt, seq_len).to(device)
+        model = trainer.place(full_model(ckpt, seq_len), t, dist)  # sharded with --fsdp
 
         def save_outputs(directory, raw):
             source = _ModelSource(raw, ckpt)
@@ -156,10 +156,10 @@ def build_job(fo: FinetuneOptions, t, dist, log) -> trainer.Job:
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
 
-    def state_dict():
+    def state_dict(model):
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
-    def load_state_dict(state):
+    def load_state_dict(model, state):
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         if set(state) != set(params) or any(state[n].shape != params[n].shape for n in params):
             raise Llama2Error(f"{out_dir / trainer.CKPT}: its weights do not fit this model "

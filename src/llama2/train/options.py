@@ -7,7 +7,7 @@ come from the defaults, then a TOML (or YAML) file, then command-line flags; not
 import dataclasses
 import math
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..config import ModelConfig
@@ -76,6 +76,10 @@ class TrainOptions:
     compile: bool = False  # torch.compile the model (slow to start; worth it for long GPU runs)
     peak_flops: float = 312e12  # for MFU: A100 bfloat16 peak, as llama2.c reports it
     backend: str = "auto"  # torch.distributed backend under torchrun: "auto" is nccl on GPU, gloo on CPU
+    fsdp: bool = field(default=False, metadata={"help": (
+        "under torchrun, shard every weight, gradient and optimizer state across the processes "
+        "(torch FSDP) instead of copying the model to each (DDP): for models too big for one GPU "
+        "(finetune: with --full). One process trains unsharded; ckpt.pt is the same either way")})
     wandb: bool = False  # also log every step to Weights & Biases (needs wandb installed)
     wandb_project: str = "llama2"
 
@@ -129,7 +133,10 @@ TRAIN_DEFAULTS = {"batch_size": 8, "gradient_accumulation_steps": 1, "learning_r
                   "weight_decay": 0.0, "out_dir": "finetune"}
 
 
-def check_finetune(fo: FinetuneOptions):
+def check_finetune(fo: FinetuneOptions, train: TrainOptions):
+    if train.fsdp and not fo.full:
+        raise UsageError("--fsdp shards a full finetune: add --full (LoRA trains small factors "
+                         "beside a frozen base; under torchrun without --fsdp they train with DDP)")
     if fo.lora_rank <= 0:
         raise UsageError(f"--lora-rank must be positive, got {fo.lora_rank}")
     if fo.lora_alpha <= 0:

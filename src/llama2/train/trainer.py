@@ -1,5 +1,6 @@
 """The training loop: AdamW with warmup and cosine decay, gradient accumulation, autocast on GPU,
-evaluation, checkpoints (`ckpt.pt`) and export (`model.bin`), resume, and DDP under torchrun.
+evaluation, checkpoints (`ckpt.pt`) and export (`model.bin`), resume, and DDP (or FSDP, fsdp.py)
+under torchrun.
 
 Reproducibility: a micro-batch's windows depend only on (seed, iteration, micro-step), the schedule
 only on the iteration, and ckpt.pt carries optimizer and RNG state, so on CPU a resumed run equals an
@@ -20,6 +21,7 @@ from ..formats import llama2c
 from ..errors import Llama2Error
 from ..fileio import atomic_write
 from ..threads import set_threads
+from . import fsdp
 from . import options as opts
 from .data import TokenData
 from .model import Transformer
@@ -38,6 +40,7 @@ class Dist:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    mesh: object = None  # with --fsdp in a job of 2 or more: the DeviceMesh FSDP shards over
 
     @property
     def enabled(self) -> bool:
@@ -86,6 +89,14 @@ def device_for(t: opts.TrainOptions, dist: Dist) -> str:
     return device
 
 
+def place(model, t: opts.TrainOptions, dist: Dist):
+    """A job's model on this process's device; with --fsdp in a torchrun job of 2 or more processes,
+    sharded across them instead (fsdp.shard moves each process's shards alone to the device)."""
+    if dist.mesh is not None:
+        return fsdp.shard(model, dist.mesh)
+    return model.to(device_for(t, dist))
+
+
 def _dtype(t: opts.TrainOptions, device: str):
     name = t.dtype
     if name == "auto":
@@ -114,8 +125,19 @@ def _init_dist(t: opts.TrainOptions) -> Dist:
     # interpreter exit, and tearing them down there aborts a process now and then (SIGABRT,
     # "terminate called without an active exception"). Imported here, the defaults are None.
     import torch.distributed.nn  # noqa: F401
+    if t.fsdp:
+        fsdp.import_before_init()  # the same holds for FSDP's modules
     torch.distributed.init_process_group(backend=backend)
+    if t.fsdp and dist.enabled:
+        dist.mesh = fsdp.mesh(device_for(t, dist), dist.world)
     return dist
+
+
+def _close_dist(dist: Dist):
+    if dist.mesh is not None:
+        fsdp.release(dist.mesh)
+    if dist.enabled:
+        torch.distributed.destroy_process_group()
 
 
 def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progress=None) -> Result:
@@ -125,8 +147,7 @@ def train(model_opts: opts.ModelOptions, t: opts.TrainOptions, log=print, progre
     try:
         return _train(model_opts, t, dist, log if dist.master else (lambda line: None), progress)
     finally:
-        if dist.enabled:
-            torch.distributed.destroy_process_group()
+        _close_dist(dist)
 
 
 def wandb_module(t):
@@ -148,8 +169,7 @@ def run(make_job, t, log=print, progress=None) -> Result:
         say = log if dist.master else (lambda line: None)
         return fit(make_job(dist, say), t, dist, say, progress)
     finally:
-        if dist.enabled:
-            torch.distributed.destroy_process_group()
+        _close_dist(dist)
 
 
 @dataclass
@@ -166,8 +186,10 @@ class Job:
     describe: str  # the model, for the first log line
     save_outputs: object  # fn(out_dir, model): the job's own files beside ckpt.pt at each save
     saved_names: str  # what save_outputs writes, for the log line
-    state_dict: object = None  # fn() -> what ckpt.pt keeps of the model (default: model.state_dict)
-    load_state_dict: object = None  # fn(state) (default: model.load_state_dict)
+    # fn(model) -> what ckpt.pt keeps of the model (default: model.state_dict()); under FSDP the
+    # model is a plain copy of the gathered weights, so the file is the same either way
+    state_dict: object = None
+    load_state_dict: object = None  # fn(model, state) (default: model.load_state_dict(state))
 
 
 def _train(model_opts, t, dist: Dist, log, progress) -> Result:
@@ -187,9 +209,8 @@ def _train(model_opts, t, dist: Dist, log, progress) -> Result:
     if val_batches is None and t.eval_iters:
         raise Llama2Error(f"{data.dir}: no validation tokens; prepare with --val-fraction > 0 or "
                           "--val FILE, or train with --eval_iters 0")
-    device = device_for(t, dist)
     torch.manual_seed(t.seed)  # the same initial weights in every process
-    model = Transformer(config, model_opts.dropout).to(device)
+    model = place(Transformer(config, model_opts.dropout), t, dist)
     if dist.master:
         out_dir.mkdir(parents=True, exist_ok=True)
         _write_tokenizer(t, data, out_dir, log)
@@ -247,8 +268,9 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
         torch.set_num_threads(t.num_threads)
         set_threads(t.num_threads)
     model = job.model
-    state_dict = job.state_dict or model.state_dict
-    load_state_dict = job.load_state_dict or model.load_state_dict
+    sharded = dist.mesh is not None  # `place` sharded the model
+    state_dict = job.state_dict or (lambda m: m.state_dict())
+    load_state_dict = job.load_state_dict or (lambda m, state: m.load_state_dict(state))
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in trainable if p.dim() >= 2]
     no_decay = [p for p in trainable if p.dim() < 2]
@@ -261,8 +283,11 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     iter_num, best_val = 0, math.inf
     if ckpt is not None:
-        load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if sharded:
+            fsdp.scatter(model, optimizer, load_state_dict, ckpt["model"], ckpt["optimizer"])
+        else:
+            load_state_dict(model, ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
         iter_num, best_val = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -278,7 +303,7 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     if t.compile:
         log("compiling the model (torch.compile)...")
         model = torch.compile(model)
-    if dist.enabled:
+    if dist.enabled and not sharded:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(model, device_ids=[dist.local_rank] if device.startswith("cuda")
                                         else None)
@@ -288,7 +313,8 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
     tokens_per_iter = t.gradient_accumulation_steps * t.batch_size * seq_len
     flops_per_iter = job.flops_per_token * tokens_per_iter
     log(f"model: {job.describe}; device {device}, "
-        f"{str(dtype).removeprefix('torch.')}, {dist.world} process(es); "
+        f"{str(dtype).removeprefix('torch.')}, {dist.world} process(es)"
+        f"{' (FSDP)' if sharded else ' (DDP)' if dist.enabled else ''}; "
         f"{tokens_per_iter} tokens per iteration")
 
     def to_device(x, y):
@@ -304,11 +330,15 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
         out = {}
         for name, batches, purpose in (("train", train_batches, EVAL_TRAIN), ("val", val_batches, EVAL_VAL)):
             total = torch.zeros((), dtype=torch.float64, device=device)
-            for k in range(dist.rank, t.eval_iters, dist.world):
-                x, y = to_device(*batches.sample(t.batch_size, t.seed, purpose, 0, k))
+            # under FSDP every process runs as many forward passes (each gathers weights with the
+            # others), so one without a batch of its own runs the last again and does not count it
+            stop = -(-t.eval_iters // dist.world) * dist.world if sharded else t.eval_iters
+            for k in range(dist.rank, stop, dist.world):
+                x, y = to_device(*batches.sample(t.batch_size, t.seed, purpose, 0, min(k, t.eval_iters - 1)))
                 with autocast:
                     loss = raw_model(x, y)
-                total += loss.double()
+                if k < t.eval_iters:
+                    total += loss.double()
             if dist.enabled:
                 torch.distributed.all_reduce(total)
             out[name] = float(total) / t.eval_iters
@@ -316,15 +346,21 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
         return out
 
     def save(it):
-        state = {"model": state_dict(), "optimizer": optimizer.state_dict(),
+        """Every process calls it: under FSDP, gathering the shards takes them all; rank 0 writes."""
+        plain, optim_state = fsdp.gather(raw_model, optimizer) if sharded else (raw_model, None)
+        if not dist.master:
+            return
+        state = {"model": state_dict(plain),
+                 "optimizer": optim_state if sharded else optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "options": job.options,
                  "iter_num": it, "best_val_loss": best_val,
                  "rng": {"torch": torch.get_rng_state(),
                          **({"cuda": torch.cuda.get_rng_state()} if device.startswith("cuda") else {})}}
         with atomic_write(out_dir / CKPT) as f:
             torch.save(state, f)
-        job.save_outputs(out_dir, raw_model)
+        job.save_outputs(out_dir, plain)
         metrics.plot()
+        say(f"saved {out_dir / CKPT} and {out_dir / job.saved_names}")
 
     from tqdm import tqdm
     bar = tqdm(total=t.max_iters, initial=iter_num, unit="it", dynamic_ncols=True, leave=False,
@@ -351,9 +387,7 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
                 best_val = min(best_val, losses["val"])
                 result.best_val_loss = best_val
             if (improved or t.always_save_checkpoint) and iter_num > 0 and not t.eval_only:
-                if dist.master:
-                    save(iter_num)
-                    say(f"saved {out_dir / CKPT} and {out_dir / job.saved_names}")
+                save(iter_num)
         if iter_num >= t.max_iters or t.eval_only:
             break
 
@@ -365,7 +399,9 @@ def fit(job: Job, t, dist: Dist, log, progress) -> Result:
         for j in range(local_steps):
             micro = j * dist.world + dist.rank  # this process's share of the global batch
             x, y = to_device(*train_batches.sample(t.batch_size, t.seed, TRAIN, iter_num, micro))
-            if dist.enabled:  # all-reduce the gradients only after the last micro-step
+            if sharded:  # reduce-scatter the gradients only after the last micro-step
+                raw_model.set_requires_gradient_sync(j == local_steps - 1)
+            elif dist.enabled:  # all-reduce the gradients only after the last micro-step
                 model.require_backward_grad_sync = j == local_steps - 1
             with autocast:
                 loss = model(x, y)
