@@ -1,6 +1,6 @@
 """`llama2 run --lora DIR [--lora-scale S]` in-process: the adapter's story is the Python API's with
 that adapter, scale 0 gives the base's bytes, two adapters sum, and mistakes get one line (exit 2
-for a flag, 1 for an adapter that does not fit the model)."""
+for a flag, 1 for an adapter that does not fit the model); `llama2 export --lora` into Q4_K_M."""
 
 import io
 
@@ -59,3 +59,39 @@ def test_lora_mistakes_get_one_line(adapters, tmp_path):
         code, out, err = run_cli("--lora", source)
         assert code == 1 and out == b"" and len(err.strip().splitlines()) == 1, err
         assert str(source) in err and ("another model" in err or "does not fit this model" in err), err
+
+
+def test_export_merges_an_adapter_into_q4_k_m(tmp_path):
+    """`export --lora --dtype q4_k_m`: the merged weights quantized as a merged float file would be
+    (the same tensors, byte for byte), Q4_K_M's own mix of Q4_K and Q6_K, and the adapter is in the
+    result (its logits are nearer the unmerged adapter's than the base's)."""
+    import numpy as np
+    from llama2 import formats
+
+    base = asset("kquant/rand256-f16.gguf")
+    config = formats.load_checkpoint(base).config
+    adapter = random_adapter(tmp_path / "a", config, scale=0.1)
+
+    def export(out, *flags):
+        out_, err = io.BytesIO(), io.StringIO()
+        code = main(["export", str(out), *map(str, flags)], stdout=out_, stderr=err, stdin=io.StringIO(""))
+        assert code == 0, err.getvalue()
+        return out
+
+    direct = export(tmp_path / "direct.gguf", "--from", base, "--lora", adapter, "--format", "gguf", "--dtype", "q4_k_m")
+    merged = export(tmp_path / "merged.gguf", "--from", base, "--lora", adapter, "--format", "gguf", "--dtype", "fp32")
+    twice = export(tmp_path / "twice.gguf", "--from", merged, "--format", "gguf", "--dtype", "q4_k_m")
+    a, b = formats.load_checkpoint(direct), formats.load_checkpoint(twice)
+    types = set()
+    for name, value in a.weights.items():
+        other = b.weights[name]
+        for m, n in zip(*((v if isinstance(v, list) else [v]) for v in (value, other))):
+            if hasattr(m, "blocks"):
+                types.add(m.NAME)
+                assert m.NAME == n.NAME and np.array_equal(np.asarray(m.blocks), np.asarray(n.blocks)), name
+    assert {"q4_k", "q6_k"} <= types
+    ids = list(range(1, 40))
+    quantized = Llama.load(direct).logits(ids)
+    unmerged = Llama.load(base, lora=adapter).logits(ids)
+    plain = Llama.load(base).logits(ids)
+    assert np.abs(quantized - unmerged).max() < 0.5 * np.abs(plain - unmerged).max()
