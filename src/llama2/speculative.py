@@ -47,9 +47,9 @@ SPIKE = 4.0  # a measured pass counts as at most this many times its average so 
 # last DRAFT_WINDOW tokens: catching up on all of them would cost the draft's prompt speed for every
 # token decoded plainly, however rarely drafts are re-tried, and no re-try spacing could bound it.
 DRAFT_WINDOW = 32
-# What feeding one token of that catch-up costs, in draft steps, until the passes say otherwise: a
-# prompt pass's row reuses the weights the pass reads (a stories260K-sized draft: 0.23; a TinyLlama
-# Q4_0 one: about 0.2). A draft re-tried after a plain stretch pays its catch-up first: TinyLlama
+# What feeding one token of that catch-up costs, in draft steps (a fixed estimate, not measured per
+# pair): a prompt pass's row reuses the weights the pass reads (measured: a stories260K-sized draft
+# 0.23; a TinyLlama Q4_0 one about 0.2). A draft re-tried after a plain stretch pays its catch-up first: TinyLlama
 # Q8_0 with a Q4_0 draft, 32 tokens of it cost 7 target steps, where the draft step and the 2-row
 # pass alone made a probe look like 1.6.
 CATCH_UP_ROW = 0.25
