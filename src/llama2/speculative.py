@@ -49,9 +49,9 @@ SPIKE = 4.0  # a measured pass counts as at most this many times its average so 
 DRAFT_WINDOW = 32
 # What feeding one token of that catch-up costs, in draft steps (a fixed estimate, not measured per
 # pair): a prompt pass's row reuses the weights the pass reads (measured: a stories260K-sized draft
-# 0.23; a TinyLlama Q4_0 one about 0.2). A draft re-tried after a plain stretch pays its catch-up first: TinyLlama
-# Q8_0 with a Q4_0 draft, 32 tokens of it cost 7 target steps, where the draft step and the 2-row
-# pass alone made a probe look like 1.6.
+# 0.23; a TinyLlama Q4_0 one about 0.2). A draft re-tried after a plain stretch pays its catch-up
+# first: TinyLlama Q8_0 with a Q4_0 draft, 32 tokens of it cost 7 target steps, where the draft step
+# and the 2-row pass alone made a probe look like 1.6.
 CATCH_UP_ROW = 0.25
 
 
@@ -410,9 +410,10 @@ class Drafting:
         a = self.ask(min(cache.seq_len - start - 1, seq.params.max_tokens - seq.generated - 1))
         draft = None
         if a is not None:
+            proposer = self.speculator.proposer
             t0 = time.perf_counter()
-            draft = self.speculator.proposer.propose([a])[0]
-            costs.record_draft(len(draft.tokens), time.perf_counter() - t0, self.speculator.proposer.behind(a.plain_run))
+            draft = proposer.propose([a])[0]
+            costs.record_draft(len(draft.tokens), time.perf_counter() - t0, proposer.behind(a.plain_run))
         t0 = time.perf_counter()
         if draft is None or not draft.tokens:
             logits = model.forward(seq.feed, cache, slot)[-1]

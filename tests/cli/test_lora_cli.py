@@ -78,7 +78,8 @@ def test_export_merges_an_adapter_into_q4_k_m(tmp_path):
         assert code == 0, err.getvalue()
         return out
 
-    direct = export(tmp_path / "direct.gguf", "--from", base, "--lora", adapter, "--format", "gguf", "--dtype", "q4_k_m")
+    direct = export(tmp_path / "direct.gguf", "--from", base, "--lora", adapter, "--format", "gguf",
+                    "--dtype", "q4_k_m")
     merged = export(tmp_path / "merged.gguf", "--from", base, "--lora", adapter, "--format", "gguf", "--dtype", "fp32")
     twice = export(tmp_path / "twice.gguf", "--from", merged, "--format", "gguf", "--dtype", "q4_k_m")
     a, b = formats.load_checkpoint(direct), formats.load_checkpoint(twice)

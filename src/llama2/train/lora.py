@@ -230,7 +230,9 @@ class FrozenEmbedding(nn.Module):
 
 
 class LoRALinear(nn.Module):
-    """base(x) + (alpha / rank) * B(A(dropout(x))); A [rank, in], B [out, rank], PEFT's names."""
+    """base(x) + (alpha / rank) * B(A(dropout(x))) for a FrozenLinear base; A [rank, in], B [out,
+    rank], PEFT's names. One _LoRAMatmul computes both paths (base's matrix and dtype are read, its
+    forward is not called)."""
 
     def __init__(self, base: nn.Module, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__()
