@@ -60,22 +60,31 @@ _Static_assert(sizeof(block_q8_k) == 292, "block_q8_k");
 /* The weight types, one record each; everything else is generated from this list: the type ids
  * (kernels.h), TYPE_INFO (dispatch.c), each variant's kernel table (table.c) and, through the
  * extension's types(), the Python side's ids, block sizes and bytes (llama2.native).
- *   X(NAME, name, ggml id, block struct, values per block, activations, prompt kernel)
+ *   X(NAME, name, id, block struct, values per block, activations, prompt kernel, group)
  * NAME is the GGUF name (weights/<name>.py is its Python module); type_<name>.c defines
  * KN(<name>_dot), KN(<name>_dequant) and KN(<name>_<prompt kernel>) (gemm, or dot itself for the
- * float types, whose prompts run gemm_float.c). Activations: how matmul hands the type x (ACT_*). */
-#define WEIGHT_TYPES(X)                                          \
-    X(F32, f32, 0, float, 1, ACT_F32, dot)                       \
-    X(F16, f16, 1, f16_t, 1, ACT_F32, dot)                       \
-    X(Q4_0, q4_0, 2, block_q4_0, QK, ACT_Q8_0, gemm)             \
-    X(Q4_1, q4_1, 3, block_q4_1, QK, ACT_Q8_0, gemm)             \
-    X(Q5_0, q5_0, 6, block_q5_0, QK, ACT_Q8_0, gemm)             \
-    X(Q5_1, q5_1, 7, block_q5_1, QK, ACT_Q8_0, gemm)             \
-    X(Q8_0, q8_0, 8, block_q8_0, QK, ACT_Q8_0, gemm)             \
-    X(Q4_K, q4_k, 12, block_q4_k, QK_K, ACT_Q8_K, gemm)          \
-    X(Q5_K, q5_k, 13, block_q5_k, QK_K, ACT_Q8_K, gemm)          \
-    X(Q6_K, q6_k, 14, block_q6_k, QK_K, ACT_Q8_K, gemm)          \
-    X(BF16, bf16, 30, bf16_t, 1, ACT_F32, dot)
+ * float types, whose prompts run gemm_float.c). Activations: how matmul hands the type x (ACT_*).
+ * id: ggml's type id; from LAYOUT_ID0 on, a layout of our own that no file stores.
+ * group: 1, or the rows a layout interleaves: a type's rows made at load into groups of `group`
+ * rows (weights/interleaved.py), each group's block b holding its rows' blocks b dword by dword:
+ * dword k of row r at byte 4 * (group * k + r) of it (so a group's rows read as one vector per
+ * dword); a group spans group * row_bytes bytes, its block b starting at byte b * group *
+ * block bytes. The kernels take whole groups (ops.c chunks them so), and the dequantizer row r
+ * of a group at its byte 4 * r. */
+#define LAYOUT_ID0 64
+#define WEIGHT_TYPES(X)                                             \
+    X(F32, f32, 0, float, 1, ACT_F32, dot, 1)                       \
+    X(F16, f16, 1, f16_t, 1, ACT_F32, dot, 1)                       \
+    X(Q4_0, q4_0, 2, block_q4_0, QK, ACT_Q8_0, gemm, 1)             \
+    X(Q4_1, q4_1, 3, block_q4_1, QK, ACT_Q8_0, gemm, 1)             \
+    X(Q5_0, q5_0, 6, block_q5_0, QK, ACT_Q8_0, gemm, 1)             \
+    X(Q5_1, q5_1, 7, block_q5_1, QK, ACT_Q8_0, gemm, 1)             \
+    X(Q8_0, q8_0, 8, block_q8_0, QK, ACT_Q8_0, gemm, 1)             \
+    X(Q4_K, q4_k, 12, block_q4_k, QK_K, ACT_Q8_K, gemm, 1)          \
+    X(Q5_K, q5_k, 13, block_q5_k, QK_K, ACT_Q8_K, gemm, 1)          \
+    X(Q6_K, q6_k, 14, block_q6_k, QK_K, ACT_Q8_K, gemm, 1)          \
+    X(BF16, bf16, 30, bf16_t, 1, ACT_F32, dot, 1)                   \
+    X(Q4_K_X16, q4_k_x16, 64, block_q4_k, QK_K, ACT_Q8_K, gemm, 16)
 
 /* Exact half -> float (every half is a float; NaN payloads are kept). Integer operations only,
  * so a flush-to-zero or denormals-are-zero mode set by another library cannot change it. */

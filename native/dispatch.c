@@ -8,7 +8,7 @@
 #include <cpuid.h>
 #endif
 
-#define INFO(U, l, id, block, values, act, prompt) [T_##U] = {#U, values, sizeof(block), act},
+#define INFO(U, l, id, block, values, act, prompt, group) [T_##U] = {#U, values, sizeof(block), act, group},
 const type_info TYPE_INFO[T_COUNT] = {WEIGHT_TYPES(INFO)};
 #undef INFO
 

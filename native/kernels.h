@@ -9,11 +9,11 @@
 #include "blocks.h"
 
 /* ggml type ids (GGUF tensor types) of the weight types we run (blocks.h WEIGHT_TYPES): T_F32 ...
- * T_COUNT bounds the ids (ggml's own count is larger; ours stop at BF16). */
-#define TYPE_ID(U, l, id, block, values, act, prompt) T_##U = id,
-enum { WEIGHT_TYPES(TYPE_ID) T_COUNT = 31 };
+ * T_COUNT bounds the ids (ggml's types we run stop at BF16, 30; our layouts start at LAYOUT_ID0). */
+#define TYPE_ID(U, l, id, block, values, act, prompt, group) T_##U = id,
+enum { WEIGHT_TYPES(TYPE_ID) T_COUNT = 65 };
 #undef TYPE_ID
-#define TYPE_ID_FITS(U, l, id, block, values, act, prompt) _Static_assert(id < T_COUNT, "T_COUNT: " #U);
+#define TYPE_ID_FITS(U, l, id, block, values, act, prompt, group) _Static_assert(id < T_COUNT, "T_COUNT: " #U);
 WEIGHT_TYPES(TYPE_ID_FITS)
 #undef TYPE_ID_FITS
 
@@ -106,8 +106,8 @@ typedef struct kernel_table {
     gemm_float_fn gemm_float;  /* prompts on F32 / F16 / BF16 weights (gemm.c) */
 } kernel_table;
 
-/* Static facts about each type, the same for every variant. */
-typedef struct { const char *name; int block_values; int block_bytes; int act; } type_info;
+/* Static facts about each type, the same for every variant (group: blocks.h). */
+typedef struct { const char *name; int block_values; int block_bytes; int act; int group; } type_info;
 extern const type_info TYPE_INFO[T_COUNT];
 
 /* Per-variant names: a source compiled for variant V defines NAME_V (see level.h). */

@@ -137,32 +137,37 @@ INLINE void kq_dot_body(int64_t nb, const uint8_t *w, kq_layout L, const char *x
 }
 
 #if defined(__AVX2__)
-/* The prompt kernel's unpacking (kq_gemm.h) of block b of KG_VL rows: the low nibbles of qs dword
+/* The scales of one block of KG_VL rows for the prompt kernel (kq_gemm.h), from the block's dwords
+ * 0-3 transposed (d and dmin, then the twelve scale bytes): dword k of lane r at hd[k * ts + r].
+ * k_scale_min's bit moves (blocks.h) on vectors: v[0] and v[1] hold sc[0..3] and sc[4..7] (a byte
+ * each), v[2] and v[3] the mins. */
+INLINE void kq_scales_t(const uint32_t *hd, size_t ts, kg_panel *p) {
+    const kg_vi A = kg_loadu(hd + ts), B = kg_loadu(hd + 2 * ts), C = kg_loadu(hd + 3 * ts),
+                m6 = kg_set1(0x3f3f3f3f), m4 = kg_set1(0x0f0f0f0f), m2 = kg_set1(0x30303030), ff = kg_set1(0xff);
+    const kg_vi v[4] = {kg_and(A, m6), kg_or(kg_and(C, m4), kg_and(kg_srli32(A, 2), m2)), kg_and(B, m6),
+                        kg_or(kg_and(kg_srli32(C, 4), m4), kg_and(kg_srli32(B, 2), m2))};
+    for (int s = 0; s < 8; s++) {
+        kg_vi sc = kg_and(kg_srli32(v[s / 4], 8 * (s % 4)), ff), mn = kg_and(kg_srli32(v[2 + s / 4], 8 * (s % 4)), ff);
+        kg_store(p->sc[s], KG_VNNI ? sc : kg_or(sc, kg_slli32(sc, 16)));  /* KG_SCALE_WORD */
+        kg_store(p->cw[s], kg_or(mn, kg_slli32(mn, 16)));                 /* KG_PAIR(mn, mn) */
+    }
+    for (int r = 0; r < KG_VL; r++)
+        p->d[r] = KQ_D((const uint8_t *)(hd + r)), p->nm[r] = -KQ_DMIN((const uint8_t *)(hd + r));
+}
+
+/* The prompt kernel's unpacking of block b of KG_VL rows as the file stores them (row_bytes
+ * apart): the block transposed, its scales, then the codes as q: the low nibbles of qs dword
  * k = 8i + k' (elements 64i + 4k'..) are values dword 16i + k', the high nibbles 16i + 8 + k';
  * Q5_K's fifth bit of element 32s + l is bit s of qh[l]. */
 static void kq_unpack(const void *ctx, const uint8_t *w, size_t row_bytes, int64_t b, kg_panel *p) {
     const kq_layout L = *(const kq_layout *)ctx;
     uint32_t qs[32][KG_VL] __attribute__((aligned(64))), qh[8][KG_VL] __attribute__((aligned(64)));
+    uint32_t hd[8][KG_VL] __attribute__((aligned(64)));
     w += b * L.bytes;
     kg_transpose(w, row_bytes, L.qs, 32, qs);
     if (L.five) kg_transpose(w, row_bytes, L.qh, 8, qh);
-    /* The scales and mins of all KG_VL rows at once: the twelve scale bytes (dwords 1..3 of the
-     * block) transposed, then k_scale_min's bit moves (blocks.h) on vectors: v[0] and v[1] hold
-     * sc[0..3] and sc[4..7] (a byte each), v[2] and v[3] the mins. */
-    uint32_t hd[8][KG_VL] __attribute__((aligned(64)));
     kg_transpose(w, row_bytes, 0, KG_VL == 16 ? 4 : 8, hd);
-    {
-        const kg_vi A = kg_load(hd[1]), B = kg_load(hd[2]), C = kg_load(hd[3]), m6 = kg_set1(0x3f3f3f3f),
-                    m4 = kg_set1(0x0f0f0f0f), m2 = kg_set1(0x30303030), ff = kg_set1(0xff);
-        const kg_vi v[4] = {kg_and(A, m6), kg_or(kg_and(C, m4), kg_and(kg_srli32(A, 2), m2)), kg_and(B, m6),
-                            kg_or(kg_and(kg_srli32(C, 4), m4), kg_and(kg_srli32(B, 2), m2))};
-        for (int s = 0; s < 8; s++) {
-            kg_vi sc = kg_and(kg_srli32(v[s / 4], 8 * (s % 4)), ff), mn = kg_and(kg_srli32(v[2 + s / 4], 8 * (s % 4)), ff);
-            kg_store(p->sc[s], KG_VNNI ? sc : kg_or(sc, kg_slli32(sc, 16)));  /* KG_SCALE_WORD */
-            kg_store(p->cw[s], kg_or(mn, kg_slli32(mn, 16)));                 /* KG_PAIR(mn, mn) */
-        }
-    }
-    for (int r = 0; r < KG_VL; r++) p->d[r] = KQ_D(w + r * row_bytes), p->nm[r] = -KQ_DMIN(w + r * row_bytes);
+    kq_scales_t(hd[0], KG_VL, p);
     const kg_vi m4 = kg_set1(0x0F0F0F0F), m1 = kg_set1(0x01010101);
     for (int k = 0; k < 32; k++) {
         int i = k / 8, kk = k % 8;
@@ -191,7 +196,7 @@ INLINE void kq_dot(int64_t cols, const void *w, size_t row_bytes, int64_t nrows,
         /* ADD16: maddubs pairs are at most 2 * 15 * 127 (Q4_K) or 2 * 31 * 127 (Q5_K) */
         for (; r + KG_VL <= nrows; r += KG_VL)
             kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, kq_unpack, &L, 8,
-                    L.five ? 4 : 8, 1);
+                    L.five ? 4 : 8, 1, 0);
     }
 #endif
     for (int j0 = 0; j0 < nx; j0 += NX_TILE) {

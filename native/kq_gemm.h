@@ -7,7 +7,10 @@
  * transposed so that vector a holds every row's values 4a..4a+3, plus the rows' scale vectors),
  * which then serves every activation row of the call (up to GEMM_TILE): the unpacking, the
  * scale decoding and the float work per (row, block) are spread over the tile, and the integer
- * work is one vpdpbusd per 4 x KG_VL multiply-adds (maddubs + madd without VNNI).
+ * work is one vpdpbusd per 4 x KG_VL multiply-adds (maddubs + madd without VNNI). A layout made
+ * at load (type_q4_k_x16.c) already holds each block's rows dword by dword: its unpack decodes the
+ * scales alone and kg_block (PACKED) takes the 4-bit codes from where they lie, a load, a shift and
+ * a mask per vector, which also makes the kernel worth running for decode rows.
  *
  * What each (weight row, activation row) output is, the contract with the dot kernels
  * (kq_common.h, type_q6_k.c): per block, two exact integers
@@ -31,6 +34,7 @@
 typedef __m512i kg_vi;
 typedef __m512 kg_vf;
 #define kg_load(p) _mm512_load_si512((const void *)(p))
+#define kg_loadu(p) _mm512_loadu_si512((const void *)(p))
 #define kg_store(p, v) _mm512_store_si512((void *)(p), v)
 #define kg_set1(i) _mm512_set1_epi32(i)
 #define kg_zero() _mm512_setzero_si512()
@@ -60,6 +64,7 @@ typedef __m512 kg_vf;
 typedef __m256i kg_vi;
 typedef __m256 kg_vf;
 #define kg_load(p) _mm256_load_si256((const __m256i *)(p))
+#define kg_loadu(p) _mm256_loadu_si256((const __m256i *)(p))
 #define kg_store(p, v) _mm256_store_si256((__m256i *)(p), v)
 #define kg_set1(i) _mm256_set1_epi32(i)
 #define kg_zero() _mm256_setzero_si256()
@@ -105,7 +110,19 @@ typedef struct {
     int32_t sc[16][KG_VL];  /* scale of group g (KG_SCALE_WORD); Q4_K/Q5_K use 8 groups of 32 */
     int32_t cw[8][KG_VL];   /* KG_PAIR against each activation row's (bsums[2t], bsums[2t+1]) */
     float d[KG_VL], nm[KG_VL];  /* d; -dmin (types with a min) */
+    /* Q4_K's codes read as they lie (an interleaved layout, kernels with PACKED set) instead of q:
+     * qs dword k of lane r at packed[k * ts + r]; its low nibbles are values dword 16i + k', its
+     * high nibbles 16i + 8 + k' (k = 8i + k'), as kq_unpack_t lays q out */
+    const uint32_t *packed;
+    size_t ts;
 } kg_panel;
+
+/* Values dword a of the panel's rows (unsigned bytes), from q or, PACKED, from the codes in place. */
+INLINE kg_vi kg_q(const kg_panel *p, int a, int PACKED) {
+    if (!PACKED) return kg_load(&p->q[a]);
+    kg_vi v = kg_loadu(p->packed + (size_t)((a >> 4) * 8 + (a & 7)) * p->ts);
+    return kg_and((a >> 3) & 1 ? kg_srli32(v, 4) : v, kg_set1(0x0F0F0F0F));
+}
 
 /* What differs between the types: how a block is unpacked (rows from w, row_bytes apart, block
  * b, KG_VL rows; ctx: the type's own facts, Q4_K/Q5_K's layout). The kernels below also take, as
@@ -159,8 +176,8 @@ INLINE void kg_transpose(const uint8_t *w, size_t row_bytes, size_t off, int ndw
 #endif
 
 /* One block of the panel against NX activation rows (x, xs apart), added into acc[j][lane]. */
-INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char *x, size_t xs, int64_t b, int NX,
-                     float (*acc)[KG_VL]) {
+INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, int PACKED, const char *x, size_t xs, int64_t b,
+                     int NX, float (*acc)[KG_VL]) {
     kg_vi sumi[NX_MAX], part[NX_MAX];
     const block_q8_k *xb[NX_MAX];
     for (int j = 0; j < NX; j++) xb[j] = (const block_q8_k *)(x + j * xs) + b, sumi[j] = kg_zero();
@@ -172,19 +189,19 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
 #pragma GCC unroll 8
         for (int k = 0; k < GDW; k++) {
             const int a = g * GDW + k;
-            kg_vi q = kg_load(&p->q[a]);
+            kg_vi q = kg_q(p, a, PACKED);
             for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * a)));
         }
         for (int j = 0; j < NX; j++) sumi[j] = kg_add32(sumi[j], kg_mullo(part[j], sc));
 #else
         for (int k0 = 0; k0 < GDW; k0 += ADD16) {
             const int a0 = g * GDW + k0;
-            kg_vi q0 = kg_load(&p->q[a0]);
+            kg_vi q0 = kg_q(p, a0, PACKED);
             for (int j = 0; j < NX; j++) part[j] = kg_maddubs(q0, kg_set1((int)load_u32(xb[j]->qs + 4 * a0)));
 #pragma GCC unroll 1
             for (int k = 1; k < ADD16; k++) {
                 const int a = a0 + k;
-                kg_vi q = kg_load(&p->q[a]);
+                kg_vi q = kg_q(p, a, PACKED);
                 for (int j = 0; j < NX; j++)
                     part[j] = kg_add16(part[j], kg_maddubs(q, kg_set1((int)load_u32(xb[j]->qs + 4 * a))));
             }
@@ -227,13 +244,13 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, const char 
 #define KG_NX 4
 #endif
 INLINE void kg_rows(int64_t nb, const uint8_t *w, size_t row_bytes, const char *x, size_t xs, int nx, float *out,
-                    size_t os, kg_unpack_fn unpack, const void *ctx, int GDW, int ADD16, int MIN) {
+                    size_t os, kg_unpack_fn unpack, const void *ctx, int GDW, int ADD16, int MIN, int PACKED) {
     kg_panel p __attribute__((aligned(64)));
     float acc[GEMM_TILE][KG_VL] __attribute__((aligned(64)));
     memset(acc, 0, sizeof(acc[0]) * (size_t)nx);
     for (int64_t b = 0; b < nb; b++) {
         unpack(ctx, w, row_bytes, b, &p);
-#define C(j0, n) kg_block(&p, GDW, ADD16, MIN, x + (j0) * xs, xs, b, n, acc + (j0))
+#define C(j0, n) kg_block(&p, GDW, ADD16, MIN, PACKED, x + (j0) * xs, xs, b, n, acc + (j0))
         DISPATCH_PAIR_NX(nx, KG_NX, C)
 #undef C
     }

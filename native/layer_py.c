@@ -80,7 +80,7 @@ static int matrix_spec(holder *h, PyObject *spec, int64_t rows, int64_t cols, co
         if (!w) return -1;
         const type_info *ti = &TYPE_INFO[t];
         size_t row_bytes = w->ndim == 2 ? (size_t)w->shape[1] * (size_t)w->itemsize : 0;
-        if (w->ndim != 2 || w->shape[0] != rows || cols % ti->block_values ||
+        if (w->ndim != 2 || w->shape[0] != rows || rows % ti->group || cols % ti->block_values ||
             row_bytes != (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes) {
             PyErr_Format(PyExc_ValueError, "forward_plan: %s must be %s [%lld, %lld]", what, ti->name,
                          (long long)rows, (long long)cols);

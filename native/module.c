@@ -35,6 +35,11 @@ static int weight_shape(const Py_buffer *w, int t, int64_t cols, int64_t *rows, 
         return -1;
     }
     *rows = w->shape[0];
+    if (*rows % ti->group) {
+        PyErr_Format(PyExc_ValueError, "%s: %s interleaves rows in groups of %d; w has %lld rows", fn, ti->name,
+                     ti->group, (long long)*rows);
+        return -1;
+    }
     *row_bytes = (size_t)w->shape[1] * (size_t)w->itemsize;
     size_t want = (size_t)(cols / ti->block_values) * (size_t)ti->block_bytes;
     if (*row_bytes != want) {
@@ -161,6 +166,34 @@ static PyObject *py_dequantize_rows(PyObject *self, PyObject *const *args, Py_ss
     if (cols < 0 || weight_shape(w, t, cols, &rows, &row_bytes, fn) < 0 || ids_in(ids, rows, fn) < 0) return NULL;
     Py_BEGIN_ALLOW_THREADS
     op_dequantize_rows(t, w->buf, row_bytes, ids->buf, ids->shape[0], cols, out->buf);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* interleave(layout, w, out): out uint8 [rows, row_bytes] = w (the same shape, the layout's base
+ * type as a file stores it) in the layout's groups (blocks.h) */
+static PyObject *py_interleave(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    static const char *fn = "interleave";
+    PB_ARGS a = {0};
+    if (PB_PARSE(a, fn, args, nargs, 3, {1, "w", PB_BYTES, 0}, {2, "out", PB_BYTES, 1}) < 0) return NULL;
+    int t = weight_type(args[0], fn);
+    if (t < 0) return NULL;
+    const type_info *ti = &TYPE_INFO[t];
+    const Py_buffer *w = &a.b[0], *out = &a.b[1];
+    if (ti->group < 2 || ti->block_bytes % 4) {
+        PyErr_Format(PyExc_ValueError, "%s: %s is not a layout of interleaved rows", fn, ti->name);
+        return NULL;
+    }
+    if (w->ndim != 2 || out->ndim != 2 || w->shape[0] != out->shape[0] || w->len != out->len ||
+        w->shape[0] % ti->group || (w->shape[0] && (w->len / w->shape[0]) % ti->block_bytes)) {
+        PyErr_Format(PyExc_ValueError, "%s: w and out must be [rows, row_bytes] alike, rows a multiple of %d and "
+                     "rows of whole %d-byte blocks", fn, ti->group, ti->block_bytes);
+        return NULL;
+    }
+    int64_t rows = w->shape[0];
+    if (!rows) Py_RETURN_NONE;
+    Py_BEGIN_ALLOW_THREADS
+    op_interleave(t, w->buf, (size_t)(w->len / rows), rows, out->buf);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
@@ -570,14 +603,14 @@ static PyObject *py_cpu_id(PyObject *self, PyObject *unused) {
     return Py_BuildValue("(sii)", vendor, family, model);
 }
 
-/* types() -> {id: (name, block_values, block_bytes, activation kind)} */
+/* types() -> {id: (name, block_values, block_bytes, activation kind, group)} (blocks.h WEIGHT_TYPES) */
 static PyObject *py_types(PyObject *self, PyObject *unused) {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (int t = 0; t < T_COUNT; t++) {
         if (!TYPE_INFO[t].name) continue;
         const type_info *ti = &TYPE_INFO[t];
-        PyObject *k = PyLong_FromLong(t), *v = Py_BuildValue("(siii)", ti->name, ti->block_values, ti->block_bytes, ti->act);
+        PyObject *k = PyLong_FromLong(t), *v = Py_BuildValue("(siiii)", ti->name, ti->block_values, ti->block_bytes, ti->act, ti->group);
         if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
         Py_DECREF(k);
         Py_DECREF(v);
@@ -589,6 +622,7 @@ static PyMethodDef methods[] = {
     {"matmul", (PyCFunction)(void (*)(void))py_matmul, METH_FASTCALL, "matmul(wtype, w, x, out)"},
     {"matmul_int8_rows", (PyCFunction)(void (*)(void))py_matmul_int8_rows, METH_FASTCALL,
      "matmul_int8_rows(q, s, group_size, x, out)"},
+    {"interleave", (PyCFunction)(void (*)(void))py_interleave, METH_FASTCALL, "interleave(layout, w, out)"},
     {"dequantize_rows", (PyCFunction)(void (*)(void))py_dequantize_rows, METH_FASTCALL,
      "dequantize_rows(wtype, w, ids, out)"},
     {"rmsnorm", (PyCFunction)(void (*)(void))py_rmsnorm, METH_FASTCALL, "rmsnorm(x, w, eps, out) -> out"},
@@ -614,7 +648,7 @@ static PyMethodDef methods[] = {
      "select_variant(name[, {type id: variant}, {type id: decode variant}])"},
     {"type_variants", py_type_variants, METH_NOARGS, "type_variants() -> {type id: (variant, decode variant)}"},
     {"cpu_id", py_cpu_id, METH_NOARGS, "cpu_id() -> (vendor, family, model)"},
-    {"types", py_types, METH_NOARGS, "types() -> {ggml id: (name, block_values, block_bytes, act)}"},
+    {"types", py_types, METH_NOARGS, "types() -> {id: (name, block_values, block_bytes, act, group)}"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -83,8 +83,9 @@ void product_init(product *p, const kernel_table *kt, const matrix *m, const voi
         if (n > p->tile && chunk * (int64_t)m->row_bytes > CHUNK_CACHE) chunk = CHUNK_CACHE / (int64_t)m->row_bytes;
         if (chunk < 4) chunk = 4;
         /* the prompt kernels of the k-quants, Q8_0 and Q4_0 take 16 (AVX-512) or 8 rows at once:
-         * whole ones but at the end */
+         * whole ones but at the end; an interleaved layout's kernels whole groups (blocks.h) */
         int whole = prompt ? 16 : 2;
+        if (m->kind == MAT_TYPE && TYPE_INFO[m->type].group > whole) whole = TYPE_INFO[m->type].group;
         p->chunk = (chunk + whole - 1) / whole * whole;
         if (n > p->tile && m->kind != MAT_INT8_FLAT) p->xblock = block_rows(x_stride, n, p->tile);
     }
@@ -189,6 +190,7 @@ typedef struct {
     dequant_fn dequant;
     const uint8_t *w;
     size_t row_bytes;
+    int64_t group;  /* rows interleaved per group (blocks.h): row i starts 4 * (i % group) into its group */
     const int64_t *ids;
     int64_t r, cols;
     float *out;
@@ -197,12 +199,15 @@ typedef struct {
 static void dq_task(void *arg, int ith, int nth) {
     dq_job *j = arg;
     int64_t per = (j->r + nth - 1) / nth, i0 = ith * per, i1 = i0 + per < j->r ? i0 + per : j->r;
-    for (int64_t i = i0; i < i1; i++) j->dequant(j->w + j->ids[i] * j->row_bytes, j->out + i * j->cols, j->cols);
+    for (int64_t i = i0; i < i1; i++) {
+        int64_t id = j->ids[i], r = id % j->group;
+        j->dequant(j->w + (id - r) * j->row_bytes + 4 * r, j->out + i * j->cols, j->cols);
+    }
 }
 
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
                         int64_t cols, float *out) {
-    dq_job j = {active_table->by_type[type]->dequant[type], w, row_bytes, ids, r, cols, out};
+    dq_job j = {active_table->by_type[type]->dequant[type], w, row_bytes, TYPE_INFO[type].group, ids, r, cols, out};
     if (r >= 2 && r * cols >= (1 << 18)) pool_run(dq_task, &j);
     else dq_task(&j, 0, 1);
 }
@@ -235,4 +240,35 @@ void op_dequantize_int8(const int8_t *q, const float *s, int64_t gs, int64_t col
     int8_dq_job j = {active_table, q, s, gs, cols, r, ids, out};
     if (r >= 2 && r * cols >= (1 << 18)) pool_run(int8_dq_task, &j);
     else int8_dq_task(&j, 0, 1);
+}
+
+/* A layout's groups (blocks.h): dword k of block b of row r of a group -> its byte 4 * ((b * dw + k) *
+ * group + r), dw = dwords a block; the groups split over the pool in runs. */
+typedef struct {
+    const uint8_t *w;
+    uint8_t *out;
+    size_t row_bytes, block_bytes;
+    int64_t groups, group;
+} il_job;
+
+static void il_task(void *arg, int ith, int nth) {
+    il_job *j = arg;
+    const int64_t per = (j->groups + nth - 1) / nth, g0 = ith * per, g1 = g0 + per < j->groups ? g0 + per : j->groups;
+    const int64_t G = j->group, nb = (int64_t)(j->row_bytes / j->block_bytes), dw = (int64_t)(j->block_bytes / 4);
+    for (int64_t g = g0; g < g1; g++) {
+        const uint8_t *w = j->w + g * G * j->row_bytes;
+        uint8_t *o = j->out + g * G * j->row_bytes;
+        for (int64_t b = 0; b < nb; b++, o += G * j->block_bytes)
+            for (int64_t r = 0; r < G; r++) {
+                const uint8_t *s = w + r * j->row_bytes + b * j->block_bytes;
+                for (int64_t k = 0; k < dw; k++) memcpy(o + 4 * (k * G + r), s + 4 * k, 4);
+            }
+    }
+}
+
+void op_interleave(int type, const uint8_t *w, size_t row_bytes, int64_t rows, uint8_t *out) {
+    il_job j = {w, out, row_bytes, (size_t)TYPE_INFO[type].block_bytes, rows / TYPE_INFO[type].group,
+                TYPE_INFO[type].group};
+    if (j.groups >= 2) pool_run(il_task, &j);
+    else il_task(&j, 0, 1);
 }

@@ -51,6 +51,9 @@ int op_matmul_int8_rows(const int8_t *q, const float *s, int64_t gs, int64_t row
 /* out [R, cols] = dequantize(w[ids]) */
 void op_dequantize_rows(int type, const uint8_t *w, size_t row_bytes, const int64_t *ids, int64_t r,
                         int64_t cols, float *out);
+/* out [rows, row_bytes] = w's rows, stored as the base type of layout `type`, in that layout's
+ * groups (blocks.h; rows: whole groups) */
+void op_interleave(int type, const uint8_t *w, size_t row_bytes, int64_t rows, uint8_t *out);
 /* x [N, cols] -> N rows of Q8_0 blocks (k = 0) or Q8_K blocks (k = 1) */
 void op_quantize(int k, const float *x, int64_t n, int64_t cols, void *out);
 /* llama2.c version-2 Q8 in any layout (groups of any size, rows may straddle them), activations as

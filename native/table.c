@@ -2,7 +2,7 @@
  * entries come from blocks.h's WEIGHT_TYPES (adding a type changes nothing here). */
 #include "level.h"
 
-#define DECLARE(U, l, id, block, values, act, prompt) \
+#define DECLARE(U, l, id, block, values, act, prompt, group) \
     void KN(l##_dot)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t); \
     void KN(l##_##prompt)(int64_t, const void *, size_t, int64_t, const void *, size_t, int, float *, size_t); \
     void KN(l##_dequant)(const void *, float *, int64_t);
@@ -35,10 +35,10 @@ const kernel_table KN(table) = {
     .name = STR(LLAMA2_VARIANT),
     .nx_tile = NX_TILE,
     .gemm_tile = GEMM_TILE,
-#define DOT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dot),
-#define GEMM(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_##prompt),
-#define DEQUANT(U, l, id, block, values, act, prompt) [T_##U] = KN(l##_dequant),
-#define SELF(U, l, id, block, values, act, prompt) [T_##U] = &KN(table),
+#define DOT(U, l, id, block, values, act, prompt, group) [T_##U] = KN(l##_dot),
+#define GEMM(U, l, id, block, values, act, prompt, group) [T_##U] = KN(l##_##prompt),
+#define DEQUANT(U, l, id, block, values, act, prompt, group) [T_##U] = KN(l##_dequant),
+#define SELF(U, l, id, block, values, act, prompt, group) [T_##U] = &KN(table),
     .by_type = {WEIGHT_TYPES(SELF)},
     .decode_by_type = {WEIGHT_TYPES(SELF)},
     .dot = {WEIGHT_TYPES(DOT)},

@@ -157,7 +157,7 @@ INLINE void rows(int64_t cols, const void *w, size_t row_bytes, int64_t nrows, c
         /* ADD16 2: maddubs pairs are at most 2 * 63 * 127 */
         for (; r + KG_VL <= nrows; r += KG_VL)
             kg_rows(cols / QK_K, wb + r * row_bytes, row_bytes, (const char *)x, xs, nx, out + r, os, q6_unpack, NULL, 4,
-                    2, 0);
+                    2, 0, 0);
     }
 #endif
     for (int j0 = 0; j0 < nx; j0 += NX_TILE) {

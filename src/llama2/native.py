@@ -11,6 +11,7 @@ file stores them, row dequantization and activation quantization, on a thread po
     describe()                       it in words, e.g. "avx512vnni; avx2 for F16; avx2 decode for Q8_0"
     set_threads(n)                   size of the native pool (llama2.threads.set_threads calls it)
     matmul(wtype, w, x, out)         out [N, rows] = x [N, cols] @ dequantize(w [rows, row_bytes]).T
+    interleave(layout, w, out)       w's rows regrouped into a layout of LAYOUTS (at load)
     dequantize_rows(wtype, w, ids, out)   out [R, cols] = dequantize(w[ids]), bit-equal to gguf's
     matmul_int8_rows(q, s, group_size, x, out)   the same for llama2.c int8 (weights.int8_groups)
                                      whose rows hold whole groups of a multiple of 32 values
@@ -22,6 +23,8 @@ file stores them, row dequantization and activation quantization, on a thread po
     silu_mul(a, b)                   a [N, H] = silu(a) * b in place
     WEIGHT_TYPES                     our type name -> WeightType(id, name, block_values,
                                      block_bytes, activations): native/blocks.h's records
+    LAYOUTS                          name -> Layout(id, name, base, group): the layouts made at
+                                     load (a type's rows interleaved; llama2.weights.interleaved)
     TYPES                            ggml type id -> (name, block_values, block_bytes)
     attention_decode(kvtype, q, k_pool, v_pool, tables, lens, out)   decode attention through
                                      block tables over a paged KV cache (llama2.kvcache)
@@ -72,13 +75,29 @@ class WeightType(NamedTuple):
     activations: str  # how matmul hands it x: None (float32 rows), "q8_0" or "q8_k" blocks
 
 
+class Layout(NamedTuple):
+    """A layout made at load (native/blocks.h WEIGHT_TYPES, group > 1): `base`'s rows interleaved in
+    groups of `group` rows, read by kernels of its own with the base type's bits."""
+    id: int  # ours, from 64 on: no file stores it
+    name: str
+    base: str  # the weight type whose blocks it holds, e.g. "q4_k"
+    group: int
+
+
 _ACTIVATIONS = (None, "q8_0", "q8_k")  # native/kernels.h ACT_F32, ACT_Q8_0, ACT_Q8_K
+_RECORDS = _native.types()
 WEIGHT_TYPES = {name.lower(): WeightType(t, name, values, nbytes, _ACTIVATIONS[act])
-                for t, (name, values, nbytes, act) in _native.types().items()}
+                for t, (name, values, nbytes, act, group) in _RECORDS.items() if group == 1}
 TYPES = {t.id: (t.name, t.block_values, t.block_bytes) for t in WEIGHT_TYPES.values()}
+LAYOUTS = {name.lower(): Layout(t, name.lower(), name.lower().rpartition("_")[0], group)
+           for t, (name, values, nbytes, act, group) in _RECORDS.items() if group > 1}
 
 matmul = _native.matmul
 dequantize_rows = _native.dequantize_rows
+# interleave(layout, w, out): out uint8 [rows, row_bytes] = w (the layout's base type, as stored) in
+# layout `layout`'s groups of rows (an id of LAYOUTS; native/blocks.h says where each dword goes);
+# rows a multiple of the group. llama2.weights.interleaved calls it at load.
+interleave = _native.interleave
 # Beyond the contract: llama2.c version-2 Q8 read in place, q int8 [rows, cols] and s float32
 # [rows * cols / group_size] (a scale per group of the flattened matrix; whole groups per row and
 # group_size a multiple of 32, else ValueError): out = x @ (q * s per group).T, with x quantized
@@ -240,9 +259,16 @@ def select_kernels(k: Kernels) -> Kernels:
         if v != p and (WEIGHT_TYPES[name.lower()].activations is None or "scalar" in (v, p)):
             raise ValueError(f"{name}: decode on {v} and prompts on {p} would give a row other bits in a "
                              "prompt than in decode (only the quantized types' SIMD variants agree)")
-    _native.select_variant(k.base, {WEIGHT_TYPES[t.lower()].id: v for t, v in k.types.items()},
-                           {WEIGHT_TYPES[t.lower()].id: v for t, v in k.decode.items()})
+    _native.select_variant(k.base, _ids(k.types), _ids(k.decode))
     return k
+
+
+def _ids(by_name: dict) -> dict:
+    """Type name -> variant, as type id -> variant, each layout (LAYOUTS) on its base type's."""
+    ids = {WEIGHT_TYPES[t.lower()].id: v for t, v in by_name.items()}
+    ids.update({lay.id: ids[WEIGHT_TYPES[lay.base].id] for lay in LAYOUTS.values()
+                if WEIGHT_TYPES[lay.base].id in ids})
+    return ids
 
 
 def select_for_cpu(cpu_id: Cpu) -> Kernels:
@@ -252,7 +278,7 @@ def select_for_cpu(cpu_id: Cpu) -> Kernels:
 
 def kernels() -> Kernels:
     """The active choice."""
-    by_type = {TYPES[t][0]: pair for t, pair in _native.type_variants().items()}
+    by_type = {TYPES[t][0]: pair for t, pair in _native.type_variants().items() if t in TYPES}  # layouts follow
     return Kernels(_native.variant(), {t: p for t, (p, _) in by_type.items()},
                    {t: d for t, (_, d) in by_type.items()})
 

@@ -628,3 +628,66 @@ def test_float_prompt_products_of_wide_rows(variant):
         for i in range(30):
             native.matmul(int(t), w, x[i:i + 1], one)
             np.testing.assert_array_equal(one[0].view(np.uint32), out[i].view(np.uint32), err_msg=f"row {i}")
+
+
+# The layouts made at load (native.LAYOUTS, llama2.weights.interleaved): a type's rows regrouped,
+# every output the base type's own bits.
+LAYOUTS = tuple(native.LAYOUTS.values())
+
+
+def numpy_interleave(w, group, block_bytes):
+    """The layout by its definition (native/blocks.h): dword k of block b of row r of a group at
+    byte 4 * ((b * dwords_per_block + k) * group + r) of the group."""
+    rows, rb = w.shape
+    nb, dw = rb // block_bytes, block_bytes // 4
+    d = w.view("<u4").reshape(rows // group, group, nb, dw)
+    return np.ascontiguousarray(d.transpose(0, 2, 3, 1)).view(np.uint8).reshape(rows, rb)
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.name)
+def test_interleave_is_the_layout_byte_for_byte(lay):
+    base = GT(native.WEIGHT_TYPES[lay.base].id)
+    w = random_weights(np.random.default_rng(3), base, 3 * lay.group, 768)
+    out = np.empty_like(w)
+    native.interleave(lay.id, w, out)
+    np.testing.assert_array_equal(out, numpy_interleave(w, lay.group, native.TYPES[int(base)][2]))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.name)
+def test_a_layout_gives_its_base_types_bits(lay, variant):
+    """Products at every row count (decode rows, multi-row passes, prompts over several tiles) and
+    row lookups: bit for bit the base type's, extreme scales included, with 1 and 2 threads."""
+    native.select_variant(variant)
+    base = int(native.WEIGHT_TYPES[lay.base].id)
+    rng = np.random.default_rng(len(variant) + lay.id)
+    for rows, cols, extreme in ((lay.group, 256, True), (5 * lay.group, 512, False), (3 * lay.group, 2048, True)):
+        w = random_weights(rng, GT(base), rows, cols, extreme=extreme)
+        lw = numpy_interleave(w, lay.group, native.TYPES[base][2])
+        for nthreads in (1, 2):
+            native.set_threads(nthreads)
+            for n in (1, 2, 3, 4, 5, 8, 9, 16, 17, 64, 65, 130):
+                x = activations(rng, n, cols)
+                want, got = np.empty((n, rows), np.float32), np.empty((n, rows), np.float32)
+                native.matmul(base, w, x, want)
+                native.matmul(lay.id, lw, x, got)
+                np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32), err_msg=f"{rows}x{cols} n={n}")
+        ids = rng.integers(0, rows, 23).astype(np.int64)
+        want, got = np.empty((23, cols), np.float32), np.empty((23, cols), np.float32)
+        native.dequantize_rows(base, w, ids, want)
+        native.dequantize_rows(lay.id, lw, ids, got)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("lay", LAYOUTS, ids=lambda lay: lay.name)
+def test_a_layout_refuses_rows_that_are_not_whole_groups(lay):
+    base = GT(native.WEIGHT_TYPES[lay.base].id)
+    w = random_weights(np.random.default_rng(4), base, lay.group + 1, 256)
+    x, out = np.ones((2, 256), np.float32), np.empty((2, lay.group + 1), np.float32)
+    with pytest.raises(ValueError, match=f"groups of {lay.group}; w has {lay.group + 1} rows"):
+        native.matmul(lay.id, w, x, out)
+    with pytest.raises(ValueError, match="rows a multiple of"):
+        native.interleave(lay.id, w, np.empty_like(w))
+    with pytest.raises(ValueError, match="not a layout"):
+        native.interleave(int(base), w[:lay.group], np.empty_like(w[:lay.group]))
+    assert lay.id not in native.TYPES and lay.name not in native.WEIGHT_TYPES  # never a file's type
