@@ -21,6 +21,7 @@ from .checkpoint import LAYER_MATRICES, Checkpoint
 from .config import PASS_ROWS, Q8_GROUP_SIZE
 from .errors import Llama2Error
 from .plan import Plan
+from .weights.interleaved import interleaved
 
 KVCache = kvcache.Cache  # the one explicit state of inference
 
@@ -47,7 +48,9 @@ class Layer:
 class Transformer:
     """Prepared weights plus `forward`. Stateless between calls: the KV cache holds the state.
 
-    Matrices run in the type their file stores them in, without copies. `quantize` (q8_0: int8 in
+    Matrices run in the type their file stores them in, without copies, except that a type with a
+    layout of interleaved rows (Q4_K) is regrouped into it at load, replacing the mapped rows
+    (llama2.weights.interleaved: the same bits, faster kernels, the same memory). `quantize` (q8_0: int8 in
     groups of `group_size`, our version-2 layout; q4_0 ... q6_k, q4_k_m, q5_k_m: llama.cpp's type per
     tensor, see `weights.quantizer`) turns matrices stored as floats into that type at load; matrices
     stored quantized stay as they are. `kv_type` (a name of kvcache.TYPES; default the checkpoint's,
@@ -68,7 +71,10 @@ class Transformer:
 
         def matrix(value, name, layer=None):  # the tensor's name and layer pick its type in a mix
             m = weights.matrix(value)
-            return to_type(m.dequantize(), name, layer) if to_type and m.STORES_FLOATS else m
+            m = to_type(m.dequantize(), name, layer) if to_type and m.STORES_FLOATS else m
+            # the rows of a type with a layout of its own regrouped for the kernels (the embedding's
+            # lookups read a few rows of the file; it is regrouped only as the classifier)
+            return interleaved(m) if name != "token_embedding" or c.shared_classifier else m
 
         w = ckpt.weights
         self.layers = [

@@ -128,3 +128,55 @@ def test_with_llama_cpp_attention_the_logits_agree_closely(name, isa_level):
     diff, agree = teacher_forced(name, f16_attention)
     print(f"{name} ({isa_level}): max |diff| {diff:.4g} with float16 attention, argmax {agree}/24")
     assert diff <= F16_ATTENTION_BOUND[name], diff
+
+
+def test_q4_k_is_regrouped_at_load_and_gives_the_same_bits(monkeypatch, restore_level):
+    """Transformer regroups every Q4_K matrix into its layout (weights.interleaved), the embedding's
+    lookups aside; other types stay views of the file. The logits of a pass are bit for bit those of
+    the model as mapped, at every level (the layout's kernels read the same bytes at each)."""
+    from llama2 import model as model_module
+    from llama2.weights import interleaved
+    ckpt = gguf.load(asset("kquant/rand256-q4_k_m.gguf"))
+    regrouped = Transformer(ckpt)
+    monkeypatch.setattr(model_module, "interleaved", lambda m: m)
+    mapped = Transformer(ckpt)
+    for m, was in zip(regrouped.matrices(), mapped.matrices()):
+        assert m.NAME == was.NAME and m.shape == was.shape and m.nbytes == was.nbytes
+        assert isinstance(m, interleaved.Matrix) == (m.NAME == "q4_k"), m
+        if isinstance(m, interleaved.Matrix):
+            assert m.layout.name == "q4_k_x16" and m.native_type != m.GGML_TYPE == was.GGML_TYPE
+            assert m.data.__array_interface__["data"][0] % mmap.PAGESIZE == 0  # pages of its own
+            np.testing.assert_array_equal(m.file_order(), was.data)
+    assert {m.NAME for m in regrouped.matrices()} == {"q4_k", "q6_k"}
+    assert not isinstance(regrouped.embedding, interleaved.Matrix)  # lookups read the file
+    prompt = np.random.default_rng(5).integers(0, 512, 40)
+    for level in native.supported():
+        native.select(level)
+        a, b = regrouped.new_cache(), mapped.new_cache()
+        la = regrouped.forward(prompt, a, all_logits=True)
+        lb = mapped.forward(prompt, b, all_logits=True)
+        np.testing.assert_array_equal(la.view(np.uint32), lb.view(np.uint32), err_msg=level)
+        for t in (7, 9):  # decode rows
+            np.testing.assert_array_equal(regrouped.forward([t], a), mapped.forward([t], b))
+
+
+def test_the_regrouped_rows_pages_leave_the_process(tmp_path):
+    """weights.interleaved hands the mapped file's pages under a regrouped matrix back: the process's
+    file-backed resident memory falls by their size, and the bytes still read the same."""
+    from llama2.weights.interleaved import _hand_back
+
+    def rss_file():
+        return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("RssFile")) << 10
+
+    data = np.random.default_rng(6).integers(0, 256, 48 << 20, dtype=np.uint8)
+    path = tmp_path / "blob"
+    data.tofile(path)
+    with open(path, "rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    view = np.frombuffer(buf, np.uint8)[1000:(40 << 20) + 1000].reshape(-1, 4096)
+    assert int(view.sum(dtype=np.uint64)) > 0  # every page resident
+    before = rss_file()
+    _hand_back(view)
+    after = rss_file()
+    assert before - after > (39 << 20), (before, after)
+    np.testing.assert_array_equal(view.reshape(-1), data[1000:(40 << 20) + 1000])

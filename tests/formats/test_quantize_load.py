@@ -17,6 +17,7 @@ from llama2.errors import UsageError
 from llama2.formats import gguf, llama2c
 from llama2.model import Transformer
 from llama2.quantize.mix import QUANTIZE_TYPES
+from llama2.weights import interleaved
 
 LLAMA_CPP_FILES = ("q4_0", "q4_1", "q5_0", "q5_1", "q6_k", "q4_k_m", "q5_k_m")  # in kquant/
 TOKENS = [1, 17, 300, 42, 5, 99, 250, 7]
@@ -29,7 +30,9 @@ def matrices(model):  # -> {(our name, layer): Matrix}
     return out
 
 
-def raw(m):
+def raw(m):  # the bytes as a file stores them (a layout made at load undone: weights.interleaved)
+    if isinstance(m, interleaved.Matrix):
+        return m.file_order().tobytes()
     return np.ascontiguousarray(m.blocks).view(np.uint8).tobytes()
 
 

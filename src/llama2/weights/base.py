@@ -83,6 +83,11 @@ class Matrix:
         return cls(np.frombuffer(buf, cls.DTYPE, count, offset).reshape(rows, cols // cls.BLOCK))
 
     @property
+    def native_type(self) -> int:
+        """The id the native kernels know `data` by: the ggml type, or a layout's (weights.interleaved)."""
+        return self.GGML_TYPE
+
+    @property
     def nbytes(self) -> int:
         return self.blocks.nbytes
 
@@ -108,7 +113,7 @@ class Matrix:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if len(x) < self.tile_rows and self.data is not None:
             out = np.empty((len(x), self.shape[0]), np.float32)
-            native.matmul(self.GGML_TYPE, self.data, x, out)
+            native.matmul(self.native_type, self.data, x, out)
             return out
         return self._tiled(x)
 
@@ -117,20 +122,20 @@ class Matrix:
         native.forward_plan takes, whose kernels give each row the bits `self(x)` gives it alone."""
         data = self.data if self.data is not None else \
             np.ascontiguousarray(self.blocks).view(np.uint8).reshape(self.shape[0], -1)
-        return ("type", self.GGML_TYPE, data)
+        return ("type", self.native_type, data)
 
     def rows(self, ids):  # [R] -> float32 [R, in] (embedding lookups)
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         out = np.empty((len(ids), self.shape[1]), np.float32)
         if self.data is not None:
-            native.dequantize_rows(self.GGML_TYPE, self.data, ids, out)
+            native.dequantize_rows(self.native_type, self.data, ids, out)
         else:
             out[:] = self.dequantize_blocks(self.blocks[ids]).reshape(len(ids), -1)
         return out
 
     def dequantize_rows(self, r0, r1, out):  # rows r0..r1-1 -> out [r1 - r0, in] float32
         if self.data is not None:
-            native.dequantize_rows(self.GGML_TYPE, self.data, np.arange(r0, r1, dtype=np.int64), out)
+            native.dequantize_rows(self.native_type, self.data, np.arange(r0, r1, dtype=np.int64), out)
         else:
             out[:] = self.dequantize_blocks(self.blocks[r0:r1]).reshape(r1 - r0, -1)
 

@@ -1,0 +1,91 @@
+"""Layouts made at load: a weight type's rows interleaved in groups, for the product kernels.
+
+A layout (native/blocks.h WEIGHT_TYPES, group > 1; `native.LAYOUTS`) holds a base type's blocks
+with each group of `group` rows stored dword by dword: dword k of block b of row r of a group at
+byte 4 * ((b * dwords_per_block + k) * group + r) of the group. The prompt and multi-row kernels
+then read a group's rows as one vector per dword as they lie, where the file's row order makes them
+transpose every block of 16 rows first (kq_gemm.h), and decode reads the same bytes. Every output
+has the base type's bits, at every level: a layout changes how the bytes lie, never a result.
+
+`interleaved(m)` is what the model does at load (llama2.model.Transformer): the matrix's rows in its
+type's layout, in memory of their own (anonymous pages, huge pages where the kernel gives them), and
+the mapped file's pages of the old rows handed back (`madvise(MADV_DONTNEED)`), so the process holds
+the matrix once, as llama.cpp's repacking at load does. A matrix with no layout for its type, whose
+rows are not whole groups, or that is not contiguous stays as it is.
+"""
+
+import mmap
+
+import numpy as np
+
+from .. import native
+from .base import Matrix as _Matrix
+
+LAYOUTS = {lay.base: lay for lay in native.LAYOUTS.values()}  # base type name -> native.Layout
+
+
+class Matrix(_Matrix):
+    """A matrix [out, in] of a base type (NAME, GGML_TYPE: the base's) whose `data` lies in one of the
+    type's layouts (`layout`): the same blocks' bytes, regrouped. Products and row lookups run on the
+    layout's native kernels (`native_type`); `file_order()` gives the bytes as a file stores them."""
+
+    def __init__(self, layout, base, data):
+        self.layout = layout
+        self.NAME, self.GGML_TYPE, self.BLOCK, self.DTYPE, self.ACTIVATIONS = (
+            base.NAME, base.GGML_TYPE, base.BLOCK, base.DTYPE, base.ACTIVATIONS)
+        super().__init__(data.view(base.DTYPE).reshape(data.shape[0], -1))
+
+    @property
+    def native_type(self) -> int:
+        return self.layout.id
+
+    @staticmethod
+    def dequantize_blocks(blocks):  # `data` is always whole and contiguous: the native paths run
+        raise TypeError("a layout's blocks are not in row order: read them through its native kernels")
+
+    def file_order(self) -> np.ndarray:
+        """uint8 [out, row_bytes]: the rows as the base type stores them (the layout undone)."""
+        rows, rb = self.data.shape
+        g, dw = self.layout.group, self.DTYPE.itemsize // 4
+        d = self.data.view("<u4").reshape(rows // g, rb // self.DTYPE.itemsize, dw, g)
+        return np.ascontiguousarray(d.transpose(0, 3, 1, 2)).view(np.uint8).reshape(rows, rb)
+
+    def __repr__(self):
+        return f"<{self.NAME} matrix {self.shape[0]}x{self.shape[1]} in layout {self.layout.name}, {self.nbytes} bytes>"
+
+
+def interleaved(m):
+    """`m` in its type's layout (see the module's text), or `m` itself where it has none."""
+    from . import module  # the weights package, loaded by then
+    lay = LAYOUTS.get(m.NAME)
+    if lay is None or m.data is None or m.shape[0] % lay.group or native.level() == "scalar":
+        return m
+    out = _anonymous(m.data.shape)
+    native.interleave(lay.id, m.data, out)
+    _hand_back(m.data)
+    return Matrix(lay, module(lay.base), out)
+
+
+def _anonymous(shape):
+    """A writable uint8 array of `shape` on pages of its own (page-aligned, so every 64-byte load
+    of the kernels is aligned), which the kernel may back with huge pages."""
+    size = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(buf, np.uint8, size).reshape(shape)
+
+
+def _hand_back(a):
+    """The whole pages under array `a`, when it is a view of a memory-mapped file: dropped from the
+    process (madvise DONTNEED: read again from the file if anything touches them later)."""
+    mapped = a
+    while mapped is not None and not isinstance(mapped, mmap.mmap):
+        mapped = getattr(mapped, "base", getattr(mapped, "obj", None))
+    if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    start = a.__array_interface__["data"][0] - np.frombuffer(mapped, np.uint8, 1).__array_interface__["data"][0]
+    page = mmap.PAGESIZE
+    first, end = -(-start // page) * page, (start + a.nbytes) // page * page
+    if end > first:
+        mapped.madvise(mmap.MADV_DONTNEED, first, end - first)
