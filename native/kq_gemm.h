@@ -51,6 +51,7 @@ typedef __m512 kg_vf;
 #define kg_madd _mm512_madd_epi16
 #define kg_mullo _mm512_mullo_epi32
 #define kg_dpbusd dpbusd512
+#define kg_dpbusd_x dpbusd512_x
 #define kg_dpwssd dpwssd512
 #define kg_cvt _mm512_cvtepi32_ps
 #define kg_fmadd _mm512_fmadd_ps
@@ -81,6 +82,7 @@ typedef __m256 kg_vf;
 #define kg_madd _mm256_madd_epi16
 #define kg_mullo _mm256_mullo_epi32
 #define kg_dpbusd dpbusd256
+#define kg_dpbusd_x dpbusd256_x
 #define kg_dpwssd dpwssd256
 #define kg_cvt _mm256_cvtepi32_ps
 #define kg_fmadd _mm256_fmadd_ps
@@ -190,7 +192,7 @@ INLINE void kg_block(const kg_panel *p, int GDW, int ADD16, int MIN, int PACKED,
         for (int k = 0; k < GDW; k++) {
             const int a = g * GDW + k;
             kg_vi q = kg_q(p, a, PACKED);
-            for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * a)));
+            for (int j = 0; j < NX; j++) part[j] = kg_dpbusd_x(part[j], q, xb[j]->qs + 4 * a);
         }
         for (int j = 0; j < NX; j++) sumi[j] = kg_add32(sumi[j], kg_mullo(part[j], sc));
 #else

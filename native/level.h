@@ -81,6 +81,11 @@ INLINE __m256i dpbusd256(__m256i acc, __m256i a, __m256i b) {
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)));
 #endif
 }
+/* acc += a . the dword at p broadcast (AVX2 has no broadcast operands; vpbroadcastd from memory is
+ * a load). */
+INLINE __m256i dpbusd256_x(__m256i acc, __m256i a, const void *p) {
+    return dpbusd256(acc, a, _mm256_set1_epi32((int)load_u32(p)));
+}
 /* acc += pairwise products of int16 a and b summed into int32 lanes. */
 INLINE __m256i dpwssd256(__m256i acc, __m256i a, __m256i b) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
@@ -138,6 +143,18 @@ INLINE __m512i dpbusd512(__m512i acc, __m512i a, __m512i b) {
     return _mm512_dpbusd_epi32(acc, a, b);
 #else
     return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, b), _mm512_set1_epi16(1)));
+#endif
+}
+/* acc += q . the dword at p broadcast (dpbusd512 with its third operand a broadcast of 4 bytes):
+ * with VNNI one vpdpbusd whose memory operand is broadcast by the load ({1to16}), which GCC does
+ * not fold from _mm512_set1_epi32 itself; a separate vpbroadcastd costs Zen 4 a vector uop per
+ * multiply-add instruction of the panel kernels. */
+INLINE __m512i dpbusd512_x(__m512i acc, __m512i q, const void *p) {
+#if defined(__AVX512VNNI__)
+    __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(q), "m"(*(const int32_t *)p));
+    return acc;
+#else
+    return dpbusd512(acc, q, _mm512_set1_epi32((int)load_u32(p)));
 #endif
 }
 /* The two rows' results: each half summed as hsum256_ps sums a 256-bit accumulator. */

@@ -216,7 +216,7 @@ INLINE void q0_block(const q0_panel *p, q0_layout L, const char *x, size_t xs, i
     for (int j = 0; j < NX; j++) part[j] = kg_zero();
     for (int k = 0; k < 8; k++) {
         kg_vi q = kg_load(&p->q[k]);
-        for (int j = 0; j < NX; j++) part[j] = kg_dpbusd(part[j], q, kg_set1((int)load_u32(xb[j]->qs + 4 * k)));
+        for (int j = 0; j < NX; j++) part[j] = kg_dpbusd_x(part[j], q, xb[j]->qs + 4 * k);
     }
 #else
     const kg_vi ones = kg_set1(0x00010001);
