@@ -8,7 +8,7 @@ transpose every block of 16 rows first (kq_gemm.h), and decode reads the same by
 has the base type's bits, at every level: a layout changes how the bytes lie, never a result.
 
 `interleaved(m)` is what the model does at load (llama2.model.Transformer): the matrix's rows in its
-type's layout, in memory of their own (anonymous pages, huge pages where the kernel gives them), and
+type's layout, in memory of their own (anonymous pages), and
 the mapped file's pages of the old rows handed back (`madvise(MADV_DONTNEED)`), so the process holds
 the matrix once, as llama.cpp's repacking at load does. A matrix with no layout for its type, whose
 rows are not whole groups, or that is not contiguous stays as it is.
@@ -68,11 +68,11 @@ def interleaved(m):
 
 def _anonymous(shape):
     """A writable uint8 array of `shape` on pages of its own (page-aligned, so every 64-byte load
-    of the kernels is aligned), which the kernel may back with huge pages."""
+    of the kernels is aligned). Not advised MADV_HUGEPAGE: on the machine of docs/benchmarks.md huge
+    pages made the Llama 2 7B shape's load 2.5 s slower (compaction) and its decode no faster (7.1 tok/s
+    either way, two copies of the model alternated in one process)."""
     size = int(np.prod(shape))
     buf = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        buf.madvise(mmap.MADV_HUGEPAGE)
     return np.frombuffer(buf, np.uint8, size).reshape(shape)
 
 
