@@ -130,19 +130,23 @@ def test_with_llama_cpp_attention_the_logits_agree_closely(name, isa_level):
     assert diff <= F16_ATTENTION_BOUND[name], diff
 
 
-def test_q4_k_is_regrouped_at_load_and_gives_the_same_bits(monkeypatch, restore_level):
-    """Transformer regroups every Q4_K matrix into its layout (weights.interleaved), the embedding's
-    lookups aside; other types stay views of the file. The logits of a pass are bit for bit those of
-    the model as mapped, at every level (the layout's kernels read the same bytes at each)."""
+@pytest.mark.parametrize("load_level", native.supported())
+def test_q4_k_is_regrouped_at_load_and_gives_the_same_bits(monkeypatch, restore_level, load_level):
+    """Loaded at the AVX-512 level, Transformer regroups every Q4_K matrix into its layout
+    (weights.interleaved), the embedding's lookups aside; other types, and every type at the other
+    levels, stay views of the file. The logits of a pass are bit for bit those of the model as
+    mapped, at every level (the layout's kernels read the same bytes at each)."""
     from llama2 import model as model_module
     from llama2.weights import interleaved
     ckpt = gguf.load(asset("kquant/rand256-q4_k_m.gguf"))
+    native.select(load_level)
     regrouped = Transformer(ckpt)
     monkeypatch.setattr(model_module, "interleaved", lambda m: m)
     mapped = Transformer(ckpt)
+    expect = load_level == "avx512"
     for m, was in zip(regrouped.matrices(), mapped.matrices()):
         assert m.NAME == was.NAME and m.shape == was.shape and m.nbytes == was.nbytes
-        assert isinstance(m, interleaved.Matrix) == (m.NAME == "q4_k"), m
+        assert isinstance(m, interleaved.Matrix) == (expect and m.NAME == "q4_k"), m
         if isinstance(m, interleaved.Matrix):
             assert m.layout.name == "q4_k_x16" and m.native_type != m.GGML_TYPE == was.GGML_TYPE
             assert m.data.__array_interface__["data"][0] % mmap.PAGESIZE == 0  # pages of its own

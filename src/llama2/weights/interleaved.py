@@ -11,7 +11,9 @@ has the base type's bits, at every level: a layout changes how the bytes lie, ne
 type's layout, in memory of their own (anonymous pages), and
 the mapped file's pages of the old rows handed back (`madvise(MADV_DONTNEED)`), so the process holds
 the matrix once, as llama.cpp's repacking at load does. A matrix with no layout for its type, whose
-rows are not whole groups, or that is not contiguous stays as it is.
+rows are not whole groups, or that is not contiguous stays as it is, and so does every matrix where
+the active kernels for its type are not ones the layout speeds up (`GAINS_ON`: the AVX-512 variants).
+The layout's kernels run at every level all the same (a level chosen after the load reads it).
 """
 
 import mmap
@@ -22,6 +24,11 @@ from .. import native
 from .base import Matrix as _Matrix
 
 LAYOUTS = {lay.base: lay for lay in native.LAYOUTS.values()}  # base type name -> native.Layout
+# The variants whose kernels gain from a layout: the 16-lane ones. At AVX2 (8 lanes, two passes over
+# each group, the codes split again for every 4 activation rows) the layout lost on Zen 4: TinyLlama
+# Q4_K_M decode 0.76x and prompts 0.90x the file's order, 4 and 8 rows 1.40x and 1.20x (both in one
+# process, LLAMA2_ISA=avx2); at AVX-512 it gained everywhere (docs/benchmarks.md).
+GAINS_ON = ("avx512", "avx512vnni")
 
 
 class Matrix(_Matrix):
@@ -58,7 +65,10 @@ def interleaved(m):
     """`m` in its type's layout (see the module's text), or `m` itself where it has none."""
     from . import module  # the weights package, loaded by then
     lay = LAYOUTS.get(m.NAME)
-    if lay is None or m.data is None or m.shape[0] % lay.group or native.level() == "scalar":
+    if lay is None or m.data is None or m.shape[0] % lay.group:
+        return m
+    k, kind = native.kernels(), lay.base.upper()
+    if k.types.get(kind, k.base) not in GAINS_ON or k.decode.get(kind, k.base) not in GAINS_ON:
         return m
     out = _anonymous(m.data.shape)
     native.interleave(lay.id, m.data, out)
