@@ -12,7 +12,8 @@ budgeted by its own record:
   alone (pytorch_model.bin folders, read through torch, say f32), and `KV_TYPE`, the cache its
   models get without --kv-type;
 - the weight type (llama2.weights): `stored_bytes`, what a matrix costs used in place (resident
-  and in address space: the loaders map their files); `quantized_kind`, what `--quantize` makes of a
+  and in address space: the loaders map their files; a matrix regrouped at load,
+  `weights.interleaved.regroups`, as much address space again); `quantized_kind`, what `--quantize` makes of a
   float matrix (its Matrix's STORES_FLOATS): the quantized copy is resident, the float file stays
   mapped (address space only); while a matrix is quantized, its float32 widening and the
   quantizers' temporaries (`weights.ggml_quants.SCRATCH_BYTES`) exist once;
@@ -32,6 +33,7 @@ from . import formats, kvcache, weights
 from .checkpoint import LAYER_MATRICES, tensor_shapes
 from .config import PASS_ROWS, Q8_GROUP_SIZE
 from .errors import Llama2Error
+from .weights import interleaved
 from .weights.base import DEQUANT_TILE
 
 MARGIN = 1.05  # interpreter, kernels and allocator slack on top of the estimate
@@ -126,10 +128,14 @@ def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str =
             size = weights.stored_bytes(kind, rows, cols)
             address += size
             if to_type and _stores_floats(kind):  # a quantized copy resident; the file stays mapped
-                q = weights.stored_bytes(weights.quantized_kind(to_type, name, layer, cols, c), rows, cols)
+                kind = weights.quantized_kind(to_type, name, layer, cols, c)
+                q = weights.stored_bytes(kind, rows, cols)
                 held, address = held + q, address + q
             else:
                 held += size
+            if (name != "token_embedding" or c.shared_classifier) and \
+                    interleaved.regroups(weights.stored_type(kind)[0].NAME, rows):
+                address += weights.stored_bytes(kind, rows, cols)  # its regrouped copy; the file stays mapped
     scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)
     positions = slots * held_positions(c) if kv_positions is None else kv_positions
     return Need(int(held), int(address), int(kv_cache_bytes(c, kv_type, positions)), int(scratch))

@@ -2,6 +2,7 @@
 verdict line, and `llama2 run` / `llama2 serve` refusing a model that cannot fit, before loading it
 and when loading runs out of memory anyway."""
 
+import dataclasses
 import io
 import os
 import subprocess
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO, asset
-from llama2 import memory
+from llama2 import memory, native
 from llama2.checkpoint import tensor_shapes
 from llama2.cli import main
 from llama2.config import PRESETS
@@ -112,6 +113,23 @@ def test_estimate_by_storage():
     assert quantized.weights == pytest.approx((1 + 4 / 32) * m + norms, rel=1e-6)  # the f16 map is not resident
     assert quantized.address_weights == pytest.approx((2 + 1 + 4 / 32) * m + norms, rel=1e-6)
     assert quantized.scratch > bf16.scratch  # a matrix widened while it is quantized
+
+
+@pytest.mark.parametrize("level", native.supported())
+def test_a_matrix_regrouped_at_load_costs_its_address_space_again(level, restore_level):
+    """Q4_K regrouped at load (weights.interleaved, AVX-512): resident the same (the file's pages
+    handed back), its size again in address space (the file stays mapped); other levels as stored."""
+    native.select(level)
+    for c in (SEVEN_B, dataclasses.replace(SEVEN_B, shared_classifier=False)):
+        m = params(c, matrices_only=True)
+        norms = 4 * (params(c) - m)
+        names = [n for n in tensor_shapes(c) if not n.startswith("rms")]
+        q4 = memory.estimate(c, {n: "q4_k" for n in names})
+        assert q4.weights == 144 * m // 256 + norms
+        # the embedding's lookups read the file: regrouped only as the classifier
+        embedding = 0 if c.shared_classifier else 144 * c.vocab_size * c.dim // 256
+        extra = 144 * m // 256 - embedding if level == "avx512" else 0
+        assert q4.address_weights == q4.weights + extra, c.shared_classifier
 
 
 @pytest.mark.slow

@@ -61,15 +61,22 @@ class Matrix(_Matrix):
         return f"<{self.NAME} matrix {self.shape[0]}x{self.shape[1]} in layout {self.layout.name}, {self.nbytes} bytes>"
 
 
+def regroups(name: str, rows: int) -> bool:
+    """Whether `interleaved` regroups a matrix of weight type `name` (ours: "q4_k") with `rows` rows,
+    with the kernels now active (memory.py budgets the copy's address space by it)."""
+    lay = LAYOUTS.get(name)
+    if lay is None or rows % lay.group:
+        return False
+    k, kind = native.kernels(), lay.base.upper()
+    return k.types.get(kind, k.base) in GAINS_ON and k.decode.get(kind, k.base) in GAINS_ON
+
+
 def interleaved(m):
     """`m` in its type's layout (see the module's text), or `m` itself where it has none."""
     from . import module  # the weights package, loaded by then
-    lay = LAYOUTS.get(m.NAME)
-    if lay is None or m.data is None or m.shape[0] % lay.group:
+    if m.data is None or not regroups(m.NAME, m.shape[0]):
         return m
-    k, kind = native.kernels(), lay.base.upper()
-    if k.types.get(kind, k.base) not in GAINS_ON or k.decode.get(kind, k.base) not in GAINS_ON:
-        return m
+    lay = LAYOUTS[m.NAME]
     out = _anonymous(m.data.shape)
     native.interleave(lay.id, m.data, out)
     _hand_back(m.data)
