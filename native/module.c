@@ -610,7 +610,8 @@ static PyObject *py_types(PyObject *self, PyObject *unused) {
     for (int t = 0; t < T_COUNT; t++) {
         if (!TYPE_INFO[t].name) continue;
         const type_info *ti = &TYPE_INFO[t];
-        PyObject *k = PyLong_FromLong(t), *v = Py_BuildValue("(siiii)", ti->name, ti->block_values, ti->block_bytes, ti->act, ti->group);
+        PyObject *k = PyLong_FromLong(t),
+                 *v = Py_BuildValue("(siiii)", ti->name, ti->block_values, ti->block_bytes, ti->act, ti->group);
         if (!k || !v || PyDict_SetItem(d, k, v) < 0) { Py_XDECREF(k); Py_XDECREF(v); Py_DECREF(d); return NULL; }
         Py_DECREF(k);
         Py_DECREF(v);

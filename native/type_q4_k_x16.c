@@ -17,7 +17,6 @@
  * 519-606, 403-530, 534-556; one row and 128 rows alike. */
 #define X16_AHEAD 1
 
-
 static const kq_layout LAYOUT = {sizeof(block_q4_k), 0, offsetof(block_q4_k, qs), 0};
 
 /* Block b of the row whose first dword is at w (a group's start + 4 r), in Q4_K's bytes. */

@@ -58,7 +58,8 @@ class Matrix(_Matrix):
         return np.ascontiguousarray(d.transpose(0, 3, 1, 2)).view(np.uint8).reshape(rows, rb)
 
     def __repr__(self):
-        return f"<{self.NAME} matrix {self.shape[0]}x{self.shape[1]} in layout {self.layout.name}, {self.nbytes} bytes>"
+        rows, cols = self.shape
+        return f"<{self.NAME} matrix {rows}x{cols} in layout {self.layout.name}, {self.nbytes} bytes>"
 
 
 def regroups(name: str, rows: int) -> bool:
