@@ -133,7 +133,7 @@ def estimate(config, stored: dict, quantize=None, slots: int = 1, kv_type: str =
                 held, address = held + q, address + q
             else:
                 held += size
-            if (name != "token_embedding" or c.shared_classifier) and \
+            if interleaved.regrouped_tensor(name, c.shared_classifier) and \
                     interleaved.regroups(weights.stored_type(kind)[0].NAME, rows):
                 address += weights.stored_bytes(kind, rows, cols)  # its regrouped copy; the file stays mapped
     scratch = scratch_bytes(c, slots) + (quantize_scratch(c) if quantize else 0)

@@ -21,7 +21,7 @@ from .checkpoint import LAYER_MATRICES, Checkpoint
 from .config import PASS_ROWS, Q8_GROUP_SIZE
 from .errors import Llama2Error
 from .plan import Plan
-from .weights.interleaved import interleaved
+from .weights.interleaved import interleaved, regrouped_tensor
 
 KVCache = kvcache.Cache  # the one explicit state of inference
 
@@ -72,9 +72,8 @@ class Transformer:
         def matrix(value, name, layer=None):  # the tensor's name and layer pick its type in a mix
             m = weights.matrix(value)
             m = to_type(m.dequantize(), name, layer) if to_type and m.STORES_FLOATS else m
-            # the rows of a type with a layout of its own regrouped for the kernels (the embedding's
-            # lookups read a few rows of the file; it is regrouped only as the classifier)
-            return interleaved(m) if name != "token_embedding" or c.shared_classifier else m
+            # the rows of a type with a layout of its own regrouped for the kernels
+            return interleaved(m) if regrouped_tensor(name, c.shared_classifier) else m
 
         w = ckpt.weights
         self.layers = [

@@ -62,6 +62,12 @@ class Matrix(_Matrix):
         return f"<{self.NAME} matrix {rows}x{cols} in layout {self.layout.name}, {self.nbytes} bytes>"
 
 
+def regrouped_tensor(tensor: str, shared_classifier: bool) -> bool:
+    """Whether the model regroups its tensor `tensor` (our name) at all: the embedding's lookups read
+    a few rows of the file, so it is regrouped only where it is also the classifier."""
+    return tensor != "token_embedding" or shared_classifier
+
+
 def regroups(name: str, rows: int) -> bool:
     """Whether `interleaved` regroups a matrix of weight type `name` (ours: "q4_k") with `rows` rows,
     with the kernels now active (memory.py budgets the copy's address space by it)."""
